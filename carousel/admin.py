@@ -1,0 +1,93 @@
+"""The admin listener every daemon runs: /healthz, /metrics (Prometheus), /status (JSON).
+
+Loopback by default. When a token is configured every request must carry
+``Authorization: Bearer <token>``; config validation refuses a listener off
+loopback without one.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+
+from carousel.config import AdminConfig
+
+StatusFn = Callable[[], dict[str, Any]]
+HealthFn = Callable[[], tuple[bool, str]]
+
+
+class AdminServer:
+    """A small aiohttp app on its own port; extra routes can be added before start()."""
+
+    def __init__(
+        self,
+        config: AdminConfig,
+        *,
+        status: StatusFn | None = None,
+        health: HealthFn | None = None,
+        registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
+    ) -> None:
+        self.config = config
+        self._status = status
+        self._health = health
+        self._registry = registry
+        self.app = web.Application(middlewares=[self._auth])
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/status", self._status_json)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def add_route(
+        self,
+        method: str,
+        path: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> None:
+        """Add a route (e.g. the edge's purge API) before start()."""
+        self.app.router.add_route(method, path, handler)
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        token = self.config.token
+        if token:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok, detail = self._health() if self._health else (True, "ok")
+        return web.Response(status=200 if ok else 503, text=detail + "\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(self._registry)
+        return web.Response(
+            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+        )
+
+    async def _status_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status() if self._status else {})
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (useful with port 0)."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Close the listener and its connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

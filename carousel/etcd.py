@@ -1,0 +1,479 @@
+"""The etcd adapter: the only module that imports the etcd client library (aetcd).
+
+It adds what the library lacks and every daemon needs:
+
+* several endpoints, with failover to the next one on a transport error;
+* TLS (CA, client certificate) and user/password auth, with re-authentication
+  when etcd forgets a token (simple tokens expire, and restarts drop them);
+* retries with tenacity (exponential backoff with full jitter) inside a time
+  budget, so callers get a bounded wait and one clear exception type;
+* gRPC channel options that notice a dead peer in seconds and reconnect fast
+  (the gRPC default backoff grows to two minutes);
+* ``hasleader`` request metadata, so a member that lost quorum fails calls and
+  closes watches instead of serving a silently frozen view.
+
+Keys and values cross this boundary as ``str`` and ``bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aetcd
+import aetcd.exceptions as aexc
+import aetcd.rpc as arpc
+import grpc
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from carousel.config import EtcdConfig
+
+log = structlog.get_logger("carousel.etcd")
+T = TypeVar("T")
+
+_CHANNEL_OPTIONS: dict[str, Any] = {
+    # Find a dead peer within ~8 s even when no call is running. etcd rejects
+    # pings more frequent than its --grpc-keepalive-min-time (5 s default).
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 3000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    # Reconnect within a second of etcd coming back, not after minutes.
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    # A fresh channel after a failover must dial at once, not inherit the
+    # backoff of a subchannel shared through gRPC's global pool.
+    "grpc.use_local_subchannel_pool": 1,
+}
+
+
+class EtcdError(Exception):
+    """An etcd operation failed for a reason other than availability."""
+
+
+class EtcdUnavailable(EtcdError):
+    """No endpoint answered within the time budget."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused our credentials or certificate."""
+
+
+class EtcdCompacted(EtcdError):
+    """A watch asked for a revision that etcd has compacted away."""
+
+    def __init__(self, compacted_revision: int) -> None:
+        super().__init__(f"revision compacted (oldest kept: {compacted_revision})")
+        self.compacted_revision = compacted_revision
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key as read from etcd."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The keys under a prefix at one revision."""
+
+    revision: int
+    items: list[KeyValue]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A change to one key; ``revision`` is the revision of the change."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted lease."""
+
+    id: int
+    ttl: int
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The exclusive end of the key range that starts with ``prefix``."""
+    b = bytearray(prefix)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return b"\0"
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port), scheme == "https"
+
+
+class _Client(aetcd.Client):
+    """aetcd.Client with TLS credentials and extra request metadata."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+    ) -> None:
+        super().__init__(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            timeout=timeout,  # type: ignore[arg-type]
+            options=_CHANNEL_OPTIONS,
+            connect_wait_timeout=int(timeout) + 1,
+        )
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        """Open the channel (TLS when configured), authenticate, set up stubs."""
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            target = (
+                f"[{self._host}]:{self._port}"
+                if ":" in self._host
+                else f"{self._host}:{self._port}"
+            )
+            opts = list(self._options.items())
+            if self._credentials is not None:
+                self.channel = grpc.aio.secure_channel(target, self._credentials, options=opts)
+            else:
+                self.channel = grpc.aio.insecure_channel(target, options=opts)
+            metadata: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
+            if self._username is not None and self._password is not None:
+                self.auth_stub = arpc.AuthStub(self.channel)
+                try:
+                    resp = await self.auth_stub.Authenticate(
+                        arpc.AuthenticateRequest(name=self._username, password=self._password),
+                        timeout=self._timeout,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    await self.channel.close()
+                    self.channel = None
+                    aexc._handle_exception(exc)
+                metadata += (("token", resp.token),)
+            self.metadata = metadata
+            self.kvstub = arpc.KVStub(self.channel)
+            self.clusterstub = arpc.ClusterStub(self.channel)
+            self.leasestub = arpc.LeaseStub(self.channel)
+            self.maintenancestub = arpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                arpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+_TRANSIENT = (
+    aexc.ConnectionFailedError,
+    aexc.ConnectionTimeoutError,
+    aexc.InternalError,
+    asyncio.TimeoutError,
+    aexc.WatchTimeoutError,
+)
+
+
+class _Reconnect(Exception):
+    """Internal: the current endpoint failed; try again on the next one."""
+
+
+class Etcd:
+    """A resilient etcd client over one or more endpoints."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self._endpoints = [_split_endpoint(e) for e in config.endpoints]
+        self._index = 0
+        self._client: _Client | None = None
+        self._lock = asyncio.Lock()
+        self._credentials = self._load_credentials(config)
+        self._password = config.resolved_password()
+
+    @staticmethod
+    def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
+        uses_tls = (
+            config.ca_file
+            or config.cert_file
+            or any(_split_endpoint(e)[2] for e in config.endpoints)
+        )
+        if not uses_tls:
+            return None
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise EtcdError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(config.ca_file, "CA file"),
+            private_key=read(config.key_file, "key file"),
+            certificate_chain=read(config.cert_file, "certificate file"),
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint in use now, as host:port."""
+        host, port, _ = self._endpoints[self._index]
+        return f"{host}:{port}"
+
+    async def _current(self) -> _Client:
+        if self._client is None:
+            host, port, _ = self._endpoints[self._index]
+            self._client = _Client(
+                host,
+                port,
+                credentials=self._credentials,
+                username=self.config.username,
+                password=self._password,
+                timeout=self.config.timeout,
+            )
+        return self._client
+
+    async def _failover(self, failed: _Client | None) -> None:
+        """Drop the failed client and move to the next endpoint."""
+        async with self._lock:
+            if failed is not None and self._client is not failed:
+                return  # someone else already moved on
+            old, self._client = self._client, None
+            if len(self._endpoints) > 1:
+                self._index = (self._index + 1) % len(self._endpoints)
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.close(), 1.0)
+            except Exception:  # closing a broken channel may fail in many ways
+                pass
+
+    async def close(self) -> None:
+        """Close the connection; the object may be used again afterwards."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.close(), 2.0)
+            except Exception:
+                pass
+
+    async def _call(
+        self, op: Callable[[_Client], Awaitable[T]], *, budget: float | None = None
+    ) -> T:
+        """Run ``op`` on the current endpoint, failing over and retrying within a budget."""
+        budget = self.config.timeout * 2 if budget is None else budget
+        failed: list[_Client | None] = [None]
+
+        async def before_sleep(state: RetryCallState) -> None:
+            await self._failover(failed[0])
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(budget),
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                retry=retry_if_exception_type(_Reconnect),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    client = await self._current()
+                    failed[0] = client
+                    try:
+                        return await asyncio.wait_for(op(client), self.config.timeout)
+                    except aexc.UnauthenticatedError as exc:
+                        if "token" in str(exc):  # expired or unknown token: log in again
+                            raise _Reconnect(str(exc)) from exc
+                        raise EtcdAuthError(f"etcd refused the credentials: {exc}") from None
+                    except aexc.InvalidArgumentError as exc:
+                        if "authentication failed" in str(exc) or "user name" in str(exc):
+                            raise EtcdAuthError(f"etcd refused the credentials: {exc}") from None
+                        raise EtcdError(str(exc)) from None
+                    except aexc.ClientError as exc:
+                        if isinstance(exc, _TRANSIENT):
+                            raise _Reconnect(
+                                f"{self.endpoint}: {exc or type(exc).__name__}"
+                            ) from exc
+                        raise _classify(exc) from None
+                    except (TimeoutError, OSError, grpc.aio.AioRpcError) as exc:
+                        raise _Reconnect(f"{self.endpoint}: {exc or type(exc).__name__}") from exc
+        except _Reconnect as exc:
+            raise EtcdUnavailable(
+                f"etcd unavailable ({', '.join(self.config.endpoints)}): {exc}"
+            ) from None
+        raise AssertionError("unreachable")
+
+    # --- key/value ------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key's current value, or None."""
+
+        async def op(c: _Client) -> KeyValue | None:
+            r = await c.get(key.encode())
+            return None if r is None else KeyValue(key, r.value, r.mod_revision, r.lease)
+
+        return await self._call(op)
+
+    async def get_prefix(self, prefix: str) -> Snapshot:
+        """All keys under ``prefix`` and the revision they were read at."""
+
+        async def op(c: _Client) -> Snapshot:
+            r = await c.get_prefix(prefix.encode())
+            items = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in r]
+            return Snapshot(r.header.revision if r.header else 0, items)
+
+        return await self._call(op)
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
+        """Write a key; returns the new revision."""
+
+        async def op(c: _Client) -> int:
+            r = await c.put(key.encode(), value, lease=lease)
+            return int(r.header.revision)
+
+        return await self._call(op)
+
+    async def delete(self, key: str) -> bool:
+        """Delete a key; True if it existed."""
+
+        async def op(c: _Client) -> bool:
+            r = await c.delete(key.encode())
+            return bool(r and r.deleted)
+
+        return await self._call(op)
+
+    async def revision(self) -> int:
+        """The cluster's current revision (a linearizable read: needs quorum)."""
+
+        async def op(c: _Client) -> int:
+            r = await c.get_prefix(self.config.prefix.encode() + b"\0probe", keys_only=True)
+            return int(r.header.revision)
+
+        return await self._call(op)
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> Lease:
+        """Grant a lease of ``ttl`` seconds."""
+
+        async def op(c: _Client) -> Lease:
+            lease = await c.lease(ttl)
+            return Lease(lease.id, lease.ttl)
+
+        return await self._call(op)
+
+    async def keepalive(self, lease_id: int, *, budget: float | None = None) -> int:
+        """Refresh a lease once; returns the TTL etcd granted (<= 0: the lease is gone)."""
+
+        async def op(c: _Client) -> int:
+            reply = await c.refresh_lease(lease_id)
+            return -1 if reply is None else int(reply.TTL)
+
+        return await self._call(op, budget=budget)
+
+    async def time_to_live(self, lease_id: int) -> int:
+        """Seconds left on a lease (-1 when it no longer exists)."""
+
+        async def op(c: _Client) -> int:
+            info = await c.get_lease_info(lease_id, keys=False)
+            return int(info.TTL)
+
+        return await self._call(op)
+
+    async def revoke(self, lease_id: int) -> None:
+        """Revoke a lease, deleting every key attached to it."""
+
+        async def op(c: _Client) -> None:
+            try:
+                await c.revoke_lease(lease_id)
+            except aexc.ClientError as exc:
+                if "not found" not in str(exc):
+                    raise
+
+        await self._call(op)
+
+    # --- watch ----------------------------------------------------------------------------
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Yield every change under ``prefix`` from ``start_revision`` on.
+
+        Raises EtcdCompacted if that revision is gone, EtcdUnavailable when the
+        stream breaks; the caller re-lists and watches again (see mirror.py).
+        """
+        client = await self._current()
+        try:
+            watch = await asyncio.wait_for(
+                client.watch(
+                    prefix.encode(),
+                    range_end=_prefix_end(prefix.encode()),
+                    start_revision=start_revision,
+                ),
+                self.config.timeout,
+            )
+        except aexc.RevisionCompactedError as exc:
+            raise EtcdCompacted(exc.compacted_revision) from None
+        except (aexc.ClientError, TimeoutError, OSError, grpc.aio.AioRpcError) as exc:
+            await self._failover(client)
+            raise EtcdUnavailable(
+                f"watch on {self.endpoint} failed: {exc or type(exc).__name__}"
+            ) from None
+        try:
+            async for ev in watch:
+                kind: Literal["put", "delete"] = "put" if ev.kind == "PUT" else "delete"
+                yield WatchEvent(kind, ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision)
+        except aexc.RevisionCompactedError as exc:
+            raise EtcdCompacted(exc.compacted_revision) from None
+        except (aexc.ClientError, OSError, grpc.aio.AioRpcError) as exc:
+            await self._failover(client)
+            raise EtcdUnavailable(
+                f"watch stream on {self.endpoint} broke: {exc or type(exc).__name__}"
+            ) from None
+        finally:
+            try:
+                await asyncio.wait_for(watch.cancel(), 1.0)
+            except Exception:
+                pass
+        # The stream ended without an error (the client was closed under it).
+        raise EtcdUnavailable("watch stream closed")
+
+
+def _classify(exc: Exception) -> EtcdError:
+    text = str(exc) or type(exc).__name__
+    if "permission denied" in text or "auth" in text:
+        return EtcdAuthError(f"etcd refused the request: {text}")
+    return EtcdError(text)

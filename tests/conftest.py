@@ -1,0 +1,56 @@
+"""Shared fixtures: a real etcd from the pip-installed binary, free ports, daemon processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from carousel.config import EtcdConfig
+from carousel.etcdserver import EtcdProcess
+from tests.procs import ProcessGroup
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+        elif f"{os.sep}e2e{os.sep}" in path:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """One etcd for the whole session; tests isolate themselves by key prefix."""
+    base = tmp_path_factory.mktemp("etcd-shared")
+    proc = EtcdProcess(base / "data", log_file=base / "etcd.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def etcd_cfg(shared_etcd: EtcdProcess) -> EtcdConfig:
+    """EtcdConfig for the shared etcd under a prefix no other test uses."""
+    return EtcdConfig(
+        endpoints=[shared_etcd.endpoint], prefix=f"/t-{uuid.uuid4().hex[:10]}/", timeout=1.0
+    )
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
+    """An etcd of this test's own, for tests that stop, kill or wipe it."""
+    proc = EtcdProcess(tmp_path / "etcd-data", log_file=tmp_path / "etcd.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
+    """Start daemons as real processes; every one is killed at teardown, pass or fail."""
+    group = ProcessGroup(tmp_path)
+    yield group
+    group.stop_all()
