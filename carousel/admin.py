@@ -68,9 +68,7 @@ class AdminServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = prometheus_client.generate_latest(self._registry)
-        return web.Response(
-            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def _status_json(self, request: web.Request) -> web.Response:
         return web.json_response(self._status() if self._status else {})

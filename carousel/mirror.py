@@ -134,9 +134,7 @@ class PrefixMirror(Generic[V]):
                 await self.sync_once()
                 if not self._connected:
                     if self.resyncs:
-                        log.info(
-                            "registry reachable again", mirror=self.name, revision=self.revision
-                        )
+                        log.info("registry reachable again", mirror=self.name, revision=self.revision)
                     self._connected = True
                 self.resyncs += 1
                 backoff = 0.1

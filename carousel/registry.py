@@ -267,9 +267,7 @@ class BanRecord:
     by: str = ""
 
     def encode(self) -> bytes:
-        return _dump(
-            {"address": self.address, "reason": self.reason, "until": self.until, "by": self.by}
-        )
+        return _dump({"address": self.address, "reason": self.reason, "until": self.until, "by": self.by})
 
     @classmethod
     def decode(cls, raw: bytes | str) -> BanRecord:

@@ -35,9 +35,7 @@ def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProces
 @pytest.fixture
 def etcd_cfg(shared_etcd: EtcdProcess) -> EtcdConfig:
     """EtcdConfig for the shared etcd under a prefix no other test uses."""
-    return EtcdConfig(
-        endpoints=[shared_etcd.endpoint], prefix=f"/t-{uuid.uuid4().hex[:10]}/", timeout=1.0
-    )
+    return EtcdConfig(endpoints=[shared_etcd.endpoint], prefix=f"/t-{uuid.uuid4().hex[:10]}/", timeout=1.0)
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The per-node agent: health-checks local services and registers them in etcd."""

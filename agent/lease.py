@@ -1,0 +1,98 @@
+"""LeaseKeeper: one etcd lease per agent, kept alive at TTL/3 and replaced when lost.
+
+Every key the agent writes hangs on this lease, so a crashed agent's keys
+vanish after TTL seconds without anyone cleaning up. The lease is lost when
+etcd forgets it (restart with an empty data dir, or a partition longer than
+the TTL): keepalive then answers TTL <= 0, and we grant a new lease and tell
+the agent to write its keys again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from prometheus_client import Counter
+
+from carousel.etcd import Etcd, EtcdAuthError, EtcdError
+
+log = structlog.get_logger("agent.lease")
+
+RENEWALS = Counter("carousel_agent_lease_renewals_total", "Successful lease keepalives")
+LOST = Counter("carousel_agent_lease_lost_total", "Leases found expired and replaced")
+FAILURES = Counter("carousel_agent_lease_keepalive_failures_total", "Keepalives that got no answer")
+
+# While etcd is away, try again this often, so that we are back within one
+# keepalive period of its return.
+RETRY = 0.25
+
+
+class LeaseTooShort(Exception):
+    """etcd granted a longer TTL than asked: the configured TTL is below its minimum."""
+
+
+class LeaseKeeper:
+    """Grants a lease, keeps it alive, and reports when it had to be replaced."""
+
+    def __init__(self, etcd: Etcd, ttl: int, on_new_lease: Callable[[int], None]) -> None:
+        self.etcd = etcd
+        self.ttl = ttl
+        self.on_new_lease = on_new_lease
+        self.lease_id: int | None = None
+        self.ready = asyncio.Event()
+        self._healthy = True
+
+    @property
+    def period(self) -> float:
+        return self.ttl / 3
+
+    async def _grant(self) -> None:
+        lease = await self.etcd.grant(self.ttl)
+        if lease.ttl > self.ttl:
+            raise LeaseTooShort(
+                f"etcd granted a {lease.ttl}s lease for the {self.ttl}s asked: agent.ttl is below "
+                "etcd's minimum (1.5 x its election timeout); raise agent.ttl"
+            )
+        self.lease_id = lease.id
+        self.ready.set()
+        log.info("lease granted", lease=f"{lease.id:x}", ttl=lease.ttl)
+        self.on_new_lease(lease.id)
+
+    async def run(self) -> None:
+        """Keep the lease alive forever (cancel to stop). Raises LeaseTooShort."""
+        while True:
+            try:
+                if self.lease_id is None:
+                    await self._grant()
+                else:
+                    ttl = await self.etcd.keepalive(self.lease_id, budget=self.period)
+                    if ttl <= 0:
+                        LOST.inc()
+                        log.warning("lease expired in etcd; granting a new one", lease=f"{self.lease_id:x}")
+                        self.lease_id = None
+                        self.ready.clear()
+                        continue
+                    RENEWALS.inc()
+                if not self._healthy:
+                    log.info("etcd answers keepalives again", lease=f"{self.lease_id:x}")
+                    self._healthy = True
+                await asyncio.sleep(self.period)
+            except EtcdAuthError:
+                raise
+            except EtcdError as exc:
+                FAILURES.inc()
+                if self._healthy:
+                    log.warning("lease keepalive failed; retrying", error=str(exc))
+                    self._healthy = False
+                await asyncio.sleep(RETRY)
+
+    async def revoke(self) -> None:
+        """Revoke the lease (deleting every key on it); errors are logged, not raised."""
+        if self.lease_id is None:
+            return
+        try:
+            await self.etcd.revoke(self.lease_id)
+        except EtcdError as exc:
+            log.warning("lease revoke failed; it will expire by itself", error=str(exc))
+        self.lease_id = None
