@@ -91,13 +91,9 @@ class SampleApp:
             for f in STATIC_FILES
             if f.startswith("img/")
         )
-        scripts = "".join(
-            f'<script src="/static/{f}"></script>' for f in STATIC_FILES if f.startswith("js/")
-        )
+        scripts = "".join(f'<script src="/static/{f}"></script>' for f in STATIC_FILES if f.startswith("js/"))
         css = "".join(
-            f'<link rel="stylesheet" href="/static/{f}">'
-            for f in STATIC_FILES
-            if f.endswith(".css")
+            f'<link rel="stylesheet" href="/static/{f}">' for f in STATIC_FILES if f.endswith(".css")
         )
         client = html.escape(request.remote or "?")
         body = (
@@ -125,9 +121,7 @@ class SampleApp:
     async def slow(self, request: web.Request) -> web.Response:
         ms = _int_param(request, "ms", 100, 0, 600_000)
         await asyncio.sleep(ms / 1000)
-        return web.Response(
-            text=f"slept {ms} ms on {self.name}\n", headers={"X-Served-By": self.name}
-        )
+        return web.Response(text=f"slept {ms} ms on {self.name}\n", headers={"X-Served-By": self.name})
 
     async def big(self, request: web.Request) -> web.StreamResponse:
         """A large body (default 1 MiB), written as fast as the peer takes it."""
