@@ -1,0 +1,118 @@
+"""`carousel edge --config edge.toml`: run one worker, or supervise N with SO_REUSEPORT.
+
+With ``workers = N`` (N > 1) the parent forks N workers before any event loop
+exists. Each binds its own listening socket with SO_REUSEPORT, so the kernel
+spreads new connections across them; a crashed worker is restarted after a
+second. Worker 0 also runs the admin listener. SIGTERM/SIGINT to the parent
+is passed to every worker, which then shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import structlog
+
+from carousel.logs import setup_logging
+from edge.config import Config
+from edge.server import Edge
+
+log = structlog.get_logger("carousel.edge")
+
+EXIT_CONFIG = 2
+
+
+async def serve(config: Config, worker: int = 0) -> int:
+    """Run one edge until SIGTERM/SIGINT, then shut down gracefully."""
+    try:
+        edge = Edge(config, worker=worker)
+    except ValueError as exc:  # a user feature that cannot be imported or built
+        print(f"carousel edge: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await edge.start()
+    except OSError as exc:
+        log.error("cannot listen", error=str(exc), host=config.edge.host, port=config.edge.port)
+        await edge.stop()
+        return 1
+    await stop.wait()
+    log.info("shutting down", worker=worker, deadline=config.edge.shutdown_timeout)
+    await edge.stop()
+    return 0
+
+
+def _run_loop(config: Config, worker: int) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config, worker))
+    return uvloop.run(serve(config, worker))
+
+
+def _supervise(config: Config) -> int:
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _run_loop(config, index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(config.edge.workers):
+        spawn(i)
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = max(status, code if code > 0 else 0)
+            continue
+        if code == EXIT_CONFIG:
+            on_signal(signal.SIGTERM, None)
+            status = EXIT_CONFIG
+            continue
+        log.error("worker died; restarting", worker=index, exit=code)
+        time.sleep(1.0)
+        if not stopping:
+            spawn(index)
+    return status
+
+
+def run(config: Config, config_path: str | None = None) -> int:
+    """Entry point for `carousel edge`; returns the exit status."""
+    setup_logging(config.log, daemon="edge")
+    if config.edge.workers > 1:
+        return _supervise(config)
+    return _run_loop(config, 0)

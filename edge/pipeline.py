@@ -1,0 +1,264 @@
+"""The request pipeline: every feature is one module behind one interface.
+
+Theory of operation
+-------------------
+A request becomes an ``Exchange`` (the request, its route, the client and
+scratch fields that features fill in). The exchange goes through a chain of
+features, each an object with::
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply
+
+A feature may answer by itself (a cache hit, a ban), change the exchange
+before calling ``call_next`` (request side), and change the ``Reply`` it gets
+back (response side). Response-side features that transform the body wrap
+``reply.body`` in another ``Body`` (compression does ``GzipBody(reply.body)``)
+and never mutate a body shared with someone else (a cached object).
+
+The chain ends in a terminal handler chosen by the route (upstream pool,
+static directory, redirect, fixed response). Terminal handlers never call
+``call_next``.
+
+A feature comes from a factory ``factory(config: Config, ctx: EdgeContext)
+-> Feature | None`` (None: disabled by this config). Built-in factories are
+listed in ``FEATURE_ORDER``; user factories are named in ``[edge] features``
+as "package.module:factory" and run where ``USER_FEATURES`` stands.
+
+ORDER MATTERS. It is fixed here and nowhere else:
+
+* ``headers`` first: everything after it sees the cleaned request, and the
+  response is cleaned after every other feature touched it.
+* user features next, so they see (and may veto) requests before any
+  expensive work.
+* (issue 5) ``cache`` then ``compression``: compression sits inside the cache
+  so compressed variants are stored and compressed once.
+* (issue 8) ``limits`` and ``dos`` go before ``headers``: a banned or
+  oversized request should cost as little as possible.
+* (issue 9) the forward proxy is a separate listener with its own chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from edge.config import Config
+    from edge.routing import Route
+
+# Built-in features, outermost first. "user" marks where [edge] features run.
+USER_FEATURES = "user"
+FEATURE_ORDER: tuple[str, ...] = (
+    "edge.headers:feature",
+    USER_FEATURES,
+)
+
+
+class Body:
+    """A response body the edge will write; subclasses say how."""
+
+    #: Bytes in the body, or None when unknown (then the response is chunked).
+    length: int | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as a stream of chunks (what transforming features consume)."""
+        if False:  # pragma: no cover - makes this an async generator
+            yield b""
+
+    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
+        """Write the whole body to a prepared response."""
+        async for chunk in self.chunks():
+            await response.write(chunk)
+
+    def close(self) -> None:
+        """Free what the body holds (temp files, upstream connections)."""
+
+
+class BytesBody(Body):
+    """A body held in memory."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.data
+
+    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
+        await response.write(self.data)
+
+
+class FileBody(Body):
+    """A slice of an open file: a static file or a response spilled to disk."""
+
+    __slots__ = ("chunk_size", "fd", "length", "offset", "owned")
+
+    def __init__(self, fd: int, offset: int, length: int, *, owned: bool = True) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.owned = owned
+        self.chunk_size = 256 * 1024
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        pos, end = self.offset, self.offset + (self.length or 0)
+        while pos < end:
+            data = os.pread(self.fd, min(self.chunk_size, end - pos), pos)
+            if not data:
+                raise OSError("file shrank while being sent")
+            pos += len(data)
+            yield data
+
+    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
+        # The asyncio loop has a real sendfile(); uvloop does not, and there
+        # page-cache reads of 256 KiB with the transport's flow control are
+        # what the client's pace allows anyway.
+        transport = request.transport
+        loop = asyncio.get_running_loop()
+        if transport is not None and self.length and isinstance(loop, asyncio.BaseEventLoop):
+            try:
+                with os.fdopen(os.dup(self.fd), "rb") as f:
+                    await loop.sendfile(transport, f, self.offset, self.length)
+                return
+            except NotImplementedError:
+                pass
+        await super().write_to(response, request)
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StreamBody(Body):
+    """A body produced while it is sent (buffering off): length unknown or given."""
+
+    __slots__ = ("_iterator", "_on_close", "length")
+
+    def __init__(
+        self,
+        iterator: AsyncIterator[bytes],
+        length: int | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._iterator = iterator
+        self.length = length
+        self._on_close = on_close
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._iterator:
+            yield chunk
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+
+EMPTY = BytesBody(b"")
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the pipeline answers: status, headers and a body to write."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: Body = EMPTY
+    reason: str | None = None
+    # A handler that wrote the response itself (WebSocket) sets this.
+    raw: web.StreamResponse | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the pipeline."""
+
+    request: web.BaseRequest
+    route: Route
+    host: str
+    client_ip: str
+    scheme: str
+    started: float = field(default_factory=time.monotonic)
+    # Filled by the headers feature: what goes to the upstream.
+    upstream_headers: CIMultiDict[str] | None = None
+    # Filled by the terminal handlers, read by the access log and metrics.
+    member: str = ""
+    upstream_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    tries: int = 0
+    cache_status: str = ""
+    # Free-form space for features (e.g. a cache key).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Exchange], Awaitable[Reply]]
+
+
+class Feature(Protocol):
+    """One pipeline feature: answer, or call the next handler and adjust its reply."""
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
+
+
+class EdgeContext(Protocol):
+    """What a feature factory may use from the running edge."""
+
+    @property
+    def config(self) -> Config: ...
+
+
+FeatureFactory = Callable[["Config", EdgeContext], Feature | None]
+
+
+def load_factory(spec: str) -> FeatureFactory:
+    """Import "package.module:name" (or "package.module.name")."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"feature {spec!r}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"feature {spec!r}: cannot import {module_name}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"feature {spec!r}: {module_name} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def build_features(config: Config, ctx: EdgeContext) -> list[Feature]:
+    """Instantiate the features in FEATURE_ORDER, with user features at their slot."""
+    features: list[Feature] = []
+    for spec in FEATURE_ORDER:
+        specs = config.edge.features if spec == USER_FEATURES else [spec]
+        for s in specs:
+            feature = load_factory(s)(config, ctx)
+            if feature is not None:
+                features.append(feature)
+    return features
+
+
+def chain(features: list[Feature], terminal: Handler) -> Handler:
+    """Compose features around the terminal handler, once, at startup."""
+    handler = terminal
+    for feature in reversed(features):
+        handler = _link(feature, handler)
+    return handler
+
+
+def _link(feature: Feature, call_next: Handler) -> Handler:
+    async def step(ex: Exchange) -> Reply:
+        return await feature(ex, call_next)
+
+    return step
