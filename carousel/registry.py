@@ -138,9 +138,15 @@ class ServiceRecord:
         if not self.ipv4 and not self.ipv6:
             raise ValueError("a record needs at least one IPv4 or IPv6 address")
         for a in self.ipv4:
-            ipaddress.IPv4Address(a)
+            try:
+                ipaddress.IPv4Address(a)
+            except ValueError:
+                raise ValueError(f"not an IPv4 address: {a!r}") from None
         for a in self.ipv6:
-            ipaddress.IPv6Address(a)
+            try:
+                ipaddress.IPv6Address(a)
+            except ValueError:
+                raise ValueError(f"not an IPv6 address: {a!r}") from None
         if not 0 < self.weight <= 1000:
             raise ValueError(f"weight must be 1-1000, found {self.weight}")
         if self.state not in ("up", "draining"):
