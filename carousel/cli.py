@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-port", type=int, default=9000)
     p.add_argument("--etcd-port", type=int, default=23790)
     p.add_argument("--workdir", default=None, help="keep configs and data here (default: a temp dir)")
+    p.add_argument("--json-ready", action="store_true", help="print a JSON line once ready (for scripts)")
 
     p = sub.add_parser("status", help="table of registered services")
     _add_etcd_args(p)
