@@ -410,5 +410,3 @@ class UpstreamPool:
         """(name, eligible, active) for every member, for the metrics collector."""
         now = time.monotonic()
         return [(m.name, self.eligible(m, now), m.active) for m in self.members.values()]
-
-

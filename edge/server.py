@@ -127,7 +127,9 @@ class Edge:
         try:
             await resp.prepare(request)
             prepared = True
-            await body.write_to(resp, request)
+            # HEAD, 204 and 304 carry no body, whatever the body object says.
+            if request.method != "HEAD" and reply.status not in (204, 304):
+                await body.write_to(resp, request)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             raise
