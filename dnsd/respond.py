@@ -1,0 +1,272 @@
+"""The answer function: query bytes + AnswerTable -> response bytes. No I/O, no clock.
+
+Theory of operation
+-------------------
+``Answerer.respond(query, table, udp)`` returns ``(response, rrl_key)``;
+``response`` is None when the right answer is silence (the header cannot be
+read, or the message is itself a response).
+
+Fast path: an ordinary query (one question, class IN, nothing else but an
+optional well-formed EDNS0 OPT record) for a name we hold. The question name
+ends at the first zero byte after the header; the lowercase wire name up to
+there is looked up directly. A hit proves the name was well formed: table
+keys are valid wire names, and a byte string equal to one parses the same
+way. The response is the query's ID, a prepared header, the question copied
+byte for byte (so 0x20 case randomisation survives), a prepared body and,
+when the query had EDNS, our OPT record.
+
+Slow path: everything else is parsed field by field with bounds checks
+(``parse_query``) and answered per the RFCs: FORMERR for malformed
+messages, NOTIMP for opcodes other than QUERY, BADVERS for EDNS versions
+above 0, REFUSED for other classes and for names outside our zones,
+NXDOMAIN with the zone's SOA for names inside them. No input raises.
+
+Truncation: over UDP an answer is limited to 512 bytes without EDNS, and to
+the client's advertised size (at least 512, at most ours) with it. A larger
+answer is replaced by its header with TC=1 and the question, so the client
+retries over TCP and a spoofed query gains no amplification.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dnsd import wire
+from dnsd.table import AnswerTable, Entry
+
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+_ONE_QUESTION_ONE_EXTRA = b"\x00\x01\x00\x00\x00\x00\x00\x01"
+_CLASS_IN = b"\x00\x01"
+_TYPE_OPT = b"\x00\x29"
+ERROR_KEY = b"error"  # RRL account of every error response of a client prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Edns:
+    """The client's OPT record."""
+
+    payload: int
+    version: int
+    do: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query parsed by the slow path. ``error`` is an RCODE when it is malformed."""
+
+    id: bytes
+    flags1: int
+    flags2: int
+    opcode: int
+    question: bytes  # qname + qtype + qclass as sent, or b"" when unusable
+    qname: bytes  # lowercase wire name, b"" when unusable
+    qtype: int
+    qclass: int
+    edns: Edns | None
+    error: int = wire.NOERROR
+
+
+def _name_end(msg: bytes, at: int) -> int:
+    """Offset just past an uncompressed name at ``at``; -1 when malformed."""
+    n = len(msg)
+    total = 0
+    while at < n:
+        length = msg[at]
+        if length == 0:
+            return at + 1 if total + 1 <= wire.MAX_NAME else -1
+        if length > wire.MAX_LABEL:  # compression pointers and extended labels
+            return -1
+        total += length + 1
+        at += length + 1
+    return -1
+
+
+def _skip_name(msg: bytes, at: int) -> int:
+    """Offset just past a name that may end in a compression pointer; -1 when malformed."""
+    n = len(msg)
+    while at < n:
+        length = msg[at]
+        if length == 0:
+            return at + 1
+        if length & 0xC0 == 0xC0:
+            return at + 2 if at + 2 <= n else -1
+        if length > wire.MAX_LABEL:
+            return -1
+        at += length + 1
+    return -1
+
+
+def _options_ok(msg: bytes, at: int, end: int) -> bool:
+    """EDNS options must tile the OPT RDATA exactly (we read none of them)."""
+    while at < end:
+        if at + 4 > end:
+            return False
+        at += 4 + ((msg[at + 2] << 8) | msg[at + 3])
+    return at == end
+
+
+def parse_query(msg: bytes) -> Query | None:
+    """Parse every field of a query with bounds checks; None when the header is unreadable."""
+    if len(msg) < 12:
+        return None
+    qid, f1, f2 = msg[:2], msg[2], msg[3]
+    qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
+    opcode = (f1 >> 3) & 0x0F
+
+    def bad(question: bytes = b"", qname: bytes = b"", qtype: int = 0, qclass: int = 0) -> Query:
+        return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, None, wire.FORMERR)
+
+    if qd != 1:
+        return bad()
+    name_end = _name_end(msg, 12)
+    if name_end < 0 or name_end + 4 > len(msg):
+        return bad()
+    qtype, qclass = struct.unpack_from("!HH", msg, name_end)
+    qend = name_end + 4
+    question, qname = msg[12:qend], msg[12:name_end].lower()
+    if an or ns:
+        return bad(question, qname, qtype, qclass)
+    at = qend
+    edns: Edns | None = None
+    for _ in range(ar):
+        owner_end = _skip_name(msg, at)
+        if owner_end < 0 or owner_end + 10 > len(msg):
+            return bad(question, qname, qtype, qclass)
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, owner_end)
+        rdata = owner_end + 10
+        if rdata + rdlen > len(msg):
+            return bad(question, qname, qtype, qclass)
+        if rtype == wire.OPT:
+            if edns is not None or msg[at] != 0 or not _options_ok(msg, rdata, rdata + rdlen):
+                return bad(question, qname, qtype, qclass)
+            edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
+        at = rdata + rdlen
+    if at != len(msg):
+        return bad(question, qname, qtype, qclass)  # trailing bytes
+    return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, edns)
+
+
+class Answerer:
+    """Answers queries from an AnswerTable; keeps counts of the answers it builds itself."""
+
+    def __init__(self, payload_size: int = 1232) -> None:
+        self.payload_size = payload_size
+        self._opt = (wire.opt_record(payload_size), wire.opt_record(payload_size, do=True))
+        # (qtype, rcode) -> count, for answers not taken from a table entry.
+        self.counts: dict[tuple[int, int], int] = {}
+        self.ignored = 0  # messages answered with silence
+
+    # --- fast path --------------------------------------------------------------------
+
+    def respond(self, query: bytes, table: AnswerTable, udp: bool = True) -> tuple[bytes | None, bytes]:
+        """The response to ``query`` (None: stay silent) and its RRL account key."""
+        end = query.find(0, 12)
+        if end < 0:
+            return self._slow(query, table, udp)
+        node = table.names.get(query[12 : end + 1].lower())
+        qend = end + 5
+        if node is None or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:
+            return self._slow(query, table, udp)
+        counts = query[4:12]
+        if counts == _ONE_QUESTION:
+            if len(query) != qend:
+                return self._slow(query, table, udp)
+            entry = node.get(query[end + 1 : end + 3]) or node[b""]
+            n = entry.served
+            entry.served = n + 1
+            if udp and qend > entry.fit_plain:
+                return self._truncated(query, qend, entry, None), entry.rrl_key
+            return (
+                query[:2]
+                + entry.heads[(query[2] & 1) | (query[3] & 0x10)]
+                + query[12:qend]
+                + entry.schedule[n % entry.period],
+                entry.rrl_key,
+            )
+        if (
+            counts != _ONE_QUESTION_ONE_EXTRA
+            or len(query) < qend + 11
+            or query[qend] != 0
+            or query[qend + 1 : qend + 3] != _TYPE_OPT
+            or query[qend + 6]  # EDNS version above 0: BADVERS, built by the slow path
+        ):
+            return self._slow(query, table, udp)
+        opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
+        if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
+            return self._slow(query, table, udp)
+        entry = node.get(query[end + 1 : end + 3]) or node[b""]
+        n = entry.served
+        entry.served = n + 1
+        do = query[qend + 7] >> 7
+        response = (
+            query[:2]
+            + entry.heads_edns[(query[2] & 1) | (query[3] & 0x10)]
+            + query[12:qend]
+            + entry.schedule[n % entry.period]
+            + self._opt[do]
+        )
+        if udp and len(response) > 512:
+            payload = (query[qend + 3] << 8) | query[qend + 4]
+            if len(response) > min(max(payload, 512), self.payload_size):
+                return self._truncated(query, qend, entry, self._opt[do]), entry.rrl_key
+        return response, entry.rrl_key
+
+    def _truncated(self, query: bytes, qend: int, entry: Entry, opt: bytes | None) -> bytes:
+        """Header with TC=1 and the question: "ask me again over TCP"."""
+        hi = wire.QR | wire.TC | (wire.AA if entry.aa else 0) | (query[2] & wire.RD)
+        lo = (query[3] & wire.CD) | (entry.rcode & 0x0F)
+        head = struct.pack("!BBHHHH", hi, lo, 1, 0, 0, 1 if opt else 0)
+        return query[:2] + head + query[12:qend] + (opt or b"")
+
+    # --- slow path --------------------------------------------------------------------
+
+    def _count(self, qtype: int, rcode: int) -> None:
+        key = (qtype, rcode)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _build(
+        self, q: Query, rcode: int, *, aa: bool = False, body: bytes = b"", sections=(0, 0, 0)
+    ) -> bytes:
+        opt = b""
+        if q.edns is not None and rcode != wire.FORMERR:
+            opt = wire.opt_record(self.payload_size, rcode >> 4, q.edns.do)
+        an, ns, ar = sections
+        hi = wire.QR | (q.opcode << 3) | (wire.AA if aa else 0) | (q.flags1 & wire.RD)
+        lo = (q.flags2 & wire.CD) | (rcode & 0x0F)
+        head = struct.pack("!BBHHHH", hi, lo, 1 if q.question else 0, an, ns, ar + (1 if opt else 0))
+        self._count(q.qtype, rcode)
+        return q.id + head + q.question + body + opt
+
+    def _slow(self, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
+        q = parse_query(query)
+        if q is None or q.flags1 & wire.QR:
+            self.ignored += 1  # unreadable, or a response: answering could start a loop
+            return None, ERROR_KEY
+        if q.opcode != 0:
+            return self._build(q, wire.NOTIMP), ERROR_KEY
+        if q.error:
+            return self._build(q, q.error), ERROR_KEY
+        if q.edns is not None and q.edns.version > 0:
+            return self._build(q, wire.BADVERS), ERROR_KEY
+        if q.qclass != wire.CLASS_IN:
+            return self._build(q, wire.REFUSED), ERROR_KEY
+        entry = table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
+        if entry is None:
+            origin = table.zone_of(q.qname)
+            entry = table.refused if origin is None else table.nxdomain[origin]
+        entry.served += 1
+        body = entry.schedule[(entry.served - 1) % entry.period]
+        response = self._build_entry(q, entry, body)
+        if udp and len(response) > 512:
+            limit = 512 if q.edns is None else min(max(q.edns.payload, 512), self.payload_size)
+            if len(response) > limit:
+                qend = 12 + len(q.question)
+                opt = self._opt[q.edns.do] if q.edns is not None else None
+                return self._truncated(query, qend, entry, opt), entry.rrl_key
+        return response, entry.rrl_key
+
+    def _build_entry(self, q: Query, entry: Entry, body: bytes) -> bytes:
+        heads = entry.heads if q.edns is None else entry.heads_edns
+        opt = b"" if q.edns is None else self._opt[q.edns.do]
+        return q.id + heads[(q.flags1 & 1) | (q.flags2 & 0x10)] + q.question + body + opt

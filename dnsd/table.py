@@ -1,0 +1,277 @@
+"""AnswerTable: every answer dnsd can give, prepared in wire format when the registry changes.
+
+Theory of operation
+-------------------
+A query is answered by looking up its lowercase wire name, then its type,
+in ``AnswerTable.names``; the result is an ``Entry``. An entry holds the
+header bytes (flags and section counts, per RD/CD combination and with or
+without an OPT record) and one or more *bodies*: the bytes that follow the
+question. Compression pointers inside a body point at the question name
+(offset 12) or at names inside the body, so a body is valid after any
+question of the same name, whatever its 0x20 spelling.
+
+Rotation is a schedule: ``schedule[k]`` is the body of the k-th query. For an
+address set of n items the schedule is a smooth weighted round robin over
+the items' weights (so a weight-2 item is first twice as often, spread out),
+and the body for "item s first" lists s and the items after it in a fixed
+cyclic order, capped at ``max_answer_records``. With equal weights every
+query starts one position later, and every item appears in exactly
+``min(cap, n)`` of every n answers: equal exposure.
+
+Tables are immutable once built except for the per-entry ``served`` counter.
+A rebuild carries each counter over, so rotation continues where it was and
+statistics can be derived from the counters at scrape time instead of being
+counted per query.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dnsd import wire
+from dnsd.wire import MessageWriter, RData
+
+RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
+MAX_SCHEDULE = 1 << 16
+MAX_CNAME_CHAIN = 8
+RFC8482_HINFO: RData = [b"\x07RFC8482\x00"]
+
+# Index into Entry.heads: the query's RD bit (first flag byte) and CD bit (second).
+RDCD_INDEXES = (0x00, 0x01, 0x10, 0x11)
+
+
+def _heads(aa: bool, rcode: int, counts: tuple[int, int, int], tc: bool = False) -> list[bytes]:
+    """Flags + counts for each RD/CD combination, indexed by (flags1 & 1) | (flags2 & 0x10)."""
+    out = [b""] * 0x12
+    an, ns, ar = counts
+    for idx in RDCD_INDEXES:
+        hi = wire.QR | (wire.AA if aa else 0) | (wire.TC if tc else 0) | (idx & wire.RD)
+        lo = (idx & wire.CD) | (rcode & 0x0F)
+        out[idx] = struct.pack("!BBHHHH", hi, lo, 1, an, ns, ar)
+    return out
+
+
+@dataclass(eq=False)
+class Rotation:
+    """Who is in which variant of a rotating answer, for exposure statistics."""
+
+    name: str
+    addresses: list[str]
+    members: list[tuple[int, ...]]  # per schedule slot: the address indexes it contains
+    slot_start: list[int]  # per schedule slot: the address index listed first
+
+    def counts_between(self, start: int, end: int) -> tuple[list[int], list[int]]:
+        """(times included, times first) per address for queries number start..end-1."""
+        period = len(self.members)
+        incl = [0] * len(self.addresses)
+        first = [0] * len(self.addresses)
+        total = end - start
+        if total <= 0:
+            return incl, first
+        full, rest = divmod(total, period)
+        for slot, members in enumerate(self.members):
+            times = full + (1 if (slot - start) % period < rest else 0)
+            if times:
+                for i in members:
+                    incl[i] += times
+                first[self.slot_start[slot]] += times
+        return incl, first
+
+
+class Entry:
+    """A prepared answer for one (name, type): header variants and the body schedule."""
+
+    __slots__ = (
+        "aa",
+        "body_len",
+        "counts",
+        "fit_plain",
+        "heads",
+        "heads_edns",
+        "period",
+        "qtype",
+        "rcode",
+        "rotation",
+        "rrl_key",
+        "schedule",
+        "served",
+        "start",
+    )
+
+    def __init__(
+        self,
+        qtype: int,
+        rcode: int,
+        aa: bool,
+        counts: tuple[int, int, int],
+        schedule: list[bytes],
+        rotation: Rotation | None = None,
+        rrl_key: bytes = b"error",
+    ) -> None:
+        self.qtype = qtype
+        self.rcode = rcode
+        self.aa = aa
+        self.counts = counts
+        self.heads = _heads(aa, rcode, counts)
+        self.heads_edns = _heads(aa, rcode, (counts[0], counts[1], counts[2] + 1))
+        self.schedule = schedule
+        self.period = len(schedule)
+        self.body_len = max(len(b) for b in schedule)
+        # The longest question (counted from the message start) whose answer fits 512 bytes.
+        self.fit_plain = wire.PLAIN_UDP_LIMIT - self.body_len
+        self.rotation = rotation
+        # Response Rate Limiting account: the same for equal answers across rebuilds.
+        self.rrl_key = rrl_key
+        self.served = 0
+        self.start = 0
+
+    def carry_from(self, old: Entry) -> None:
+        """Continue the rotation (and the statistics window) where ``old`` stopped."""
+        self.served = self.start = old.served
+
+
+def _swrr(weights: list[int]) -> list[int]:
+    """Smooth weighted round robin (as nginx): one full period of item indexes."""
+    g = 0
+    for w in weights:
+        g = math.gcd(g, w)
+    weights = [w // g for w in weights]
+    total = sum(weights)
+    if total > MAX_SCHEDULE:  # keep memory bounded; proportions stay within 1/MAX_SCHEDULE
+        weights = [max(1, round(w * MAX_SCHEDULE / total)) for w in weights]
+        total = sum(weights)
+    current = [0] * len(weights)
+    order = []
+    for _ in range(total):
+        best = 0
+        for i, w in enumerate(weights):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+@dataclass
+class AddressItem:
+    """One address of a rotating answer."""
+
+    packed: bytes
+    text: str
+    weight: int
+
+
+@dataclass
+class Plan:
+    """What one answer contains, before it is rendered to bytes."""
+
+    rcode: int = wire.NOERROR
+    prefix: list[RR] = field(default_factory=list)  # CNAME chain, fixed order
+    rotating: tuple[bytes, int, int, list[AddressItem]] | None = None  # owner, type, TTL, items
+    fixed: list[RR] = field(default_factory=list)
+    authority: list[RR] = field(default_factory=list)
+    additional: list[RR] = field(default_factory=list)
+
+
+@dataclass
+class ServiceState:
+    """How a mapped service is answered right now (for /status and the log)."""
+
+    service: str
+    mode: str  # healthy, last-known, all-registered, nodata, unknown
+    addresses: list[str]
+    ttl: int
+
+
+class AnswerTable:
+    """Every prepared answer of one registry revision."""
+
+    def __init__(self, revision: int, synced: bool) -> None:
+        self.revision = revision
+        self.serial = max(1, revision & 0xFFFFFFFF)
+        self.synced = synced
+        self.built = time.time()
+        self.names: dict[bytes, dict[bytes, Entry]] = {}
+        self.nxdomain: dict[bytes, Entry] = {}  # zone origin -> NXDOMAIN answer
+        self.meta: dict[bytes, Entry] = {}  # qtype -> answer for AXFR, IXFR, MAILA, MAILB, OPT
+        self.refused = Entry(0, wire.REFUSED, False, (0, 0, 0), [b""], rrl_key=b"error")
+        self.services: dict[str, ServiceState] = {}
+
+    def entries(self) -> Iterable[Entry]:
+        """Every distinct entry (for statistics)."""
+        seen: set[int] = set()
+        for node in self.names.values():
+            for e in node.values():
+                if id(e) not in seen:
+                    seen.add(id(e))
+                    yield e
+        for e in (*self.nxdomain.values(), *self.meta.values(), self.refused):
+            if id(e) not in seen:
+                seen.add(id(e))
+                yield e
+
+    def lookup(self, name: bytes, qtype: int) -> Entry | None:
+        """The entry for a lowercase wire name and type, or None (NXDOMAIN or REFUSED)."""
+        node = self.names.get(name)
+        if node is None:
+            return None
+        return node.get(struct.pack("!H", qtype)) or node[b""]
+
+    def zone_of(self, name: bytes) -> bytes | None:
+        """The origin of the closest enclosing zone of a lowercase wire name."""
+        for _, suffix in wire.suffixes(name):
+            if suffix in self.nxdomain:
+                return suffix
+        return self.nxdomain.get(wire.ROOT) and wire.ROOT
+
+
+def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes, aa: bool = True) -> Entry:
+    """Turn a plan into an entry: one body per rotation start, scheduled by weight.
+
+    ``qname`` None means the question is not known in advance (NXDOMAIN for
+    any name of a zone): the body is then written without compression.
+    """
+    base = 12 + len(qname) + 4 if qname is not None else 0
+    compress = qname is not None
+    sections = len(plan.prefix) + len(plan.fixed), len(plan.authority), len(plan.additional)
+
+    def body(first: list[RR]) -> bytes:
+        w = MessageWriter(qname, base)
+        for owner, rtype, ttl, rdata in (
+            *plan.prefix,
+            *first,
+            *plan.fixed,
+            *plan.authority,
+            *plan.additional,
+        ):
+            w.rr(owner, rtype, ttl, rdata, compress=compress)
+        return w.getvalue()
+
+    if plan.rotating is None or not plan.rotating[3]:
+        return Entry(qtype, plan.rcode, aa, sections, [body([])], rrl_key=rrl_key)
+    owner, rtype, ttl, items = plan.rotating
+    if qname is None:
+        raise ValueError("a rotating answer needs a known question name")
+    items = sorted(items, key=lambda it: it.packed)
+    n = len(items)
+    shown = min(cap, n)
+    bodies = []
+    members = []
+    for s in range(n):
+        idx = tuple((s + j) % n for j in range(shown))
+        members.append(idx)
+        bodies.append(body([(owner, rtype, ttl, [items[i].packed]) for i in idx]))
+    order = _swrr([it.weight for it in items])
+    rotation = Rotation(
+        name=wire.to_text(qname),
+        addresses=[it.text for it in items],
+        members=[members[s] for s in order],
+        slot_start=order,
+    )
+    counts = (sections[0] + shown, sections[1], sections[2])
+    return Entry(qtype, plan.rcode, aa, counts, [bodies[s] for s in order], rotation, rrl_key)

@@ -1,0 +1,219 @@
+"""DNS wire format: constants, names, and a record writer with name compression.
+
+Used when the answer table is built (on registry changes), never per query.
+Names are handled as lowercase wire bytes (``b"\\x03www\\x07example\\x04test\\x00"``):
+lowering the whole wire name is safe because length bytes are below 64 and
+never in the ASCII A-Z range.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+# Record types.
+A, NS, CNAME, SOA, HINFO, MX, TXT, AAAA, OPT = 1, 2, 5, 6, 13, 15, 16, 28, 41
+IXFR, AXFR, MAILB, MAILA, ANY = 251, 252, 253, 254, 255
+TYPE_NAMES = {
+    A: "A",
+    NS: "NS",
+    CNAME: "CNAME",
+    SOA: "SOA",
+    HINFO: "HINFO",
+    MX: "MX",
+    TXT: "TXT",
+    AAAA: "AAAA",
+    OPT: "OPT",
+    IXFR: "IXFR",
+    AXFR: "AXFR",
+    MAILB: "MAILB",
+    MAILA: "MAILA",
+    ANY: "ANY",
+}
+TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
+CLASS_IN = 1
+
+# Response codes (BADVERS needs the extended bits carried in OPT).
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
+RCODE_NAMES = {
+    NOERROR: "NOERROR",
+    FORMERR: "FORMERR",
+    SERVFAIL: "SERVFAIL",
+    NXDOMAIN: "NXDOMAIN",
+    NOTIMP: "NOTIMP",
+    REFUSED: "REFUSED",
+    BADVERS: "BADVERS",
+}
+
+# Header flag bits, first and second flag byte.
+QR, AA, TC, RD = 0x80, 0x04, 0x02, 0x01
+CD = 0x10
+DO = 0x80  # in the first byte of the OPT flags
+
+ROOT = b"\x00"
+MAX_NAME = 255
+MAX_LABEL = 63
+PLAIN_UDP_LIMIT = 512
+TCP_LIMIT = 65535
+LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class BadName(ValueError):
+    """A name that cannot be written in DNS wire format."""
+
+
+def to_wire(name: str) -> bytes:
+    """'www.example.test' (absolute, trailing dot optional) -> lowercase wire bytes."""
+    text = name.rstrip(".").lower() if name != "." else ""
+    if not text:
+        return ROOT
+    out = bytearray()
+    for label in text.split("."):
+        raw = label.encode("ascii", "strict") if label.isascii() else b""
+        if not raw:
+            raise BadName(f"empty or non-ASCII label in {name!r}")
+        if len(raw) > MAX_LABEL:
+            raise BadName(f"label longer than 63 bytes in {name!r}")
+        if not set(raw) <= LABEL_CHARS:
+            raise BadName(f"use letters, digits, '-' and '_' in names, found {name!r}")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > MAX_NAME:
+        raise BadName(f"name longer than 255 bytes: {name!r}")
+    return bytes(out)
+
+
+def to_text(wire: bytes) -> str:
+    """Wire name -> dotted text with a trailing dot (printable bytes only, others escaped)."""
+    labels = []
+    i = 0
+    while i < len(wire) and wire[i]:
+        n = wire[i]
+        raw = wire[i + 1 : i + 1 + n]
+        labels.append("".join(chr(c) if 33 <= c < 127 and c != 46 else f"\\{c:03d}" for c in raw))
+        i += 1 + n
+    return ".".join(labels) + "."
+
+
+def labels(wire: bytes) -> list[bytes]:
+    """The labels of a wire name, without the root."""
+    out = []
+    i = 0
+    while wire[i]:
+        n = wire[i]
+        out.append(wire[i + 1 : i + 1 + n])
+        i += 1 + n
+    return out
+
+
+def suffixes(wire: bytes) -> list[tuple[int, bytes]]:
+    """(offset, suffix) for every label boundary of a wire name, longest first, root excluded."""
+    out = []
+    i = 0
+    while wire[i]:
+        out.append((i, wire[i:]))
+        i += 1 + wire[i]
+    return out
+
+
+def parent(wire: bytes) -> bytes:
+    """The wire name one label up ('a.b.' -> 'b.'); the root is its own parent."""
+    return wire[1 + wire[0] :] if wire != ROOT else ROOT
+
+
+def is_subdomain(wire: bytes, origin: bytes) -> bool:
+    """True when ``wire`` equals ``origin`` or lies below it (label-aligned)."""
+    if origin == ROOT:
+        return True
+    return any(s == origin for _, s in suffixes(wire))
+
+
+def ipv4_bytes(addr: str) -> bytes:
+    return ipaddress.IPv4Address(addr).packed
+
+
+def ipv6_bytes(addr: str) -> bytes:
+    return ipaddress.IPv6Address(addr).packed
+
+
+def character_strings(text: str) -> bytes:
+    """TXT rdata: the text split into <= 255-byte character-strings."""
+    raw = text.encode("utf-8")
+    if not raw:
+        return b"\x00"
+    return b"".join(bytes((len(c),)) + c for c in (raw[i : i + 255] for i in range(0, len(raw), 255)))
+
+
+class Name(bytes):
+    """A wire name inside RDATA that may be compressed (NS, CNAME, MX, SOA)."""
+
+    __slots__ = ()
+
+
+RData = list[bytes]  # raw pieces and Name pieces, concatenated in order
+
+
+class MessageWriter:
+    """Writes resource records after a known header + question, compressing names.
+
+    ``base`` is the absolute offset where the written bytes will start in the
+    final message, so compression pointers stay valid once the header and the
+    (client's) question are put in front. The question name is known only by
+    its lowercase form: pointers into it are valid for any 0x20 spelling,
+    because case changes no length.
+    """
+
+    def __init__(self, question_name: bytes | None, base: int) -> None:
+        self.buf = bytearray()
+        self.base = base
+        self._names: dict[bytes, int] = {}
+        if question_name is not None:
+            for off, suffix in suffixes(question_name):
+                self._names.setdefault(suffix, 12 + off)
+
+    def name(self, wire: bytes, *, compress: bool = True) -> None:
+        """Append a name, pointing at an earlier copy of its longest known suffix."""
+        if not compress:
+            self.buf += wire
+            return
+        for off, suffix in suffixes(wire):
+            known = self._names.get(suffix)
+            if known is not None:
+                self.buf += wire[:off]
+                self.buf += struct.pack("!H", 0xC000 | known)
+                return
+            here = self.base + len(self.buf) + off
+            if here < 0x3FFF:
+                self._names[suffix] = here
+        self.buf += wire
+
+    def rr(self, owner: bytes, rtype: int, ttl: int, rdata: RData, *, compress: bool = True) -> None:
+        """Append one resource record of class IN."""
+        self.name(owner, compress=compress)
+        self.buf += struct.pack("!HHI", rtype, CLASS_IN, ttl)
+        at = len(self.buf)
+        self.buf += b"\x00\x00"
+        for piece in rdata:
+            if isinstance(piece, Name):
+                self.name(bytes(piece), compress=compress)
+            else:
+                self.buf += piece
+        struct.pack_into("!H", self.buf, at, len(self.buf) - at - 2)
+
+    def getvalue(self) -> bytes:
+        """The records written so far."""
+        return bytes(self.buf)
+
+
+def soa_rdata(
+    mname: bytes, rname: bytes, serial: int, refresh: int, retry: int, expire: int, minimum: int
+) -> RData:
+    """SOA RDATA pieces."""
+    timers = struct.pack("!IIIII", serial & 0xFFFFFFFF, refresh, retry, expire, minimum)
+    return [Name(mname), Name(rname), timers]
+
+
+def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False) -> bytes:
+    """An OPT pseudo-record with no options (we never echo a client's options)."""
+    return struct.pack("!BHHBBHH", 0, OPT, payload_size, ext_rcode, 0, DO << 8 if do else 0, 0)
