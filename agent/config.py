@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ from carousel.config import (
 from carousel.registry import check_name
 
 
-def _name(kind: str):  # type: ignore[no-untyped-def]
+def _name(kind: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         try:
             check_name(kind, value)

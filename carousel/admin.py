@@ -20,6 +20,15 @@ StatusFn = Callable[[], dict[str, Any]]
 HealthFn = Callable[[], tuple[bool, str]]
 
 
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started TCPSite listens on (useful after binding port 0)."""
+    server = site._server
+    sockets = getattr(server, "sockets", None)
+    if not sockets:
+        raise RuntimeError("site is not listening")
+    return int(sockets[0].getsockname()[1])
+
+
 class AdminServer:
     """A small aiohttp app on its own port; extra routes can be added before start()."""
 
@@ -79,9 +88,7 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = bound_port(site)
         return self.port
 
     async def stop(self) -> None:

@@ -71,8 +71,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _etcd_config(args: argparse.Namespace) -> EtcdConfig:
     """The [etcd] table of --config, or --etcd/--prefix, or $CAROUSEL_ETCD, or the default."""
     if args.config:
-        data = load_toml(args.config).get("etcd", {})
-        return from_dict(EtcdConfig, data, args.config)
+        return from_dict(EtcdConfig, load_toml(args.config).get("etcd", {}), args.config)
     endpoints = args.etcd or [e for e in os.environ.get("CAROUSEL_ETCD", "").split(",") if e]
     data: dict[str, Any] = {}
     if endpoints:

