@@ -78,7 +78,7 @@ async def read_response(reader: asyncio.StreamReader, head: bool = False) -> Raw
 
 
 async def raw_request(
-    port: int, data: bytes, *, head: bool = False, timeout: float = 5.0
+    port: int, data: bytes, *, head: bool = False, wait: float = 5.0
 ) -> RawResponse | None:
     """Send bytes as they are; return the first response, or None if the edge just closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -86,7 +86,7 @@ async def raw_request(
         writer.write(data)
         await writer.drain()
         try:
-            return await asyncio.wait_for(read_response(reader, head), timeout)
+            return await asyncio.wait_for(read_response(reader, head), wait)
         except (ConnectionError, asyncio.IncompleteReadError):
             return None
     finally:
