@@ -1,0 +1,198 @@
+"""Member failure (a `carousel app` process killed mid-test) and registry-driven membership."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from carousel.etcd import Etcd
+from carousel.etcdserver import free_port
+from carousel.registry import Keys, ServiceRecord
+from edge.testing import running_edge
+from sampleapp.main import start_app
+from tests.procs import Daemon, ProcessGroup, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _stats(port: int) -> dict:
+    import json
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2) as r:
+        return json.loads(r.read())
+
+
+def _up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def app_procs(procs: ProcessGroup) -> Iterator[list[tuple[Daemon, int]]]:
+    """Two `carousel app` processes on free ports."""
+    started = []
+    for name in ("ap1", "ap2"):
+        port = free_port()
+        d = procs.start(name, ["app", "--host", "127.0.0.1", "--port", str(port), "--name", name])
+        started.append((d, port))
+    for _, port in started:
+        wait_for(lambda p=port: _up(p), 15, what=f"AP on {port}")
+    yield started
+
+
+async def test_killed_member_gets_get_retries_and_no_post_replays(app_procs) -> None:
+    (ap1, p1), (ap2, p2) = app_procs
+    cfg = {
+        "pool": {
+            "app": {
+                "members": [{"address": f"127.0.0.1:{p1}"}, {"address": f"127.0.0.1:{p2}"}],
+                # No ejection here, so every other new request really meets the dead member.
+                "eject": {"failures": 1000},
+                "connect_timeout": 1.0,
+            }
+        },
+        "route": [{"path": "/", "pool": "app"}],
+    }
+    async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{edge.port}"
+        statuses: list[int] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                async with s.get(url + "/slow?ms=100") as r:
+                    await r.read()
+                    statuses.append(r.status)
+
+        clients = [asyncio.create_task(client()) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        ap2.proc.kill()  # SIGKILL mid-test: in-flight requests to it break
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert len(statuses) > 50
+        assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+        before = _stats(p1)["by_path"].get("/echo", 0)
+        post_statuses = []
+        for _ in range(10):
+            async with s.post(url + "/echo", data=b"x" * 100) as r:
+                await r.read()
+                post_statuses.append(r.status)
+        after = _stats(p1)["by_path"].get("/echo", 0)
+        assert set(post_statuses) == {200, 502}
+        # Every POST that met the dead member failed: none was replayed on ap1.
+        assert after - before == post_statuses.count(200)
+
+
+async def test_passive_ejection_moves_traffic_away(app_procs) -> None:
+    (_, p1), (ap2, p2) = app_procs
+    cfg = {
+        "pool": {
+            "app": {
+                "members": [{"address": f"127.0.0.1:{p1}"}, {"address": f"127.0.0.1:{p2}"}],
+                "eject": {"failures": 2, "window": 10.0, "cooldown": 30.0},
+            }
+        },
+        "route": [{"path": "/", "pool": "app"}],
+    }
+    ap2.proc.kill()
+    ap2.proc.wait(5)
+    async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.post(f"http://127.0.0.1:{edge.port}/echo") as r:
+                await r.read()
+        ejected = edge.pools["app"].status()["members"][1]
+        assert ejected["ejected_for"] > 0
+        statuses = []
+        for _ in range(10):
+            async with s.post(f"http://127.0.0.1:{edge.port}/echo") as r:
+                statuses.append(r.status)
+        assert statuses == [200] * 10  # POSTs no longer meet the dead member
+
+
+async def test_active_health_checks_follow_the_ap(app_procs) -> None:
+    (_, p1), (_, p2) = app_procs
+    cfg = {
+        "pool": {
+            "app": {
+                "members": [{"address": f"127.0.0.1:{p1}"}, {"address": f"127.0.0.1:{p2}"}],
+                "health": {"enabled": True, "interval": 0.1, "rise": 2, "fall": 2},
+            }
+        },
+        "route": [{"path": "/", "pool": "app"}],
+    }
+    async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+        pool = edge.pools["app"]
+        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=0")
+        await _until(lambda: not pool.status()["members"][1]["healthy"], 3)
+        seen = set()
+        for _ in range(10):
+            async with s.get(f"http://127.0.0.1:{edge.port}/echo") as r:
+                seen.add((await r.json())["ap"])
+        assert seen == {"ap1"}
+        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=1")
+        await _until(lambda: pool.status()["members"][1]["healthy"], 3)
+
+
+async def _until(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
+
+
+async def test_registry_members_appear_within_a_second_and_drain(etcd_cfg) -> None:
+    runners = [await start_app("127.0.0.1", 0, name) for name in ("r1", "r2")]
+    etcd = Etcd(etcd_cfg)
+    keys = Keys(etcd_cfg.prefix)
+    try:
+        cfg = {
+            "etcd": {"endpoints": etcd_cfg.endpoints, "prefix": etcd_cfg.prefix, "timeout": 1.0},
+            "pool": {"app": {"service": "app"}},
+            "route": [{"path": "/", "pool": "app"}],
+        }
+        async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{edge.port}/echo"
+
+            async def served_by() -> str | None:
+                async with s.get(url) as r:
+                    return (await r.json())["ap"] if r.status == 200 else None
+
+            assert await served_by() is None  # no member yet: 503
+            lease = await etcd.grant(5)
+            records = [
+                ServiceRecord("app", name, port, ("127.0.0.1",))
+                for name, (_, port) in zip(("r1", "r2"), runners, strict=True)
+            ]
+            t0 = time.monotonic()
+            await etcd.put(keys.service("app", "r1"), records[0].encode(), lease=lease.id)
+            while await served_by() != "r1":
+                assert time.monotonic() - t0 < 1.0, "registered AP got no traffic within 1 s"
+                await asyncio.sleep(0.01)
+            await etcd.put(keys.service("app", "r2"), records[1].encode(), lease=lease.id)
+            await _until(lambda: len(edge.pools["app"].members) == 2, 1.0)
+            assert {await served_by() for _ in range(6)} == {"r1", "r2"}
+
+            draining = records[1].with_state("draining")
+            await etcd.put(keys.service("app", "r2"), draining.encode(), lease=lease.id)
+            await _until(lambda: edge.pools["app"].members["r2"].state == "draining", 1.0)
+            assert {await served_by() for _ in range(10)} == {"r1"}
+
+            await etcd.revoke(lease.id)  # both gone: nothing left to serve
+            await _until(lambda: not edge.pools["app"].members, 1.0)
+            assert await served_by() is None
+    finally:
+        await etcd.close()
+        for runner, _ in runners:
+            await runner.cleanup()
