@@ -1,0 +1,766 @@
+"""A multi-host Carousel cluster on one Linux machine, in network namespaces (needs root).
+
+Theory of operation. Each "host" is a network namespace with one veth link to
+a bridge, and the bridge itself lives in a namespace of its own (the
+"switch"). Nothing is added to the machine's own namespace and no host has a
+default route, so the lab's address range (10.213.0.0/24 by default) is
+reachable only from inside the lab; two runs may even use the same addresses
+at once without meeting::
+
+    czlab-<id>-sw: br0 --+-- czlab-<id>-etcd1   10.213.0.11   etcd member
+                         +-- czlab-<id>-etcd2/3 .12/.13       etcd members
+                         +-- czlab-<id>-dns1/2  .53/.54       dnsd
+                         +-- czlab-<id>-edge1-3 .21-.23       edge + its agent
+                         +-- czlab-<id>-ap1/2   .31/.32       carousel app + its agent
+                         +-- czlab-<id>-client  .100          where tests and users probe from
+
+Daemons run as ``ip netns exec NS cmd`` (ip execs, so the pid is the
+daemon's). They use fixed ports (53, 80, 2379): every namespace has its own
+port space, so nothing can clash.
+
+Ownership and clean-up. Before creating any namespace a run writes
+``/run/carousel-lab/<id>.json`` naming its owner process. ``cleanup_leftovers``
+destroys only labs with the ``czlab-`` prefix whose owner is gone (a crashed
+run), never a live run's and never one started by ``lab/netns_lab.py up``
+(marked persistent: ``down`` removes those). Destroying a lab kills every
+process inside its namespaces, by pid, then deletes the namespaces, which
+takes the veths and the bridge with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import ctypes
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from carousel.etcdserver import etcd_binary
+from carousel.registry import Keys, SchemaError, ServiceRecord
+
+T = TypeVar("T")
+
+PREFIX = "czlab"
+STATE_DIR = Path("/run/carousel-lab")
+REPO = Path(__file__).resolve().parent.parent
+_CLONE_NEWNET = 0x40000000
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or did not become ready."""
+
+
+def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS``; LabError with its stderr when it fails and ``check``."""
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+    if check and out.returncode != 0:
+        raise LabError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+    return out
+
+
+def unavailable_reason() -> str | None:
+    """Why the lab cannot run here (not root, no usable `ip netns`), or None."""
+    if os.geteuid() != 0:
+        return "the namespace lab needs root (it creates network namespaces and a bridge)"
+    probe = f"{PREFIX}-probe-{os.getpid()}"
+    try:
+        made = run_ip("netns", "add", probe, check=False)
+    except FileNotFoundError:
+        return "the namespace lab needs iproute2's `ip` command"
+    if made.returncode != 0:
+        return f"`ip netns add` does not work here: {made.stderr.strip()}"
+    run_ip("netns", "del", probe, check=False)
+    return None
+
+
+def missing_daemons() -> dict[str, str]:
+    """Daemon kind -> why the lab cannot run it in this checkout (its package is incomplete)."""
+    missing = {}
+    for kind in ("dnsd", "edge", "agent", "sampleapp"):
+        for module in ("config", "main"):
+            if not (REPO / kind / f"{module}.py").is_file():
+                missing[kind] = f"{kind}/{module}.py does not exist in this checkout yet"
+    return missing
+
+
+def enter_netns(ns: str) -> None:
+    """Move the calling thread (only it) into network namespace ``ns``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsThread:
+    """A thread inside a namespace running an asyncio loop: every socket it opens lives there.
+
+    Network namespaces are per thread, and threads inherit their creator's, so
+    the loop's executor threads are inside too. Tests use it to query dnsd, the
+    edges and etcd from the lab's client host without starting a process.
+    """
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"netns-{ns}", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        if self._error is not None:
+            raise LabError(f"cannot enter namespace {ns}: {self._error}")
+
+    def _main(self) -> None:
+        try:
+            enter_netns(self.ns)
+        except OSError as exc:
+            self._error = exc
+            self._started.set()
+            return
+        asyncio.set_event_loop(self.loop)
+        self._started.set()
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule a coroutine on the namespace's loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run a coroutine there and wait for its result."""
+        return self.submit(coro).result(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
+        """Run a blocking function in one of the namespace's executor threads."""
+
+        async def go() -> T:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+        return self.run(go(), timeout)
+
+    def close(self) -> None:
+        """Stop the loop and the thread."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+@dataclass(frozen=True)
+class Host:
+    """One lab host: a namespace with one address on the lab's bridge."""
+
+    role: str
+    ns: str
+    address: str
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        """The command line that runs ``cmd`` inside this host."""
+        return ["ip", "netns", "exec", self.ns, *cmd]
+
+
+class LabProcess:
+    """One daemon of the lab, run inside its host; it can be stopped and started again."""
+
+    def __init__(self, name: str, host: Host, cmd: list[str], log: Path) -> None:
+        self.name = name
+        self.host = host
+        self.cmd = cmd
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LabProcess:
+        """Start it (again); output is appended to its log file."""
+        if self.running():
+            raise LabError(f"{self.name} is already running")
+        env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.host.argv(self.cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` if the process still runs."""
+        if self.proc is not None and self.running():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the exit status (subprocess.TimeoutExpired after ``timeout``)."""
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash does, and reap it."""
+        if self.proc is not None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of its log, for failure messages."""
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Sizes and timings of a lab; short timings keep the failover tests quick."""
+
+    subnet: str = "10.213.0"  # a /24 used only inside the lab's namespaces
+    etcds: int = 3
+    dnsds: int = 2
+    edges: int = 3
+    aps: int = 2
+    zone: str = "example.test"
+    name: str = "www"  # www.<zone> -> the edges
+    lease_ttl: int = 2  # etcd's minimum with its 1 s election timeout
+    dns_ttl: int = 2
+    # Longer than the DNS TTL: clients that cached the answer just before the
+    # drain have re-resolved by the time the edge stops.
+    drain_delay: float = 3.0
+    check_interval: float = 0.2
+    check_timeout: float = 0.3
+    rise: int = 2
+    fall: int = 2
+
+    def octets(self) -> dict[str, int]:
+        """Role -> last octet of its address."""
+        roles = {f"etcd{i}": 10 + i for i in range(1, self.etcds + 1)}
+        roles |= {f"dns{i}": 52 + i for i in range(1, self.dnsds + 1)}
+        roles |= {f"edge{i}": 20 + i for i in range(1, self.edges + 1)}
+        roles |= {f"ap{i}": 30 + i for i in range(1, self.aps + 1)}
+        roles["client"] = 100
+        return roles
+
+
+EDGE_PORT = 80
+AP_PORT = 80
+DNS_PORT = 53
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+EDGE_ADMIN = 9100  # on each host's own loopback
+AGENT_ADMIN = 9101
+DNSD_ADMIN = 9200
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live owner from a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def lab_namespaces() -> dict[str, list[str]]:
+    """Run id -> namespaces, for every namespace carrying the lab prefix."""
+    out = run_ip("netns", "list", check=False).stdout
+    runs: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        parts = name.split("-")
+        if len(parts) >= 3 and parts[0] == PREFIX and parts[1] != "probe":
+            runs.setdefault(parts[1], []).append(name)
+    return runs
+
+
+def read_state(run_id: str) -> dict[str, Any] | None:
+    """The state file of a run, or None."""
+    try:
+        return dict(json.loads((STATE_DIR / f"{run_id}.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def owner_alive(state: dict[str, Any] | None) -> bool:
+    """True if the run that wrote ``state`` is still running, or is a persistent lab."""
+    if state is None:
+        return False
+    if state.get("persistent"):
+        return True
+    pid = state.get("owner_pid")
+    return isinstance(pid, int) and _proc_start_time(pid) == state.get("owner_start")
+
+
+def destroy_run(run_id: str, namespaces: list[str] | None = None) -> list[str]:
+    """Kill every process inside a run's namespaces and delete them; returns what was deleted."""
+    names = sorted(set(namespaces or []) | set(lab_namespaces().get(run_id, [])))
+    for _ in range(3):
+        pids = [int(p) for ns in names for p in run_ip("netns", "pids", ns, check=False).stdout.split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    for ns in names:
+        run_ip("netns", "del", ns, check=False)
+    (STATE_DIR / f"{run_id}.json").unlink(missing_ok=True)
+    return names
+
+
+def cleanup_leftovers() -> list[str]:
+    """Destroy labs of crashed runs (prefix ``czlab-``, owner gone); returns their run ids."""
+    removed = []
+    for run_id, names in lab_namespaces().items():
+        if not owner_alive(read_state(run_id)):
+            destroy_run(run_id, names)
+            removed.append(run_id)
+    return removed
+
+
+def etcd_range(address: str, prefix: str, timeout: float = 1.0) -> tuple[int, list[tuple[str, bytes]]]:
+    """(revision, [(key, value)]) under ``prefix`` through etcd's JSON gateway (no gRPC)."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    body = json.dumps(
+        {
+            "key": base64.b64encode(prefix.encode()).decode(),
+            "range_end": base64.b64encode(end.encode()).decode(),
+        }
+    ).encode()
+    req = urllib.request.Request(f"http://{address}/v3/kv/range", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        doc = json.loads(resp.read())
+    kvs = [
+        (base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")))
+        for kv in doc.get("kvs", [])
+    ]
+    return int(doc["header"]["revision"]), kvs
+
+
+class Lab:
+    """The whole cluster: network, configs, processes, readiness and teardown."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        settings: LabSettings | None = None,
+        *,
+        persistent: bool = False,
+    ) -> None:
+        self.settings = settings or LabSettings()
+        self.run_id = secrets.token_hex(3)
+        # A directory of the run's own: an etcd data dir left by an earlier run
+        # would bring back its stale records.
+        self.workdir = Path(workdir) / f"{PREFIX}-{self.run_id}"
+        self.persistent = persistent
+        s = self.settings
+        self.hosts = {
+            role: Host(role, f"{PREFIX}-{self.run_id}-{role}", f"{s.subnet}.{octet}")
+            for role, octet in s.octets().items()
+        }
+        self.switch = f"{PREFIX}-{self.run_id}-sw"
+        self.processes: dict[str, LabProcess] = {}
+        self._client: NetnsThread | None = None
+
+    # --- addresses ---------------------------------------------------------------------
+
+    def roles(self, kind: str) -> list[str]:
+        """Roles of one kind in order: roles('edge') == ['edge1', 'edge2', 'edge3']."""
+        return [r for r in self.hosts if r.rstrip("0123456789") == kind]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [f"{self.hosts[r].address}:{ETCD_CLIENT_PORT}" for r in self.roles("etcd")]
+
+    @property
+    def dns_servers(self) -> list[str]:
+        return [self.hosts[r].address for r in self.roles("dns")]
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.settings.name}.{self.settings.zone}"
+
+    def address(self, role: str) -> str:
+        return self.hosts[role].address
+
+    # --- network -----------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        state = {
+            "id": self.run_id,
+            "owner_pid": None if self.persistent else os.getpid(),
+            "owner_start": None if self.persistent else _proc_start_time(os.getpid()),
+            "persistent": self.persistent,
+            "workdir": str(self.workdir),
+            "namespaces": [self.switch, *(h.ns for h in self.hosts.values())],
+            "hosts": {h.role: {"ns": h.ns, "address": h.address} for h in self.hosts.values()},
+            "dns_servers": self.dns_servers,
+            "etcd_endpoints": self.etcd_endpoints,
+            "fqdn": self.fqdn,
+            "created": time.time(),
+        }
+        (STATE_DIR / f"{self.run_id}.json").write_text(json.dumps(state, indent=2))
+
+    def _build_network(self) -> None:
+        run_ip("netns", "add", self.switch)
+        run_ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        run_ip("-n", self.switch, "link", "set", "br0", "up")
+        for i, host in enumerate(self.hosts.values()):
+            port = f"p{i}"
+            run_ip("netns", "add", host.ns)
+            run_ip("-n", host.ns, "link", "set", "lo", "up")
+            run_ip(
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                host.ns,
+            )
+            run_ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+            run_ip("-n", host.ns, "addr", "add", f"{host.address}/24", "dev", "eth0")
+            run_ip("-n", host.ns, "link", "set", "eth0", "up")
+
+    def set_link(self, role: str, up: bool) -> None:
+        """Take a host's only link down (it vanishes from the network) or up again."""
+        run_ip("-n", self.hosts[role].ns, "link", "set", "eth0", "up" if up else "down")
+
+    def cut(self, role: str, peers: list[str]) -> None:
+        """Partition: blackhole traffic between ``role`` and each of ``peers``, both ways."""
+        for peer in peers:
+            run_ip("-n", self.hosts[role].ns, "route", "add", "blackhole", f"{self.address(peer)}/32")
+            run_ip("-n", self.hosts[peer].ns, "route", "add", "blackhole", f"{self.address(role)}/32")
+
+    def heal(self, role: str, peers: list[str]) -> None:
+        """Undo ``cut``."""
+        for peer in peers:
+            run_ip(
+                "-n",
+                self.hosts[role].ns,
+                "route",
+                "del",
+                "blackhole",
+                f"{self.address(peer)}/32",
+                check=False,
+            )
+            run_ip(
+                "-n",
+                self.hosts[peer].ns,
+                "route",
+                "del",
+                "blackhole",
+                f"{self.address(role)}/32",
+                check=False,
+            )
+
+    def client(self) -> NetnsThread:
+        """The probing thread inside the client host (created on first use)."""
+        if self._client is None:
+            self._client = NetnsThread(self.hosts["client"].ns)
+        return self._client
+
+    # --- configs and processes -------------------------------------------------------------
+
+    def _etcd_toml(self) -> str:
+        return (
+            f'[etcd]\nendpoints = {json.dumps(self.etcd_endpoints)}\nprefix = "/carousel/"\ntimeout = 1.0\n'
+        )
+
+    def _write(self, name: str, text: str) -> Path:
+        path = self.workdir / name
+        path.write_text(text)
+        return path
+
+    def _daemon(self, name: str, role: str, kind: str, config: str) -> LabProcess:
+        path = self._write(f"{name}.toml", config)
+        cmd = [sys.executable, "-m", "carousel.cli", kind, "--config", str(path)]
+        proc = LabProcess(name, self.hosts[role], cmd, self.workdir / f"{name}.log")
+        self.processes[name] = proc
+        return proc
+
+    def _agent(self, role: str, service: str, port: int, check_url: str) -> LabProcess:
+        s = self.settings
+        config = f"""[agent]
+node = "{role}"
+ttl = {s.lease_ttl}
+drain_delay = {s.drain_delay}
+etcd_election_timeout = 1.0
+
+{self._etcd_toml()}
+[admin]
+port = {AGENT_ADMIN}
+
+[[service]]
+name = "{service}"
+port = {port}
+ipv4 = ["{self.address(role)}"]
+
+[service.check]
+type = "http"
+url = "{check_url}"
+interval = {s.check_interval}
+timeout = {s.check_timeout}
+rise = {s.rise}
+fall = {s.fall}
+"""
+        return self._daemon(f"{role}-agent", role, "agent", config)
+
+    def _define_processes(self) -> None:
+        s = self.settings
+        etcds = self.roles("etcd")
+        cluster = ",".join(f"{r}=http://{self.address(r)}:{ETCD_PEER_PORT}" for r in etcds)
+        for role in etcds:
+            addr = self.address(role)
+            cmd = [
+                etcd_binary(),
+                "--name", role,
+                "--data-dir", str(self.workdir / f"{role}.data"),
+                "--listen-client-urls", f"http://{addr}:{ETCD_CLIENT_PORT}",
+                "--advertise-client-urls", f"http://{addr}:{ETCD_CLIENT_PORT}",
+                "--listen-peer-urls", f"http://{addr}:{ETCD_PEER_PORT}",
+                "--initial-advertise-peer-urls", f"http://{addr}:{ETCD_PEER_PORT}",
+                "--initial-cluster", cluster,
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"{PREFIX}-{self.run_id}",
+                # Fast elections keep failover short; etcd's minimum lease TTL is
+                # then 1.5 x 1 s, which the agents' 2 s TTL respects.
+                "--heartbeat-interval", "100",
+                "--election-timeout", "1000",
+                "--log-level", "warn",
+            ]  # fmt: skip
+            self.processes[role] = LabProcess(role, self.hosts[role], cmd, self.workdir / f"{role}.log")
+        ns_tables = "".join(
+            f'[[zone.ns]]\nname = "ns{i}"\nipv4 = ["{addr}"]\n\n'
+            for i, addr in enumerate(self.dns_servers, 1)
+        )
+        for role in self.roles("dns"):
+            config = f"""[dns]
+listen = ["{self.address(role)}:{DNS_PORT}"]
+
+[[zone]]
+origin = "{s.zone}"
+service_ttl = {s.dns_ttl}
+services = {{ "{s.name}" = "edge" }}
+
+{ns_tables}{self._etcd_toml()}
+[admin]
+port = {DNSD_ADMIN}
+"""
+            self._daemon(role, role, "dnsd", config)
+        static_dir = REPO / "sampleapp" / "static"
+        for role in self.roles("edge"):
+            config = f"""[edge]
+host = "{self.address(role)}"
+port = {EDGE_PORT}
+shutdown_timeout = 5.0
+
+[[route]]
+name = "static"
+path = "/static/"
+static = "{static_dir}"
+
+[[route]]
+name = "app"
+path = "/"
+pool = "app"
+default = true
+
+[pool.app]
+service = "app"
+
+{self._etcd_toml()}
+[admin]
+port = {EDGE_ADMIN}
+"""
+            self._daemon(role, role, "edge", config)
+            self._agent(role, "edge", EDGE_PORT, f"http://127.0.0.1:{EDGE_ADMIN}/healthz")
+        for role in self.roles("ap"):
+            cmd = [sys.executable, "-m", "carousel.cli", "app", "--host", self.address(role)]
+            cmd += ["--port", str(AP_PORT), "--name", role]
+            self.processes[role] = LabProcess(role, self.hosts[role], cmd, self.workdir / f"{role}.log")
+            self._agent(role, "app", AP_PORT, f"http://{self.address(role)}:{AP_PORT}/healthz")
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def up(self, timeout: float = 90.0) -> Lab:
+        """Build the network, start every daemon and wait until the cluster serves."""
+        cleanup_leftovers()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        try:
+            self._build_network()
+            self._define_processes()
+            for role in self.roles("etcd"):
+                self.processes[role].start()
+            self.wait_etcd(timeout=30)
+            for proc in self.processes.values():
+                if not proc.running():
+                    proc.start()
+            self.wait_registered(timeout=timeout)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        """Kill every process and delete every namespace (and with them the bridge)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        for proc in self.processes.values():
+            proc.signal(signal.SIGKILL)
+        for proc in self.processes.values():
+            if proc.proc is not None:
+                try:
+                    proc.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        destroy_run(self.run_id, [self.switch, *(h.ns for h in self.hosts.values())])
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # --- readiness -------------------------------------------------------------------------
+
+    def _health_of(self, endpoint: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as r:
+                return b'"health":"true"' in r.read()
+        except OSError:
+            return False
+
+    def etcd_health(self) -> dict[str, bool]:
+        """Member role -> whether its /health says true (seen from the client host)."""
+        return {
+            role: self.client().call(self._health_of, ep)
+            for role, ep in zip(self.roles("etcd"), self.etcd_endpoints, strict=True)
+        }
+
+    def wait_etcd(self, timeout: float) -> None:
+        """Wait until every running member reports healthy (a cluster with a leader)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [r for r in self.roles("etcd") if self.processes[r].running()]
+            health = self.etcd_health()
+            if running and all(health[r] for r in running):
+                return
+            if not running or time.monotonic() > deadline:
+                logs = "\n".join(f"{r}: {self.processes[r].tail(5)}" for r in self.roles("etcd"))
+                raise LabError(f"etcd cluster not healthy: {health}\n{logs}")
+            time.sleep(0.1)
+
+    def registry(self) -> dict[tuple[str, str], ServiceRecord]:
+        """(service, node) -> record, read from the first etcd member that answers."""
+        keys = Keys("/carousel/")
+        last: Exception | None = None
+        for ep in self.etcd_endpoints:
+            try:
+                _, kvs = self.client().call(etcd_range, ep, keys.services)
+            except OSError as exc:
+                last = exc
+                continue
+            out = {}
+            for key, value in kvs:
+                try:
+                    rec = ServiceRecord.decode(value)
+                except SchemaError:
+                    continue
+                out[(rec.service, rec.node)] = rec
+            return out
+        raise LabError(f"no etcd member answers: {last}")
+
+    def expected_registry(self) -> set[tuple[str, str]]:
+        """What a healthy lab registers: every edge and every AP, up."""
+        return {("edge", r) for r in self.roles("edge")} | {("app", r) for r in self.roles("ap")}
+
+    def wait_registered(self, timeout: float, want: set[tuple[str, str]] | None = None) -> float:
+        """Wait until exactly ``want`` (default: everything) is registered and up."""
+        want = self.expected_registry() if want is None else want
+        start = time.monotonic()
+        seen: set[tuple[str, str]] = set()
+        while time.monotonic() - start < timeout:
+            try:
+                seen = {k for k, rec in self.registry().items() if rec.state == "up"}
+            except LabError:
+                seen = set()
+            if seen == want:
+                return time.monotonic() - start
+            for proc in self.processes.values():
+                if proc.proc is not None and not proc.running() and proc.proc.returncode not in (0, -9, -15):
+                    raise LabError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.tail()}")
+            time.sleep(0.1)
+        raise LabError(f"registry holds {sorted(seen)}, wanted {sorted(want)} within {timeout:.0f}s")
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per process: name, host, address, pid, running."""
+        return [
+            {
+                "name": p.name,
+                "host": p.host.role,
+                "ns": p.host.ns,
+                "address": p.host.address,
+                "pid": p.pid,
+                "running": p.running(),
+                "log": str(p.log),
+            }
+            for p in self.processes.values()
+        ]
+
+
+__all__ = [
+    "Host",
+    "Lab",
+    "LabError",
+    "LabProcess",
+    "LabSettings",
+    "NetnsThread",
+    "cleanup_leftovers",
+    "destroy_run",
+    "etcd_range",
+    "missing_daemons",
+    "unavailable_reason",
+]
