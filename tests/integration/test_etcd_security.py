@@ -141,3 +141,64 @@ async def test_plaintext_client_against_tls_etcd_is_unavailable(secure_etcd):
             await etcd.put("/carousel/x", b"1")
     finally:
         await etcd.close()
+
+
+def agent_toml(url: str, files: dict[str, str], password: str, app_port: int) -> str:
+    return f"""
+[agent]
+node = "secure1"
+ttl = 3
+drain_delay = 0.5
+
+[etcd]
+endpoints = ["{url}"]
+ca_file = "{files["ca.pem"]}"
+cert_file = "{files["client.pem"]}"
+key_file = "{files["client.key"]}"
+username = "carousel"
+password = "{password}"
+timeout = 1.0
+
+[[service]]
+name = "app"
+port = {app_port}
+ipv4 = ["127.0.0.1"]
+
+[service.check]
+interval = 0.2
+rise = 1
+"""
+
+
+async def test_agent_registers_through_tls_and_auth(secure_etcd, procs):
+    import asyncio
+    import time
+
+    from carousel.etcdserver import free_port
+
+    _, url, files = secure_etcd
+    port = free_port()
+    procs.start("ap", ["app", "--port", str(port), "--name", "ap"])
+    procs.daemon("agent", "agent-ok", agent_toml(url, files, PASSWORD, port))
+    etcd = Etcd(cfg(url, files))
+    try:
+        deadline = time.monotonic() + 15
+        while await etcd.get("/carousel/services/app/secure1") is None:
+            assert time.monotonic() < deadline, procs.daemons[-1].output()[-2000:]
+            await asyncio.sleep(0.05)
+    finally:
+        await etcd.close()
+
+
+async def test_agent_with_wrong_password_exits_with_a_clear_message(secure_etcd, procs):
+    import asyncio
+
+    from carousel.etcdserver import free_port
+
+    _, url, files = secure_etcd
+    agent = procs.daemon("agent", "agent-bad", agent_toml(url, files, "wrong", free_port()))
+    code = await asyncio.to_thread(agent.wait, 20)
+    assert code == 1
+    out = agent.output()
+    assert "etcd refused the agent's credentials" in out, out[-2000:]
+    assert "authentication failed" in out
