@@ -1,88 +1,52 @@
 """A multi-host Carousel cluster on one Linux machine, in network namespaces (needs root).
 
-Theory of operation. Each "host" is a network namespace with one veth link to
-a bridge, and the bridge itself lives in a namespace of its own (the
-"switch"). Nothing is added to the machine's own namespace and no host has a
-default route, so the lab's address range (10.213.0.0/24 by default) is
-reachable only from inside the lab; two runs may even use the same addresses
-at once without meeting::
+The hosts (see lab/netns.py for how namespaces, the bridge and clean-up work)::
 
-    czlab-<id>-sw: br0 --+-- czlab-<id>-etcd1   10.213.0.11   etcd member
-                         +-- czlab-<id>-etcd2/3 .12/.13       etcd members
-                         +-- czlab-<id>-dns1/2  .53/.54       dnsd
-                         +-- czlab-<id>-edge1-3 .21-.23       edge + its agent
-                         +-- czlab-<id>-ap1/2   .31/.32       carousel app + its agent
-                         +-- czlab-<id>-client  .100          where tests and users probe from
+    czlab-<id>-sw: br0 --+-- czlab-<id>-etcd1-3  10.213.0.11-.13  etcd members (one cluster)
+                         +-- czlab-<id>-dns1/2   .53/.54          dnsd
+                         +-- czlab-<id>-edge1-3  .21-.23          edge + its agent
+                         +-- czlab-<id>-ap1/2    .31/.32          carousel app + its agent
+                         +-- czlab-<id>-client   .100             where tests and users probe from
 
 Daemons run as ``ip netns exec NS cmd`` (ip execs, so the pid is the
 daemon's). They use fixed ports (53, 80, 2379): every namespace has its own
-port space, so nothing can clash.
-
-Ownership and clean-up. Before creating any namespace a run writes
-``/run/carousel-lab/<id>.json`` naming its owner process. ``cleanup_leftovers``
-destroys only labs with the ``czlab-`` prefix whose owner is gone (a crashed
-run), never a live run's and never one started by ``lab/netns_lab.py up``
-(marked persistent: ``down`` removes those). Destroying a lab kills every
-process inside its namespaces, by pid, then deletes the namespaces, which
-takes the veths and the bridge with them.
+port space, so nothing can clash. ``Lab.up()`` returns once every edge and AP
+is registered; tests then act on ``lab.processes[name]`` ("edge1",
+"edge1-agent", "ap1", "dns1", "etcd2", ...) and on the network (``set_link``,
+``cut``/``heal``), and probe from the client host through ``lab.client()``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
-import ctypes
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from carousel.etcdserver import etcd_binary
 from carousel.registry import Keys, SchemaError, ServiceRecord
+from lab.netns import (
+    PREFIX,
+    STATE_DIR,
+    Host,
+    LabError,
+    NetnsThread,
+    cleanup_leftovers,
+    destroy_run,
+    proc_start_time,
+    run_ip,
+    unavailable_reason,
+)
 
-T = TypeVar("T")
-
-PREFIX = "czlab"
-STATE_DIR = Path("/run/carousel-lab")
 REPO = Path(__file__).resolve().parent.parent
-_CLONE_NEWNET = 0x40000000
-
-
-class LabError(RuntimeError):
-    """The lab could not be built or did not become ready."""
-
-
-def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``ip ARGS``; LabError with its stderr when it fails and ``check``."""
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if check and out.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-    return out
-
-
-def unavailable_reason() -> str | None:
-    """Why the lab cannot run here (not root, no usable `ip netns`), or None."""
-    if os.geteuid() != 0:
-        return "the namespace lab needs root (it creates network namespaces and a bridge)"
-    probe = f"{PREFIX}-probe-{os.getpid()}"
-    try:
-        made = run_ip("netns", "add", probe, check=False)
-    except FileNotFoundError:
-        return "the namespace lab needs iproute2's `ip` command"
-    if made.returncode != 0:
-        return f"`ip netns add` does not work here: {made.stderr.strip()}"
-    run_ip("netns", "del", probe, check=False)
-    return None
 
 
 def missing_daemons() -> dict[str, str]:
@@ -93,86 +57,6 @@ def missing_daemons() -> dict[str, str]:
             if not (REPO / kind / f"{module}.py").is_file():
                 missing[kind] = f"{kind}/{module}.py does not exist in this checkout yet"
     return missing
-
-
-def enter_netns(ns: str) -> None:
-    """Move the calling thread (only it) into network namespace ``ns``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-class NetnsThread:
-    """A thread inside a namespace running an asyncio loop: every socket it opens lives there.
-
-    Network namespaces are per thread, and threads inherit their creator's, so
-    the loop's executor threads are inside too. Tests use it to query dnsd, the
-    edges and etcd from the lab's client host without starting a process.
-    """
-
-    def __init__(self, ns: str) -> None:
-        self.ns = ns
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"netns-{ns}", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None:
-            raise LabError(f"cannot enter namespace {ns}: {self._error}")
-
-    def _main(self) -> None:
-        try:
-            enter_netns(self.ns)
-        except OSError as exc:
-            self._error = exc
-            self._started.set()
-            return
-        asyncio.set_event_loop(self.loop)
-        self._started.set()
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule a coroutine on the namespace's loop."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run a coroutine there and wait for its result."""
-        return self.submit(coro).result(timeout)
-
-    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
-        """Run a blocking function in one of the namespace's executor threads."""
-
-        async def go() -> T:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-        return self.run(go(), timeout)
-
-    def close(self) -> None:
-        """Stop the loop and the thread."""
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-        if not self._thread.is_alive() and not self.loop.is_closed():
-            self.loop.close()
-
-
-@dataclass(frozen=True)
-class Host:
-    """One lab host: a namespace with one address on the lab's bridge."""
-
-    role: str
-    ns: str
-    address: str
-
-    def argv(self, cmd: list[str]) -> list[str]:
-        """The command line that runs ``cmd`` inside this host."""
-        return ["ip", "netns", "exec", self.ns, *cmd]
 
 
 class LabProcess:
@@ -284,74 +168,6 @@ AGENT_ADMIN = 9101
 DNSD_ADMIN = 9200
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a live owner from a reused pid)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def lab_namespaces() -> dict[str, list[str]]:
-    """Run id -> namespaces, for every namespace carrying the lab prefix."""
-    out = run_ip("netns", "list", check=False).stdout
-    runs: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        parts = name.split("-")
-        if len(parts) >= 3 and parts[0] == PREFIX and parts[1] != "probe":
-            runs.setdefault(parts[1], []).append(name)
-    return runs
-
-
-def read_state(run_id: str) -> dict[str, Any] | None:
-    """The state file of a run, or None."""
-    try:
-        return dict(json.loads((STATE_DIR / f"{run_id}.json").read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def owner_alive(state: dict[str, Any] | None) -> bool:
-    """True if the run that wrote ``state`` is still running, or is a persistent lab."""
-    if state is None:
-        return False
-    if state.get("persistent"):
-        return True
-    pid = state.get("owner_pid")
-    return isinstance(pid, int) and _proc_start_time(pid) == state.get("owner_start")
-
-
-def destroy_run(run_id: str, namespaces: list[str] | None = None) -> list[str]:
-    """Kill every process inside a run's namespaces and delete them; returns what was deleted."""
-    names = sorted(set(namespaces or []) | set(lab_namespaces().get(run_id, [])))
-    for _ in range(3):
-        pids = [int(p) for ns in names for p in run_ip("netns", "pids", ns, check=False).stdout.split()]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    for ns in names:
-        run_ip("netns", "del", ns, check=False)
-    (STATE_DIR / f"{run_id}.json").unlink(missing_ok=True)
-    return names
-
-
-def cleanup_leftovers() -> list[str]:
-    """Destroy labs of crashed runs (prefix ``czlab-``, owner gone); returns their run ids."""
-    removed = []
-    for run_id, names in lab_namespaces().items():
-        if not owner_alive(read_state(run_id)):
-            destroy_run(run_id, names)
-            removed.append(run_id)
-    return removed
-
-
 def etcd_range(address: str, prefix: str, timeout: float = 1.0) -> tuple[int, list[tuple[str, bytes]]]:
     """(revision, [(key, value)]) under ``prefix`` through etcd's JSON gateway (no gRPC)."""
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -424,7 +240,7 @@ class Lab:
         state = {
             "id": self.run_id,
             "owner_pid": None if self.persistent else os.getpid(),
-            "owner_start": None if self.persistent else _proc_start_time(os.getpid()),
+            "owner_start": None if self.persistent else proc_start_time(os.getpid()),
             "persistent": self.persistent,
             "workdir": str(self.workdir),
             "namespaces": [self.switch, *(h.ns for h in self.hosts.values())],
@@ -438,61 +254,37 @@ class Lab:
 
     def _build_network(self) -> None:
         run_ip("netns", "add", self.switch)
-        run_ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        run_ip("-n", self.switch, "link", "set", "br0", "up")
+        self.ip("sw", "link", "add", "br0", "type", "bridge")
+        self.ip("sw", "link", "set", "br0", "up")
         for i, host in enumerate(self.hosts.values()):
-            port = f"p{i}"
             run_ip("netns", "add", host.ns)
-            run_ip("-n", host.ns, "link", "set", "lo", "up")
-            run_ip(
-                "-n",
-                self.switch,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                host.ns,
-            )
-            run_ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-            run_ip("-n", host.ns, "addr", "add", f"{host.address}/24", "dev", "eth0")
-            run_ip("-n", host.ns, "link", "set", "eth0", "up")
+            self.ip(host.role, "link", "set", "lo", "up")
+            veth = ["veth", "peer", "name", "eth0", "netns", host.ns]
+            self.ip("sw", "link", "add", f"p{i}", "type", *veth)
+            self.ip("sw", "link", "set", f"p{i}", "master", "br0", "up")
+            self.ip(host.role, "addr", "add", f"{host.address}/24", "dev", "eth0")
+            self.ip(host.role, "link", "set", "eth0", "up")
+
+    def ip(self, role: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``ip ARGS`` inside host ``role`` (or inside the switch for role 'sw')."""
+        ns = self.switch if role == "sw" else self.hosts[role].ns
+        return run_ip("-n", ns, *args, check=check)
 
     def set_link(self, role: str, up: bool) -> None:
         """Take a host's only link down (it vanishes from the network) or up again."""
-        run_ip("-n", self.hosts[role].ns, "link", "set", "eth0", "up" if up else "down")
+        self.ip(role, "link", "set", "eth0", "up" if up else "down")
 
     def cut(self, role: str, peers: list[str]) -> None:
         """Partition: blackhole traffic between ``role`` and each of ``peers``, both ways."""
         for peer in peers:
-            run_ip("-n", self.hosts[role].ns, "route", "add", "blackhole", f"{self.address(peer)}/32")
-            run_ip("-n", self.hosts[peer].ns, "route", "add", "blackhole", f"{self.address(role)}/32")
+            self.ip(role, "route", "add", "blackhole", f"{self.address(peer)}/32")
+            self.ip(peer, "route", "add", "blackhole", f"{self.address(role)}/32")
 
     def heal(self, role: str, peers: list[str]) -> None:
         """Undo ``cut``."""
         for peer in peers:
-            run_ip(
-                "-n",
-                self.hosts[role].ns,
-                "route",
-                "del",
-                "blackhole",
-                f"{self.address(peer)}/32",
-                check=False,
-            )
-            run_ip(
-                "-n",
-                self.hosts[peer].ns,
-                "route",
-                "del",
-                "blackhole",
-                f"{self.address(role)}/32",
-                check=False,
-            )
+            self.ip(role, "route", "del", "blackhole", f"{self.address(peer)}/32", check=False)
+            self.ip(peer, "route", "del", "blackhole", f"{self.address(role)}/32", check=False)
 
     def client(self) -> NetnsThread:
         """The probing thread inside the client host (created on first use)."""
@@ -704,7 +496,7 @@ port = {EDGE_ADMIN}
                 last = exc
                 continue
             out = {}
-            for key, value in kvs:
+            for _key, value in kvs:
                 try:
                     rec = ServiceRecord.decode(value)
                 except SchemaError:
