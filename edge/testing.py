@@ -77,9 +77,7 @@ async def read_response(reader: asyncio.StreamReader, head: bool = False) -> Raw
     return RawResponse(status, headers, await reader.read())
 
 
-async def raw_request(
-    port: int, data: bytes, *, head: bool = False, wait: float = 5.0
-) -> RawResponse | None:
+async def raw_request(port: int, data: bytes, *, head: bool = False, wait: float = 5.0) -> RawResponse | None:
     """Send bytes as they are; return the first response, or None if the edge just closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

@@ -49,7 +49,7 @@ def app_procs(procs: ProcessGroup) -> Iterator[list[tuple[Daemon, int]]]:
 
 
 async def test_killed_member_gets_get_retries_and_no_post_replays(app_procs) -> None:
-    (ap1, p1), (ap2, p2) = app_procs
+    (_ap1, p1), (ap2, p2) = app_procs
     cfg = {
         "pool": {
             "app": {

@@ -182,7 +182,7 @@ async def test_slow_clients_do_not_hold_the_ap() -> None:
             "route": [{"path": "/", "pool": "app"}],
         }
         async with running_edge(cfg) as edge:
-            fast_busy, fast_client = await measure(edge.port, clock, None, 50)
+            fast_busy, _fast_client = await measure(edge.port, clock, None, 50)
             slow_busy, slow_client = await measure(edge.port, clock, RATE, 50)
         direct_busy, direct_client = await measure(port, clock, RATE, 50)
     finally:
