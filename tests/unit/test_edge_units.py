@@ -1,0 +1,302 @@
+"""Edge logic without sockets: config, routing, path safety, ranges, balancers, the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from carousel.config import ConfigError
+from carousel.registry import Keys
+from edge.balancer import ConsistentHash, LeastConnections, SmoothRoundRobin
+from edge.config import from_dict
+from edge.headers import TrustedProxies, connection_tokens
+from edge.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
+from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
+from edge.routing import RouteTable, normalize_host
+from edge.static import parse_range, safe_relative_path
+
+# --- config ------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"route\[0\]\.pool: no pool named 'nope'"):
+        from_dict({"route": [{"path": "/", "pool": "nope"}]}, "e.toml")
+    with pytest.raises(ConfigError, match=r"route\[0\]\.pool: a route needs exactly one of"):
+        from_dict({"route": [{"path": "/"}]}, "e.toml")
+    with pytest.raises(ConfigError, match=r"pool\.a\.hash_key"):
+        from_dict({"pool": {"a": {"service": "x", "hash_key": "ip"}}}, "e.toml")
+    with pytest.raises(ConfigError, match=r"pool\.a\.members\[0\]\.address"):
+        from_dict({"pool": {"a": {"members": [{"address": "nohost"}]}}}, "e.toml")
+    with pytest.raises(ConfigError, match=r"edge\.bogus: unknown key"):
+        from_dict({"edge": {"bogus": 1}}, "e.toml")
+    with pytest.raises(ConfigError, match=r"route\[0\]\.regex"):
+        from_dict({"route": [{"path": "/", "regex": "(", "respond": 200}]}, "e.toml")
+
+
+def test_sample_config_is_valid() -> None:
+    from pathlib import Path
+
+    from edge.config import load
+
+    cfg = load(str(Path(__file__).parents[2] / "deploy/examples/edge.toml"))
+    assert cfg.route and cfg.pool
+
+
+# --- routing -----------------------------------------------------------------------------
+
+
+def _table(*routes: dict) -> RouteTable:
+    return RouteTable(from_dict({"route": list(routes)}).route)
+
+
+def test_route_precedence() -> None:
+    t = _table(
+        {"name": "any", "path": "/", "respond": 200},
+        {"name": "api", "path": "/api", "respond": 200},
+        {"name": "api-v2", "path": "/api/v2/", "respond": 200},
+        {"name": "exact", "hosts": ["a.test"], "path": "/", "respond": 200},
+        {"name": "wild", "hosts": ["*.a.test"], "path": "/", "respond": 200},
+        {"name": "deep", "hosts": ["*.b.a.test"], "path": "/", "respond": 200},
+        {"name": "re", "regex": r"\.php$", "path": "/", "respond": 200},
+        {"name": "post", "path": "/form", "methods": ["POST"], "respond": 200},
+    )
+
+    def name(host: str, path: str, method: str = "GET") -> str | None:
+        r = t.find(host, path, method)
+        return r.name if r else None
+
+    assert name("x.test", "/") == "any"
+    assert name("x.test", "/api") == "api"
+    assert name("x.test", "/api/users") == "api"
+    assert name("x.test", "/apix") == "any"
+    assert name("x.test", "/api/v2/users") == "api-v2"
+    assert name("a.test", "/api") == "exact"  # a host's own table wins over catch-alls
+    assert name("c.a.test", "/") == "wild"
+    assert name("c.b.a.test", "/") == "deep"  # longest wildcard first
+    assert name("x.test", "/index.php") == "re"
+    assert name("x.test", "/form", "POST") == "post"
+    assert name("x.test", "/form", "GET") == "any"
+
+
+def test_no_match_and_default() -> None:
+    t = _table({"hosts": ["a.test"], "path": "/", "respond": 200})
+    assert t.find("b.test", "/", "GET") is None
+    t = _table(
+        {"hosts": ["a.test"], "path": "/", "respond": 200},
+        {"name": "d", "hosts": ["z.test"], "path": "/", "respond": 404, "default": True},
+    )
+    found = t.find("b.test", "/", "GET")
+    assert found is not None and found.name == "d"
+
+
+@pytest.mark.parametrize(
+    ("raw", "host"),
+    [("A.Test:8080", "a.test"), ("a.test.", "a.test"), ("[::1]:80", "[::1]"), ("x", "x")],
+)
+def test_normalize_host(raw: str, host: str) -> None:
+    assert normalize_host(raw) == host
+
+
+# --- static path safety and ranges -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/s/../x",
+        "/s/%2e%2e/x",
+        "/s/%2E%2e%2fx",
+        "/s/%252e%252e/x",
+        "/s/a%5c..%5cb",
+        "/s/a\\b",
+        "/s/a%00b",
+        "/s/./a",
+        "/s/%c0%ae%c0%ae/x",
+        "/other/a",
+    ],
+)
+def test_unsafe_paths_are_refused(raw: str) -> None:
+    assert safe_relative_path(raw, "/s/") is None
+
+
+def test_safe_paths() -> None:
+    assert safe_relative_path("/s/css/a.css?v=1", "/s/") == "css/a.css"
+    assert safe_relative_path("/s/a%20b.txt", "/s/") == "a b.txt"
+    assert safe_relative_path("/s/dir/", "/s/") == "dir/"
+    assert safe_relative_path("/s", "/s/") == ""
+
+
+@given(st.text(max_size=40))
+def test_no_decoded_result_ever_climbs(raw: str) -> None:
+    rel = safe_relative_path("/s/" + raw, "/s/")
+    if rel is not None:
+        assert ".." not in rel.split("/") and "\\" not in rel and "\x00" not in rel
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("bytes=0-9", (0, 9)),
+        ("bytes=5-", (5, 99)),
+        ("bytes=-10", (90, 99)),
+        ("bytes=90-200", (90, 99)),
+        ("bytes=100-", False),
+        ("bytes=-0", False),
+        ("bytes=5-1", None),
+        ("bytes=0-1,5-6", None),
+        ("items=0-1", None),
+        ("bytes=x-y", None),
+    ],
+)
+def test_parse_range(header: str, expected: object) -> None:
+    assert parse_range(header, 100) == expected
+
+
+# --- headers -----------------------------------------------------------------------------
+
+
+def test_connection_tokens_and_trusted_chain() -> None:
+    from multidict import CIMultiDict
+
+    h = CIMultiDict([("Connection", "close, X-A"), ("Connection", " x-b ,")])
+    assert connection_tokens(h) == {"close", "x-a", "x-b"}
+    t = TrustedProxies(["10.0.0.0/8"])
+    assert t.client_of("192.0.2.1", ["1.2.3.4"]) == "192.0.2.1"  # untrusted peer
+    assert t.client_of("10.0.0.2", ["1.2.3.4, 10.0.0.9"]) == "1.2.3.4"
+    assert t.client_of("10.0.0.2", []) == "10.0.0.2"
+
+
+def test_feature_order_is_declared_once() -> None:
+    assert FEATURE_ORDER[0] == "edge.headers:feature"
+    assert USER_FEATURES in FEATURE_ORDER
+    assert callable(load_factory("edge.headers:feature"))
+    with pytest.raises(ValueError, match="cannot import"):
+        load_factory("no.such.module:f")
+    with pytest.raises(ValueError, match="no callable"):
+        load_factory("edge.headers:nothing")
+
+
+# --- balancers ---------------------------------------------------------------------------
+
+
+def _members(*weights: int) -> list[Member]:
+    return [Member(f"m{i}", "127.0.0.1", 1000 + i, w, "static") for i, w in enumerate(weights)]
+
+
+def test_smooth_round_robin_is_smooth_and_weighted() -> None:
+    ms = _members(5, 1, 1)
+    b = SmoothRoundRobin()
+    b.rebuild(ms)
+    picks = [b.pick(lambda m: True, None).name for _ in range(7)]  # type: ignore[union-attr]
+    assert Counter(picks) == {"m0": 5, "m1": 1, "m2": 1}
+    assert picks[:3] != ["m0", "m0", "m0"]  # nginx's smooth order: a a b a c a a
+
+
+def test_least_connections_prefers_the_least_loaded_per_weight() -> None:
+    ms = _members(1, 2)
+    ms[0].active, ms[1].active = 1, 1
+    b = LeastConnections()
+    b.rebuild(ms)
+    assert b.pick(lambda m: True, None) is ms[1]  # 1/2 < 1/1
+
+
+def test_consistent_hash_moves_only_the_removed_members_keys() -> None:
+    ms = _members(1, 1, 1, 1)
+    b = ConsistentHash()
+    b.rebuild(ms)
+    keys = [f"user{i}" for i in range(400)]
+    before = {k: b.pick(lambda m: True, k) for k in keys}
+    assert len(set(before.values())) == 4
+    gone = ms[2]
+    after = {k: b.pick(lambda m: m is not gone, k) for k in keys}
+    for k in keys:
+        if before[k] is not gone:
+            assert after[k] is before[k]
+        else:
+            assert after[k] is not gone
+
+
+# --- the pool's admission queue ----------------------------------------------------------
+
+
+def _pool(max_conns: int, queue: int = 10, timeout: float = 5.0, n: int = 1) -> UpstreamPool:
+    cfg = from_dict(
+        {
+            "pool": {
+                "p": {
+                    "members": [{"address": f"127.0.0.1:{9000 + i}"} for i in range(n)],
+                    "max_conns": max_conns,
+                    "max_queue": queue,
+                    "queue_timeout": timeout,
+                }
+            }
+        }
+    )
+    return UpstreamPool("p", cfg.pool["p"], None, Keys())
+
+
+async def test_freed_slot_goes_to_the_first_waiter_at_once() -> None:
+    pool = _pool(max_conns=1)
+    first = await pool.acquire(None, set())
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        m = await pool.acquire(None, set())
+        order.append(i)
+        await asyncio.sleep(0)
+        pool.release(m)
+
+    waiters = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert len(pool.queue) == 3
+    pool.release(first)
+    await asyncio.gather(*waiters)
+    assert order == [0, 1, 2]  # FIFO
+    assert pool.members["127.0.0.1:9000"].active == 0
+
+
+async def test_queue_bounds_and_timeouts() -> None:
+    pool = _pool(max_conns=1, queue=1, timeout=0.05)
+    await pool.acquire(None, set())
+    queued = asyncio.create_task(pool.acquire(None, set()))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        await pool.acquire(None, set())
+    with pytest.raises(QueueTimeout):
+        await queued
+    assert not pool.queue and pool.queue_timeouts == 1
+
+
+async def test_cancelled_waiter_gives_a_handed_slot_back() -> None:
+    pool = _pool(max_conns=1)
+    held = await pool.acquire(None, set())
+    waiter = asyncio.create_task(pool.acquire(None, set()))
+    await asyncio.sleep(0)
+    pool.release(held)  # handed to the waiter...
+    waiter.cancel()  # ...who left before running
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.members["127.0.0.1:9000"].active == 0
+
+
+async def test_no_member_and_draining() -> None:
+    pool = _pool(max_conns=0, n=2)
+    a, b = pool.members.values()
+    b.state = "draining"
+    assert {(await pool.acquire(None, set())).name for _ in range(4)} == {a.name}
+    with pytest.raises(NoMember):
+        await pool.acquire(None, {a})
+
+
+async def test_passive_ejection_and_expiry() -> None:
+    pool = _pool(max_conns=0, n=2)
+    a, _ = pool.members.values()
+    for _ in range(3):
+        pool.report_failure(a)
+    assert a.ejected_until > 0
+    picked = [await pool.acquire(None, set()) for _ in range(4)]
+    assert a not in picked
