@@ -168,18 +168,19 @@ AGENT_ADMIN = 9101
 DNSD_ADMIN = 9200
 
 
-def etcd_range(address: str, prefix: str, timeout: float = 1.0) -> tuple[int, list[tuple[str, bytes]]]:
-    """(revision, [(key, value)]) under ``prefix`` through etcd's JSON gateway (no gRPC)."""
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    body = json.dumps(
-        {
-            "key": base64.b64encode(prefix.encode()).decode(),
-            "range_end": base64.b64encode(end.encode()).decode(),
-        }
-    ).encode()
-    req = urllib.request.Request(f"http://{address}/v3/kv/range", data=body, method="POST")
+def etcd_call(address: str, path: str, request: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
+    """POST to etcd's JSON gateway (no gRPC needed): e.g. /v3/kv/range, /v3/maintenance/status."""
+    req = urllib.request.Request(f"http://{address}{path}", data=json.dumps(request).encode(), method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        doc = json.loads(resp.read())
+        return dict(json.loads(resp.read()))
+
+
+def etcd_range(address: str, prefix: str, timeout: float = 1.0) -> tuple[int, list[tuple[str, bytes]]]:
+    """(revision, [(key, value)]) of the keys under ``prefix``."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    b64 = base64.b64encode
+    request = {"key": b64(prefix.encode()).decode(), "range_end": b64(end.encode()).decode()}
+    doc = etcd_call(address, "/v3/kv/range", request, timeout)
     kvs = [
         (base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")))
         for kv in doc.get("kvs", [])
@@ -456,6 +457,25 @@ port = {EDGE_ADMIN}
     def __exit__(self, *exc: object) -> None:
         self.down()
 
+    def restore(self, timeout: float = 60.0) -> float:
+        """Undo whatever a test did: links up, partitions healed, every process running.
+
+        Returns the seconds it took until the registry was complete again.
+        """
+        for role in self.hosts:
+            self.set_link(role, True)
+            self.ip(role, "route", "flush", "type", "blackhole", check=False)
+        start = time.monotonic()
+        for role in self.roles("etcd"):
+            if not self.processes[role].running():
+                self.processes[role].start()
+        self.wait_etcd(timeout=30)
+        for proc in self.processes.values():
+            if not proc.running():
+                proc.start()
+        self.wait_registered(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        return time.monotonic() - start
+
     # --- readiness -------------------------------------------------------------------------
 
     def _health_of(self, endpoint: str) -> bool:
@@ -484,6 +504,20 @@ port = {EDGE_ADMIN}
                 logs = "\n".join(f"{r}: {self.processes[r].tail(5)}" for r in self.roles("etcd"))
                 raise LabError(f"etcd cluster not healthy: {health}\n{logs}")
             time.sleep(0.1)
+
+    def etcd_leader(self) -> str | None:
+        """The role of the current etcd leader, or None when no running member knows one."""
+        for role, ep in zip(self.roles("etcd"), self.etcd_endpoints, strict=True):
+            if not self.processes[role].running():
+                continue
+            try:
+                doc = self.client().call(etcd_call, ep, "/v3/maintenance/status", {})
+            except OSError:
+                continue
+            leader = doc.get("leader")
+            if leader and leader == doc.get("header", {}).get("member_id"):
+                return role
+        return None
 
     def registry(self) -> dict[tuple[str, str], ServiceRecord]:
         """(service, node) -> record, read from the first etcd member that answers."""
@@ -552,6 +586,7 @@ __all__ = [
     "NetnsThread",
     "cleanup_leftovers",
     "destroy_run",
+    "etcd_call",
     "etcd_range",
     "missing_daemons",
     "unavailable_reason",
