@@ -36,10 +36,22 @@ from dnsd.table import (
 )
 from dnsd.zone import Zone
 
+
+def _lowercase_safe(qtype: int) -> bool:
+    """True when lowercasing the type's two bytes cannot change them or map others onto them.
+
+    The fast path looks questions up by their lowercased bytes; a type byte in
+    A-Z or a-z (e.g. HTTPS = 65 = 'A') would alias another type, so such types
+    are looked up by name and exact type instead.
+    """
+    return all(not (0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A) for b in struct.pack("!H", qtype))
+
+
 # Types that get their own NODATA entry (so statistics name them); rarer
 # types share the name's default entry and are counted as "other".
 COMMON_TYPES = (wire.A, wire.NS, wire.CNAME, wire.SOA, wire.MX, wire.TXT, wire.AAAA, wire.ANY,
                 12, 33, 43, 48, 64, 65, 257)  # PTR SRV DS DNSKEY SVCB HTTPS CAA  # fmt: skip
+QUESTION_TYPE_KEYS = frozenset(struct.pack("!H", t) for t in COMMON_TYPES if _lowercase_safe(t))
 META_ANSWERS = {wire.IXFR: wire.REFUSED, wire.AXFR: wire.REFUSED,
                 wire.MAILB: wire.NOTIMP, wire.MAILA: wire.NOTIMP, wire.OPT: wire.FORMERR}  # fmt: skip
 
@@ -59,8 +71,10 @@ class TableBuilder:
         max_answer_records: int = 8,
         all_down: AllDownPolicy = "last-known",
         degraded_ttl: int = 1,
+        payload_size: int = 1232,
     ) -> None:
         self.zones = {z.origin: z for z in zones}
+        self.payload_size = payload_size
         self.cap = max_answer_records
         self.all_down = all_down
         self.degraded_ttl = degraded_ttl
@@ -196,7 +210,7 @@ class TableBuilder:
         previous: AnswerTable | None = None,
     ) -> AnswerTable:
         """A new table for this registry state; counters continue from ``previous``."""
-        table = AnswerTable(revision, synced)
+        table = AnswerTable(revision, synced, self.payload_size)
         self._serial = table.serial
         table.services = self._choose(records, synced)
         for qtype, rcode in META_ANSWERS.items():
@@ -204,7 +218,13 @@ class TableBuilder:
         for origin, zone in self.zones.items():
             table.nxdomain[origin] = self._render_nxdomain(zone)
             for name in self._names[origin]:
-                table.names[name] = self._node(zone, name, table.meta)
+                node = self._node(zone, name, table.meta)
+                table.names[name] = node
+                for key, entry in node.items():
+                    if key in QUESTION_TYPE_KEYS:
+                        question = name + key + b"\x00\x01"
+                        table.questions[question] = entry
+                        entry.prepare_full(question, table.opt)
         if previous is not None:
             _carry(previous, table)
         return table

@@ -150,9 +150,7 @@ def parse_query(msg: bytes) -> Query | None:
 class Answerer:
     """Answers queries from an AnswerTable; keeps counts of the answers it builds itself."""
 
-    def __init__(self, payload_size: int = 1232) -> None:
-        self.payload_size = payload_size
-        self._opt = (wire.opt_record(payload_size), wire.opt_record(payload_size, do=True))
+    def __init__(self) -> None:
         # (qtype, rcode) -> count, for answers not taken from a table entry.
         self.counts: dict[tuple[int, int], int] = {}
         self.ignored = 0  # messages answered with silence
@@ -161,30 +159,52 @@ class Answerer:
 
     def respond(self, query: bytes, table: AnswerTable, udp: bool = True) -> tuple[bytes | None, bytes]:
         """The response to ``query`` (None: stay silent) and its RRL account key."""
+        # The question ends 4 bytes after the first zero byte (the root label); when
+        # the lowercased bytes are a key of ours, that is exactly where it ends.
         end = query.find(0, 12)
-        if end < 0:
+        qend = end + 5
+        raw = query[12:qend]
+        low = raw.lower()
+        entry = table.questions.get(low)
+        if entry is None or query[2] & 0xF8:  # not ours, or QR / opcode bits set
+            return self._by_name(query, table, udp, end, qend)
+        if query[4:12] != _ONE_QUESTION or len(query) != qend:
+            return self._with_extra(query, table, udp, entry, raw == low, qend)
+        n = entry.served
+        entry.served = n + 1
+        if udp and qend > entry.fit_plain:
+            return self._truncated(query, qend, entry, None), entry.rrl_key
+        full = entry.full
+        if full is not None and raw == low:
+            return query[:2] + full[(query[2] & 1) | (query[3] & 0x10)][n % entry.period], entry.rrl_key
+        return (
+            query[:2]
+            + entry.heads[(query[2] & 1) | (query[3] & 0x10)]
+            + raw
+            + entry.schedule[n % entry.period],
+            entry.rrl_key,
+        )
+
+    def _by_name(
+        self, query: bytes, table: AnswerTable, udp: bool, end: int, qend: int
+    ) -> tuple[bytes | None, bytes]:
+        """Types outside the question index (HTTPS, rare types) for names we hold."""
+        if end < 0 or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:
             return self._slow(query, table, udp)
         node = table.names.get(query[12 : end + 1].lower())
-        qend = end + 5
-        if node is None or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:
+        if node is None:
             return self._slow(query, table, udp)
+        entry = node.get(query[end + 1 : end + 3]) or node[b""]
+        return self._with_extra(query, table, udp, entry, False, qend)
+
+    def _with_extra(
+        self, query: bytes, table: AnswerTable, udp: bool, entry: Entry, exact: bool, qend: int
+    ) -> tuple[bytes | None, bytes]:
+        """One question plus at most a well-formed OPT record; anything else goes slow."""
         counts = query[4:12]
-        if counts == _ONE_QUESTION:
-            if len(query) != qend:
-                return self._slow(query, table, udp)
-            entry = node.get(query[end + 1 : end + 3]) or node[b""]
-            n = entry.served
-            entry.served = n + 1
-            if udp and qend > entry.fit_plain:
-                return self._truncated(query, qend, entry, None), entry.rrl_key
-            return (
-                query[:2]
-                + entry.heads[(query[2] & 1) | (query[3] & 0x10)]
-                + query[12:qend]
-                + entry.schedule[n % entry.period],
-                entry.rrl_key,
-            )
-        if (
+        if counts == _ONE_QUESTION and len(query) == qend:
+            edns = 0
+        elif (
             counts != _ONE_QUESTION_ONE_EXTRA
             or len(query) < qend + 11
             or query[qend] != 0
@@ -192,25 +212,29 @@ class Answerer:
             or query[qend + 6]  # EDNS version above 0: BADVERS, built by the slow path
         ):
             return self._slow(query, table, udp)
-        opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
-        if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
-            return self._slow(query, table, udp)
-        entry = node.get(query[end + 1 : end + 3]) or node[b""]
+        else:
+            opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
+            if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
+                return self._slow(query, table, udp)
+            edns = 1 + (query[qend + 7] >> 7)  # 1: OPT, 2: OPT with DO
         n = entry.served
         entry.served = n + 1
-        do = query[qend + 7] >> 7
-        response = (
-            query[:2]
-            + entry.heads_edns[(query[2] & 1) | (query[3] & 0x10)]
-            + query[12:qend]
-            + entry.schedule[n % entry.period]
-            + self._opt[do]
-        )
-        if udp and len(response) > 512:
+        rdcd = (query[2] & 1) | (query[3] & 0x10)
+        if not edns:
+            if udp and qend > entry.fit_plain:
+                return self._truncated(query, qend, entry, None), entry.rrl_key
+            body = entry.schedule[n % entry.period]
+            return query[:2] + entry.heads[rdcd] + query[12:qend] + body, entry.rrl_key
+        opt = table.opt[edns - 1]
+        if udp and qend + entry.body_len + len(opt) > 512:
             payload = (query[qend + 3] << 8) | query[qend + 4]
-            if len(response) > min(max(payload, 512), self.payload_size):
-                return self._truncated(query, qend, entry, self._opt[do]), entry.rrl_key
-        return response, entry.rrl_key
+            if qend + entry.body_len + len(opt) > min(max(payload, 512), table.payload_size):
+                return self._truncated(query, qend, entry, opt), entry.rrl_key
+        full = entry.full
+        if exact and full is not None:
+            return query[:2] + full[edns * 18 + rdcd][n % entry.period], entry.rrl_key
+        body = entry.schedule[n % entry.period]
+        return query[:2] + entry.heads_edns[rdcd] + query[12:qend] + body + opt, entry.rrl_key
 
     def _truncated(self, query: bytes, qend: int, entry: Entry, opt: bytes | None) -> bytes:
         """Header with TC=1 and the question: "ask me again over TCP"."""
@@ -219,24 +243,33 @@ class Answerer:
         head = struct.pack("!BBHHHH", hi, lo, 1, 0, 0, 1 if opt else 0)
         return query[:2] + head + query[12:qend] + (opt or b"")
 
+    def truncate(self, query: bytes, table: AnswerTable) -> bytes | None:
+        """An empty TC=1 answer to ``query`` (the RRL "slip"); None if it cannot be parsed."""
+        q = parse_query(query)
+        if q is None or q.error or not q.question:
+            return None
+        hi = wire.QR | wire.TC | (q.flags1 & wire.RD)
+        lo = q.flags2 & wire.CD
+        opt = b"" if q.edns is None else table.opt[q.edns.do]
+        head = struct.pack("!BBHHHH", hi, lo, 1, 0, 0, 1 if opt else 0)
+        return q.id + head + q.question + opt
+
     # --- slow path --------------------------------------------------------------------
 
     def _count(self, qtype: int, rcode: int) -> None:
         key = (qtype, rcode)
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def _build(
-        self, q: Query, rcode: int, *, aa: bool = False, body: bytes = b"", sections=(0, 0, 0)
-    ) -> bytes:
+    def _error(self, q: Query, rcode: int, table: AnswerTable) -> tuple[bytes, bytes]:
+        """An answer without records: FORMERR, NOTIMP, BADVERS, REFUSED."""
         opt = b""
         if q.edns is not None and rcode != wire.FORMERR:
-            opt = wire.opt_record(self.payload_size, rcode >> 4, q.edns.do)
-        an, ns, ar = sections
-        hi = wire.QR | (q.opcode << 3) | (wire.AA if aa else 0) | (q.flags1 & wire.RD)
+            opt = wire.opt_record(table.payload_size, rcode >> 4, q.edns.do)
+        hi = wire.QR | (q.opcode << 3) | (q.flags1 & wire.RD)
         lo = (q.flags2 & wire.CD) | (rcode & 0x0F)
-        head = struct.pack("!BBHHHH", hi, lo, 1 if q.question else 0, an, ns, ar + (1 if opt else 0))
+        head = struct.pack("!BBHHHH", hi, lo, 1 if q.question else 0, 0, 0, 1 if opt else 0)
         self._count(q.qtype, rcode)
-        return q.id + head + q.question + body + opt
+        return q.id + head + q.question + opt, ERROR_KEY
 
     def _slow(self, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
         q = parse_query(query)
@@ -244,29 +277,30 @@ class Answerer:
             self.ignored += 1  # unreadable, or a response: answering could start a loop
             return None, ERROR_KEY
         if q.opcode != 0:
-            return self._build(q, wire.NOTIMP), ERROR_KEY
+            return self._error(q, wire.NOTIMP, table)
         if q.error:
-            return self._build(q, q.error), ERROR_KEY
+            return self._error(q, q.error, table)
         if q.edns is not None and q.edns.version > 0:
-            return self._build(q, wire.BADVERS), ERROR_KEY
+            return self._error(q, wire.BADVERS, table)
         if q.qclass != wire.CLASS_IN:
-            return self._build(q, wire.REFUSED), ERROR_KEY
+            return self._error(q, wire.REFUSED, table)
         entry = table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
-        if entry is None:
+        if entry is not None:
+            n = entry.served
+            entry.served = n + 1
+        else:
+            # NXDOMAIN and REFUSED entries serve any name: count them by the asked type.
             origin = table.zone_of(q.qname)
             entry = table.refused if origin is None else table.nxdomain[origin]
-        entry.served += 1
-        body = entry.schedule[(entry.served - 1) % entry.period]
-        response = self._build_entry(q, entry, body)
+            self._count(q.qtype, entry.rcode)
+            n = 0
+        heads = entry.heads if q.edns is None else entry.heads_edns
+        opt = b"" if q.edns is None else table.opt[q.edns.do]
+        head = heads[(q.flags1 & 1) | (q.flags2 & 0x10)]
+        response = q.id + head + q.question + entry.schedule[n % entry.period] + opt
         if udp and len(response) > 512:
-            limit = 512 if q.edns is None else min(max(q.edns.payload, 512), self.payload_size)
+            limit = 512 if q.edns is None else min(max(q.edns.payload, 512), table.payload_size)
             if len(response) > limit:
                 qend = 12 + len(q.question)
-                opt = self._opt[q.edns.do] if q.edns is not None else None
-                return self._truncated(query, qend, entry, opt), entry.rrl_key
+                return self._truncated(query, qend, entry, opt or None), entry.rrl_key
         return response, entry.rrl_key
-
-    def _build_entry(self, q: Query, entry: Entry, body: bytes) -> bytes:
-        heads = entry.heads if q.edns is None else entry.heads_edns
-        opt = b"" if q.edns is None else self._opt[q.edns.do]
-        return q.id + heads[(q.flags1 & 1) | (q.flags2 & 0x10)] + q.question + body + opt

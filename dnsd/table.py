@@ -38,6 +38,7 @@ from dnsd.wire import MessageWriter, RData
 RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
 MAX_SCHEDULE = 1 << 16
 MAX_CNAME_CHAIN = 8
+MAX_FULL_PERIOD = 64
 RFC8482_HINFO: RData = [b"\x07RFC8482\x00"]
 
 # Index into Entry.heads: the query's RD bit (first flag byte) and CD bit (second).
@@ -90,6 +91,7 @@ class Entry:
         "body_len",
         "counts",
         "fit_plain",
+        "full",
         "heads",
         "heads_edns",
         "period",
@@ -128,6 +130,24 @@ class Entry:
         self.rrl_key = rrl_key
         self.served = 0
         self.start = 0
+        # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
+        self.full: list[list[bytes] | None] | None = None
+
+    def prepare_full(self, question: bytes, opts: tuple[bytes, bytes]) -> None:
+        """Pre-assemble header + question + body (+ OPT) for every RD/CD and EDNS state.
+
+        ``full[edns * 18 + rdcd]`` with edns 0 (no OPT), 1 (OPT) or 2 (OPT with DO).
+        Only for short schedules: memory is 12 x period responses.
+        """
+        if self.period > MAX_FULL_PERIOD:
+            return
+        full: list[list[bytes] | None] = [None] * 54
+        for rdcd in RDCD_INDEXES:
+            full[rdcd] = [self.heads[rdcd] + question + body for body in self.schedule]
+            for edns, opt in ((1, opts[0]), (2, opts[1])):
+                head = self.heads_edns[rdcd]
+                full[edns * 18 + rdcd] = [head + question + body + opt for body in self.schedule]
+        self.full = full
 
     def carry_from(self, old: Entry) -> None:
         """Continue the rotation (and the statistics window) where ``old`` stopped."""
@@ -191,11 +211,17 @@ class ServiceState:
 class AnswerTable:
     """Every prepared answer of one registry revision."""
 
-    def __init__(self, revision: int, synced: bool) -> None:
+    def __init__(self, revision: int, synced: bool, payload_size: int = 1232) -> None:
         self.revision = revision
+        self.payload_size = payload_size
+        # Our OPT record without and with the DO bit (we echo the client's DO).
+        self.opt = (wire.opt_record(payload_size), wire.opt_record(payload_size, do=True))
         self.serial = max(1, revision & 0xFFFFFFFF)
         self.synced = synced
         self.built = time.time()
+        # Lowercase question (name + type + class IN) -> entry, for the common types.
+        self.questions: dict[bytes, Entry] = {}
+        # Lowercase name -> type (2 bytes; b"" for any other type) -> entry.
         self.names: dict[bytes, dict[bytes, Entry]] = {}
         self.nxdomain: dict[bytes, Entry] = {}  # zone origin -> NXDOMAIN answer
         self.meta: dict[bytes, Entry] = {}  # qtype -> answer for AXFR, IXFR, MAILA, MAILB, OPT

@@ -1,0 +1,102 @@
+"""Response Rate Limiting (RRL) as in BIND: rate, window and slip, per client prefix.
+
+Each account is (client prefix, response key): the prefix is the client's
+/24 (IPv6 /56) and the key names the answer (name and type, or the zone for
+NXDOMAIN, or "error"), so one busy resolver asking many names is not
+punished for the total, while a flood of one answer towards one victim is.
+
+An account holds a credit balance. Every second adds ``rate`` credits (the
+balance never exceeds ``rate``); every response costs one. Below zero the
+response is limited; the balance can fall to ``-window * rate``, so a
+flooder stays limited up to ``window`` seconds after it stops. Of the
+limited responses, every ``slip``-th is sent truncated (TC=1, no answer)
+instead of dropped: a real client whose address is being spoofed retries
+over TCP and still gets its answer, while the reflected traffic stays tiny.
+
+Only UDP is limited; TCP cannot be spoofed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+
+from dnsd.config import RRLConfig
+
+SEND, DROP, SLIP = 0, 1, 2
+_EXEMPT_CACHE_MAX = 10_000
+
+
+class RateLimiter:
+    """Decides per UDP response: send it, drop it, or send it truncated."""
+
+    def __init__(self, config: RRLConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = config.responses_per_second
+        self.floor = -config.window * config.responses_per_second
+        self.slip = config.slip
+        self.max_accounts = config.max_accounts
+        self.v4_bits = config.ipv4_prefix
+        self.v6_bits = config.ipv6_prefix
+        self.clock = clock
+        self.exempt = [ipaddress.ip_network(n, strict=False) for n in config.exempt]
+        self._exempt_cache: dict[str, bool] = {}
+        self.accounts: dict[tuple[object, bytes], list[int]] = {}
+        self.dropped = 0
+        self.slipped = 0
+
+    def prefix(self, host: str) -> object:
+        """The client's network, as a hashable value (a string for the common /24)."""
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+            return ("6", int.from_bytes(packed, "big") >> (128 - self.v6_bits))
+        if self.v4_bits == 24:
+            return host[: host.rfind(".")]
+        return ("4", int.from_bytes(socket.inet_aton(host), "big") >> (32 - self.v4_bits))
+
+    def _is_exempt(self, host: str) -> bool:
+        known = self._exempt_cache.get(host)
+        if known is None:
+            if len(self._exempt_cache) >= _EXEMPT_CACHE_MAX:
+                self._exempt_cache.clear()
+            addr = ipaddress.ip_address(host.partition("%")[0])
+            known = any(addr in net for net in self.exempt)
+            self._exempt_cache[host] = known
+        return known
+
+    def check(self, host: str, key: bytes) -> int:
+        """SEND, DROP or SLIP for one response to ``host`` from account ``key``."""
+        if self.exempt and self._is_exempt(host):
+            return SEND
+        now = int(self.clock())
+        account_key = (self.prefix(host), key)
+        account = self.accounts.get(account_key)
+        if account is None:
+            if len(self.accounts) >= self.max_accounts:
+                self._forget_idle()
+            self.accounts[account_key] = [now, self.rate - 1, 0]
+            return SEND
+        balance = account[1]
+        if account[0] != now:
+            balance = min(self.rate, balance + (now - account[0]) * self.rate)
+            account[0] = now
+        balance = max(self.floor, balance - 1)
+        account[1] = balance
+        if balance >= 0:
+            return SEND
+        if self.slip:
+            account[2] += 1
+            if account[2] >= self.slip:
+                account[2] = 0
+                self.slipped += 1
+                return SLIP
+        self.dropped += 1
+        return DROP
+
+    def _forget_idle(self) -> None:
+        """Keep only the accounts being limited; the rest start afresh with full credit."""
+        limited = {k: v for k, v in self.accounts.items() if v[1] < 0}
+        if len(limited) >= self.max_accounts:
+            limited.clear()  # a spoofed flood across prefixes: nothing is worth keeping
+        self.accounts = limited

@@ -1,0 +1,397 @@
+"""DnsServer: the thin I/O layer around the answer function (UDP and TCP listeners).
+
+UDP has two engines. ``thread`` (the default) runs a blocking
+recvfrom/sendto loop per socket in its own thread: measured on CPython 3.11
+it answers ~35 % more queries per second than a DatagramProtocol on uvloop,
+because a datagram costs two system calls and no event-loop machinery. The
+GIL is released in both calls, so the event loop (registry watch, TCP,
+admin) keeps running. ``asyncio`` is a plain DatagramProtocol.
+
+TCP (RFC 7766): 2-byte length framing, any number of queries per
+connection, answered in order; an idle timeout; limits on connections in
+total and per client address; and a cap on answers queued for a client that
+does not read them (reading pauses until it catches up).
+
+The current AnswerTable is one attribute, replaced whole by ``set_table``;
+readers take a reference per query, so a swap needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import threading
+from dataclasses import dataclass
+
+import structlog
+
+from dnsd import rrl as rrl_mod
+from dnsd.config import DnsConfig, split_hostport
+from dnsd.respond import Answerer
+from dnsd.stats import Counters, Snapshot
+from dnsd.table import AnswerTable
+
+log = structlog.get_logger("dnsd.server")
+
+UDP_RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
+UDP_BUFFER = 4 << 20
+TCP_BACKLOG = 1024
+TCP_MAX_FRAME_BUFFER = 65535 + 2
+
+
+@dataclass
+class Listener:
+    """One listen address: a UDP socket and a TCP socket on the same port."""
+
+    host: str
+    port: int
+    udp: socket.socket
+    tcp: socket.socket
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _socket(family: int, kind: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, kind)
+    if family == socket.AF_INET6:
+        # [::] and 0.0.0.0 are configured separately; keep them from colliding.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def bind_listener(address: str, *, reuse_port: bool = False, attempts: int = 20) -> Listener:
+    """Bind UDP and TCP on one host:port; port 0 picks a number free for both."""
+    host, port = split_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(attempts if port == 0 else 1):
+        udp = _socket(family, socket.SOCK_DGRAM, reuse_port)
+        tcp = _socket(family, socket.SOCK_STREAM, reuse_port)
+        try:
+            udp.bind((host, port))
+            bound = udp.getsockname()[1]
+            tcp.bind((host, bound))
+        except OSError as exc:
+            udp.close()
+            tcp.close()
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue  # the UDP number was taken for TCP: try another
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        tcp.listen(TCP_BACKLOG)
+        with contextlib.suppress(OSError):  # capped by net.core.rmem_max; best effort
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+        return Listener(host, bound, udp, tcp)
+    raise OSError(errno.EADDRINUSE, f"cannot listen on {address}: no port free for UDP and TCP")
+
+
+class UdpThread:
+    """A blocking receive/answer/send loop over one UDP socket, in its own thread."""
+
+    def __init__(self, server: DnsServer, sock: socket.socket, name: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.answerer = Answerer()
+        self.rrl = server.new_rate_limiter()
+        self.send_errors = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Wake the blocked recvfrom (shutdown makes it return) and wait for the thread."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # ENOTCONN on UDP, but it still wakes the reader
+            self.sock.shutdown(socket.SHUT_RD)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        # Locals: the loop below is the hottest code in dnsd.
+        server = self.server
+        recv = self.sock.recvfrom
+        send = self.sock.sendto
+        respond = self.answerer.respond
+        rrl = self.rrl
+        check = rrl.check if rrl is not None else None
+        failures = 0
+        while True:
+            try:
+                data, addr = recv(UDP_RECV_SIZE)
+            except OSError as exc:
+                if self._stopping:
+                    return
+                log.warning("udp receive failed", error=str(exc))
+                continue
+            if not data:
+                if self._stopping:
+                    return
+                continue
+            try:
+                response, key = respond(data, server.table, True)
+                if response is None:
+                    continue
+                if check is not None:
+                    verdict = check(addr[0], key)
+                    if verdict:
+                        if verdict == rrl_mod.DROP:
+                            continue
+                        response = self.answerer.truncate(data, server.table)
+                        if response is None:
+                            continue
+            except Exception:  # a bug must cost one answer, not the listener
+                failures += 1
+                if failures == 1 or failures % 10000 == 0:
+                    log.exception("answering a UDP query failed", failures=failures)
+                continue
+            try:
+                send(response, addr)
+            except OSError:
+                self.send_errors += 1
+
+
+class DnsUdpProtocol(asyncio.DatagramProtocol):
+    """The asyncio UDP engine."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.answerer = Answerer()
+        self.rrl = server.new_rate_limiter()
+        self.send_errors = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+        try:
+            response, key = self.answerer.respond(data, self.server.table, True)
+            if response is None:
+                return
+            if self.rrl is not None:
+                verdict = self.rrl.check(addr[0], key)
+                if verdict == rrl_mod.DROP:
+                    return
+                if verdict == rrl_mod.SLIP:
+                    response = self.answerer.truncate(data, self.server.table)
+                    if response is None:
+                        return
+        except Exception:
+            log.exception("answering a UDP query failed")
+            return
+        assert self.transport is not None
+        self.transport.sendto(response, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.send_errors += 1
+
+
+class DnsTcpProtocol(asyncio.Protocol):
+    """One TCP client: length-framed queries in, answers out in order."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.answerer = server.tcp_answerer
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.peer = ""
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "?"
+        if not self.server.tcp_admit(self.peer, self):
+            transport.abort()
+            self.transport = None
+            return
+        self.transport.set_write_buffer_limits(high=self.server.config.tcp_max_pending_bytes)
+        self._touch()
+
+    def _touch(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.server.config.tcp_idle_timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.deadline:
+            self.server.tcp_idle_closed += 1
+            self.transport.close()
+        else:
+            self.timer = loop.call_at(self.deadline, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        buf = self.buffer
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + size:
+                break
+            message = bytes(buf[2 : 2 + size])
+            del buf[: 2 + size]
+            try:
+                response, _ = self.answerer.respond(message, self.server.table, False)
+            except Exception:
+                log.exception("answering a TCP query failed", peer=self.peer)
+                response = None
+            if response is None:
+                # An unreadable message: the stream may be out of step. Close it.
+                self.transport.close()
+                self.transport = None
+                return
+            self.transport.write(len(response).to_bytes(2, "big") + response)
+            self._touch()  # idle is measured from the last answer, not the last byte
+        if len(buf) > TCP_MAX_FRAME_BUFFER:  # cannot happen with valid framing
+            self.transport.close()
+            self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()  # stop reading queries of a client that won't read
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server.tcp_release(self.peer, self)
+        self.transport = None
+
+
+class DnsServer:
+    """UDP and TCP listeners answering from the current AnswerTable."""
+
+    def __init__(self, config: DnsConfig, table: AnswerTable) -> None:
+        self.config = config
+        self.table = table
+        self.counters = Counters()
+        self.listeners: list[Listener] = []
+        self.udp_threads: list[UdpThread] = []
+        self.udp_protocols: list[DnsUdpProtocol] = []
+        self.udp_transports: list[asyncio.BaseTransport] = []
+        self.tcp_servers: list[asyncio.Server] = []
+        self.tcp_answerer = Answerer()
+        self.tcp_clients: dict[str, set[DnsTcpProtocol]] = {}
+        self.tcp_open = 0
+        self.tcp_accepted = 0
+        self.tcp_rejected = 0
+        self.tcp_idle_closed = 0
+        self._rrls: list[rrl_mod.RateLimiter] = []
+
+    # --- table --------------------------------------------------------------------------
+
+    def set_table(self, table: AnswerTable) -> None:
+        """Serve a new table from the next query on; fold the old one into the counters."""
+        old, self.table = self.table, table
+        if old is not table:
+            self.counters.retire(old)
+
+    # --- limits -------------------------------------------------------------------------
+
+    def new_rate_limiter(self) -> rrl_mod.RateLimiter | None:
+        if not self.config.rrl.enabled:
+            return None
+        limiter = rrl_mod.RateLimiter(self.config.rrl)
+        self._rrls.append(limiter)
+        return limiter
+
+    def tcp_admit(self, peer: str, proto: DnsTcpProtocol) -> bool:
+        """Count a new connection in, or refuse it when a limit is reached."""
+        clients = self.tcp_clients.get(peer)
+        if self.tcp_open >= self.config.tcp_max_connections or (
+            clients is not None and len(clients) >= self.config.tcp_max_connections_per_client
+        ):
+            self.tcp_rejected += 1
+            return False
+        self.tcp_accepted += 1
+        self.tcp_open += 1
+        self.tcp_clients.setdefault(peer, set()).add(proto)
+        return True
+
+    def tcp_release(self, peer: str, proto: DnsTcpProtocol) -> None:
+        """Count a closed connection out (no-op for one that was refused)."""
+        clients = self.tcp_clients.get(peer)
+        if clients is None or proto not in clients:
+            return
+        clients.discard(proto)
+        if not clients:
+            del self.tcp_clients[peer]
+        self.tcp_open -= 1
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, listeners: list[Listener]) -> None:
+        """Serve on already bound listeners."""
+        loop = asyncio.get_running_loop()
+        self.listeners = listeners
+        for lst in listeners:
+            if self.config.udp_engine == "thread":
+                thread = UdpThread(self, lst.udp, f"dnsd-udp-{lst.address}")
+                self.udp_threads.append(thread)
+                thread.start()
+            else:
+                lst.udp.setblocking(False)
+                proto = DnsUdpProtocol(self)
+                transport, _ = await loop.create_datagram_endpoint(lambda p=proto: p, sock=lst.udp)
+                self.udp_protocols.append(proto)
+                self.udp_transports.append(transport)
+            server = await loop.create_server(lambda: DnsTcpProtocol(self), sock=lst.tcp)
+            self.tcp_servers.append(server)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop accepting, finish the answers in flight, close every connection."""
+        # 1. No new TCP connections.
+        for server in self.tcp_servers:
+            server.close()
+        # 2. UDP: wake and join the receive threads; close asyncio endpoints.
+        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.udp_threads))
+        for transport in self.udp_transports:
+            transport.close()
+        # 3. TCP clients get their pending answers flushed (close() writes the buffer out).
+        for clients in list(self.tcp_clients.values()):
+            for proto in list(clients):
+                if proto.transport is not None:
+                    proto.transport.close()
+        # 4. Wait for the listening sockets to close, with a deadline.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in self.tcp_servers)), grace)
+        for lst in self.listeners:
+            lst.udp.close()
+            lst.tcp.close()
+
+    # --- statistics ---------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Counters of this process, computed now."""
+        answerers = [t.answerer for t in self.udp_threads] + [p.answerer for p in self.udp_protocols]
+        answerers.append(self.tcp_answerer)
+        snap = self.counters.snapshot(self.table, [a.counts for a in answerers])
+        snap.ignored = sum(a.ignored for a in answerers)
+        snap.rrl_dropped = sum(r.dropped for r in self._rrls)
+        snap.rrl_slipped = sum(r.slipped for r in self._rrls)
+        snap.udp_send_errors = sum(t.send_errors for t in self.udp_threads) + sum(
+            p.send_errors for p in self.udp_protocols
+        )
+        snap.tcp_connections = self.tcp_open
+        snap.tcp_accepted = self.tcp_accepted
+        snap.tcp_rejected = self.tcp_rejected
+        snap.tcp_idle_closed = self.tcp_idle_closed
+        return snap
