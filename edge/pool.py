@@ -36,6 +36,7 @@ from carousel.mirror import PrefixMirror
 from carousel.registry import Keys, ServiceRecord
 from edge.balancer import ConsistentHash, make_balancer
 from edge.config import PoolConfig
+from edge.upstream import MemberConnections
 
 log = structlog.get_logger("carousel.edge.pool")
 
@@ -57,6 +58,7 @@ class Member:
 
     __slots__ = (
         "active",
+        "conns",
         "ejected_until",
         "fail_streak",
         "failures",
@@ -91,12 +93,16 @@ class Member:
         self.host = ""
         self.port = 0
         self.url = ""
+        self.conns = MemberConnections(host, port, False, 0.0)
         self.set_address(host, port)
 
-    def set_address(self, host: str, port: int) -> None:
+    def set_address(self, host: str, port: int, keepalive: bool = False, idle: float = 0) -> None:
+        """Point the member at an address; idle connections to the old one are closed."""
         self.host, self.port = host, port
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
+        self.conns.close()
+        self.conns = MemberConnections(host, port, keepalive, idle)
 
     def status(self, now: float) -> dict[str, Any]:
         """This member's state for /status."""
@@ -146,29 +152,26 @@ class UpstreamPool:
         self._max = config.max_conns
         for m in config.members:
             host, port = _split_address(m.address)
-            self.members[m.address] = Member(m.address, host, port, m.weight, "static")
+            self.members[m.address] = self._member(m.address, host, port, m.weight, "static")
         self._rebuild()
+
+    def _member(self, name: str, host: str, port: int, weight: int, source: str) -> Member:
+        m = Member(name, host, port, weight, source)
+        m.set_address(host, port, self.config.keepalive == "pool", self.config.keepalive_idle)
+        return m
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the upstream connection pool; start discovery and health checks."""
+        """Start discovery and health checks (HTTP requests use edge.upstream)."""
         c = self.config
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            force_close=c.keepalive == "off",
-            keepalive_timeout=c.keepalive_idle if c.keepalive == "pool" else None,
-            ttl_dns_cache=10,
-        )
+        # aiohttp's client is kept for WebSocket upgrades only.
         self.session = aiohttp.ClientSession(
-            connector=connector,
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=c.connect_timeout, sock_read=c.read_timeout
-            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            raise_for_status=False,
         )
         if c.service and self.etcd is not None:
             self.mirror = PrefixMirror(
@@ -196,6 +199,8 @@ class UpstreamPool:
             if not w.fut.done():
                 w.fut.set_exception(NoMember())
         self.queue.clear()
+        for m in self.members.values():
+            m.conns.close()
         if self.session is not None:
             await self.session.close()
 
@@ -216,12 +221,12 @@ class UpstreamPool:
             host = rec.ipv4[0] if rec.ipv4 else rec.ipv6[0]
             m = self.members.get(rec.node)
             if m is None or m.source != "registry":
-                m = Member(rec.node, host, rec.port, rec.weight, "registry")
+                m = self._member(rec.node, host, rec.port, rec.weight, "registry")
                 self.members[rec.node] = m
                 changed = True
                 log.info("member added", pool=self.name, member=rec.node, state=rec.state)
             elif (m.host, m.port, m.weight) != (host, rec.port, rec.weight):
-                m.set_address(host, rec.port)
+                m.set_address(host, rec.port, self.config.keepalive == "pool", self.config.keepalive_idle)
                 m.weight = rec.weight
                 changed = True
             if m.state != rec.state:
@@ -231,6 +236,7 @@ class UpstreamPool:
         for name, m in list(self.members.items()):
             if m.source == "registry" and name not in seen:
                 m.removed = True
+                m.conns.close()
                 del self.members[name]
                 changed = True
                 log.info("member removed", pool=self.name, member=name)

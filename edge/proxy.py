@@ -18,23 +18,27 @@ replayed.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import tempfile
 import time
-from collections.abc import AsyncIterator
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from edge.config import Config
 from edge.errors import error_reply
 from edge.metrics import Metrics
-from edge.pipeline import Body, BytesBody, Exchange, FileBody, Reply, StreamBody
+from edge.pipeline import Body, Exchange, Reply, StreamBody
 from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
+from edge.upstream import (
+    ConnectFailed,
+    ReadTimeout,
+    ResponseParser,
+    SpoolBuffer,
+    StreamRelay,
+    UpstreamConnection,
+    UpstreamProtocolError,
+    serialize_request,
+)
 from edge.websocket import bridge_websocket, is_websocket_upgrade
 
 log = structlog.get_logger("carousel.edge.proxy")
@@ -42,9 +46,6 @@ log = structlog.get_logger("carousel.edge.proxy")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
 _NOT_FORWARDED = ("Expect", "Content-Length")
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-_TIMEOUTS = (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError)
-_BROKEN = (aiohttp.ClientError, OSError)
 
 
 class BodyTooLarge(Exception):
@@ -76,31 +77,6 @@ async def read_request_body(request: web.BaseRequest, limit: int) -> bytes | Non
             raise BodyTooLarge()
         parts.append(chunk)
     return b"".join(parts)
-
-
-async def buffer_response(resp: aiohttp.ClientResponse, memory_limit: int, temp_dir: str | None) -> Body:
-    """Read a response body whole: in memory up to ``memory_limit``, then in a temp file."""
-    parts: list[bytes] = []
-    size = 0
-    spill = None
-    try:
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if spill is None:
-                parts.append(chunk)
-                if size > memory_limit:
-                    spill = tempfile.TemporaryFile(dir=temp_dir)
-                    spill.write(b"".join(parts))
-                    parts = []
-            else:
-                spill.write(chunk)
-        if spill is None:
-            return BytesBody(parts[0] if len(parts) == 1 else b"".join(parts))
-        spill.flush()
-        return FileBody(os.dup(spill.fileno()), 0, size)
-    finally:
-        if spill is not None:
-            spill.close()  # the unlinked file lives on through the dup'ed descriptor
 
 
 class ProxyHandler:
@@ -163,11 +139,12 @@ class ProxyHandler:
     ) -> Reply:
         method = ex.request.method
         idempotent = method in IDEMPOTENT
-        session = pool.session
-        assert session is not None
+        c = pool.config
         path = self._upstream_path(ex)
         key = self._hash_key(ex, pool)
-        deadline = time.monotonic() + pool.config.retry_budget
+        buffering = ex.route.config.buffering
+        close = c.keepalive == "off"
+        deadline = time.monotonic() + c.retry_budget
         tried: set[Member] = set()
         failure_status = 502
         while True:
@@ -178,64 +155,91 @@ class ProxyHandler:
                 # Nobody left: 503 if nobody was eligible, else the last failure.
                 return error_reply(503 if not tried else failure_status, retry_after=1)
             except (QueueFull, QueueTimeout):
-                retry = max(1, round(pool.config.queue_timeout))
-                return error_reply(503, retry_after=retry)
-            ex.queue_seconds += time.monotonic() - waited
+                return error_reply(503, retry_after=max(1, round(c.queue_timeout)))
+            started = time.monotonic()
+            ex.queue_seconds += started - waited
             ex.tries += 1
             ex.member = member.name
             tried.add(member)
-            if not pool.config.preserve_host:
+            if not c.preserve_host or "Host" not in headers:
                 headers["Host"] = f"{member.host}:{member.port}"
-            started = time.monotonic()
-            resp: aiohttp.ClientResponse | None = None
+            request = serialize_request(method, path, headers, body, close)
+            conn: UpstreamConnection | None = None
+            spool: SpoolBuffer | None = None
             handed_over = False
             try:
-                resp = await session.request(
-                    method,
-                    URL(member.url + path, encoded=True),
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                )
-                reply_headers = CIMultiDict(resp.headers)
+                # A request that must not be replayed never rides a reused connection
+                # (the member may have closed it just as we write).
+                conn = await member.conns.get(c.connect_timeout, fresh=not idempotent)
                 if method == "HEAD":
-                    reply_body: Body = HeadBody(resp.content_length)
-                elif not ex.route.config.buffering:
-                    handed_over = True
-                    reply_body = self._stream(pool, member, resp)
+                    relay = None
+                elif buffering:
+                    spool = SpoolBuffer(self.memory_limit, self.temp_dir)
+                    conn.sink = spool.add
+                    relay = None
                 else:
-                    reply_body = await buffer_response(resp, self.memory_limit, self.temp_dir)
-                ex.upstream_seconds += time.monotonic() - started
-                self.metrics.observe_upstream(pool.name, time.monotonic() - started)
-                return Reply(resp.status, reply_headers, reply_body, resp.reason)
-            except _CONNECT_ERRORS:
+                    relay = StreamRelay(conn)
+                conn.start(request, method == "HEAD", c.read_timeout)
+                assert conn.head_ready is not None and conn.done is not None
+                await conn.head_ready
+                parser = conn.parser
+                assert parser is not None
+                if relay is not None:
+                    handed_over = True
+                    reply_body: Body = self._stream(pool, member, conn, relay, parser)
+                else:
+                    await conn.done
+                    if spool is None:
+                        reply_body = HeadBody(_content_length(parser.headers))
+                    else:
+                        reply_body = spool.body()
+                        spool = None
+                    member.conns.put(conn)  # the member is free the moment we have it all
+                    conn = None
+                elapsed = time.monotonic() - started
+                ex.upstream_seconds += elapsed
+                self.metrics.observe_upstream(pool.name, elapsed)
+                return Reply(parser.status, parser.headers, reply_body, parser.reason or None)
+            except ConnectFailed:
                 failure_status = 502
-            except _TIMEOUTS:
+            except ReadTimeout:
                 failure_status = 504
-            except _BROKEN:
+            except (UpstreamProtocolError, OSError):
                 failure_status = 502
             finally:
                 if not handed_over:
-                    if resp is not None:
-                        resp.release()
+                    if conn is not None:
+                        conn.abort()
+                    if spool is not None:
+                        spool.discard()
                     pool.release(member)
             # Only failures reach this point.
             pool.report_failure(member)
             self.metrics.upstream_failure(pool.name, member.name)
-            if not idempotent or len(tried) >= pool.config.max_tries or time.monotonic() >= deadline:
+            if not idempotent or len(tried) >= c.max_tries or time.monotonic() >= deadline:
                 return error_reply(failure_status)
 
-    def _stream(self, pool: UpstreamPool, member: Member, resp: aiohttp.ClientResponse) -> Body:
+    def _stream(
+        self,
+        pool: UpstreamPool,
+        member: Member,
+        conn: UpstreamConnection,
+        relay: StreamRelay,
+        parser: ResponseParser,
+    ) -> Body:
         """buffering = false: relay chunks as they come; the slot is held until the end."""
 
-        async def relay() -> AsyncIterator[bytes]:
-            async for chunk in resp.content.iter_any():
-                yield chunk
-
         def done() -> None:
-            resp.release()
+            if conn.done is not None and conn.done.done() and not conn.done.exception():
+                member.conns.put(conn)
+            else:
+                conn.abort()
             pool.release(member)
 
-        length = resp.content_length if "Transfer-Encoding" not in resp.headers else None
-        return StreamBody(relay(), length, on_close=done)
+        length = None if "Transfer-Encoding" in parser.headers else _content_length(parser.headers)
+        return StreamBody(relay.chunks(), length, on_close=done)
+
+
+def _content_length(headers: CIMultiDict[str]) -> int | None:
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
