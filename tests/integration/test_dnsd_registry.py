@@ -1,0 +1,247 @@
+"""dnsd against a real etcd: rotation, removal speed, weights, serial, outages, corrupt values."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from carousel.config import EtcdConfig
+from carousel.etcd import Etcd
+from carousel.etcdserver import EtcdProcess
+from carousel.registry import Keys
+from tests.integration.test_dnsd_helpers import (
+    DIG,
+    WWW,
+    Registry,
+    addr,
+    dnsd_toml,
+    edge,
+    poll,
+    start_dnsd,
+)
+from tests.procs import ProcessGroup
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def registry(etcd_cfg: EtcdConfig):  # type: ignore[no-untyped-def]
+    reg = Registry(etcd_cfg)
+    yield reg
+    await reg.close()
+
+
+@pytest.mark.skipif(DIG is None, reason="dig is not installed")
+async def test_three_edges_rotate_with_dig(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1), edge(2), edge(3)])
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+    answers = [dnsd.dig("+short", WWW).split() for _ in range(3)]
+    assert all(sorted(a) == [addr(1), addr(2), addr(3)] for a in answers), answers
+    firsts = [a[0] for a in answers]
+    assert sorted(firsts) == [addr(1), addr(2), addr(3)]  # each first exactly once
+    # and the order is a true rotation: each list starts one position later
+    assert answers[1] == answers[0][1:] + answers[0][:1]
+    assert answers[2] == answers[1][1:] + answers[1][:1]
+
+
+async def _removal_ms(dnsd, change) -> float:  # type: ignore[no-untyped-def]
+    """Milliseconds between the etcd write returning and dnsd no longer answering edge 2."""
+    await change()
+    changed = time.monotonic()
+    await poll(lambda: addr(2) not in dnsd.addresses(), within=5.0)
+    return (time.monotonic() - changed) * 1000
+
+
+async def test_draining_or_deleted_edge_is_gone_within_100ms(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1), edge(2), edge(3)])
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+    assert addr(2) in dnsd.addresses()
+    drain_ms = await _removal_ms(dnsd, lambda: registry.put(edge(2, state="draining")))
+    await registry.put(edge(2))
+    await poll(lambda: addr(2) in dnsd.addresses(), within=5.0)
+    delete_ms = await _removal_ms(dnsd, lambda: registry.delete(edge(2)))
+    print(f"removal after drain: {drain_ms:.1f} ms, after delete: {delete_ms:.1f} ms")
+    assert drain_ms < 100
+    assert delete_ms < 100
+
+
+async def test_expired_lease_is_gone_within_100ms(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1), edge(3)])
+    await registry.put(edge(2), ttl=2)  # nobody keeps this lease alive: it expires
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+    assert addr(2) in dnsd.addresses()
+    # Watch etcd ourselves to learn when the expiry deletes the key.
+    etcd = Etcd(etcd_cfg)
+    key = Keys(etcd_cfg.prefix).service("edge", "edge2")
+    start = (await etcd.get_prefix(etcd_cfg.prefix)).revision
+
+    async def expired() -> float:
+        async for ev in etcd.watch_prefix(key, start + 1):
+            if ev.kind == "delete":
+                return time.monotonic()
+        raise AssertionError("watch ended")
+
+    try:
+        deleted_at = await asyncio.wait_for(expired(), 10)
+        await poll(lambda: addr(2) not in dnsd.addresses(), within=5.0)
+        ms = (time.monotonic() - deleted_at) * 1000
+    finally:
+        await etcd.close()
+    print(f"removal after lease expiry: {ms:.1f} ms")
+    assert ms < 100
+
+
+async def test_first_position_follows_weights_over_1000_queries(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1, weight=2), edge(2, weight=1), edge(3, weight=1)])
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+    firsts = Counter(await asyncio.to_thread(lambda: [dnsd.addresses()[0] for _ in range(1000)]))
+    shares = {a: n / 1000 for a, n in firsts.items()}
+    print(f"first-position shares: {shares}")
+    assert abs(shares[addr(1)] - 0.50) <= 0.05
+    assert abs(shares[addr(2)] - 0.25) <= 0.05
+    assert abs(shares[addr(3)] - 0.25) <= 0.05
+
+
+async def test_soa_serial_grows_with_registry_changes(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1)])
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+
+    def serial() -> int:
+        return int(dnsd.query("example.test", "SOA").answer[0][0].serial)
+
+    first = serial()
+    revision = await registry.put(edge(2))
+    await poll(lambda: serial() >= revision, within=5.0)
+    second = serial()
+    await registry.delete(edge(1))
+    await poll(lambda: serial() > second, within=5.0)
+    assert first < second < serial()
+    assert second == revision  # the serial is the registry revision
+
+
+async def test_corrupt_registry_value_is_skipped_and_logged_once(
+    etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
+) -> None:
+    await registry.put_all([edge(1), edge(2)])
+    keys = Keys(etcd_cfg.prefix)
+    await registry.etcd.put(keys.service("edge", "broken"), b"{not json")
+    await registry.etcd.put(keys.service("edge", "liar"), edge(9).encode())  # key/node mismatch
+    dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+    assert sorted(dnsd.addresses()) == [addr(1), addr(2)]
+    await registry.put(edge(3))
+    await poll(lambda: addr(3) in dnsd.addresses(), within=5.0)
+    log = dnsd.daemon.output()
+    assert log.count("registry value skipped") == 2, log
+    assert dnsd.daemon.running()
+
+
+class Forwarder:
+    """A TCP forwarder between dnsd and etcd: closing it is a network partition."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", port, reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        for t in (asyncio.create_task(pipe(reader, up_w)), asyncio.create_task(pipe(up_r, writer))):
+            self.pipes.add(t)
+            t.add_done_callback(self.pipes.discard)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for t in list(self.pipes):
+            t.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+
+async def test_etcd_outage_answers_from_memory_then_converges_after_compaction(
+    own_etcd: EtcdProcess, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    prefix = "/outage/"
+    direct = EtcdConfig(endpoints=[own_etcd.endpoint], prefix=prefix, timeout=1.0)
+    forwarder = Forwarder(own_etcd.endpoint)
+    await forwarder.start()
+    via_forwarder = EtcdConfig(endpoints=[f"127.0.0.1:{forwarder.port}"], prefix=prefix, timeout=1.0)
+    registry = Registry(direct, ttl=600)
+    try:
+        await registry.put_all([edge(1), edge(2), edge(3)])
+        # In a thread: the forwarder runs on this event loop and must keep serving.
+        dnsd = await asyncio.to_thread(start_dnsd, procs, "dnsd", dnsd_toml(via_forwarder))
+        before = sorted(dnsd.addresses())
+        assert before == [addr(1), addr(2), addr(3)]
+
+        # 1. etcd stops (and dnsd's path to it is cut): every query is still answered.
+        await forwarder.stop()
+        await registry.etcd.close()
+        own_etcd.stop()
+        answered = await asyncio.to_thread(
+            lambda: sum(sorted(dnsd.addresses()) == before for _ in range(1000))
+        )
+        assert answered == 1000
+        status = dnsd.status()
+        assert status["registry_connected"] is False
+        assert dnsd.http("/healthz")[0] == 200
+
+        # 2. etcd returns, but dnsd still cannot see it: the registry moves on and the
+        #    revisions dnsd missed are compacted away.
+        own_etcd.start()
+        await registry.delete(edge(1))
+        await registry.put(edge(2, state="draining"))
+        await registry.put(edge(4))
+        revision = await registry.put(edge(5))
+        await registry.etcd._call(lambda c: c.compact(revision, physical=True))
+        assert sorted(dnsd.addresses()) == before  # still the old state, from memory
+
+        # 3. The partition heals: answers match the live registry within 1 s.
+        await forwarder.start(forwarder.port)
+        healed = time.monotonic()
+        await poll(lambda: sorted(dnsd.addresses()) == [addr(3), addr(4), addr(5)], within=10)
+        seconds = time.monotonic() - healed
+        print(f"converged {seconds:.2f} s after etcd became reachable again")
+        assert seconds < 1.0
+        log = dnsd.daemon.output()
+        assert log.count("registry unreachable; serving the last known state") == 1
+    finally:
+        with contextlib.suppress(Exception):
+            await registry.close()
+        await forwarder.stop()
