@@ -1,0 +1,136 @@
+"""vagrant/failover.py: the failover experiments' logic, run on the simulated cluster of --dry-run."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
+EDGES = {"edge1": "192.168.56.21", "edge2": "192.168.56.22", "edge3": "192.168.56.23"}
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("failover", VAGRANT_DIR / "failover.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["failover"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+failover = _load()
+
+
+def _cluster(**kw: object) -> tuple[object, object]:
+    clock = failover.VirtualClock()
+    real = failover.build_parser().parse_args([])
+    commands = failover.CommandCluster(
+        ns=real.ns,
+        dns_port=real.dns_port,
+        name=real.name,
+        http_port=real.http_port,
+        crash_cmd=real.crash_cmd,
+        halt_cmd=real.halt_cmd,
+        start_cmd=real.start_cmd,
+        restart_cmd=real.restart_cmd,
+    )
+    return clock, failover.SimulatedCluster(clock, dict(EDGES), real=commands, **kw)
+
+
+def test_crash_leaves_the_answers_when_the_lease_expires() -> None:
+    clock, cluster = _cluster(lease_ttl=5.0, boot_seconds=20.0, register_seconds=2.0)
+    out = failover.measure_outage(cluster, clock, "edge2", EDGES["edge2"], True, timeout=60, poll=0.1)
+    # Polled every 0.1 s: seen gone within one poll of the lease expiry.
+    assert out.gone_after is not None and 5.0 <= out.gone_after <= 5.1 + 1e-9
+    assert out.back_after is not None and 22.0 <= out.back_after <= 22.1 + 1e-9
+    assert cluster.commands == ["vagrant halt --force edge2", "vagrant up --no-provision edge2"]
+    assert EDGES["edge2"] in cluster.resolve()
+
+
+def test_graceful_halt_drains_out_of_the_answers_at_once() -> None:
+    clock, cluster = _cluster()
+    out = failover.measure_outage(cluster, clock, "edge1", EDGES["edge1"], False, timeout=60, poll=0.1)
+    assert out.gone_after is not None and out.gone_after <= 0.3
+    assert cluster.commands[0] == "vagrant halt edge1"
+
+
+def test_an_edge_that_never_leaves_is_reported_as_a_timeout() -> None:
+    clock, cluster = _cluster(lease_ttl=1000.0)
+    out = failover.measure_outage(cluster, clock, "edge3", EDGES["edge3"], True, timeout=30, poll=0.5)
+    assert out.gone_after is None
+    assert clock.now() >= 30
+
+
+def test_rolling_restart_with_drain_loses_no_request() -> None:
+    clock, cluster = _cluster(drain=True)
+    count = failover.rolling_restart(cluster, clock, dict(EDGES), timeout=120, interval=0.05)
+    assert count.requests > 300  # the client really looped through all three restarts
+    assert count.failed == 0
+    assert [c.split()[2] for c in cluster.commands] == ["edge1", "edge2", "edge3"]
+    assert sorted(cluster.resolve()) == sorted(EDGES.values())
+
+
+def test_rolling_restart_without_drain_is_caught_by_the_client_count() -> None:
+    clock, cluster = _cluster(drain=False, edge_restart_seconds=1.0, register_seconds=2.0)
+    count = failover.rolling_restart(cluster, clock, dict(EDGES), timeout=120, interval=0.05)
+    # Each edge is down 1 s while DNS still lists it; the client hits it on every third request.
+    assert count.failed > 0
+    assert count.failed < count.requests
+
+
+def test_client_counts_an_empty_answer_as_a_failure() -> None:
+    class NoAnswers:
+        def resolve(self) -> list[str]:
+            return []
+
+    count = failover.ClientCount()
+    count.one(NoAnswers())  # type: ignore[arg-type]
+    assert (count.requests, count.failed, count.unresolved) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("bad", ["", "edge1", "edge1=300.1.1.1", "=192.168.56.21", "edge1=::1"])
+def test_edge_list_is_validated(bad: str) -> None:
+    with pytest.raises(ValueError):
+        failover.parse_edges(bad)
+
+
+def test_dry_run_of_the_script_prints_the_commands_and_figures() -> None:
+    out = subprocess.run(
+        ["bash", str(VAGRANT_DIR / "failover.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "would run: vagrant halt --force edge2" in text
+    assert "would run: vagrant halt edge2" in text
+    assert "would run: vagrant ssh edge3 -c" in text
+    assert "edge2 left the answers after 5.1 s" in text
+    assert " 0 failed (0.00 %)" in text
+
+
+def test_dry_run_without_drain_exits_1_for_lost_requests() -> None:
+    out = subprocess.run(
+        [sys.executable, str(VAGRANT_DIR / "failover.py"), "--dry-run", "--no-drain", "rolling"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "failed" in out.stdout and " 0 failed" not in out.stdout
+
+
+def test_unknown_experiment_and_victim_are_refused() -> None:
+    script = str(VAGRANT_DIR / "failover.py")
+    bad_experiment = subprocess.run([sys.executable, script, "--dry-run", "explode"], capture_output=True)
+    assert bad_experiment.returncode == 2
+    bad_victim = subprocess.run(
+        [sys.executable, script, "--dry-run", "--victim", "edge9"], capture_output=True
+    )
+    assert bad_victim.returncode == 2

@@ -1,0 +1,458 @@
+#!/usr/bin/env python3
+"""Failover measurements on the Vagrant lab (or any carousel cluster), from the host.
+
+Three experiments, each printing its figures:
+
+- crash: power an edge VM off (`vagrant halt --force`); time until its address
+  leaves the DNS answers (the lease TTL), then boot it and time until it returns.
+- halt: the same with a graceful shutdown (`vagrant halt`): systemd stops the
+  agent first, which drains, so the address should leave at once.
+- rolling: restart every edge in turn (agent drains, edge restarts, agent comes
+  back) while a client resolves through ns1 before every request and sends
+  requests continuously; count the failed requests (the goal is 0).
+
+Only the standard library and `dig` are needed. `--dry-run` runs the same logic
+against a simulated cluster on a virtual clock and prints the commands it would
+run, so the logic is tested without VMs. The `--*-cmd` options point the script
+at something other than Vagrant (the network-namespace lab, local processes):
+each is a shell command with {edge} and {address} filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+DEFAULT_EDGES = "edge1=192.168.56.21,edge2=192.168.56.22,edge3=192.168.56.23"
+
+
+class Clock(Protocol):
+    """Monotonic time that can be slept on (real or virtual)."""
+
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    """The wall clock."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class VirtualClock:
+    """A clock that only moves when slept on: the dry run takes no real time."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class Action(Protocol):
+    """A started cluster operation (a VM halting, an edge restarting)."""
+
+    def done(self) -> bool: ...
+
+
+class Cluster(Protocol):
+    """What the experiments need from a cluster."""
+
+    def resolve(self) -> list[str]: ...
+
+    def request(self, address: str) -> bool: ...
+
+    def stop(self, edge: str, address: str, crash: bool) -> Action: ...
+
+    def start(self, edge: str, address: str) -> Action: ...
+
+    def restart(self, edge: str, address: str) -> Action: ...
+
+
+# --- the real cluster: dig, HTTP and shell commands ----------------------------------------
+
+
+class Command:
+    """A shell command running in the background."""
+
+    def __init__(self, command: str, log: list[str]) -> None:
+        log.append(command)
+        print(f"  $ {command}", flush=True)
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.DEVNULL)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+
+@dataclass
+class CommandCluster:
+    """A cluster reached with dig and HTTP, operated by shell commands."""
+
+    ns: str
+    dns_port: int
+    name: str
+    http_port: int
+    crash_cmd: str
+    halt_cmd: str
+    start_cmd: str
+    restart_cmd: str
+    request_timeout: float = 2.0
+    commands: list[str] = field(default_factory=list)
+
+    def resolve(self) -> list[str]:
+        argv = ["dig", f"@{self.ns}", "-p", str(self.dns_port), "+short", "+time=1", "+tries=1"]
+        try:
+            out = subprocess.run(argv + [self.name, "A"], capture_output=True, text=True, timeout=5).stdout
+        except subprocess.TimeoutExpired:
+            return []
+        return [line for line in out.split() if _is_ipv4(line)]
+
+    def request(self, address: str) -> bool:
+        conn = http.client.HTTPConnection(address, self.http_port, timeout=self.request_timeout)
+        try:
+            conn.request("GET", "/", headers={"Host": self.name, "Connection": "close"})
+            return conn.getresponse().status < 500
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def _run(self, template: str, edge: str, address: str) -> Action:
+        cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
+        return Command(cmd, self.commands)
+
+    def stop(self, edge: str, address: str, crash: bool) -> Action:
+        return self._run(self.crash_cmd if crash else self.halt_cmd, edge, address)
+
+    def start(self, edge: str, address: str) -> Action:
+        return self._run(self.start_cmd, edge, address)
+
+    def restart(self, edge: str, address: str) -> Action:
+        return self._run(self.restart_cmd, edge, address)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --- the simulated cluster of --dry-run ---------------------------------------------------
+
+
+@dataclass
+class SimEdge:
+    """One edge of the simulation: whether DNS lists it and whether it serves, over time."""
+
+    in_dns: list[tuple[float, bool]] = field(default_factory=lambda: [(0.0, True)])
+    serving: list[tuple[float, bool]] = field(default_factory=lambda: [(0.0, True)])
+
+    @staticmethod
+    def at(timeline: list[tuple[float, bool]], t: float) -> bool:
+        state = timeline[0][1]
+        for since, value in timeline:
+            if since <= t:
+                state = value
+        return state
+
+
+@dataclass
+class SimAction:
+    """A simulated operation that finishes at a point of the virtual clock."""
+
+    clock: VirtualClock
+    ends: float
+
+    def done(self) -> bool:
+        return self.clock.now() >= self.ends
+
+
+@dataclass
+class SimulatedCluster:
+    """The lab as the design says it behaves, on a virtual clock (for --dry-run and tests).
+
+    A crash leaves DNS when the lease expires; a graceful stop drains first (out of
+    DNS at once, still serving for drain_delay); a boot takes boot_seconds and the
+    agent registers after rise checks. With drain=False a restart takes the edge
+    down while DNS still lists it, which is what a client-failure count must catch.
+    """
+
+    clock: VirtualClock
+    addresses: dict[str, str]
+    lease_ttl: float = 5.0
+    drain_delay: float = 6.0
+    shutdown_seconds: float = 2.0
+    boot_seconds: float = 20.0
+    register_seconds: float = 2.0
+    edge_restart_seconds: float = 1.0
+    drain: bool = True
+    real: CommandCluster | None = None  # only to print the commands it would run
+    edges: dict[str, SimEdge] = field(default_factory=dict)
+    commands: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.edges = {addr: SimEdge() for addr in self.addresses.values()}
+
+    def _say(self, template: str, edge: str, address: str) -> None:
+        cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
+        self.commands.append(cmd)
+        print(f"  [dry-run] would run: {cmd}", flush=True)
+
+    def resolve(self) -> list[str]:
+        t = self.clock.now()
+        return [a for a, e in self.edges.items() if SimEdge.at(e.in_dns, t)]
+
+    def request(self, address: str) -> bool:
+        self.clock.sleep(0.005)  # a request takes a little time
+        return SimEdge.at(self.edges[address].serving, self.clock.now())
+
+    def stop(self, edge: str, address: str, crash: bool) -> Action:
+        assert self.real is not None
+        self._say(self.real.crash_cmd if crash else self.real.halt_cmd, edge, address)
+        t, e = self.clock.now(), self.edges[address]
+        if crash:
+            e.serving.append((t, False))
+            e.in_dns.append((t + self.lease_ttl, False))
+            return SimAction(self.clock, t + 1.0)
+        # systemd stops the agent first: it drains, then the VM goes down.
+        e.in_dns.append((t + 0.2, False))
+        e.serving.append((t + 0.2 + self.shutdown_seconds, False))
+        return SimAction(self.clock, t + self.shutdown_seconds + 1.0)
+
+    def start(self, edge: str, address: str) -> Action:
+        assert self.real is not None
+        self._say(self.real.start_cmd, edge, address)
+        t, e = self.clock.now(), self.edges[address]
+        e.serving.append((t + self.boot_seconds, True))
+        e.in_dns.append((t + self.boot_seconds + self.register_seconds, True))
+        return SimAction(self.clock, t + self.boot_seconds)
+
+    def restart(self, edge: str, address: str) -> Action:
+        assert self.real is not None
+        self._say(self.real.restart_cmd, edge, address)
+        t, e = self.clock.now(), self.edges[address]
+        down = t + (self.drain_delay if self.drain else 0.0)
+        if self.drain:
+            e.in_dns.append((t, False))
+        e.serving.append((down, False))
+        up = down + self.edge_restart_seconds
+        e.serving.append((up, True))
+        e.in_dns.append((up + self.register_seconds, True))
+        return SimAction(self.clock, up)
+
+
+# --- the experiments ----------------------------------------------------------------------
+
+
+@dataclass
+class Outage:
+    """How long an edge's address took to leave the answers and to come back."""
+
+    edge: str
+    address: str
+    crash: bool
+    gone_after: float | None
+    back_after: float | None
+
+
+@dataclass
+class ClientCount:
+    """Requests a client sent during an experiment, and how many failed."""
+
+    requests: int = 0
+    failed: int = 0
+    unresolved: int = 0
+    turn: int = 0
+
+    def one(self, cluster: Cluster) -> None:
+        """Resolve, then send one request to the next address in the answer."""
+        answers = cluster.resolve()
+        self.requests += 1
+        if not answers:
+            self.unresolved += 1
+            self.failed += 1
+            return
+        address = answers[self.turn % len(answers)]
+        self.turn += 1
+        if not cluster.request(address):
+            self.failed += 1
+
+
+def wait_for(clock: Clock, predicate, timeout: float, poll: float) -> float | None:  # type: ignore[no-untyped-def]
+    """Seconds until predicate() holds, or None after timeout."""
+    start = clock.now()
+    while clock.now() - start <= timeout:
+        if predicate():
+            return clock.now() - start
+        clock.sleep(poll)
+    return None
+
+
+def measure_outage(
+    cluster: Cluster, clock: Clock, edge: str, address: str, crash: bool, timeout: float, poll: float
+) -> Outage:
+    """Stop an edge, time its address leaving DNS; start it, time its return."""
+    if address not in cluster.resolve():
+        print(f"  warning: {address} is not in the answers before the test", flush=True)
+    cluster.stop(edge, address, crash)
+    gone = wait_for(clock, lambda: address not in cluster.resolve(), timeout, poll)
+    cluster.start(edge, address)
+    back = wait_for(clock, lambda: address in cluster.resolve(), timeout, poll)
+    return Outage(edge, address, crash, gone, back)
+
+
+def rolling_restart(
+    cluster: Cluster, clock: Clock, edges: dict[str, str], timeout: float, interval: float
+) -> ClientCount:
+    """Restart every edge in turn, each back in DNS before the next, while a client loops."""
+    count = ClientCount()
+    for edge, address in edges.items():
+        action = cluster.restart(edge, address)
+        started = clock.now()
+        while not (action.done() and address in cluster.resolve()):
+            if clock.now() - started > timeout:
+                print(f"  warning: {edge} not back within {timeout:.0f} s", flush=True)
+                break
+            count.one(cluster)
+            clock.sleep(interval)
+    # A little traffic after the last edge is back.
+    for _ in range(int(2.0 / interval)):
+        count.one(cluster)
+        clock.sleep(interval)
+    return count
+
+
+def _fmt(seconds: float | None, timeout: float) -> str:
+    return f"{seconds:.1f} s" if seconds is not None else f"not within {timeout:.0f} s"
+
+
+def parse_edges(text: str) -> dict[str, str]:
+    """'edge1=192.168.56.21,edge2=...' -> {'edge1': '192.168.56.21', ...}."""
+    edges: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, address = part.partition("=")
+        if not sep or not name or not _is_ipv4(address):
+            raise ValueError(f"expected NAME=IPV4 in --edges, found {part!r}")
+        edges[name] = address
+    if not edges:
+        raise ValueError("--edges lists no edge")
+    return edges
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options; the defaults fit the Vagrant lab."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "experiments", nargs="*", metavar="{crash,halt,rolling}", help="what to run (default: all three)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="simulate the cluster on a virtual clock; print the commands instead of running them",
+    )
+    p.add_argument("--ns", default="192.168.56.11", help="DNS server to dig (default ns1)")
+    p.add_argument("--dns-port", type=int, default=53)
+    p.add_argument("--name", default="www.example.test", help="name the edges answer for")
+    p.add_argument("--http-port", type=int, default=80, help="the edges' HTTP port")
+    p.add_argument("--edges", default=DEFAULT_EDGES, help="NAME=IPV4 list of the edges")
+    p.add_argument("--victim", default=None, help="edge to halt or crash (default: the second)")
+    p.add_argument("--timeout", type=float, default=180.0, help="give up waiting after this many seconds")
+    p.add_argument("--poll", type=float, default=0.1, help="seconds between two digs")
+    p.add_argument("--interval", type=float, default=0.05, help="seconds between two client requests")
+    p.add_argument("--crash-cmd", default="vagrant halt --force {edge}")
+    p.add_argument("--halt-cmd", default="vagrant halt {edge}")
+    p.add_argument("--start-cmd", default="vagrant up --no-provision {edge}")
+    p.add_argument(
+        "--restart-cmd",
+        default=(
+            "vagrant ssh {edge} -c 'sudo systemctl stop carousel-agent"
+            " && sudo systemctl restart carousel-edge && sudo systemctl start carousel-agent'"
+        ),
+        help="restart one edge without losing requests: the agent drains before the edge stops",
+    )
+    p.add_argument(
+        "--no-drain",
+        action="store_true",
+        help="dry run only: simulate restarts that skip the drain (requests then fail)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen experiments and print their figures; 1 if a rolling restart lost requests."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = set(args.experiments) - {"crash", "halt", "rolling"}
+    if unknown:
+        parser.error(f"unknown experiment {', '.join(sorted(unknown))}: choose from crash, halt, rolling")
+    args.experiments = args.experiments or ["crash", "halt", "rolling"]
+    try:
+        edges = parse_edges(args.edges)
+    except ValueError as exc:
+        print(f"failover: {exc}", file=sys.stderr)
+        return 2
+    victim = args.victim or list(edges)[min(1, len(edges) - 1)]
+    if victim not in edges:
+        print(f"failover: --victim {victim} is not in --edges", file=sys.stderr)
+        return 2
+    real = CommandCluster(
+        ns=args.ns,
+        dns_port=args.dns_port,
+        name=args.name,
+        http_port=args.http_port,
+        crash_cmd=args.crash_cmd,
+        halt_cmd=args.halt_cmd,
+        start_cmd=args.start_cmd,
+        restart_cmd=args.restart_cmd,
+    )
+    clock: Clock
+    cluster: Cluster
+    if args.dry_run:
+        clock = VirtualClock()
+        cluster = SimulatedCluster(clock, edges, drain=not args.no_drain, real=real)
+        print("dry run: a simulated cluster on a virtual clock; nothing is contacted or changed")
+    else:
+        clock, cluster = RealClock(), real
+    status = 0
+    for experiment in args.experiments:
+        if experiment in ("crash", "halt"):
+            crash = experiment == "crash"
+            how = "power off (crash)" if crash else "graceful halt"
+            print(f"{experiment}: {how} of {victim} ({edges[victim]}), digging {args.ns}:{args.dns_port}")
+            out = measure_outage(cluster, clock, victim, edges[victim], crash, args.timeout, args.poll)
+            print(f"  {victim} left the answers after {_fmt(out.gone_after, args.timeout)}")
+            print(f"  {victim} was back {_fmt(out.back_after, args.timeout)} after the start command")
+            if out.gone_after is None or out.back_after is None:
+                status = 1
+        else:
+            print(f"rolling: restarting {', '.join(edges)} one by one while a client loops")
+            count = rolling_restart(cluster, clock, edges, args.timeout, args.interval)
+            share = 100.0 * count.failed / count.requests if count.requests else 0.0
+            print(
+                f"  {count.requests} requests, {count.failed} failed ({share:.2f} %),"
+                f" {count.unresolved} without any address"
+            )
+            if count.failed:
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

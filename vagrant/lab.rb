@@ -1,0 +1,89 @@
+# The Vagrant lab's layout, apart from the Vagrantfile so tests can read it:
+#   ruby -r ./lab.rb -e 'puts CarouselLab.plan(ENV).to_json'
+# Every machine gets an address in 192.168.56.0/21, the host-only range
+# VirtualBox allows by default (libvirt takes it as well).
+require "ipaddr"
+require "json"
+
+module CarouselLab
+  NETWORK = IPAddr.new("192.168.56.0/21")
+  # Host numbers within the subnet: ns1 = .11, edge1 = .21, app1 = .31.
+  ROLES = [
+    { prefix: "ns", env: "CAROUSEL_NS", default: 2, first_host: 11, group: "dns" },
+    { prefix: "edge", env: "CAROUSEL_EDGES", default: 3, first_host: 21, group: "edge" },
+    { prefix: "app", env: "CAROUSEL_APPS", default: 2, first_host: 31, group: "app" },
+  ].freeze
+  MAX_PER_ROLE = 9
+  DEFAULTS = {
+    "CAROUSEL_SUBNET" => "192.168.56",
+    # Three etcd members, away from the edges so halting an edge never costs quorum.
+    "CAROUSEL_ETCD" => "ns1,ns2,app1",
+    "CAROUSEL_BOX" => "debian/bookworm64",
+    # Pinned: a new box must not change the lab under a test. Both virtualbox and
+    # libvirt builds exist for this version.
+    "CAROUSEL_BOX_VERSION" => "12.20240905.1",
+    # Where to fetch the box if the public registry cannot serve it (a mirror's
+    # metadata JSON or a .box file); empty = the registry only.
+    "CAROUSEL_BOX_URL" => "",
+    "CAROUSEL_MEMORY" => "768",
+    "CAROUSEL_CPUS" => "1",
+  }.freeze
+
+  class Error < StandardError; end
+
+  def self.setting(env, key)
+    value = env[key]
+    value.nil? || value.empty? ? DEFAULTS.fetch(key) : value
+  end
+
+  def self.count(env, role)
+    raw = env[role[:env]]
+    return role[:default] if raw.nil? || raw.empty?
+    n = Integer(raw, exception: false)
+    unless n && n.between?(1, MAX_PER_ROLE)
+      raise Error, "#{role[:env]}=#{raw}: expected a whole number from 1 to #{MAX_PER_ROLE}"
+    end
+    n
+  end
+
+  # The machines, their addresses and Ansible groups, from the environment.
+  def self.plan(env = ENV)
+    subnet = setting(env, "CAROUSEL_SUBNET")
+    probe = IPAddr.new("#{subnet}.0") rescue nil
+    unless probe && subnet.count(".") == 2 && NETWORK.include?(probe)
+      raise Error, "CAROUSEL_SUBNET=#{subnet}: expected the first three octets of a /24 in #{NETWORK}/21"
+    end
+    machines = []
+    ROLES.each do |role|
+      count(env, role).times do |i|
+        machines << {
+          "name" => "#{role[:prefix]}#{i + 1}",
+          "ip" => "#{subnet}.#{role[:first_host] + i}",
+          "groups" => [role[:group]],
+        }
+      end
+    end
+    names = machines.map { |m| m["name"] }
+    etcd = setting(env, "CAROUSEL_ETCD").split(",").map(&:strip).reject(&:empty?)
+    unknown = etcd - names
+    raise Error, "CAROUSEL_ETCD: no machine named #{unknown.join(', ')}" unless unknown.empty?
+    unless etcd.size.odd? && etcd.uniq.size == etcd.size
+      raise Error, "CAROUSEL_ETCD: an odd number of distinct members is needed, found #{etcd.join(',')}"
+    end
+    machines.each { |m| m["groups"] << "etcd" if etcd.include?(m["name"]) }
+    groups = Hash.new { |h, k| h[k] = [] }
+    machines.each { |m| m["groups"].each { |g| groups[g] << m["name"] } }
+    {
+      "network" => "#{NETWORK}/21",
+      "machines" => machines,
+      "groups" => groups.to_h,
+      "box" => setting(env, "CAROUSEL_BOX"),
+      "box_version" => setting(env, "CAROUSEL_BOX_VERSION"),
+      "box_url" => setting(env, "CAROUSEL_BOX_URL"),
+      "memory" => Integer(setting(env, "CAROUSEL_MEMORY")),
+      "cpus" => Integer(setting(env, "CAROUSEL_CPUS")),
+      # Relative to this directory, as Vagrant resolves the provisioner's playbook.
+      "playbook" => "../deploy/ansible/site.yml",
+    }
+  end
+end
