@@ -117,7 +117,7 @@ class CommandCluster:
     def resolve(self) -> list[str]:
         argv = ["dig", f"@{self.ns}", "-p", str(self.dns_port), "+short", "+time=1", "+tries=1"]
         try:
-            out = subprocess.run(argv + [self.name, "A"], capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run([*argv, self.name, "A"], capture_output=True, text=True, timeout=5).stdout
         except subprocess.TimeoutExpired:
             return []
         return [line for line in out.split() if _is_ipv4(line)]
