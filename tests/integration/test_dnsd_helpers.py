@@ -100,12 +100,21 @@ class Dnsd:
     admin: str
     listen: list[str] = field(default_factory=list)
 
+    def port_for(self, host: str) -> int:
+        """The port of the listener on ``host`` (each listen address binds its own with port 0)."""
+        for address in self.listen:
+            h, _, p = address.rpartition(":")
+            if h.strip("[]") == host:
+                return int(p)
+        raise KeyError(host)
+
     def query(self, name: str = WWW, rdtype: str = "A", *, tcp: bool = False, host: str = "127.0.0.1",
               timeout: float = 2.0, **kw: Any) -> dns.message.Message:  # fmt: skip
         q = dns.message.make_query(name, rdtype, **kw)
+        port = self.port_for(host)
         if tcp:
-            return dns.query.tcp(q, host, port=self.port, timeout=timeout)
-        return dns.query.udp(q, host, port=self.port, timeout=timeout, ignore_trailing=False)
+            return dns.query.tcp(q, host, port=port, timeout=timeout)
+        return dns.query.udp(q, host, port=port, timeout=timeout, ignore_trailing=False)
 
     def addresses(self, name: str = WWW, rdtype: str = "A", **kw: Any) -> list[str]:
         r = self.query(name, rdtype, **kw)
@@ -118,7 +127,7 @@ class Dnsd:
 
     def dig(self, *args: str, host: str = "127.0.0.1") -> str:
         assert DIG is not None, "dig is not installed"
-        cmd = [DIG, f"@{host}", "-p", str(self.port), "+tries=1", "+time=2", *args]
+        cmd = [DIG, f"@{host}", "-p", str(self.port_for(host)), "+tries=1", "+time=2", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
 
     def http(self, path: str) -> tuple[int, str]:
