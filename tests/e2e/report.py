@@ -41,16 +41,17 @@ class FailoverReport:
         text = [
             "# Measured failover times",
             "",
-            "Measured by `sudo .venv/bin/pytest tests/e2e` in the network-namespace lab",
-            "(tests/lab.py: 3 etcd members, 2 dnsd, 3 edges with agents, 2 APs with agents, each",
-            f"in its own namespace), last run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores,",
+            "Measured by `sudo .venv/bin/pytest tests/e2e` in the network-namespace lab (tests/lab.py:",
+            "3 etcd members, 2 dnsd, 3 edges with their agents and 2 APs with their agents, each in its",
+            f"own namespace), last run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, "
             f"Linux {platform.release()}.",
             "",
             f"Lab timings: lease TTL {s.lease_ttl} s, DNS TTL {s.dns_ttl} s, health check every "
             f"{s.check_interval} s (timeout {s.check_timeout} s, rise {s.rise}, fall {s.fall}), "
             f"drain_delay {s.drain_delay} s, etcd election timeout 1 s.",
-            "Times run from the fault (kill, link down, cut) to the moment the last of the two",
-            "dnsd stopped answering with the edge, as seen by a client polling both every 40 ms.",
+            "A removal time runs from the fault (kill, link down, cut) to the moment the last of the",
+            "two dnsd stopped answering with the edge, seen by a client polling both every 40 ms.",
+            "Several trials read min / median / max.",
             "",
             HEADER,
             "|---|---|---|---|",

@@ -127,6 +127,6 @@ def test_etcd_member_loss(healthy_lab: Lab, dns_watch: DnsWatch, failover_report
         f"quorum + lease TTL + election timeout + 1 s = {bound:.1f} s",
         1,
         f"quorum back {quorum_back:.1f} s after restart; both dnsd live at {converged:.2f} s, "
-        f"reader at {reader:.2f} s",
+        f"registry reader exact by {reader:.2f} s",
     )
     assert converged <= bound, f"converged after {converged:.2f} s, bound {bound:.2f} s"
