@@ -32,6 +32,40 @@ from edge.static import StaticFiles, not_found
 log = structlog.get_logger("carousel.edge")
 
 
+def _forget_exchange(response: web.StreamResponse, request: web.BaseRequest | None) -> None:
+    """Drop what a finished request/response pair holds.
+
+    aiohttp's connection loop keeps its last request and response in local
+    variables while the connection idles, so without this every idle
+    keep-alive connection would also pin its last headers and body (kilobytes
+    each, times 10,000 idle clients). Nothing reads them after write_eof.
+    """
+    response._headers.clear()
+    if isinstance(response, web.Response):
+        response._body = None
+    if request is not None:
+        request._cache.clear()
+        request._message = request._headers = request._rel_url = None  # type: ignore[assignment]
+
+
+class _LeanResponse(web.Response):
+    """A web.Response that lets go of its contents once sent."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        request = self._req
+        await super().write_eof(data)
+        _forget_exchange(self, request)
+
+
+class _LeanStreamResponse(web.StreamResponse):
+    """A web.StreamResponse that lets go of its contents once sent."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        request = self._req
+        await super().write_eof(data)
+        _forget_exchange(self, request)
+
+
 class Edge:
     """One edge server process (one worker)."""
 
@@ -60,6 +94,7 @@ class Edge:
         self._max_requests = config.edge.max_requests_per_connection
         self._server_header = config.edge.server_header
         self._access_log = config.edge.access_log
+        self._hosts: dict[str, str] = {}
 
     # --- serving ------------------------------------------------------------------------
 
@@ -82,13 +117,20 @@ class Edge:
         )
 
     async def _handle_request(self, request: web.BaseRequest) -> web.StreamResponse:
-        host = normalize_host(request.host)
+        raw_host = request.host
+        host = self._hosts.get(raw_host)
+        if host is None:
+            host = normalize_host(raw_host)
+            if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
+                self._hosts[raw_host] = host
         route = self.routes.find(host, request.path, request.method)
         if route is None:
             reply = not_found()
             ex = None
         else:
-            ex = Exchange(request, route, host, request.remote or "", "http")
+            # The peer address is only looked up where something uses it.
+            peer = request.remote or "" if route.kind == "pool" or self._access_log else ""
+            ex = Exchange(request, route, host, peer, "http")
             try:
                 reply = await self.handle(ex)
             except Exception:

@@ -115,6 +115,8 @@ class StaticFiles:
     def __init__(self) -> None:
         self._cache: dict[str, FileInfo] = {}
         self._roots: dict[str, str] = {}
+        # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
+        self._paths: dict[tuple[str, str], str | None] = {}
 
     def _root(self, directory: str) -> str:
         root = self._roots.get(directory)
@@ -169,7 +171,14 @@ class StaticFiles:
         request = ex.request
         if request.method not in ("GET", "HEAD"):
             return Reply(405, CIMultiDict({"Allow": "GET, HEAD"}), BytesBody(b""))
-        rel = safe_relative_path(request.raw_path, route.prefix)
+        key = (route.prefix, request.raw_path)
+        try:
+            rel = self._paths[key]
+        except KeyError:
+            rel = safe_relative_path(request.raw_path, route.prefix)
+            if len(self._paths) >= CACHE_ENTRIES:
+                self._paths.pop(next(iter(self._paths)))
+            self._paths[key] = rel
         if rel is None:
             return not_found()
         assert route.config.static is not None
