@@ -141,8 +141,8 @@ class ConsistentHash:
 
 def make_balancer(kind: str) -> SmoothRoundRobin | LeastConnections | ConsistentHash:
     """The balancer for a pool's `balance` option."""
-    return {
-        "round_robin": SmoothRoundRobin,
-        "least_conn": LeastConnections,
-        "hash": ConsistentHash,
-    }[kind]()
+    if kind == "least_conn":
+        return LeastConnections()
+    if kind == "hash":
+        return ConsistentHash()
+    return SmoothRoundRobin()

@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -234,7 +234,7 @@ def load_factory(spec: str) -> FeatureFactory:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"feature {spec!r}: {module_name} has no callable {attr!r}")
-    return factory  # type: ignore[no-any-return]
+    return cast(FeatureFactory, factory)
 
 
 def build_features(config: Config, ctx: EdgeContext) -> list[Feature]:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiohttp
 import structlog
@@ -207,8 +208,12 @@ class UpstreamPool:
     # --- membership ---------------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        self.balancer.rebuild(list(self.members.values()))  # type: ignore[arg-type]
+        self.balancer.rebuild(list(self.members.values()))
         self._offer_all()
+
+    def _pick(self, ok: Callable[[Member], bool], key: str | None) -> Member | None:
+        # Balancers only see Members, typed by the Weighted protocol they need.
+        return cast(Member | None, self.balancer.pick(cast(Any, ok), key))
 
     def sync_registry(self, mirror: PrefixMirror[ServiceRecord]) -> None:
         """Make the registry-sourced members equal to the mirror (called on every change)."""
@@ -226,7 +231,8 @@ class UpstreamPool:
                 changed = True
                 log.info("member added", pool=self.name, member=rec.node, state=rec.state)
             elif (m.host, m.port, m.weight) != (host, rec.port, rec.weight):
-                m.set_address(host, rec.port, self.config.keepalive == "pool", self.config.keepalive_idle)
+                pooled = self.config.keepalive == "pool"
+                m.set_address(host, rec.port, pooled, self.config.keepalive_idle)
                 m.weight = rec.weight
                 changed = True
             if m.state != rec.state:
@@ -255,25 +261,23 @@ class UpstreamPool:
         cap = self._max
         want: Member | None = None
         if self.is_hash:
-            m = self.balancer.pick(  # type: ignore[call-arg]
-                lambda m: m not in tried and self.eligible(m, now), key
-            )
+            m = self._pick(lambda m: m not in tried and self.eligible(m, now), key)
             if m is None:
                 raise NoMember()
             if not cap or m.active < cap:
                 m.active += 1
                 m.requests += 1
-                return m  # type: ignore[return-value]
-            want = m  # type: ignore[assignment]
+                return m
+            want = m
         else:
-            m = self.balancer.pick(
-                lambda m: (not cap or m.active < cap) and m not in tried and self.eligible(m, now),  # type: ignore[arg-type]
+            m = self._pick(
+                lambda m: (not cap or m.active < cap) and m not in tried and self.eligible(m, now),
                 key,
             )
             if m is not None:
                 m.active += 1
                 m.requests += 1
-                return m  # type: ignore[return-value]
+                return m
             if not any(m not in tried and self.eligible(m, now) for m in self.members.values()):
                 raise NoMember()
         c = self.config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -266,7 +266,7 @@ class Edge:
             site = web.TCPSite(self._runner, c.host, c.port, reuse_address=True, reuse_port=c.workers > 1)
         await site.start()
         self._sites.append(site)
-        server = site._server
+        server = cast(asyncio.Server, site._server)
         assert server is not None and server.sockets
         self.port = server.sockets[0].getsockname()[1]
         if self.worker == 0:

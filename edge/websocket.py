@@ -99,7 +99,7 @@ async def bridge_websocket(ex: Exchange, pool: UpstreamPool, path: str) -> Reply
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False
     )
     try:
-        await client.prepare(request)  # type: ignore[arg-type]
+        await client.prepare(request)
         to_member = asyncio.create_task(_pump(client, upstream))
         to_client = asyncio.create_task(_pump(upstream, client))
         await asyncio.wait({to_member, to_client}, return_when=asyncio.FIRST_COMPLETED)
