@@ -184,6 +184,9 @@ class ProxyHandler:
                 await conn.head_ready
                 parser = conn.parser
                 assert parser is not None
+                if parser.status < 200:
+                    # A 101 nobody asked for (upgrades go through edge.websocket).
+                    raise UpstreamProtocolError("unexpected informational response")
                 if relay is not None:
                     handed_over = True
                     reply_body: Body = self._stream(pool, member, conn, relay, parser)

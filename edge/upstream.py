@@ -121,6 +121,8 @@ class ResponseParser:
             raise UpstreamProtocolError("too many response headers")
         if 100 <= status < 200 and status != 101:
             return  # interim response; the real one follows
+        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b"") or (b"\x00" in head):
+            raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             name, sep, value = line.partition(b":")

@@ -18,6 +18,7 @@ from edge.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
 from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 from edge.routing import RouteTable, normalize_host
 from edge.static import parse_range, safe_relative_path
+from edge.upstream import ResponseParser, UpstreamProtocolError, serialize_request
 
 # --- config ------------------------------------------------------------------------------
 
@@ -300,3 +301,71 @@ async def test_passive_ejection_and_expiry() -> None:
     assert a.ejected_until > 0
     picked = [await pool.acquire(None, set()) for _ in range(4)]
     assert a not in picked
+
+
+# --- the upstream response parser --------------------------------------------------------
+
+
+def _parse(data: bytes, head: bool = False, split: int = 1) -> tuple[ResponseParser, bytes]:
+    """Feed ``data`` in pieces of ``split`` bytes; return the parser and the body."""
+    p = ResponseParser(head)
+    body = b""
+    for i in range(0, len(data), split):
+        body += b"".join(p.feed(data[i : i + split]))
+    return p, body
+
+
+@pytest.mark.parametrize("split", [1, 7, 10_000])
+def test_parser_content_length_and_chunked(split: int) -> None:
+    p, body = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: y\r\n\r\nhello", split=split)
+    assert (p.state, p.status, body, p.headers["X"], p.keep_alive) == ("done", 200, b"hello", "y", True)
+    chunked = (
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n"
+    )
+    p, body = _parse(chunked, split=split)
+    assert (p.state, p.status, body) == ("done", 201, b"hello world")  # TE wins over CL
+
+
+def test_parser_interim_eof_head_and_no_body() -> None:
+    p, body = _parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert (p.status, body) == (200, b"ok")
+    p, body = _parse(b"HTTP/1.0 200 OK\r\n\r\nuntil close")
+    assert p.state == "body" and not p.keep_alive
+    p.feed_eof()
+    assert (p.state, body) == ("done", b"until close")
+    p, body = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", head=True)
+    assert (p.state, body) == ("done", b"")
+    p, _ = _parse(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n")
+    assert p.state == "done"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX",
+        b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\nInjected: b\r\n\r\n",
+        b"SPDY/3 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",
+    ],
+)
+def test_parser_rejects_broken_responses(raw: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        _parse(raw)
+
+
+def test_parser_truncated_body_is_an_error() -> None:
+    p, _ = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(UpstreamProtocolError):
+        p.feed_eof()
+
+
+def test_serialized_request_is_framed_by_the_edge() -> None:
+    from multidict import CIMultiDict
+
+    raw = serialize_request("POST", "/a?b=1", CIMultiDict({"Host": "h"}), b"xyz", close=True)
+    assert raw == (b"POST /a?b=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nxyz")
