@@ -297,10 +297,12 @@ class Demo:
         for name, ip, port in plan.apps:
             rows.append((name, f"{ip}:{port}", f"sample AP, agent node {name}"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        table = "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+        table = "\n".join(
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip() for r in rows
+        )
         first_ip, first_port = plan.edges[0][1], plan.edges[0][2]
         etcd_flag = f"--etcd {plan.etcd[0]}:{plan.etcd[1]}"
-        carousel = "carousel" if shutil.which("carousel") else f"{sys.executable} -m carousel.cli"
+        carousel = _carousel_command()
         return f"""
 Carousel demo cluster is up.
 
@@ -317,6 +319,17 @@ Try:
 
 Logs: {self.workdir}/*.log     Stop: Ctrl-C
 """
+
+
+def _carousel_command() -> str:
+    """How the user can run `carousel` from here: on PATH, else the venv's script."""
+    script = Path(sys.executable).with_name("carousel")
+    if shutil.which("carousel") == str(script) or not script.exists():
+        return "carousel" if shutil.which("carousel") else f"{sys.executable} -m carousel.cli"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -1,0 +1,111 @@
+"""`carousel demo` end to end: start it, run the commands it prints, stop it, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from carousel.etcdserver import free_port
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.skipif(not shutil.which("dig") or not shutil.which("curl"), reason="needs dig and curl")
+def test_demo_prints_commands_that_work(tmp_path: Path):
+    workdir = tmp_path / "demo"
+    ports = {
+        "--dns-port": free_port(),
+        "--edge-port": free_port("127.0.0.11"),
+        "--app-port": free_port("127.0.0.21"),
+        "--etcd-port": free_port(),
+    }
+    argv = [sys.executable, "-m", "carousel.cli", "demo", "--workdir", str(workdir), "--json-ready"]
+    for flag, port in ports.items():
+        argv += [flag, str(port)]
+    log = tmp_path / "demo.out"
+    with open(log, "wb") as out:
+        demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while '"ready": true' not in log.read_text():
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        commands = [line.strip().split("  (")[0].strip() for line in text.splitlines()]
+        digs = [c for c in commands if c.startswith("dig ")]
+        curls = [c for c in commands if c.startswith("curl ")]
+        assert digs and len(curls) == 2, text
+
+        # dig: three edges, rotated between queries.
+        short = next(c for c in digs if "+short" in c)
+        firsts = []
+        for _ in range(3):
+            out = subprocess.run(
+                shlex.split(short), capture_output=True, text=True, timeout=10
+            ).stdout.split()
+            assert sorted(out) == ["127.0.0.11", "127.0.0.12", "127.0.0.13"], out
+            firsts.append(out[0])
+        assert len(set(firsts)) == 3, f"each edge first once: {firsts}"
+        full = subprocess.run(shlex.split(digs[0]), capture_output=True, text=True, timeout=10).stdout
+        assert "status: NOERROR" in full and " aa" in full, full
+
+        # curl: the dynamic page through an edge, and a static file served by the edge itself.
+        page = subprocess.run([*shlex.split(curls[0]), "-sf"], capture_output=True, text=True, timeout=10)
+        assert page.returncode == 0 and "Served by AP ap" in page.stdout, page
+        static = subprocess.run(
+            [*shlex.split(curls[1]), "-sf", "-o", "/dev/null", "-w", "%{http_code} %{content_type}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert static.stdout.startswith("200 image/svg+xml"), static
+
+        # status and drain, as printed.
+        status_cmd = next(c for c in commands if " status " in f" {c} ")
+        status = subprocess.run(shlex.split(status_cmd), capture_output=True, text=True, timeout=20)
+        assert status.returncode == 0 and len(re.findall(r"^edge\s", status.stdout, re.M)) == 3, status
+        drain_cmd = next(c for c in commands if " drain edge2" in c)
+        subprocess.run(shlex.split(drain_cmd), check=True, capture_output=True, timeout=20)
+        deadline = time.monotonic() + 2
+        while True:
+            out = subprocess.run(
+                shlex.split(short), capture_output=True, text=True, timeout=10
+            ).stdout.split()
+            if sorted(out) == ["127.0.0.11", "127.0.0.13"]:
+                break
+            assert time.monotonic() < deadline, out
+            time.sleep(0.05)
+    finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+        try:
+            code = demo.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    assert "Stopped." in log.read_text()
+    leftovers = _processes_mentioning(str(workdir))
+    assert not leftovers, leftovers
