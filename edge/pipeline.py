@@ -177,6 +177,8 @@ class Reply:
     reason: str | None = None
     # A handler that wrote the response itself (WebSocket) sets this.
     raw: web.StreamResponse | None = None
+    # Close the client connection after this response.
+    close_connection: bool = False
 
 
 @dataclass(slots=True)

@@ -111,7 +111,7 @@ class ProxyHandler:
             body = await read_request_body(request, self.max_body)
         except BodyTooLarge:
             reply = error_reply(413)
-            reply.headers["Connection"] = "close"
+            reply.close_connection = True  # the rest of the body is not worth reading
             return reply
         headers = ex.upstream_headers
         if headers is None:  # the headers feature was removed by a user's build

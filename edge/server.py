@@ -138,7 +138,11 @@ class Edge:
                 reply = error_reply(500)
         resp = await self._write(request, reply, route.extra_headers if route else ())
         protocol = request.protocol
-        if getattr(protocol, "_request_count", 0) >= self._max_requests or self.draining:
+        if (
+            reply.close_connection
+            or getattr(protocol, "_request_count", 0) >= self._max_requests
+            or self.draining
+        ):
             resp.force_close()
         route_name = route.name if route is not None else "-"
         self.metrics.count_request(route_name, reply.status)
