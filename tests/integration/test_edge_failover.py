@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -143,10 +144,10 @@ async def test_active_health_checks_follow_the_ap(app_procs) -> None:
         await _until(lambda: pool.status()["members"][1]["healthy"], 3)
 
 
-async def _until(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
+async def _until(predicate, limit: float) -> float:  # type: ignore[no-untyped-def]
     t0 = time.monotonic()
     while not predicate():
-        if time.monotonic() - t0 > timeout:
+        if time.monotonic() - t0 > limit:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
     return time.monotonic() - t0
@@ -192,6 +193,86 @@ async def test_registry_members_appear_within_a_second_and_drain(etcd_cfg) -> No
             await etcd.revoke(lease.id)  # both gone: nothing left to serve
             await _until(lambda: not edge.pools["app"].members, 1.0)
             assert await served_by() is None
+    finally:
+        await etcd.close()
+        for runner, _ in runners:
+            await runner.cleanup()
+
+
+def _agent_toml(etcd_cfg, node: str, app_port: int) -> str:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    return f"""
+[agent]
+node = "{node}"
+ttl = 3
+drain_delay = 5.0
+[etcd]
+endpoints = {_json.dumps(etcd_cfg.endpoints)}
+prefix = "{etcd_cfg.prefix}"
+timeout = 1.0
+[[service]]
+name = "app"
+port = {app_port}
+ipv4 = ["127.0.0.1"]
+[service.check]
+interval = 0.2
+timeout = 0.5
+rise = 1
+fall = 2
+"""
+
+
+@pytest.mark.slow
+async def test_agent_registered_ap_gets_traffic_and_drain_stops_it(etcd_cfg, procs: ProcessGroup) -> None:
+    """Real `carousel agent` processes register two APs; `carousel drain` takes one out."""
+    runners = [await start_app("127.0.0.1", 0, name) for name in ("n1", "n2")]
+    etcd = Etcd(etcd_cfg)
+    keys = Keys(etcd_cfg.prefix)
+    try:
+        cfg = {
+            "etcd": {"endpoints": etcd_cfg.endpoints, "prefix": etcd_cfg.prefix, "timeout": 1.0},
+            "pool": {"app": {"service": "app"}},
+            "route": [{"path": "/", "pool": "app"}],
+        }
+        async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{edge.port}/echo"
+
+            async def served_by() -> str | None:
+                async with s.get(url) as r:
+                    return (await r.json())["ap"] if r.status == 200 else None
+
+            procs.daemon("agent", "agent-n1", _agent_toml(etcd_cfg, "n1", runners[0][1]))
+            # From the moment the agent's record exists to the first request it serves.
+            deadline = time.monotonic() + 20
+            while await etcd.get(keys.service("app", "n1")) is None:
+                assert time.monotonic() < deadline, "agent never registered the AP"
+                await asyncio.sleep(0.01)
+            registered = time.monotonic()
+            while await served_by() != "n1":
+                assert time.monotonic() - registered < 1.0, "no traffic within 1 s"
+                await asyncio.sleep(0.01)
+
+            procs.daemon("agent", "agent-n2", _agent_toml(etcd_cfg, "n2", runners[1][1]))
+            await _until(lambda: len(edge.pools["app"].members) == 2, 20)
+            assert {await served_by() for _ in range(6)} == {"n1", "n2"}
+
+            drain = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "carousel.cli", "drain", "n2",
+                "--etcd", etcd_cfg.endpoints[0], "--registry-prefix", etcd_cfg.prefix,
+            )  # fmt: skip
+            assert await drain.wait() == 0
+            await _until(
+                lambda: (
+                    "n2" not in edge.pools["app"].members
+                    or edge.pools["app"].members["n2"].state == "draining"
+                ),
+                5,
+            )
+            n2_stats = runners[1][0].app["sample"].stats
+            before = n2_stats.requests
+            assert {await served_by() for _ in range(10)} == {"n1"}
+            assert n2_stats.requests == before  # not one new request for the drained AP
     finally:
         await etcd.close()
         for runner, _ in runners:
