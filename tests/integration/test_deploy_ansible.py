@@ -1,0 +1,288 @@
+"""deploy/ansible: lint, syntax, and every template rendered by Ansible and checked by carousel.
+
+The render runs the roles' own template tasks (deploy/ansible/tests/render.yml)
+for every host of an inventory into a temp dir, so each TOML goes through the
+same `validate: carousel check-config` it meets on a real node; the test then
+feeds every rendered config to `carousel check-config` itself and every unit to
+`systemd-analyze verify`. A template that drifts from a daemon's config
+dataclasses fails here, not on a VM.
+
+Tools come from the venv (ansible-core, ansible-lint) or Debian (systemd,
+ruby); a missing one skips its test with the package to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "deploy" / "ansible"
+EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example" / "hosts.yml"
+VENV_BIN = Path(sys.executable).parent
+CAROUSEL = VENV_BIN / "carousel"
+ROLES = ("common", "etcd", "dnsd", "edge", "agent", "app")
+CONFIG_KINDS = {"dnsd.toml": "dnsd", "edge.toml": "edge", "agent.toml": "agent", "app.toml": "app"}
+
+
+def _tool(name: str) -> str:
+    found = VENV_BIN / name
+    if found.exists():
+        return str(found)
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (pip install ansible-core ansible-lint into the venv)")
+    return path
+
+
+def _ansible_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"),
+        ANSIBLE_HOME=str(tmp / "ansible-home"),
+        ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_RETRY_FILES_ENABLED="0",
+    )
+    return env
+
+
+def _etcd_binary() -> str:
+    # The rendered etcd unit must name a binary that exists for systemd-analyze verify.
+    return str(VENV_BIN / "etcd") if (VENV_BIN / "etcd").exists() else "/bin/true"
+
+
+def render(tmp: Path, inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run tests/render.yml for every host of ``inventory`` into tmp/rendered."""
+    root = tmp / "rendered"
+    root.mkdir(parents=True, exist_ok=True)
+    argv = [
+        _tool("ansible-playbook"),
+        "-i",
+        str(inventory),
+        str(ANSIBLE_DIR / "tests" / "render.yml"),
+        "-e",
+        f"render_root={root}",
+        "-e",
+        f"common_venv_dir={VENV_BIN.parent}",
+        "-e",
+        f"etcd_binary={_etcd_binary()}",
+        *extra,
+    ]
+    return subprocess.run(
+        argv, cwd=ANSIBLE_DIR, env=_ansible_env(tmp), capture_output=True, text=True, timeout=600
+    )
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    kind = CONFIG_KINDS[path.name]
+    argv = [str(CAROUSEL), "check-config", "--kind", kind, str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def example_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every template rendered for every host of the example inventory."""
+    tmp = tmp_path_factory.mktemp("render-example")
+    out = render(tmp, EXAMPLE_INVENTORY)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    return tmp / "rendered"
+
+
+def test_ansible_lint_production_profile_is_clean(tmp_path: Path) -> None:
+    lint = _tool("ansible-lint")
+    out = subprocess.run(
+        [lint, "--profile", "production", "--offline", "--nocolor", "."],
+        cwd=ANSIBLE_DIR,
+        env=_ansible_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("playbook", ["site.yml", "tests/render.yml"])
+def test_playbook_syntax_check(tmp_path: Path, playbook: str) -> None:
+    out = subprocess.run(
+        [_tool("ansible-playbook"), "-i", str(EXAMPLE_INVENTORY), "--syntax-check", playbook],
+        cwd=ANSIBLE_DIR,
+        env=_ansible_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_template_is_rendered(example_render: Path) -> None:
+    rendered = {p.name for p in example_render.rglob("*") if p.is_file()}
+    templates = sorted(ANSIBLE_DIR.glob("roles/*/templates/*.j2"))
+    assert len(templates) >= 10
+    # The etcd config is written under the name etcd_config_file gives it.
+    output_name = {"etcd.conf.yml.j2": "carousel.conf.yml"}
+    for template in templates:
+        name = output_name.get(template.name, template.name.removesuffix(".j2"))
+        assert name in rendered, f"{template.relative_to(ANSIBLE_DIR)} was not rendered for any host"
+    # Each host got exactly its groups' files.
+    expected = {
+        "ns1": {"dnsd.toml", "carousel-dnsd.service", "carousel.conf.yml", "etcd.service"},
+        "edge1": {"edge.toml", "carousel-edge.service", "agent.toml", "carousel-agent.service"},
+        "app1": {"app.toml", "carousel-app.service", "agent.toml", "carousel-agent.service"}
+        | {"carousel.conf.yml", "etcd.service"},
+        "app2": {"app.toml", "carousel-app.service", "agent.toml", "carousel-agent.service"},
+    }
+    for host, files in expected.items():
+        assert {p.name for p in (example_render / host).rglob("*") if p.is_file()} == files
+
+
+def test_every_rendered_config_passes_check_config(example_render: Path) -> None:
+    configs = sorted(p for p in example_render.rglob("*.toml"))
+    assert len(configs) == 2 + 3 * 2 + 2 * 2  # dnsd x2, edge+agent x3, app+agent x2
+    for config in configs:
+        out = _check_config(config)
+        assert out.returncode == 0, f"{config}: {out.stderr}"
+        assert "valid" in out.stdout
+
+
+def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
+    dnsd = tomllib.loads((example_render / "ns2" / "etc/carousel/dnsd.toml").read_text())
+    assert dnsd["dns"]["listen"] == ["192.168.56.12:53"]
+    zone = dnsd["zone"][0]
+    assert zone["origin"] == "example.test" and zone["services"]["www"] == "edge"
+    assert [(ns["name"], ns["ipv4"]) for ns in zone["ns"]] == [
+        ("ns1", ["192.168.56.11"]),
+        ("ns2", ["192.168.56.12"]),
+    ]
+    assert dnsd["etcd"]["endpoints"] == ["192.168.56.11:2379", "192.168.56.12:2379", "192.168.56.31:2379"]
+
+    agent = tomllib.loads((example_render / "edge3" / "etc/carousel/agent.toml").read_text())
+    assert agent["agent"]["node"] == "edge3"
+    assert agent["agent"]["drain_delay"] >= zone["service_ttl"]
+    (service,) = agent["service"]
+    assert (service["name"], service["port"], service["ipv4"]) == ("edge", 80, ["192.168.56.23"])
+    edge = tomllib.loads((example_render / "edge3" / "etc/carousel/edge.toml").read_text())
+    assert service["check"]["url"] == f"http://127.0.0.1:{edge['admin']['port']}/healthz"
+
+    app_agent = tomllib.loads((example_render / "app2" / "etc/carousel/agent.toml").read_text())
+    assert [s["name"] for s in app_agent["service"]] == ["app"]
+    assert app_agent["service"][0]["check"]["url"] == "http://192.168.56.32:9000/healthz"
+
+    etcd = json.loads((example_render / "app1" / "etc/etcd/carousel.conf.yml").read_text())
+    assert etcd["name"] == "app1"
+    assert etcd["initial-cluster"] == (
+        "ns1=http://192.168.56.11:2380,ns2=http://192.168.56.12:2380,app1=http://192.168.56.31:2380"
+    )
+    assert etcd["election-timeout"] == 1000
+
+
+def test_units_are_hardened(example_render: Path) -> None:
+    units = sorted(example_render.rglob("*.service"))
+    for unit in units:
+        text = unit.read_text()
+        for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure"):
+            assert line in text, f"{unit.name}: missing {line}"
+        binds_low_ports = unit.name in ("carousel-dnsd.service", "carousel-edge.service")
+        assert ("CAP_NET_BIND_SERVICE" in text) == binds_low_ports, unit.name
+        assert "\nUser=" in text and "\nGroup=" in text, f"{unit.name}: no dedicated user"
+    agent = (example_render / "edge1" / "etc/systemd/system/carousel-agent.service").read_text()
+    stop_timeout = int(agent.split("TimeoutStopSec=")[1].split()[0])
+    assert stop_timeout > 6  # the drain_delay of the example inventory
+    assert "ExecReload=/bin/kill -USR2 $MAINPID" in agent
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt-get install systemd)"
+)
+def test_units_pass_systemd_analyze_verify(example_render: Path) -> None:
+    units = sorted(example_render.rglob("*.service"))
+    assert len(units) == 2 * 1 + 3 * 2 + 2 * 2 + 3  # dnsd, edge+agent, app+agent, 3 etcd members
+    for unit in units:
+        out = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        # Warnings (unknown keys, bad values) go to stderr with status 0: they fail the test too.
+        assert out.returncode == 0 and not out.stderr.strip(), f"{unit}: {out.stderr}"
+
+
+def test_tls_and_auth_render_and_validate(tmp_path: Path) -> None:
+    out = render(
+        tmp_path,
+        EXAMPLE_INVENTORY,
+        "-e",
+        '{"etcd_tls": true, "common_etcd_tls": true, "common_etcd_username": "carousel",'
+        ' "common_etcd_password": "s3cret"}',
+    )
+    assert out.returncode == 0, out.stdout[-4000:]
+    root = tmp_path / "rendered"
+    agent = tomllib.loads((root / "app1" / "etc/carousel/agent.toml").read_text())
+    assert agent["etcd"]["ca_file"].endswith("/pki/ca.pem")
+    assert agent["etcd"]["cert_file"].endswith("/pki/client.pem")
+    assert agent["etcd"]["username"] == "carousel"
+    assert agent["etcd"]["password_file"].endswith("/etcd-password")
+    assert "s3cret" not in (root / "app1" / "etc/carousel/agent.toml").read_text()
+    for config in root.rglob("*.toml"):
+        assert _check_config(config).returncode == 0, config
+    etcd = json.loads((root / "ns1" / "etc/etcd/carousel.conf.yml").read_text())
+    assert etcd["client-transport-security"]["client-cert-auth"] is True
+    assert etcd["listen-peer-urls"].startswith("https://")
+
+
+def test_a_bad_value_is_stopped_by_the_validate_step(tmp_path: Path) -> None:
+    # A negative TTL renders fine as TOML, but carousel refuses it: the live file must not appear.
+    out = render(tmp_path, EXAMPLE_INVENTORY, "-e", '{"dnsd_service_ttl": -1}', "--limit", "ns1")
+    assert out.returncode != 0
+    output = out.stdout + out.stderr
+    assert "failed to validate" in output and "zone[0].service_ttl: must be a TTL" in output
+    assert not (tmp_path / "rendered" / "ns1" / "etc/carousel/dnsd.toml").exists()
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed (apt-get install ruby)")
+def test_vagrant_lab_inventory_renders_and_validates(tmp_path: Path) -> None:
+    # The inventory Vagrant's provisioner generates: its groups, node_address per host.
+    plan_out = subprocess.run(
+        ["ruby", "-r", "./lab.rb", "-e", "puts CarouselLab.plan({}).to_json"],
+        cwd=REPO / "vagrant",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert plan_out.returncode == 0, plan_out.stderr
+    plan = json.loads(plan_out.stdout)
+    inventory = {
+        "all": {
+            "hosts": {m["name"]: {"node_address": m["ip"]} for m in plan["machines"]},
+            "children": {g: {"hosts": {h: None for h in hosts}} for g, hosts in plan["groups"].items()},
+        }
+    }
+    path = tmp_path / "vagrant-inventory.json"
+    path.write_text(json.dumps(inventory))
+    out = render(tmp_path, path)
+    assert out.returncode == 0, out.stdout[-4000:]
+    configs = sorted((tmp_path / "rendered").rglob("*.toml"))
+    assert len(configs) == 12
+    for config in configs:
+        assert _check_config(config).returncode == 0, config
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CAROUSEL_DEPLOY_CHROOT") != "1",
+    reason="opt-in (slow: debootstrap, apt, pip): set CAROUSEL_DEPLOY_CHROOT=1, as root",
+)
+def test_site_yml_into_a_chroot_twice_changes_nothing_the_second_time() -> None:
+    out = subprocess.run(
+        ["bash", str(ANSIBLE_DIR / "tests" / "chroot-run.sh")], capture_output=True, text=True, timeout=3600
+    )
+    print(out.stdout[-6000:])
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "the second run changed nothing" in out.stdout
