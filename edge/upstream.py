@@ -112,28 +112,31 @@ class ResponseParser:
             raise UpstreamProtocolError("connection closed before the response was complete")
 
     def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        text = head.decode("latin-1")
+        crlf = text.count("\r\n")
+        if text.count("\n") != crlf or text.count("\r") != crlf or "\x00" in text:
+            raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
+        lines = text.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
             raise UpstreamProtocolError("bad status line")
         status = int(parts[1])
         if len(lines) > MAX_HEADERS + 1:
             raise UpstreamProtocolError("too many response headers")
         if 100 <= status < 200 and status != 101:
             return  # interim response; the real one follows
-        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b"") or (b"\x00" in head):
-            raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
-        headers: CIMultiDict[str] = CIMultiDict()
+        pairs = []
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or b" " in name:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[-1] in " \t" or " " in name:
                 raise UpstreamProtocolError("bad header line")
-            headers.add(name.decode("latin-1"), value.strip(b" \t").decode("latin-1"))
+            pairs.append((name, value.strip(" \t")))
+        headers: CIMultiDict[str] = CIMultiDict(pairs)
         self.status = status
-        self.reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+        self.reason = parts[2] if len(parts) > 2 else ""
         self.headers = headers
         connection = headers.get("Connection", "").lower()
-        self.keep_alive = parts[0] == b"HTTP/1.1" and "close" not in connection
+        self.keep_alive = parts[0] == "HTTP/1.1" and "close" not in connection
         te = headers.get("Transfer-Encoding")
         lengths = headers.getall("Content-Length", [])
         if self.head_request or status in (204, 304) or status == 101:
