@@ -51,6 +51,8 @@ class ServerConfig:
     max_requests_per_connection: int = field(default=1000, metadata={"check": _at_least_one})
     # Request bodies are read whole before the upstream is contacted; larger -> 413.
     max_body_size: int = field(default=10 * 1024 * 1024, metadata={"check": non_negative})
+    # Seconds a client may take to send its whole body; slower -> 408.
+    body_timeout: float = field(default=30.0, metadata={"check": positive})
     # Upstream responses are kept in memory up to this many bytes, then spilled to a file.
     response_memory_limit: int = field(default=1024 * 1024, metadata={"check": non_negative})
     temp_dir: str | None = None

@@ -14,7 +14,7 @@ def _page(status: int) -> bytes:
     return f"<html><body><h1>{status} {phrase}</h1></body></html>\n".encode()
 
 
-_PAGES = {s: _page(s) for s in (400, 404, 405, 413, 429, 500, 502, 503, 504)}
+_PAGES = {s: _page(s) for s in (400, 404, 405, 408, 413, 429, 500, 502, 503, 504)}
 
 
 def error_reply(status: int, retry_after: int | None = None) -> Reply:

@@ -18,9 +18,9 @@ replayed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -40,8 +40,6 @@ from edge.upstream import (
     serialize_request,
 )
 from edge.websocket import bridge_websocket, is_websocket_upgrade
-
-log = structlog.get_logger("carousel.edge.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
@@ -87,6 +85,7 @@ class ProxyHandler:
         self.pools = pools
         self.metrics = metrics
         self.max_body = config.edge.max_body_size
+        self.body_timeout = config.edge.body_timeout
         self.memory_limit = config.edge.response_memory_limit
         self.temp_dir = config.edge.temp_dir
 
@@ -108,10 +107,15 @@ class ProxyHandler:
         if route.config.websocket and is_websocket_upgrade(request):
             return await bridge_websocket(ex, pool, self._upstream_path(ex))
         try:
-            body = await read_request_body(request, self.max_body)
+            async with asyncio.timeout(self.body_timeout):
+                body = await read_request_body(request, self.max_body)
         except BodyTooLarge:
             reply = error_reply(413)
             reply.close_connection = True  # the rest of the body is not worth reading
+            return reply
+        except TimeoutError:
+            reply = error_reply(408)
+            reply.close_connection = True
             return reply
         headers = ex.upstream_headers
         if headers is None:  # the headers feature was removed by a user's build

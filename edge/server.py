@@ -138,11 +138,14 @@ class Edge:
                 reply = error_reply(500)
         resp = await self._write(request, reply, route.extra_headers if route else ())
         protocol = request.protocol
-        if (
-            reply.close_connection
-            or getattr(protocol, "_request_count", 0) >= self._max_requests
-            or self.draining
-        ):
+        if reply.close_connection:
+            # Send it now and close: waiting for the rest of an unwanted body (aiohttp's
+            # lingering close) would let a stalled client hold the connection.
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            protocol.force_close()
+        elif getattr(protocol, "_request_count", 0) >= self._max_requests or self.draining:
             resp.force_close()
         route_name = route.name if route is not None else "-"
         self.metrics.count_request(route_name, reply.status)

@@ -180,6 +180,18 @@ async def test_keepalive_limit_and_body_limit(aps: list[int]) -> None:
         assert ok is not None and json.loads(ok.body)["body_length"] == 10
 
 
+async def test_a_stalled_body_gets_408(aps: list[int]) -> None:
+    cfg = _pool(aps[:1])
+    cfg["edge"] = {"body_timeout": 0.3}
+    async with running_edge(cfg) as edge:
+        t0 = time.monotonic()
+        resp = await raw_request(
+            edge.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-this"
+        )
+        assert resp is not None and resp.status == 408
+        assert time.monotonic() - t0 < 2
+
+
 class StampFeature:
     """A user feature: vetoes /blocked, stamps every other response."""
 
