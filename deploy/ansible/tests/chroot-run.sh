@@ -66,10 +66,18 @@ mount -t sysfs sys "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 
+# Both runs build their wheel from the same snapshot of the committed tree: in a
+# shared checkout the working tree may change between them, which would be a real
+# change to deploy, not a lack of idempotence.
+repo="$(cd "$playbook_dir/../.." && pwd)"
+rm -rf "$work/src"
+mkdir -p "$work/src"
+git -C "$repo" archive HEAD | tar -x -C "$work/src"
+
 run_playbook() {
     ANSIBLE_ROLES_PATH="$playbook_dir/roles" ANSIBLE_FORCE_COLOR=0 \
         "$ansible_bin/ansible-playbook" -i "$here/chroot/hosts.yml" "$playbook_dir/site.yml" \
-        -e "ansible_host=$root" -e etcd_wait_for_health=false "$@"
+        -e "ansible_host=$root" -e "carousel_source_dir=$work/src" -e etcd_wait_for_health=false "$@"
 }
 
 log1="$work/run1.log"
