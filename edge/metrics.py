@@ -2,8 +2,9 @@
 
 Counters touched per request use pre-resolved label children (a dict lookup,
 no label parsing). State that already lives in the pools (queue depth, member
-state, active connections) is read only when /metrics is scraped, by a custom
-collector, so the hot path pays nothing for it.
+state, active connections) and the plain request counts are read only when
+/metrics is scraped, by a custom collector, so the hot path pays almost
+nothing for them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class _StateCollector(Collector):
         yield timeouts
         yield up
         yield active
+        requests = CounterMetricFamily(
+            "carousel_edge_requests", "Requests answered, by route and status", labels=["route", "status"]
+        )
+        for (route, status), count in list(state["requests"].items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
 
 
 class Metrics:
@@ -63,12 +70,6 @@ class Metrics:
 
     def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "carousel_edge_requests",
-            "Requests answered, by route and status",
-            ["route", "status"],
-            registry=self.registry,
-        )
         self.upstream_latency = Histogram(
             "carousel_edge_upstream_seconds",
             "Time to get a whole response from a member",
@@ -82,16 +83,17 @@ class Metrics:
             ["pool", "member"],
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(read_state))
-        self._request_children: dict[tuple[str, int], Any] = {}
+        # Plain counts, turned into a Prometheus counter at scrape time: the
+        # per-request cost is one dict update, with no lock and no label lookup.
+        self.request_counts: dict[tuple[str, int], int] = {}
+        self.registry.register(_StateCollector(lambda: {**read_state(), "requests": self.request_counts}))
         self._latency_children: dict[str, Any] = {}
 
     def count_request(self, route: str, status: int) -> None:
         """One answered request."""
-        child = self._request_children.get((route, status))
-        if child is None:
-            child = self._request_children[(route, status)] = self.requests.labels(route, str(status))
-        child.inc()
+        counts = self.request_counts
+        key = (route, status)
+        counts[key] = counts.get(key, 0) + 1
 
     def observe_upstream(self, pool: str, seconds: float) -> None:
         """Upstream latency of one successful attempt."""

@@ -13,6 +13,7 @@ Larger files are sent from an open descriptor (sendfile on the asyncio loop).
 
 from __future__ import annotations
 
+import dataclasses
 import mimetypes
 import os
 import stat
@@ -42,6 +43,7 @@ class FileInfo:
     mtime: int
     content_type: str
     content: bytes | None
+    base_headers: tuple[tuple[str, str], ...] = ()
 
 
 def content_type_of(path: str) -> str:
@@ -161,6 +163,15 @@ class StaticFiles:
             content_type=content_type_of(real),
             content=content,
         )
+        info = dataclasses.replace(
+            info,
+            base_headers=(
+                ("Content-Type", info.content_type),
+                ("ETag", info.etag),
+                ("Last-Modified", info.last_modified),
+                ("Accept-Ranges", "bytes"),
+            ),
+        )
         if len(self._cache) >= CACHE_ENTRIES:
             self._cache.pop(next(iter(self._cache)))
         self._cache[full] = info
@@ -201,14 +212,7 @@ class StaticFiles:
     def respond(self, ex: Exchange, info: FileInfo) -> Reply:
         """200, 206, 304 or 416 for one file."""
         h = ex.request.headers
-        headers: CIMultiDict[str] = CIMultiDict(
-            {
-                "Content-Type": info.content_type,
-                "ETag": info.etag,
-                "Last-Modified": info.last_modified,
-                "Accept-Ranges": "bytes",
-            }
-        )
+        headers: CIMultiDict[str] = CIMultiDict(info.base_headers)
         inm = h.get("If-None-Match")
         if inm is not None:
             if _etag_matches(inm, info.etag):
