@@ -142,7 +142,7 @@ class HeaderHygiene:
         if ex.route.kind == "pool":
             ex.upstream_headers = self.upstream_headers(ex)
             reply = await call_next(ex)
-            if reply.raw is None:
+            if reply.tunnel is None:  # a 101 keeps its Upgrade and Connection
                 self.clean_response(reply.headers)
             return reply
         return await call_next(ex)

@@ -46,12 +46,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
     from edge.config import Config
+    from edge.connection import Request
     from edge.routing import Route
+
+
+class BodyWriter(Protocol):
+    """Where a body is written: the client connection, with flow control."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
 
 # Built-in features, outermost first. "user" marks where [edge] features run.
 USER_FEATURES = "user"
@@ -72,10 +82,10 @@ class Body:
         if False:  # pragma: no cover - makes this an async generator
             yield b""
 
-    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
-        """Write the whole body to a prepared response."""
+    async def write_to(self, out: BodyWriter) -> None:
+        """Write the whole body (after the head; framing is the connection's job)."""
         async for chunk in self.chunks():
-            await response.write(chunk)
+            await out.write(chunk)
 
     def close(self) -> None:
         """Free what the body holds (temp files, upstream connections)."""
@@ -93,8 +103,8 @@ class BytesBody(Body):
     async def chunks(self) -> AsyncIterator[bytes]:
         yield self.data
 
-    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
-        await response.write(self.data)
+    async def write_to(self, out: BodyWriter) -> None:
+        await out.write(self.data)
 
 
 class FileBody(Body):
@@ -118,11 +128,11 @@ class FileBody(Body):
             pos += len(data)
             yield data
 
-    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
+    async def write_to(self, out: BodyWriter) -> None:
         # The asyncio loop has a real sendfile(); uvloop does not, and there
         # page-cache reads of 256 KiB with the transport's flow control are
         # what the client's pace allows anyway.
-        transport = request.transport
+        transport = out.transport
         loop = asyncio.get_running_loop()
         if transport is not None and self.length and isinstance(loop, asyncio.BaseEventLoop):
             try:
@@ -131,7 +141,7 @@ class FileBody(Body):
                 return
             except NotImplementedError:
                 pass
-        await super().write_to(response, request)
+        await super().write_to(out)
 
     def close(self) -> None:
         if self.owned and self.fd >= 0:
@@ -175,8 +185,10 @@ class Reply:
     headers: CIMultiDict[str]
     body: Body = EMPTY
     reason: str | None = None
-    # A handler that wrote the response itself (WebSocket) sets this.
-    raw: web.StreamResponse | None = None
+    # A 101 reply for a WebSocket: the connection becomes a pipe to this member transport.
+    tunnel: asyncio.Transport | None = None
+    # Bytes the member sent after its 101 head (already WebSocket frames).
+    tunnel_head: bytes = b""
     # Close the client connection after this response.
     close_connection: bool = False
 
@@ -185,7 +197,7 @@ class Reply:
 class Exchange:
     """One request on its way through the pipeline."""
 
-    request: web.BaseRequest
+    request: Request
     route: Route
     host: str
     client_ip: str

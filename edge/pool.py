@@ -148,7 +148,6 @@ class UpstreamPool:
         self.queue: deque[_Waiter] = deque()
         self.queue_timeouts = 0
         self.mirror: PrefixMirror[ServiceRecord] | None = None
-        self.session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._max = config.max_conns
         for m in config.members:
@@ -164,16 +163,8 @@ class UpstreamPool:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start discovery and health checks (HTTP requests use edge.upstream)."""
+        """Start discovery and health checks (requests themselves use edge.upstream)."""
         c = self.config
-        # aiohttp's client is kept for WebSocket upgrades only.
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
         if c.service and self.etcd is not None:
             self.mirror = PrefixMirror(
                 self.etcd,
@@ -202,8 +193,6 @@ class UpstreamPool:
         self.queue.clear()
         for m in self.members.values():
             m.conns.close()
-        if self.session is not None:
-            await self.session.close()
 
     # --- membership ---------------------------------------------------------------------
 

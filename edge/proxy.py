@@ -18,16 +18,14 @@ replayed.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from edge.config import Config
 from edge.errors import error_reply
 from edge.metrics import Metrics
-from edge.pipeline import Body, Exchange, Reply, StreamBody
+from edge.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
 from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 from edge.upstream import (
     ConnectFailed,
@@ -39,15 +37,11 @@ from edge.upstream import (
     UpstreamProtocolError,
     serialize_request,
 )
-from edge.websocket import bridge_websocket, is_websocket_upgrade
+from edge.websocket import bridge_websocket
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
 _NOT_FORWARDED = ("Expect", "Content-Length")
-
-
-class BodyTooLarge(Exception):
-    """The request body exceeds max_body_size."""
 
 
 class HeadBody(Body):
@@ -56,25 +50,8 @@ class HeadBody(Body):
     def __init__(self, length: int | None) -> None:
         self.length = length
 
-    async def write_to(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
+    async def write_to(self, out: BodyWriter) -> None:
         return None
-
-
-async def read_request_body(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The whole request body (None if there is none); BodyTooLarge past ``limit``."""
-    if not request.body_exists:
-        return None
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise BodyTooLarge()
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 class ProxyHandler:
@@ -84,8 +61,6 @@ class ProxyHandler:
         self.config = config
         self.pools = pools
         self.metrics = metrics
-        self.max_body = config.edge.max_body_size
-        self.body_timeout = config.edge.body_timeout
         self.memory_limit = config.edge.response_memory_limit
         self.temp_dir = config.edge.temp_dir
 
@@ -104,19 +79,10 @@ class ProxyHandler:
         request = ex.request
         assert route.config.pool is not None
         pool = self.pools[route.config.pool]
-        if route.config.websocket and is_websocket_upgrade(request):
+        if route.config.websocket and request.method == "GET" and request.is_upgrade("websocket"):
             return await bridge_websocket(ex, pool, self._upstream_path(ex))
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                body = await read_request_body(request, self.max_body)
-        except BodyTooLarge:
-            reply = error_reply(413)
-            reply.close_connection = True  # the rest of the body is not worth reading
-            return reply
-        except TimeoutError:
-            reply = error_reply(408)
-            reply.close_connection = True
-            return reply
+        # The connection has read the whole body already (edge/connection.py).
+        body = request.body
         headers = ex.upstream_headers
         if headers is None:  # the headers feature was removed by a user's build
             headers = CIMultiDict(request.headers)

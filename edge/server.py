@@ -4,6 +4,7 @@ Per request: normalise the host, look the route up in the precompiled table,
 build an Exchange, run the pipeline chain (built once at startup), and write
 the Reply with the framing the edge chooses (Content-Length when the length is
 known, chunked otherwise). Nothing is parsed or configured per request.
+The client protocol itself lives in edge/connection.py.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any, cast
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
-from aiohttp import web
 from multidict import CIMultiDict
 
 from carousel.admin import AdminServer
 from carousel.etcd import Etcd
 from carousel.registry import Keys
 from edge.config import Config
+from edge.connection import ClientConnection, Request
 from edge.errors import error_reply
 from edge.metrics import Metrics, access_log
 from edge.pipeline import BytesBody, Exchange, Handler, Reply, build_features, chain
@@ -31,39 +33,8 @@ from edge.static import StaticFiles, not_found
 
 log = structlog.get_logger("carousel.edge")
 
-
-def _forget_exchange(response: web.StreamResponse, request: web.BaseRequest | None) -> None:
-    """Drop what a finished request/response pair holds.
-
-    aiohttp's connection loop keeps its last request and response in local
-    variables while the connection idles, so without this every idle
-    keep-alive connection would also pin its last headers and body (kilobytes
-    each, times 10,000 idle clients). Nothing reads them after write_eof.
-    """
-    response._headers.clear()
-    if isinstance(response, web.Response):
-        response._body = None
-    if request is not None:
-        request._cache.clear()
-        request._message = request._headers = request._rel_url = None  # type: ignore[assignment]
-
-
-class _LeanResponse(web.Response):
-    """A web.Response that lets go of its contents once sent."""
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        request = self._req
-        await super().write_eof(data)
-        _forget_exchange(self, request)
-
-
-class _LeanStreamResponse(web.StreamResponse):
-    """A web.StreamResponse that lets go of its contents once sent."""
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        request = self._req
-        await super().write_eof(data)
-        _forget_exchange(self, request)
+_NO_BODY_STATUS = frozenset({204, 304})
+_PAGE_502 = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
 
 
 class Edge:
@@ -83,18 +54,24 @@ class Edge:
         self.proxy = ProxyHandler(config, self.pools, self.metrics)
         self.features = build_features(config, self)
         self.handle: Handler = chain(self.features, self._terminal)
+        self.connections: set[ClientConnection] = set()
         self.draining = False
         self.port = 0
         self.admin_port = 0
-        self._server: web.Server | None = None
-        self._runner: web.ServerRunner | None = None
-        self._sites: list[web.BaseSite] = []
+        self._listener: asyncio.Server | None = None
         self._admin: AdminServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.time()
         self._max_requests = config.edge.max_requests_per_connection
         self._server_header = config.edge.server_header
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine as a tracked task (shutdown waits for these)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- serving ------------------------------------------------------------------------
 
@@ -116,7 +93,8 @@ class Edge:
             BytesBody(cfg.body.encode()),
         )
 
-    async def _handle_request(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def answer(self, request: Request) -> None:
+        """Route a complete request, run the pipeline, write the reply."""
         raw_host = request.host
         host = self._hosts.get(raw_host)
         if host is None:
@@ -124,76 +102,90 @@ class Edge:
             if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
                 self._hosts[raw_host] = host
         route = self.routes.find(host, request.path, request.method)
+        ex = None
         if route is None:
             reply = not_found()
-            ex = None
         else:
-            # The peer address is only looked up where something uses it.
-            peer = request.remote or "" if route.kind == "pool" or self._access_log else ""
-            ex = Exchange(request, route, host, peer, "http")
+            ex = Exchange(request, route, host, request.remote, "http")
             try:
                 reply = await self.handle(ex)
             except Exception:
                 log.exception("request failed", route=route.name, path=request.path)
                 reply = error_reply(500)
-        resp = await self._write(request, reply, route.extra_headers if route else ())
-        protocol = request.protocol
-        if reply.close_connection:
-            # Send it now and close: waiting for the rest of an unwanted body (aiohttp's
-            # lingering close) would let a stalled client hold the connection.
-            resp.force_close()
-            await resp.prepare(request)
-            await resp.write_eof()
-            protocol.force_close()
-        elif getattr(protocol, "_request_count", 0) >= self._max_requests or self.draining:
-            resp.force_close()
+        conn = request.conn
+        keep_alive = (
+            request.head.keep_alive
+            and not reply.close_connection
+            and not self.draining
+            and conn.requests < self._max_requests
+        )
+        try:
+            await self._write(request, reply, route.extra_headers if route else (), keep_alive)
+        finally:
+            reply.body.close()
+        if not keep_alive and reply.tunnel is None:
+            conn.close()
         route_name = route.name if route is not None else "-"
         self.metrics.count_request(route_name, reply.status)
         if self._access_log:
             self._log_access(request, reply, ex, route_name)
-        return resp
 
     async def _write(
         self,
-        request: web.BaseRequest,
+        request: Request,
         reply: Reply,
         extra: tuple[tuple[str, str], ...],
-    ) -> web.StreamResponse:
-        """Turn a Reply into an aiohttp response, re-framed by the edge."""
-        if reply.raw is not None:
-            return reply.raw
-        headers = reply.headers
-        headers["Server"] = self._server_header
-        for name, value in extra:
-            headers[name] = value
+        keep_alive: bool,
+    ) -> None:
+        """Frame and send a reply: Content-Length when known, chunked otherwise."""
+        conn = request.conn
+        transport = conn.transport
+        if transport is None:
+            return
+        reply.headers["Server"] = self._server_header
         body = reply.body
-        if type(body) is BytesBody:
-            return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=body.data)
-        resp = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
-        if body.length is not None:
-            resp.content_length = body.length
-        prepared = False
+        bodiless = request.method == "HEAD" or reply.status in _NO_BODY_STATUS
         try:
-            await resp.prepare(request)
-            prepared = True
-            # HEAD, 204 and 304 carry no body, whatever the body object says.
-            if request.method != "HEAD" and reply.status not in (204, 304):
-                await body.write_to(resp, request)
-            await resp.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+            head = conn.send_head(request, reply, body.length, keep_alive, extra)
+        except ValueError:
+            log.warning("response with a forbidden header value", path=request.path)
+            error = Reply(502, CIMultiDict({"Server": self._server_header}))
+            head = conn.send_head(request, error, len(_PAGE_502), False, ())
+            transport.write(head + _PAGE_502)
+            conn.close()
+            return
+        if reply.tunnel is not None:
+            conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
+            return
+        if bodiless:
+            transport.write(head)
+            return
+        if type(body) is BytesBody:
+            data = body.data
+            if len(data) < 16384:
+                transport.write(head + data)
+            else:
+                transport.writelines((head, data))
+            await conn.drain()
+            return
+        await conn.write(head)
+        try:
+            if body.length is not None:
+                await body.write_to(conn)
+            else:
+                async for chunk in body.chunks():
+                    if chunk:
+                        await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await conn.write(b"0\r\n\r\n")
+        except ConnectionError:
             raise
         except Exception as exc:
-            if not prepared:
-                raise
-            # Headers are gone: the only honest signal left is an aborted connection.
+            # The head is gone: the only honest signal left is an aborted connection.
             log.warning("response aborted mid-body", path=request.path, error=str(exc))
-            if request.transport is not None:
-                request.transport.abort()
-        finally:
-            body.close()
-        return resp
+            if conn.transport is not None:
+                conn.transport.abort()
 
-    def _log_access(self, request: web.BaseRequest, reply: Reply, ex: Exchange | None, route: str) -> None:
+    def _log_access(self, request: Request, reply: Reply, ex: Exchange | None, route: str) -> None:
         now = time.monotonic()
         length = reply.body.length
         fields: dict[str, Any] = {
@@ -220,10 +212,7 @@ class Edge:
     # --- admin --------------------------------------------------------------------------
 
     def _metric_state(self) -> dict[str, Any]:
-        return {
-            "connections": len(self._server.connections) if self._server else 0,
-            "pools": self.pools,
-        }
+        return {"connections": len(self.connections), "pools": self.pools}
 
     def status(self) -> dict[str, Any]:
         """/status: listener, routes, pools and members."""
@@ -233,7 +222,7 @@ class Edge:
             "port": self.port,
             "draining": self.draining,
             "uptime": round(time.time() - self._started, 1),
-            "connections": len(self._server.connections) if self._server else 0,
+            "connections": len(self.connections),
             "routes": [
                 {"name": r.name, "kind": r.kind, "hosts": r.config.hosts, "path": r.prefix}
                 for r in self.routes.routes
@@ -245,7 +234,7 @@ class Edge:
         """/healthz: 200 while serving, 503 once shutdown has begun."""
         if self.draining:
             return False, "draining"
-        if self._server is None:
+        if self._listener is None:
             return False, "starting"
         return True, "ok"
 
@@ -256,26 +245,19 @@ class Edge:
         for pool in self.pools.values():
             await pool.start()
         c = self.config.edge
-        self._server = web.Server(
-            self._handle_request,
-            access_log=None,
-            keepalive_timeout=c.keepalive_timeout,
-            max_line_size=c.max_header_size,
-            max_field_size=c.max_header_size,
-            max_headers=c.max_headers,
-        )
-        self._runner = web.ServerRunner(self._server, handle_signals=False)
-        await self._runner.setup()
-        site: web.BaseSite
+        loop = asyncio.get_running_loop()
         if sock is not None:
-            site = web.SockSite(self._runner, sock)
+            self._listener = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
         else:
-            site = web.TCPSite(self._runner, c.host, c.port, reuse_address=True, reuse_port=c.workers > 1)
-        await site.start()
-        self._sites.append(site)
-        server = cast(asyncio.Server, site._server)
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+            self._listener = await loop.create_server(
+                lambda: ClientConnection(self),
+                c.host,
+                c.port,
+                reuse_address=True,
+                reuse_port=c.workers > 1,
+                backlog=4096,
+            )
+        self.port = self._listener.sockets[0].getsockname()[1]
         if self.worker == 0:
             self._admin = AdminServer(
                 self.config.admin,
@@ -290,24 +272,29 @@ class Edge:
     async def stop(self) -> None:
         """Graceful shutdown, step by step."""
         # 1. Report "draining" on /healthz at once, so the node agent takes this
-        #    edge out of DNS while we finish what is in flight.
+        #    edge out of DNS while we finish what is in flight. From now on every
+        #    response carries "Connection: close".
         self.draining = True
-        # 2. Stop accepting: close the listening sockets. New connections are
+        # 2. Stop accepting: close the listening socket. New connections are
         #    refused by the kernel; established ones keep going.
-        for site in self._sites:
-            await site.stop()
-        self._sites.clear()
-        server = self._server
-        if server is not None:
-            # 3. Ask every connection to close after its current response. Idle
-            #    keep-alive connections close now; busy ones answer with
-            #    "Connection: close" and then close.
-            server.pre_shutdown()
-            # 4. Wait for in-flight requests up to the deadline; past it the
-            #    remaining handlers are cancelled and their connections closed.
-            await server.shutdown(self.config.edge.shutdown_timeout)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._listener is not None:
+            self._listener.close()
+        # 3. Close idle keep-alive connections now; busy ones close after their
+        #    current response (step 1 made sure of that).
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        # 4. Wait for in-flight requests up to the deadline, then cancel what is
+        #    left and drop those connections.
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.config.edge.shutdown_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("requests cut off at the shutdown deadline", count=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
         # 5. Background work last: health checks, registry watches, upstream
         #    connection pools, etcd, and the admin listener.
         for pool in self.pools.values():

@@ -64,6 +64,7 @@ class ResponseParser:
         "reason",
         "state",
         "status",
+        "tail",
     )
 
     def __init__(self, head_request: bool = False) -> None:
@@ -78,6 +79,7 @@ class ResponseParser:
         self._length = 0
         self._chunk_left = 0
         self._chunk_state = "size"  # "size", "data", "crlf", "trailer"
+        self.tail = b""  # bytes after a 101 head: the new protocol's, not ours
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume bytes; return the body chunks they completed."""
@@ -99,7 +101,9 @@ class ResponseParser:
             elif self.state == "body":
                 buf = self._body(buf, out)
             else:
-                if buf.strip():
+                if self.status == 101:
+                    self.tail += buf
+                elif buf.strip():
                     raise UpstreamProtocolError("data after the response")
                 break
         return out
@@ -279,6 +283,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self.idle_handle: asyncio.TimerHandle | None = None
+        # After a 101, the client's transport: bytes are piped, not parsed.
+        self.tunnel: asyncio.Transport | None = None
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -286,6 +292,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
         parser = self.parser
         if parser is None:
             return  # bytes on an idle connection: it cannot be reused
@@ -307,9 +316,20 @@ class UpstreamConnection(asyncio.Protocol):
         if parser.state == "done":
             self._finish()
 
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
         if self.idle_handle is not None:
             self.idle_handle.cancel()
         parser = self.parser

@@ -1,71 +1,51 @@
-"""WebSocket pass-through on routes with `websocket = true`.
+"""WebSocket pass-through on routes with `websocket = true`: a byte tunnel after the handshake.
 
-The edge completes the upstream handshake first (so a dead member still gets
-a clean 502 and a retry), then accepts the client's upgrade with the
-subprotocol the member chose, and relays messages both ways until either side
-closes. The member's slot is held only for the handshake: a long-lived socket
-must not eat the `max_conns` budget meant for heavy AP requests.
+The edge forwards the client's upgrade request (cleaned like any request, with
+Connection/Upgrade put back) to a member on a fresh connection. If the member
+answers 101, the edge relays that head and from then on pipes bytes both ways
+without looking at them (flow control follows the slower side), so every
+WebSocket feature the two ends agree on passes through. Any other answer is
+returned to the client as a normal response. The member's slot is held only
+for the handshake: a long-lived socket must not eat the `max_conns` budget
+meant for heavy AP requests.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
-from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from edge.errors import error_reply
+from edge.headers import BACKEND_IDENTITY
 from edge.pipeline import Exchange, Reply
-from edge.pool import NoMember, QueueFull, QueueTimeout, UpstreamPool
+from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
+from edge.upstream import (
+    ConnectFailed,
+    ReadTimeout,
+    SpoolBuffer,
+    UpstreamProtocolError,
+    serialize_request,
+)
 
-# Handshake headers that aiohttp's client generates itself.
-_HANDSHAKE = (
-    "Sec-WebSocket-Key",
-    "Sec-WebSocket-Version",
-    "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol",
-    "Host",
-    "Content-Length",
+# What a 101 may carry back to the client: the handshake and nothing hop-by-hop else.
+_HANDSHAKE_REPLY = frozenset(
+    {
+        "upgrade",
+        "connection",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+    }
 )
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    """A GET asking to upgrade to websocket."""
-    return (
-        request.method == "GET"
-        and request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
-    )
-
-
-async def _pump(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, sink: object) -> None:
-    async for msg in source:
-        if msg.type == WSMsgType.TEXT:
-            await sink.send_str(msg.data)  # type: ignore[attr-defined]
-        elif msg.type == WSMsgType.BINARY:
-            await sink.send_bytes(msg.data)  # type: ignore[attr-defined]
-        elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            break
-
-
 async def bridge_websocket(ex: Exchange, pool: UpstreamPool, path: str) -> Reply:
-    """Relay one WebSocket between the client and a member."""
-    request = ex.request
-    headers: CIMultiDict[str] = CIMultiDict(ex.upstream_headers or {})
-    for name in _HANDSHAKE:
-        headers.popall(name, None)
-    if pool.config.preserve_host and "Host" in request.headers:
-        headers["Host"] = request.headers["Host"]
-    protocols = tuple(
-        p.strip()
-        for v in request.headers.getall("Sec-WebSocket-Protocol", ())
-        for p in v.split(",")
-        if p.strip()
-    )
-    assert pool.session is not None
-    tried: set = set()
+    """Hand the client's upgrade to a member; on 101 the connection becomes a tunnel."""
+    headers: CIMultiDict[str] = CIMultiDict(ex.upstream_headers or ex.request.headers)
+    headers.popall("Content-Length", None)
+    headers["Connection"] = "Upgrade"
+    headers["Upgrade"] = "websocket"
+    c = pool.config
+    tried: set[Member] = set()
     while True:
         try:
             member = await pool.acquire(None, tried)
@@ -75,39 +55,44 @@ async def bridge_websocket(ex: Exchange, pool: UpstreamPool, path: str) -> Reply
             return error_reply(503, retry_after=1)
         tried.add(member)
         ex.member = member.name
+        if not c.preserve_host or "Host" not in headers:
+            headers["Host"] = f"{member.host}:{member.port}"
+        conn = None
         try:
-            upstream = await pool.session.ws_connect(
-                URL(member.url.replace("http", "ws", 1) + path, encoded=True),
-                headers=headers,
-                protocols=protocols,
-                autoclose=False,
-                autoping=True,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            pool.release(member)
-            return error_reply(502 if exc.status < 400 else exc.status)
-        except (aiohttp.ClientError, OSError, TimeoutError):
+            conn = await member.conns.get(c.connect_timeout, fresh=True)
+            spool = SpoolBuffer(64 * 1024, None)
+            conn.sink = spool.add
+            conn.start(serialize_request("GET", path, headers, None, False), False, c.read_timeout)
+            assert conn.done is not None and conn.parser is not None
+            await conn.done
+        except (ConnectFailed, ReadTimeout, UpstreamProtocolError, OSError):
+            if conn is not None:
+                conn.abort()
             pool.release(member)
             pool.report_failure(member)
-            if len(tried) >= pool.config.max_tries:
+            if len(tried) >= c.max_tries:
                 return error_reply(502)
             continue
         pool.release(member)
-        break
-    client = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False
-    )
-    try:
-        await client.prepare(request)
-        to_member = asyncio.create_task(_pump(client, upstream))
-        to_client = asyncio.create_task(_pump(upstream, client))
-        await asyncio.wait({to_member, to_client}, return_when=asyncio.FIRST_COMPLETED)
-        for t in (to_member, to_client):
-            t.cancel()
-        await asyncio.gather(to_member, to_client, return_exceptions=True)
-    finally:
-        code = upstream.close_code or client.close_code or 1000
-        await upstream.close()
-        await client.close(code=code)
-    return Reply(101, CIMultiDict(), raw=client)
+        parser = conn.parser
+        if parser.status != 101:
+            conn.abort()
+            return Reply(parser.status, parser.headers, spool.body(), parser.reason or None)
+        transport = conn.transport
+        client = ex.request.transport
+        if transport is None or client is None:
+            conn.abort()
+            return error_reply(502)
+        # Hold the member's bytes until the client has the 101 head (the connection
+        # resumes reading once it is written).
+        transport.pause_reading()
+        early = parser.tail
+        conn.parser = None
+        conn.sink = None
+        conn.tunnel = client
+        reply_headers: CIMultiDict[str] = CIMultiDict(
+            (k, v)
+            for k, v in parser.headers.items()
+            if k.lower() in _HANDSHAKE_REPLY and k.lower() not in BACKEND_IDENTITY
+        )
+        return Reply(101, reply_headers, tunnel=transport, tunnel_head=early, reason="Switching Protocols")

@@ -1,0 +1,411 @@
+"""The client side of the edge: one asyncio Protocol per connection, HTTP/1.1 keep-alive.
+
+Theory of operation
+-------------------
+Bytes from the client go through ``RequestParser`` (edge/http1.py). A request
+is handed to the pipeline only once it is complete, body included: the edge
+buffers request bodies by design, so a handler never waits on a slow client.
+A body over ``max_body_size`` is answered 413 at once, a body slower than
+``body_timeout`` gets 408; both close the connection. Pipelined requests are
+answered in order, one at a time; reading pauses when too many are waiting.
+
+An idle connection costs this object, the parser, the transport and one timer
+(no task, no buffers): that is what lets an edge hold 10,000 keep-alive
+clients cheaply. The idle timer runs from the end of the last response, so a
+client trickling a request head byte by byte is closed at the same deadline.
+
+Responses are framed here: Content-Length when the body's length is known,
+chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
+(WebSocket) turns the connection into a byte pipe to the member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from multidict import CIMultiDictProxy
+
+from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser
+
+if TYPE_CHECKING:
+    from edge.pipeline import Reply
+    from edge.server import Edge
+
+log = structlog.get_logger("carousel.edge.connection")
+
+MAX_PIPELINED = 16
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_date_cache: list[Any] = [0, ""]
+
+
+def http_date() -> str:
+    """The Date header value, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True)
+    return str(_date_cache[1])
+
+
+class Request:
+    """A complete client request, as the pipeline sees it."""
+
+    __slots__ = ("_cookies", "body", "conn", "head", "remote")
+
+    def __init__(self, head: Head, conn: ClientConnection, body: bytes | None) -> None:
+        self.head = head
+        self.conn = conn
+        self.body = body
+        self.remote = conn.peer
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    @property
+    def path(self) -> str:
+        """The decoded path, without the query."""
+        return self.head.path
+
+    @property
+    def raw_path(self) -> str:
+        """The path and query exactly as the client sent them."""
+        return self.head.raw_path
+
+    @property
+    def query_string(self) -> str:
+        return self.head.query
+
+    @property
+    def version(self) -> str:
+        return self.head.version
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.head.headers
+
+    @property
+    def host(self) -> str:
+        return self.head.headers.get("Host", "")
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """Cookies by name (parsed on first use)."""
+        if self._cookies is None:
+            jar: SimpleCookie = SimpleCookie()
+            for value in self.head.headers.getall("Cookie", ()):
+                try:
+                    jar.load(value)
+                except Exception:  # a malformed cookie header is just no cookies
+                    continue
+            self._cookies = {k: m.value for k, m in jar.items()}
+        return self._cookies
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    def is_upgrade(self, protocol: str) -> bool:
+        """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""
+        h = self.head.headers
+        return h.get("Upgrade", "").lower() == protocol and "upgrade" in h.get("Connection", "").lower()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_body_timer",
+        "_current",
+        "_drain",
+        "_held",
+        "_idle_timer",
+        "_paused_reading",
+        "_paused_writing",
+        "closing",
+        "edge",
+        "handling",
+        "parser",
+        "peer",
+        "queue",
+        "requests",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.transport: asyncio.Transport | None = None
+        c = edge.config.edge
+        self.parser = RequestParser(max_headers=c.max_headers, max_field=c.max_header_size)
+        self.peer = ""
+        self.queue: deque[Request] | None = None
+        self.handling = False
+        self.requests = 0
+        self.closing = False
+        self.tunnel: asyncio.Transport | None = None
+        self._current: Head | None = None
+        self._body: list[bytes] | None = None
+        self._body_size = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._held: bytes = b""  # client bytes received while an upgrade is pending
+
+    # --- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.edge.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.closing = True
+        self.edge.connections.discard(self)
+        for timer in (self._idle_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("client went away"))
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self._held or self._upgrade_pending():
+            self._held += data  # not HTTP any more if the upgrade goes through
+            return
+        try:
+            events = self.parser.feed(data)
+        except ParseError as exc:
+            self.reject(exc.status)
+            return
+        for ev in events:
+            if type(ev) is BodyChunk:
+                self._body_size += len(ev.data)
+                if self._body_size > self.edge.config.edge.max_body_size:
+                    self.reject(413)
+                    return
+                assert self._body is not None
+                self._body.append(ev.data)
+            elif type(ev) is EndOfMessage:
+                self._complete()
+            else:
+                assert isinstance(ev, Head)
+                self._start(ev)
+        if self.queue and not self.handling and not self.closing:
+            self.handling = True
+            self.edge.spawn(self._run())
+        if self.queue is not None and len(self.queue) >= MAX_PIPELINED:
+            self._pause_reading()
+
+    # --- request assembly ---------------------------------------------------------------
+
+    def _start(self, head: Head) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._current = head
+        self._body_size = 0
+        if head.body_length or head.chunked:
+            if head.body_length > self.edge.config.edge.max_body_size:
+                self.reject(413)
+                return
+            self._body = []
+            if head.expect_continue and self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            self._body_timer = loop.call_later(self.edge.config.edge.body_timeout, self.reject, 408)
+        else:
+            self._body = None
+
+    def _complete(self) -> None:
+        head = self._current
+        if head is None:
+            return
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        body = b"".join(self._body) if self._body is not None else None
+        self._current = None
+        self._body = None
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(Request(head, self, body))
+
+    def _upgrade_pending(self) -> bool:
+        """An upgrade request is queued or running: stop parsing what follows it."""
+        q = self.queue
+        return bool(q) and q[-1].head.headers.get("Upgrade") is not None  # type: ignore[index]
+
+    # --- answering ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Answer queued requests in order; ends when the queue is empty."""
+        try:
+            while self.queue and not self.closing:
+                request = self.queue.popleft()
+                if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
+                    self._resume_reading()
+                self.requests += 1
+                await self.edge.answer(request)
+                if not request.head.keep_alive:
+                    self.close()
+        except ConnectionError:
+            self.close()
+        finally:
+            self.handling = False
+        if not self.closing and self.tunnel is None:
+            held, self._held = self._held, b""
+            if held:
+                self.data_received(held)  # an upgrade that did not happen: parse what followed
+            elif not self.handling:
+                self._arm_idle()
+
+    async def write(self, data: bytes) -> None:
+        """Write body bytes, waiting while the client is slow (flow control)."""
+        transport = self.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        transport.write(data)
+        if self._paused_writing:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written (flow control)."""
+        if self._paused_writing and self.transport is not None:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def become_tunnel(self, upstream: asyncio.Transport, head: bytes, early: bytes) -> None:
+        """After a 101: write the head and any early member bytes, then pipe both ways."""
+        assert self.transport is not None
+        self.transport.write(head + early)
+        self.tunnel = upstream
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        held, self._held = self._held, b""
+        if held:
+            upstream.write(held)
+        upstream.resume_reading()
+
+    def send_head(
+        self,
+        request: Request,
+        reply: Reply,
+        length: int | None,
+        keep_alive: bool,
+        extra: tuple[tuple[str, str], ...],
+    ) -> bytes:
+        """The serialised status line and headers for a reply."""
+        status = reply.status
+        reason = reply.reason or _REASONS.get(status, "Unknown")
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        for name, value in reply.headers.items():
+            lines.append(f"{name}: {value}\r\n")
+        for name, value in extra:
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(f"Date: {http_date()}\r\n")
+        if status == 101:
+            pass
+        elif status in (204, 304) or 100 <= status < 200:
+            pass
+        elif length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif request.method != "HEAD":
+            lines.append("Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        elif request.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        head = "".join(lines)
+        # Header values from features or members must not smuggle lines in.
+        if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+            raise ValueError("CR or LF inside a response header")
+        return head.encode("latin-1", "replace")
+
+    def close(self) -> None:
+        """Close after what has been written is flushed."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def reject(self, status: int) -> None:
+        """Answer a framing failure and close; nothing more is read from this client."""
+        if self.closing or self.transport is None:
+            return
+        body = f"<html><body><h1>{status} {_REASONS.get(status, '')}</h1></body></html>\n"
+        self.transport.write(
+            (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\n"
+                f"Date: {http_date()}\r\nServer: {self.edge.config.edge.server_header}\r\n"
+                f"Content-Type: text/html; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n" + body
+            ).encode()
+        )
+        self.edge.metrics.count_request("-", status)
+        self.close()
+
+    # --- timers and reading -------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.edge.config.edge.keepalive_timeout, self._idle_expired
+        )
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self.handling and not self.queue:
+            self.close()
+
+    def close_if_idle(self) -> bool:
+        """For shutdown: close now if no request is being answered."""
+        if not self.handling and not self.queue and self.tunnel is None:
+            self.close()
+            return True
+        return False
+
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused_reading and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()

@@ -1,0 +1,321 @@
+"""Strict HTTP/1.1 request parsing, without I/O: bytes in, requests out.
+
+Theory of operation
+-------------------
+``RequestParser.feed(data)`` appends to a buffer and returns events:
+``Head`` (a parsed request head), ``BodyChunk`` and ``EndOfMessage``. The
+connection decides what to do with them (see edge/connection.py). After a
+``ParseError`` the connection answers 400 (or 431/413) and closes: there is
+no resynchronising on a stream whose framing is in doubt.
+
+The rules are the ones request smuggling feeds on (RFC 9112 sections 2-7,
+RFC 9110 5): lines end with CRLF; header names are tokens with no space before
+the colon; no obs-fold; values hold no CTL but HTAB; Content-Length is one
+decimal number (duplicates must agree); Transfer-Encoding on a request must
+end in ``chunked`` and may not come with Content-Length; chunk sizes are hex
+of bounded length. Anything else is a 400, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Visible ASCII, space, tab and obs-text; no CTL.
+FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+TARGET = re.compile(r"^[\x21-\x7e\x80-\xff]+$")
+MAX_CHUNK_SIZE_DIGITS = 16
+
+
+class ParseError(Exception):
+    """The request cannot be framed safely; answer ``status`` and close."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Head:
+    """A parsed request head."""
+
+    __slots__ = (
+        "body_length",
+        "chunked",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "raw_path",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: str,
+        version: str,
+        headers: CIMultiDictProxy[str],
+        body_length: int,
+        chunked: bool,
+        keep_alive: bool,
+        expect_continue: bool,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.body_length = body_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        path, _, query = raw_path.partition("?")
+        self.path = unquote(path, errors="surrogateescape") if "%" in path else path
+        self.query = query
+
+
+class BodyChunk:
+    """Body bytes of the current request."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class EndOfMessage:
+    """The current request is complete."""
+
+    __slots__ = ()
+
+
+END = EndOfMessage()
+Event = Head | BodyChunk | EndOfMessage
+
+
+def parse_head(block: bytes, max_headers: int, max_field: int) -> Head:
+    """Parse everything before the empty line (CRLFs included, the empty line excluded)."""
+    text = block.decode("latin-1")
+    crlf = text.count("\r\n")
+    if text.count("\n") != crlf or text.count("\r") != crlf:
+        raise ParseError("line endings other than CRLF")
+    lines = text.split("\r\n")
+    request_line = lines[0]
+    if len(request_line) > max_field:
+        raise ParseError("request line too long", 414)
+    parts = request_line.split(" ")
+    if len(parts) != 3:
+        raise ParseError("bad request line")
+    method, target, version = parts
+    if not TOKEN.match(method):
+        raise ParseError("bad method")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ParseError("unsupported HTTP version", 505 if version.startswith("HTTP/") else 400)
+    if not TARGET.match(target):
+        raise ParseError("bad request target")
+    if target[0] != "/":
+        if target.startswith(("http://", "https://")):
+            # absolute-form: the authority stands in for Host (RFC 9112 3.2.2)
+            scheme_end = target.index("//") + 2
+            slash = target.find("/", scheme_end)
+            authority = target[scheme_end : slash if slash >= 0 else None]
+            target = target[slash:] if slash >= 0 else "/"
+            lines.append(f"Host: {authority}")  # replaced below
+            absolute_host: str | None = authority
+        elif target == "*" and method == "OPTIONS":
+            absolute_host = None
+        else:
+            raise ParseError("bad request target")
+    else:
+        absolute_host = None
+    if len(lines) - 1 > max_headers:
+        raise ParseError("too many headers", 431)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        if len(line) > max_field:
+            raise ParseError("header too long", 431)
+        name, sep, value = line.partition(":")
+        if not sep or not TOKEN.match(name):
+            raise ParseError("bad header line")  # includes obs-fold and space before colon
+        value = value.strip(" \t")
+        if not FIELD_VALUE.match(value):
+            raise ParseError("control character in a header value")
+        headers.add(name, value)
+    if absolute_host is not None:
+        headers.popall("Host", None)
+        headers["Host"] = absolute_host
+    hosts = headers.getall("Host", [])
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        raise ParseError("missing or repeated Host")
+
+    chunked = False
+    length = 0
+    te = headers.getall("Transfer-Encoding", [])
+    cl = headers.getall("Content-Length", [])
+    if te:
+        if cl:
+            raise ParseError("Content-Length with Transfer-Encoding")
+        codings = [c.strip().lower() for c in ",".join(te).split(",")]
+        if codings != ["chunked"]:
+            raise ParseError("unsupported Transfer-Encoding")
+        if version == "HTTP/1.0":
+            raise ParseError("Transfer-Encoding in HTTP/1.0")
+        chunked = True
+    elif cl:
+        values = {v.strip() for v in ",".join(cl).split(",")}
+        if len(values) != 1:
+            raise ParseError("conflicting Content-Length")
+        value = values.pop()
+        if not value.isdigit() or not value.isascii() or len(value) > 18:
+            raise ParseError("bad Content-Length")
+        length = int(value)
+    connection = headers.get("Connection", "").lower()
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection
+    expect = headers.get("Expect", "").lower() == "100-continue"
+    return Head(
+        method,
+        target,
+        version,
+        CIMultiDictProxy(headers),
+        length,
+        chunked,
+        keep_alive,
+        expect and (chunked or length > 0),
+    )
+
+
+class RequestParser:
+    """Turns a client byte stream into request events; raises ParseError on bad framing."""
+
+    __slots__ = (
+        "_buf",
+        "_chunk_left",
+        "_chunk_state",
+        "_left",
+        "_state",
+        "max_field",
+        "max_head",
+        "max_headers",
+    )
+
+    def __init__(self, max_head: int = 65536, max_headers: int = 100, max_field: int = 8190) -> None:
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.max_field = max_field
+        self._buf = b""
+        self._state = "head"  # head, length, chunked
+        self._left = 0
+        self._chunk_left = 0
+        self._chunk_state = "size"
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing buffered."""
+        return self._state == "head" and not self._buf
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume bytes; return the events they complete."""
+        events: list[Event] = []
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        while buf:
+            state = self._state
+            if state == "head":
+                # Tolerate empty lines before a request (RFC 9112 2.2).
+                while buf.startswith(b"\r\n"):
+                    buf = buf[2:]
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > self.max_head:
+                        raise ParseError("request head too large", 431)
+                    self._buf = buf
+                    return events
+                if end > self.max_head:
+                    raise ParseError("request head too large", 431)
+                head = parse_head(buf[:end], self.max_headers, self.max_field)
+                buf = buf[end + 4 :]
+                events.append(head)
+                if head.chunked:
+                    self._state = "chunked"
+                    self._chunk_state = "size"
+                elif head.body_length:
+                    self._state = "length"
+                    self._left = head.body_length
+                else:
+                    events.append(END)
+            elif state == "length":
+                take = buf[: self._left]
+                buf = buf[len(take) :]
+                self._left -= len(take)
+                events.append(BodyChunk(take))
+                if not self._left:
+                    self._state = "head"
+                    events.append(END)
+            else:
+                buf = self._chunked(buf, events)
+        return events
+
+    def _chunked(self, buf: bytes, events: list[Event]) -> bytes:
+        while buf:
+            cs = self._chunk_state
+            if cs == "size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise ParseError("chunk size line too long")
+                    self._buf = buf
+                    return b""
+                line = buf[:end]
+                buf = buf[end + 2 :]
+                size_text, _, _ext = line.partition(b";")
+                size_text = size_text.rstrip(b" \t")
+                if (
+                    not size_text
+                    or len(size_text) > MAX_CHUNK_SIZE_DIGITS
+                    or not all(c in b"0123456789abcdefABCDEF" for c in size_text)
+                ):
+                    raise ParseError("bad chunk size")
+                size = int(size_text, 16)
+                if size == 0:
+                    self._chunk_state = "trailer"
+                else:
+                    self._chunk_left = size
+                    self._chunk_state = "data"
+            elif cs == "data":
+                take = buf[: self._chunk_left]
+                buf = buf[len(take) :]
+                self._chunk_left -= len(take)
+                events.append(BodyChunk(take))
+                if not self._chunk_left:
+                    self._chunk_state = "crlf"
+            elif cs == "crlf":
+                if len(buf) < 2:
+                    self._buf = buf
+                    return b""
+                if buf[:2] != b"\r\n":
+                    raise ParseError("bad chunk terminator")
+                buf = buf[2:]
+                self._chunk_state = "size"
+            else:  # trailer fields, ignored, up to the empty line
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > self.max_field:
+                        raise ParseError("trailer too long", 431)
+                    self._buf = buf
+                    return b""
+                line = buf[:end]
+                buf = buf[end + 2 :]
+                if not line:
+                    self._state = "head"
+                    events.append(END)
+                    return buf
+                if b":" not in line or line[:1] in (b" ", b"\t"):
+                    raise ParseError("bad trailer")
+        return b""
