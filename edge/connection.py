@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from multidict import CIMultiDictProxy
 
-from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser
+from edge.http1 import BodyChunk, EndOfMessage, Head, RequestParser
 
 if TYPE_CHECKING:
     from edge.pipeline import Reply
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("carousel.edge.connection")
 
 MAX_PIPELINED = 16
+_FRAMING = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _date_cache: list[Any] = [0, ""]
 
@@ -132,6 +133,8 @@ class ClientConnection(asyncio.Protocol):
         "_idle_timer",
         "_paused_reading",
         "_paused_writing",
+        "_pending_reject",
+        "_upgrading",
         "closing",
         "edge",
         "handling",
@@ -163,6 +166,8 @@ class ClientConnection(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._held: bytes = b""  # client bytes received while an upgrade is pending
+        self._upgrading = False
+        self._pending_reject = 0  # a status to send once the responses in progress are out
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -202,14 +207,13 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        if self._held or self._upgrade_pending():
+        if self.closing or self._pending_reject:
+            return
+        if self._upgrading:
             self._held += data  # not HTTP any more if the upgrade goes through
             return
-        try:
-            events = self.parser.feed(data)
-        except ParseError as exc:
-            self.reject(exc.status)
-            return
+        parser = self.parser
+        events = parser.feed(data)
         for ev in events:
             if type(ev) is BodyChunk:
                 self._body_size += len(ev.data)
@@ -226,7 +230,9 @@ class ClientConnection(asyncio.Protocol):
         if self.queue and not self.handling and not self.closing:
             self.handling = True
             self.edge.spawn(self._run())
-        if self.queue is not None and len(self.queue) >= MAX_PIPELINED:
+        if parser.error is not None:
+            self.reject(parser.error.status)  # after the requests that came before it
+        elif self.queue is not None and len(self.queue) >= MAX_PIPELINED:
             self._pause_reading()
 
     # --- request assembly ---------------------------------------------------------------
@@ -262,18 +268,16 @@ class ClientConnection(asyncio.Protocol):
         if self.queue is None:
             self.queue = deque()
         self.queue.append(Request(head, self, body))
-
-    def _upgrade_pending(self) -> bool:
-        """An upgrade request is queued or running: stop parsing what follows it."""
-        q = self.queue
-        return bool(q) and q[-1].head.headers.get("Upgrade") is not None  # type: ignore[index]
+        if "Upgrade" in head.headers:
+            # Whatever follows may be another protocol: hold it until this is answered.
+            self._upgrading = True
 
     # --- answering ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         """Answer queued requests in order; ends when the queue is empty."""
         try:
-            while self.queue and not self.closing:
+            while self.queue and not self.closing and self.tunnel is None:
                 request = self.queue.popleft()
                 if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
                     self._resume_reading()
@@ -283,13 +287,22 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
         except ConnectionError:
             self.close()
+        except Exception:
+            log.exception("connection failed while answering")
+            if self.transport is not None:
+                self.transport.abort()
         finally:
             self.handling = False
+        if self._pending_reject:
+            status, self._pending_reject = self._pending_reject, 0
+            self.reject(status)
+            return
         if not self.closing and self.tunnel is None:
+            self._upgrading = False
             held, self._held = self._held, b""
             if held:
                 self.data_received(held)  # an upgrade that did not happen: parse what followed
-            elif not self.handling:
+            else:
                 self._arm_idle()
 
     async def write(self, data: bytes) -> None:
@@ -332,12 +345,19 @@ class ClientConnection(asyncio.Protocol):
         """The serialised status line and headers for a reply."""
         status = reply.status
         reason = reply.reason or _REASONS.get(status, "Unknown")
+        headers = reply.headers
+        if status != 101:
+            # The edge frames every response itself, whatever a feature left behind.
+            for name in _FRAMING:
+                if name in headers:
+                    headers.popall(name)
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        for name, value in reply.headers.items():
+        for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n")
         for name, value in extra:
             lines.append(f"{name}: {value}\r\n")
-        lines.append(f"Date: {http_date()}\r\n")
+        if "Date" not in headers:
+            lines.append(f"Date: {http_date()}\r\n")
         if status == 101:
             pass
         elif status in (204, 304) or 100 <= status < 200:
@@ -366,6 +386,11 @@ class ClientConnection(asyncio.Protocol):
     def reject(self, status: int) -> None:
         """Answer a framing failure and close; nothing more is read from this client."""
         if self.closing or self.transport is None:
+            return
+        if self.handling:
+            # Never cut into a response being written: answer after the queue is done.
+            self._pending_reject = status
+            self._pause_reading()
             return
         body = f"<html><body><h1>{status} {_REASONS.get(status, '')}</h1></body></html>\n"
         self.transport.write(

@@ -200,6 +200,7 @@ class RequestParser:
         "_chunk_state",
         "_left",
         "_state",
+        "error",
         "max_field",
         "max_head",
         "max_headers",
@@ -214,6 +215,8 @@ class RequestParser:
         self._left = 0
         self._chunk_left = 0
         self._chunk_state = "size"
+        # Set when the stream went bad; the requests completed before it stay valid.
+        self.error: ParseError | None = None
 
     @property
     def idle(self) -> bool:
@@ -221,8 +224,22 @@ class RequestParser:
         return self._state == "head" and not self._buf
 
     def feed(self, data: bytes) -> list[Event]:
-        """Consume bytes; return the events they complete."""
+        """Consume bytes; return the events they complete.
+
+        On bad framing ``error`` is set and the events before it are still
+        returned (pipelined requests that came first deserve their answers);
+        nothing is parsed after that.
+        """
+        if self.error is not None:
+            return []
         events: list[Event] = []
+        try:
+            self._feed(data, events)
+        except ParseError as exc:
+            self.error = exc
+        return events
+
+    def _feed(self, data: bytes, events: list[Event]) -> None:
         buf = self._buf + data if self._buf else data
         self._buf = b""
         while buf:
@@ -235,8 +252,10 @@ class RequestParser:
                 if end < 0:
                     if len(buf) > self.max_head:
                         raise ParseError("request head too large", 431)
+                    if buf.count(b"\n") != buf.count(b"\r\n"):
+                        raise ParseError("line endings other than CRLF")
                     self._buf = buf
-                    return events
+                    return
                 if end > self.max_head:
                     raise ParseError("request head too large", 431)
                 head = parse_head(buf[:end], self.max_headers, self.max_field)
@@ -260,7 +279,7 @@ class RequestParser:
                     events.append(END)
             else:
                 buf = self._chunked(buf, events)
-        return events
+        return
 
     def _chunked(self, buf: bytes, events: list[Event]) -> bytes:
         while buf:

@@ -325,3 +325,32 @@ pool = "app"
     assert all(status == 200 for status, _ in results)
     d.signal(signal.SIGTERM)
     assert await asyncio.to_thread(d.wait, 15) == 0
+
+
+async def test_pipelining_expect_continue_and_a_bad_request_in_line(aps: list[int]) -> None:
+    from edge.testing import read_response
+
+    async with running_edge(_pool(aps[:1])) as edge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(
+            b"GET /slow?ms=200 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /echo?second HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n"
+        )
+        first = await read_response(reader)
+        second = await read_response(reader)
+        third = await read_response(reader)
+        assert first.status == 200 and first.body.startswith(b"slept 200")
+        assert second.status == 200 and json.loads(second.body)["query"] == "second"
+        assert third.status == 400 and third.header("connection") == "close"
+        assert await reader.read() == b""
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        final = await read_response(reader)
+        assert final.status == 200 and json.loads(final.body)["body_length"] == 4
+        writer.close()

@@ -1,0 +1,126 @@
+"""The client-side request parser (edge/http1.py), fed bytes directly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser
+
+
+def parse(data: bytes, step: int = 0) -> list[object]:
+    """All events; raises the parser's ParseError if the stream went bad."""
+    p = RequestParser()
+    events: list[object] = []
+    for i in range(0, len(data), step or len(data) or 1):
+        events += p.feed(data[i : i + (step or len(data))])
+    if p.error is not None:
+        raise p.error
+    return events
+
+
+def requests(events: list[object]) -> list[tuple[Head, bytes]]:
+    """(head, whole body) per complete request."""
+    out: list[tuple[Head, bytes]] = []
+    head, body = None, b""
+    for ev in events:
+        if isinstance(ev, Head):
+            head, body = ev, b""
+        elif isinstance(ev, BodyChunk):
+            body += ev.data
+        elif isinstance(ev, EndOfMessage):
+            assert head is not None
+            out.append((head, body))
+    return out
+
+
+@pytest.mark.parametrize("step", [0, 1, 5])
+def test_pipelined_requests_with_bodies(step: int) -> None:
+    data = (
+        b"GET /a%20b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+        b"PUT /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    reqs = requests(parse(data, step))
+    assert [(h.method, h.path, b) for h, b in reqs] == [
+        ("GET", "/a b", b""),
+        ("POST", "/p", b"hello"),
+        ("PUT", "/c", b"abcde"),
+    ]
+    assert reqs[0][0].raw_path == "/a%20b?x=1" and reqs[0][0].query == "x=1"
+
+
+def test_keep_alive_expect_and_absolute_form() -> None:
+    ((h, _),) = requests(parse(b"GET / HTTP/1.0\r\n\r\n"))
+    assert not h.keep_alive
+    ((h, _),) = requests(parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"))
+    assert h.keep_alive
+    ((h, _),) = requests(parse(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+    assert not h.keep_alive
+    events = parse(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    assert isinstance(events[0], Head) and events[0].expect_continue and len(events) == 1
+    ((h, _),) = requests(parse(b"GET http://Example.test:8080/x?y HTTP/1.1\r\nHost: other\r\n\r\n"))
+    assert (h.headers["Host"], h.raw_path) == ("Example.test:8080", "/x?y")
+
+
+BAD = [
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n chunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\nHost: h\n\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x7fb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+    (b"GET /  HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"GET nope HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"fffffffffffffffff\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "status"), BAD, ids=range(len(BAD)))
+def test_ambiguous_or_malformed_requests_are_refused(raw: bytes, status: int) -> None:
+    with pytest.raises(ParseError) as err:
+        parse(raw)
+    assert err.value.status == status
+
+
+def test_an_endless_head_is_refused() -> None:
+    p = RequestParser(max_head=1000)
+    for _ in range(200):
+        p.feed(b"X-Long: aaaaaaaaaa\r\n")
+    assert p.error is not None and p.error.status == 431
+
+
+def test_requests_before_a_bad_one_survive() -> None:
+    p = RequestParser()
+    events = p.feed(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nBad Name: x\r\n\r\n")
+    assert [e.path for e in events if isinstance(e, Head)] == ["/1"]
+    assert p.error is not None and p.feed(b"GET / HTTP/1.1\r\n\r\n") == []
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_parse_or_raise_parse_error(data: bytes) -> None:
+    try:
+        parse(data)
+    except ParseError:
+        pass
