@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     _print_up(lab)
     if not args.foreground:
         return 0
-    print("Ctrl-C stops the lab and deletes its namespaces.")
+    print("Ctrl-C (or SIGTERM) stops the lab and deletes its namespaces.")
+    stop = threading.Event()
+    # Set both explicitly: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(3600):
+            pass
         print("\nstopping")
     finally:
         lab.down()
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_exec)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `status | head` ends quietly
     reason = unavailable_reason()
     if reason:
         print(f"netns_lab: {reason}", file=sys.stderr)

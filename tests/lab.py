@@ -41,7 +41,9 @@ from lab.netns import (
     NetnsThread,
     cleanup_leftovers,
     destroy_run,
+    lab_namespaces,
     proc_start_time,
+    read_state,
     run_ip,
     unavailable_reason,
 )
@@ -200,6 +202,8 @@ class Lab:
     ) -> None:
         self.settings = settings or LabSettings()
         self.run_id = secrets.token_hex(3)
+        while read_state(self.run_id) is not None or self.run_id in lab_namespaces():
+            self.run_id = secrets.token_hex(3)
         # A directory of the run's own: an etcd data dir left by an earlier run
         # would bring back its stale records.
         self.workdir = Path(workdir) / f"{PREFIX}-{self.run_id}"
@@ -251,7 +255,11 @@ class Lab:
             "fqdn": self.fqdn,
             "created": time.time(),
         }
-        (STATE_DIR / f"{self.run_id}.json").write_text(json.dumps(state, indent=2))
+        try:
+            with open(STATE_DIR / f"{self.run_id}.json", "x") as f:  # "x": two runs never share an id
+                json.dump(state, f, indent=2)
+        except FileExistsError:
+            raise LabError(f"run id {self.run_id} is taken; try again") from None
 
     def _build_network(self) -> None:
         run_ip("netns", "add", self.switch)
@@ -560,21 +568,6 @@ port = {EDGE_ADMIN}
                     raise LabError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.tail()}")
             time.sleep(0.1)
         raise LabError(f"registry holds {sorted(seen)}, wanted {sorted(want)} within {timeout:.0f}s")
-
-    def status(self) -> list[dict[str, Any]]:
-        """One row per process: name, host, address, pid, running."""
-        return [
-            {
-                "name": p.name,
-                "host": p.host.role,
-                "ns": p.host.ns,
-                "address": p.host.address,
-                "pid": p.pid,
-                "running": p.running(),
-                "log": str(p.log),
-            }
-            for p in self.processes.values()
-        ]
 
 
 __all__ = [
