@@ -222,8 +222,20 @@ def from_dict(data: dict[str, object], file: str = "<config>") -> Config:
 
 
 def load(path: str) -> Config:
-    """Load and validate an edge config file (raises ConfigError)."""
-    return from_dict(load_toml(path), path)
+    """Load and validate an edge config file (raises ConfigError).
+
+    User features are imported here too, so `carousel check-config` catches a
+    misspelt module before a deploy does.
+    """
+    config = from_dict(load_toml(path), path)
+    from edge.pipeline import load_factory
+
+    for i, spec in enumerate(config.edge.features):
+        try:
+            load_factory(spec)
+        except ValueError as exc:
+            raise ConfigError(path, f"edge.features[{i}]", str(exc)) from None
+    return config
 
 
 __all__ = [
