@@ -213,25 +213,30 @@ class ClientConnection(asyncio.Protocol):
             self._held += data  # not HTTP any more if the upgrade goes through
             return
         parser = self.parser
-        events = parser.feed(data)
-        for ev in events:
+        reject = 0
+        for ev in parser.feed(data):
             if type(ev) is BodyChunk:
                 self._body_size += len(ev.data)
                 if self._body_size > self.edge.config.edge.max_body_size:
-                    self.reject(413)
-                    return
+                    reject = 413
+                    break
                 assert self._body is not None
                 self._body.append(ev.data)
             elif type(ev) is EndOfMessage:
                 self._complete()
             else:
                 assert isinstance(ev, Head)
+                if ev.body_length > self.edge.config.edge.max_body_size:
+                    reject = 413
+                    break
                 self._start(ev)
-        if self.queue and not self.handling and not self.closing:
+        if self.queue and not self.handling:
             self.handling = True
             self.edge.spawn(self._run())
-        if parser.error is not None:
-            self.reject(parser.error.status)  # after the requests that came before it
+        if not reject and parser.error is not None:
+            reject = parser.error.status
+        if reject:
+            self.reject(reject)  # after the requests that came before it
         elif self.queue is not None and len(self.queue) >= MAX_PIPELINED:
             self._pause_reading()
 
@@ -244,11 +249,10 @@ class ClientConnection(asyncio.Protocol):
         self._current = head
         self._body_size = 0
         if head.body_length or head.chunked:
-            if head.body_length > self.edge.config.edge.max_body_size:
-                self.reject(413)
-                return
             self._body = []
-            if head.expect_continue and self.transport is not None:
+            # Only when nothing is being answered: a 100 must not land inside a response.
+            if head.expect_continue and not self.handling and not self.queue:
+                assert self.transport is not None
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             loop = asyncio.get_running_loop()
             self._body_timer = loop.call_later(self.edge.config.edge.body_timeout, self.reject, 408)
