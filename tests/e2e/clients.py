@@ -194,9 +194,9 @@ class LoadClient:
             data = await reader.read()
         finally:
             writer.close()
-        head, _, _ = data.partition(b"\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise OSError(f"answer {head[:40]!r} ({len(data)} bytes)")
+        status, body = parse_response(data)
+        if status != 200 or b"Served by AP" not in body:
+            raise OSError(f"answer {data[:40]!r} ({len(data)} bytes)")
 
     async def _worker(self) -> None:
         while not self._stopping.is_set():
@@ -240,6 +240,36 @@ def load(lab: Lab) -> Iterator[LoadClient]:
         future.result(15)
 
 
+def parse_response(data: bytes) -> tuple[int, bytes]:
+    """(status, body) of a whole HTTP/1.1 response read until close; OSError if it is truncated."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise OSError(f"no complete response head in {len(data)} bytes")
+    lines = head.split(b"\r\n")
+    try:
+        status = int(lines[0].split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise OSError(f"bad status line {lines[0][:40]!r}") from None
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in lines[1:])}
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        body = bytearray()
+        while True:
+            size_line, sep, rest = rest.partition(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0], 16) if sep else -1
+            except ValueError:
+                raise OSError(f"bad chunk size {size_line[:20]!r}") from None
+            if size < 0 or len(rest) < size + 2:
+                raise OSError("chunked body cut short")
+            if size == 0:
+                return status, bytes(body)
+            body += rest[:size]
+            rest = rest[size + 2 :]
+    if b"content-length" in headers and len(rest) != int(headers[b"content-length"]):
+        raise OSError(f"body of {len(rest)} bytes, Content-Length {headers[b'content-length']!r}")
+    return status, rest
+
+
 async def http_get(address: str, path: str = "/", host: str = "www.example.test") -> tuple[int, bytes]:
     """(status, body) of one GET over a fresh connection that closes after the response."""
     reader, writer = await asyncio.open_connection(address, 80)
@@ -248,8 +278,7 @@ async def http_get(address: str, path: str = "/", host: str = "www.example.test"
         data = await reader.read()
     finally:
         writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    return parse_response(data)
 
 
 async def edge_serves(address: str) -> bool:
