@@ -191,3 +191,40 @@ async def test_smuggling_corpus_is_refused_or_handled_safely(name: str, raw: str
         assert status in (200, 400), (name, status)
         if status == 200:
             assert stats.by_path["/echo"] == 1, name
+
+
+async def test_garbage_never_breaks_the_edge(capsys) -> None:
+    """Random and mutated requests get 400 or a normal answer; the edge keeps serving."""
+    import random
+
+    rng = random.Random(1234)
+    base = (
+        b"POST /echo?a=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\nCookie: a=b\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    runner, port = await start_app("127.0.0.1", 0, "ap")
+    try:
+        cfg = {
+            "pool": {"app": {"members": [{"address": f"127.0.0.1:{port}"}]}},
+            "route": [{"path": "/", "pool": "app"}],
+        }
+        async with running_edge(cfg) as edge:
+            statuses = set()
+            for i in range(150):
+                if i % 3 == 0:
+                    blob = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+                else:
+                    data = bytearray(base)
+                    for _ in range(rng.randrange(1, 6)):
+                        pos = rng.randrange(len(data))
+                        data[pos : pos + 1] = bytes([rng.randrange(256)]) * rng.randrange(0, 3)
+                    blob = bytes(data)
+                resp = await raw_request(edge.port, blob + b"\r\n\r\n", wait=1.0)
+                statuses.add(None if resp is None else resp.status)
+            ok = await raw_request(edge.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ok is not None and ok.status == 200
+    finally:
+        await runner.cleanup()
+    assert statuses <= {None, 200, 400, 404, 405, 413, 431, 501, 505}, statuses
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
