@@ -189,6 +189,9 @@ class RouteConfig:
                 return f"hosts: wildcards look like '*.example.test', found {h!r}"
         if self.redirect_status not in (301, 302, 303, 307, 308):
             return f"redirect_status: expected 301, 302, 303, 307 or 308, found {self.redirect_status}"
+        for name, value in self.headers.items():
+            if not name or any(c in name for c in " :\r\n\t") or "\r" in value or "\n" in value:
+                return f"headers: invalid header {name!r}"
         if self.respond is not None and not 100 <= self.respond <= 599:
             return f"respond: expected an HTTP status 100-599, found {self.respond}"
         return None

@@ -169,6 +169,7 @@ class ProxyHandler:
                         spool = None
                     member.conns.put(conn)  # the member is free the moment we have it all
                     conn = None
+                _hide_member_in_locations(parser.headers, member, ex)
                 elapsed = time.monotonic() - started
                 ex.upstream_seconds += elapsed
                 self.metrics.observe_upstream(pool.name, elapsed)
@@ -211,6 +212,15 @@ class ProxyHandler:
 
         length = None if "Transfer-Encoding" in parser.headers else _content_length(parser.headers)
         return StreamBody(relay.chunks(), length, on_close=done)
+
+
+def _hide_member_in_locations(headers: CIMultiDict[str], member: Member, ex: Exchange) -> None:
+    """Rewrite redirects to the member's own address into the client's view (proxy_redirect)."""
+    for name in ("Location", "Content-Location"):
+        value = headers.get(name)
+        if value is not None and value.startswith(member.url):
+            public = f"{ex.scheme}://{ex.request.host}" if ex.request.host else ""
+            headers[name] = public + value[len(member.url) :]
 
 
 def _content_length(headers: CIMultiDict[str]) -> int | None:

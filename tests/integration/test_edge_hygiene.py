@@ -98,6 +98,32 @@ async def test_hop_by_hop_headers_are_stripped_both_ways(leaky_upstream) -> None
     assert "Apache" not in str(resp.headers)
 
 
+async def test_redirects_to_the_member_address_are_rewritten() -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        own = f"http://{request.transport.get_extra_info('sockname')[0]}:{port}"  # type: ignore[union-attr]
+        raise web.HTTPFound(own + "/login?next=/a")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with running_edge(_cfg(port)) as edge, aiohttp.ClientSession() as s:
+            async with s.get(
+                f"http://127.0.0.1:{edge.port}/x",
+                headers={"Host": "www.example.test"},
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 302
+                assert r.headers["Location"] == "http://www.example.test/login?next=/a"
+                assert str(port) not in str(r.headers)
+    finally:
+        await runner.cleanup()
+
+
 async def test_trusted_proxy_chain_is_extended(leaky_upstream) -> None:
     port, seen = leaky_upstream
     async with running_edge(_cfg(port, trusted_proxies=["127.0.0.0/8"])) as edge:
