@@ -8,7 +8,7 @@ The hosts (see lab/netns.py for how namespaces, the bridge and clean-up work)::
                          +-- czlab-<id>-ap1/2    .31/.32          carousel app + its agent
                          +-- czlab-<id>-client   .100             where tests and users probe from
 
-Daemons run as ``ip netns exec NS cmd`` (ip execs, so the pid is the
+Daemons (configs in lab/configs.py) run as ``ip netns exec NS cmd`` (ip execs, so the pid is the
 daemon's). They use fixed ports (53, 80, 2379): every namespace has its own
 port space, so nothing can clash. ``Lab.up()`` returns once every edge and AP
 is registered; tests then act on ``lab.processes[name]`` ("edge1",
@@ -27,12 +27,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carousel.etcdserver import etcd_binary
 from carousel.registry import Keys, SchemaError, ServiceRecord
+from lab.configs import (
+    AP_PORT,
+    EDGE_ADMIN,
+    EDGE_PORT,
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
+    LabSettings,
+    agent_toml,
+    dnsd_toml,
+    edge_toml,
+    etcd_command,
+)
 from lab.netns import (
     PREFIX,
     STATE_DIR,
@@ -127,47 +137,6 @@ class LabProcess:
         if not self.log.exists():
             return ""
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-@dataclass(frozen=True)
-class LabSettings:
-    """Sizes and timings of a lab; short timings keep the failover tests quick."""
-
-    subnet: str = "10.213.0"  # a /24 used only inside the lab's namespaces
-    etcds: int = 3
-    dnsds: int = 2
-    edges: int = 3
-    aps: int = 2
-    zone: str = "example.test"
-    name: str = "www"  # www.<zone> -> the edges
-    lease_ttl: int = 2  # etcd's minimum with its 1 s election timeout
-    dns_ttl: int = 2
-    # Longer than the DNS TTL: clients that cached the answer just before the
-    # drain have re-resolved by the time the edge stops.
-    drain_delay: float = 3.0
-    check_interval: float = 0.2
-    check_timeout: float = 0.3
-    rise: int = 2
-    fall: int = 2
-
-    def octets(self) -> dict[str, int]:
-        """Role -> last octet of its address."""
-        roles = {f"etcd{i}": 10 + i for i in range(1, self.etcds + 1)}
-        roles |= {f"dns{i}": 52 + i for i in range(1, self.dnsds + 1)}
-        roles |= {f"edge{i}": 20 + i for i in range(1, self.edges + 1)}
-        roles |= {f"ap{i}": 30 + i for i in range(1, self.aps + 1)}
-        roles["client"] = 100
-        return roles
-
-
-EDGE_PORT = 80
-AP_PORT = 80
-DNS_PORT = 53
-ETCD_CLIENT_PORT = 2379
-ETCD_PEER_PORT = 2380
-EDGE_ADMIN = 9100  # on each host's own loopback
-AGENT_ADMIN = 9101
-DNSD_ADMIN = 9200
 
 
 def etcd_call(address: str, path: str, request: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
@@ -303,11 +272,6 @@ class Lab:
 
     # --- configs and processes -------------------------------------------------------------
 
-    def _etcd_toml(self) -> str:
-        return (
-            f'[etcd]\nendpoints = {json.dumps(self.etcd_endpoints)}\nprefix = "/carousel/"\ntimeout = 1.0\n'
-        )
-
     def _write(self, name: str, text: str) -> Path:
         path = self.workdir / name
         path.write_text(text)
@@ -321,100 +285,23 @@ class Lab:
         return proc
 
     def _agent(self, role: str, service: str, port: int, check_url: str) -> LabProcess:
-        s = self.settings
-        config = f"""[agent]
-node = "{role}"
-ttl = {s.lease_ttl}
-drain_delay = {s.drain_delay}
-etcd_election_timeout = 1.0
-
-{self._etcd_toml()}
-[admin]
-port = {AGENT_ADMIN}
-
-[[service]]
-name = "{service}"
-port = {port}
-ipv4 = ["{self.address(role)}"]
-
-[service.check]
-type = "http"
-url = "{check_url}"
-interval = {s.check_interval}
-timeout = {s.check_timeout}
-rise = {s.rise}
-fall = {s.fall}
-"""
-        return self._daemon(f"{role}-agent", role, "agent", config)
+        text = agent_toml(
+            self.settings, role, service, port, self.address(role), check_url, self.etcd_endpoints
+        )
+        return self._daemon(f"{role}-agent", role, "agent", text)
 
     def _define_processes(self) -> None:
-        s = self.settings
         etcds = self.roles("etcd")
         cluster = ",".join(f"{r}=http://{self.address(r)}:{ETCD_PEER_PORT}" for r in etcds)
         for role in etcds:
-            addr = self.address(role)
-            cmd = [
-                etcd_binary(),
-                "--name", role,
-                "--data-dir", str(self.workdir / f"{role}.data"),
-                "--listen-client-urls", f"http://{addr}:{ETCD_CLIENT_PORT}",
-                "--advertise-client-urls", f"http://{addr}:{ETCD_CLIENT_PORT}",
-                "--listen-peer-urls", f"http://{addr}:{ETCD_PEER_PORT}",
-                "--initial-advertise-peer-urls", f"http://{addr}:{ETCD_PEER_PORT}",
-                "--initial-cluster", cluster,
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", f"{PREFIX}-{self.run_id}",
-                # Fast elections keep failover short; etcd's minimum lease TTL is
-                # then 1.5 x 1 s, which the agents' 2 s TTL respects.
-                "--heartbeat-interval", "100",
-                "--election-timeout", "1000",
-                "--log-level", "warn",
-            ]  # fmt: skip
+            data_dir = self.workdir / f"{role}.data"
+            cmd = etcd_command(role, self.address(role), cluster, data_dir, f"{PREFIX}-{self.run_id}")
             self.processes[role] = LabProcess(role, self.hosts[role], cmd, self.workdir / f"{role}.log")
-        ns_tables = "".join(
-            f'[[zone.ns]]\nname = "ns{i}"\nipv4 = ["{addr}"]\n\n'
-            for i, addr in enumerate(self.dns_servers, 1)
-        )
         for role in self.roles("dns"):
-            config = f"""[dns]
-listen = ["{self.address(role)}:{DNS_PORT}"]
-
-[[zone]]
-origin = "{s.zone}"
-service_ttl = {s.dns_ttl}
-services = {{ "{s.name}" = "edge" }}
-
-{ns_tables}{self._etcd_toml()}
-[admin]
-port = {DNSD_ADMIN}
-"""
-            self._daemon(role, role, "dnsd", config)
-        static_dir = REPO / "sampleapp" / "static"
+            text = dnsd_toml(self.settings, self.address(role), self.dns_servers, self.etcd_endpoints)
+            self._daemon(role, role, "dnsd", text)
         for role in self.roles("edge"):
-            config = f"""[edge]
-host = "{self.address(role)}"
-port = {EDGE_PORT}
-shutdown_timeout = 5.0
-
-[[route]]
-name = "static"
-path = "/static/"
-static = "{static_dir}"
-
-[[route]]
-name = "app"
-path = "/"
-pool = "app"
-default = true
-
-[pool.app]
-service = "app"
-
-{self._etcd_toml()}
-[admin]
-port = {EDGE_ADMIN}
-"""
-            self._daemon(role, role, "edge", config)
+            self._daemon(role, role, "edge", edge_toml(self.address(role), self.etcd_endpoints))
             self._agent(role, "edge", EDGE_PORT, f"http://127.0.0.1:{EDGE_ADMIN}/healthz")
         for role in self.roles("ap"):
             cmd = [sys.executable, "-m", "carousel.cli", "app", "--host", self.address(role)]
