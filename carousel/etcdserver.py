@@ -52,6 +52,7 @@ class EtcdProcess:
         peer_port: int = 0,
         name: str = "default",
         initial_cluster: str | None = None,
+        cluster_token: str | None = None,
         extra_args: list[str] | None = None,
         log_file: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -61,6 +62,7 @@ class EtcdProcess:
         self.peer_port = peer_port or free_port(host)
         self.name = name
         self.initial_cluster = initial_cluster
+        self.cluster_token = cluster_token
         self.extra_args = extra_args or []
         self.log_file = Path(log_file) if log_file else self.data_dir.parent / f"etcd-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,6 +74,12 @@ class EtcdProcess:
     @property
     def peer_url(self) -> str:
         return f"http://{self.host}:{self.peer_port}"
+
+    def _token(self) -> str:
+        # Members of one cluster must share the token; a lone member gets one of its own.
+        if self.cluster_token:
+            return self.cluster_token
+        return "carousel" if self.initial_cluster else f"carousel-{self.name}-{self.peer_port}"
 
     def command(self) -> list[str]:
         client_url = f"http://{self.host}:{self.client_port}"
@@ -85,7 +93,7 @@ class EtcdProcess:
             "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
-            "--initial-cluster-token", f"carousel-{self.name}",
+            "--initial-cluster-token", self._token(),
             # Fast elections keep test and demo failover short; the minimum
             # lease TTL etcd accepts is 1.5 x election timeout = 1.5 s here.
             "--heartbeat-interval", "100",
