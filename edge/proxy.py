@@ -137,6 +137,7 @@ class ProxyHandler:
             conn: UpstreamConnection | None = None
             spool: SpoolBuffer | None = None
             handed_over = False
+            stale = False
             try:
                 # A request that must not be replayed never rides a reused connection
                 # (the member may have closed it just as we write).
@@ -180,6 +181,10 @@ class ProxyHandler:
                 failure_status = 504
             except (UpstreamProtocolError, OSError):
                 failure_status = 502
+                if conn is not None and conn.reused and _nothing_received(conn):
+                    # A pooled connection the member had already closed: not the member's
+                    # fault, and nothing was processed. Try again on a fresh connection.
+                    stale = True
             finally:
                 if not handed_over:
                     if conn is not None:
@@ -188,6 +193,9 @@ class ProxyHandler:
                         spool.discard()
                     pool.release(member)
             # Only failures reach this point.
+            if stale and time.monotonic() < deadline:
+                tried.discard(member)
+                continue
             pool.report_failure(member)
             self.metrics.upstream_failure(pool.name, member.name)
             if not idempotent or len(tried) >= c.max_tries or time.monotonic() >= deadline:
@@ -221,6 +229,10 @@ def _hide_member_in_locations(headers: CIMultiDict[str], member: Member, ex: Exc
         if value is not None and value.startswith(member.url):
             public = f"{ex.scheme}://{ex.request.host}" if ex.request.host else ""
             headers[name] = public + value[len(member.url) :]
+
+
+def _nothing_received(conn: UpstreamConnection) -> bool:
+    return conn.parser is None or conn.parser.received_nothing
 
 
 def _content_length(headers: CIMultiDict[str]) -> int | None:

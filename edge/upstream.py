@@ -108,6 +108,11 @@ class ResponseParser:
                 break
         return out
 
+    @property
+    def received_nothing(self) -> bool:
+        """Not one byte of a response yet."""
+        return self.state == "head" and not self._buf and not self.status
+
     def feed_eof(self) -> None:
         """The connection closed; fine only for an EOF-delimited body."""
         if self.state == "body" and self._mode == "eof":
@@ -285,6 +290,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         # After a 101, the client's transport: bytes are piped, not parsed.
         self.tunnel: asyncio.Transport | None = None
+        # Taken from the idle pool: the member may have closed it just before we wrote.
+        self.reused = False
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -369,6 +376,9 @@ class UpstreamConnection(asyncio.Protocol):
         for fut in (self.head_ready, self.done):
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
+                # Callers await one of the two, whichever stage they reached; the
+                # other is never read, which is fine: do not log it as lost.
+                fut.exception()
         self.abort()
 
     def _finish(self) -> None:
@@ -439,6 +449,7 @@ class MemberConnections:
                 conn.idle_handle.cancel()
                 conn.idle_handle = None
             if not conn.closed:
+                conn.reused = True
                 return conn
         loop = asyncio.get_running_loop()
         try:

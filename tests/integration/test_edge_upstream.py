@@ -82,3 +82,39 @@ async def test_member_timeout_gives_504(aps: list[int]) -> None:
             assert r.status == 504
             assert "127.0.0.1" not in await r.text()
         assert time.monotonic() - t0 < 1.5
+
+
+async def test_a_pooled_connection_closed_by_the_member_is_retried_quietly() -> None:
+    """The member drops a kept-alive connection as the next request arrives (the classic race)."""
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        first = True
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if not first:
+                break  # second request on this connection: close without answering
+            first = False
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = _pool([port], keepalive="pool", eject={"failures": 1})
+        async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+            for _ in range(4):
+                async with s.get(f"http://127.0.0.1:{edge.port}/") as r:
+                    assert (r.status, await r.text()) == (200, "ok")
+            member = edge.pools["app"].status()["members"][0]
+            assert member["ejected_for"] == 0  # the races were not counted as failures
+        assert served == 4
+    finally:
+        server.close()
+        await server.wait_closed()
