@@ -26,11 +26,16 @@ from collections.abc import Callable
 from dnsd.config import RRLConfig
 
 SEND, DROP, SLIP = 0, 1, 2
-_EXEMPT_CACHE_MAX = 10_000
+_CACHE_MAX = 65_536  # remembered client addresses (exempt flag, prefix)
 
 
 class RateLimiter:
-    """Decides per UDP response: send it, drop it, or send it truncated."""
+    """Decides per UDP response: send it, drop it, or send it truncated.
+
+    ``now`` is a whole-second clock advanced by ``tick()`` (the server calls it
+    from the event loop several times a second), so the query path reads an
+    attribute instead of calling the clock.
+    """
 
     def __init__(self, config: RRLConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = config.responses_per_second
@@ -40,11 +45,17 @@ class RateLimiter:
         self.v4_bits = config.ipv4_prefix
         self.v6_bits = config.ipv6_prefix
         self.clock = clock
+        self.now = int(clock())
         self.exempt = [ipaddress.ip_network(n, strict=False) for n in config.exempt]
         self._exempt_cache: dict[str, bool] = {}
+        self._prefixes: dict[str, object] = {}
         self.accounts: dict[tuple[object, bytes], list[int]] = {}
         self.dropped = 0
         self.slipped = 0
+
+    def tick(self) -> None:
+        """Advance the clock (seconds resolution is all the accounting needs)."""
+        self.now = int(self.clock())
 
     def prefix(self, host: str) -> object:
         """The client's network, as a hashable value (a string for the common /24)."""
@@ -58,7 +69,7 @@ class RateLimiter:
     def _is_exempt(self, host: str) -> bool:
         known = self._exempt_cache.get(host)
         if known is None:
-            if len(self._exempt_cache) >= _EXEMPT_CACHE_MAX:
+            if len(self._exempt_cache) >= _CACHE_MAX:
                 self._exempt_cache.clear()
             addr = ipaddress.ip_address(host.partition("%")[0])
             known = any(addr in net for net in self.exempt)
@@ -69,22 +80,32 @@ class RateLimiter:
         """SEND, DROP or SLIP for one response to ``host`` from account ``key``."""
         if self.exempt and self._is_exempt(host):
             return SEND
-        now = int(self.clock())
-        account_key = (self.prefix(host), key)
-        account = self.accounts.get(account_key)
+        prefix = self._prefixes.get(host)
+        if prefix is None:
+            if len(self._prefixes) >= _CACHE_MAX:
+                self._prefixes.clear()
+            prefix = self._prefixes[host] = self.prefix(host)
+        account = self.accounts.get((prefix, key))
+        now = self.now
         if account is None:
             if len(self.accounts) >= self.max_accounts:
                 self._forget_idle()
-            self.accounts[account_key] = [now, self.rate - 1, 0]
+            self.accounts[(prefix, key)] = [now, self.rate - 1, 0]
             return SEND
-        balance = account[1]
-        if account[0] != now:
-            balance = min(self.rate, balance + (now - account[0]) * self.rate)
+        if account[0] == now:
+            balance = account[1] - 1
+        else:
+            balance = account[1] + (now - account[0]) * self.rate
+            if balance > self.rate:
+                balance = self.rate
+            balance -= 1
             account[0] = now
-        balance = max(self.floor, balance - 1)
-        account[1] = balance
         if balance >= 0:
+            account[1] = balance
             return SEND
+        if balance < self.floor:
+            balance = self.floor
+        account[1] = balance
         if self.slip:
             account[2] += 1
             if account[2] >= self.slip:

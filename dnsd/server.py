@@ -39,6 +39,7 @@ UDP_RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
 UDP_BUFFER = 4 << 20
 TCP_BACKLOG = 1024
 TCP_MAX_FRAME_BUFFER = 65535 + 2
+RRL_TICK = 0.1  # seconds between advances of the rate limiters' clock
 
 
 @dataclass
@@ -295,6 +296,7 @@ class DnsServer:
         self.tcp_rejected = 0
         self.tcp_idle_closed = 0
         self._rrls: list[rrl_mod.RateLimiter] = []
+        self._ticker: asyncio.Task[None] | None = None
 
     # --- table --------------------------------------------------------------------------
 
@@ -342,6 +344,8 @@ class DnsServer:
         """Serve on already bound listeners."""
         loop = asyncio.get_running_loop()
         self.listeners = listeners
+        if self.config.rrl.enabled:
+            self._ticker = asyncio.create_task(self._tick_rrl(), name="rrl-clock")
         for lst in listeners:
             if self.config.udp_engine == "thread":
                 thread = UdpThread(self, lst.udp, f"dnsd-udp-{lst.address}")
@@ -356,8 +360,16 @@ class DnsServer:
             server = await loop.create_server(lambda: DnsTcpProtocol(self), sock=lst.tcp)
             self.tcp_servers.append(server)
 
+    async def _tick_rrl(self) -> None:
+        while True:
+            for limiter in self._rrls:
+                limiter.tick()
+            await asyncio.sleep(RRL_TICK)
+
     async def stop(self, grace: float = 1.0) -> None:
         """Stop accepting, finish the answers in flight, close every connection."""
+        if self._ticker is not None:
+            self._ticker.cancel()
         # 1. No new TCP connections.
         for server in self.tcp_servers:
             server.close()
