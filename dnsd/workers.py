@@ -1,0 +1,360 @@
+"""``workers = N``: N answering processes sharing the listen ports through SO_REUSEPORT.
+
+Layout: one supervisor process follows the registry (one etcd watch, not
+N) and runs the admin listener; N worker processes (multiprocessing
+"spawn") each bind every listen address with SO_REUSEPORT, so the kernel
+spreads clients over them, and answer from their own AnswerTable.
+
+Messages over one pipe per worker (pickled):
+
+* supervisor -> worker: ``("table", records, revision, synced, last_healthy)``
+  whenever the registry changes; the worker rebuilds its table with the same
+  builder settings, so all workers answer alike (rotation is per worker);
+  ``("stop",)`` to shut down;
+* worker -> supervisor: ``("ready", addresses)`` once bound, then
+  ``("stats", Snapshot)`` every second.
+
+Metrics: prometheus_client's multiprocess mode would cost a locked mmap
+write per counted query, which the answer path cannot afford. Instead each
+worker derives its counters from its tables (see stats.py) and pushes a
+snapshot every second; the supervisor's /metrics reports the sums, at most a
+second behind. Counts of a worker that died are kept in the totals.
+
+A worker that dies is restarted after a second; with port 0 in a listen
+address the supervisor picks the port first and holds it (with
+SO_REUSEPORT) until every worker has bound it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client
+import structlog
+
+from carousel.admin import AdminServer
+from carousel.logs import setup_logging
+from carousel.registry import ServiceRecord
+from dnsd.config import Config
+from dnsd.feed import RegistryFeed
+from dnsd.server import DnsServer, Listener, bind_listener
+from dnsd.stats import DnsCollector, Snapshot
+from dnsd.table import AnswerTable
+
+log = structlog.get_logger("dnsd.workers")
+
+STATS_INTERVAL = 1.0
+RESTART_DELAY = 1.0
+STOP_GRACE = 5.0
+
+
+# --- worker process ----------------------------------------------------------------------
+
+
+def worker_main(config: Config, index: int, listen: list[str], conn: Any) -> None:
+    """Entry point of a worker process."""
+    from dnsd.main import run_loop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    setup_logging(config.log, daemon=f"dnsd-worker-{index}")
+    run_loop(_worker(config, index, listen, conn))
+
+
+async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> int:
+    from dnsd.main import make_builder
+
+    loop = asyncio.get_running_loop()
+    builder = make_builder(config)
+    try:
+        listeners = [bind_listener(a, reuse_port=True) for a in listen]
+    except OSError as exc:
+        log.error("worker cannot listen", worker=index, error=exc.strerror or str(exc))
+        return 1
+    server = DnsServer(config.dns, builder.build([], 0, synced=False))
+    await server.start(listeners)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def on_message() -> None:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            stop.set()  # the supervisor is gone
+            return
+        if msg[0] == "table":
+            _, records, revision, synced, last_healthy = msg
+            builder.last_healthy = last_healthy
+            server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("applied", revision, synced))
+        elif msg[0] == "stop":
+            stop.set()
+
+    loop.add_reader(conn.fileno(), on_message)
+    conn.send(("ready", [lst.address for lst in listeners]))
+
+    async def push_stats() -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("stats", server.snapshot()))
+
+    pusher = asyncio.create_task(push_stats())
+    await stop.wait()
+    pusher.cancel()
+    loop.remove_reader(conn.fileno())
+    await server.stop()
+    with contextlib.suppress(OSError, BrokenPipeError):
+        conn.send(("stats", server.snapshot()))
+    return 0
+
+
+# --- supervisor --------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """The supervisor's handle on one worker process."""
+
+    index: int
+    process: Any
+    conn: Any
+    ready: bool = False
+    synced: bool = False  # has applied a table built from a registry snapshot
+    revision: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stats: Snapshot = field(default_factory=Snapshot)
+
+
+class Supervisor:
+    """Starts, feeds, watches and stops the worker processes."""
+
+    def __init__(self, config: Config, feed: RegistryFeed, listen: list[str]) -> None:
+        self.config = config
+        self.feed = feed
+        self.listen = listen
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers: dict[int, Worker] = {}
+        self.retired = Snapshot()  # counts of workers that died or were restarted
+        self.restarts = 0
+        self.stopping = False
+
+    def _message(self, table: AnswerTable) -> tuple[Any, ...]:
+        records: list[ServiceRecord] = list(self.feed.mirror.items.values())
+        return ("table", records, table.revision, table.synced, dict(self.feed.builder.last_healthy))
+
+    def start_worker(self, index: int) -> None:
+        parent, child = self.ctx.Pipe()
+        process = self.ctx.Process(
+            target=worker_main,
+            args=(self.config, index, self.listen, child),
+            name=f"dnsd-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        worker = Worker(index, process, parent)
+        self.workers[index] = worker
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message, worker)
+        self._send(worker, self._message(self.feed.table))
+
+    def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
+        try:
+            worker.conn.send(msg)
+        except (OSError, BrokenPipeError):
+            pass  # the exit watcher restarts it
+
+    def publish(self, table: AnswerTable) -> None:
+        """Send the registry state behind a new table to every worker."""
+        msg = self._message(table)
+        for worker in self.workers.values():
+            self._send(worker, msg)
+
+    def _on_message(self, worker: Worker) -> None:
+        try:
+            msg = worker.conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            return
+        if msg[0] == "ready":
+            worker.ready = True
+            log.info("worker ready", worker=worker.index, pid=worker.process.pid, listen=msg[1])
+        elif msg[0] == "applied":
+            worker.revision = msg[1]
+            worker.synced = worker.synced or msg[2]
+        elif msg[0] == "stats":
+            worker.stats = msg[1]
+
+    async def watch(self) -> None:
+        """Restart workers that exit while we are not stopping."""
+        while not self.stopping:
+            await asyncio.sleep(0.2)
+            for index, worker in list(self.workers.items()):
+                if worker.process.is_alive() or self.stopping:
+                    continue
+                log.error(
+                    "worker exited; restarting",
+                    worker=index,
+                    exitcode=worker.process.exitcode,
+                    restarts=self.restarts + 1,
+                )
+                self._forget(worker)
+                await asyncio.sleep(RESTART_DELAY)
+                if not self.stopping:
+                    self.restarts += 1
+                    self.start_worker(index)
+
+    def _forget(self, worker: Worker) -> None:
+        self.retired.add(worker.stats)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        worker.conn.close()
+
+    async def wait_ready(self, within: float) -> bool:
+        """True once every worker has bound its sockets; False if one died or time ran out."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if all(w.ready for w in self.workers.values()):
+                return True
+            if any(not w.process.is_alive() for w in self.workers.values()):
+                return False
+            await asyncio.sleep(0.02)
+        return False
+
+    def all_synced(self) -> bool:
+        """Every live worker answers from registry data (not from the empty startup table)."""
+        live = [w for w in self.workers.values() if w.process.is_alive()]
+        return bool(live) and all(w.synced for w in live)
+
+    def snapshot(self) -> Snapshot:
+        total = Snapshot()
+        total.add(self.retired)
+        for worker in self.workers.values():
+            total.add(worker.stats)
+        return total
+
+    async def stop(self) -> None:
+        """Ask every worker to stop, wait with a deadline, then terminate the rest."""
+        self.stopping = True
+        for worker in self.workers.values():
+            self._send(worker, ("stop",))
+        deadline = time.monotonic() + STOP_GRACE
+        for worker in self.workers.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.to_thread(worker.process.join, remaining)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                await asyncio.to_thread(worker.process.join, 2)
+            if worker.process.is_alive():
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.join, 2)
+            self._forget(worker)
+
+
+def _reserve(listen: list[str]) -> tuple[list[str], list[Listener]]:
+    """Concrete addresses for every listen entry, held open until the workers bind."""
+    concrete, held = [], []
+    for address in listen:
+        lst = bind_listener(address, reuse_port=True)
+        held.append(lst)
+        concrete.append(lst.address)
+    return concrete, held
+
+
+def run_supervisor(config: Config, config_path: str) -> int:
+    """Run the supervisor and its workers until SIGTERM/SIGINT."""
+    from dnsd.main import run_loop
+
+    return run_loop(_supervise(config))
+
+
+async def _supervise(config: Config) -> int:
+    from dnsd.main import health, install_stop_handlers, make_builder, registry_view, status
+
+    try:
+        listen, held = _reserve(config.dns.listen)
+    except OSError as exc:
+        log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
+        return 1
+    feed = RegistryFeed(config.etcd, make_builder(config))
+    supervisor = Supervisor(config, feed, listen)
+    feed.publish = supervisor.publish
+    collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
+    prometheus_client.REGISTRY.register(collector)
+
+    def worker_status() -> dict[str, Any]:
+        return {
+            "workers": len(supervisor.workers),
+            "worker_restarts": supervisor.restarts,
+            "worker_pids": [w.process.pid for w in supervisor.workers.values()],
+            # answers per live worker, as of its last report (at most a second old)
+            "worker_answers": [sum(w.stats.queries.values()) for w in supervisor.workers.values()],
+            "worker_revisions": [w.revision for w in supervisor.workers.values()],
+        }
+
+    def worker_health() -> tuple[bool, str]:
+        ok, detail = health(feed)
+        if ok and not supervisor.all_synced():
+            return False, "waiting for every worker to load the registry"
+        return ok, detail
+
+    admin = AdminServer(
+        config.admin,
+        status=lambda: status(config, feed, held, worker_status()),
+        health=worker_health,
+    )
+    tasks: set[asyncio.Task[None]] = set()
+    code = 0
+    try:
+        admin_port = await admin.start()
+        for index in range(config.dns.workers):
+            supervisor.start_worker(index)
+        ready = await supervisor.wait_ready(within=30)
+        for lst in held:  # the workers hold the ports now
+            lst.udp.close()
+            lst.tcp.close()
+        if not ready:
+            log.error("workers failed to start")
+            return 1
+        for coro, name in ((feed.run(), "registry-feed"), (supervisor.watch(), "worker-watch")):
+            task = asyncio.create_task(coro, name=name)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        log.info(
+            "dnsd listening",
+            listen=listen,
+            admin=f"{config.admin.host}:{admin_port}",
+            zones=[z.origin for z in config.zone],
+            workers=config.dns.workers,
+            udp_engine=config.dns.udp_engine,
+            rrl=config.dns.rrl.enabled,
+        )
+        stop = asyncio.Event()
+        install_stop_handlers(stop)
+        await stop.wait()
+        log.info("dnsd stopping")
+    except OSError as exc:
+        log.error("cannot start the admin listener", error=exc.strerror or str(exc))
+        code = 1
+    finally:
+        # Workers first (they answer), then the registry feed, etcd, the admin listener.
+        await supervisor.stop()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lst in held:
+            lst.udp.close()
+            lst.tcp.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(feed.close(), 2.0)
+        await admin.stop()
+        prometheus_client.REGISTRY.unregister(collector)
+    log.info("dnsd stopped")
+    return code
