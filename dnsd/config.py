@@ -59,7 +59,10 @@ def split_hostport(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"write IPv6 listen addresses as '[addr]:port', found {text!r}")
-    ipaddress.ip_address(host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address in 'host:port', found {text!r}") from None
     if not 0 <= int(port) <= 65535:
         raise ValueError(f"port out of range in {text!r}")
     return host, int(port)

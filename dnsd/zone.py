@@ -161,6 +161,14 @@ class _ZoneBuilder:
             rtype = wire.TYPE_CODES[rec.type]
             self.add(owner, rtype, rec.ttl, _rdata(rtype, rec.value, origin, f"{rkey}.value"), rkey)
 
+        for owner, by_type in self.static.items():
+            if wire.CNAME in by_type:
+                where = self.where[(owner, wire.CNAME)]
+                if owner == origin:
+                    raise ZoneError(where, "a CNAME cannot sit at the zone apex (it has SOA and NS)")
+                if len(by_type) > 1 or len(by_type[wire.CNAME].rdatas) > 1:
+                    raise ZoneError(where, "a CNAME name can hold no other record (RFC 1034)")
+
         services: dict[bytes, str] = {}
         for name, service in cfg.services.items():
             skey = f"{key}.services.{name}"
@@ -170,14 +178,6 @@ class _ZoneBuilder:
                 what = ", ".join(wire.TYPE_NAMES[t] for t in sorted(clash))
                 raise ZoneError(skey, f"the name also has static {what} records")
             services[owner] = service
-
-        for owner, by_type in self.static.items():
-            if wire.CNAME in by_type:
-                where = self.where[(owner, wire.CNAME)]
-                if owner == origin:
-                    raise ZoneError(where, "a CNAME cannot sit at the zone apex (it has SOA and NS)")
-                if len(by_type) > 1 or len(by_type[wire.CNAME].rdatas) > 1:
-                    raise ZoneError(where, "a CNAME name can hold no other record (RFC 1034)")
 
         mname = _absolute(cfg.soa.mname, origin, f"{key}.soa.mname") if cfg.soa.mname else ns_names[0]
         rname = _absolute(cfg.soa.rname, origin, f"{key}.soa.rname")
