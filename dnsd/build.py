@@ -162,7 +162,7 @@ class TableBuilder:
                     rrset = zone.static.get(ns, {}).get(t)
                     if rrset is not None:
                         glue += [(ns, t, rrset.ttl, rd) for rd in rrset.rdatas]
-            fixed = [(name, wire.NS, zone.ns_ttl, [wire.Name(ns)]) for ns in zone.ns]
+            fixed: list[RR] = [(name, wire.NS, zone.ns_ttl, [wire.Name(ns)]) for ns in zone.ns]
             return Plan(fixed=fixed, additional=glue)
         if qtype == wire.ANY:
             # RFC 8482: one small synthesized RRset instead of everything we hold.

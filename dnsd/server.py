@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 
@@ -40,6 +42,13 @@ UDP_BUFFER = 4 << 20
 TCP_BACKLOG = 1024
 TCP_MAX_FRAME_BUFFER = 65535 + 2
 RRL_TICK = 0.1  # seconds between advances of the rate limiters' clock
+
+
+T = TypeVar("T")
+
+
+def _same(value: T) -> T:
+    return value
 
 
 @dataclass
@@ -171,7 +180,7 @@ class DnsUdpProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         try:
             response, key = self.answerer.respond(data, self.server.table, True)
             if response is None:
@@ -207,14 +216,14 @@ class DnsTcpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
         if not self.server.tcp_admit(self.peer, self):
             transport.abort()
-            self.transport = None
             return
-        self.transport.set_write_buffer_limits(high=self.server.config.tcp_max_pending_bytes)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.config.tcp_max_pending_bytes)
         self._touch()
 
     def _touch(self) -> None:
@@ -354,7 +363,9 @@ class DnsServer:
             else:
                 lst.udp.setblocking(False)
                 proto = DnsUdpProtocol(self)
-                transport, _ = await loop.create_datagram_endpoint(lambda p=proto: p, sock=lst.udp)
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_same, proto), sock=lst.udp
+                )
                 self.udp_protocols.append(proto)
                 self.udp_transports.append(transport)
             server = await loop.create_server(lambda: DnsTcpProtocol(self), sock=lst.tcp)

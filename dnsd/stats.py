@@ -12,10 +12,10 @@ supervisor, which adds them up (see workers.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dnsd import wire
@@ -128,7 +128,7 @@ class DnsCollector(Collector):
     def describe(self) -> list[object]:
         return []  # collected lazily; no fixed description needed
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         reg = self._registry()
         q = CounterMetricFamily(
@@ -166,15 +166,16 @@ class DnsCollector(Collector):
             c = CounterMetricFamily(name, help_text)
             c.add_metric([], value)
             yield c
-        for name, help_text, value in (
+        gauges: tuple[tuple[str, str, float], ...] = (
             ("dnsd_tcp_connections", "Open TCP connections", snap.tcp_connections),
             ("dnsd_registry_revision", "etcd revision of the answers being served", reg.revision),
             ("dnsd_registry_seconds_since_sync", "Seconds since etcd last proved our copy current",
              reg.seconds_since_sync if reg.seconds_since_sync != float("inf") else -1),
             ("dnsd_registry_connected", "1 while the registry watch is healthy", int(reg.connected)),
-        ):  # fmt: skip
+        )  # fmt: skip
+        for name, help_text, level in gauges:
             g = GaugeMetricFamily(name, help_text)
-            g.add_metric([], value)
+            g.add_metric([], level)
             yield g
         svc = GaugeMetricFamily(
             "dnsd_service_addresses",

@@ -131,7 +131,7 @@ class Entry:
         self.served = 0
         self.start = 0
         # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
-        self.full: list[list[bytes] | None] | None = None
+        self.full: list[list[bytes]] | None = None
 
     def prepare_full(self, question: bytes, opts: tuple[bytes, bytes]) -> None:
         """Pre-assemble header + question + body (+ OPT) for every RD/CD and EDNS state.
@@ -141,7 +141,8 @@ class Entry:
         """
         if self.period > MAX_FULL_PERIOD:
             return
-        full: list[list[bytes] | None] = [None] * 54
+        unused: list[bytes] = []  # slots of RD/CD values a query cannot produce
+        full = [unused] * 54
         for rdcd in RDCD_INDEXES:
             full[rdcd] = [self.heads[rdcd] + question + body for body in self.schedule]
             for edns, opt in ((1, opts[0]), (2, opts[1])):
@@ -253,7 +254,7 @@ class AnswerTable:
         for _, suffix in wire.suffixes(name):
             if suffix in self.nxdomain:
                 return suffix
-        return self.nxdomain.get(wire.ROOT) and wire.ROOT
+        return wire.ROOT if wire.ROOT in self.nxdomain else None
 
 
 def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes, aa: bool = True) -> Entry:
