@@ -55,6 +55,8 @@ class ServerConfig:
     body_timeout: float = field(default=30.0, metadata={"check": positive})
     # Upstream responses are kept in memory up to this many bytes, then spilled to a file.
     response_memory_limit: int = field(default=1024 * 1024, metadata={"check": non_negative})
+    # Larger buffered responses are refused (502): stream them with `buffering = false`.
+    max_response_size: int = field(default=1024**3, metadata={"check": positive})
     temp_dir: str | None = None
     max_header_size: int = field(default=8190, metadata={"check": _at_least_one})
     max_headers: int = field(default=100, metadata={"check": _at_least_one})

@@ -63,6 +63,7 @@ class ProxyHandler:
         self.metrics = metrics
         self.memory_limit = config.edge.response_memory_limit
         self.temp_dir = config.edge.temp_dir
+        self.max_response = config.edge.max_response_size
 
     def _hash_key(self, ex: Exchange, pool: UpstreamPool) -> str | None:
         if not pool.is_hash:
@@ -145,7 +146,7 @@ class ProxyHandler:
                 if method == "HEAD":
                     relay = None
                 elif buffering:
-                    spool = SpoolBuffer(self.memory_limit, self.temp_dir)
+                    spool = SpoolBuffer(self.memory_limit, self.temp_dir, self.max_response)
                     conn.sink = spool.add
                     relay = None
                 else:

@@ -28,6 +28,7 @@ from edge.routing import Route
 
 SMALL_FILE = 64 * 1024
 CACHE_ENTRIES = 4096
+CACHE_BYTES = 64 * 1024 * 1024  # file contents kept in memory, at most
 TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
 
 
@@ -116,6 +117,7 @@ class StaticFiles:
 
     def __init__(self) -> None:
         self._cache: dict[str, FileInfo] = {}
+        self._cached_bytes = 0
         self._roots: dict[str, str] = {}
         # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
         self._paths: dict[tuple[str, str], str | None] = {}
@@ -172,9 +174,16 @@ class StaticFiles:
                 ("Accept-Ranges", "bytes"),
             ),
         )
-        if len(self._cache) >= CACHE_ENTRIES:
-            self._cache.pop(next(iter(self._cache)))
+        size = len(content) if content is not None else 0
+        old = self._cache.pop(full, None)
+        if old is not None and old.content is not None:
+            self._cached_bytes -= len(old.content)
+        while self._cache and (len(self._cache) >= CACHE_ENTRIES or self._cached_bytes + size > CACHE_BYTES):
+            evicted = self._cache.pop(next(iter(self._cache)))  # oldest first
+            if evicted.content is not None:
+                self._cached_bytes -= len(evicted.content)
         self._cache[full] = info
+        self._cached_bytes += size
         return info
 
     async def __call__(self, ex: Exchange) -> Reply:

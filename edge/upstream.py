@@ -234,17 +234,21 @@ class ResponseParser:
 class SpoolBuffer:
     """Response bytes in memory up to a limit, then in an unlinked temp file."""
 
-    __slots__ = ("_file", "_limit", "_parts", "_temp_dir", "size")
+    __slots__ = ("_file", "_limit", "_max", "_parts", "_temp_dir", "size")
 
-    def __init__(self, limit: int, temp_dir: str | None) -> None:
+    def __init__(self, limit: int, temp_dir: str | None, max_size: int = 1 << 62) -> None:
         self._limit = limit
+        self._max = max_size
         self._temp_dir = temp_dir
         self._parts: list[bytes] = []
         self._file: Any = None
         self.size = 0
 
     def add(self, chunk: bytes) -> None:
+        """Keep a chunk; UpstreamProtocolError past the size cap (the disk is not infinite)."""
         self.size += len(chunk)
+        if self.size > self._max:
+            raise UpstreamProtocolError("response larger than max_response_size")
         if self._file is not None:
             self._file.write(chunk)
             return
@@ -317,9 +321,13 @@ class UpstreamConnection(asyncio.Protocol):
                 head.set_result(None)
         sink = self.sink
         if sink is not None:
-            for chunk in chunks:
-                if chunk:
-                    sink(chunk)
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        sink(chunk)
+            except (UpstreamError, OSError) as exc:  # over the cap, or the temp disk is full
+                self._fail(exc if isinstance(exc, UpstreamError) else UpstreamProtocolError(str(exc)))
+                return
         if parser.state == "done":
             self._finish()
 

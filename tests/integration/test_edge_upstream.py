@@ -118,3 +118,19 @@ async def test_a_pooled_connection_closed_by_the_member_is_retried_quietly() -> 
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_buffered_response_over_the_cap_is_refused(aps: list[int]) -> None:
+    cfg = _pool(aps[:1])
+    cfg["edge"] = {"response_memory_limit": 64 * 1024, "max_response_size": 512 * 1024}
+    cfg["route"] = [
+        {"path": "/stream/", "pool": "app", "buffering": False, "strip_prefix": True},
+        {"path": "/", "pool": "app"},
+    ]
+    async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{edge.port}/big?kb=256") as r:
+            assert r.status == 200 and len(await r.read()) == 256 * 1024  # spilled, served
+        async with s.get(f"http://127.0.0.1:{edge.port}/big?kb=1024") as r:
+            assert r.status == 502  # over the cap: refused, nothing half-sent
+        async with s.get(f"http://127.0.0.1:{edge.port}/stream/big?kb=1024") as r:
+            assert r.status == 200 and len(await r.read()) == 1024 * 1024  # streaming has no cap
