@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  # CPython 3.11.7 fails at exit when pytest's hypothesis plugin imports it late
 import pytest
 
 from carousel.config import EtcdConfig
