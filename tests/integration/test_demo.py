@@ -109,3 +109,18 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
     assert "Stopped." in log.read_text()
     leftovers = _processes_mentioning(str(workdir))
     assert not leftovers, leftovers
+
+
+def test_demo_refuses_a_taken_port_with_a_clear_message(tmp_path: Path):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "carousel.cli", "demo", "--dns-port", str(port)]
+        argv += ["--workdir", str(tmp_path / "demo"), "--etcd-port", str(free_port())]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"dnsd (udp): 127.0.0.1:{port} is not free" in out.stderr, out.stderr
+    assert "--dns-port" in out.stderr
+    assert not (tmp_path / "demo").exists(), "nothing may start when a port is taken"
