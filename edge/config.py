@@ -1,4 +1,5 @@
-"""The edge's typed configuration: `[edge]`, `[[route]]`, `[pool.NAME]`, `[etcd]`, `[log]`, `[admin]`.
+"""The edge's typed configuration: `[edge]`, `[[route]]`, `[pool.NAME]`, `[tls]`, `[[passthrough]]`,
+`[dos]`, `[etcd]`, `[log]`, `[admin]`.
 
 Every option and its default is listed here, once. ``load(path)`` validates the
 file (unknown keys, wrong types, routes naming missing pools, bad regexes) and
@@ -60,6 +61,13 @@ class ServerConfig:
     temp_dir: str | None = None
     max_header_size: int = field(default=8190, metadata={"check": _at_least_one})
     max_headers: int = field(default=100, metadata={"check": _at_least_one})
+    # Seconds a client gets to send a whole request head, counted from connecting or
+    # from the first byte of a later request; slower -> closed (slowloris). Also the
+    # TLS handshake deadline.
+    header_timeout: float = field(default=10.0, metadata={"check": positive})
+    # Open client connections in total and per client address (0: no cap); over -> closed at accept.
+    max_connections: int = field(default=0, metadata={"check": non_negative})
+    max_connections_per_ip: int = field(default=0, metadata={"check": non_negative})
     # Seconds in-flight requests get to finish after SIGTERM.
     shutdown_timeout: float = field(default=10.0, metadata={"check": non_negative})
     # Peers whose X-Forwarded-For we extend instead of replacing.
@@ -199,6 +207,122 @@ class RouteConfig:
         return None
 
 
+def _server_names(values: list[str]) -> str | None:
+    for v in values:
+        if not v or "*" in v[1:] or (v.startswith("*") and not v.startswith("*.")):
+            return f"expected a host name or '*.example.test', found {v!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    """`[[tls.certificate]]`: one certificate chain and its key, chosen by SNI."""
+
+    cert_file: str
+    key_file: str
+    # Names it serves (exact or "*.example.test"); empty = the certificate's DNS subjectAltNames.
+    names: list[str] = field(default_factory=list, metadata={"check": _server_names})
+
+    def validate(self) -> str | None:
+        from edge.tls import check_certificate
+
+        return check_certificate(self.cert_file, self.key_file)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """`[tls]`: the HTTPS listener, on when at least one certificate is configured."""
+
+    # Listen address; empty = the same host as [edge].
+    host: str = ""
+    port: int = field(default=8443, metadata={"check": port_number})
+    # The first certificate also answers clients without SNI or with an unknown name.
+    certificate: list[CertificateConfig] = field(default_factory=list)
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # OpenSSL cipher list for TLS 1.2 (forward secret AEAD only); TLS 1.3 suites are all modern.
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    # Seconds between checks of the certificate files for changes (0: reload on SIGHUP only).
+    reload_interval: float = field(default=5.0, metadata={"check": non_negative})
+    # Answer plain-HTTP requests with 308 to https:// (ACME http-01 challenges excepted).
+    redirect_http: bool = False
+    # The HTTPS port named in those redirects (what clients reach, maybe not `port`).
+    redirect_port: int = field(default=443, metadata={"check": port_number})
+    # Strict-Transport-Security on HTTPS responses: max-age in seconds (0: not sent).
+    hsts_max_age: int = field(default=0, metadata={"check": non_negative})
+    hsts_include_subdomains: bool = False
+    hsts_preload: bool = False
+
+    def validate(self) -> str | None:
+        if not self.certificate and (self.redirect_http or self.hsts_max_age):
+            return "certificate: redirect_http and HSTS need an HTTPS listener (a certificate)"
+        return None
+
+
+@dataclass(frozen=True)
+class PassthroughRouteConfig:
+    """`[[passthrough.route]]`: SNI names whose encrypted streams go to a pool."""
+
+    names: list[str] = field(metadata={"check": _server_names})
+    pool: str
+
+
+@dataclass(frozen=True)
+class PassthroughConfig:
+    """`[[passthrough]]`: a TCP listener forwarding TLS streams by SNI, never decrypting them."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8444, metadata={"check": port_number})
+    route: list[PassthroughRouteConfig] = field(default_factory=list)
+    # Pool for a ClientHello without SNI or with an unlisted name ("": close the connection).
+    default_pool: str = ""
+    # PROXY protocol header sent to the member first, so it learns the client address.
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    # Seconds to receive the whole ClientHello.
+    hello_timeout: float = field(default=5.0, metadata={"check": positive})
+    # Seconds without a byte in either direction before the stream is closed.
+    idle_timeout: float = field(default=300.0, metadata={"check": positive})
+
+
+@dataclass(frozen=True)
+class DosConfig:
+    """`[dos]`: per-client request rate and concurrency; soft -> 429 or delay, hard -> ban."""
+
+    enabled: bool = False
+    # Detect, log and count, but enforce nothing (and publish no bans).
+    dry_run: bool = False
+    # Rates are requests per second, measured over a sliding window of this many seconds.
+    window: float = field(default=1.0, metadata={"check": positive})
+    soft_rate: float = field(default=50.0, metadata={"check": positive})
+    hard_rate: float = field(default=200.0, metadata={"check": positive})
+    # Concurrent connections (requests in flight for clients behind a trusted proxy).
+    soft_connections: int = field(default=64, metadata={"check": _at_least_one})
+    hard_connections: int = field(default=256, metadata={"check": _at_least_one})
+    # Over a soft threshold: "reject" (429 + Retry-After) or "delay" (then serve).
+    soft_action: Literal["reject", "delay"] = "reject"
+    delay: float = field(default=0.5, metadata={"check": positive})
+    # Over a hard threshold: banned (403, connections refused) for this many seconds.
+    ban_seconds: int = field(default=300, metadata={"check": _at_least_one})
+    # Clients never limited nor banned.
+    allowlist: list[str] = field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"], metadata={"check": _networks}
+    )
+    # IPv6 clients are counted and banned per network of this prefix length.
+    ipv6_prefix: int = 64
+    # Publish bans to etcd (under a lease as long as the ban) and enforce every edge's bans.
+    cluster: bool = True
+    # Most clients tracked at once; beyond it new clients go uncounted until the next sweep.
+    max_clients: int = field(default=100_000, metadata={"check": _at_least_one})
+
+    def validate(self) -> str | None:
+        if self.hard_rate < self.soft_rate:
+            return "hard_rate: must be >= soft_rate"
+        if self.hard_connections < self.soft_connections:
+            return "hard_connections: must be >= soft_connections"
+        if not 1 <= self.ipv6_prefix <= 128:
+            return f"ipv6_prefix: must be 1-128, found {self.ipv6_prefix}"
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole edge config file."""
@@ -206,6 +330,9 @@ class Config:
     edge: ServerConfig = field(default_factory=ServerConfig)
     route: list[RouteConfig] = field(default_factory=list)
     pool: dict[str, PoolConfig] = field(default_factory=dict)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    passthrough: list[PassthroughConfig] = field(default_factory=list)
+    dos: DosConfig = field(default_factory=DosConfig)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -214,6 +341,19 @@ class Config:
         for i, r in enumerate(self.route):
             if r.pool and r.pool not in self.pool:
                 return f"route[{i}].pool: no pool named {r.pool!r}"
+        for i, p in enumerate(self.passthrough):
+            for j, pr in enumerate(p.route):
+                if pr.pool not in self.pool:
+                    return f"passthrough[{i}].route[{j}].pool: no pool named {pr.pool!r}"
+                if self.pool[pr.pool].health.enabled:
+                    # The checks speak plain HTTP; these members speak TLS.
+                    return f"pool.{pr.pool}.health.enabled: a passthrough pool cannot use HTTP health checks"
+            if p.default_pool and p.default_pool not in self.pool:
+                return f"passthrough[{i}].default_pool: no pool named {p.default_pool!r}"
+            if self.edge.workers > 1 and p.port == 0:
+                return f"passthrough[{i}].port: several workers need a fixed port"
+        if self.tls.certificate and self.edge.workers > 1 and self.tls.port == 0:
+            return "tls.port: several workers need a fixed port"
         if sum(1 for r in self.route if r.default) > 1:
             return "route: only one route may be the default"
         if self.edge.workers > 1 and self.edge.port == 0:
@@ -244,14 +384,19 @@ def load(path: str) -> Config:
 
 
 __all__ = [
+    "CertificateConfig",
     "Config",
     "ConfigError",
+    "DosConfig",
     "EjectConfig",
     "HealthConfig",
     "MemberConfig",
+    "PassthroughConfig",
+    "PassthroughRouteConfig",
     "PoolConfig",
     "RouteConfig",
     "ServerConfig",
+    "TlsConfig",
     "from_dict",
     "load",
 ]

@@ -11,8 +11,11 @@ answered in order, one at a time; reading pauses when too many are waiting.
 
 An idle connection costs this object, the parser, the transport and one timer
 (no task, no buffers): that is what lets an edge hold 10,000 keep-alive
-clients cheaply. The idle timer runs from the end of the last response, so a
-client trickling a request head byte by byte is closed at the same deadline.
+clients cheaply. The same timer is the keep-alive idle timeout between
+requests and the header deadline (``header_timeout``) from the moment a
+connection opens or a later head starts, so a client trickling a head byte by
+byte (slowloris) is closed at that deadline. Admission (bans, connection caps)
+happens in ``connection_made`` through the edge's ConnectionGuard (edge/limits.py).
 
 Responses are framed here: Content-Length when the body's length is known,
 chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
@@ -129,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_timer",
         "_current",
         "_drain",
+        "_head_deadline",
         "_held",
         "_idle_timer",
         "_paused_reading",
@@ -146,6 +150,9 @@ class ClientConnection(asyncio.Protocol):
         "tunnel",
     )
 
+    #: "https" on TLS listeners (edge/tls.py subclasses this); every Exchange carries it.
+    scheme = "http"
+
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
         self.transport: asyncio.Transport | None = None
@@ -162,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._body_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._head_deadline = False  # the idle timer is the header deadline (slowloris)
         self._drain: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
@@ -175,13 +183,20 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        if not self.edge.guard.admit(self.peer):  # banned, or over a connection cap
+            self.closing = True
+            self.transport = None
+            transport.close()  # nothing was read or written: closing is as cheap as a reset
+            return
         self.edge.connections.add(self)
-        self._arm_idle()
+        self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.closing = True
-        self.edge.connections.discard(self)
+        if self in self.edge.connections:
+            self.edge.connections.remove(self)
+            self.edge.guard.release(self.peer)
         for timer in (self._idle_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
@@ -239,6 +254,9 @@ class ClientConnection(asyncio.Protocol):
             self.reject(reject)  # after the requests that came before it
         elif self.queue is not None and len(self.queue) >= MAX_PIPELINED:
             self._pause_reading()
+        elif self._idle_timer is not None and not self._head_deadline and not parser.idle:
+            # The first bytes of a head after a keep-alive pause: the rest is due in header_timeout.
+            self._arm_head_deadline()
 
     # --- request assembly ---------------------------------------------------------------
 
@@ -411,15 +429,36 @@ class ClientConnection(asyncio.Protocol):
     # --- timers and reading -------------------------------------------------------------
 
     def _arm_idle(self) -> None:
+        """Between requests: the keep-alive timeout, or the header deadline once a head has begun."""
+        if self._current is not None:
+            return  # a body is on its way: body_timeout governs
+        if not self.parser.idle:
+            self._arm_head_deadline()
+            return
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self._head_deadline = False
         self._idle_timer = asyncio.get_running_loop().call_later(
             self.edge.config.edge.keepalive_timeout, self._idle_expired
+        )
+
+    def _arm_head_deadline(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._head_deadline = True
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.edge.config.edge.header_timeout, self._head_expired
         )
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
         if not self.handling and not self.queue:
+            self.close()
+
+    def _head_expired(self) -> None:
+        self._idle_timer = None
+        if not self.handling and not self.queue and self._current is None:
+            self.edge.guard.header_timeouts += 1
             self.close()
 
     def close_if_idle(self) -> bool:

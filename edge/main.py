@@ -38,6 +38,9 @@ async def serve(config: Config, worker: int = 0) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP reloads the TLS certificates; connections in progress keep theirs.
+    loop.add_signal_handler(signal.SIGHUP, edge.reload_certificates)
+    edge.on_fatal = stop.set
     try:
         await edge.start()
     except OSError as exc:
@@ -50,6 +53,9 @@ async def serve(config: Config, worker: int = 0) -> int:
     await stop.wait()
     log.info("shutting down", worker=worker, deadline=config.edge.shutdown_timeout)
     await edge.stop()
+    if edge.fatal:
+        print(f"carousel edge: {edge.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -70,6 +76,7 @@ def _supervise(config: Config) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
             code = 1
             try:
                 code = _run_loop(config, index)
@@ -86,8 +93,16 @@ def _supervise(config: Config) -> int:
             except ProcessLookupError:
                 pass
 
+    def forward_hup(signum: int, frame: object) -> None:
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, forward_hup)
     for i in range(config.edge.workers):
         spawn(i)
     status = 0

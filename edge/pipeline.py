@@ -25,14 +25,17 @@ as "package.module:factory" and run where ``USER_FEATURES`` stands.
 
 ORDER MATTERS. It is fixed here and nowhere else:
 
-* ``headers`` first: everything after it sees the cleaned request, and the
+* ``dos`` (issue 8) first of all: a banned or flooding client should cost as
+  little as possible. Connection limits and bans at accept live outside the
+  chain (edge/limits.py); oversized requests never reach it (edge/http1.py).
+* ``tls`` next: plain HTTP redirected to HTTPS before any work, HSTS on
+  every HTTPS answer the features below produce.
+* ``headers`` then: everything after it sees the cleaned request, and the
   response is cleaned after every other feature touched it.
 * user features next, so they see (and may veto) requests before any
   expensive work.
 * (issue 5) ``cache`` then ``compression``: compression sits inside the cache
   so compressed variants are stored and compressed once.
-* (issue 8) ``limits`` and ``dos`` go before ``headers``: a banned or
-  oversized request should cost as little as possible.
 * (issue 9) the forward proxy is a separate listener with its own chain.
 """
 
@@ -66,6 +69,8 @@ class BodyWriter(Protocol):
 # Built-in features, outermost first. "user" marks where [edge] features run.
 USER_FEATURES = "user"
 FEATURE_ORDER: tuple[str, ...] = (
+    "edge.dos:feature",
+    "edge.tls:feature",
     "edge.headers:feature",
     USER_FEATURES,
 )

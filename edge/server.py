@@ -19,17 +19,22 @@ import structlog
 from multidict import CIMultiDict
 
 from carousel.admin import AdminServer
-from carousel.etcd import Etcd
+from carousel.etcd import Etcd, EtcdAuthError, EtcdError
 from carousel.registry import Keys
 from edge.config import Config
 from edge.connection import ClientConnection, Request
+from edge.dos import DosDetector
 from edge.errors import error_reply
+from edge.limits import ConnectionGuard
 from edge.metrics import Metrics, access_log
+from edge.passthrough import PassthroughListener
+from edge.passthrough import register_metrics as register_passthrough_metrics
 from edge.pipeline import BytesBody, Exchange, Handler, Reply, build_features, chain
 from edge.pool import UpstreamPool
 from edge.proxy import ProxyHandler
 from edge.routing import RouteTable, normalize_host
 from edge.static import StaticFiles, not_found
+from edge.tls import CertificateStore, start_https
 
 log = structlog.get_logger("carousel.edge")
 
@@ -45,15 +50,29 @@ class Edge:
         self.worker = worker
         self.routes = RouteTable(config.route)
         self.etcd: Etcd | None = None
-        if any(p.service for p in config.pool.values()):
+        # etcd holds the registry (pools with a service) and the cluster's DoS bans.
+        cluster_bans = config.dos.enabled and config.dos.cluster
+        if any(p.service for p in config.pool.values()) or cluster_bans:
             self.etcd = Etcd(config.etcd)
         keys = Keys(config.etcd.prefix)
         self.pools = {name: UpstreamPool(name, pc, self.etcd, keys) for name, pc in config.pool.items()}
         self.metrics = Metrics(self._metric_state)
+        self.guard = ConnectionGuard(config.edge.max_connections, config.edge.max_connections_per_ip)
+        self.guard.register_metrics(self.metrics.registry)
         self.static = StaticFiles()
         self.proxy = ProxyHandler(config, self.pools, self.metrics)
         self.features = build_features(config, self)
         self.handle: Handler = chain(self.features, self._terminal)
+        # TLS termination (edge/tls.py) and passthrough (edge/passthrough.py) listeners.
+        self.certificates = CertificateStore(config.tls) if config.tls.certificate else None
+        self.passthrough = [PassthroughListener(self, pc) for pc in config.passthrough]
+        register_passthrough_metrics(self.metrics.registry, self.passthrough)
+        self.tls_port = 0
+        self._tls_listener: asyncio.Server | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Set by main: called when the edge cannot go on (etcd refused its credentials).
+        self.on_fatal: Any = None
+        self.fatal: str | None = None
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.port = 0
@@ -106,7 +125,7 @@ class Edge:
         if route is None:
             reply = not_found()
         else:
-            ex = Exchange(request, route, host, request.remote, "http")
+            ex = Exchange(request, route, host, request.remote, request.conn.scheme)
             try:
                 reply = await self.handle(ex)
             except Exception:
@@ -228,6 +247,19 @@ class Edge:
                 for r in self.routes.routes
             ],
             "pools": {name: pool.status() for name, pool in self.pools.items()},
+            "security": self._security_status(),
+        }
+
+    def _security_status(self) -> dict[str, Any]:
+        dos = next((f for f in self.features if isinstance(f, DosDetector)), None)
+        certs = self.certificates
+        g = self.guard
+        return {
+            "tls": None if certs is None else {"port": self.tls_port, **certs.status()},
+            "passthrough": [p.status() for p in self.passthrough],
+            "dos": None if dos is None else dos.status(),
+            "refused_connections": dict(g.refused),
+            "header_timeouts": g.header_timeouts,
         }
 
     def health(self) -> tuple[bool, str]:
@@ -241,9 +273,16 @@ class Edge:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None) -> int:
-        """Start pools, the client listener and the admin listener; returns the client port."""
+        """Start pools, features, the client listeners and the admin listener; returns the client port."""
+        if self.etcd is not None:
+            self._background_task(self._check_etcd_credentials())
         for pool in self.pools.values():
             await pool.start()
+        # Features with background work (the DoS ban mirror) define start() and stop().
+        for feature in self.features:
+            start = getattr(feature, "start", None)
+            if start is not None:
+                await start()
         c = self.config.edge
         loop = asyncio.get_running_loop()
         if sock is not None:
@@ -258,6 +297,12 @@ class Edge:
                 backlog=4096,
             )
         self.port = self._listener.sockets[0].getsockname()[1]
+        if self.certificates is not None:
+            self._tls_listener = await start_https(self, self.certificates)
+            self.tls_port = self._tls_listener.sockets[0].getsockname()[1]
+            self._background_task(self.certificates.watch())
+        for listener in self.passthrough:
+            await listener.start()
         if self.worker == 0:
             self._admin = AdminServer(
                 self.config.admin,
@@ -266,8 +311,39 @@ class Edge:
                 registry=self.metrics.registry,
             )
             self.admin_port = await self._admin.start()
-        log.info("edge listening", port=self.port, admin_port=self.admin_port, worker=self.worker)
+        log.info(
+            "edge listening",
+            port=self.port,
+            tls_port=self.tls_port or None,
+            passthrough_ports=[p.port for p in self.passthrough] or None,
+            admin_port=self.admin_port,
+            worker=self.worker,
+        )
         return self.port
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Not in _tasks: shutdown cancels these instead of waiting for them.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_etcd_credentials(self) -> None:
+        """Stop the edge if etcd refuses its credentials; an unreachable etcd is only reported."""
+        assert self.etcd is not None
+        try:
+            await self.etcd.revision()
+        except EtcdAuthError as exc:
+            self.fatal = f"etcd refused the edge's credentials: {exc}"
+            log.error("etcd refused the edge's credentials", error=str(exc))
+            if self.on_fatal is not None:
+                self.on_fatal()
+        except EtcdError as exc:
+            log.warning("etcd unreachable at startup; retrying in the background", error=str(exc))
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: reload the TLS certificates (live connections keep theirs)."""
+        if self.certificates is not None:
+            self.certificates.reload("SIGHUP")
 
     async def stop(self) -> None:
         """Graceful shutdown, step by step."""
@@ -279,6 +355,10 @@ class Edge:
         #    refused by the kernel; established ones keep going.
         if self._listener is not None:
             self._listener.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
+        for listener in self.passthrough:
+            listener.close()
         # 3. Close idle keep-alive connections now; busy ones close after their
         #    current response (step 1 made sure of that).
         for conn in list(self.connections):
@@ -295,8 +375,18 @@ class Edge:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        # 5. Background work last: health checks, registry watches, upstream
-        #    connection pools, etcd, and the admin listener.
+        for listener in self.passthrough:
+            await listener.abort()  # TLS streams we cannot finish for the client
+        # 5. Background work last: features' own tasks (ban mirror), certificate
+        #    watch, health checks, registry watches, upstream connection pools,
+        #    etcd, and the admin listener.
+        for feature in self.features:
+            stop = getattr(feature, "stop", None)
+            if stop is not None:
+                await stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for pool in self.pools.values():
             await pool.stop()
         if self.etcd is not None:
