@@ -117,12 +117,14 @@ class BanTable:
         networks = []
         for rec in records:
             net = ipaddress.ip_network(rec.address, strict=False)
-            single = net.num_addresses == 1
-            if single or (net.version == 6 and net.prefixlen == self.keys.ipv6_prefix):
-                key = self.keys(str(net.network_address)) if single else str(net)
-                exact[key] = max(exact.get(key, 0.0), rec.until)
+            if net.version == 4 and net.prefixlen == 32:
+                key = str(net.network_address)
+            elif net.version == 6 and net.prefixlen == self.keys.ipv6_prefix:
+                key = str(net)  # what this edge counts IPv6 clients by
             else:
-                networks.append((net, rec.until))
+                networks.append((net, rec.until))  # e.g. a /24, or one IPv6 address an operator named
+                continue
+            exact[key] = max(exact.get(key, 0.0), rec.until)
         self.remote = exact
         self.remote_networks = networks
         self._merge()
