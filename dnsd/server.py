@@ -23,6 +23,7 @@ import contextlib
 import errno
 import functools
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ UDP_BUFFER = 4 << 20
 TCP_BACKLOG = 1024
 TCP_MAX_FRAME_BUFFER = 65535 + 2
 RRL_TICK = 0.1  # seconds between advances of the rate limiters' clock
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 T = TypeVar("T")
@@ -355,6 +357,11 @@ class DnsServer:
         self.listeners = listeners
         if self.config.rrl.enabled:
             self._ticker = asyncio.create_task(self._tick_rrl(), name="rrl-clock")
+        if self.config.udp_engine == "thread":
+            # A receive thread waiting for the GIL waits up to the switch interval
+            # (5 ms by default) while another thread (the event loop, gRPC's poller)
+            # holds it: that wait lands in the answer's latency.
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         for lst in listeners:
             if self.config.udp_engine == "thread":
                 thread = UdpThread(self, lst.udp, f"dnsd-udp-{lst.address}")
