@@ -82,10 +82,12 @@ class ConnectionGuard:
         n = self.per_ip.get(peer, 0) + 1
         if self.max_per_ip and n > self.max_per_ip:
             return self._refuse("per_ip", peer)
+        if self.alarm_at and n >= self.alarm_at and self.on_alarm is not None:
+            self.on_alarm(peer)  # may ban the peer, this connection included
+            if banned is not None and banned(peer):
+                return self._refuse("banned", peer)
         self.per_ip[peer] = n
         self.total += 1
-        if self.alarm_at and n >= self.alarm_at and self.on_alarm is not None:
-            self.on_alarm(peer)
         return True
 
     def release(self, peer: str) -> None:

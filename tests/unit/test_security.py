@@ -282,9 +282,10 @@ async def test_connection_flood_bans_at_accept_and_soft_connections_shed() -> No
         assert edge.guard.admit("192.0.2.5")
     reply = await dos(_exchange("192.0.2.5"), _ok)
     assert reply.status == 429 and reply.close_connection  # over soft: shed this connection
-    assert edge.guard.admit("192.0.2.5")  # the 4th reaches hard_connections: banned
-    assert dos.counts["banned"] == 1
+    assert not edge.guard.admit("192.0.2.5")  # the 4th reaches hard_connections: banned, refused
+    assert dos.counts["banned"] == 1 and edge.guard.refused["banned"] == 1
     assert not edge.guard.admit("192.0.2.5")
+    assert edge.guard.connections("192.0.2.5") == 3
 
 
 def test_sweep_forgets_idle_clients() -> None:
