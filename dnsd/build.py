@@ -47,11 +47,13 @@ def _lowercase_safe(qtype: int) -> bool:
     return all(not (0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A) for b in struct.pack("!H", qtype))
 
 
-# Types that get their own NODATA entry (so statistics name them); rarer
-# types share the name's default entry and are counted as "other".
-COMMON_TYPES = (wire.A, wire.NS, wire.CNAME, wire.SOA, wire.MX, wire.TXT, wire.AAAA, wire.ANY,
-                12, 33, 43, 48, 64, 65, 257)  # PTR SRV DS DNSKEY SVCB HTTPS CAA  # fmt: skip
-QUESTION_TYPE_KEYS = frozenset(struct.pack("!H", t) for t in COMMON_TYPES if _lowercase_safe(t))
+# Every name gets its own entries for these types (the ones clients ask most) even
+# when the answer is NODATA, plus one per type it holds; any other type shares the
+# name's default entry, and the answerer counts those answers by the asked type.
+ALWAYS_TYPES = (wire.A, wire.AAAA, wire.ANY)
+# Answers pre-assembled whole (see Entry.prepare_full): the hot types only, to keep
+# the build fast and the table small.
+FULL_TYPES = frozenset(struct.pack("!H", t) for t in (wire.A, wire.AAAA))
 META_ANSWERS = {wire.IXFR: wire.REFUSED, wire.AXFR: wire.REFUSED,
                 wire.MAILB: wire.NOTIMP, wire.MAILA: wire.NOTIMP, wire.OPT: wire.FORMERR}  # fmt: skip
 
@@ -218,13 +220,16 @@ class TableBuilder:
         for origin, zone in self.zones.items():
             table.nxdomain[origin] = self._render_nxdomain(zone)
             for name in self._names[origin]:
+                if self._zone_of(name) is not zone:
+                    continue  # a deeper zone's apex (or above it): that zone answers
                 node = self._node(zone, name, table.meta)
                 table.names[name] = node
                 for key, entry in node.items():
-                    if key in QUESTION_TYPE_KEYS:
+                    if key and key not in table.meta and _lowercase_safe(entry.qtype):
                         question = name + key + b"\x00\x01"
                         table.questions[question] = entry
-                        entry.prepare_full(question, table.opt)
+                        if key in FULL_TYPES:
+                            entry.prepare_full(question, table.opt)
         if previous is not None:
             _carry(previous, table)
         return table
@@ -234,9 +239,30 @@ class TableBuilder:
         plan = self._negative(zone, wire.NXDOMAIN)
         return render(None, 0, plan, self.cap, rrl_key=zone.origin + b"/nxdomain")
 
+    def _types_at(self, name: bytes) -> set[int]:
+        """The types a name answers with data, following its CNAME chain inside our zones."""
+        types: set[int] = set()
+        seen = set()
+        while name not in seen:
+            seen.add(name)
+            zone = self._zone_of(name)
+            if zone is None or name not in self._names[zone.origin]:
+                break
+            static = zone.static.get(name, {})
+            types |= set(static)
+            if name in zone.services:
+                types |= {wire.A, wire.AAAA}
+            if name == zone.origin:
+                types |= {wire.SOA, wire.NS}
+            cname = static.get(wire.CNAME)
+            if cname is None:
+                break
+            name = bytes(cname.rdatas[0][0])
+        return types
+
     def _node(self, zone: Zone, name: bytes, meta: dict[bytes, Entry]) -> dict[bytes, Entry]:
         node: dict[bytes, Entry] = dict(meta)
-        types = set(COMMON_TYPES) | set(zone.static.get(name, {}))
+        types = set(ALWAYS_TYPES) | self._types_at(name)
         for qtype in sorted(types):
             key = type_key(qtype)
             node[key] = render(name, qtype, self.plan(name, qtype), self.cap, name + key)

@@ -194,7 +194,10 @@ class Answerer:
         node = table.names.get(query[12 : end + 1].lower())
         if node is None:
             return self._slow(query, table, udp)
-        entry = node.get(query[end + 1 : end + 3]) or node[b""]
+        entry = node.get(query[end + 1 : end + 3])
+        if entry is None:
+            entry = node[b""]  # shared by every type without an entry: count by the asked type
+            self._count((query[end + 1] << 8) | query[end + 2], entry.rcode)
         return self._with_extra(query, table, udp, entry, False, qend)
 
     def _with_extra(
@@ -288,6 +291,8 @@ class Answerer:
         if entry is not None:
             n = entry.served
             entry.served = n + 1
+            if not entry.qtype:
+                self._count(q.qtype, entry.rcode)  # a name's default entry: see _by_name
         else:
             # NXDOMAIN and REFUSED entries serve any name: count them by the asked type.
             origin = table.zone_of(q.qname)

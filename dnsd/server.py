@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -42,6 +42,7 @@ UDP_RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
 UDP_BUFFER = 4 << 20
 TCP_BACKLOG = 1024
 TCP_MAX_FRAME_BUFFER = 65535 + 2
+TCP_MAX_MESSAGE = 65535
 RRL_TICK = 0.1  # seconds between advances of the rate limiters' clock
 GIL_SWITCH_INTERVAL = 0.0005
 
@@ -217,8 +218,9 @@ class DnsTcpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence a cast, not a check.
+        transport = cast(asyncio.Transport, base)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
         if not self.server.tcp_admit(self.peer, self):
@@ -266,6 +268,8 @@ class DnsTcpProtocol(asyncio.Protocol):
                 self.transport.close()
                 self.transport = None
                 return
+            if len(response) > TCP_MAX_MESSAGE:  # huge static RRsets: the 2-byte length can't say it
+                response = self.answerer.truncate(message, self.server.table) or b""
             self.transport.write(len(response).to_bytes(2, "big") + response)
             self._touch()  # idle is measured from the last answer, not the last byte
         if len(buf) > TCP_MAX_FRAME_BUFFER:  # cannot happen with valid framing

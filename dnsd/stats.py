@@ -75,7 +75,8 @@ def _bump(d: dict[tuple[str, str], int], key: tuple[str, str], n: int) -> None:
 
 
 def _fold_entry(snap: Snapshot, entry: Entry, served: int) -> None:
-    _bump(snap.queries, (qtype_label(entry.qtype), rcode_label(entry.rcode)), served - entry.start)
+    if entry.qtype:  # entries shared by many types (qtype 0) are counted by the answerer
+        _bump(snap.queries, (qtype_label(entry.qtype), rcode_label(entry.rcode)), served - entry.start)
     rot = entry.rotation
     if rot is not None and served > entry.start:
         incl, first = rot.counts_between(entry.start, served)

@@ -204,4 +204,18 @@ def compile_zones(configs: Sequence[ZoneConfig]) -> list[Zone]:
             raise ZoneError(f"zone[{i}].origin", f"zone {cfg.origin!r} is already zone[{seen[zone.origin]}]")
         seen[zone.origin] = i
         zones.append(zone)
+    # A zone inside another (sub.example.test in example.test) owns its names: the
+    # parent may not define records there, or the two would answer differently.
+    for i, outer in enumerate(zones):
+        for j, inner in enumerate(zones):
+            if i == j or inner.origin == outer.origin or not wire.is_subdomain(inner.origin, outer.origin):
+                continue
+            owners = [*outer.static, *outer.services]
+            for owner in owners:
+                if wire.is_subdomain(owner, inner.origin):
+                    raise ZoneError(
+                        f"zone[{i}]",
+                        f"{wire.to_text(owner)} lies inside zone[{j}] ({wire.to_text(inner.origin)}); "
+                        "define it there",
+                    )
     return zones

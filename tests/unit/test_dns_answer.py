@@ -265,8 +265,8 @@ def test_truncation_respects_advertised_and_own_payload_size(table: AnswerTable)
     assert ask(table, query("big.example.test", "TXT", use_edns=0, payload=512)).flags & dns.flags.TC
     r = ask(table, query("big.example.test", "TXT", use_edns=0, payload=4096))
     assert not r.flags & dns.flags.TC and r.edns == 0
-    small = Answerer(payload_size=600)
-    r = ask(table, query("big.example.test", "TXT", use_edns=0, payload=4096), answerer=small)
+    small = TableBuilder(compile_zones([ZONE]), payload_size=600).build(edges(3), revision=42)
+    r = ask(small, query("big.example.test", "TXT", use_edns=0, payload=4096))
     assert r.flags & dns.flags.TC and r.edns == 0 and r.payload == 600
 
 
@@ -342,3 +342,43 @@ def test_parse_query_reads_edns_fields() -> None:
     assert q is not None and q.error == 0
     assert q.qname == wire.to_wire("a.example.test") and q.qtype == 28
     assert q.edns is not None and q.edns.payload == 4000 and q.edns.do and q.edns.version == 0
+
+
+def test_nested_zones_each_answer_their_own_names() -> None:
+    zones = compile_zones(
+        [
+            ZoneConfig(origin="example.test", ns=[NSConfig("ns1", ipv4=["192.0.2.53"])],
+                       record=[RecordConfig("a", "A", "192.0.2.1")]),
+            ZoneConfig(origin="sub.example.test", ns=[NSConfig("ns1", ipv4=["192.0.2.54"])],
+                       soa=SOAConfig(minimum=30), record=[RecordConfig("b", "A", "192.0.2.2")]),
+        ]
+    )  # fmt: skip
+    table = TableBuilder(zones).build([], 1)
+    assert ask(table, query("a.example.test")).answer[0][0].address == "192.0.2.1"
+    assert ask(table, query("b.sub.example.test")).answer[0][0].address == "192.0.2.2"
+    soa = ask(table, query("sub.example.test", "SOA")).answer[0]
+    assert soa.name.to_text() == "sub.example.test." and soa[0].minimum == 30
+    nx = ask(table, query("nope.sub.example.test"))
+    assert nx.rcode() == dns.rcode.NXDOMAIN and nx.authority[0].name.to_text() == "sub.example.test."
+
+
+def test_a_parent_zone_may_not_define_names_inside_a_child_zone() -> None:
+    from dnsd.zone import ZoneError
+
+    with pytest.raises(ZoneError, match="lies inside zone\\[1\\]"):
+        compile_zones(
+            [
+                ZoneConfig(origin="example.test", ns=[NSConfig("ns1", ipv4=["192.0.2.53"])],
+                           record=[RecordConfig("x.sub", "A", "192.0.2.1")]),
+                ZoneConfig(origin="sub.example.test", ns=[NSConfig("ns1", ipv4=["192.0.2.54"])]),
+            ]
+        )  # fmt: skip
+
+
+def test_other_types_share_the_default_answer_but_are_counted_by_type(table: AnswerTable) -> None:
+    answerer = Answerer()
+    for rdtype in ("MX", "SRV", "HTTPS", "CAA"):
+        r = ask(table, query("www.example.test", rdtype), answerer=answerer)
+        assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
+    counted = {k[0] for k in answerer.counts}
+    assert counted == {15, 33, 65, 257}
