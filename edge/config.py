@@ -182,6 +182,19 @@ class RouteConfig:
     content_type: str = "text/plain; charset=utf-8"
     # Extra response headers set on this route's answers.
     headers: dict[str, str] = field(default_factory=dict)
+    # Cache (needs [cache] enabled): unset = on for pool routes, off for the others.
+    cache: bool | None = None
+    # Query parameters left out of the cache key: names, globs ("utm_*"), or "*" for the whole query.
+    cache_ignore_query: list[str] = field(default_factory=list)
+    # Sort query parameters in the key, so ?a=1&b=2 and ?b=2&a=1 share an entry.
+    cache_sort_query: bool = False
+    # Request headers and cookies added to the cache key.
+    cache_key_headers: list[str] = field(default_factory=list)
+    cache_key_cookies: list[str] = field(default_factory=list)
+    # Store responses that set cookies; the stored copy never carries Set-Cookie.
+    cache_set_cookie: bool = False
+    # Compress this route's answers (needs [compression] enabled).
+    compress: bool = True
 
     def validate(self) -> str | None:
         targets = [t for t in (self.pool, self.static, self.redirect, self.respond) if t]
@@ -323,6 +336,91 @@ class DosConfig:
         return None
 
 
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be > 0 and <= 1, found {v}"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`[cache]`: the RFC 9111 shared cache (edge/cache/)."""
+
+    enabled: bool = False
+    # Memory tier: bytes of stored responses, and the largest one kept in memory.
+    memory_size: int = field(default=256 * 1024 * 1024, metadata={"check": _at_least_one})
+    max_object_size: int = field(default=1024 * 1024, metadata={"check": _at_least_one})
+    # Disk tier ("" = none): survives restarts, shared by the node's workers, holds large objects.
+    disk_dir: str = ""
+    disk_size: int = field(default=1024 * 1024 * 1024, metadata={"check": _at_least_one})
+    disk_max_object_size: int = field(default=256 * 1024 * 1024, metadata={"check": _at_least_one})
+    # This cache's name in the Cache-Status response header (RFC 9211); "" = no header.
+    name: str = "carousel"
+    # Targeted cache-control fields (RFC 9213), first valid one wins over Cache-Control.
+    targeted_fields: list[str] = field(default_factory=lambda: ["CDN-Cache-Control"])
+    # Heuristic freshness (RFC 9111 4.2.2) for responses with Last-Modified but no lifetime.
+    heuristic: bool = False
+    heuristic_fraction: float = field(default=0.1, metadata={"check": _fraction})
+    heuristic_max: float = field(default=86400.0, metadata={"check": non_negative})
+    # Seconds a stale response may stand in for an origin error when the response names none.
+    stale_if_error: float = field(default=0.0, metadata={"check": non_negative})
+    # Concurrent misses on a key wait for one fetch, at most this many seconds.
+    coalesce: bool = True
+    coalesce_timeout: float = field(default=30.0, metadata={"check": positive})
+    # Seconds a key whose response could not be stored skips coalescing (hit-for-miss).
+    hit_for_miss: float = field(default=60.0, metadata={"check": non_negative})
+    # Honour the client's Cache-Control: no-cache / max-age (else only the origin decides).
+    honor_client_cache_control: bool = True
+    # Stored variants (Vary, compression) per URL.
+    max_variants: int = field(default=32, metadata={"check": _at_least_one})
+    # Response headers carrying Surrogate-Key tags (space separated), hidden from clients.
+    tag_headers: list[str] = field(default_factory=lambda: ["Surrogate-Key"])
+    strip_tag_headers: bool = True
+    # Peers allowed to send PURGE requests.
+    purge_from: list[str] = field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"], metadata={"check": _networks}
+    )
+    # Apply `carousel purge` events published in etcd (under [etcd] prefix).
+    cluster_purge: bool = True
+
+    def validate(self) -> str | None:
+        if self.max_object_size > self.memory_size // 10:
+            return "max_object_size: must be at most a tenth of memory_size"
+        return None
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """`[compression]`: gzip and brotli for compressible responses (edge/compress.py)."""
+
+    enabled: bool = False
+    # Server preference among what the client accepts.
+    encodings: list[Literal["br", "gzip"]] = field(default_factory=lambda: ["br", "gzip"])
+    # Bodies smaller than this stay as they are.
+    min_size: int = field(default=1024, metadata={"check": non_negative})
+    # Media types compressed ("text/*" covers every text type).
+    types: list[str] = field(
+        default_factory=lambda: [
+            "text/*",
+            "application/json",
+            "application/javascript",
+            "application/xml",
+            "application/manifest+json",
+            "application/wasm",
+            "image/svg+xml",
+            "font/ttf",
+            "font/otf",
+        ]
+    )
+    gzip_level: int = 6
+    brotli_quality: int = 4
+
+    def validate(self) -> str | None:
+        if not 1 <= self.gzip_level <= 9:
+            return f"gzip_level: must be 1-9, found {self.gzip_level}"
+        if not 0 <= self.brotli_quality <= 11:
+            return f"brotli_quality: must be 0-11, found {self.brotli_quality}"
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole edge config file."""
@@ -336,6 +434,8 @@ class Config:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def validate(self) -> str | None:
         for i, r in enumerate(self.route):
@@ -384,7 +484,9 @@ def load(path: str) -> Config:
 
 
 __all__ = [
+    "CacheConfig",
     "CertificateConfig",
+    "CompressionConfig",
     "Config",
     "ConfigError",
     "DosConfig",

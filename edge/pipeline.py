@@ -34,8 +34,9 @@ ORDER MATTERS. It is fixed here and nowhere else:
   response is cleaned after every other feature touched it.
 * user features next, so they see (and may veto) requests before any
   expensive work.
-* (issue 5) ``cache`` then ``compression``: compression sits inside the cache
-  so compressed variants are stored and compressed once.
+* ``cache`` then ``compression`` (issue 5): the cache after user features, so
+  a user's veto (authentication, say) is never bypassed by a hit; compression
+  inside the cache, so compressed variants are stored and compressed once.
 * (issue 9) the forward proxy is a separate listener with its own chain.
 """
 
@@ -73,6 +74,8 @@ FEATURE_ORDER: tuple[str, ...] = (
     "edge.tls:feature",
     "edge.headers:feature",
     USER_FEATURES,
+    "edge.cache:feature",
+    "edge.compress:feature",
 )
 
 

@@ -1,0 +1,774 @@
+"""The `cache` pipeline feature: lookup, hit, coalesced miss, revalidation, stale serving, storing.
+
+Theory of operation
+-------------------
+Only GET and HEAD on routes with the cache on are looked up. The hit path
+builds the primary key (one f-string), finds the newest matching variant in
+the memory tier, computes its age (two float operations) and answers with a
+copy of the stored header list plus Age and Cache-Status. Nothing is parsed
+unless the request carries Cache-Control, Pragma, conditionals or Range.
+
+A miss (or a stale entry that must be revalidated) goes upstream once per key:
+the first request leads (edge/cache/coalesce.py), the others wait for it and
+look again. The leader strips the client's own validators (the cache answers
+those itself from the full response) and, for a stale entry, sends the
+entry's validators: a 304 freshens the stored response in place (RFC 9111 3.2
+merge), a 200 replaces it. A stale entry within stale-while-revalidate is
+served at once while a single background refresh runs; within stale-if-error
+it stands in for an origin error (5xx or no member).
+
+Unsafe methods with a non-error answer invalidate their URL and the
+same-origin Location / Content-Location (RFC 9111 4.4). PURGE (from
+``purge_from`` networks), the admin route and cluster events from etcd
+(edge/cache/purge.py) remove entries by URL, prefix or Surrogate-Key tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
+
+import structlog
+from multidict import CIMultiDict
+
+from edge.cache.coalesce import Coalescer, HitForMiss
+from edge.cache.disk import DiskStore
+from edge.cache.key import DEFAULT_RULE, KeyRule, url_key, vary_values
+from edge.cache.policy import (
+    SAFE_METHODS,
+    HeuristicRule,
+    RequestRules,
+    ResponsePolicy,
+    analyze_response,
+    fresh_enough,
+    merge_not_modified,
+    not_modified,
+    parse_request,
+    storable_fields,
+)
+from edge.cache.respond import from_entry, http_date
+from edge.cache.store import Entry, MemoryStore, stored_headers
+from edge.errors import error_reply
+from edge.headers import TrustedProxies
+from edge.pipeline import EMPTY, Body, BytesBody, EdgeContext, Exchange, FileBody, Handler, Reply
+from edge.routing import RouteTable
+from edge.upstream import SpoolBuffer
+
+if TYPE_CHECKING:
+    from edge.cache.purge import PurgeWatcher
+    from edge.config import Config
+    from edge.routing import Route
+
+log = structlog.get_logger("carousel.edge.cache")
+
+# Errors a stale response may stand in for (RFC 5861 section 4).
+STALE_ERRORS = frozenset({500, 502, 503, 504})
+_CLIENT_VALIDATORS = ("If-None-Match", "If-Modified-Since")
+
+
+class RouteRules:
+    """A route's cache options, compiled once."""
+
+    __slots__ = ("key", "plain", "set_cookie")
+
+    def __init__(self, route: Route) -> None:
+        self.key = KeyRule(route.config)
+        self.plain = self.key.plain and not self.key.has_extra
+        self.set_cookie = route.config.cache_set_cookie
+
+
+_OFF = object()
+
+
+class CacheFeature:
+    """The cache, one per worker: a memory tier, an optional shared disk tier, coalescing, purges."""
+
+    def __init__(self, config: Config, ctx: EdgeContext) -> None:
+        c = config.cache
+        self.config = config
+        self.name = c.name
+        self.store = MemoryStore(c.memory_size, c.max_variants)
+        self.max_object = c.max_object_size
+        self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
+        self.coalescer = Coalescer()
+        self.hit_for_miss = HitForMiss(c.hit_for_miss)
+        self.targeted = tuple(n.lower() for n in c.targeted_fields)
+        self.heuristic = HeuristicRule(c.heuristic_fraction, c.heuristic_max) if c.heuristic else None
+        self.tag_headers = tuple(c.tag_headers)
+        self.hidden_tags = frozenset(n.lower() for n in c.tag_headers) if c.strip_tag_headers else frozenset()
+        self.purgers = TrustedProxies(c.purge_from)
+        self.honor_client = c.honor_client_cache_control
+        self.temp_dir = config.edge.temp_dir
+        self._rules: dict[int, Any] = {}
+        self._routes = RouteTable(config.route)  # for purges by URL: which route's key rule applies
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counts: dict[str, int] = {}
+        self.started = time.time()
+        self.purger: PurgeWatcher | None = None
+        if c.cluster_purge:
+            from edge.cache.purge import PurgeWatcher
+
+            self.purger = PurgeWatcher(config, self)
+        metrics = getattr(ctx, "metrics", None)
+        if metrics is not None:
+            from edge.cache.metrics import register
+
+            register(metrics.registry, self)
+
+    # --- lifecycle (Edge.start/stop call these) -----------------------------------------
+
+    async def start(self) -> None:
+        """Start background work: the cluster purge watch."""
+        if self.purger is not None and not self.purger.running:
+            self.purger.start()
+
+    async def stop(self) -> None:
+        """Stop background work: the purge watch, refreshes, disk writes."""
+        if self.purger is not None:
+            await self.purger.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.disk is not None:
+            await self.disk.flush()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    # --- the pipeline step --------------------------------------------------------------
+
+    def _compile(self, route: Route) -> Any:
+        cfg = route.config
+        on = cfg.cache if cfg.cache is not None else (route.kind == "pool" and cfg.buffering)
+        rules = RouteRules(route) if on else _OFF
+        self._rules[id(route)] = rules
+        return rules
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        request = ex.request
+        method = request.method
+        rules = self._rules.get(id(ex.route))
+        if rules is None:
+            rules = self._compile(ex.route)
+        if (method == "GET" or method == "HEAD") and rules is not _OFF:
+            h = request.headers
+            if rules.plain and "Cache-Control" not in h and "Pragma" not in h and "Authorization" not in h:
+                # The hit path: one key, one dict lookup, two float operations.
+                key = f"{ex.scheme}://{ex.host}{request.raw_path}"
+                variants = self.store.index.get(key)
+                if variants is not None:
+                    entry = variants[0]
+                    if not entry.vary and not entry.no_cache:
+                        age = entry.initial_age + (time.time() - entry.response_time)
+                        ttl = entry.lifetime - age
+                        if ttl > 0:
+                            reply = self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
+                            if reply is not None:
+                                return reply
+                return await self._lookup_or_fetch(ex, call_next, rules, method, key, "")
+            return await self._lookup_or_fetch(ex, call_next, rules, method, None, "")
+        if method == "GET" or method == "HEAD":
+            return await call_next(ex)
+        if method == "PURGE":
+            return self._purge_request(ex, rules)
+        reply = await call_next(ex)
+        if method not in SAFE_METHODS and reply.status < 400:
+            self._invalidate(ex, reply, rules)
+        if rules is not _OFF and self.name:
+            reply.headers.add("Cache-Status", f"{self.name}; fwd=method; fwd-status={reply.status}")
+        return reply
+
+    async def _lookup_or_fetch(
+        self, ex: Exchange, call_next: Handler, rules: RouteRules, method: str, key: str | None, extra: str
+    ) -> Reply:
+        """Everything but the plainest hit: variants, request directives, misses, revalidation."""
+        request = ex.request
+        h = request.headers
+        if key is None:
+            if rules.plain:
+                key = f"{ex.scheme}://{ex.host}{request.raw_path}"
+            else:
+                key = rules.key.primary(ex)
+                extra = rules.key.extra(ex)
+        rr = parse_request(h) if self.honor_client and ("Cache-Control" in h or "Pragma" in h) else None
+        authorized = "Authorization" in h
+        entry = self._find(key, extra, h)
+        fwd = "uri-miss" if entry is None else "stale"
+        if entry is not None:
+            if authorized and not entry.auth_ok:
+                fwd, entry = "request", None
+            else:
+                now = time.time()
+                age = entry.age(now)
+                ttl = entry.lifetime - age
+                if not entry.no_cache and fresh_enough(rr, age, ttl):
+                    reply = self._answer(
+                        ex, entry, age, f"hit; ttl={int(ttl)}", "HIT" if ttl > 0 else "STALE"
+                    )
+                    if reply is not None:
+                        return reply
+                    entry = None
+                elif (
+                    ttl <= 0
+                    and not entry.no_stale
+                    and -ttl <= entry.stale_while_revalidate
+                    and (rr is None or not rr.no_cache)
+                    and method == "GET"
+                ):
+                    reply = self._answer(
+                        ex, entry, age, f'hit; ttl={int(ttl)}; detail="stale-while-revalidate"', "UPDATING"
+                    )
+                    if reply is not None:
+                        self._refresh_in_background(ex, call_next, key, extra, entry)
+                        return reply
+                    entry = None
+                elif ttl > 0:
+                    fwd = "request"
+        elif key in self.store.index:
+            fwd = "vary-miss"
+        if rr is not None and rr.only_if_cached:
+            ex.cache_status = "MISS"
+            reply = error_reply(504)
+            self._add_status(reply, "fwd=miss")
+            return reply
+        if method == "HEAD" or "Range" in h or "If-Match" in h or "If-Unmodified-Since" in h:
+            # Not worth a whole-body fetch (HEAD), never stored partial (Range), or
+            # preconditions only the origin can judge: straight through, nothing stored.
+            ex.cache_status = "MISS"
+            reply = await call_next(ex)
+            self._add_status(reply, f"fwd={fwd}; fwd-status={reply.status}")
+            return reply
+        coalesce = (
+            self.config.cache.coalesce
+            and not authorized
+            and (rr is None or not (rr.no_cache or rr.no_store or rr.max_age is not None))
+            and key not in self.hit_for_miss
+        )
+        if not coalesce:
+            return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd)
+        collapsed = False
+        while True:
+            wait = self.coalescer.join(key)
+            if wait is None:
+                try:
+                    return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+                finally:
+                    self.coalescer.finish(key)
+            collapsed = True
+            done, _ = await asyncio.wait((wait,), timeout=self.config.cache.coalesce_timeout)
+            entry = self._find(key, extra, h)
+            if entry is not None:
+                age = entry.age(time.time())
+                ttl = entry.lifetime - age
+                if not entry.no_cache and fresh_enough(rr, age, ttl):
+                    reply = self._answer(ex, entry, age, f"hit; ttl={int(ttl)}; collapsed", "COLLAPSED")
+                    if reply is not None:
+                        return reply
+                    entry = None
+            if not done or key in self.hit_for_miss:
+                return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd)
+            fwd = "vary-miss" if entry is None else "stale"
+
+    def _find(self, key: str, extra: str, headers: Any) -> Entry | None:
+        """The newest stored variant for a request: memory tier, then disk tier."""
+        variants = self.store.index.get(key)
+        if variants is not None:
+            for entry in variants:
+                if entry.extra == extra and (not entry.vary or entry.matches(extra, headers)):
+                    return entry
+        if self.disk is None:
+            return None
+        found = self.disk.lookup(key, extra, headers)
+        if found is None:
+            return None
+        if found.length <= self.max_object:
+            data = self.disk.read_body(found)
+            if data is None:
+                return None
+            found.body = data
+        self.store.put(found)  # large ones stay on disk; memory keeps their metadata
+        return found
+
+    def _answer(self, ex: Exchange, entry: Entry, age: float, status: str, log_status: str) -> Reply | None:
+        """A reply from a stored entry (None if its disk body vanished: treat as a miss)."""
+        if entry.freq < 3:
+            entry.freq += 1
+        reply = from_entry(
+            entry,
+            ex.request.headers,
+            ex.request.method,
+            age,
+            f"{self.name}; {status}" if self.name else None,
+        )
+        if reply is None:
+            self.store.remove(entry)
+            return None
+        ex.cache_status = log_status
+        self._count(log_status)
+        return reply
+
+    def _add_status(self, reply: Reply, text: str) -> None:
+        if self.name:
+            reply.headers.add("Cache-Status", f"{self.name}; {text}")
+
+    # --- going upstream -----------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        ex: Exchange,
+        call_next: Handler,
+        key: str,
+        extra: str,
+        stale: Entry | None,
+        rr: RequestRules | None,
+        rules: RouteRules,
+        fwd: str,
+        collapsed: bool = False,
+        background: bool = False,
+    ) -> Reply:
+        """Fetch (or revalidate) from upstream, store what may be stored, answer the client."""
+        request = ex.request
+        up = ex.upstream_headers
+        if up is None:
+            up = ex.upstream_headers = CIMultiDict(request.headers)
+        conditional = False
+        for name in _CLIENT_VALIDATORS:
+            if name in up:
+                conditional = True
+                up.popall(name)
+        validating = stale is not None and stale.has_validator
+        if validating:
+            assert stale is not None
+            if stale.validator_etag is not None:
+                up["If-None-Match"] = stale.validator_etag
+            if stale.last_modified is not None:
+                up["If-Modified-Since"] = stale.last_modified
+        request_time = time.time()
+        reply = await call_next(ex)
+        response_time = time.time()
+        status = reply.status
+        if status == 304 and validating:
+            assert stale is not None
+            reply.body.close()
+            fresh = self._freshen(stale, reply, request_time, response_time)
+            if fresh is not None:
+                age = fresh.age(time.time())
+                text = f"fwd=stale; fwd-status=304; ttl={int(fresh.lifetime - age)}"
+                answered = self._answer(ex, fresh, age, text, "REVALIDATED")
+                if answered is not None:
+                    return answered
+            # The 304 names another representation: fetch it whole.
+            self._drop(stale)
+            up.popall("If-None-Match", None)
+            up.popall("If-Modified-Since", None)
+            return await self._fetch(
+                ex, call_next, key, extra, None, rr, rules, "stale", collapsed, background
+            )
+        if status in STALE_ERRORS and stale is not None:
+            served = self._stale_on_error(ex, stale, rr, status)
+            if served is not None:
+                reply.body.close()
+                return served
+        entry: Entry | None = None
+        if request.method == "GET":
+            entry = await self._store(ex, reply, key, extra, rr, rules, request_time, response_time)
+        if entry is None:
+            self.hit_for_miss.mark(key)
+            ex.cache_status = ex.cache_status or "MISS"
+            self._count("MISS")
+        else:
+            self.hit_for_miss.clear(key)
+            if entry.lifetime <= 0 or entry.no_cache:
+                # Every use needs validation: concurrent requests should not queue for it.
+                self.hit_for_miss.mark(key)
+            ex.cache_status = "MISS" if stale is None else "EXPIRED"
+            self._count("STORED")
+        if self.hidden_tags:
+            for name in self.tag_headers:
+                reply.headers.popall(name, None)
+        parts = [f"fwd={fwd}", f"fwd-status={status}"]
+        if entry is not None:
+            parts.append("stored")
+        if collapsed:
+            parts.append("collapsed")
+        self._add_status(reply, "; ".join(parts))
+        if conditional and 200 <= status < 300 and not background:
+            etag = entry.etag if entry is not None else reply.headers.get("ETag")
+            last_modified = entry.last_modified if entry is not None else reply.headers.get("Last-Modified")
+            if (etag or last_modified) and not_modified(
+                request.headers, etag, last_modified, 0.0, response_time
+            ):
+                reply.body.close()
+                return _not_modified_from(reply)
+        return reply
+
+    def _stale_on_error(
+        self, ex: Exchange, stale: Entry, rr: RequestRules | None, status: int
+    ) -> Reply | None:
+        """Serve a stale entry in place of an origin error, when RFC 5861 or config allows."""
+        if stale.no_stale:
+            return None
+        allowed = max(stale.stale_if_error, self.config.cache.stale_if_error)
+        if rr is not None and rr.stale_if_error:
+            allowed = max(allowed, rr.stale_if_error)
+        age = stale.age(time.time())
+        staleness = age - stale.lifetime
+        if staleness > allowed:
+            return None
+        text = f'fwd=stale; fwd-status={status}; ttl={int(-staleness)}; detail="stale-if-error"'
+        return self._answer(ex, stale, age, text, "STALE")
+
+    async def _store(
+        self,
+        ex: Exchange,
+        reply: Reply,
+        key: str,
+        extra: str,
+        rr: RequestRules | None,
+        rules: RouteRules,
+        request_time: float,
+        response_time: float,
+    ) -> Entry | None:
+        """Store a response if RFC 9111 and the route allow; the reply keeps a body it can send."""
+        headers = reply.headers
+        if ("Set-Cookie" in headers or "Set-Cookie2" in headers) and not rules.set_cookie:
+            return None
+        request_headers = ex.request.headers
+        policy = analyze_response(
+            reply.status,
+            headers,
+            request_time=request_time,
+            response_time=response_time,
+            authorized="Authorization" in request_headers,
+            request_no_store=rr is not None and rr.no_store,
+            targeted=self.targeted,
+            heuristic=self.heuristic,
+        )
+        if not policy.storable:
+            return None
+        body = reply.body
+        limit = self.disk.max_object if self.disk is not None else self.max_object
+        if body.length is not None and body.length > limit:
+            return None
+        if type(body) is not BytesBody and not isinstance(body, FileBody):
+            body = reply.body = await self._spool(body)
+            if body.length is None or body.length > limit:
+                return None
+        entry = self._entry(ex, reply, key, extra, policy, response_time)
+        if isinstance(body, BytesBody):
+            data: bytes | None = body.data
+            entry.length = len(body.data)
+        else:
+            assert isinstance(body, FileBody)
+            entry.length = body.length or 0
+            data = os.pread(body.fd, entry.length, body.offset) if entry.length <= self.max_object else None
+        if data is not None and entry.length <= self.max_object:
+            entry.body = data
+        elif self.disk is not None:
+            # Too big for memory: the disk tier holds the body, memory its metadata.
+            try:
+                if data is not None:
+                    entry.disk_path = await self.disk.store_now(entry, data)
+                else:
+                    assert isinstance(body, FileBody)
+                    entry.disk_path = await self.disk.store_file(entry, body.fd, body.offset, entry.length)
+            except OSError as exc:
+                log.warning("cache disk write failed", error=str(exc))
+            if entry.disk_path is None:
+                return None
+        else:
+            return None
+        if not self.store.put(entry):
+            return None
+        if self.disk is not None:
+            if entry.body is not None:
+                self.disk.store_bytes(entry, entry.body)
+            self.disk.maybe_sweep()
+        return entry
+
+    def _entry(
+        self, ex: Exchange, reply: Reply, key: str, extra: str, policy: ResponsePolicy, response_time: float
+    ) -> Entry:
+        headers = reply.headers
+        entry = Entry(key, extra, reply.status, reply.reason)
+        stored = storable_fields(headers, policy.omit, self.hidden_tags)
+        if "Date" not in headers:
+            stored.append(("Date", http_date(response_time)))
+        entry.headers = stored_headers(stored)
+        entry.vary = policy.vary
+        if policy.vary:
+            entry.vary_values = vary_values(policy.vary, ex.request.headers)
+        _apply_policy(entry, policy, response_time)
+        entry.transformed = bool(ex.notes.get("compressed"))
+        entry.validator_etag = ex.notes.get("origin_etag", policy.etag) if entry.transformed else policy.etag
+        tags: set[str] = set()
+        for name in self.tag_headers:
+            for value in headers.getall(name, ()):
+                tags.update(value.split())
+        entry.tags = frozenset(tags)
+        entry.stored_at = time.time()
+        return entry
+
+    async def _spool(self, body: Body) -> Body:
+        """Read a streamed body (compressed on the fly) whole: memory, then a temp file."""
+        spool = SpoolBuffer(self.max_object, self.temp_dir)
+        try:
+            async for chunk in body.chunks():
+                spool.add(chunk)
+            return spool.body()
+        except BaseException:
+            spool.discard()
+            raise
+        finally:
+            body.close()
+
+    def _freshen(self, entry: Entry, reply: Reply, request_time: float, response_time: float) -> Entry | None:
+        """Merge a 304 into a stored response (RFC 9111 3.2, 4.3.4); None if it is not a match."""
+        etag = reply.headers.get("ETag")
+        if etag is not None and entry.validator_etag is not None:
+            if etag.removeprefix("W/") != entry.validator_etag.removeprefix("W/"):
+                return None
+        merged = merge_not_modified(list(entry.headers.items()), reply.headers, entry.omit)
+        if "Date" not in reply.headers:
+            merged = [(k, v) for k, v in merged if k.lower() != "date"]
+            merged.append(("Date", http_date(response_time)))
+        if entry.transformed:
+            merged = [(k, _weak(v) if k.lower() == "etag" else v) for k, v in merged]
+        view = CIMultiDict(merged)
+        for age in reply.headers.getall("Age", ()):
+            view.add("Age", age)
+        policy = analyze_response(
+            entry.status,
+            view,
+            request_time=request_time,
+            response_time=response_time,
+            targeted=self.targeted,
+            heuristic=self.heuristic,
+        )
+        if not policy.storable:
+            self._drop(entry)
+            return entry  # it still answers this request
+        entry.headers = stored_headers(merged)
+        _apply_policy(entry, policy, response_time)
+        if not entry.transformed:
+            entry.validator_etag = policy.etag
+        self.store.resize(entry)
+        if self.disk is not None:
+            self.disk.update_meta(entry)
+        return entry
+
+    def _refresh_in_background(
+        self, ex: Exchange, call_next: Handler, key: str, extra: str, entry: Entry
+    ) -> None:
+        """stale-while-revalidate: one refresh per entry, whatever the number of stale hits."""
+        if entry.refreshing or self.coalescer.in_flight(key):
+            return
+        entry.refreshing = True
+        clone = Exchange(ex.request, ex.route, ex.host, ex.client_ip, ex.scheme)
+        if ex.upstream_headers is not None:
+            clone.upstream_headers = CIMultiDict(ex.upstream_headers)
+        self._spawn(self._refresh(clone, call_next, key, extra, entry))
+
+    async def _refresh(self, ex: Exchange, call_next: Handler, key: str, extra: str, entry: Entry) -> None:
+        if self.coalescer.join(key) is not None:
+            entry.refreshing = False
+            return
+        try:
+            rules = self._rules.get(id(ex.route))
+            assert isinstance(rules, RouteRules)
+            reply = await self._fetch(ex, call_next, key, extra, entry, None, rules, "stale", background=True)
+            reply.body.close()
+            self._count("REFRESHED")
+        except Exception:
+            log.exception("background refresh failed", key=key)
+        finally:
+            entry.refreshing = False
+            self.coalescer.finish(key)
+
+    # --- invalidation and purges --------------------------------------------------------
+
+    def _drop(self, entry: Entry) -> None:
+        self.store.remove(entry)
+        if self.disk is not None:
+            self.disk.remove_entry(entry)
+
+    def _invalidate(self, ex: Exchange, reply: Reply, rules: Any) -> None:
+        """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
+        rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
+        base = f"{ex.scheme}://{ex.host}"
+        self.purge_key(base + rule.target(ex.request.raw_path))
+        request_url = f"{ex.scheme}://{ex.request.host or ex.host}{ex.request.raw_path}"
+        for name in ("Location", "Content-Location"):
+            value = reply.headers.get(name)
+            if not value:
+                continue
+            target = url_key(urljoin(request_url, value.strip()))
+            scheme = value.partition("://")[0].lower() if "://" in value else ex.scheme
+            if target is not None and target[0] == ex.host and scheme == ex.scheme:
+                self.purge_key(f"{scheme}://{target[0]}{target[1]}")
+
+    def purge_key(self, key: str) -> int:
+        """Remove every variant of one primary key, in memory and on disk."""
+        n = self.store.remove_key(key)
+        if self.disk is not None:
+            self.disk.remove_key(key)
+        return n
+
+    def purge_url(self, url: str) -> int:
+        """Remove a URL (http and https alike), its key normalised as its route would."""
+        parsed = url_key(url)
+        if parsed is None:
+            return 0
+        host, target = parsed
+        route = self._routes.find(host, target.partition("?")[0], "GET")
+        if route is not None:
+            parsed = url_key(url, KeyRule(route.config))
+            assert parsed is not None
+            target = parsed[1]
+        return sum(self.purge_key(f"{scheme}://{host}{target}") for scheme in ("http", "https"))
+
+    def purge_prefix(self, prefix: str, before: float | None = None) -> int:
+        """Remove every URL starting with ``prefix`` (an absolute URL prefix, or a path on any host)."""
+        match = _prefix_matcher(prefix)
+        if match is None:
+            return 0
+        n = 0 if before is not None else self.store.remove_where(match)
+        if self.disk is not None:
+            self.disk.ban(lambda key, tags: match(key), before or time.time())
+        return n
+
+    def purge_tag(self, tag: str, before: float | None = None) -> int:
+        """Remove every entry tagged ``tag`` (Surrogate-Key)."""
+        n = 0 if before is not None else self.store.remove_tag(tag)
+        if self.disk is not None:
+            self.disk.ban(lambda key, tags: tag in tags, before or time.time())
+        return n
+
+    def purge_disk_before(self, kind: str, target: str, before: float) -> None:
+        """An old cluster event: only disk entries stored before it can concern it."""
+        if self.disk is None:
+            return
+        if kind == "url":
+            parsed = url_key(target)
+            if parsed is not None:
+                self.disk.ban(lambda key, tags: key.partition("://")[2] == "".join(parsed), before)
+        elif kind == "prefix":
+            self.purge_prefix(target, before)
+        else:
+            self.purge_tag(target, before)
+
+    def purge(self, kind: str, target: str) -> int:
+        """Apply one purge (url, prefix or tag); returns the memory entries removed."""
+        self._count("PURGE")
+        if kind == "url":
+            return self.purge_url(target)
+        if kind == "prefix":
+            return self.purge_prefix(target)
+        return self.purge_tag(target)
+
+    def _purge_request(self, ex: Exchange, rules: Any) -> Reply:
+        """PURGE /path (one URL), PURGE /path* (a prefix) or PURGE with Surrogate-Key: tags."""
+        if not self.purgers.is_trusted(ex.client_ip):
+            return error_reply(403)
+        raw = ex.request.raw_path
+        tags = ex.request.headers.get("Surrogate-Key", "").split()
+        if tags:
+            purged = sum(self.purge("tag", t) for t in tags)
+        elif raw.partition("?")[0].endswith("*"):
+            purged = self.purge("prefix", f"{ex.scheme}://{ex.host}{raw.partition('?')[0][:-1]}")
+        else:
+            rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
+            self._count("PURGE")
+            purged = sum(
+                self.purge_key(f"{scheme}://{ex.host}{rule.target(raw)}") for scheme in ("http", "https")
+            )
+        body = json.dumps({"purged": purged}).encode() + b"\n"
+        return Reply(200, CIMultiDict({"Content-Type": "application/json"}), BytesBody(body))
+
+    def status(self) -> dict[str, Any]:
+        """Figures for /status and the admin route."""
+        return {
+            "objects": len(self.store),
+            "bytes": self.store.bytes,
+            "budget": self.store.budget,
+            "evictions": self.store.evictions,
+            "in_flight": len(self.coalescer),
+            "hit_for_miss": len(self.hit_for_miss),
+            "counts": dict(self.counts),
+            "disk": self.disk.root if self.disk is not None else None,
+        }
+
+
+def _apply_policy(entry: Entry, policy: ResponsePolicy, response_time: float) -> None:
+    entry.response_time = response_time
+    entry.initial_age = policy.initial_age
+    entry.lifetime = policy.lifetime
+    entry.no_cache = policy.no_cache
+    entry.no_stale = policy.no_stale
+    entry.stale_while_revalidate = policy.stale_while_revalidate
+    entry.stale_if_error = policy.stale_if_error
+    entry.auth_ok = policy.auth_ok
+    entry.omit = policy.omit
+    entry.etag = policy.etag
+    entry.last_modified = policy.last_modified
+    entry.date = policy.date
+
+
+def _weak(etag: str) -> str:
+    return etag if etag.startswith("W/") else "W/" + etag
+
+
+def _not_modified_from(reply: Reply) -> Reply:
+    from edge.cache.policy import NOT_MODIFIED_FIELDS
+
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name in (*NOT_MODIFIED_FIELDS, "Age", "Cache-Status"):
+        for value in reply.headers.getall(name, ()):
+            headers.add(name, value)
+    return Reply(304, headers, EMPTY)
+
+
+def _prefix_matcher(prefix: str) -> Any:
+    """A predicate on primary keys for a purge prefix; None if the prefix is unusable."""
+    if prefix.startswith("/"):
+
+        def on_any_host(key: str) -> bool:
+            rest = key.partition("://")[2]
+            slash = rest.find("/")
+            return slash >= 0 and rest[slash:].startswith(prefix)
+
+        return on_any_host
+    parsed = url_key(prefix)
+    if parsed is None:
+        return None
+    host, path = parsed
+    if "/" not in prefix.partition("://")[2]:
+        path = ""  # "http://host" alone: everything on the host
+
+    def on_host(key: str) -> bool:
+        rest = key.partition("://")[2]
+        slash = rest.find("/")
+        if slash < 0:
+            return False
+        return rest[:slash] == host and rest[slash:].startswith(path)
+
+    return on_host
+
+
+def feature(config: Config, ctx: EdgeContext) -> CacheFeature | None:
+    """Factory for the pipeline: None unless [cache] enabled."""
+    if not config.cache.enabled:
+        return None
+    return CacheFeature(config, ctx)
+
+
+__all__ = ["CacheFeature", "feature"]
