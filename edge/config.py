@@ -421,6 +421,114 @@ class CompressionConfig:
         return None
 
 
+def _port_specs(values: list[int | str]) -> str | None:
+    for v in values:
+        low, _, high = str(v).partition("-")
+        if not low.isdigit() or not (high or low).isdigit() or not 0 < int(low) <= int(high or low) < 65536:
+            return f"expected a port or a range like '1024-65535', found {v!r}"
+    return None
+
+
+def _regexes(values: list[str]) -> str | None:
+    for v in values:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            return f"invalid regular expression {v!r}: {exc}"
+    return None
+
+
+def _addresses(hosts: dict[str, str]) -> str | None:
+    for name, address in hosts.items():
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return f"{name}: expected an IP address, found {address!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class DomainListConfig:
+    """`[forward.allow]` / `[forward.deny]`: destination host names, matched three ways."""
+
+    # Names as written ("example.test"); an IP literal destination matches its text.
+    exact: list[str] = field(default_factory=list)
+    # A name and every name under it: "example.test" matches "www.example.test", not "badexample.test".
+    suffix: list[str] = field(default_factory=list)
+    # Regular expressions searched in the lower-case name (anchor them: '^ads?\.').
+    regex: list[str] = field(default_factory=list, metadata={"check": _regexes})
+
+
+# Loopback, "this host" and link-local, in both families.
+FORWARD_DENIED_NETWORKS = ("127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "169.254.0.0/16", "fe80::/10")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """`[forward]`: a forward-proxy listener (absolute-form HTTP and CONNECT tunnels), off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=3128, metadata={"check": port_number})
+    # Ports CONNECT may open a tunnel to (ranges as "A-B"); any other -> 403.
+    connect_ports: list[int | str] = field(default_factory=lambda: [443], metadata={"check": _port_specs})
+    # Ports plain-HTTP requests may go to; any other -> 403 (keeps HTTP away from SMTP & co).
+    http_ports: list[int | str] = field(
+        default_factory=lambda: [80, "1024-65535"], metadata={"check": _port_specs}
+    )
+    # Destination names: a denied name -> 403; when `allow` lists anything, only those names pass.
+    allow: DomainListConfig = field(default_factory=DomainListConfig)
+    deny: DomainListConfig = field(default_factory=DomainListConfig)
+    # Resolved addresses refused whatever the name (checked after DNS, so no rebinding trick):
+    # loopback, link-local (cloud metadata) and "this host", so clients cannot reach the edge's
+    # own admin listener. Set [] to allow them (a lab whose origins are on loopback).
+    deny_networks: list[str] = field(
+        default_factory=lambda: list(FORWARD_DENIED_NETWORKS), metadata={"check": _networks}
+    )
+    # Name -> address map consulted before DNS (split horizon, tests); DNS otherwise.
+    hosts: dict[str, str] = field(default_factory=dict, metadata={"check": _addresses})
+    # Basic authentication (Proxy-Authorization): user -> password, plain or a
+    # "pbkdf2_sha256$..." hash from `python -m edge.forward.auth`. Empty: no authentication.
+    users: dict[str, str] = field(default_factory=dict)
+    realm: str = "carousel"
+    # Tell origins the client's address (X-Forwarded-For, Forwarded); off, nothing carries it.
+    reveal_client: bool = False
+    # The pseudonym in the Via header added both ways (RFC 9110 7.6.3); "" sends none.
+    via: str = "carousel"
+    # Keep plain-HTTP responses in the edge's RFC 9111 cache (when [cache] is enabled).
+    cache: bool = True
+    # Seconds for the DNS lookup plus the TCP connect to an origin; slower -> 504.
+    connect_timeout: float = field(default=5.0, metadata={"check": positive})
+    # Seconds an origin may stay silent while answering; slower -> 504.
+    read_timeout: float = field(default=30.0, metadata={"check": positive})
+    # Seconds a CONNECT tunnel may carry no byte either way before it is closed.
+    tunnel_idle_timeout: float = field(default=300.0, metadata={"check": positive})
+    # Tunnels open at once (0: no cap); over -> 503.
+    max_tunnels: int = field(default=0, metadata={"check": non_negative})
+    # Client-side limits; unset = the [edge] value (as on the reverse side).
+    keepalive_timeout: float | None = field(default=None, metadata={"check": positive})
+    max_requests_per_connection: int | None = field(default=None, metadata={"check": _at_least_one})
+    max_body_size: int | None = field(default=None, metadata={"check": non_negative})
+    body_timeout: float | None = field(default=None, metadata={"check": positive})
+    header_timeout: float | None = field(default=None, metadata={"check": positive})
+    access_log: bool = True
+
+    def validate(self) -> str | None:
+        from edge.forward.auth import check_stored
+
+        for name, stored in self.users.items():
+            if not name or ":" in name:
+                return f"users: a user name is non-empty and has no ':', found {name!r}"
+            problem = check_stored(stored)
+            if problem:
+                return f"users: {name}: {problem}"
+        if '"' in self.realm or "\\" in self.realm:
+            return f"realm: no quotes or backslashes, found {self.realm!r}"
+        if any(c in self.via for c in ",()\r\n"):
+            return f"via: a plain pseudonym, found {self.via!r}"
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole edge config file."""
@@ -436,6 +544,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
 
     def validate(self) -> str | None:
         for i, r in enumerate(self.route):
@@ -458,6 +567,8 @@ class Config:
             return "route: only one route may be the default"
         if self.edge.workers > 1 and self.edge.port == 0:
             return "edge.workers: several workers need a fixed port"
+        if self.forward.enabled and self.edge.workers > 1 and self.forward.port == 0:
+            return "forward.port: several workers need a fixed port"
         return None
 
 
@@ -489,8 +600,10 @@ __all__ = [
     "CompressionConfig",
     "Config",
     "ConfigError",
+    "DomainListConfig",
     "DosConfig",
     "EjectConfig",
+    "ForwardConfig",
     "HealthConfig",
     "MemberConfig",
     "PassthroughConfig",

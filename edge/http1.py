@@ -14,6 +14,12 @@ the colon; no obs-fold; values hold no CTL but HTAB; Content-Length is one
 decimal number (duplicates must agree); Transfer-Encoding on a request must
 end in ``chunked`` and may not come with Content-Length; chunk sizes are hex
 of bounded length. Anything else is a 400, never a guess.
+
+A parser made with ``proxy=True`` (the forward-proxy listener, edge/forward/)
+also accepts CONNECT's authority-form target (``CONNECT host:443``; RFC 9112
+3.2.3), which stands in for Host like an absolute-form one does; such a
+CONNECT may carry no body, and its connection is kept whatever the version,
+since it becomes a tunnel after a 2xx. Other listeners refuse authority-form.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Head:
         "path",
         "query",
         "raw_path",
+        "scheme",
         "version",
     )
 
@@ -64,6 +71,7 @@ class Head:
         chunked: bool,
         keep_alive: bool,
         expect_continue: bool,
+        scheme: str = "",
     ) -> None:
         self.method = method
         self.raw_path = raw_path
@@ -73,6 +81,8 @@ class Head:
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
+        # "http" or "https" when the target came in absolute-form (a proxy request), else "".
+        self.scheme = scheme
         path, _, query = raw_path.partition("?")
         self.path = unquote(path, errors="surrogateescape") if "%" in path else path
         self.query = query
@@ -97,7 +107,7 @@ END = EndOfMessage()
 Event = Head | BodyChunk | EndOfMessage
 
 
-def parse_head(block: bytes, max_headers: int, max_field: int) -> Head:
+def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = False) -> Head:
     """Parse everything before the empty line (CRLFs included, the empty line excluded)."""
     text = block.decode("latin-1")
     crlf = text.count("\r\n")
@@ -117,15 +127,27 @@ def parse_head(block: bytes, max_headers: int, max_field: int) -> Head:
         raise ParseError("unsupported HTTP version", 505 if version.startswith("HTTP/") else 400)
     if not TARGET.match(target):
         raise ParseError("bad request target")
-    if target[0] != "/":
+    scheme = ""
+    if proxy and method == "CONNECT":
+        # authority-form: host:port and nothing else; the proxy checks the parts
+        if "/" in target or "@" in target or ":" not in target:
+            raise ParseError("CONNECT needs a host:port target")
+        lines.append(f"Host: {target}")  # replaced below
+        absolute_host: str | None = target
+    elif target[0] != "/":
         if target.startswith(("http://", "https://")):
             # absolute-form: the authority stands in for Host (RFC 9112 3.2.2)
             scheme_end = target.index("//") + 2
-            slash = target.find("/", scheme_end)
-            authority = target[scheme_end : slash if slash >= 0 else None]
-            target = target[slash:] if slash >= 0 else "/"
+            scheme = target[: scheme_end - 3]
+            # The authority ends at the path or, for "http://host?q", at the query.
+            ends = [i for i in (target.find("/", scheme_end), target.find("?", scheme_end)) if i >= 0]
+            end = min(ends) if ends else len(target)
+            authority = target[scheme_end:end]
+            target = target[end:] or "/"
+            if target[0] == "?":
+                target = "/" + target
             lines.append(f"Host: {authority}")  # replaced below
-            absolute_host: str | None = authority
+            absolute_host = authority
         elif target == "*" and method == "OPTIONS":
             absolute_host = None
         else:
@@ -178,6 +200,10 @@ def parse_head(block: bytes, max_headers: int, max_field: int) -> Head:
         keep_alive = "close" not in connection
     else:
         keep_alive = "keep-alive" in connection
+    if proxy and method == "CONNECT":
+        if chunked or length:
+            raise ParseError("CONNECT with a body")  # those bytes would be the tunnel's
+        keep_alive = True  # after a 2xx the connection is the tunnel, whatever the version
     expect = headers.get("Expect", "").lower() == "100-continue"
     return Head(
         method,
@@ -188,6 +214,7 @@ def parse_head(block: bytes, max_headers: int, max_field: int) -> Head:
         chunked,
         keep_alive,
         expect and (chunked or length > 0),
+        scheme,
     )
 
 
@@ -204,10 +231,20 @@ class RequestParser:
         "max_field",
         "max_head",
         "max_headers",
+        "proxy",
     )
 
-    def __init__(self, max_head: int = 65536, max_headers: int = 100, max_field: int = 8190) -> None:
+    def __init__(
+        self,
+        max_head: int = 65536,
+        max_headers: int = 100,
+        max_field: int = 8190,
+        *,
+        proxy: bool = False,
+    ) -> None:
         self.max_head = max_head
+        # A forward-proxy listener's parser: CONNECT's authority-form is allowed.
+        self.proxy = proxy
         self.max_headers = max_headers
         self.max_field = max_field
         self._buf = b""
@@ -258,7 +295,7 @@ class RequestParser:
                     return
                 if end > self.max_head:
                     raise ParseError("request head too large", 431)
-                head = parse_head(buf[:end], self.max_headers, self.max_field)
+                head = parse_head(buf[:end], self.max_headers, self.max_field, self.proxy)
                 buf = buf[end + 4 :]
                 events.append(head)
                 if head.chunked:

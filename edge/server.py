@@ -25,6 +25,7 @@ from edge.config import Config
 from edge.connection import ClientConnection, Request
 from edge.dos import DosDetector
 from edge.errors import error_reply
+from edge.forward import ForwardProxy
 from edge.limits import ConnectionGuard
 from edge.metrics import Metrics, access_log
 from edge.passthrough import PassthroughListener
@@ -85,6 +86,8 @@ class Edge:
         self._server_header = config.edge.server_header
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
+        # The forward proxy (edge/forward/): a listener of its own with its own chain.
+        self.forward = ForwardProxy(self) if config.forward.enabled else None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine as a tracked task (shutdown waits for these)."""
@@ -248,6 +251,7 @@ class Edge:
             ],
             "pools": {name: pool.status() for name, pool in self.pools.items()},
             "security": self._security_status(),
+            "forward": self.forward.status() if self.forward is not None else None,
         }
 
     def _security_status(self) -> dict[str, Any]:
@@ -303,6 +307,8 @@ class Edge:
             self._background_task(self.certificates.watch())
         for listener in self.passthrough:
             await listener.start()
+        if self.forward is not None:
+            await self.forward.start()
         if self.worker == 0:
             self._admin = AdminServer(
                 self.config.admin,
@@ -316,6 +322,7 @@ class Edge:
             port=self.port,
             tls_port=self.tls_port or None,
             passthrough_ports=[p.port for p in self.passthrough] or None,
+            forward_port=self.forward.port if self.forward is not None else None,
             admin_port=self.admin_port,
             worker=self.worker,
         )
@@ -359,6 +366,8 @@ class Edge:
             self._tls_listener.close()
         for listener in self.passthrough:
             listener.close()
+        if self.forward is not None:
+            self.forward.close()
         # 3. Close idle keep-alive connections now; busy ones close after their
         #    current response (step 1 made sure of that).
         for conn in list(self.connections):
@@ -372,11 +381,15 @@ class Edge:
             if late:
                 log.warning("requests cut off at the shutdown deadline", count=len(late))
                 await asyncio.gather(*late, return_exceptions=True)
+        if self.forward is not None:
+            await self.forward.drain()  # CONNECT tunnels get the same deadline, then are cut
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         for listener in self.passthrough:
             await listener.abort()  # TLS streams we cannot finish for the client
+        if self.forward is not None:
+            await self.forward.stop()
         # 5. Background work last: features' own tasks (ban mirror), certificate
         #    watch, health checks, registry watches, upstream connection pools,
         #    etcd, and the admin listener.

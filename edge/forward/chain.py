@@ -1,0 +1,157 @@
+"""The forward proxy's chain: the same Feature interface as the reverse side, its own order.
+
+ORDER MATTERS. It is fixed here and nowhere else (``FORWARD_ORDER``):
+
+* ``auth`` first: a client without valid credentials learns nothing, not even
+  which destinations the policy allows (407 before 403).
+* ``destination`` next: ports, names and literal addresses are checked before
+  anything is resolved or cached; a refused request costs no DNS lookup.
+* ``headers`` then: what the origin gets (hop-by-hop and proxy credentials
+  dropped, the client's address withheld unless ``reveal_client``), and Via
+  on the way back, on cache hits too.
+* ``cache`` last, just before the terminal: the edge's RFC 9111 cache
+  (edge/cache/), in an instance of its own so forward entries never mix with
+  the reverse side's (a forward client must not be able to plant a response
+  for a site this edge serves). Only plain-HTTP GET/HEAD are looked up;
+  CONNECT passes straight through.
+
+The terminal is ``OriginFetch`` (edge/forward/origin.py) for absolute-form
+requests and ``TunnelOpen`` (edge/forward/tunnel.py) for CONNECT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from multidict import CIMultiDict
+
+from edge.forward.auth import ProxyAuthenticator
+from edge.forward.pages import auth_required, denied
+from edge.forward.policy import DestinationPolicy
+from edge.headers import FORWARDING, HOP_BY_HOP, connection_tokens
+from edge.pipeline import Exchange, Feature, Handler, Reply
+
+if TYPE_CHECKING:
+    from edge.config import Config
+    from edge.forward.listener import ForwardProxy
+
+log = structlog.get_logger("carousel.edge.forward")
+
+FORWARD_ORDER: tuple[str, ...] = ("auth", "destination", "headers", "cache")
+
+# Never forwarded: hop-by-hop fields (Proxy-Authorization and Proxy-Connection among
+# them) and, unless reveal_client, anything that may carry a client address.
+_CLIENT_ADDRESS_FIELDS = FORWARDING | {
+    "via",
+    "client-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-originating-ip",
+}
+
+
+class ProxyAuth:
+    """The `auth` step: 407 unless Proxy-Authorization names a configured user."""
+
+    def __init__(self, authenticator: ProxyAuthenticator) -> None:
+        self.authenticator = authenticator
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        user = await self.authenticator.user(ex.request.headers.get("Proxy-Authorization"))
+        if user is None:
+            ex.notes["forward"].refused = "auth"
+            return auth_required(self.authenticator.challenge)
+        ex.notes["forward"].user = user
+        return await call_next(ex)
+
+
+class DestinationCheck:
+    """The `destination` step: 403 for a port, name or literal address the policy refuses."""
+
+    def __init__(self, policy: DestinationPolicy) -> None:
+        self.policy = policy
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        target = ex.notes["forward"]
+        reason = self.policy.check(target.host, target.port, target.tunnel)
+        if reason is not None:
+            target.refused = reason
+            return denied(reason, target.authority)
+        return await call_next(ex)
+
+
+class ForwardHeaders:
+    """The `headers` step: what the origin sees of the client, and Via both ways."""
+
+    def __init__(self, config: Config) -> None:
+        f = config.forward
+        self.reveal = f.reveal_client
+        self.via = f"1.1 {f.via}" if f.via else ""
+        self.drop = HOP_BY_HOP if self.reveal else HOP_BY_HOP | _CLIENT_ADDRESS_FIELDS
+
+    def origin_headers(self, ex: Exchange) -> CIMultiDict[str]:
+        """The request fields for the origin."""
+        incoming = ex.request.headers
+        drop = self.drop
+        if "Connection" in incoming:
+            # Named by the client as hop-by-hop; dropped before the proxy adds its own.
+            drop = drop | connection_tokens(incoming)
+        out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+        if self.reveal:
+            peer = ex.client_ip
+            node = f'"[{peer}]"' if ":" in peer else peer
+            previous = incoming.getall("X-Forwarded-For", [])
+            out["X-Forwarded-For"] = ", ".join([*previous, peer])
+            out.add("Forwarded", f"for={node}")
+        if self.via:
+            previous_via = incoming.getall("Via", []) if self.reveal else []
+            out["Via"] = ", ".join([*previous_via, self.via])
+        return out
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        if not ex.notes["forward"].tunnel:
+            ex.upstream_headers = self.origin_headers(ex)
+        reply = await call_next(ex)
+        if self.via and reply.tunnel is None and (ex.member or ex.cache_status):
+            # On what came from an origin or the cache; the proxy's own pages are not forwarded.
+            reply.headers.add("Via", self.via)
+        return reply
+
+
+def _cache_feature(config: Config) -> Feature | None:
+    """The edge's RFC 9111 cache in an instance of its own (None when off or not installed)."""
+    if not config.forward.cache or not getattr(getattr(config, "cache", None), "enabled", False):
+        return None
+    try:
+        from edge.cache import CacheFeature
+    except ImportError:  # the cache package is not part of this build
+        log.warning("forward cache asked for, but edge.cache is not available")
+        return None
+    # Memory tier only, and no cluster purge stream of its own: the disk tier's
+    # directory and the etcd purge events belong to the reverse side's cache.
+    own = dataclasses.replace(config.cache, disk_dir="", cluster_purge=False)
+    cache: Feature = CacheFeature(dataclasses.replace(config, cache=own), _NoMetrics(config))
+    return cache
+
+
+class _NoMetrics:
+    """A factory context without `metrics`: the forward collector exports the forward cache's figures."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
+def build_chain(proxy: ForwardProxy) -> list[Any]:
+    """The forward features in FORWARD_ORDER (disabled ones left out)."""
+    config = proxy.config
+    steps: dict[str, Any] = {
+        "auth": ProxyAuth(ProxyAuthenticator(config.forward.users, config.forward.realm))
+        if config.forward.users
+        else None,
+        "destination": DestinationCheck(proxy.policy),
+        "headers": ForwardHeaders(config),
+        "cache": _cache_feature(config),
+    }
+    return [steps[name] for name in FORWARD_ORDER if steps[name] is not None]
