@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import time
+from math import floor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -212,7 +213,7 @@ class CacheFeature:
                 ttl = entry.lifetime - age
                 if not entry.no_cache and fresh_enough(rr, age, ttl):
                     reply = self._answer(
-                        ex, entry, age, f"hit; ttl={int(ttl)}", "HIT" if ttl > 0 else "STALE"
+                        ex, entry, age, f"hit; ttl={floor(ttl)}", "HIT" if ttl > 0 else "STALE"
                     )
                     if reply is not None:
                         return reply
@@ -225,7 +226,7 @@ class CacheFeature:
                     and method == "GET"
                 ):
                     reply = self._answer(
-                        ex, entry, age, f'hit; ttl={int(ttl)}; detail="stale-while-revalidate"', "UPDATING"
+                        ex, entry, age, f'hit; ttl={floor(ttl)}; detail="stale-while-revalidate"', "UPDATING"
                     )
                     if reply is not None:
                         self._refresh_in_background(ex, call_next, key, extra, entry)
@@ -362,7 +363,7 @@ class CacheFeature:
             fresh = self._freshen(stale, reply, request_time, response_time)
             if fresh is not None:
                 age = fresh.age(time.time())
-                text = f"fwd=stale; fwd-status=304; ttl={int(fresh.lifetime - age)}"
+                text = f"fwd=stale; fwd-status=304; ttl={floor(fresh.lifetime - age)}"
                 answered = self._answer(ex, fresh, age, text, "REVALIDATED")
                 if answered is not None:
                     return answered
@@ -424,7 +425,7 @@ class CacheFeature:
         staleness = age - stale.lifetime
         if staleness > allowed:
             return None
-        text = f'fwd=stale; fwd-status={status}; ttl={int(-staleness)}; detail="stale-if-error"'
+        text = f'fwd=stale; fwd-status={status}; ttl={floor(-staleness)}; detail="stale-if-error"'
         return self._answer(ex, stale, age, text, "STALE")
 
     async def _store(
