@@ -19,7 +19,9 @@ A parser made with ``proxy=True`` (the forward-proxy listener, edge/forward/)
 also accepts CONNECT's authority-form target (``CONNECT host:443``; RFC 9112
 3.2.3), which stands in for Host like an absolute-form one does; such a
 CONNECT may carry no body, and its connection is kept whatever the version,
-since it becomes a tunnel after a 2xx. Other listeners refuse authority-form.
+since it becomes a tunnel after a 2xx. Parsing stops after it: the bytes that
+followed are left in ``rest`` for the connection to route. Other listeners
+refuse authority-form.
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ class RequestParser:
         "max_head",
         "max_headers",
         "proxy",
+        "rest",
     )
 
     def __init__(
@@ -245,6 +248,8 @@ class RequestParser:
         self.max_head = max_head
         # A forward-proxy listener's parser: CONNECT's authority-form is allowed.
         self.proxy = proxy
+        # Bytes that followed a CONNECT head, not parsed: the tunnel's if it opens.
+        self.rest = b""
         self.max_headers = max_headers
         self.max_field = max_field
         self._buf = b""
@@ -306,6 +311,11 @@ class RequestParser:
                     self._left = head.body_length
                 else:
                     events.append(END)
+                    if self.proxy and head.method == "CONNECT":
+                        # What follows is the tunnel's, or the next request's if the CONNECT
+                        # is refused: the connection decides, so stop and hand it over.
+                        self.rest = buf
+                        return
             elif state == "length":
                 take = buf[: self._left]
                 buf = buf[len(take) :]

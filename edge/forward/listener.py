@@ -86,8 +86,12 @@ class ForwardConnection(ClientConnection):
         head = self._current
         super()._complete()
         if head is not None and head.method == "CONNECT":
-            # What follows belongs to the tunnel if it opens: hold it, as for an Upgrade.
+            # What follows belongs to the tunnel if it opens: hold it, as for an Upgrade,
+            # starting with what came in the same packet as the head (a client that does
+            # not wait for the 200 before its TLS ClientHello).
             self._upgrading = True
+            self._held += self.parser.rest
+            self.parser.rest = b""
 
     def data_received(self, data: bytes) -> None:
         origin = self.origin

@@ -296,3 +296,12 @@ def test_origin_headers_reveal_the_client_when_configured() -> None:
     assert out.getall("Forwarded") == ["for=10.0.0.9", "for=127.0.0.7"]
     assert out["Via"] == "1.1 internal-host, 1.1 px1"
     assert "Proxy-Authorization" not in out and "Proxy-Connection" not in out and "X-Secret" not in out
+
+
+def test_parsing_stops_after_a_connect_and_hands_over_the_rest() -> None:
+    p = RequestParser(proxy=True)
+    events = p.feed(
+        b"GET http://a.test/ HTTP/1.1\r\n\r\nCONNECT a.test:443 HTTP/1.1\r\n\r\n\x16\x03\x01early"
+    )
+    assert [e.method for e in events if isinstance(e, Head)] == ["GET", "CONNECT"]
+    assert p.rest == b"\x16\x03\x01early" and p.idle and p.error is None
