@@ -26,41 +26,35 @@ same-origin Location / Content-Location (RFC 9111 4.4). PURGE (from
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from math import floor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import structlog
+from aiohttp import web
 from multidict import CIMultiDict
 
+from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
-from edge.cache.key import DEFAULT_RULE, KeyRule, url_key, vary_values
+from edge.cache.key import DEFAULT_RULE, KeyRule, url_key
 from edge.cache.policy import (
+    NOT_MODIFIED_FIELDS,
     SAFE_METHODS,
-    HeuristicRule,
     RequestRules,
-    ResponsePolicy,
-    analyze_response,
     fresh_enough,
-    merge_not_modified,
     not_modified,
     parse_request,
-    storable_fields,
 )
-from edge.cache.respond import from_entry, http_date
-from edge.cache.store import Entry, MemoryStore, stored_headers
+from edge.cache.purge import Purges, PurgeWatcher, json_body
+from edge.cache.respond import from_entry
+from edge.cache.store import Entry, MemoryStore
 from edge.errors import error_reply
 from edge.headers import TrustedProxies
-from edge.pipeline import EMPTY, Body, BytesBody, EdgeContext, Exchange, FileBody, Handler, Reply
-from edge.routing import RouteTable
-from edge.upstream import SpoolBuffer
+from edge.pipeline import EMPTY, BytesBody, EdgeContext, Exchange, Handler, Reply
 
 if TYPE_CHECKING:
-    from edge.cache.purge import PurgeWatcher
     from edge.config import Config
     from edge.routing import Route
 
@@ -97,23 +91,15 @@ class CacheFeature:
         self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
         self.coalescer = Coalescer()
         self.hit_for_miss = HitForMiss(c.hit_for_miss)
-        self.targeted = tuple(n.lower() for n in c.targeted_fields)
-        self.heuristic = HeuristicRule(c.heuristic_fraction, c.heuristic_max) if c.heuristic else None
-        self.tag_headers = tuple(c.tag_headers)
-        self.hidden_tags = frozenset(n.lower() for n in c.tag_headers) if c.strip_tag_headers else frozenset()
+        self.admission = Admission(config, self.store, self.disk)
+        self.purges = Purges(config, self.store, self.disk)
         self.purgers = TrustedProxies(c.purge_from)
         self.honor_client = c.honor_client_cache_control
-        self.temp_dir = config.edge.temp_dir
         self._rules: dict[int, Any] = {}
-        self._routes = RouteTable(config.route)  # for purges by URL: which route's key rule applies
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counts: dict[str, int] = {}
         self.started = time.time()
-        self.purger: PurgeWatcher | None = None
-        if c.cluster_purge:
-            from edge.cache.purge import PurgeWatcher
-
-            self.purger = PurgeWatcher(config, self)
+        self.purger = PurgeWatcher(config, self) if c.cluster_purge else None
         metrics = getattr(ctx, "metrics", None)
         if metrics is not None:
             from edge.cache.metrics import register
@@ -360,7 +346,7 @@ class CacheFeature:
         if status == 304 and validating:
             assert stale is not None
             reply.body.close()
-            fresh = self._freshen(stale, reply, request_time, response_time)
+            fresh = self.admission.freshen(stale, reply, request_time, response_time)
             if fresh is not None:
                 age = fresh.age(time.time())
                 text = f"fwd=stale; fwd-status=304; ttl={floor(fresh.lifetime - age)}"
@@ -368,7 +354,7 @@ class CacheFeature:
                 if answered is not None:
                     return answered
             # The 304 names another representation: fetch it whole.
-            self._drop(stale)
+            self.admission.drop(stale)
             up.popall("If-None-Match", None)
             up.popall("If-Modified-Since", None)
             return await self._fetch(
@@ -381,7 +367,9 @@ class CacheFeature:
                 return served
         entry: Entry | None = None
         if request.method == "GET":
-            entry = await self._store(ex, reply, key, extra, rr, rules, request_time, response_time)
+            entry = await self.admission.admit(
+                ex, reply, key, extra, rr, rules.set_cookie, request_time, response_time
+            )
         if entry is None:
             self.hit_for_miss.mark(key)
             ex.cache_status = ex.cache_status or "MISS"
@@ -393,8 +381,8 @@ class CacheFeature:
                 self.hit_for_miss.mark(key)
             ex.cache_status = "MISS" if stale is None else "EXPIRED"
             self._count("STORED")
-        if self.hidden_tags:
-            for name in self.tag_headers:
+        if self.admission.hidden_tags:
+            for name in self.admission.tag_headers:
                 reply.headers.popall(name, None)
         parts = [f"fwd={fwd}", f"fwd-status={status}"]
         if entry is not None:
@@ -428,145 +416,6 @@ class CacheFeature:
         text = f'fwd=stale; fwd-status={status}; ttl={floor(-staleness)}; detail="stale-if-error"'
         return self._answer(ex, stale, age, text, "STALE")
 
-    async def _store(
-        self,
-        ex: Exchange,
-        reply: Reply,
-        key: str,
-        extra: str,
-        rr: RequestRules | None,
-        rules: RouteRules,
-        request_time: float,
-        response_time: float,
-    ) -> Entry | None:
-        """Store a response if RFC 9111 and the route allow; the reply keeps a body it can send."""
-        headers = reply.headers
-        if ("Set-Cookie" in headers or "Set-Cookie2" in headers) and not rules.set_cookie:
-            return None
-        request_headers = ex.request.headers
-        policy = analyze_response(
-            reply.status,
-            headers,
-            request_time=request_time,
-            response_time=response_time,
-            authorized="Authorization" in request_headers,
-            request_no_store=rr is not None and rr.no_store,
-            targeted=self.targeted,
-            heuristic=self.heuristic,
-        )
-        if not policy.storable:
-            return None
-        body = reply.body
-        limit = self.disk.max_object if self.disk is not None else self.max_object
-        if body.length is not None and body.length > limit:
-            return None
-        if type(body) is not BytesBody and not isinstance(body, FileBody):
-            body = reply.body = await self._spool(body)
-            if body.length is None or body.length > limit:
-                return None
-        entry = self._entry(ex, reply, key, extra, policy, response_time)
-        if isinstance(body, BytesBody):
-            data: bytes | None = body.data
-            entry.length = len(body.data)
-        else:
-            assert isinstance(body, FileBody)
-            entry.length = body.length or 0
-            data = os.pread(body.fd, entry.length, body.offset) if entry.length <= self.max_object else None
-        if data is not None and entry.length <= self.max_object:
-            entry.body = data
-        elif self.disk is not None:
-            # Too big for memory: the disk tier holds the body, memory its metadata.
-            try:
-                if data is not None:
-                    entry.disk_path = await self.disk.store_now(entry, data)
-                else:
-                    assert isinstance(body, FileBody)
-                    entry.disk_path = await self.disk.store_file(entry, body.fd, body.offset, entry.length)
-            except OSError as exc:
-                log.warning("cache disk write failed", error=str(exc))
-            if entry.disk_path is None:
-                return None
-        else:
-            return None
-        if not self.store.put(entry):
-            return None
-        if self.disk is not None:
-            if entry.body is not None:
-                self.disk.store_bytes(entry, entry.body)
-            self.disk.maybe_sweep()
-        return entry
-
-    def _entry(
-        self, ex: Exchange, reply: Reply, key: str, extra: str, policy: ResponsePolicy, response_time: float
-    ) -> Entry:
-        headers = reply.headers
-        entry = Entry(key, extra, reply.status, reply.reason)
-        stored = storable_fields(headers, policy.omit, self.hidden_tags)
-        if "Date" not in headers:
-            stored.append(("Date", http_date(response_time)))
-        entry.headers = stored_headers(stored)
-        entry.vary = policy.vary
-        if policy.vary:
-            entry.vary_values = vary_values(policy.vary, ex.request.headers)
-        _apply_policy(entry, policy, response_time)
-        entry.transformed = bool(ex.notes.get("compressed"))
-        entry.validator_etag = ex.notes.get("origin_etag", policy.etag) if entry.transformed else policy.etag
-        tags: set[str] = set()
-        for name in self.tag_headers:
-            for value in headers.getall(name, ()):
-                tags.update(value.split())
-        entry.tags = frozenset(tags)
-        entry.stored_at = time.time()
-        return entry
-
-    async def _spool(self, body: Body) -> Body:
-        """Read a streamed body (compressed on the fly) whole: memory, then a temp file."""
-        spool = SpoolBuffer(self.max_object, self.temp_dir)
-        try:
-            async for chunk in body.chunks():
-                spool.add(chunk)
-            return spool.body()
-        except BaseException:
-            spool.discard()
-            raise
-        finally:
-            body.close()
-
-    def _freshen(self, entry: Entry, reply: Reply, request_time: float, response_time: float) -> Entry | None:
-        """Merge a 304 into a stored response (RFC 9111 3.2, 4.3.4); None if it is not a match."""
-        etag = reply.headers.get("ETag")
-        if etag is not None and entry.validator_etag is not None:
-            if etag.removeprefix("W/") != entry.validator_etag.removeprefix("W/"):
-                return None
-        merged = merge_not_modified(list(entry.headers.items()), reply.headers, entry.omit)
-        if "Date" not in reply.headers:
-            merged = [(k, v) for k, v in merged if k.lower() != "date"]
-            merged.append(("Date", http_date(response_time)))
-        if entry.transformed:
-            merged = [(k, _weak(v) if k.lower() == "etag" else v) for k, v in merged]
-        view = CIMultiDict(merged)
-        for age in reply.headers.getall("Age", ()):
-            view.add("Age", age)
-        policy = analyze_response(
-            entry.status,
-            view,
-            request_time=request_time,
-            response_time=response_time,
-            targeted=self.targeted,
-            heuristic=self.heuristic,
-        )
-        if not policy.storable:
-            self._drop(entry)
-            return entry  # it still answers this request
-        entry.headers = stored_headers(merged)
-        _apply_policy(entry, policy, response_time)
-        if not entry.transformed:
-            entry.validator_etag = policy.etag
-        self.store.resize(entry)
-        if self.disk is not None:
-            self.disk.update_meta(entry)
-        return entry
-
     def _refresh_in_background(
         self, ex: Exchange, call_next: Handler, key: str, extra: str, entry: Entry
     ) -> None:
@@ -597,16 +446,11 @@ class CacheFeature:
 
     # --- invalidation and purges --------------------------------------------------------
 
-    def _drop(self, entry: Entry) -> None:
-        self.store.remove(entry)
-        if self.disk is not None:
-            self.disk.remove_entry(entry)
-
     def _invalidate(self, ex: Exchange, reply: Reply, rules: Any) -> None:
         """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
         rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
         base = f"{ex.scheme}://{ex.host}"
-        self.purge_key(base + rule.target(ex.request.raw_path))
+        self.purges.key(base + rule.target(ex.request.raw_path))
         request_url = f"{ex.scheme}://{ex.request.host or ex.host}{ex.request.raw_path}"
         for name in ("Location", "Content-Location"):
             value = reply.headers.get(name)
@@ -615,66 +459,7 @@ class CacheFeature:
             target = url_key(urljoin(request_url, value.strip()))
             scheme = value.partition("://")[0].lower() if "://" in value else ex.scheme
             if target is not None and target[0] == ex.host and scheme == ex.scheme:
-                self.purge_key(f"{scheme}://{target[0]}{target[1]}")
-
-    def purge_key(self, key: str) -> int:
-        """Remove every variant of one primary key, in memory and on disk."""
-        n = self.store.remove_key(key)
-        if self.disk is not None:
-            self.disk.remove_key(key)
-        return n
-
-    def purge_url(self, url: str) -> int:
-        """Remove a URL (http and https alike), its key normalised as its route would."""
-        parsed = url_key(url)
-        if parsed is None:
-            return 0
-        host, target = parsed
-        route = self._routes.find(host, target.partition("?")[0], "GET")
-        if route is not None:
-            parsed = url_key(url, KeyRule(route.config))
-            assert parsed is not None
-            target = parsed[1]
-        return sum(self.purge_key(f"{scheme}://{host}{target}") for scheme in ("http", "https"))
-
-    def purge_prefix(self, prefix: str, before: float | None = None) -> int:
-        """Remove every URL starting with ``prefix`` (an absolute URL prefix, or a path on any host)."""
-        match = _prefix_matcher(prefix)
-        if match is None:
-            return 0
-        n = 0 if before is not None else self.store.remove_where(match)
-        if self.disk is not None:
-            self.disk.ban(lambda key, tags: match(key), before or time.time())
-        return n
-
-    def purge_tag(self, tag: str, before: float | None = None) -> int:
-        """Remove every entry tagged ``tag`` (Surrogate-Key)."""
-        n = 0 if before is not None else self.store.remove_tag(tag)
-        if self.disk is not None:
-            self.disk.ban(lambda key, tags: tag in tags, before or time.time())
-        return n
-
-    def purge_disk_before(self, kind: str, target: str, before: float) -> None:
-        """An old cluster event: only disk entries stored before it can concern it."""
-        if self.disk is None:
-            return
-        if kind == "url":
-            parsed = url_key(target)
-            if parsed is not None:
-                self.disk.ban(lambda key, tags: key.partition("://")[2] == "".join(parsed), before)
-        elif kind == "prefix":
-            self.purge_prefix(target, before)
-        else:
-            self.purge_tag(target, before)
-
-    def purge(self, kind: str, target: str) -> int:
-        """Apply one purge (url, prefix or tag); returns the memory entries removed."""
-        self._count("PURGE")
-        if kind == "url":
-            return self.purge_url(target)
-        if kind == "prefix":
-            return self.purge_prefix(target)
-        return self.purge_tag(target)
+                self.purges.key(f"{scheme}://{target[0]}{target[1]}")
 
     def _purge_request(self, ex: Exchange, rules: Any) -> Reply:
         """PURGE /path (one URL), PURGE /path* (a prefix) or PURGE with Surrogate-Key: tags."""
@@ -683,17 +468,24 @@ class CacheFeature:
         raw = ex.request.raw_path
         tags = ex.request.headers.get("Surrogate-Key", "").split()
         if tags:
-            purged = sum(self.purge("tag", t) for t in tags)
+            purged = sum(self.purges.apply("tag", t) for t in tags)
         elif raw.partition("?")[0].endswith("*"):
-            purged = self.purge("prefix", f"{ex.scheme}://{ex.host}{raw.partition('?')[0][:-1]}")
+            purged = self.purges.apply("prefix", f"{ex.scheme}://{ex.host}{raw.partition('?')[0][:-1]}")
         else:
             rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
-            self._count("PURGE")
-            purged = sum(
-                self.purge_key(f"{scheme}://{ex.host}{rule.target(raw)}") for scheme in ("http", "https")
-            )
-        body = json.dumps({"purged": purged}).encode() + b"\n"
+            self.purges.count += 1
+            target = rule.target(raw)
+            purged = sum(self.purges.key(f"{scheme}://{ex.host}{target}") for scheme in ("http", "https"))
+        body = json_body({"purged": purged})
         return Reply(200, CIMultiDict({"Content-Type": "application/json"}), BytesBody(body))
+
+    def admin_routes(self) -> list[tuple[str, str, Any]]:
+        """Routes for the edge's admin listener: POST /cache/purge, GET /cache."""
+
+        async def show(request: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        return [*self.purges.admin_routes(), ("GET", "/cache", show)]
 
     def status(self) -> dict[str, Any]:
         """Figures for /status and the admin route."""
@@ -705,64 +497,17 @@ class CacheFeature:
             "in_flight": len(self.coalescer),
             "hit_for_miss": len(self.hit_for_miss),
             "counts": dict(self.counts),
+            "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
         }
 
 
-def _apply_policy(entry: Entry, policy: ResponsePolicy, response_time: float) -> None:
-    entry.response_time = response_time
-    entry.initial_age = policy.initial_age
-    entry.lifetime = policy.lifetime
-    entry.no_cache = policy.no_cache
-    entry.no_stale = policy.no_stale
-    entry.stale_while_revalidate = policy.stale_while_revalidate
-    entry.stale_if_error = policy.stale_if_error
-    entry.auth_ok = policy.auth_ok
-    entry.omit = policy.omit
-    entry.etag = policy.etag
-    entry.last_modified = policy.last_modified
-    entry.date = policy.date
-
-
-def _weak(etag: str) -> str:
-    return etag if etag.startswith("W/") else "W/" + etag
-
-
 def _not_modified_from(reply: Reply) -> Reply:
-    from edge.cache.policy import NOT_MODIFIED_FIELDS
-
     headers: CIMultiDict[str] = CIMultiDict()
     for name in (*NOT_MODIFIED_FIELDS, "Age", "Cache-Status"):
         for value in reply.headers.getall(name, ()):
             headers.add(name, value)
     return Reply(304, headers, EMPTY)
-
-
-def _prefix_matcher(prefix: str) -> Any:
-    """A predicate on primary keys for a purge prefix; None if the prefix is unusable."""
-    if prefix.startswith("/"):
-
-        def on_any_host(key: str) -> bool:
-            rest = key.partition("://")[2]
-            slash = rest.find("/")
-            return slash >= 0 and rest[slash:].startswith(prefix)
-
-        return on_any_host
-    parsed = url_key(prefix)
-    if parsed is None:
-        return None
-    host, path = parsed
-    if "/" not in prefix.partition("://")[2]:
-        path = ""  # "http://host" alone: everything on the host
-
-    def on_host(key: str) -> bool:
-        rest = key.partition("://")[2]
-        slash = rest.find("/")
-        if slash < 0:
-            return False
-        return rest[:slash] == host and rest[slash:].startswith(path)
-
-    return on_host
 
 
 def feature(config: Config, ctx: EdgeContext) -> CacheFeature | None:
