@@ -189,7 +189,10 @@ class OriginFetch:
             return page(502, "The destination sent a broken response", target.authority)
         finally:
             if conn is not None:
-                conn.abort()
+                if conn.reusable() and conn.transport is not None:
+                    conn.transport.close()  # a clean end: we asked for Connection: close anyway
+                else:
+                    conn.abort()
             if spool is not None:
                 spool.discard()
         elapsed = time.monotonic() - started
