@@ -31,7 +31,7 @@ from edge.forward.auth import ProxyAuthenticator
 from edge.forward.pages import auth_required, denied
 from edge.forward.policy import DestinationPolicy
 from edge.headers import FORWARDING, HOP_BY_HOP, connection_tokens
-from edge.pipeline import Exchange, Feature, Handler, Reply
+from edge.pipeline import BytesBody, Exchange, Feature, Handler, Reply
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -50,6 +50,9 @@ _CLIENT_ADDRESS_FIELDS = FORWARDING | {
     "x-client-ip",
     "x-originating-ip",
 }
+_MAX_FORWARDS_METHODS = frozenset({"OPTIONS", "TRACE"})
+# Left out of a TRACE the proxy answers itself.
+_SECRET_FIELDS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 class ProxyAuth:
@@ -112,12 +115,32 @@ class ForwardHeaders:
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
         if not ex.notes["forward"].tunnel:
-            ex.upstream_headers = self.origin_headers(ex)
+            headers = self.origin_headers(ex)
+            if ex.request.method in _MAX_FORWARDS_METHODS and "Max-Forwards" in headers:
+                hops = headers["Max-Forwards"].strip()
+                if hops == "0":
+                    return self.answer_here(ex)  # RFC 9110 7.6.2: the proxy is the final recipient
+                if hops.isdigit() and hops.isascii():
+                    headers["Max-Forwards"] = str(int(hops) - 1)
+            ex.upstream_headers = headers
         reply = await call_next(ex)
         if self.via and reply.tunnel is None and (ex.member or ex.cache_status):
             # On what came from an origin or the cache; the proxy's own pages are not forwarded.
             reply.headers.add("Via", self.via)
         return reply
+
+    def answer_here(self, ex: Exchange) -> Reply:
+        """OPTIONS or TRACE with Max-Forwards: 0, answered by the proxy itself."""
+        request = ex.request
+        if request.method == "OPTIONS":
+            return Reply(
+                200, CIMultiDict({"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT"})
+            )
+        # TRACE: the request as received, minus fields that may carry secrets (RFC 9110 9.3.8).
+        lines = [f"TRACE {request.raw_path} {request.version}"]
+        lines += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in _SECRET_FIELDS]
+        body = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        return Reply(200, CIMultiDict({"Content-Type": "message/http"}), BytesBody(body))
 
 
 def _cache_feature(config: Config) -> Feature | None:

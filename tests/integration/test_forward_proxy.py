@@ -318,3 +318,23 @@ hosts = {{ "origin.test" = "127.0.0.1" }}
     assert status["forward"]["port"] == fport
     d.signal(signal.SIGTERM)
     assert await asyncio.to_thread(d.wait, 15) == 0
+
+
+async def test_max_forwards_on_trace_and_options(origin: int) -> None:
+    async with running_edge(forward(users={"alice": "pw"})) as edge:
+        assert edge.forward is not None
+        port = edge.forward.port
+        url = f"http://origin.test:{origin}/echo"
+        auth = "Proxy-Authorization: Basic YWxpY2U6cHc=\r\n"  # alice:pw
+        r = await raw_request(
+            port, f"TRACE {url} HTTP/1.1\r\n{auth}Max-Forwards: 0\r\nX-Probe: 1\r\n\r\n".encode()
+        )
+        assert r is not None and r.status == 200 and r.header("content-type") == "message/http"
+        assert r.body.startswith(b"TRACE /echo HTTP/1.1\r\n") and b"X-Probe: 1" in r.body
+        assert b"Proxy-Authorization" not in r.body  # never echoed
+        r = await raw_request(port, f"OPTIONS {url} HTTP/1.1\r\n{auth}Max-Forwards: 0\r\n\r\n".encode())
+        assert r is not None and r.status == 200 and "CONNECT" in (r.header("allow") or "")
+        assert (await stats(origin))["by_path"] == {}  # both answered by the proxy
+        r = await raw_request(port, f"OPTIONS {url} HTTP/1.1\r\n{auth}Max-Forwards: 3\r\n\r\n".encode())
+        assert r is not None and r.status == 200
+        assert dict(json.loads(r.body)["headers"])["Max-Forwards"] == "2"
