@@ -166,8 +166,8 @@ class _NoMetrics:
         self.config = config
 
 
-def build_chain(proxy: ForwardProxy) -> list[Any]:
-    """The forward features in FORWARD_ORDER (disabled ones left out)."""
+def build_chain(proxy: ForwardProxy) -> dict[str, Any]:
+    """The enabled forward features by name, in FORWARD_ORDER (dicts keep insertion order)."""
     config = proxy.config
     steps: dict[str, Any] = {
         "auth": ProxyAuth(ProxyAuthenticator(config.forward.users, config.forward.realm))
@@ -177,4 +177,4 @@ def build_chain(proxy: ForwardProxy) -> list[Any]:
         "headers": ForwardHeaders(config),
         "cache": _cache_feature(config),
     }
-    return [steps[name] for name in FORWARD_ORDER if steps[name] is not None]
+    return {name: steps[name] for name in FORWARD_ORDER if steps[name] is not None}

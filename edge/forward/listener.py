@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from edge.config import RouteConfig, ServerConfig
+from edge.config import ForwardConfig, RouteConfig, ServerConfig
 from edge.connection import ClientConnection, Request
 from edge.forward.chain import build_chain
 from edge.forward.metrics import ForwardMetrics
@@ -105,7 +105,7 @@ class ForwardConnection(ClientConnection):
         return None
 
 
-def _limits(edge: ServerConfig, forward: Any) -> ServerConfig:
+def _limits(edge: ServerConfig, forward: ForwardConfig) -> ServerConfig:
     """The [edge] limits with the [forward] overrides applied."""
     names = (
         "keepalive_timeout",
@@ -144,8 +144,9 @@ class ForwardProxy:
         )
         self.fetch = OriginFetch(self.config, self.policy.networks, self.metrics)
         self.open_tunnel = TunnelOpen(self)
-        self.features = build_chain(self)
-        cache = next((x for x in self.features if hasattr(x, "counts")), None)
+        steps = build_chain(self)
+        self.features = list(steps.values())
+        cache = steps.get("cache")
         if cache is not None:
             self.metrics.cache_counts = lambda: cache.counts
         self.handle: Handler = chain(self.features, self._terminal)
