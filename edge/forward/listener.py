@@ -99,6 +99,11 @@ class ForwardConnection(ClientConnection):
             origin.client_sent(len(data))
         super().data_received(data)
 
+    def become_tunnel(self, upstream: asyncio.Transport, head: bytes, early: bytes) -> None:
+        if self.origin is not None:
+            self.origin.client_sent(len(self._held))  # sent with the CONNECT, flushed now
+        super().become_tunnel(upstream, head, early)
+
     def eof_received(self) -> bool | None:
         if self.origin is not None and self.tunnel is not None:
             return self.origin.client_eof()
