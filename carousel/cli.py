@@ -40,7 +40,7 @@ def guess_kind(path: str) -> str:
     data = load_toml(path)
     for kind, markers in (
         ("dnsd", ("zone", "dns")),
-        ("edge", ("route", "pool", "listen", "edge")),
+        ("edge", ("route", "pool", "listen", "edge", "forward", "passthrough", "tls", "cache")),
         ("agent", ("service", "agent")),
         ("app", ("app",)),
     ):

@@ -172,8 +172,12 @@ def test_connection_tokens_and_trusted_chain() -> None:
 
 
 def test_feature_order_is_declared_once() -> None:
-    assert FEATURE_ORDER[0] == "edge.headers:feature"
-    assert USER_FEATURES in FEATURE_ORDER
+    # The documented order: cheap refusals first, headers cleaned before user features see
+    # the request, compression inside the cache so compressed variants are stored.
+    expected = ["edge.dos:feature", "edge.tls:feature", "edge.headers:feature", USER_FEATURES]
+    expected += ["edge.cache:feature", "edge.compress:feature"]
+    assert list(FEATURE_ORDER) == expected
+    assert len(set(FEATURE_ORDER)) == len(FEATURE_ORDER)
     assert callable(load_factory("edge.headers:feature"))
     with pytest.raises(ValueError, match="cannot import"):
         load_factory("no.such.module:f")
