@@ -7,14 +7,13 @@ says what each path answers (``on(path, handler)``) and reads what reached it
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from edge.server import Edge
 from edge.testing import running_edge
@@ -109,12 +108,3 @@ async def origin_and_edge(
             yield origin, edge
     finally:
         await origin.stop()
-
-
-def headers_of(pairs: list[tuple[str, str]]) -> CIMultiDict[str]:
-    return CIMultiDict(pairs)
-
-
-async def settle() -> None:
-    """Let background work scheduled by the last answer (refreshes, disk writes) start."""
-    await asyncio.sleep(0.05)
