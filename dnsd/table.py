@@ -64,22 +64,31 @@ class Rotation:
     addresses: list[str]
     members: list[tuple[int, ...]]  # per schedule slot: the address indexes it contains
     slot_start: list[int]  # per schedule slot: the address index listed first
+    _cycle: tuple[list[int], list[int]] | None = field(default=None, repr=False)
+
+    def _add(self, slot: int, times: int, incl: list[int], first: list[int]) -> None:
+        for i in self.members[slot]:
+            incl[i] += times
+        first[self.slot_start[slot]] += times
 
     def counts_between(self, start: int, end: int) -> tuple[list[int], list[int]]:
         """(times included, times first) per address for queries number start..end-1."""
         period = len(self.members)
         incl = [0] * len(self.addresses)
         first = [0] * len(self.addresses)
-        total = end - start
-        if total <= 0:
+        if end <= start:
             return incl, first
-        full, rest = divmod(total, period)
-        for slot, members in enumerate(self.members):
-            times = full + (1 if (slot - start) % period < rest else 0)
-            if times:
-                for i in members:
-                    incl[i] += times
-                first[self.slot_start[slot]] += times
+        full, rest = divmod(end - start, period)
+        if full:
+            if self._cycle is None:  # one whole period, computed once per rotation
+                cycle_incl, cycle_first = [0] * len(self.addresses), [0] * len(self.addresses)
+                for slot in range(period):
+                    self._add(slot, 1, cycle_incl, cycle_first)
+                self._cycle = (cycle_incl, cycle_first)
+            incl = [full * c for c in self._cycle[0]]
+            first = [full * c for c in self._cycle[1]]
+        for k in range(rest):
+            self._add((start + k) % period, 1, incl, first)
         return incl, first
 
 

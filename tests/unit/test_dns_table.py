@@ -173,3 +173,26 @@ def test_schedule_length_stays_bounded(count: int, top: int) -> None:
     assert count <= entry.period <= 1 << 16
     firsts = Counter(entry.rotation.slot_start)
     assert len(firsts) == count  # even the lightest weight is in the schedule
+
+
+def test_exposure_counts_match_a_brute_force_count_for_any_window() -> None:
+    table = TableBuilder(ZONES, max_answer_records=2).build(
+        [rec(1, weight=3), rec(2), rec(3, weight=2), rec(4)], 1
+    )
+    entry = table.lookup(b"\x03www\x07example\x04test\x00", 1)
+    assert entry is not None and entry.rotation is not None
+    rot = entry.rotation
+    period = len(rot.members)
+    for start, end in [
+        (0, 0),
+        (0, 1),
+        (3, 3 + period),
+        (5, 5 + 3 * period + 4),
+        (period - 1, 4 * period + 2),
+    ]:
+        incl, first = [0] * 4, [0] * 4
+        for k in range(start, end):
+            for i in rot.members[k % period]:
+                incl[i] += 1
+            first[rot.slot_start[k % period]] += 1
+        assert rot.counts_between(start, end) == (incl, first)
