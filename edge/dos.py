@@ -190,6 +190,10 @@ class DosDetector:
         self.edge = edge
         self.window = d.window
         self.dry_run = d.dry_run
+        # Read on every request: plain attributes, not config lookups.
+        self.soft_rate, self.hard_rate = d.soft_rate, d.hard_rate
+        self.soft_connections, self.hard_connections = d.soft_connections, d.hard_connections
+        self.per_ip = edge.guard.per_ip  # open connections per peer address (mutated in place)
         self.trusted = TrustedProxies(config.edge.trusted_proxies)
         self.keys = ClientKeys(d.ipv6_prefix)
         self.bans = BanTable(self.keys)
@@ -266,7 +270,7 @@ class DosDetector:
             if forwarded:
                 client = self.trusted.client_of(peer, forwarded)
                 via_proxy = client != peer
-        key = self.keys(client)
+        key = client if ":" not in client else self.keys(client)
         bans = self.bans
         if (bans.exact or bans.networks) and bans.until(key, client) and not self.allowed(client):
             if not self.dry_run:
@@ -283,13 +287,12 @@ class DosDetector:
                 return await call_next(ex)
             entry = self.clients[key] = _Client(now)
         rate = entry.hit(now, self.window)
-        busy = entry.inflight + 1 if via_proxy else self.edge.guard.connections(peer)
-        c = self.config
-        if rate > c.hard_rate or busy >= c.hard_connections:
-            reason = f"{rate:.0f} requests/s" if rate > c.hard_rate else f"{busy} concurrent"
+        busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
+        if rate > self.hard_rate or busy >= self.hard_connections:
+            reason = f"{rate:.0f} requests/s" if rate > self.hard_rate else f"{busy} concurrent"
             if self.ban(key, reason):
                 return _reply(403, _FORBIDDEN)
-        elif rate > c.soft_rate or busy > c.soft_connections:
+        elif rate > self.soft_rate or busy > self.soft_connections:
             reply = await self._soft(ex, entry, key, rate, busy)
             if reply is not None:
                 return reply
