@@ -23,6 +23,7 @@ import prometheus_client
 import structlog
 
 from carousel.admin import AdminServer
+from carousel.etcd import EtcdAuthError, EtcdError
 from carousel.logs import setup_logging
 from dnsd import wire
 from dnsd.build import TableBuilder
@@ -93,6 +94,33 @@ def status(
     }
 
 
+def create_feed(config: Config, builder: TableBuilder) -> RegistryFeed | None:
+    """The registry feed; None (after one clear log line) when the etcd client cannot be set up."""
+    try:
+        return RegistryFeed(config.etcd, builder)
+    except EtcdError as exc:  # e.g. an unreadable CA, certificate or key file
+        log.error("cannot start: etcd client setup failed", error=str(exc))
+        return None
+
+
+async def check_credentials(feed: RegistryFeed, refused: Callable[[], None]) -> None:
+    """Call ``refused`` if etcd rejects our credentials; while it is unreachable, keep trying.
+
+    Wrong credentials never fix themselves, unlike an outage: they stop dnsd with a
+    clear message instead of leaving it to answer from an empty registry forever.
+    """
+    while True:
+        try:
+            await feed.etcd.revision()
+            return
+        except EtcdAuthError as exc:
+            log.error("cannot start: etcd refused our credentials", error=str(exc))
+            refused()
+            return
+        except EtcdError:
+            await asyncio.sleep(1.0)
+
+
 def install_stop_handlers(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set ``stop``."""
     loop = asyncio.get_running_loop()
@@ -108,7 +136,12 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
     except OSError as exc:
         log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
         return 1
-    feed = RegistryFeed(config.etcd, builder)
+    feed = create_feed(config, builder)
+    if feed is None:
+        for lst in listeners:
+            lst.udp.close()
+            lst.tcp.close()
+        return 1
     server = DnsServer(config.dns, feed.table)
     feed.publish = server.set_table
     collector = DnsCollector(server.snapshot, lambda: registry_view(feed))
@@ -119,6 +152,14 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         health=lambda: health(feed),
     )
     tasks: set[asyncio.Task[None]] = set()
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def credentials_refused() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        stop.set()
+
     try:
         try:
             admin_port = await admin.start()
@@ -129,9 +170,13 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
                 lst.tcp.close()
             return 1
         await server.start(listeners)
-        feed_task = asyncio.create_task(feed.run(), name="registry-feed")
-        tasks.add(feed_task)
-        feed_task.add_done_callback(tasks.discard)
+        for coro, name in (
+            (feed.run(), "registry-feed"),
+            (check_credentials(feed, credentials_refused), "etcd-credentials"),
+        ):
+            task = asyncio.create_task(coro, name=name)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         ready = {
             "listen": [lst.address for lst in listeners],
             "admin": f"{config.admin.host}:{admin_port}",
@@ -142,7 +187,6 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         log.info("dnsd listening", **ready)
         if on_ready is not None:
             on_ready(ready)
-        stop = asyncio.Event()
         install_stop_handlers(stop)
         await stop.wait()
         log.info("dnsd stopping")
@@ -158,7 +202,7 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         await admin.stop()
         prometheus_client.REGISTRY.unregister(collector)
     log.info("dnsd stopped")
-    return 0
+    return exit_code
 
 
 def run_loop(main: Any) -> int:

@@ -276,14 +276,27 @@ def run_supervisor(config: Config, config_path: str) -> int:
 
 
 async def _supervise(config: Config) -> int:
-    from dnsd.main import health, install_stop_handlers, make_builder, registry_view, status
+    from dnsd.main import (
+        check_credentials,
+        create_feed,
+        health,
+        install_stop_handlers,
+        make_builder,
+        registry_view,
+        status,
+    )
 
     try:
         listen, held = _reserve(config.dns.listen)
     except OSError as exc:
         log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
         return 1
-    feed = RegistryFeed(config.etcd, make_builder(config))
+    feed = create_feed(config, make_builder(config))
+    if feed is None:
+        for lst in held:
+            lst.udp.close()
+            lst.tcp.close()
+        return 1
     supervisor = Supervisor(config, feed, listen)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
@@ -312,6 +325,13 @@ async def _supervise(config: Config) -> int:
     )
     tasks: set[asyncio.Task[None]] = set()
     code = 0
+    stop = asyncio.Event()
+
+    def credentials_refused() -> None:
+        nonlocal code
+        code = 1
+        stop.set()
+
     try:
         admin_port = await admin.start()
         for index in range(config.dns.workers):
@@ -323,7 +343,11 @@ async def _supervise(config: Config) -> int:
         if not ready:
             log.error("workers failed to start")
             return 1
-        for coro, name in ((feed.run(), "registry-feed"), (supervisor.watch(), "worker-watch")):
+        for coro, name in (
+            (feed.run(), "registry-feed"),
+            (supervisor.watch(), "worker-watch"),
+            (check_credentials(feed, credentials_refused), "etcd-credentials"),
+        ):
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -336,7 +360,6 @@ async def _supervise(config: Config) -> int:
             udp_engine=config.dns.udp_engine,
             rrl=config.dns.rrl.enabled,
         )
-        stop = asyncio.Event()
         install_stop_handlers(stop)
         await stop.wait()
         log.info("dnsd stopping")

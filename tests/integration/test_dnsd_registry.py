@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
-from carousel.etcdserver import EtcdProcess
+from carousel.etcdserver import EtcdProcess, etcd_binary
 from carousel.registry import Keys
 from tests.integration.test_dnsd_helpers import (
     DIG,
@@ -245,3 +246,57 @@ async def test_etcd_outage_answers_from_memory_then_converges_after_compaction(
         with contextlib.suppress(Exception):
             await registry.close()
         await forwarder.stop()
+
+
+async def test_starts_while_etcd_is_down_then_loads_the_registry(
+    own_etcd: EtcdProcess, procs: ProcessGroup
+) -> None:
+    cfg = EtcdConfig(endpoints=[own_etcd.endpoint], prefix="/late/", timeout=1.0)
+    registry = Registry(cfg, ttl=600)
+    await registry.put(edge(1))
+    await registry.etcd.close()
+    own_etcd.stop()
+    dnsd = await asyncio.to_thread(start_dnsd, procs, "dnsd", dnsd_toml(cfg), synced=False)
+    # Nothing known yet: static names answer, mapped names get a NODATA that resolvers
+    # keep for only a second, and /healthz says we are not ready.
+    assert dnsd.addresses("mail.example.test") == ["192.0.2.25"]
+    r = dnsd.query()
+    assert r.rcode() == 0 and not r.answer and r.authority[0].ttl == 1
+    assert dnsd.http("/healthz")[0] == 503
+    own_etcd.start()
+    await poll(lambda: dnsd.addresses() == [addr(1)], within=15)
+    assert dnsd.http("/healthz")[0] == 200
+    assert dnsd.daemon.running()
+
+
+def _etcdctl(endpoint: str, *args: str) -> None:
+    etcdctl = str(Path(etcd_binary()).with_name("etcdctl"))
+    subprocess.run([etcdctl, f"--endpoints={endpoint}", *args], check=True, capture_output=True, timeout=20)
+
+
+async def test_wrong_etcd_credentials_stop_dnsd_with_a_clear_message(
+    own_etcd: EtcdProcess, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    _etcdctl(own_etcd.endpoint, "user", "add", "root:s3cret")
+    _etcdctl(own_etcd.endpoint, "user", "grant-role", "root", "root")
+    _etcdctl(own_etcd.endpoint, "auth", "enable")
+    good = EtcdConfig(endpoints=[own_etcd.endpoint], prefix="/auth/", timeout=1.0,
+                      username="root", password="s3cret")  # fmt: skip
+    registry = Registry(good, ttl=600)
+    await registry.put(edge(1))
+    await registry.etcd.close()
+
+    def with_credentials(password: str) -> str:
+        return dnsd_toml(good).replace(
+            "timeout = 1.0", f'timeout = 1.0\nusername = "root"\npassword = "{password}"'
+        )
+
+    d = procs.daemon("dnsd", "wrong", with_credentials("nope"))
+    assert await asyncio.to_thread(d.wait, 20) == 1
+    assert "etcd refused our credentials" in d.output()
+    ok = await asyncio.to_thread(start_dnsd, procs, "right", with_credentials("s3cret"))
+    assert ok.addresses() == [addr(1)]
+    missing_ca = dnsd_toml(good).replace("timeout = 1.0", f'timeout = 1.0\nca_file = "{tmp_path}/none.pem"')
+    d = procs.daemon("dnsd", "noca", missing_ca)
+    assert await asyncio.to_thread(d.wait, 20) == 1
+    assert "cannot read etcd CA file" in d.output()
