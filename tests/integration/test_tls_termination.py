@@ -381,3 +381,42 @@ async def test_status_reports_tls(certs, ap) -> None:
     tls = status["security"]["tls"]
     assert tls["port"] == edge.tls_port
     assert tls["names"] == ["a.example.test", "b.example.test", "*.w.example.test"]
+
+
+async def test_sighup_to_the_supervisor_reloads_every_worker(certs, ap, procs: ProcessGroup) -> None:
+    port, tls_port = free_port(), free_port()
+    cert_file, key_file = certs["a"]
+    edge = procs.daemon(
+        "edge",
+        "edge-workers",
+        f"""
+[edge]
+port = {port}
+workers = 2
+[tls]
+port = {tls_port}
+reload_interval = 0
+[[tls.certificate]]
+cert_file = "{cert_file}"
+key_file = "{key_file}"
+[[route]]
+path = "/"
+respond = 200
+""",
+    )
+    deadline = time.monotonic() + 15
+    while edge.output().count("edge listening") < 2:  # both workers up
+        assert time.monotonic() < deadline, edge.output()[-3000:]
+        await asyncio.sleep(0.05)
+    new_ca = trustme.CA()
+    write_cert(new_ca, certs["dir"], "a", ["a.example.test"])
+    edge.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while edge.output().count("certificates reloaded") < 2:
+        assert time.monotonic() < deadline, edge.output()[-3000:]
+        await asyncio.sleep(0.05)
+    # New connections land on either worker (SO_REUSEPORT): every one sees the new certificate.
+    for _ in range(12):
+        _, _, status = await https_get(tls_port, "a.example.test", client_context(new_ca), path="/")
+        assert status == 200
+    assert edge.running()
