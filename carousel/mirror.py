@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from carousel.etcd import Etcd, EtcdCompacted, EtcdError, KeyValue, WatchEvent
+from carousel.etcd import Etcd, EtcdAuthError, EtcdCompacted, EtcdError, KeyValue, WatchEvent
 
 log = structlog.get_logger("carousel.mirror")
 V = TypeVar("V")
@@ -57,7 +57,7 @@ class PrefixMirror(Generic[V]):
         self.last_sync = 0.0  # monotonic time etcd last proved our copy current
         self.resyncs = 0
         self._rejected: dict[str, int] = {}  # key -> mod_revision already warned about
-        self._connected = False
+        self._connected: bool | None = None  # None: not tried yet
 
     @property
     def seconds_since_sync(self) -> float:
@@ -66,7 +66,7 @@ class PrefixMirror(Generic[V]):
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return bool(self._connected)
 
     def _parse(self, key: str, value: bytes, revision: int) -> V | None:
         try:
@@ -132,10 +132,9 @@ class PrefixMirror(Generic[V]):
         while True:
             try:
                 await self.sync_once()
-                if not self._connected:
-                    if self.resyncs:
-                        log.info("registry reachable again", mirror=self.name, revision=self.revision)
-                    self._connected = True
+                if self._connected is False:
+                    log.info("registry reachable again", mirror=self.name, revision=self.revision)
+                self._connected = True
                 self.resyncs += 1
                 backoff = 0.1
                 await self._watch()
@@ -144,13 +143,17 @@ class PrefixMirror(Generic[V]):
             except EtcdCompacted as exc:
                 log.info("watch revision compacted; re-listing", mirror=self.name, error=str(exc))
             except EtcdError as exc:
-                if self._connected:
-                    log.warning(
-                        "registry unreachable; serving the last known state",
-                        mirror=self.name,
-                        error=str(exc),
-                        revision=self.revision,
-                    )
+                # Logged once per outage (and at once on start-up), not per retry.
+                if self._connected is not False:
+                    if isinstance(exc, EtcdAuthError):
+                        log.error("etcd refused our credentials", mirror=self.name, error=str(exc))
+                    else:
+                        log.warning(
+                            "registry unreachable; serving the last known state",
+                            mirror=self.name,
+                            error=str(exc),
+                            revision=self.revision,
+                        )
                     self._connected = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
