@@ -94,6 +94,8 @@ class ResponseParser:
                         raise UpstreamProtocolError("response head too large")
                     self._buf = buf
                     return out
+                if end > MAX_HEAD:  # the head may arrive whole in one read
+                    raise UpstreamProtocolError("response head too large")
                 self._parse_head(buf[:end])
                 buf = buf[end + 4 :]
                 if self.state == "head":  # a 1xx interim response: skip it

@@ -126,11 +126,6 @@ async def test_member_response_with_too_many_header_fields_is_502(rude_member: i
     assert status == 502 and b"x-149" not in seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edge/upstream.py ResponseParser checks MAX_HEAD (64 KiB) only while the head is incomplete;"
-    " a 70 KB head that arrives whole is accepted (fix requested from the edge's author)",
-)
 async def test_member_response_head_over_64k_is_502(rude_member: int) -> None:
     status, seen = await _fetch(rude_member, "/big")
     assert status == 502 and b"a" * 100 not in seen
