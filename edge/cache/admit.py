@@ -30,7 +30,7 @@ from edge.cache.policy import (
     storable_fields,
 )
 from edge.cache.respond import http_date
-from edge.cache.store import Entry, MemoryStore, stored_headers
+from edge.cache.store import Entry, MemoryStore
 from edge.pipeline import Body, BytesBody, Exchange, FileBody, Reply
 from edge.upstream import SpoolBuffer
 
@@ -129,7 +129,7 @@ class Admission:
         stored = storable_fields(headers, policy.omit, self.hidden_tags)
         if "Date" not in headers:
             stored.append(("Date", http_date(response_time)))
-        entry.headers = stored_headers(stored)
+        entry.set_headers(stored)
         entry.vary = policy.vary
         if policy.vary:
             entry.vary_values = vary_values(policy.vary, ex.request.headers)
@@ -184,7 +184,7 @@ class Admission:
         if not policy.storable:
             self.drop(entry)
             return entry  # it still answers this request
-        entry.headers = stored_headers(merged)
+        entry.set_headers(merged)
         apply_policy(entry, policy, response_time)
         if not entry.transformed:
             entry.validator_etag = policy.etag

@@ -43,7 +43,7 @@ import structlog
 
 from edge.cache.key import vary_values
 from edge.cache.policy import Headers
-from edge.cache.store import Entry, stored_headers
+from edge.cache.store import Entry
 
 log = structlog.get_logger("carousel.edge.cache")
 
@@ -108,7 +108,7 @@ def from_meta(meta: dict[str, Any], directory: str) -> Entry:
     entry = Entry(str(meta["key"]), str(meta["extra"]), int(meta["status"]), meta["reason"])
     entry.vary = tuple(meta["vary"])
     entry.vary_values = tuple(meta["vary_values"])
-    entry.headers = stored_headers((str(k), str(v)) for k, v in meta["headers"])
+    entry.set_headers((str(k), str(v)) for k, v in meta["headers"])
     entry.length = int(meta["length"])
     entry.response_time = float(meta["response_time"])
     entry.initial_age = float(meta["initial_age"])

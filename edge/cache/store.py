@@ -31,14 +31,19 @@ ENTRY_OVERHEAD = 600
 _SMALL, _MAIN = 1, 2
 
 
-def stored_headers(pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The header multidict an entry keeps; a hit copies it (C-level, no per-field work).
+_NO_TAGS: frozenset[str] = frozenset()
+_NO_HEADERS: CIMultiDict[str] = CIMultiDict()  # replaced, never mutated
+
+
+def stored_headers(pairs: Iterable[tuple[str, str]]) -> tuple[CIMultiDict[str], int]:
+    """The header multidict an entry keeps (a hit copies it, C-level), and its text size.
 
     Names and short values repeat across entries (Content-Type: text/html, ...):
     interning them keeps one copy per process.
     """
     intern = sys.intern
-    return CIMultiDict((intern(str(k)), intern(str(v)) if len(v) <= 40 else v) for k, v in pairs)
+    fields = [(intern(str(k)), intern(str(v)) if len(v) <= 40 else str(v)) for k, v in pairs]
+    return CIMultiDict(fields), sum(len(k) + len(v) for k, v in fields)
 
 
 class Entry:
@@ -52,6 +57,7 @@ class Entry:
         "etag",
         "extra",
         "freq",
+        "head_size",
         "headers",
         "initial_age",
         "key",
@@ -84,7 +90,8 @@ class Entry:
         self.reason = reason
         self.vary: tuple[str, ...] = ()
         self.vary_values: tuple[str, ...] = ()
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.headers = _NO_HEADERS
+        self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
         self.body: bytes | None = None
         self.disk_path: str | None = None
@@ -98,11 +105,11 @@ class Entry:
         self.stale_while_revalidate = 0.0
         self.stale_if_error = 0.0
         self.auth_ok = False
-        self.omit: frozenset[str] = frozenset()
+        self.omit = _NO_TAGS
         self.etag: str | None = None
         self.last_modified: str | None = None
         self.date = 0.0
-        self.tags: frozenset[str] = frozenset()
+        self.tags = _NO_TAGS
         # Compressed by the edge: the ETag was weakened; revalidate with the origin's.
         self.transformed = False
         self.validator_etag: str | None = None
@@ -124,14 +131,17 @@ class Entry:
             return True
         return vary_values(self.vary, headers) == self.vary_values
 
+    def set_headers(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Keep these fields (already filtered for storage)."""
+        self.headers, self.head_size = stored_headers(pairs)
+
     @property
     def has_validator(self) -> bool:
         return self.validator_etag is not None or self.last_modified is not None
 
     def account(self) -> None:
         """Compute the bytes this entry holds in memory."""
-        head = sum(len(k) + len(v) for k, v in self.headers.items())
-        self.size = ENTRY_OVERHEAD + head + len(self.key) + len(self.extra) + len(self.body or b"")
+        self.size = ENTRY_OVERHEAD + self.head_size + len(self.key) + len(self.extra) + len(self.body or b"")
 
 
 class MemoryStore:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-from multidict import CIMultiDict
-
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.store import ENTRY_OVERHEAD, Entry, MemoryStore
 
@@ -16,7 +14,7 @@ def entry(key: str, size: int = 1000, *, extra: str = "", tags: frozenset[str] =
     e.body = b"x" * size
     e.length = size
     e.tags = tags
-    e.headers = CIMultiDict({"Content-Type": "text/plain"})
+    e.set_headers([("Content-Type", "text/plain")])
     return e
 
 

@@ -1,0 +1,211 @@
+"""Benchmark the edge's cache against nginx proxy_cache, in the same run, one core each.
+
+    python bench/cache_bench.py [--duration 10] [--connections 50] [--rounds 3] [--objects 20000]
+
+Same method as bench/edge_bench.py (whose helpers it uses):
+
+* an AP: nginx (Debian's) serving a 1 KiB file with ``Cache-Control: max-age=3600``, core 1;
+* nginx as a caching proxy (``proxy_cache``, in-memory keys, the cached file in
+  the page cache) and `carousel edge` with ``[cache] enabled``, both on core 0;
+* both caches warmed and checked to answer hits (``X-Cache-Status: HIT`` /
+  ``Cache-Status: ...; hit``), then wrk (core 1) against each, alternating for a
+  few rounds; each cell keeps its best round (the machine may be shared);
+* memory per cached 1 KiB object: a fresh edge is filled with ``--objects``
+  distinct URLs and its RSS growth divided by their number.
+
+Prints a table; exits non-zero if the hit ratio misses 0.5 x nginx or a tool is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edge_bench import free_port, nginx_conf, rss_kib, start, stop, wait_http, wrk
+
+TARGET = 0.5
+
+EDGE_TOML = """
+[edge]
+host = "127.0.0.1"
+port = {port}
+access_log = false
+[admin]
+port = {admin}
+[log]
+level = "warning"
+[cache]
+enabled = true
+cluster_purge = false
+memory_size = {memory}
+[pool.ap]
+members = [{{ address = "127.0.0.1:{ap}" }}]
+keepalive = "pool"
+[[route]]
+path = "/"
+pool = "ap"
+"""
+
+
+def header(url: str, name: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        r.read()
+        return r.headers.get(name, "")
+
+
+async def fill(port: int, count: int, connections: int = 20) -> None:
+    """GET `count` distinct URLs over keep-alive connections (each a miss, then stored)."""
+    queue = iter(range(count))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in queue:
+                writer.write(f"GET /f1k.txt?o={i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                if re.search(rb"Connection: close", head, re.I):  # max_requests_per_connection
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+
+
+def memory_per_object(edge_conf: Path, port: int, workdir: Path, count: int) -> tuple[float, int]:
+    """(KiB of RSS per cached 1 KiB object, objects stored) for a fresh edge filled with `count`."""
+    proc = start(
+        [sys.executable, "-m", "carousel.cli", "edge", "--config", str(edge_conf)], 0, workdir / "fill.log"
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/f1k.txt?warm")
+        asyncio.run(fill(port, 200))  # first requests allocate what is not per object
+        time.sleep(0.5)
+        before = rss_kib(proc.pid)
+        asyncio.run(fill(port, count))
+        time.sleep(1.0)
+        after = rss_kib(proc.pid)
+        hit = header(f"http://127.0.0.1:{port}/f1k.txt?o={count - 1}", "Cache-Status")
+        if "hit" not in hit:
+            print(f"  warning: the last object is not a hit ({hit!r}): the memory budget is too small")
+    finally:
+        stop(proc)
+    return (after - before) / count, count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
+    parser.add_argument("--objects", type=int, default=20000, help="objects for the memory figure (0: skip)")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"cache_bench: {tool} not found (apt-get install nginx-light wrk util-linux)")
+            return 2
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    work = Path(tempfile.mkdtemp(prefix="carousel-cache-bench-"))
+    work.chmod(0o755)
+    www = work / "www"
+    www.mkdir()
+    (www / "f1k.txt").write_bytes((b"carousel benchmark payload 0123456789abcdef\n" * 24)[:1024])
+    ap_port, nginx_port, edge_port, admin_port = (free_port() for _ in range(4))
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, tuple[float, float]] = {}
+    try:
+        ap_conf = nginx_conf(
+            work,
+            "ap",
+            f"server {{ listen 127.0.0.1:{ap_port}; root {www};"
+            f' location / {{ add_header Cache-Control "max-age=3600"; }} }}',
+        )
+        procs.append(start([nginx, "-c", str(ap_conf), "-p", str(work)], 1, work / "ap.log"))
+        wait_http(f"http://127.0.0.1:{ap_port}/f1k.txt")
+
+        px_conf = nginx_conf(
+            work,
+            "proxy",
+            f"proxy_cache_path {work}/nginx-cache keys_zone=hot:10m;\n"
+            f"  upstream ap {{ server 127.0.0.1:{ap_port}; keepalive 16; }}\n"
+            f"  server {{ listen 127.0.0.1:{nginx_port};\n"
+            f"    location / {{ proxy_pass http://ap; proxy_cache hot;\n"
+            f'      proxy_http_version 1.1; proxy_set_header Connection "";\n'
+            f"      add_header X-Cache-Status $upstream_cache_status; }} }}",
+        )
+        procs.append(start([nginx, "-c", str(px_conf), "-p", str(work)], 0, work / "proxy.log"))
+        edge_conf = work / "edge.toml"
+        edge_conf.write_text(EDGE_TOML.format(port=edge_port, admin=admin_port, ap=ap_port, memory=256 << 20))
+        procs.append(
+            start(
+                [sys.executable, "-m", "carousel.cli", "edge", "--config", str(edge_conf)],
+                0,
+                work / "edge.log",
+            )
+        )
+        urls = {
+            "nginx": f"http://127.0.0.1:{nginx_port}/f1k.txt",
+            "edge": f"http://127.0.0.1:{edge_port}/f1k.txt",
+        }
+        for url in urls.values():
+            wait_http(url)
+        nginx_status = header(urls["nginx"], "X-Cache-Status")
+        edge_status = header(urls["edge"], "Cache-Status")
+        if nginx_status != "HIT" or "; hit" not in edge_status:
+            print(f"cache_bench: caches not warm (nginx {nginx_status!r}, edge {edge_status!r})")
+            return 1
+        print(
+            f"cache hits of a 1 KiB object: nginx proxy_cache and carousel edge on core 0, wrk on core 1; "
+            f"{args.rounds} alternating rounds of {args.duration}s, best round kept"
+        )
+        for _ in range(args.rounds):
+            for server, url in urls.items():
+                rps, p99 = wrk(url, args.duration, args.connections)
+                if rps > results.get(server, (0.0, 0.0))[0]:
+                    results[server] = (rps, p99)
+        for p in procs[1:]:
+            stop(p)
+        memory = None
+        if args.objects:
+            fill_conf = work / "fill.toml"
+            fill_port = free_port()
+            budget = max(256 << 20, args.objects * 8192)
+            fill_conf.write_text(
+                EDGE_TOML.format(port=fill_port, admin=free_port(), ap=ap_port, memory=budget)
+            )
+            memory = memory_per_object(fill_conf, fill_port, work, args.objects)
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(work, ignore_errors=True)
+
+    n_rps, n_p99 = results["nginx"]
+    e_rps, e_p99 = results["edge"]
+    ratio = e_rps / n_rps
+    print()
+    print(f"{'':10} {'nginx req/s':>12} {'p99 ms':>8} {'edge req/s':>12} {'p99 ms':>8} "
+          f"{'ratio':>7} {'target':>7}")  # fmt: skip
+    print(
+        f"{'cache hit':10} {n_rps:12.0f} {n_p99:8.2f} {e_rps:12.0f} {e_p99:8.2f} "
+        f"{ratio:6.2f}x {TARGET:6.2f}x {'ok' if ratio >= TARGET else 'MISSED'}"
+    )
+    if memory is not None:
+        per_object, count = memory
+        print(f"\nmemory: {per_object:.2f} KiB of RSS per cached 1 KiB object ({count} objects)")
+    return 0 if ratio >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
