@@ -10,6 +10,9 @@ Same method as bench/edge_bench.py (whose helpers it uses):
 * both caches warmed and checked to answer hits (``X-Cache-Status: HIT`` /
   ``Cache-Status: ...; hit``), then wrk (core 1) against each, alternating for a
   few rounds; each cell keeps its best round (the machine may be shared);
+* for reference, the same edge answering a fixed 1 KiB ``respond`` route: no
+  pipeline feature, no upstream, just the edge's request/response path, so the
+  ceiling any cache hit path could reach in this process;
 * memory per cached 1 KiB object: a fresh edge is filled with ``--objects``
   distinct URLs and its RSS growth divided by their number.
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_bench import free_port, nginx_conf, rss_kib, start, stop, wait_http, wrk
 
 TARGET = 0.5
+FIXED_BODY = ("carousel benchmark payload 0123456789abcdef " * 24)[:1024]
 
 EDGE_TOML = """
 [edge]
@@ -53,6 +57,10 @@ keepalive = "pool"
 [[route]]
 path = "/"
 pool = "ap"
+[[route]]
+path = "/fixed"
+respond = 200
+body = "{fixed}"
 """
 
 
@@ -147,7 +155,9 @@ def main() -> int:
         )
         procs.append(start([nginx, "-c", str(px_conf), "-p", str(work)], 0, work / "proxy.log"))
         edge_conf = work / "edge.toml"
-        edge_conf.write_text(EDGE_TOML.format(port=edge_port, admin=admin_port, ap=ap_port, memory=256 << 20))
+        edge_conf.write_text(
+            EDGE_TOML.format(port=edge_port, admin=admin_port, ap=ap_port, memory=256 << 20, fixed=FIXED_BODY)
+        )
         procs.append(
             start(
                 [sys.executable, "-m", "carousel.cli", "edge", "--config", str(edge_conf)],
@@ -158,6 +168,7 @@ def main() -> int:
         urls = {
             "nginx": f"http://127.0.0.1:{nginx_port}/f1k.txt",
             "edge": f"http://127.0.0.1:{edge_port}/f1k.txt",
+            "fixed": f"http://127.0.0.1:{edge_port}/fixed",
         }
         for url in urls.values():
             wait_http(url)
@@ -183,7 +194,9 @@ def main() -> int:
             fill_port = free_port()
             budget = max(256 << 20, args.objects * 8192)
             fill_conf.write_text(
-                EDGE_TOML.format(port=fill_port, admin=free_port(), ap=ap_port, memory=budget)
+                EDGE_TOML.format(
+                    port=fill_port, admin=free_port(), ap=ap_port, memory=budget, fixed=FIXED_BODY
+                )
             )
             memory = memory_per_object(fill_conf, fill_port, work, args.objects)
     finally:
@@ -193,6 +206,7 @@ def main() -> int:
 
     n_rps, n_p99 = results["nginx"]
     e_rps, e_p99 = results["edge"]
+    f_rps, f_p99 = results["fixed"]
     ratio = e_rps / n_rps
     print()
     print(f"{'':10} {'nginx req/s':>12} {'p99 ms':>8} {'edge req/s':>12} {'p99 ms':>8} "
@@ -200,6 +214,10 @@ def main() -> int:
     print(
         f"{'cache hit':10} {n_rps:12.0f} {n_p99:8.2f} {e_rps:12.0f} {e_p99:8.2f} "
         f"{ratio:6.2f}x {TARGET:6.2f}x {'ok' if ratio >= TARGET else 'MISSED'}"
+    )
+    print(
+        f"{'(fixed)':10} {'':12} {'':8} {f_rps:12.0f} {f_p99:8.2f} {f_rps / n_rps:6.2f}x"
+        "          the edge's fixed-response route: the ceiling for any hit path"
     )
     if memory is not None:
         per_object, count = memory
