@@ -72,23 +72,28 @@ class Result:
         return data[min(len(data) - 1, int(p / 100 * len(data)))]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (NSD runs xfrd -> main -> server processes)."""
+    parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
     return out
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system time of a process, its threads and its descendants (NSD forks)."""
     total = 0
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *_descendants(pid)]:
         try:
             for task in os.listdir(f"/proc/{p}/task"):
                 fields = Path(f"/proc/{p}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
