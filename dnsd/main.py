@@ -109,15 +109,22 @@ async def check_credentials(feed: RegistryFeed, refused: Callable[[], None]) -> 
     Wrong credentials never fix themselves, unlike an outage: they stop dnsd with a
     clear message instead of leaving it to answer from an empty registry forever.
     """
+    warned = False
     while True:
         try:
             await feed.etcd.revision()
             return
         except EtcdAuthError as exc:
-            log.error("cannot start: etcd refused our credentials", error=str(exc))
+            log.error("etcd refused the dnsd's credentials", error=str(exc))
             refused()
             return
-        except EtcdError:
+        except EtcdError as exc:
+            if not warned:  # the mirror only reports outages after a first success
+                log.warning(
+                    "etcd unreachable at startup; answering static names until it answers",
+                    error=str(exc),
+                )
+                warned = True
             await asyncio.sleep(1.0)
 
 

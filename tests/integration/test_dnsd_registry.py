@@ -263,6 +263,7 @@ async def test_starts_while_etcd_is_down_then_loads_the_registry(
     r = dnsd.query()
     assert r.rcode() == 0 and not r.answer and r.authority[0].ttl == 1
     assert dnsd.http("/healthz")[0] == 503
+    await poll(lambda: "etcd unreachable at startup" in dnsd.daemon.output(), within=10)
     own_etcd.start()
     await poll(lambda: dnsd.addresses() == [addr(1)], within=15)
     assert dnsd.http("/healthz")[0] == 200
@@ -293,7 +294,8 @@ async def test_wrong_etcd_credentials_stop_dnsd_with_a_clear_message(
 
     d = procs.daemon("dnsd", "wrong", with_credentials("nope"))
     assert await asyncio.to_thread(d.wait, 20) == 1
-    assert "etcd refused our credentials" in d.output()
+    assert "etcd refused the dnsd's credentials" in d.output()
+    assert "authentication failed" in d.output()
     ok = await asyncio.to_thread(start_dnsd, procs, "right", with_credentials("s3cret"))
     assert ok.addresses() == [addr(1)]
     missing_ca = dnsd_toml(good).replace("timeout = 1.0", f'timeout = 1.0\nca_file = "{tmp_path}/none.pem"')
