@@ -97,7 +97,7 @@ class CacheFeature:
         self.honor_client = c.honor_client_cache_control
         self._rules: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
         self.hits = 0  # plain hits, kept apart from `counts` to save the hit path a dict update
         self._hit_status = f"{self.name}; hit; ttl=" if self.name else ""
         self.started = time.time()
@@ -131,11 +131,12 @@ class CacheFeature:
         task.add_done_callback(self._tasks.discard)
 
     def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
+        self._counts[what] = self._counts.get(what, 0) + 1
 
-    def outcomes(self) -> dict[str, int]:
-        """Lookups by outcome (HIT, MISS, STORED, ...)."""
-        counts = dict(self.counts)
+    @property
+    def counts(self) -> dict[str, int]:
+        """Lookups by outcome (HIT, MISS, STORED, UPDATING, ...), read at scrape time."""
+        counts = dict(self._counts)
         counts["HIT"] = counts.get("HIT", 0) + self.hits
         return counts
 
@@ -217,7 +218,8 @@ class CacheFeature:
                 now = time.time()
                 age = entry.age(now)
                 ttl = entry.lifetime - age
-                if not entry.no_cache and fresh_enough(rr, age, ttl):
+                # max-stale never overrides must-revalidate & co (RFC 9111 5.2.2.2).
+                if not entry.no_cache and (ttl > 0 or not entry.no_stale) and fresh_enough(rr, age, ttl):
                     reply = self._answer(
                         ex, entry, age, f"hit; ttl={floor(ttl)}", "HIT" if ttl > 0 else "STALE"
                     )
@@ -247,9 +249,16 @@ class CacheFeature:
             reply = error_reply(504)
             self._add_status(reply, "fwd=miss")
             return reply
-        if method == "HEAD" or "Range" in h or "If-Match" in h or "If-Unmodified-Since" in h:
-            # Not worth a whole-body fetch (HEAD), never stored partial (Range), or
-            # preconditions only the origin can judge: straight through, nothing stored.
+        if (
+            method == "HEAD"
+            or "Range" in h
+            or "If-Match" in h
+            or "If-Unmodified-Since" in h
+            or "Upgrade" in h
+        ):
+            # Not worth a whole-body fetch (HEAD), never stored partial (Range),
+            # preconditions only the origin can judge, or a protocol switch
+            # (WebSocket): straight through, nothing stored.
             ex.cache_status = "MISS"
             reply = await call_next(ex)
             self._add_status(reply, f"fwd={fwd}; fwd-status={reply.status}")
@@ -276,7 +285,7 @@ class CacheFeature:
             if entry is not None:
                 age = entry.age(time.time())
                 ttl = entry.lifetime - age
-                if not entry.no_cache and fresh_enough(rr, age, ttl):
+                if not entry.no_cache and ttl > 0 and fresh_enough(rr, age, ttl):
                     reply = self._answer(ex, entry, age, f"hit; ttl={int(ttl)}; collapsed", "COLLAPSED")
                     if reply is not None:
                         return reply
@@ -516,7 +525,7 @@ class CacheFeature:
             "evictions": self.store.evictions,
             "in_flight": len(self.coalescer),
             "hit_for_miss": len(self.hit_for_miss),
-            "counts": self.outcomes(),
+            "counts": self.counts,
             "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
         }

@@ -24,7 +24,7 @@ class _CacheCollector(Collector):
             "Cache lookups and what became of them (HIT, MISS, STORED, UPDATING, ...)",
             labels=["outcome"],
         )
-        for outcome, count in cache.outcomes().items():
+        for outcome, count in cache.counts.items():
             outcomes.add_metric([outcome], count)
         yield outcomes
         size = GaugeMetricFamily("carousel_edge_cache_bytes", "Bytes held by the memory tier")

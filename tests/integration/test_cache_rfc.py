@@ -517,3 +517,38 @@ async def test_scripted_origin_counts_every_request() -> None:
         assert [(r.method, r.path_qs) for r in origin.requests] == [("PUT", "/x?y=1")]
     finally:
         await origin.stop()
+
+
+async def test_max_stale_never_overrides_must_revalidate(session: aiohttp.ClientSession) -> None:
+    async with origin_and_edge() as (origin, edge):
+        origin.reply("/ms", "m", cache_control="max-age=1, must-revalidate", etag='"m"')
+        origin.reply("/loose", "l", cache_control="max-age=1", etag='"l"')
+        get = Client(session, edge)
+        await get("/ms")
+        await get("/loose")
+        await asyncio.sleep(1.2)
+        _, headers, _ = await get("/ms", cache_control="max-stale=60")
+        assert "fwd=stale" in status_of(headers)
+        _, headers, _ = await get("/loose", cache_control="max-stale=60")
+        assert status_of(headers).startswith("carousel; hit; ttl=-")  # the client accepts stale
+        assert len(origin.seen("/ms")) == 2 and len(origin.seen("/loose")) == 1
+
+
+async def test_websocket_upgrades_pass_through_a_caching_route() -> None:
+    async with origin_and_edge(websocket=True) as (origin, edge):
+
+        async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str("echo " + msg.data)
+            return ws
+
+        origin.on("/ws", ws_echo)
+        async with aiohttp.ClientSession() as s:
+            sockets = [await s.ws_connect(f"http://127.0.0.1:{edge.port}/ws") for _ in range(2)]
+            for i, ws in enumerate(sockets):
+                await ws.send_str(f"hi {i}")
+                assert (await ws.receive_str()) == f"echo hi {i}"
+            for ws in sockets:
+                await ws.close()
