@@ -20,7 +20,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest tests/e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
