@@ -72,7 +72,8 @@ class RouteRules:
 
     def __init__(self, route: Route) -> None:
         self.key = KeyRule(route.config)
-        self.plain = self.key.plain and not self.key.has_extra
+        # WebSocket routes take the slower path, which lets Upgrade requests through.
+        self.plain = self.key.plain and not self.key.has_extra and not route.config.websocket
         self.set_cookie = route.config.cache_set_cookie
 
 
