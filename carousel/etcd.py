@@ -42,10 +42,12 @@ log = structlog.get_logger("carousel.etcd")
 T = TypeVar("T")
 
 _CHANNEL_OPTIONS: dict[str, Any] = {
-    # Find a dead peer within ~8 s even when no call is running. etcd rejects
-    # pings more frequent than its --grpc-keepalive-min-time (5 s default).
-    "grpc.keepalive_time_ms": 5000,
-    "grpc.keepalive_timeout_ms": 3000,
+    # Find a dead peer within ~15 s even when no call is running. etcd answers
+    # pings at or under its --grpc-keepalive-min-time (5 s default) with GOAWAY
+    # "too_many_pings", so stay well above it. Readers notice faster anyway:
+    # PrefixMirror proves the cluster answers every second.
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 5000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     # Reconnect within a second of etcd coming back, not after minutes.

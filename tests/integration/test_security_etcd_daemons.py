@@ -210,14 +210,7 @@ def _flood(port: int, source: str) -> list[int]:
     return statuses
 
 
-DNSD_SILENT = pytest.mark.xfail(
-    strict=True,
-    reason="dnsd keeps retrying with no log line at all: PrefixMirror logs an etcd failure only after a"
-    " first success, and dnsd does not stop on EtcdAuthError (requested from the dnsd engineer and the lead)",
-)
-
-
-@pytest.mark.parametrize("kind", ["agent", "edge", pytest.param("dnsd", marks=DNSD_SILENT)])
+@pytest.mark.parametrize("kind", ["agent", "edge", "dnsd"])
 async def test_wrong_credentials_stop_each_daemon_with_a_clear_message(
     secure_etcd: Any, procs: ProcessGroup, kind: str
 ) -> None:
