@@ -453,6 +453,7 @@ class DiskStore:
         return freed
 
     def close(self) -> None:
+        """Stop the writer thread (after flush(): nothing is pending)."""
         self.executor.shutdown(wait=True)
 
 

@@ -125,6 +125,7 @@ class CacheFeature:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.disk is not None:
             await self.disk.flush()
+            self.disk.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
