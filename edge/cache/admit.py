@@ -164,7 +164,7 @@ class Admission:
         if etag is not None and entry.validator_etag is not None:
             if etag.removeprefix("W/") != entry.validator_etag.removeprefix("W/"):
                 return None
-        merged = merge_not_modified(list(entry.headers.items()), reply.headers, entry.omit)
+        merged = merge_not_modified(list(entry.fields), reply.headers, entry.omit)
         if "Date" not in reply.headers:
             merged = [(k, v) for k, v in merged if k.lower() != "date"]
             merged.append(("Date", http_date(response_time)))

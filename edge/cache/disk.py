@@ -79,7 +79,7 @@ def to_meta(entry: Entry, body_name: str) -> dict[str, Any]:
         "vary_values": list(entry.vary_values),
         "status": entry.status,
         "reason": entry.reason,
-        "headers": list(entry.headers.items()),
+        "headers": entry.fields,
         "length": entry.length,
         "response_time": entry.response_time,
         "initial_age": entry.initial_age,

@@ -177,7 +177,10 @@ class CacheFeature:
                             else:
                                 if entry.freq < 3:
                                     entry.freq += 1
-                                headers = entry.headers.copy()
+                                headers = entry.headers
+                                if headers is None:
+                                    headers = entry.headers = CIMultiDict(entry.fields)
+                                headers = headers.copy()
                                 headers.add("Age", str(int(age)))
                                 if self._hit_status:
                                     headers.add("Cache-Status", f"{self._hit_status}{int(ttl)}")

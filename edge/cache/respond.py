@@ -67,7 +67,7 @@ def from_entry(
     body = entry_body(entry, method == "HEAD")
     if body is None:
         return None
-    headers = entry.headers.copy()
+    headers = entry.reply_headers()
     headers.add("Age", str(int(age)))  # never stored, so add() (cheaper than a replace)
     if cache_status is not None:
         headers.add("Cache-Status", cache_status)
@@ -81,7 +81,7 @@ def not_modified_reply(entry: Entry, age: float, cache_status: str | None) -> Re
     """A 304 for the stored response, with the fields RFC 9110 15.4.5 asks for."""
     headers: CIMultiDict[str] = CIMultiDict()
     wanted = {n.lower() for n in NOT_MODIFIED_FIELDS}
-    for name, value in entry.headers.items():
+    for name, value in entry.fields:
         if name.lower() in wanted:
             headers.add(name, value)
     headers["Age"] = str(int(age))

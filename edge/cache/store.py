@@ -32,18 +32,17 @@ _SMALL, _MAIN = 1, 2
 
 
 _NO_TAGS: frozenset[str] = frozenset()
-_NO_HEADERS: CIMultiDict[str] = CIMultiDict()  # replaced, never mutated
 
 
-def stored_headers(pairs: Iterable[tuple[str, str]]) -> tuple[CIMultiDict[str], int]:
-    """The header multidict an entry keeps (a hit copies it, C-level), and its text size.
+def stored_fields(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], int]:
+    """The fields an entry keeps, and their text size.
 
     Names and short values repeat across entries (Content-Type: text/html, ...):
     interning them keeps one copy per process.
     """
     intern = sys.intern
-    fields = [(intern(str(k)), intern(str(v)) if len(v) <= 40 else str(v)) for k, v in pairs]
-    return CIMultiDict(fields), sum(len(k) + len(v) for k, v in fields)
+    fields = tuple((intern(str(k)), intern(str(v)) if len(v) <= 40 else str(v)) for k, v in pairs)
+    return fields, sum(len(k) + len(v) for k, v in fields)
 
 
 class Entry:
@@ -56,6 +55,7 @@ class Entry:
         "disk_path",
         "etag",
         "extra",
+        "fields",
         "freq",
         "head_size",
         "headers",
@@ -90,7 +90,10 @@ class Entry:
         self.reason = reason
         self.vary: tuple[str, ...] = ()
         self.vary_values: tuple[str, ...] = ()
-        self.headers = _NO_HEADERS
+        # The stored fields; the multidict a hit copies is built on the first hit, so
+        # entries never reused (most of a big cache) do not pay for it.
+        self.fields: tuple[tuple[str, str], ...] = ()
+        self.headers: CIMultiDict[str] | None = None
         self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
         self.body: bytes | None = None
@@ -133,7 +136,15 @@ class Entry:
 
     def set_headers(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Keep these fields (already filtered for storage)."""
-        self.headers, self.head_size = stored_headers(pairs)
+        self.fields, self.head_size = stored_fields(pairs)
+        self.headers = None
+
+    def reply_headers(self) -> CIMultiDict[str]:
+        """A fresh multidict of the stored fields, for one reply."""
+        headers = self.headers
+        if headers is None:
+            headers = self.headers = CIMultiDict(self.fields)
+        return headers.copy()
 
     @property
     def has_validator(self) -> bool:
