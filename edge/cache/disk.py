@@ -41,8 +41,8 @@ from typing import Any
 
 import structlog
 
+from edge.cache.fields import Headers
 from edge.cache.key import vary_values
-from edge.cache.policy import Headers
 from edge.cache.store import Entry
 
 log = structlog.get_logger("carousel.edge.cache")

@@ -29,7 +29,6 @@ import asyncio
 import time
 from math import floor
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin
 
 import structlog
 from aiohttp import web
@@ -38,21 +37,20 @@ from multidict import CIMultiDict
 from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
-from edge.cache.key import DEFAULT_RULE, KeyRule, url_key
+from edge.cache.key import DEFAULT_RULE, KeyRule
 from edge.cache.policy import (
-    NOT_MODIFIED_FIELDS,
     SAFE_METHODS,
     RequestRules,
     fresh_enough,
     not_modified,
     parse_request,
 )
-from edge.cache.purge import Purges, PurgeWatcher, json_body
-from edge.cache.respond import from_entry
+from edge.cache.purge import Purges, PurgeWatcher
+from edge.cache.respond import from_entry, not_modified_from
 from edge.cache.store import Entry, MemoryStore
 from edge.errors import error_reply
 from edge.headers import TrustedProxies
-from edge.pipeline import EMPTY, BytesBody, EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, Reply
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -431,7 +429,7 @@ class CacheFeature:
                 request.headers, etag, last_modified, 0.0, response_time
             ):
                 reply.body.close()
-                return _not_modified_from(reply)
+                return not_modified_from(reply)
         return reply
 
     def _stale_on_error(
@@ -481,37 +479,12 @@ class CacheFeature:
     # --- invalidation and purges --------------------------------------------------------
 
     def _invalidate(self, ex: Exchange, reply: Reply, rules: Any) -> None:
-        """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
-        rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
-        base = f"{ex.scheme}://{ex.host}"
-        self.purges.key(base + rule.target(ex.request.raw_path))
-        request_url = f"{ex.scheme}://{ex.request.host or ex.host}{ex.request.raw_path}"
-        for name in ("Location", "Content-Location"):
-            value = reply.headers.get(name)
-            if not value:
-                continue
-            target = url_key(urljoin(request_url, value.strip()))
-            scheme = value.partition("://")[0].lower() if "://" in value else ex.scheme
-            if target is not None and target[0] == ex.host and scheme == ex.scheme:
-                self.purges.key(f"{scheme}://{target[0]}{target[1]}")
+        self.purges.invalidate(ex, reply, rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE)
 
     def _purge_request(self, ex: Exchange, rules: Any) -> Reply:
-        """PURGE /path (one URL), PURGE /path* (a prefix) or PURGE with Surrogate-Key: tags."""
         if not self.purgers.is_trusted(ex.client_ip):
             return error_reply(403)
-        raw = ex.request.raw_path
-        tags = ex.request.headers.get("Surrogate-Key", "").split()
-        if tags:
-            purged = sum(self.purges.apply("tag", t) for t in tags)
-        elif raw.partition("?")[0].endswith("*"):
-            purged = self.purges.apply("prefix", f"{ex.scheme}://{ex.host}{raw.partition('?')[0][:-1]}")
-        else:
-            rule = rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE
-            self.purges.count += 1
-            target = rule.target(raw)
-            purged = sum(self.purges.key(f"{scheme}://{ex.host}{target}") for scheme in ("http", "https"))
-        body = json_body({"purged": purged})
-        return Reply(200, CIMultiDict({"Content-Type": "application/json"}), BytesBody(body))
+        return self.purges.from_request(ex, rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE)
 
     def admin_routes(self) -> list[tuple[str, str, Any]]:
         """Routes for the edge's admin listener: POST /cache/purge, GET /cache."""
@@ -534,14 +507,6 @@ class CacheFeature:
             "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
         }
-
-
-def _not_modified_from(reply: Reply) -> Reply:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name in (*NOT_MODIFIED_FIELDS, "Age", "Cache-Status"):
-        for value in reply.headers.getall(name, ()):
-            headers.add(name, value)
-    return Reply(304, headers, EMPTY)
 
 
 def feature(config: Config, ctx: EdgeContext) -> CacheFeature | None:

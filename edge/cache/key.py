@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from edge.routing import normalize_host
 
 if TYPE_CHECKING:
-    from edge.cache.policy import Headers
+    from edge.cache.fields import Headers
     from edge.config import RouteConfig
     from edge.pipeline import Exchange
 

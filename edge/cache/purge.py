@@ -27,10 +27,12 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from carousel.etcd import Etcd
 from carousel.mirror import PrefixMirror
@@ -38,6 +40,7 @@ from carousel.registry import Keys, PurgeEvent
 from edge.cache.disk import DiskStore
 from edge.cache.key import KeyRule, url_key
 from edge.cache.store import MemoryStore
+from edge.pipeline import BytesBody, Exchange, Reply
 from edge.routing import RouteTable
 
 if TYPE_CHECKING:
@@ -116,6 +119,35 @@ class Purges:
         else:
             self.tag(target, before)
 
+    def invalidate(self, ex: Exchange, reply: Reply, rule: KeyRule) -> None:
+        """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
+        self.key(f"{ex.scheme}://{ex.host}{rule.target(ex.request.raw_path)}")
+        request_url = f"{ex.scheme}://{ex.request.host or ex.host}{ex.request.raw_path}"
+        for name in ("Location", "Content-Location"):
+            value = reply.headers.get(name)
+            if not value:
+                continue
+            target = url_key(urljoin(request_url, value.strip()))
+            scheme = value.partition("://")[0].lower() if "://" in value else ex.scheme
+            if target is not None and target[0] == ex.host and scheme == ex.scheme:
+                self.key(f"{scheme}://{target[0]}{target[1]}")
+
+    def from_request(self, ex: Exchange, rule: KeyRule) -> Reply:
+        """PURGE /path (one URL), PURGE /path* (a prefix) or PURGE with Surrogate-Key: tags."""
+        raw = ex.request.raw_path
+        tags = ex.request.headers.get("Surrogate-Key", "").split()
+        path = raw.partition("?")[0]
+        if tags:
+            purged = sum(self.apply("tag", t) for t in tags)
+        elif path.endswith("*"):
+            purged = self.apply("prefix", f"{ex.scheme}://{ex.host}{path[:-1]}")
+        else:
+            self.count += 1
+            target = rule.target(raw)
+            purged = sum(self.key(f"{scheme}://{ex.host}{target}") for scheme in ("http", "https"))
+        body = json.dumps({"purged": purged}).encode() + b"\n"
+        return Reply(200, CIMultiDict({"Content-Type": "application/json"}), BytesBody(body))
+
     def admin_routes(self) -> list[tuple[str, str, AdminHandler]]:
         """``POST /cache/purge?url=U | prefix=P | tag=T`` for the admin listener."""
 
@@ -155,10 +187,6 @@ def prefix_matcher(prefix: str) -> Callable[[str], bool] | None:
         return rest[:slash] == host and rest[slash:].startswith(path)
 
     return on_host
-
-
-def json_body(data: dict[str, Any]) -> bytes:
-    return json.dumps(data).encode() + b"\n"
 
 
 def _parse(key: str, value: bytes) -> PurgeEvent:

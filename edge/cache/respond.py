@@ -12,7 +12,8 @@ from email.utils import formatdate
 
 from multidict import CIMultiDict
 
-from edge.cache.policy import NOT_MODIFIED_FIELDS, Headers, not_modified
+from edge.cache.fields import Headers
+from edge.cache.policy import NOT_MODIFIED_FIELDS, not_modified
 from edge.cache.store import Entry
 from edge.pipeline import EMPTY, Body, BodyWriter, BytesBody, FileBody, Reply
 from edge.static import parse_range
@@ -116,3 +117,12 @@ def _ranged(entry: Entry, request: Headers, headers: CIMultiDict[str], body: Bod
     else:
         part = HeadOnly(end - start + 1)
     return Reply(206, headers, part)
+
+
+def not_modified_from(reply: Reply) -> Reply:
+    """A 304 in place of a fetched 200 whose validators match the client's conditional request."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name in (*NOT_MODIFIED_FIELDS, "Age", "Cache-Status"):
+        for value in reply.headers.getall(name, ()):
+            headers.add(name, value)
+    return Reply(304, headers, EMPTY)

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from multidict import CIMultiDict
 
+from edge.cache.fields import Headers
 from edge.cache.key import vary_values
-from edge.cache.policy import Headers
 
 # Bytes an entry costs beyond its body and header text (objects, dict slots).
 ENTRY_OVERHEAD = 600

@@ -1,4 +1,4 @@
-"""RFC 9111 rules without sockets: directive parsing, storing, freshness, age, request rules, 304s."""
+"""RFC 9111 rules without sockets: field parsing, storing, freshness, age, request rules, 304s."""
 
 from __future__ import annotations
 
@@ -9,23 +9,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from edge.cache.key import KeyRule, accepted_codings, url_key, vary_value
-from edge.cache.policy import (
+from edge.cache.fields import (
     INVALID,
     MAX_DELTA,
-    HeuristicRule,
     age_header,
-    analyze_response,
     delta_seconds,
-    fresh_enough,
     http_date,
+    parse_directives,
+    parse_targeted,
+    vary_names,
+)
+from edge.cache.key import KeyRule, accepted_codings, url_key, vary_value
+from edge.cache.policy import (
+    HeuristicRule,
+    analyze_response,
+    fresh_enough,
     merge_not_modified,
     not_modified,
-    parse_directives,
     parse_request,
-    parse_targeted,
     storable_fields,
-    vary_names,
 )
 from edge.config import RouteConfig
 
