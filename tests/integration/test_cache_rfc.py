@@ -552,3 +552,19 @@ async def test_websocket_upgrades_pass_through_a_caching_route() -> None:
                 assert (await ws.receive_str()) == f"echo hi {i}"
             for ws in sockets:
                 await ws.close()
+
+
+async def test_client_conditionals_on_a_hit_get_304_from_the_cache(session: aiohttp.ClientSession) -> None:
+    lm = now_date(-3600)
+    async with origin_and_edge() as (origin, edge):
+        origin.reply("/c", "content", cache_control="max-age=60", etag='"c1"', last_modified=lm)
+        get = Client(session, edge)
+        await get("/c")
+        status, headers, body = await get("/c", if_none_match='"x", "c1"')
+        assert (status, body) == (304, b"")
+        assert headers["ETag"] == '"c1"' and headers["Cache-Control"] == "max-age=60" and "Age" in headers
+        assert status_of(headers).startswith("carousel; hit")
+        assert (await get("/c", if_modified_since=now_date()))[0] == 304
+        assert (await get("/c", if_modified_since=now_date(-7200)))[0] == 200
+        assert (await get("/c", if_none_match='"other"', if_modified_since=now_date()))[0] == 200
+        assert len(origin.seen("/c")) == 1
