@@ -568,3 +568,16 @@ async def test_client_conditionals_on_a_hit_get_304_from_the_cache(session: aioh
         assert (await get("/c", if_modified_since=now_date(-7200)))[0] == 200
         assert (await get("/c", if_none_match='"other"', if_modified_since=now_date()))[0] == 200
         assert len(origin.seen("/c")) == 1
+
+
+async def test_cache_figures_reach_the_metrics_endpoint(session: aiohttp.ClientSession) -> None:
+    async with origin_and_edge() as (origin, edge):
+        origin.reply("/m", "m", cache_control="max-age=60")
+        get = Client(session, edge)
+        for _ in range(3):
+            await get("/m")
+        async with session.get(f"http://127.0.0.1:{edge.admin_port}/metrics") as r:
+            text = await r.text()
+        assert 'carousel_edge_cache_outcomes_total{outcome="HIT"} 2.0' in text
+        assert 'carousel_edge_cache_outcomes_total{outcome="STORED"} 1.0' in text
+        assert "carousel_edge_cache_objects 1.0" in text
