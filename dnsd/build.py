@@ -17,8 +17,11 @@ NODATA with the degraded TTL, so resolvers ask again within a second.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from collections.abc import Iterable
+
+import dnslib
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
@@ -34,6 +37,7 @@ from dnsd.table import (
     ServiceState,
     render,
 )
+from dnsd.wire import RData
 from dnsd.zone import Zone
 
 
@@ -84,6 +88,7 @@ class TableBuilder:
         self._names = {z.origin: z.names() for z in zones}
         # Filled per build:
         self._serial = 1
+        self._soa_rdata: dict[tuple[bytes, int], RData] = {}
         self._service_items: dict[str, tuple[list[ServiceRecord], int, bool]] = {}
 
     # --- registry -> per-service answer sets ------------------------------------------
@@ -137,8 +142,13 @@ class TableBuilder:
         return self.zones.get(wire.ROOT)
 
     def _soa(self, zone: Zone, ttl: int) -> RR:
-        s = zone.soa
-        rdata = wire.soa_rdata(zone.mname, zone.rname, self._serial, s.refresh, s.retry, s.expire, s.minimum)
+        key = (zone.origin, self._serial)
+        rdata = self._soa_rdata.get(key)
+        if rdata is None:  # once per zone and build: a build asks for it per name and type
+            s = zone.soa
+            times = (self._serial, s.refresh, s.retry, s.expire, s.minimum)
+            rd = dnslib.SOA(wire.to_label(zone.mname), wire.to_label(zone.rname), times)
+            rdata = self._soa_rdata[key] = wire.rdata(rd)
         return (zone.origin, wire.SOA, ttl, rdata)
 
     def _negative(self, zone: Zone, rcode: int, degraded: bool = False) -> Plan:
@@ -173,7 +183,7 @@ class TableBuilder:
         if rrset is None:
             return self._negative(zone, wire.NOERROR)
         if qtype in (wire.A, wire.AAAA) and len(rrset.rdatas) > 1:
-            items = [AddressItem(rd[0], wire.to_text(rd[0]), 1) for rd in rrset.rdatas]
+            items = [AddressItem(rd[0], str(ipaddress.ip_address(rd[0])), 1) for rd in rrset.rdatas]
             return Plan(rotating=(name, qtype, rrset.ttl, items))
         return Plan(fixed=[(name, qtype, rrset.ttl, rd) for rd in rrset.rdatas])
 
@@ -214,6 +224,7 @@ class TableBuilder:
         """A new table for this registry state; counters continue from ``previous``."""
         table = AnswerTable(revision, synced, self.payload_size)
         self._serial = table.serial
+        self._soa_rdata.clear()
         table.services = self._choose(records, synced)
         for qtype, rcode in META_ANSWERS.items():
             table.meta[type_key(qtype)] = Entry(qtype, rcode, False, (0, 0, 0), [b""])

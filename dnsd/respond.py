@@ -20,6 +20,11 @@ Slow path: everything else is parsed field by field with bounds checks
 messages, NOTIMP for opcodes other than QUERY, BADVERS for EDNS versions
 above 0, REFUSED for other classes and for names outside our zones,
 NXDOMAIN with the zone's SOA for names inside them. No input raises.
+``parse_query`` is our own rather than dnslib's ``DNSRecord.parse``, which
+accepts trailing bytes, two OPT records and EDNS options that do not tile
+their RDATA (all FORMERR here), rejects labels that are not UTF-8 (legal
+DNS), fails as a whole where we still echo a readable question, and took
+six times as long (37 us against 6 us), on the path a random-name flood takes.
 
 Truncation: over UDP an answer is limited to 512 bytes without EDNS, and to
 the client's advertised size (at least 512, at most ours) with it. A larger

@@ -4,6 +4,10 @@ Used when the answer table is built (on registry changes), never per query.
 Names are handled as lowercase wire bytes (``b"\\x03www\\x07example\\x04test\\x00"``):
 lowering the whole wire name is safe because length bytes are below 64 and
 never in the ASCII A-Z range.
+
+RDATA is encoded by dnslib's record classes (``rdata``); names inside it are
+handed to ``MessageWriter``, which compresses them against offsets in the
+final response, something dnslib's own buffer cannot know.
 """
 
 from __future__ import annotations
@@ -11,39 +15,19 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-# Record types.
+import dnslib
+
+# Record types. Plain ints, as the query path compares them; their names come from dnslib.
 A, NS, CNAME, SOA, HINFO, MX, TXT, AAAA, OPT = 1, 2, 5, 6, 13, 15, 16, 28, 41
 IXFR, AXFR, MAILB, MAILA, ANY = 251, 252, 253, 254, 255
-TYPE_NAMES = {
-    A: "A",
-    NS: "NS",
-    CNAME: "CNAME",
-    SOA: "SOA",
-    HINFO: "HINFO",
-    MX: "MX",
-    TXT: "TXT",
-    AAAA: "AAAA",
-    OPT: "OPT",
-    IXFR: "IXFR",
-    AXFR: "AXFR",
-    MAILB: "MAILB",
-    MAILA: "MAILA",
-    ANY: "ANY",
-}
+# dnslib has no names for MAILB/MAILA (obsolete, but we answer them NOTIMP and count them).
+TYPE_NAMES: dict[int, str] = {MAILB: "MAILB", MAILA: "MAILA", **dnslib.QTYPE.forward}
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 CLASS_IN = 1
 
-# Response codes (BADVERS needs the extended bits carried in OPT).
+# Response codes (BADVERS needs the extended bits carried in OPT; dnslib has no name for it).
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-RCODE_NAMES = {
-    NOERROR: "NOERROR",
-    FORMERR: "FORMERR",
-    SERVFAIL: "SERVFAIL",
-    NXDOMAIN: "NXDOMAIN",
-    NOTIMP: "NOTIMP",
-    REFUSED: "REFUSED",
-    BADVERS: "BADVERS",
-}
+RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", **dnslib.RCODE.forward}
 
 # Header flag bits, first and second flag byte.
 QR, AA, TC, RD = 0x80, 0x04, 0x02, 0x01
@@ -137,14 +121,6 @@ def ipv6_bytes(addr: str) -> bytes:
     return ipaddress.IPv6Address(addr).packed
 
 
-def character_strings(text: str) -> bytes:
-    """TXT rdata: the text split into <= 255-byte character-strings."""
-    raw = text.encode("utf-8")
-    if not raw:
-        return b"\x00"
-    return b"".join(bytes((len(c),)) + c for c in (raw[i : i + 255] for i in range(0, len(raw), 255)))
-
-
 class Name(bytes):
     """A wire name inside RDATA that may be compressed (NS, CNAME, MX, SOA)."""
 
@@ -206,12 +182,49 @@ class MessageWriter:
         return bytes(self.buf)
 
 
-def soa_rdata(
-    mname: bytes, rname: bytes, serial: int, refresh: int, retry: int, expire: int, minimum: int
-) -> RData:
-    """SOA RDATA pieces."""
-    timers = struct.pack("!IIIII", serial & 0xFFFFFFFF, refresh, retry, expire, minimum)
-    return [Name(mname), Name(rname), timers]
+def to_label(wire: bytes) -> dnslib.DNSLabel:
+    """A wire name as a dnslib label, to build dnslib records with."""
+    return dnslib.DNSLabel(labels(wire))
+
+
+def _wire_of(name: dnslib.DNSLabel | str) -> bytes:
+    if not isinstance(name, dnslib.DNSLabel):
+        name = dnslib.DNSLabel(name)
+    return b"".join(bytes((len(part),)) + part for part in name.label).lower() + ROOT
+
+
+class _PieceBuffer(dnslib.DNSBuffer):
+    """A dnslib buffer that leaves compressible names as Name pieces instead of writing them.
+
+    dnslib compresses against offsets in its own buffer, which mean nothing in
+    a body that will sit after a client's question; MessageWriter knows the
+    real offsets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: RData = []
+        self._cut = 0
+
+    def _flush(self) -> None:
+        if len(self.data) > self._cut:
+            self.pieces.append(bytes(self.data[self._cut :]))
+        self._cut = len(self.data)
+
+    def encode_name(self, name: dnslib.DNSLabel | str) -> None:
+        self._flush()
+        self.pieces.append(Name(_wire_of(name)))
+
+    def encode_name_nocompress(self, name: dnslib.DNSLabel | str) -> None:
+        self.append(_wire_of(name))
+
+
+def rdata(rd: dnslib.RD) -> RData:
+    """The RDATA of a dnslib record, as pieces for MessageWriter.rr."""
+    buf = _PieceBuffer()
+    rd.pack(buf)
+    buf._flush()
+    return buf.pieces
 
 
 def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False) -> bytes:

@@ -8,13 +8,14 @@ config key that holds it.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import dnslib
+
 from dnsd import wire
 from dnsd.config import SOAConfig, ZoneConfig
-from dnsd.wire import Name, RData
+from dnsd.wire import RData
 
 
 class ZoneError(ValueError):
@@ -104,17 +105,28 @@ def _address(rtype: int, value: str, key: str) -> bytes:
 
 
 def _rdata(rtype: int, value: str, origin: bytes, key: str) -> RData:
+    """The RDATA of a static record's value; names are checked by our rules, the rest by dnslib."""
+    # Addresses stay with ipaddress: dnslib's parsers are lax ('01.2.3.4' passes, and
+    # '2001:db8::1::2' becomes another address) and its A/AAAA RDATA is the packed address anyway.
     if rtype in (wire.A, wire.AAAA):
         return [_address(rtype, value, key)]
+    rd: dnslib.RD
     if rtype == wire.CNAME:
-        return [Name(_absolute(value, origin, key))]
-    if rtype == wire.TXT:
-        return [wire.character_strings(value)]
-    # MX: "preference exchange"
-    pref, _, exchange = value.strip().partition(" ")
-    if not pref.isdigit() or not exchange.strip() or int(pref) > 65535:
-        raise ZoneError(key, f"MX value must be 'preference exchange', e.g. '10 mail', found {value!r}")
-    return [struct.pack("!H", int(pref)), Name(_absolute(exchange.strip(), origin, key))]
+        rd = dnslib.CNAME(wire.to_label(_absolute(value, origin, key)))
+    elif rtype == wire.TXT:
+        # A value longer than one character-string (255 bytes) becomes several.
+        raw = value.encode("utf-8")
+        rd = dnslib.TXT([raw[i : i + 255] for i in range(0, len(raw) or 1, 255)])
+    else:  # MX: "preference exchange"
+        pref, _, exchange = value.strip().partition(" ")
+        if not (pref.isascii() and pref.isdigit()) or not exchange.strip():
+            raise ZoneError(key, f"MX value must be 'preference exchange', e.g. '10 mail', found {value!r}")
+        target = wire.to_label(_absolute(exchange.strip(), origin, key))
+        try:
+            rd = dnslib.MX(target, int(pref))
+        except ValueError:
+            raise ZoneError(key, f"MX preference must be 0-65535, found {pref}") from None
+    return wire.rdata(rd)
 
 
 class _ZoneBuilder:

@@ -382,3 +382,43 @@ def test_other_types_share_the_default_answer_but_are_counted_by_type(table: Ans
         assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
     counted = {k[0] for k in answerer.counts}
     assert counted == {15, 33, 65, 257}
+
+
+def test_static_records_are_encoded_by_dnslib_with_names_left_to_our_compression(table: AnswerTable) -> None:
+    # TXT: a value longer than 255 bytes becomes several character-strings.
+    (txt,) = ask(table, query("big.example.test", "TXT"), udp=False).answer[0]
+    assert txt.strings == (b"x" * 255,) * 3 + (b"x" * 235,)
+    # MX: the exchange points into the question (offset 12) instead of being spelled out.
+    raw = query("example.test", "MX").to_wire()
+    response, _ = Answerer().respond(raw, table)
+    assert response is not None
+    assert response.endswith(b"\x00\x0a\x04mail\xc0\x0c")
+    (mx,) = dns.message.from_wire(response).answer[0]
+    assert mx.preference == 10 and mx.exchange.to_text() == "mail.example.test."
+    # SOA: both names compressed, timers after them.
+    soa_response, _ = Answerer().respond(query("example.test", "SOA").to_wire(), table)
+    assert soa_response is not None
+    (soa,) = dns.message.from_wire(soa_response).answer[0]
+    assert soa.mname.to_text() == "ns1.example.test." and soa.rname.to_text() == "hostmaster.example.test."
+    assert (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum) == (42, 3600, 600, 86400, 60)
+
+
+def test_rdata_leaves_names_as_pieces() -> None:
+    import dnslib
+
+    mail = wire.to_wire("mail.example.test")
+    assert wire.rdata(dnslib.MX(wire.to_label(mail), 10)) == [b"\x00\x0a", mail]
+    assert isinstance(wire.rdata(dnslib.CNAME(wire.to_label(mail)))[0], wire.Name)
+    assert wire.rdata(dnslib.TXT([b""])) == [b"\x00"]
+
+
+def test_static_address_rotation_is_labelled_by_address() -> None:
+    zone = ZoneConfig(
+        origin="example.test",
+        ns=[NSConfig("ns1", ipv4=["192.0.2.53"])],
+        record=[RecordConfig("x", "A", "192.0.2.1"), RecordConfig("x", "A", "192.0.2.2")],
+    )
+    table = TableBuilder(compile_zones([zone])).build([], 1)
+    entry = table.lookup(wire.to_wire("x.example.test"), wire.A)
+    assert entry is not None and entry.rotation is not None
+    assert entry.rotation.addresses == ["192.0.2.1", "192.0.2.2"]

@@ -115,6 +115,11 @@ SECOND_A = '[[zone.record]]\nname = "x"\ntype = "A"\nvalue = "192.0.2.2"\nttl = 
         ("alias", "CNAME", "www", SECOND_TXT, "zone[0].record[0]", "no other record"),
         ("@", "CNAME", "www", "", "zone[0].record[0]", "apex"),
         ("mail", "MX", "mail", "", "zone[0].record[0].value", "preference exchange"),
+        ("mail", "MX", "70000 mail", "", "zone[0].record[0].value", "0-65535"),
+        ("mail", "MX", "\u00b2 mail", "", "zone[0].record[0].value", "preference exchange"),
+        ("mail", "MX", "10 bad name", "", "zone[0].record[0].value", "letters"),
+        ("mail", "A", "01.2.3.4", "", "zone[0].record[0].value", "not an IPv4"),
+        ("mail", "AAAA", "2001:db8::1::2", "", "zone[0].record[0].value", "not an IPv6"),
         ("mail", "AAAA", "192.0.2.1", "", "zone[0].record[0].value", "not an IPv6"),
         ("x", "A", "192.0.2.1", SECOND_A, "zone[0].record[1]", "share a TTL"),
         ("*", "A", "192.0.2.1", "", "zone[0].record[0].name", "letters"),
@@ -150,3 +155,15 @@ def test_check_config_command_recognises_dnsd(tmp_path: Path, capsys: pytest.Cap
     bad = write(tmp_path, MINIMAL.replace('"www" = "edge"', '"www" = 5'))
     assert carousel_main(["check-config", str(bad)]) == 2
     assert "zone[0].services.www" in capsys.readouterr().err
+
+
+def test_type_and_rcode_names_come_from_dnslib() -> None:
+    import dnslib
+
+    for code in (wire.A, wire.NS, wire.CNAME, wire.SOA, wire.MX, wire.TXT, wire.AAAA, wire.OPT, wire.ANY):
+        assert wire.TYPE_NAMES[code] == dnslib.QTYPE[code]
+        assert wire.TYPE_CODES[dnslib.QTYPE[code]] == code
+    for code in (wire.NOERROR, wire.FORMERR, wire.NXDOMAIN, wire.NOTIMP, wire.REFUSED):
+        assert wire.RCODE_NAMES[code] == dnslib.RCODE[code]
+    # The few dnslib lacks:
+    assert (wire.TYPE_NAMES[253], wire.TYPE_NAMES[254], wire.RCODE_NAMES[16]) == ("MAILB", "MAILA", "BADVERS")
