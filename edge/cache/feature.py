@@ -37,7 +37,7 @@ from multidict import CIMultiDict
 from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
-from edge.cache.key import DEFAULT_RULE, KeyRule
+from edge.cache.key import DEFAULT_RULE, KeyRule, vary_values
 from edge.cache.policy import (
     SAFE_METHODS,
     RequestRules,
@@ -163,8 +163,9 @@ class CacheFeature:
                 key = f"{ex.scheme}://{ex.host}{head.raw_path}"
                 variants = self.store.index.get(key)
                 if variants is not None:
-                    entry = variants[0]
-                    if not entry.vary and not entry.no_cache and entry.body is not None:
+                    # Compressed variants, Vary: Accept-Language, ...: pick the one this request selects.
+                    entry = variants[0] if not variants[0].vary else _select(variants, h)
+                    if entry is not None and not entry.no_cache and entry.body is not None:
                         age = entry.initial_age + (time.time() - entry.response_time)
                         ttl = entry.lifetime - age
                         if ttl > 0:
@@ -507,6 +508,14 @@ class CacheFeature:
             "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
         }
+
+
+def _select(variants: list[Entry], headers: Any) -> Entry | None:
+    """The newest variant a request selects on a plain route (no extra key parts)."""
+    for entry in variants:
+        if not entry.vary or vary_values(entry.vary, headers) == entry.vary_values:
+            return entry
+    return None
 
 
 def feature(config: Config, ctx: EdgeContext) -> CacheFeature | None:

@@ -15,6 +15,7 @@ entry of the URL. Everything is compiled once per route.
 from __future__ import annotations
 
 import fnmatch
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from edge.routing import normalize_host
@@ -106,6 +107,7 @@ DEFAULT_RULE = KeyRule()
 _CODINGS = frozenset({"br", "gzip", "x-gzip", "deflate", "compress", "zstd", "*"})
 
 
+@lru_cache(maxsize=1024)  # a handful of distinct values in practice; bounded, as clients choose them
 def accepted_codings(value: str) -> str:
     """Accept-Encoding reduced to the sorted codings it accepts (q > 0): "br,gzip"."""
     accepted = set()
