@@ -102,6 +102,9 @@ class HealthConfig:
     """`[pool.NAME.health]`: active checks on top of the registry state."""
 
     enabled: bool = False
+    # "http": GET `path`, healthy on `expect_status`; "tcp": a connection that opens is
+    # healthy (for passthrough pools, whose members speak TLS).
+    type: Literal["http", "tcp"] = "http"
     path: str = "/healthz"
     interval: float = field(default=2.0, metadata={"check": positive})
     timeout: float = field(default=1.0, metadata={"check": positive})
@@ -554,9 +557,10 @@ class Config:
             for j, pr in enumerate(p.route):
                 if pr.pool not in self.pool:
                     return f"passthrough[{i}].route[{j}].pool: no pool named {pr.pool!r}"
-                if self.pool[pr.pool].health.enabled:
-                    # The checks speak plain HTTP; these members speak TLS.
-                    return f"pool.{pr.pool}.health.enabled: a passthrough pool cannot use HTTP health checks"
+                health = self.pool[pr.pool].health
+                if health.enabled and health.type != "tcp":
+                    # HTTP checks speak plain HTTP; these members speak TLS.
+                    return f'pool.{pr.pool}.health.type: a passthrough pool needs type = "tcp" checks'
             if p.default_pool and p.default_pool not in self.pool:
                 return f"passthrough[{i}].default_pool: no pool named {p.default_pool!r}"
             if self.edge.workers > 1 and p.port == 0:

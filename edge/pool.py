@@ -366,12 +366,28 @@ class UpstreamPool:
 
     async def _check(self, session: aiohttp.ClientSession, m: Member) -> bool:
         h = self.config.health
+        if h.type == "tcp":
+            return await self._check_tcp(m)
         try:
             async with session.get(m.url + h.path, allow_redirects=False) as resp:
                 await resp.read()
                 return resp.status in h.expect_status
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
+
+    async def _check_tcp(self, m: Member) -> bool:
+        """A connection that opens within the timeout is healthy; nothing is sent."""
+        try:
+            async with asyncio.timeout(self.config.health.timeout):
+                _, writer = await asyncio.open_connection(m.host, m.port)
+        except (TimeoutError, OSError):
+            return False
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return True
 
     def _record_check(self, m: Member, ok: bool) -> None:
         h = self.config.health

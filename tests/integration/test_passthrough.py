@@ -398,3 +398,29 @@ async def test_large_streams_both_ways(big_member: int, member_ca) -> None:
         got = await asyncio.wait_for(reader.read(), 20)
         writer.close()
     assert got == payload * 4
+
+
+async def test_tcp_health_checks_take_a_dead_member_out_before_any_stream(members, member_ca) -> None:
+    a = members("a")
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    cfg = passthrough_config(
+        {"s": [a.port, dead_port]}, route=[{"names": ["*.apps.example.test"], "pool": "s"}]
+    )
+    cfg["pool"]["s"]["health"] = {"enabled": True, "type": "tcp", "interval": 0.1, "timeout": 0.5, "fall": 1}
+    async with running_edge(cfg) as edge:
+        pool = edge.pools["s"]
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            states = {m["address"]: m["healthy"] for m in pool.status()["members"]}
+            if states == {f"127.0.0.1:{a.port}": True, f"127.0.0.1:{dead_port}": False}:
+                break
+            assert asyncio.get_running_loop().time() < deadline, states
+            await asyncio.sleep(0.05)
+        # No stream ever met the dead member: it is out by the check, not by ejection.
+        for _ in range(4):
+            body, _, _ = await tls_request(edge.passthrough[0].port, "n1.apps.example.test", member_ca)
+            assert body["member"] == "a"
+        dead_status = next(m for m in pool.status()["members"] if m["address"].endswith(f":{dead_port}"))
+        assert dead_status["ejected_for"] == 0

@@ -362,7 +362,7 @@ def test_security_config_is_validated() -> None:
         from_dict({"passthrough": [{"route": [{"names": ["a.test"], "pool": "x"}]}]})
     with pytest.raises(ConfigError, match=r"passthrough\[0\]\.route\[0\]\.names"):
         from_dict({"passthrough": [{"route": [{"names": ["a.*.test"], "pool": "x"}]}]})
-    with pytest.raises(ConfigError, match=r"pool\.p\.health\.enabled: a passthrough pool cannot"):
+    with pytest.raises(ConfigError, match=r"pool\.p\.health\.type: a passthrough pool needs type = \"tcp\""):
         from_dict(
             {
                 "pool": {"p": {"members": [{"address": "127.0.0.1:1"}], "health": {"enabled": True}}},
