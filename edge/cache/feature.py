@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
@@ -48,8 +48,10 @@ from edge.cache.policy import (
 from edge.cache.purge import Purges, PurgeWatcher
 from edge.cache.respond import from_entry, not_modified_from
 from edge.cache.store import Entry, MemoryStore
+from edge.connection import Request
 from edge.errors import error_reply
 from edge.headers import TrustedProxies
+from edge.http1 import Head
 from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, Reply
 
 if TYPE_CHECKING:
@@ -373,7 +375,16 @@ class CacheFeature:
             if stale.last_modified is not None:
                 up["If-Modified-Since"] = stale.last_modified
         request_time = time.time()
-        reply = await call_next(ex)
+        if ex.route.kind == "pool":
+            reply = await call_next(ex)
+        else:
+            # Static files (and other terminals) read the request itself, not the
+            # upstream headers: show them the request as the cache means it.
+            ex.request = _with_headers(request, up)
+            try:
+                reply = await call_next(ex)
+            finally:
+                ex.request = request
         response_time = time.time()
         status = reply.status
         if status == 304 and validating:
@@ -508,6 +519,22 @@ class CacheFeature:
             "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
         }
+
+
+def _with_headers(request: Request, headers: CIMultiDict[str]) -> Request:
+    """The same request with other header fields (a revalidation through a static route)."""
+    h = request.head
+    head = Head(
+        h.method,
+        h.raw_path,
+        h.version,
+        CIMultiDictProxy(headers),
+        h.body_length,
+        h.chunked,
+        h.keep_alive,
+        h.expect_continue,
+    )
+    return Request(head, request.conn, request.body)
 
 
 def _select(variants: list[Entry], headers: Any) -> Entry | None:

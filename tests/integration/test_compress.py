@@ -181,3 +181,24 @@ async def test_route_can_turn_compression_off() -> None:
                 assert "Content-Encoding" not in r.headers and "Vary" not in r.headers
     finally:
         await origin.stop()
+
+
+async def test_a_cached_static_route_compresses_each_file_once(tmp_path: Path) -> None:
+    js = (b"function add(a, b) { return a + b }\nconsole.log(add(1, 2))\n" * 300)[:12_000]
+    (tmp_path / "app.js").write_bytes(js)
+    config = {
+        "route": [{"path": "/", "static": str(tmp_path), "cache": True}],
+        "cache": {"enabled": True, "cluster_purge": False},
+        **COMPRESS,
+    }
+    async with running_edge(config) as edge, aiohttp.ClientSession(auto_decompress=False) as s:
+        url = f"http://127.0.0.1:{edge.port}/app.js"
+        statuses = []
+        for _ in range(3):
+            async with s.get(url, headers={"Accept-Encoding": "br"}) as r:
+                assert brotli.decompress(await r.read()) == js
+                statuses.append(r.headers["Cache-Status"])
+        # Stored once; then each use is revalidated against the file (a 304 from the
+        # static handler) and served from the stored brotli bytes.
+        assert "stored" in statuses[0]
+        assert all("fwd-status=304" in status for status in statuses[1:]), statuses
