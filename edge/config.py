@@ -59,6 +59,9 @@ class ServerConfig:
     # Larger buffered responses are refused (502): stream them with `buffering = false`.
     max_response_size: int = field(default=1024**3, metadata={"check": positive})
     temp_dir: str | None = None
+    # Forward request headers whose names contain "_" (dropped by default, as nginx does:
+    # CGI-style apps would read "X_Forwarded_For" as the edge's X-Forwarded-For).
+    underscores_in_headers: bool = False
     max_header_size: int = field(default=8190, metadata={"check": _at_least_one})
     max_headers: int = field(default=100, metadata={"check": _at_least_one})
     # Seconds a client gets to send a whole request head, counted from connecting or

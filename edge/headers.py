@@ -89,6 +89,9 @@ class HeaderHygiene:
 
     def __init__(self, config: Config) -> None:
         self.trusted = TrustedProxies(config.edge.trusted_proxies)
+        # CGI, WSGI and PHP map "X_Forwarded_For" and "X-Forwarded-For" to one variable:
+        # a client could set what the edge sets. Dropped unless allowed (as nginx does).
+        self.underscores = config.edge.underscores_in_headers
         self.hidden = (
             HOP_BY_HOP | FRAMING | BACKEND_IDENTITY | frozenset(h.lower() for h in config.edge.hide_headers)
         )
@@ -104,8 +107,9 @@ class HeaderHygiene:
         if not trusted:
             drop = drop | FORWARDING
         out: CIMultiDict[str] = CIMultiDict()
+        underscores = self.underscores
         for name, value in incoming.items():
-            if name.lower() not in drop:
+            if name.lower() not in drop and (underscores or "_" not in name):
                 out.add(name, value)
         host = incoming.get("Host", "")
         if trusted:

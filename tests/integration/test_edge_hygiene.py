@@ -254,3 +254,20 @@ async def test_garbage_never_breaks_the_edge(capsys) -> None:
     assert statuses <= {None, 200, 400, 404, 405, 413, 431, 501, 505}, statuses
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+async def test_headers_with_underscores_are_dropped_unless_allowed(leaky_upstream) -> None:
+    port, seen = leaky_upstream
+    request = (
+        "GET /x HTTP/1.1\r\nHost: www.example.test\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        "X_Custom: 1\r\nX-Custom: 2\r\nConnection: close\r\n\r\n"
+    )
+    async with running_edge(_cfg(port)) as edge:
+        resp = await raw_request(edge.port, request.encode())
+        assert resp is not None and resp.status == 200
+    assert "x_forwarded_for" not in seen[-1] and "x_custom" not in seen[-1]
+    assert seen[-1]["x-custom"] == "2" and "6.6.6.6" not in seen[-1]["x-forwarded-for"]
+    async with running_edge(_cfg(port, underscores_in_headers=True)) as edge:
+        resp = await raw_request(edge.port, request.encode())
+        assert resp is not None and resp.status == 200
+    assert seen[-1]["x_custom"] == "1"
