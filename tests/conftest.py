@@ -14,7 +14,6 @@ from carousel.config import EtcdConfig
 from carousel.etcdserver import EtcdProcess
 from tests.procs import ProcessGroup
 
-
 E2E_ALONE = (
     "e2e tests run in a pytest process of their own (`make test` does so; or `pytest tests/e2e`): "
     "they move threads into lab namespaces, and gRPC threads started there would make later "
