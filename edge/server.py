@@ -252,6 +252,10 @@ class Edge:
             "pools": {name: pool.status() for name, pool in self.pools.items()},
             "security": self._security_status(),
             "forward": self.forward.status() if self.forward is not None else None,
+            "cache": next(
+                (f.status() for f in self.features if hasattr(f, "admin_routes") and hasattr(f, "status")),
+                None,
+            ),
         }
 
     def _security_status(self) -> dict[str, Any]:
@@ -316,6 +320,10 @@ class Edge:
                 health=self.health,
                 registry=self.metrics.registry,
             )
+            # Features may serve admin routes of their own (the cache's purge API).
+            for feature in self.features:
+                for method, path, handler in getattr(feature, "admin_routes", list)():
+                    self._admin.add_route(method, path, handler)
             self.admin_port = await self._admin.start()
         log.info(
             "edge listening",

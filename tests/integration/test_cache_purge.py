@@ -11,8 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from carousel.admin import AdminServer
-from carousel.config import AdminConfig, EtcdConfig
+from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
 from carousel.etcdserver import free_port
 from carousel.ops import publish_purge
@@ -97,24 +96,21 @@ async def test_admin_route_purges_by_url_prefix_and_tag(session: aiohttp.ClientS
         base = f"http://127.0.0.1:{edge.port}"
         for path in ("/x/1", "/x/2", "/y", "/t"):
             await cache_status(session, base + path)
-        admin = AdminServer(AdminConfig(host="127.0.0.1", port=0))
-        for method, path, handler in cache_of(edge).admin_routes():
-            admin.add_route(method, path, handler)
-        port = await admin.start()
-        try:
-            api = f"http://127.0.0.1:{port}/cache/purge"
-            async with session.post(api, params={"url": f"http://127.0.0.1:{edge.port}/y"}) as r:
-                assert (await r.json())["purged"] == 1
-            async with session.post(api, params={"prefix": "/x/"}) as r:
-                assert (await r.json())["purged"] == 2
-            async with session.post(api, params={"tag": "blue"}) as r:
-                assert (await r.json())["purged"] == 1
-            async with session.post(api) as r:
-                assert r.status == 400
-            async with session.get(f"http://127.0.0.1:{port}/cache") as r:
-                assert (await r.json())["objects"] == 0
-        finally:
-            await admin.stop()
+        # The edge mounts the cache's routes on its own admin listener.
+        port = edge.admin_port
+        api = f"http://127.0.0.1:{port}/cache/purge"
+        async with session.post(api, params={"url": f"http://127.0.0.1:{edge.port}/y"}) as r:
+            assert (await r.json())["purged"] == 1
+        async with session.post(api, params={"prefix": "/x/"}) as r:
+            assert (await r.json())["purged"] == 2
+        async with session.post(api, params={"tag": "blue"}) as r:
+            assert (await r.json())["purged"] == 1
+        async with session.post(api) as r:
+            assert r.status == 400
+        async with session.get(f"http://127.0.0.1:{port}/cache") as r:
+            assert (await r.json())["objects"] == 0
+        async with session.get(f"http://127.0.0.1:{port}/status") as r:
+            assert (await r.json())["cache"]["objects"] == 0
 
 
 async def test_cluster_events_apply_once_and_old_ones_are_ignored(etcd_cfg: EtcdConfig) -> None:
