@@ -36,6 +36,7 @@ import structlog
 from multidict import CIMultiDictProxy
 
 from edge.http1 import BodyChunk, EndOfMessage, Head, RequestParser
+from edge.pipeline import Body, BytesBody
 
 if TYPE_CHECKING:
     from edge.pipeline import Reply
@@ -121,6 +122,38 @@ class Request:
         """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""
         h = self.head.headers
         return h.get("Upgrade", "").lower() == protocol and "upgrade" in h.get("Connection", "").lower()
+
+
+async def write_reply_body(conn: ClientConnection, head: bytes, body: Body, **context: Any) -> None:
+    """Send a response head and its body: one write for small bodies, framed chunks when the
+    length is unknown. A body that fails after the head went out aborts the connection: the
+    only honest signal left to the client."""
+    transport = conn.transport
+    if transport is None:
+        return
+    if type(body) is BytesBody:
+        data = body.data
+        if len(data) < 16384:
+            transport.write(head + data)
+        else:
+            transport.writelines((head, data))
+        await conn.drain()
+        return
+    await conn.write(head)
+    try:
+        if body.length is not None:
+            await body.write_to(conn)
+        else:
+            async for chunk in body.chunks():
+                if chunk:
+                    await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            await conn.write(b"0\r\n\r\n")
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        log.warning("response aborted mid-body", error=str(exc), **context)
+        if conn.transport is not None:
+            conn.transport.abort()
 
 
 class ClientConnection(asyncio.Protocol):

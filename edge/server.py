@@ -22,7 +22,7 @@ from carousel.admin import AdminServer
 from carousel.etcd import Etcd, EtcdAuthError, EtcdError
 from carousel.registry import Keys
 from edge.config import Config
-from edge.connection import ClientConnection, Request
+from edge.connection import ClientConnection, Request, write_reply_body
 from edge.dos import DosDetector
 from edge.errors import error_reply
 from edge.forward import ForwardProxy
@@ -182,30 +182,7 @@ class Edge:
         if bodiless:
             transport.write(head)
             return
-        if type(body) is BytesBody:
-            data = body.data
-            if len(data) < 16384:
-                transport.write(head + data)
-            else:
-                transport.writelines((head, data))
-            await conn.drain()
-            return
-        await conn.write(head)
-        try:
-            if body.length is not None:
-                await body.write_to(conn)
-            else:
-                async for chunk in body.chunks():
-                    if chunk:
-                        await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                await conn.write(b"0\r\n\r\n")
-        except ConnectionError:
-            raise
-        except Exception as exc:
-            # The head is gone: the only honest signal left is an aborted connection.
-            log.warning("response aborted mid-body", path=request.path, error=str(exc))
-            if conn.transport is not None:
-                conn.transport.abort()
+        await write_reply_body(conn, head, body, path=request.path)
 
     def _log_access(self, request: Request, reply: Reply, ex: Exchange | None, route: str) -> None:
         now = time.monotonic()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from edge.config import ForwardConfig, RouteConfig, ServerConfig
-from edge.connection import ClientConnection, Request
+from edge.connection import ClientConnection, Request, write_reply_body
 from edge.forward.chain import build_chain
 from edge.forward.metrics import ForwardMetrics
 from edge.forward.origin import OriginFetch
@@ -266,26 +266,7 @@ class ForwardProxy:
         if request.method == "HEAD" or reply.status in _NO_BODY_STATUS:
             transport.write(head)
             return
-        if type(body) is BytesBody:
-            transport.writelines((head, body.data))
-            await conn.drain()
-            return
-        await conn.write(head)
-        try:
-            if body.length is not None:
-                await body.write_to(conn)
-            else:
-                async for chunk in body.chunks():
-                    if chunk:
-                        await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                await conn.write(b"0\r\n\r\n")
-        except ConnectionError:
-            raise
-        except Exception as exc:
-            # The head is gone: the only honest signal left is an aborted connection.
-            log.warning("forward response aborted mid-body", target=request.host, error=str(exc))
-            if conn.transport is not None:
-                conn.transport.abort()
+        await write_reply_body(conn, head, body, target=request.host)
 
     def _log_access(self, request: Request, reply: Reply, ex: Exchange | None) -> None:
         length = reply.body.length
