@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import socket
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from carousel.config import (
     AdminConfig,
     EtcdConfig,
     LogConfig,
+    address_problem,
     load_config,
     non_negative,
     port_number,
@@ -65,16 +65,9 @@ class ServiceConfig:
     def validate(self) -> str | None:
         if not self.ipv4 and not self.ipv6:
             return "ipv4: give at least one IPv4 or IPv6 address"
-        for a in self.ipv4:
-            try:
-                ipaddress.IPv4Address(a)
-            except ValueError:
-                return f"ipv4: not an IPv4 address: {a!r}"
-        for a in self.ipv6:
-            try:
-                ipaddress.IPv6Address(a)
-            except ValueError:
-                return f"ipv6: not an IPv6 address: {a!r}"
+        problem = address_problem(self.ipv4, self.ipv6)
+        if problem:
+            return problem
         if not 0 < self.port < 65536:
             return f"port: must be 1-65535, found {self.port}"
         if not 0 < self.weight <= 1000:

@@ -15,6 +15,7 @@ error string or None.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -208,6 +209,18 @@ def non_negative(v: float) -> str | None:
 def port_number(v: int) -> str | None:
     """Validator: a TCP/UDP port (0 means 'pick a free one')."""
     return None if 0 <= v <= 65535 else f"must be a port 0-65535, found {v}"
+
+
+def address_problem(ipv4: list[str], ipv6: list[str]) -> str | None:
+    """For validate(): 'ipv4: ...' or 'ipv6: ...' naming the first bad address, or None."""
+    checks = (("ipv4", "IPv4", ipv4, ipaddress.IPv4Address), ("ipv6", "IPv6", ipv6, ipaddress.IPv6Address))
+    for key, label, values, parse in checks:
+        for a in values:
+            try:
+                parse(a)
+            except ValueError:
+                return f"{key}: not an {label} address: {a!r}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from carousel.config import (
     ConfigError,
     EtcdConfig,
     LogConfig,
+    address_problem,
     load_config,
     non_negative,
     positive,
@@ -171,17 +172,7 @@ class NSConfig:
     ipv6: list[str] = field(default_factory=list)
 
     def validate(self) -> str | None:
-        for a in self.ipv4:
-            try:
-                ipaddress.IPv4Address(a)
-            except ValueError:
-                return f"ipv4: not an IPv4 address: {a!r}"
-        for a in self.ipv6:
-            try:
-                ipaddress.IPv6Address(a)
-            except ValueError:
-                return f"ipv6: not an IPv6 address: {a!r}"
-        return None
+        return address_problem(self.ipv4, self.ipv6)
 
 
 @dataclass(frozen=True)
