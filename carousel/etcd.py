@@ -42,14 +42,15 @@ log = structlog.get_logger("carousel.etcd")
 T = TypeVar("T")
 
 _CHANNEL_OPTIONS: dict[str, Any] = {
-    # Find a dead peer within ~15 s even when no call is running. etcd answers
-    # pings at or under its --grpc-keepalive-min-time (5 s default) with GOAWAY
-    # "too_many_pings", so stay well above it. Readers notice faster anyway:
+    # Find a dead peer within ~15 s while a call (a watch, a keepalive) is open.
+    # etcd's ping policy (--grpc-keepalive-min-time 5 s, no pings without an open
+    # stream) answers any other ping pattern with GOAWAY "too_many_pings", which
+    # closes the channel under every call: so ping only with calls open, and no
+    # more often than every 10 s. Readers notice an outage faster anyway:
     # PrefixMirror proves the cluster answers every second.
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.max_pings_without_data": 0,
+    "grpc.keepalive_permit_without_calls": 0,
     # Reconnect within a second of etcd coming back, not after minutes.
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
