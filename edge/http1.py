@@ -220,6 +220,22 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
     )
 
 
+def chunk_size(line: bytes) -> int | None:
+    """The size on a chunk-size line (extensions ignored), or None unless it is plain hex.
+
+    Shared by the request and the member-response parsers: Python's int(x, 16) alone
+    would also take "0x10", "+10" and "1_0", which other HTTP parsers read differently.
+    """
+    size_text = line.partition(b";")[0].rstrip(b" \t")
+    if (
+        not size_text
+        or len(size_text) > MAX_CHUNK_SIZE_DIGITS
+        or not all(c in b"0123456789abcdefABCDEF" for c in size_text)
+    ):
+        return None
+    return int(size_text, 16)
+
+
 class RequestParser:
     """Turns a client byte stream into request events; raises ParseError on bad framing."""
 
@@ -340,15 +356,9 @@ class RequestParser:
                     return b""
                 line = buf[:end]
                 buf = buf[end + 2 :]
-                size_text, _, _ext = line.partition(b";")
-                size_text = size_text.rstrip(b" \t")
-                if (
-                    not size_text
-                    or len(size_text) > MAX_CHUNK_SIZE_DIGITS
-                    or not all(c in b"0123456789abcdefABCDEF" for c in size_text)
-                ):
+                size = chunk_size(line)
+                if size is None:
                     raise ParseError("bad chunk size")
-                size = int(size_text, 16)
                 if size == 0:
                     self._chunk_state = "trailer"
                 else:

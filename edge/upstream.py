@@ -27,6 +27,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from edge.http1 import chunk_size
 from edge.pipeline import Body, BytesBody, FileBody
 
 MAX_HEAD = 64 * 1024
@@ -193,12 +194,8 @@ class ResponseParser:
                         raise UpstreamProtocolError("bad chunk size line")
                     self._buf = buf
                     return b""
-                size_text = buf[:end].split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise UpstreamProtocolError("bad chunk size") from None
-                if size < 0 or len(size_text) > 16:
+                size = chunk_size(buf[:end])
+                if size is None:
                     raise UpstreamProtocolError("bad chunk size")
                 buf = buf[end + 2 :]
                 if size == 0:
@@ -224,6 +221,8 @@ class ResponseParser:
             else:  # trailer section: skip fields until the empty line
                 end = buf.find(b"\r\n")
                 if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise UpstreamProtocolError("response trailer too large")
                     self._buf = buf
                     return b""
                 line, buf = buf[:end], buf[end + 2 :]

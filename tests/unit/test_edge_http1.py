@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser
+from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser, chunk_size
+from edge.upstream import ResponseParser, UpstreamProtocolError
 
 
 def parse(data: bytes, step: int = 0) -> list[object]:
@@ -124,3 +125,12 @@ def test_arbitrary_bytes_parse_or_raise_parse_error(data: bytes) -> None:
         parse(data)
     except ParseError:
         pass
+
+
+def test_chunk_sizes_are_plain_hex_on_both_sides() -> None:
+    assert chunk_size(b"1a") == 26 and chunk_size(b"1A;ext=1") == 26 and chunk_size(b"0 ") == 0
+    for bad in (b"", b"0x10", b"+10", b"1_0", b"-1", b" 10", b"1" * 17):
+        assert chunk_size(bad) is None, bad
+    member = ResponseParser()
+    with pytest.raises(UpstreamProtocolError, match="bad chunk size"):
+        member.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n")
