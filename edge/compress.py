@@ -33,7 +33,7 @@ from typing import Any
 
 from edge.cache.key import accepted_codings
 from edge.config import Config
-from edge.pipeline import Body, BytesBody, EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import Body, BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
 try:
     import brotli
@@ -136,35 +136,21 @@ class Compression:
             return False
         return "no-transform" not in ",".join(headers.getall("Cache-Control", ())).lower()
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        request = ex.request
-        method = request.method
-        if (method != "GET" and method != "HEAD") or not ex.route.config.compress:
-            return await call_next(ex)
-        reply = await call_next(ex)
+    def _coding(self, ex: Exchange, reply: Reply) -> str | None:
+        """The coding to apply to this reply for this request (None: send it as it is).
+        Adds Vary: Accept-Encoding to every reply that could be compressed for someone."""
         if not self.candidate(reply):
-            return reply
+            return None
+        _add_vary(reply.headers)
+        request = ex.request
+        if request.method == "HEAD" or "Range" in request.headers:
+            return None
+        return self.choose(request.headers.get("Accept-Encoding"))
+
+    def _encoded(self, ex: Exchange, reply: Reply, coding: str, body: Body) -> Reply:
+        """The reply with its new body and the fields that go with it."""
         headers = reply.headers
-        _add_vary(headers)
-        if method == "HEAD" or "Range" in request.headers:
-            return reply
-        coding = self.choose(request.headers.get("Accept-Encoding"))
-        if coding is None:
-            return reply
-        text = headers.get("Content-Type", "").startswith("text/")
-        body = reply.body
-        if type(body) is BytesBody:
-            data = body.data
-            if len(data) > THREAD_THRESHOLD:
-                packed = await asyncio.to_thread(self.compress, data, coding, text)
-            else:
-                packed = self.compress(data, coding, text)
-            if len(packed) >= len(data):
-                return reply  # incompressible after all: identity is the better answer
-            new_body: Body = BytesBody(packed)
-        else:
-            new_body = CompressedStream(body, self.compressor(coding, text))
-        reply.body = new_body
+        reply.body = body
         headers["Content-Encoding"] = coding
         headers.popall("Content-Length", None)
         headers.popall("Accept-Ranges", None)
@@ -175,6 +161,47 @@ class Compression:
                 headers["ETag"] = "W/" + etag
         ex.notes["compressed"] = coding
         return reply
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        # Innermost feature: what call_next runs is a terminal's pure `now`, so giving up
+        # (None) after it answered leaves nothing done twice.
+        method = ex.request.method
+        if (method != "GET" and method != "HEAD") or not ex.route.config.compress:
+            return call_next(ex)
+        reply = call_next(ex)
+        if reply is None:
+            return None
+        coding = self._coding(ex, reply)
+        if coding is None:
+            return reply
+        body = reply.body
+        if type(body) is not BytesBody or len(body.data) > THREAD_THRESHOLD:
+            return None  # compressed off the loop, or as a stream: the async path
+        packed = self.compress(body.data, coding, reply.headers.get("Content-Type", "").startswith("text/"))
+        if len(packed) >= len(body.data):
+            return reply  # incompressible after all: identity is the better answer
+        return self._encoded(ex, reply, coding, BytesBody(packed))
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        method = ex.request.method
+        if (method != "GET" and method != "HEAD") or not ex.route.config.compress:
+            return await call_next(ex)
+        reply = await call_next(ex)
+        coding = self._coding(ex, reply)
+        if coding is None:
+            return reply
+        text = reply.headers.get("Content-Type", "").startswith("text/")
+        body = reply.body
+        if type(body) is BytesBody:
+            data = body.data
+            if len(data) > THREAD_THRESHOLD:
+                packed = await asyncio.to_thread(self.compress, data, coding, text)
+            else:
+                packed = self.compress(data, coding, text)
+            if len(packed) >= len(data):
+                return reply  # incompressible after all: identity is the better answer
+            return self._encoded(ex, reply, coding, BytesBody(packed))
+        return self._encoded(ex, reply, coding, CompressedStream(body, self.compressor(coding, text)))
 
     def compressor(self, coding: str, text: bool) -> Any:
         """A streaming compressor with compress(data) and flush()."""

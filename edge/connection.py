@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -279,8 +280,7 @@ class ClientConnection(asyncio.Protocol):
                     break
                 self._start(ev)
         if self.queue and not self.handling:
-            self.handling = True
-            self.edge.spawn(self._run())
+            self._serve()
         if not reject and parser.error is not None:
             reject = parser.error.status
         if reject:
@@ -329,25 +329,56 @@ class ClientConnection(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        """Answer queued requests in order; ends when the queue is empty."""
+    def _serve(self) -> None:
+        """Answer queued requests in order: here while the pipeline can answer at once,
+        in a task from the first request that has to wait (or a client that is slow to read)."""
+        self.handling = True
+        queue = self.queue
+        while queue and not self.closing and self.tunnel is None:
+            if self._paused_writing:
+                self.edge.spawn(self._run(None))
+                return
+            request = queue.popleft()
+            if self._paused_reading and len(queue) < MAX_PIPELINED // 2:
+                self._resume_reading()
+            self.requests += 1
+            try:
+                rest = self.edge.answer_now(request)
+            except Exception:
+                log.exception("connection failed while answering")
+                if self.transport is not None:
+                    self.transport.abort()
+                break
+            if rest is not None:
+                self.edge.spawn(self._run(rest))
+                return
+        self._served()
+
+    async def _run(self, rest: Coroutine[Any, Any, None] | None) -> None:
+        """The rest of a request that had to wait, then the queue behind it; ends when it is empty."""
         try:
+            if rest is not None:
+                await rest
             while self.queue and not self.closing and self.tunnel is None:
+                await self.drain()
                 request = self.queue.popleft()
                 if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
                     self._resume_reading()
                 self.requests += 1
-                await self.edge.answer(request)
-                if not request.head.keep_alive:
-                    self.close()
+                rest = self.edge.answer_now(request)
+                if rest is not None:
+                    await rest
         except ConnectionError:
             self.close()
         except Exception:
             log.exception("connection failed while answering")
             if self.transport is not None:
                 self.transport.abort()
-        finally:
-            self.handling = False
+        self._served()
+
+    def _served(self) -> None:
+        """The queue is answered: a reject held back, an upgrade that did not happen, or idle."""
+        self.handling = False
         if self._pending_reject:
             status, self._pending_reject = self._pending_reject, 0
             self.reject(status)

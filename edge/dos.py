@@ -54,7 +54,7 @@ from carousel.mirror import PrefixMirror
 from carousel.registry import BanRecord, Keys
 from edge.config import Config, DosConfig
 from edge.headers import TrustedProxies
-from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -154,6 +154,19 @@ class BanTable:
 
     def __len__(self) -> int:
         return len(self.exact) + len(self.networks)
+
+
+class _Verdict:
+    """How a counted request goes on: tracked in flight (behind a trusted proxy), after a delay."""
+
+    __slots__ = ("delay", "proxied")
+
+    def __init__(self, proxied: _Client | None, delay: float) -> None:
+        self.proxied = proxied
+        self.delay = delay
+
+
+_GO = _Verdict(None, 0.0)
 
 
 class _Client:
@@ -261,8 +274,9 @@ class DosDetector:
             return False
         return bans.until(self.keys(peer), peer) > 0 and not self.allowed(peer)
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        peer = ex.client_ip
+    def _assess(self, ex: Exchange) -> Reply | _Verdict:
+        """Count this request for its client: a 403/429 to answer, or how to go on."""
+        peer = ex.request.remote
         client = peer
         via_proxy = False
         if self.trusted.networks and self.trusted.is_trusted(peer):
@@ -278,27 +292,59 @@ class DosDetector:
                 return _reply(403, _FORBIDDEN)
             self.would["blocked"] += 1
         if self.allow and self.allowed(client):
-            return await call_next(ex)
+            return _GO
         now = time.monotonic()
         entry = self.clients.get(key)
         if entry is None:
             if len(self.clients) >= self.config.max_clients:
                 self.untracked += 1
-                return await call_next(ex)
+                return _GO
             entry = self.clients[key] = _Client(now)
         rate = entry.hit(now, self.window)
         busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
+        delay = 0.0
         if rate > self.hard_rate or busy >= self.hard_connections:
             reason = f"{rate:.0f} requests/s" if rate > self.hard_rate else f"{busy} concurrent"
             if self.ban(key, reason):
                 return _reply(403, _FORBIDDEN)
         elif rate > self.soft_rate or busy > self.soft_connections:
-            reply = await self._soft(ex, entry, key, rate, busy)
-            if reply is not None:
-                return reply
+            soft = self._soft(entry, key, rate, busy)
+            if isinstance(soft, Reply):
+                return soft
+            delay = soft
         elif entry.noted:
             entry.noted = False
-        if not via_proxy:
+        if not via_proxy and not delay:
+            return _GO
+        return _Verdict(entry if via_proxy else None, delay)
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        verdict = self._assess(ex)
+        if isinstance(verdict, Reply):
+            return verdict
+        if not verdict.delay:
+            entry = verdict.proxied
+            if entry is None:
+                reply = call_next(ex)
+            else:
+                entry.inflight += 1
+                try:
+                    reply = call_next(ex)
+                finally:
+                    entry.inflight -= 1
+            if reply is not None:
+                return reply
+        ex.notes["dos"] = verdict  # counted once: __call__ goes on from this verdict
+        return None
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        verdict = ex.notes.pop("dos", None) or self._assess(ex)
+        if isinstance(verdict, Reply):
+            return verdict
+        if verdict.delay:
+            await asyncio.sleep(verdict.delay)
+        entry = verdict.proxied
+        if entry is None:
             return await call_next(ex)
         entry.inflight += 1
         try:
@@ -306,8 +352,8 @@ class DosDetector:
         finally:
             entry.inflight -= 1
 
-    async def _soft(self, ex: Exchange, entry: _Client, key: str, rate: float, busy: int) -> Reply | None:
-        """Over a soft threshold: a 429 to return, or None after the delay."""
+    def _soft(self, entry: _Client, key: str, rate: float, busy: int) -> Reply | float:
+        """Over a soft threshold: a 429 to return, or the delay before going on (0: none)."""
         action = "rejected" if self.config.soft_action == "reject" else "delayed"
         if not entry.noted:
             entry.noted = True
@@ -321,11 +367,10 @@ class DosDetector:
             )
         if self.dry_run:
             self.would[action] += 1
-            return None
+            return 0.0
         self.counts[action] += 1
         if action == "delayed":
-            await asyncio.sleep(self.config.delay)
-            return None
+            return float(self.config.delay)
         reply = _reply(429, _TOO_MANY)
         reply.headers["Retry-After"] = self.retry_after
         # Over the connection threshold: shed this connection too.

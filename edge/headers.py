@@ -19,7 +19,7 @@ from functools import lru_cache
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge.config import Config
-from edge.pipeline import EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
 
 # RFC 9110 7.6.1, plus the proxy-only headers that are never meant for the next hop.
 HOP_BY_HOP = frozenset(
@@ -102,7 +102,7 @@ class HeaderHygiene:
         drop = HOP_BY_HOP
         if "Connection" in incoming:
             drop = drop | connection_tokens(incoming)
-        peer = ex.client_ip
+        peer = ex.request.remote
         trusted = self.trusted.is_trusted(peer)
         if not trusted:
             drop = drop | FORWARDING
@@ -141,6 +141,19 @@ class HeaderHygiene:
             hidden = hidden | connection_tokens(headers)
         for name in [k for k in headers if k.lower() in hidden]:
             headers.popall(name, None)
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        """Only a cache hit answers a pool route at once: it needs the client address, not the
+        upstream headers (built by __call__ when the request does go upstream)."""
+        if ex.route.kind != "pool":
+            return call_next(ex)
+        peer = ex.request.remote
+        if self.trusted.networks and self.trusted.is_trusted(peer):
+            ex.client_ip = self.trusted.client_of(peer, ex.request.headers.getall("X-Forwarded-For", []))
+        reply = call_next(ex)
+        if reply is not None and reply.tunnel is None:
+            self.clean_response(reply.headers)
+        return reply
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
         if ex.route.kind == "pool":

@@ -38,6 +38,22 @@ ORDER MATTERS. It is fixed here and nowhere else:
   a user's veto (authentication, say) is never bypassed by a hit; compression
   inside the cache, so compressed variants are stored and compressed once.
 * (issue 9) the forward proxy is a separate listener with its own chain.
+
+ANSWERING AT ONCE. A feature may also have a synchronous twin::
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None
+
+which does the same work when nothing needs waiting for, and returns None
+as soon as something would (an upstream fetch, a delay). The edge tries this
+chain first, inside the connection's ``data_received``: a cache hit, a ban
+or a fixed response is answered and written with no task and no await,
+which is most of what a hit costs otherwise. On None the edge runs the async
+chain from the start with the same Exchange, so a ``now`` that returns None
+must leave nothing done that ``__call__`` would do again: request-side work
+it did anyway (the DoS verdict) goes into ``ex.notes`` for ``__call__`` to
+reuse. The chain stops (None) at the first feature without ``now``; user
+features without one simply keep every request on the async path. Terminal
+``now``s are pure (a fixed response, a redirect, or None).
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from multidict import CIMultiDict
@@ -224,6 +241,7 @@ class Exchange:
 
 
 Handler = Callable[[Exchange], Awaitable[Reply]]
+NowHandler = Callable[[Exchange], "Reply | None"]
 
 
 class Feature(Protocol):
@@ -284,3 +302,17 @@ def _link(feature: Feature, call_next: Handler) -> Handler:
         return await feature(ex, call_next)
 
     return step
+
+
+def _never(ex: Exchange) -> Reply | None:
+    return None
+
+
+def chain_now(features: list[Feature], terminal: NowHandler) -> NowHandler:
+    """The synchronous twin of ``chain``: it ends (None) at the first feature without ``now``."""
+    handler = terminal
+    for feature in reversed(features):
+        now = getattr(feature, "now", None)
+        # partial() is C: one Python frame per feature, not two.
+        handler = _never if now is None else partial(now, call_next=handler)
+    return handler

@@ -30,10 +30,10 @@ from edge.limits import ConnectionGuard
 from edge.metrics import Metrics, access_log
 from edge.passthrough import PassthroughListener
 from edge.passthrough import register_metrics as register_passthrough_metrics
-from edge.pipeline import BytesBody, Exchange, Handler, Reply, build_features, chain
+from edge.pipeline import BytesBody, Exchange, Handler, NowHandler, Reply, build_features, chain, chain_now
 from edge.pool import UpstreamPool
 from edge.proxy import ProxyHandler
-from edge.routing import RouteTable, normalize_host
+from edge.routing import Route, RouteTable, normalize_host
 from edge.static import StaticFiles, not_found
 from edge.tls import CertificateStore, start_https
 
@@ -64,6 +64,7 @@ class Edge:
         self.proxy = ProxyHandler(config, self.pools, self.metrics)
         self.features = build_features(config, self)
         self.handle: Handler = chain(self.features, self._terminal)
+        self.handle_now: NowHandler = chain_now(self.features, self._terminal_now)
         # TLS termination (edge/tls.py) and passthrough (edge/passthrough.py) listeners.
         self.certificates = CertificateStore(config.tls) if config.tls.certificate else None
         self.passthrough = [PassthroughListener(self, pc) for pc in config.passthrough]
@@ -97,12 +98,11 @@ class Edge:
 
     # --- serving ------------------------------------------------------------------------
 
-    async def _terminal(self, ex: Exchange) -> Reply:
+    def _terminal_now(self, ex: Exchange) -> Reply | None:
+        """Fixed responses and redirects need no waiting; pools and static files do (None)."""
         kind = ex.route.kind
-        if kind == "pool":
-            return await self.proxy(ex)
-        if kind == "static":
-            return await self.static(ex)
+        if kind == "pool" or kind == "static":
+            return None
         cfg = ex.route.config
         if kind == "redirect":
             assert cfg.redirect is not None
@@ -115,8 +115,23 @@ class Edge:
             BytesBody(cfg.body.encode()),
         )
 
-    async def answer(self, request: Request) -> None:
-        """Route a complete request, run the pipeline, write the reply."""
+    async def _terminal(self, ex: Exchange) -> Reply:
+        kind = ex.route.kind
+        if kind == "pool":
+            return await self.proxy(ex)
+        if kind == "static":
+            return await self.static(ex)
+        reply = self._terminal_now(ex)
+        assert reply is not None
+        return reply
+
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer a complete request; None when done, or what is left to await.
+
+        Called from the connection's data_received: when the pipeline can answer
+        without waiting (``now``, see edge/pipeline.py) the reply is written here,
+        with no task; otherwise the rest becomes a coroutine for the connection.
+        """
         raw_host = request.host
         host = self._hosts.get(raw_host)
         if host is None:
@@ -124,16 +139,38 @@ class Edge:
             if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
                 self._hosts[raw_host] = host
         route = self.routes.find(host, request.path, request.method)
-        ex = None
         if route is None:
-            reply = not_found()
-        else:
-            ex = Exchange(request, route, host, request.remote, request.conn.scheme)
-            try:
-                reply = await self.handle(ex)
-            except Exception:
-                log.exception("request failed", route=route.name, path=request.path)
-                reply = error_reply(500)
+            return self._send(request, None, None, not_found())
+        ex = Exchange(request, route, host, request.remote, request.conn.scheme)
+        try:
+            reply = self.handle_now(ex)
+        except Exception:
+            log.exception("request failed", route=route.name, path=request.path)
+            reply = error_reply(500)
+        if reply is None:
+            return self._answer_later(request, route, ex)
+        return self._send(request, route, ex, reply)
+
+    async def answer(self, request: Request) -> None:
+        """Route a complete request, run the pipeline, write the reply."""
+        rest = self.answer_now(request)
+        if rest is not None:
+            await rest
+
+    async def _answer_later(self, request: Request, route: Route, ex: Exchange) -> None:
+        try:
+            reply = await self.handle(ex)
+        except Exception:
+            log.exception("request failed", route=route.name, path=request.path)
+            reply = error_reply(500)
+        rest = self._send(request, route, ex, reply)
+        if rest is not None:
+            await rest
+
+    def _send(
+        self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply
+    ) -> Coroutine[Any, Any, None] | None:
+        """Frame and write a reply; a body that must be streamed comes back as a coroutine."""
         conn = request.conn
         keep_alive = (
             request.head.keep_alive
@@ -141,48 +178,61 @@ class Edge:
             and not self.draining
             and conn.requests < self._max_requests
         )
+        transport = conn.transport
+        if transport is not None:
+            reply.headers["Server"] = self._server_header
+            body = reply.body
+            try:
+                head = conn.send_head(
+                    request, reply, body.length, keep_alive, route.extra_headers if route else ()
+                )
+            except ValueError:
+                log.warning("response with a forbidden header value", path=request.path)
+                error = Reply(502, CIMultiDict({"Server": self._server_header}))
+                head = conn.send_head(request, error, len(_PAGE_502), False, ())
+                transport.write(head + _PAGE_502)
+                keep_alive = False
+            else:
+                if reply.tunnel is not None:
+                    conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
+                elif request.method == "HEAD" or reply.status in _NO_BODY_STATUS:
+                    transport.write(head)
+                elif type(body) is BytesBody:
+                    data = body.data
+                    if len(data) < 16384:
+                        transport.write(head + data)
+                    else:
+                        transport.writelines((head, data))
+                else:
+                    return self._stream(request, route, ex, reply, head, keep_alive)
+        self._done(request, route, ex, reply, keep_alive)
+        return None
+
+    async def _stream(
+        self,
+        request: Request,
+        route: Route | None,
+        ex: Exchange | None,
+        reply: Reply,
+        head: bytes,
+        keep_alive: bool,
+    ) -> None:
         try:
-            await self._write(request, reply, route.extra_headers if route else (), keep_alive)
+            await write_reply_body(request.conn, head, reply.body, path=request.path)
         finally:
-            reply.body.close()
+            self._done(request, route, ex, reply, keep_alive)
+
+    def _done(
+        self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply, keep_alive: bool
+    ) -> None:
+        """After the reply went out (or failed): free its body, count it, log it."""
+        reply.body.close()
         if not keep_alive and reply.tunnel is None:
-            conn.close()
+            request.conn.close()
         route_name = route.name if route is not None else "-"
         self.metrics.count_request(route_name, reply.status)
         if self._access_log:
             self._log_access(request, reply, ex, route_name)
-
-    async def _write(
-        self,
-        request: Request,
-        reply: Reply,
-        extra: tuple[tuple[str, str], ...],
-        keep_alive: bool,
-    ) -> None:
-        """Frame and send a reply: Content-Length when known, chunked otherwise."""
-        conn = request.conn
-        transport = conn.transport
-        if transport is None:
-            return
-        reply.headers["Server"] = self._server_header
-        body = reply.body
-        bodiless = request.method == "HEAD" or reply.status in _NO_BODY_STATUS
-        try:
-            head = conn.send_head(request, reply, body.length, keep_alive, extra)
-        except ValueError:
-            log.warning("response with a forbidden header value", path=request.path)
-            error = Reply(502, CIMultiDict({"Server": self._server_header}))
-            head = conn.send_head(request, error, len(_PAGE_502), False, ())
-            transport.write(head + _PAGE_502)
-            conn.close()
-            return
-        if reply.tunnel is not None:
-            conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
-            return
-        if bodiless:
-            transport.write(head)
-            return
-        await write_reply_body(conn, head, body, path=request.path)
 
     def _log_access(self, request: Request, reply: Reply, ex: Exchange | None, route: str) -> None:
         now = time.monotonic()

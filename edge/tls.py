@@ -36,7 +36,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edge.connection import ClientConnection
-from edge.pipeline import EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
 
 if TYPE_CHECKING:
     from edge.config import Config, TlsConfig
@@ -257,19 +257,30 @@ class HttpsPolicy:
         self.redirect = config.redirect_http
         self.port_suffix = "" if config.redirect_port == 443 else f":{config.redirect_port}"
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        if ex.scheme == "https":
-            reply = await call_next(ex)
-            if self.hsts and "Strict-Transport-Security" not in reply.headers:
-                reply.headers["Strict-Transport-Security"] = self.hsts
-            return reply
+    def _redirect(self, ex: Exchange) -> Reply | None:
         request = ex.request
         if self.redirect and ex.host and not request.path.startswith(ACME_CHALLENGE):
             # 301 for GET/HEAD (understood by every client); 308 keeps other methods and bodies.
             status = 301 if request.method in ("GET", "HEAD") else 308
             location = f"https://{ex.host}{self.port_suffix}{request.raw_path}"
             return Reply(status, CIMultiDict({"Location": location}))
-        return await call_next(ex)
+        return None
+
+    def _hsts(self, reply: Reply) -> Reply:
+        if self.hsts and "Strict-Transport-Security" not in reply.headers:
+            reply.headers["Strict-Transport-Security"] = self.hsts
+        return reply
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        if ex.scheme == "https":
+            reply = call_next(ex)
+            return None if reply is None else self._hsts(reply)
+        return self._redirect(ex) or call_next(ex)
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        if ex.scheme == "https":
+            return self._hsts(await call_next(ex))
+        return self._redirect(ex) or await call_next(ex)
 
 
 def feature(config: Config, ctx: EdgeContext) -> HttpsPolicy | None:

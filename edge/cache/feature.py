@@ -52,7 +52,7 @@ from edge.connection import Request
 from edge.errors import error_reply
 from edge.headers import TrustedProxies
 from edge.http1 import Head
-from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, Reply
+from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -151,55 +151,78 @@ class CacheFeature:
         self._rules[id(route)] = rules
         return rules
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+    def _fresh_hit(self, ex: Exchange, rules: Any) -> Reply | None:
+        """The hit path: one key, one dict lookup, two float operations, one copy of a
+        prepared header multidict; no parsing. None for anything else (then _lookup_or_fetch)."""
         head = ex.request.head
-        method = head.method
+        h = head.headers
+        if not rules.plain or "Cache-Control" in h or "Pragma" in h or "Authorization" in h:
+            return None
+        variants = self.store.index.get(f"{ex.scheme}://{ex.host}{head.raw_path}")
+        if variants is None:
+            return None
+        # Compressed variants, Vary: Accept-Language, ...: pick the one this request selects.
+        entry = variants[0] if not variants[0].vary else _select(variants, h)
+        if entry is None or entry.no_cache or entry.body is None:
+            return None
+        age = entry.initial_age + (time.time() - entry.response_time)
+        ttl = entry.lifetime - age
+        if ttl <= 0:
+            return None
+        if "If-None-Match" in h or "If-Modified-Since" in h or "Range" in h:
+            return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
+        if entry.freq < 3:
+            entry.freq += 1
+        headers = entry.headers
+        if headers is None:
+            headers = entry.headers = CIMultiDict(entry.fields)
+        headers = headers.copy()
+        headers.add("Age", str(int(age)))
+        if self._hit_status:
+            headers.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
+        ex.cache_status = "HIT"
+        self.hits += 1
+        return Reply(entry.status, headers, BytesBody(entry.body), entry.reason)
+
+    def _rules_for(self, ex: Exchange) -> Any:
         rules = self._rules.get(id(ex.route))
-        if rules is None:
-            rules = self._compile(ex.route)
-        if (method == "GET" or method == "HEAD") and rules is not _OFF:
-            h = head.headers
-            if rules.plain and "Cache-Control" not in h and "Pragma" not in h and "Authorization" not in h:
-                # The hit path: one key, one dict lookup, two float operations, one
-                # copy of a prepared header multidict; no parsing.
-                key = f"{ex.scheme}://{ex.host}{head.raw_path}"
-                variants = self.store.index.get(key)
-                if variants is not None:
-                    # Compressed variants, Vary: Accept-Language, ...: pick the one this request selects.
-                    entry = variants[0] if not variants[0].vary else _select(variants, h)
-                    if entry is not None and not entry.no_cache and entry.body is not None:
-                        age = entry.initial_age + (time.time() - entry.response_time)
-                        ttl = entry.lifetime - age
-                        if ttl > 0:
-                            if "If-None-Match" in h or "If-Modified-Since" in h or "Range" in h:
-                                reply = self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
-                                if reply is not None:
-                                    return reply
-                            else:
-                                if entry.freq < 3:
-                                    entry.freq += 1
-                                headers = entry.headers
-                                if headers is None:
-                                    headers = entry.headers = CIMultiDict(entry.fields)
-                                headers = headers.copy()
-                                headers.add("Age", str(int(age)))
-                                if self._hit_status:
-                                    headers.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
-                                ex.cache_status = "HIT"
-                                self.hits += 1
-                                return Reply(entry.status, headers, BytesBody(entry.body), entry.reason)
-                return await self._lookup_or_fetch(ex, call_next, rules, method, key, "")
-            return await self._lookup_or_fetch(ex, call_next, rules, method, None, "")
+        return self._compile(ex.route) if rules is None else rules
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        """Answer fresh hits and purges at once; everything that may go upstream waits (None)."""
+        method = ex.request.head.method
+        rules = self._rules_for(ex)
         if method == "GET" or method == "HEAD":
-            return await call_next(ex)
+            return self._fresh_hit(ex, rules) if rules is not _OFF else call_next(ex)
+        if method == "PURGE":
+            return self._purge_request(ex, rules)
+        reply = call_next(ex)
+        if reply is not None:
+            self._after_other(ex, reply, rules)
+        return reply
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        method = ex.request.head.method
+        rules = self._rules_for(ex)
+        if method == "GET" or method == "HEAD":
+            if rules is _OFF:
+                return await call_next(ex)
+            reply = self._fresh_hit(ex, rules)
+            if reply is not None:
+                return reply
+            return await self._lookup_or_fetch(ex, call_next, rules, method, None, "")
         if method == "PURGE":
             return self._purge_request(ex, rules)
         reply = await call_next(ex)
-        if method not in SAFE_METHODS and reply.status < 400:
+        self._after_other(ex, reply, rules)
+        return reply
+
+    def _after_other(self, ex: Exchange, reply: Reply, rules: Any) -> None:
+        """Other methods: invalidate after a non-error answer to an unsafe one (RFC 9111 4.4)."""
+        if ex.request.head.method not in SAFE_METHODS and reply.status < 400:
             self._invalidate(ex, reply, rules)
         if rules is not _OFF and self.name:
             reply.headers.add("Cache-Status", f"{self.name}; fwd=method; fwd-status={reply.status}")
-        return reply
 
     async def _lookup_or_fetch(
         self, ex: Exchange, call_next: Handler, rules: RouteRules, method: str, key: str | None, extra: str

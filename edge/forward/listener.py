@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -191,6 +192,10 @@ class ForwardProxy:
                 "Addresses starting with https:// go through CONNECT (set this proxy as the HTTPS proxy)"
             )
         raise BadTarget("This is a forward proxy: ask for an absolute http:// address or CONNECT host:port")
+
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None]:
+        """For the connection (edge/connection.py): forward requests always take the async chain."""
+        return self.answer(request)
 
     async def answer(self, request: Request) -> None:
         """Run one request through the forward chain and write the reply."""
