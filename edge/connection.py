@@ -48,6 +48,7 @@ log = structlog.get_logger("carousel.edge.connection")
 MAX_PIPELINED = 16
 _FRAMING = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}  # "HTTP/1.1 200 OK\r\n", ...: bounded, reasons vary
 _date_cache: list[Any] = [0, ""]
 
 
@@ -166,12 +167,14 @@ class ClientConnection(asyncio.Protocol):
         "_body_timer",
         "_current",
         "_drain",
+        "_due",
         "_head_deadline",
         "_held",
-        "_idle_timer",
         "_paused_reading",
         "_paused_writing",
         "_pending_reject",
+        "_timer",
+        "_timer_at",
         "_upgrading",
         "closing",
         "edge",
@@ -202,8 +205,11 @@ class ClientConnection(asyncio.Protocol):
         self._body: list[bytes] | None = None
         self._body_size = 0
         self._body_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._head_deadline = False  # the idle timer is the header deadline (slowloris)
+        # The keep-alive idle timeout or the header deadline (slowloris), whichever applies.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires (loop time); it may fire before _due
+        self._due = 0.0  # the deadline in force (loop time); 0: none (a request is in hand)
+        self._head_deadline = False  # _due is the header deadline, not the idle timeout
         self._drain: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
@@ -231,9 +237,9 @@ class ClientConnection(asyncio.Protocol):
         if self in self.edge.connections:
             self.edge.connections.remove(self)
             self.edge.guard.release(self.peer)
-        for timer in (self._idle_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
+        self._cancel_deadline()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client went away"))
         if self.tunnel is not None:
@@ -287,16 +293,14 @@ class ClientConnection(asyncio.Protocol):
             self.reject(reject)  # after the requests that came before it
         elif self.queue is not None and len(self.queue) >= MAX_PIPELINED:
             self._pause_reading()
-        elif self._idle_timer is not None and not self._head_deadline and not parser.idle:
+        elif self._due and not self._head_deadline and not parser.idle:
             # The first bytes of a head after a keep-alive pause: the rest is due in header_timeout.
             self._arm_head_deadline()
 
     # --- request assembly ---------------------------------------------------------------
 
     def _start(self, head: Head) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._due = 0.0  # no idle or header deadline while a request is in hand
         self._current = head
         self._body_size = 0
         if head.body_length or head.chunked:
@@ -412,9 +416,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(head + early)
         self.tunnel = upstream
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_deadline()
         held, self._held = self._held, b""
         if held:
             upstream.write(held)
@@ -427,41 +429,65 @@ class ClientConnection(asyncio.Protocol):
         length: int | None,
         keep_alive: bool,
         extra: tuple[tuple[str, str], ...],
+        server_line: str = "",
     ) -> bytes:
-        """The serialised status line and headers for a reply."""
+        """The serialised status line and headers for a reply.
+
+        ``server_line`` ("Server: ...\\r\\n"): the edge's own, in place of any Server
+        field. Stored fields that nobody merged (a cache hit) go out as stored.
+        Raises ValueError when a field would smuggle a line in (CR or LF).
+        """
         status = reply.status
-        reason = reply.reason or _REASONS.get(status, "Unknown")
-        headers = reply.headers
-        if status != 101:
-            # The edge frames every response itself, whatever a feature left behind.
-            for name in _FRAMING:
-                if name in headers:
-                    headers.popall(name)
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        for name, value in headers.items():
-            lines.append(f"{name}: {value}\r\n")
-        for name, value in extra:
-            lines.append(f"{name}: {value}\r\n")
-        if "Date" not in headers:
+        unmerged = reply.unmerged()
+        if unmerged is not None and server_line and unmerged[0].server:
+            unmerged = None  # a stored Server field the edge replaces: merge, then drop it
+        if unmerged is None:
+            stored = b""
+            headers = reply.headers
+            if status != 101:
+                # The edge frames every response itself, whatever a feature left behind.
+                for name in _FRAMING:
+                    if name in headers:
+                        headers.popall(name)
+            if server_line and "Server" in headers:
+                headers.popall("Server")
+            dated = "Date" in headers
+        else:
+            wire, headers = unmerged
+            stored = wire.data
+            dated = wire.date or "Date" in headers
+        reason = reply.reason
+        if reason is None:
+            reason = _REASONS.get(status, "Unknown")
+        elif "\r" in reason or "\n" in reason:
+            raise ValueError("CR or LF inside a reason phrase")
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if extra:
+            lines += [f"{name}: {value}\r\n" for name, value in extra]
+        if server_line:
+            lines.append(server_line)
+        if not dated:
             lines.append(f"Date: {http_date()}\r\n")
-        if status == 101:
-            pass
-        elif status in (204, 304) or 100 <= status < 200:
+        if status == 101 or status == 204 or status == 304 or 100 <= status < 200:
             pass
         elif length is not None:
             lines.append(f"Content-Length: {length}\r\n")
-        elif request.method != "HEAD":
+        elif request.head.method != "HEAD":
             lines.append("Transfer-Encoding: chunked\r\n")
         if not keep_alive:
             lines.append("Connection: close\r\n")
-        elif request.version == "HTTP/1.0":
+        elif request.head.version == "HTTP/1.0":
             lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        head = "".join(lines)
+        text = "".join(lines)
         # Header values from features or members must not smuggle lines in.
-        if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             raise ValueError("CR or LF inside a response header")
-        return head.encode("latin-1", "replace")
+        first = _STATUS_LINES.get((status, reason))
+        if first is None:
+            first = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
+            if len(_STATUS_LINES) < 256:
+                _STATUS_LINES[(status, reason)] = first
+        return first + stored + text.encode("latin-1", "replace") + b"\r\n"
 
     def close(self) -> None:
         """Close after what has been written is flushed."""
@@ -499,28 +525,52 @@ class ClientConnection(asyncio.Protocol):
         if not self.parser.idle:
             self._arm_head_deadline()
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._head_deadline = False
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.edge.config.edge.keepalive_timeout, self._idle_expired
-        )
+        self._set_deadline(self.edge.config.edge.keepalive_timeout, False)
 
     def _arm_head_deadline(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._head_deadline = True
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.edge.config.edge.header_timeout, self._head_expired
-        )
+        self._set_deadline(self.edge.config.edge.header_timeout, True)
+
+    def _set_deadline(self, seconds: float, head: bool) -> None:
+        """One timer per connection, moved lazily: a later deadline keeps the armed timer,
+        which re-arms itself when it fires early; only an earlier one costs a new timer."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + seconds
+        self._due = due
+        self._head_deadline = head
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._deadline_reached)
+            self._timer_at = due
+
+    def _cancel_deadline(self) -> None:
+        self._due = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        due = self._due
+        if not due:
+            return  # a request came in the meantime
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._deadline_reached)
+            self._timer_at = due
+            return
+        self._due = 0.0
+        if self._head_deadline:
+            self._head_expired()
+        else:
+            self._idle_expired()
 
     def _idle_expired(self) -> None:
-        self._idle_timer = None
         if not self.handling and not self.queue:
             self.close()
 
     def _head_expired(self) -> None:
-        self._idle_timer = None
         if not self.handling and not self.queue and self._current is None:
             self.edge.guard.header_timeouts += 1
             self.close()

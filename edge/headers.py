@@ -6,9 +6,11 @@ can never remove X-Forwarded-For & co by naming them in Connection. An
 incoming X-Forwarded-For / Forwarded / X-Forwarded-* is extended only when the
 peer is a trusted proxy; from anyone else it is replaced.
 
-Response side: the upstream's hop-by-hop headers (and those its Connection
-names), its framing headers (the edge re-frames every response), Server,
-X-Powered-By and the configured ``hide_headers`` are removed.
+Response side (``ResponseCleaner``): the member's hop-by-hop headers (and
+those its Connection names), its framing headers (the edge re-frames every
+response), Server, X-Powered-By and the configured ``hide_headers`` are
+removed where a member's response enters the edge (edge/proxy.py), before any
+feature sees it: the cache stores it clean, and a hit has nothing to clean.
 """
 
 from __future__ import annotations
@@ -84,17 +86,38 @@ def _forwarded_node(address: str) -> str:
     return f'"[{address}]"' if ":" in address else address
 
 
+class ResponseCleaner:
+    """Removes from a member's response what must not reach the client."""
+
+    def __init__(self, config: Config) -> None:
+        self.hidden = (
+            HOP_BY_HOP | FRAMING | BACKEND_IDENTITY | frozenset(h.lower() for h in config.edge.hide_headers)
+        )
+
+    def __call__(self, headers: CIMultiDict[str]) -> None:
+        hidden = self.hidden
+        if "Connection" in headers:
+            hidden = hidden | connection_tokens(headers)
+        for name in [k for k in headers if k.lower() in hidden]:
+            headers.popall(name, None)
+
+    def fields(self, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
+        """The same for stored pairs: the pairs to keep, or None when nothing goes."""
+        hidden = self.hidden
+        if any(k.lower() == "connection" for k, _ in pairs):
+            hidden = hidden | connection_tokens(CIMultiDict(pairs))
+        kept = tuple((k, v) for k, v in pairs if k.lower() not in hidden)
+        return None if len(kept) == len(pairs) else kept
+
+
 class HeaderHygiene:
-    """The `headers` feature (always on)."""
+    """The `headers` feature (always on): the request side."""
 
     def __init__(self, config: Config) -> None:
         self.trusted = TrustedProxies(config.edge.trusted_proxies)
         # CGI, WSGI and PHP map "X_Forwarded_For" and "X-Forwarded-For" to one variable:
         # a client could set what the edge sets. Dropped unless allowed (as nginx does).
         self.underscores = config.edge.underscores_in_headers
-        self.hidden = (
-            HOP_BY_HOP | FRAMING | BACKEND_IDENTITY | frozenset(h.lower() for h in config.edge.hide_headers)
-        )
 
     def upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         """The request headers to send upstream; sets ``ex.client_ip``."""
@@ -134,34 +157,19 @@ class HeaderHygiene:
             )
         return out
 
-    def clean_response(self, headers: CIMultiDict[str]) -> None:
-        """Remove hop-by-hop, framing and identity headers from an upstream response."""
-        hidden = self.hidden
-        if "Connection" in headers:
-            hidden = hidden | connection_tokens(headers)
-        for name in [k for k in headers if k.lower() in hidden]:
-            headers.popall(name, None)
-
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
         """Only a cache hit answers a pool route at once: it needs the client address, not the
         upstream headers (built by __call__ when the request does go upstream)."""
-        if ex.route.kind != "pool":
-            return call_next(ex)
-        peer = ex.request.remote
-        if self.trusted.networks and self.trusted.is_trusted(peer):
-            ex.client_ip = self.trusted.client_of(peer, ex.request.headers.getall("X-Forwarded-For", []))
-        reply = call_next(ex)
-        if reply is not None and reply.tunnel is None:
-            self.clean_response(reply.headers)
-        return reply
+        if ex.route.kind == "pool":
+            peer = ex.request.remote
+            if self.trusted.networks and self.trusted.is_trusted(peer):
+                forwarded = ex.request.headers.getall("X-Forwarded-For", [])
+                ex.client_ip = self.trusted.client_of(peer, forwarded)
+        return call_next(ex)
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
         if ex.route.kind == "pool":
             ex.upstream_headers = self.upstream_headers(ex)
-            reply = await call_next(ex)
-            if reply.tunnel is None:  # a 101 keeps its Upgrade and Connection
-                self.clean_response(reply.headers)
-            return reply
         return await call_next(ex)
 
 

@@ -27,6 +27,7 @@ refuse authority-form.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -36,6 +37,11 @@ TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
 TARGET = re.compile(r"^[\x21-\x7e\x80-\xff]+$")
 MAX_CHUNK_SIZE_DIGITS = 16
+# The same grammar for a whole head at once: an origin-form request line, then field lines.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rf"({_TOKEN}) (/[\x21-\x7e\x80-\xff]*) (HTTP/1\.[01])\r\n")
+_FIELD_LINES = re.compile(rf"(?:{_TOKEN}:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FIELD = re.compile(rf"({_TOKEN}):[ \t]*([\t\x20-\x7e\x80-\xff]*)\r\n")
 
 
 class ParseError(Exception):
@@ -110,7 +116,25 @@ Event = Head | BodyChunk | EndOfMessage
 
 
 def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = False) -> Head:
-    """Parse everything before the empty line (CRLFs included, the empty line excluded)."""
+    """Parse everything before the empty line (CRLFs included, the empty line excluded).
+
+    Most heads are checked whole by two regular expressions (same grammar as the
+    line-by-line parser below); a head they refuse, or one with an absolute or
+    authority-form target, takes the line-by-line parser, which names the fault.
+    """
+    text = block.decode("latin-1") + "\r\n"
+    if len(text) <= max_field:  # then no line is longer than max_field either
+        line = _REQUEST_LINE.match(text)
+        if line is not None and _FIELD_LINES.fullmatch(text, line.end()) is not None:
+            pairs = _FIELD.findall(text, line.end())
+            method, target, version = line.groups()
+            if len(pairs) <= max_headers and not (proxy and method == "CONNECT"):
+                headers = CIMultiDict([(name, value.rstrip(" \t")) for name, value in pairs])
+                return _head(method, target, version, headers, None, "", proxy)
+    return _parse_head_lines(block, max_headers, max_field, proxy)
+
+
+def _parse_head_lines(block: bytes, max_headers: int, max_field: int, proxy: bool) -> Head:
     text = block.decode("latin-1")
     crlf = text.count("\r\n")
     if text.count("\n") != crlf or text.count("\r") != crlf:
@@ -169,6 +193,19 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
         if not FIELD_VALUE.match(value):
             raise ParseError("control character in a header value")
         headers.add(name, value)
+    return _head(method, target, version, headers, absolute_host, scheme, proxy)
+
+
+def _head(
+    method: str,
+    target: str,
+    version: str,
+    headers: CIMultiDict[str],
+    absolute_host: str | None,
+    scheme: str,
+    proxy: bool,
+) -> Head:
+    """The framing rules on parsed fields (Host, Content-Length, Transfer-Encoding, Connection)."""
     if absolute_host is not None:
         headers.popall("Host", None)
         headers["Host"] = absolute_host
@@ -218,6 +255,16 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
         expect and (chunked or length > 0),
         scheme,
     )
+
+
+def field_lines(pairs: Iterable[tuple[str, str]]) -> str:
+    """Header fields as "Name: value\\r\\n" lines; ValueError if a name or value holds CR or LF
+    (a member's or a feature's value must never smuggle a line into a response)."""
+    lines = [f"{name}: {value}\r\n" for name, value in pairs]
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("CR or LF inside a response header")
+    return text
 
 
 def chunk_size(line: bytes) -> int | None:

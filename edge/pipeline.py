@@ -65,7 +65,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from multidict import CIMultiDict
 
@@ -202,20 +202,92 @@ class StreamBody(Body):
 EMPTY = BytesBody(b"")
 
 
-@dataclass(slots=True)
 class Reply:
-    """What the pipeline answers: status, headers and a body to write."""
+    """What the pipeline answers: status, headers and a body to write.
 
-    status: int
-    headers: CIMultiDict[str]
-    body: Body = EMPTY
-    reason: str | None = None
-    # A 101 reply for a WebSocket: the connection becomes a pipe to this member transport.
-    tunnel: asyncio.Transport | None = None
-    # Bytes the member sent after its 101 head (already WebSocket frames).
-    tunnel_head: bytes = b""
-    # Close the client connection after this response.
-    close_connection: bool = False
+    A reply built from a stored response (a cache hit) carries the stored fields
+    already serialised (``stored``) ahead of ``headers``, which then holds only
+    what this answer adds (Age, Cache-Status): the edge writes those bytes as
+    they are. The first read of ``headers`` merges the stored fields in, so a
+    feature sees, and may change, every field as in any other reply; only a hit
+    that nobody looks into skips building and serialising its fields.
+    """
+
+    __slots__ = (
+        "_headers",
+        "_stored",
+        "body",
+        "close_connection",
+        "reason",
+        "status",
+        "tunnel",
+        "tunnel_head",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str],
+        body: Body = EMPTY,
+        reason: str | None = None,
+        *,
+        tunnel: asyncio.Transport | None = None,
+        tunnel_head: bytes = b"",
+        close_connection: bool = False,
+        stored: StoredFields | None = None,
+    ) -> None:
+        self.status = status
+        self._headers = headers
+        self.body = body
+        self.reason = reason
+        # A 101 reply for a WebSocket: the connection becomes a pipe to this member transport.
+        self.tunnel = tunnel
+        # Bytes the member sent after its 101 head (already WebSocket frames).
+        self.tunnel_head = tunnel_head
+        # Close the client connection after this response.
+        self.close_connection = close_connection
+        self._stored = stored
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        stored = self._stored
+        if stored is not None:
+            self._stored = None
+            merged = CIMultiDict(stored.fields)
+            merged.extend(self._headers)
+            self._headers = merged
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: CIMultiDict[str]) -> None:
+        self._stored = None
+        self._headers = value
+
+    def unmerged(self) -> tuple[Wire, CIMultiDict[str]] | None:
+        """For the writer: (the stored fields' wire form, the fields added) while nobody merged them."""
+        stored = self._stored
+        return None if stored is None else (stored.wire, self._headers)
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status} {self.reason or ''}>"
+
+
+class Wire(NamedTuple):
+    """Stored fields serialised ("Name: value\\r\\n" each), and whether Date and Server are among them."""
+
+    data: bytes
+    date: bool
+    server: bool
+
+
+class StoredFields(Protocol):
+    """Header fields kept with a stored response: as pairs, and ready to send."""
+
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def wire(self) -> Wire: ...
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from edge.config import Config
 from edge.errors import error_reply
+from edge.headers import ResponseCleaner
 from edge.metrics import Metrics
 from edge.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
 from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
@@ -64,6 +65,7 @@ class ProxyHandler:
         self.memory_limit = config.edge.response_memory_limit
         self.temp_dir = config.edge.temp_dir
         self.max_response = config.edge.max_response_size
+        self.clean = ResponseCleaner(config)
 
     def _hash_key(self, ex: Exchange, pool: UpstreamPool) -> str | None:
         if not pool.is_hash:
@@ -81,7 +83,10 @@ class ProxyHandler:
         assert route.config.pool is not None
         pool = self.pools[route.config.pool]
         if route.config.websocket and request.method == "GET" and request.is_upgrade("websocket"):
-            return await bridge_websocket(ex, pool, self._upstream_path(ex))
+            reply = await bridge_websocket(ex, pool, self._upstream_path(ex))
+            if reply.tunnel is None:  # refused: a member response like any other; a 101 is filtered there
+                self.clean(reply.headers)
+            return reply
         # The connection has read the whole body already (edge/connection.py).
         body = request.body
         headers = ex.upstream_headers
@@ -171,6 +176,7 @@ class ProxyHandler:
                         spool = None
                     member.conns.put(conn)  # the member is free the moment we have it all
                     conn = None
+                self.clean(parser.headers)  # before any feature (the cache) sees them
                 _hide_member_in_locations(parser.headers, member, ex)
                 elapsed = time.monotonic() - started
                 ex.upstream_seconds += elapsed

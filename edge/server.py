@@ -26,6 +26,7 @@ from edge.connection import ClientConnection, Request, write_reply_body
 from edge.dos import DosDetector
 from edge.errors import error_reply
 from edge.forward import ForwardProxy
+from edge.http1 import field_lines
 from edge.limits import ConnectionGuard
 from edge.metrics import Metrics, access_log
 from edge.passthrough import PassthroughListener
@@ -84,7 +85,8 @@ class Edge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.time()
         self._max_requests = config.edge.max_requests_per_connection
-        self._server_header = config.edge.server_header
+        # The Server line on every response (checked for CR/LF once, here).
+        self._server = field_lines([("Server", config.edge.server_header)])
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
         # The forward proxy (edge/forward/): a listener of its own with its own chain.
@@ -180,16 +182,20 @@ class Edge:
         )
         transport = conn.transport
         if transport is not None:
-            reply.headers["Server"] = self._server_header
             body = reply.body
             try:
                 head = conn.send_head(
-                    request, reply, body.length, keep_alive, route.extra_headers if route else ()
+                    request,
+                    reply,
+                    body.length,
+                    keep_alive,
+                    route.extra_headers if route else (),
+                    self._server,
                 )
             except ValueError:
                 log.warning("response with a forbidden header value", path=request.path)
-                error = Reply(502, CIMultiDict({"Server": self._server_header}))
-                head = conn.send_head(request, error, len(_PAGE_502), False, ())
+                error = Reply(502, CIMultiDict({"Content-Type": "text/html"}))
+                head = conn.send_head(request, error, len(_PAGE_502), False, (), self._server)
                 transport.write(head + _PAGE_502)
                 keep_alive = False
             else:

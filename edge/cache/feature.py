@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 Only GET and HEAD on routes with the cache on are looked up. The hit path
 builds the primary key (one f-string), finds the newest matching variant in
-the memory tier, computes its age (two float operations) and answers with a
-copy of the stored header list plus Age and Cache-Status. Nothing is parsed
-unless the request carries Cache-Control, Pragma, conditionals or Range.
+the memory tier, computes its age (two float operations) and answers with the
+stored fields, serialised once per entry (edge/pipeline.py ``Reply``), plus
+Age and Cache-Status. Nothing is parsed unless the request carries
+Cache-Control, Pragma, conditionals or Range. The hit path is synchronous
+(``now``): the edge answers it from ``data_received``, with no task.
 
 A miss (or a stale entry that must be revalidated) goes upstream once per key:
 the first request leads (edge/cache/coalesce.py), the others wait for it and
@@ -50,7 +52,7 @@ from edge.cache.respond import from_entry, not_modified_from
 from edge.cache.store import Entry, MemoryStore
 from edge.connection import Request
 from edge.errors import error_reply
-from edge.headers import TrustedProxies
+from edge.headers import ResponseCleaner, TrustedProxies
 from edge.http1 import Head
 from edge.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
@@ -95,6 +97,7 @@ class CacheFeature:
         self.admission = Admission(config, self.store, self.disk)
         self.purges = Purges(config, self.store, self.disk)
         self.purgers = TrustedProxies(c.purge_from)
+        self.clean = ResponseCleaner(config)
         self.honor_client = c.honor_client_cache_control
         self._rules: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -152,8 +155,8 @@ class CacheFeature:
         return rules
 
     def _fresh_hit(self, ex: Exchange, rules: Any) -> Reply | None:
-        """The hit path: one key, one dict lookup, two float operations, one copy of a
-        prepared header multidict; no parsing. None for anything else (then _lookup_or_fetch)."""
+        """The hit path: one key, one dict lookup, two float operations, the stored fields
+        sent as serialised when stored; no parsing. None for anything else (then _lookup_or_fetch)."""
         head = ex.request.head
         h = head.headers
         if not rules.plain or "Cache-Control" in h or "Pragma" in h or "Authorization" in h:
@@ -173,16 +176,13 @@ class CacheFeature:
             return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
         if entry.freq < 3:
             entry.freq += 1
-        headers = entry.headers
-        if headers is None:
-            headers = entry.headers = CIMultiDict(entry.fields)
-        headers = headers.copy()
-        headers.add("Age", str(int(age)))
+        added: CIMultiDict[str] = CIMultiDict([("Age", str(int(age)))])
         if self._hit_status:
-            headers.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
+            added.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
         ex.cache_status = "HIT"
         self.hits += 1
-        return Reply(entry.status, headers, BytesBody(entry.body), entry.reason)
+        # The stored fields go out pre-serialised unless an outer feature reads them.
+        return Reply(entry.status, added, BytesBody(entry.body), entry.reason, stored=entry)
 
     def _rules_for(self, ex: Exchange) -> Any:
         rules = self._rules.get(id(ex.route))
@@ -335,6 +335,10 @@ class CacheFeature:
         found = self.disk.lookup(key, extra, headers)
         if found is None:
             return None
+        # Stored by an earlier run, maybe under other hide_headers: clean as the proxy does now.
+        kept = self.clean.fields(found.fields)
+        if kept is not None:
+            found.set_headers(kept)
         if found.length <= self.max_object:
             data = self.disk.read_body(found)
             if data is None:

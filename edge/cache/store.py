@@ -25,6 +25,8 @@ from multidict import CIMultiDict
 
 from edge.cache.fields import Headers
 from edge.cache.key import vary_values
+from edge.http1 import field_lines
+from edge.pipeline import Wire
 
 # Bytes an entry costs beyond its body and header text (objects, dict slots).
 ENTRY_OVERHEAD = 600
@@ -49,6 +51,7 @@ class Entry:
     """One stored response (a variant of a primary key)."""
 
     __slots__ = (
+        "_wire",
         "auth_ok",
         "body",
         "date",
@@ -58,7 +61,6 @@ class Entry:
         "fields",
         "freq",
         "head_size",
-        "headers",
         "initial_age",
         "key",
         "last_modified",
@@ -90,10 +92,10 @@ class Entry:
         self.reason = reason
         self.vary: tuple[str, ...] = ()
         self.vary_values: tuple[str, ...] = ()
-        # The stored fields; the multidict a hit copies is built on the first hit, so
-        # entries never reused (most of a big cache) do not pay for it.
+        # The stored fields; their wire form is built on the first hit, so entries
+        # never reused (most of a big cache) do not pay for it.
         self.fields: tuple[tuple[str, str], ...] = ()
-        self.headers: CIMultiDict[str] | None = None
+        self._wire: Wire | None = None
         self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
         self.body: bytes | None = None
@@ -137,14 +139,21 @@ class Entry:
     def set_headers(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Keep these fields (already filtered for storage)."""
         self.fields, self.head_size = stored_fields(pairs)
-        self.headers = None
+        self._wire = None
+
+    @property
+    def wire(self) -> Wire:
+        """The stored fields as they go out ("Name: value\\r\\n" each); ValueError for a CR or LF."""
+        wire = self._wire
+        if wire is None:
+            names = {name.lower() for name, _ in self.fields}
+            data = field_lines(self.fields).encode("latin-1", "replace")
+            wire = self._wire = Wire(data, "date" in names, "server" in names)
+        return wire
 
     def reply_headers(self) -> CIMultiDict[str]:
         """A fresh multidict of the stored fields, for one reply."""
-        headers = self.headers
-        if headers is None:
-            headers = self.headers = CIMultiDict(self.fields)
-        return headers.copy()
+        return CIMultiDict(self.fields)
 
     @property
     def has_validator(self) -> bool:

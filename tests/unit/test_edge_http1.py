@@ -134,3 +134,72 @@ def test_chunk_sizes_are_plain_hex_on_both_sides() -> None:
     member = ResponseParser()
     with pytest.raises(UpstreamProtocolError, match="bad chunk size"):
         member.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n")
+
+
+# --- the whole-head fast path agrees with the line-by-line parser ---------------------------
+
+_HEAD_PIECES = st.sampled_from(
+    [
+        "GET / HTTP/1.1",
+        "CONNECT /x HTTP/1.1",
+        "CONNECT h:443 HTTP/1.1",
+        "GET /a?b=c HTTP/1.0",
+        "POST /x HTTP/1.1",
+        "GET  / HTTP/1.1",
+        "GET / HTTP/2.0",
+        "G@T / HTTP/1.1",
+        "GET http://h/ HTTP/1.1",
+        "GET /\x7f HTTP/1.1",
+        "GET /\xe9 HTTP/1.1",
+        "Host: a",
+        "Host: b",
+        "host:a",
+        "Host : a",
+        " Host: a",
+        "\tX: folded",
+        "X: a\rb",
+        "X: a\nb",
+        "X: \x01",
+        "X:\t tab \t",
+        "X:",
+        "X_Y: 1",
+        "Content-Length: 5",
+        "Content-Length: 5, 5",
+        "Content-Length: +5",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip, chunked",
+        "Connection: close",
+        "Connection: keep-alive",
+        "Expect: 100-continue",
+        "X: \xff\x80",
+        "",
+        "X: " + "v" * 120,
+    ]
+)
+
+
+def _outcome(parse: object, block: bytes, max_headers: int, max_field: int, proxy: bool) -> object:
+    try:
+        h = parse(block, max_headers, max_field, proxy)  # type: ignore[operator]
+    except ParseError as exc:
+        return ("error", exc.status)
+    return (h.method, h.raw_path, h.version, list(h.headers.items()), h.body_length, h.chunked,
+            h.keep_alive, h.expect_continue)  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(_HEAD_PIECES, min_size=1, max_size=7),
+    st.integers(1, 6),
+    st.sampled_from([40, 200, 8190]),
+    st.booleans(),
+)
+def test_fast_head_parser_agrees_with_line_parser(
+    pieces: list[str], max_headers: int, max_field: int, proxy: bool
+) -> None:
+    """Same head, same fields or same status, whichever of the two parsers reads it."""
+    from edge.http1 import _parse_head_lines, parse_head
+
+    block = "\r\n".join(pieces).encode("latin-1")
+    fast = _outcome(parse_head, block, max_headers, max_field, proxy)
+    assert fast == _outcome(_parse_head_lines, block, max_headers, max_field, proxy)
