@@ -104,6 +104,10 @@ def normalize_host(host: str) -> str:
     return host.rstrip(".")
 
 
+MEMO_SIZE = 4096
+_UNKNOWN = object()
+
+
 class RouteTable:
     """All routes, grouped by host tier."""
 
@@ -126,11 +130,24 @@ class RouteTable:
                 else:
                     self._exact.setdefault(h, _Tier()).add(route)
         self._wild = sorted(wild.items(), key=lambda kv: len(kv[0]), reverse=True)
+        # Recent (host, path, method) -> route: most traffic asks for a few paths again and again.
+        self._memo: dict[tuple[str, str, str], Route | object | None] = {}
         for tier in (*self._exact.values(), *wild.values(), self._any):
             tier.finish()
 
     def find(self, host: str, path: str, method: str) -> Route | None:
         """The route for a request, or None when nothing (not even a default) matches."""
+        key = (host, path, method)
+        memo = self._memo
+        found = memo.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = self._find(host, path, method)
+            if len(memo) >= MEMO_SIZE:  # bounded: hosts and paths are client-chosen
+                memo.clear()
+            memo[key] = found
+        return found  # type: ignore[return-value]
+
+    def _find(self, host: str, path: str, method: str) -> Route | None:
         tier = self._exact.get(host)
         if tier is not None:
             found = tier.find(path, method)

@@ -134,7 +134,7 @@ class Edge:
         without waiting (``now``, see edge/pipeline.py) the reply is written here,
         with no task; otherwise the rest becomes a coroutine for the connection.
         """
-        raw_host = request.host
+        raw_host = request.head.headers.get("Host", "")
         host = self._hosts.get(raw_host)
         if host is None:
             host = normalize_host(raw_host)
