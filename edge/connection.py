@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from multidict import CIMultiDictProxy
 
-from edge.http1 import BodyChunk, EndOfMessage, Head, RequestParser
+from edge.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser
 from edge.pipeline import Body, BytesBody
 
 if TYPE_CHECKING:
@@ -189,6 +189,9 @@ class ClientConnection(asyncio.Protocol):
 
     #: "https" on TLS listeners (edge/tls.py subclasses this); every Exchange carries it.
     scheme = "http"
+    #: A lone bodiless request skips the queue (data_received); off for subclasses that
+    #: hook request assembly (the forward listener's CONNECT).
+    inline = True
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -268,8 +271,37 @@ class ClientConnection(asyncio.Protocol):
             self._held += data  # not HTTP any more if the upgrade goes through
             return
         parser = self.parser
+        events = parser.feed(data)
+        if (
+            self.inline
+            and len(events) == 2
+            and events[1] is END
+            and type(head := events[0]) is Head
+            and not self.handling
+            and not self.queue
+            and not self._paused_writing  # a client slow to read waits (flow control): _serve
+            and parser.error is None
+            and "Upgrade" not in head.headers
+        ):
+            # The usual case, one whole request with no body and nothing else in hand: what
+            # _start, _complete and _serve would do for it, without the queue.
+            self._due = 0.0
+            self.handling = True
+            self.requests += 1
+            try:
+                rest = self.edge.answer_now(Request(head, self, None))
+            except Exception:
+                log.exception("connection failed while answering")
+                if self.transport is not None:
+                    self.transport.abort()
+                rest = None
+            if rest is not None:
+                self.edge.spawn(self._run(rest))
+            else:
+                self._served()
+            return
         reject = 0
-        for ev in parser.feed(data):
+        for ev in events:
             if type(ev) is BodyChunk:
                 self._body_size += len(ev.data)
                 if self._body_size > self.edge.config.edge.max_body_size:

@@ -74,6 +74,7 @@ class ForwardConnection(ClientConnection):
     """A client connection of the forward listener: CONNECT allowed, and tunnel accounting."""
 
     __slots__ = ("origin",)
+    inline = False  # _complete below holds what follows a CONNECT
 
     def __init__(self, proxy: ForwardProxy) -> None:
         # ClientConnection only uses what ForwardProxy provides (config, guard,

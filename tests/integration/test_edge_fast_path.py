@@ -171,3 +171,24 @@ async def test_a_hit_whose_stored_field_would_smuggle_a_line_is_refused() -> Non
         entry.set_headers([*entry.fields, ("X-Evil", "a\r\nSet-Cookie: stolen=1")])
         [(status, headers)] = await keep_alive_gets(edge.port, "/bad", 1)
         assert status == 502 and "set-cookie" not in headers and "x-evil" not in headers
+
+
+async def test_a_client_that_does_not_read_is_not_answered_into_an_unbounded_buffer() -> None:
+    body = "x" * (1 << 20)
+    cfg = {"route": [{"path": "/", "respond": 200, "body": body}]}
+    async with running_edge(cfg) as edge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        buffered = []
+        for _ in range(40):  # one request at a time, each after the edge had time to answer
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.02)
+            (conn,) = edge.connections
+            assert conn.transport is not None
+            buffered.append(conn.transport.get_write_buffer_size())
+        # 40 MiB asked for; held back once the kernel and one response's worth are full.
+        assert max(buffered) < 3 * len(body)
+        # And every answer still arrives once the client reads.
+        for _ in range(40):
+            resp = await asyncio.wait_for(read_response(reader), 10)
+            assert resp.status == 200 and len(resp.body) == len(body)
+        writer.close()
