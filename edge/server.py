@@ -134,13 +134,14 @@ class Edge:
         without waiting (``now``, see edge/pipeline.py) the reply is written here,
         with no task; otherwise the rest becomes a coroutine for the connection.
         """
-        raw_host = request.head.headers.get("Host", "")
+        head = request.head
+        raw_host = head.headers.get("Host", "")
         host = self._hosts.get(raw_host)
         if host is None:
             host = normalize_host(raw_host)
             if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
                 self._hosts[raw_host] = host
-        route = self.routes.find(host, request.path, request.method)
+        route = self.routes.find(host, head.path, head.method)
         if route is None:
             return self._send(request, None, None, not_found())
         ex = Exchange(request, route, host, request.remote, request.conn.scheme)
@@ -201,7 +202,7 @@ class Edge:
             else:
                 if reply.tunnel is not None:
                     conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
-                elif request.method == "HEAD" or reply.status in _NO_BODY_STATUS:
+                elif request.head.method == "HEAD" or reply.status in _NO_BODY_STATUS:
                     transport.write(head)
                 elif type(body) is BytesBody:
                     data = body.data
