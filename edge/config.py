@@ -572,6 +572,10 @@ class Config:
             return "tls.port: several workers need a fixed port"
         if sum(1 for r in self.route if r.default) > 1:
             return "route: only one route may be the default"
+        # Written into response fields: a CR or LF would start a line of its own.
+        for where, text in (("edge.server_header", self.edge.server_header), ("cache.name", self.cache.name)):
+            if any(c in text for c in "\r\n\0"):
+                return f"{where}: no CR, LF or NUL in a header value"
         if self.edge.workers > 1 and self.edge.port == 0:
             return "edge.workers: several workers need a fixed port"
         if self.forward.enabled and self.edge.workers > 1 and self.forward.port == 0:

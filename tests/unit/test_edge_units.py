@@ -36,6 +36,11 @@ def test_config_errors_name_the_key() -> None:
         from_dict({"edge": {"bogus": 1}}, "e.toml")
     with pytest.raises(ConfigError, match=r"route\[0\]\.regex"):
         from_dict({"route": [{"path": "/", "regex": "(", "respond": 200}]}, "e.toml")
+    # Written into every response: a CR or LF would smuggle a line in.
+    with pytest.raises(ConfigError, match=r"edge\.server_header: no CR, LF"):
+        from_dict({"edge": {"server_header": "x\r\nSet-Cookie: a=1"}}, "e.toml")
+    with pytest.raises(ConfigError, match=r"cache\.name: no CR, LF"):
+        from_dict({"cache": {"name": "c\nX: y"}}, "e.toml")
 
 
 def test_sample_config_is_valid() -> None:
