@@ -41,7 +41,6 @@ MAX_CHUNK_SIZE_DIGITS = 16
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) (/[\x21-\x7e\x80-\xff]*) (HTTP/1\.[01])\r\n")
 _FIELD_LINES = re.compile(rf"(?:{_TOKEN}:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_FIELD = re.compile(rf"({_TOKEN}):[ \t]*([\t\x20-\x7e\x80-\xff]*)\r\n")
 
 
 class ParseError(Exception):
@@ -126,10 +125,12 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
     if len(text) <= max_field:  # then no line is longer than max_field either
         line = _REQUEST_LINE.match(text)
         if line is not None and _FIELD_LINES.fullmatch(text, line.end()) is not None:
-            pairs = _FIELD.findall(text, line.end())
+            # Every line is now known to be token ":" value: the first colon ends the name.
+            fields = text[line.end() : -2].split("\r\n") if len(text) > line.end() else []
             method, target, version = line.groups()
-            if len(pairs) <= max_headers and not (proxy and method == "CONNECT"):
-                headers = CIMultiDict([(name, value.rstrip(" \t")) for name, value in pairs])
+            if len(fields) <= max_headers and not (proxy and method == "CONNECT"):
+                parts = [f.partition(":") for f in fields]
+                headers = CIMultiDict([(name, value.strip(" \t")) for name, _, value in parts])
                 return _head(method, target, version, headers, None, "", proxy)
     return _parse_head_lines(block, max_headers, max_field, proxy)
 
