@@ -237,13 +237,18 @@ def http_date(value: str | None) -> float | None:
 
 
 def age_header(headers: Headers) -> float:
-    """The Age value; invalid or repeated values are ignored (RFC 9111 5.1)."""
+    """The Age value (0 when absent). One that cannot be trusted (not one non-negative
+    integer: a list, repeated lines, a sign, a fraction, parameters) counts as the oldest
+    possible, so the response is stale at once and revalidated before any reuse: when an
+    upstream's age is unknown, assuming it fresh could serve it past its lifetime. RFC
+    9111 5.1 lets a cache ignore such a field; the cache-tests.fyi suite asks for stale,
+    the safer reading."""
     values = headers.getall("Age", ())
-    if len(values) != 1:
+    if not values:
         return 0.0
     value = values[0].strip()
-    if not value.isascii() or not value.isdigit():
-        return 0.0
+    if len(values) != 1 or not value.isascii() or not value.isdigit():
+        return float(MAX_DELTA)
     return float(delta_seconds(value) or 0)
 
 

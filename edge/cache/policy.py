@@ -218,8 +218,8 @@ def storable_fields(
 
 
 # Fields a 304 must not change in the stored response (RFC 9111 3.2): framing, and
-# what the stored body and its selection depend on.
-NOT_UPDATED = NOT_STORED | {"content-encoding", "content-range", "vary"}
+# what the stored body and its selection depend on (Content-MD5 is a digest of that body).
+NOT_UPDATED = NOT_STORED | {"content-encoding", "content-range", "content-md5", "vary"}
 
 
 def merge_not_modified(

@@ -101,10 +101,24 @@ def test_http_dates_in_all_three_formats() -> None:
 
 @pytest.mark.parametrize(
     ("values", "age"),
-    [(["30"], 30.0), (["abc"], 0.0), (["-5"], 0.0), (["7200.0"], 0.0), (["7200,0"], 0.0), (["1", "2"], 0.0)],
+    [
+        ([], 0.0),
+        (["30"], 30.0),
+        ([" 30 "], 30.0),
+        (["abc"], MAX_DELTA),
+        (["-5"], MAX_DELTA),
+        (["7200.0"], MAX_DELTA),
+        (["7200,0"], MAX_DELTA),
+        (["0, 0"], MAX_DELTA),
+        (["1", "2"], MAX_DELTA),
+        (["0", "0"], MAX_DELTA),
+        (["7200;foo=111"], MAX_DELTA),
+    ],
 )
-def test_invalid_or_repeated_age_is_ignored(values: list[str], age: float) -> None:
+def test_an_age_that_cannot_be_trusted_makes_the_response_stale(values: list[str], age: float) -> None:
     assert age_header(H(*[("Age", v) for v in values])) == age
+    policy = analyze(200, ("Cache-Control", "max-age=3600"), *[("Age", v) for v in values])
+    assert (policy.initial_age < policy.lifetime) == (age < 3600)
 
 
 def test_vary_names() -> None:
@@ -250,11 +264,30 @@ def test_fields_never_stored() -> None:
 
 
 def test_304_fields_replace_stored_ones_except_framing() -> None:
-    stored = [("Content-Type", "text/plain"), ("X-V", "1"), ("X-V", "1b"), ("ETag", '"a"'), ("Vary", "X")]
-    update = H(("X-V", "2"), ("Content-Length", "0"), ("Vary", "Y"), ("Content-Type", "text/html"))
+    stored = [
+        ("Content-Type", "text/plain"),
+        ("X-V", "1"),
+        ("X-V", "1b"),
+        ("ETag", '"a"'),
+        ("Vary", "X"),
+        ("Content-MD5", "stored=="),
+    ]
+    update = H(
+        ("X-V", "2"),
+        ("Content-Length", "0"),
+        ("Vary", "Y"),
+        ("Content-Type", "text/html"),
+        ("Content-MD5", "other=="),  # a digest of the stored body: a 304 cannot change it
+    )
     merged = merge_not_modified(stored, update, frozenset())
     assert sorted(merged) == sorted(
-        [("ETag", '"a"'), ("Vary", "X"), ("X-V", "2"), ("Content-Type", "text/html")]
+        [
+            ("ETag", '"a"'),
+            ("Vary", "X"),
+            ("X-V", "2"),
+            ("Content-Type", "text/html"),
+            ("Content-MD5", "stored=="),
+        ]
     )
 
 
