@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from multidict import CIMultiDictProxy
 
-from edge.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser
+from edge.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser, field_lines
 from edge.pipeline import Body, BytesBody
 
 if TYPE_CHECKING:
@@ -126,6 +126,15 @@ class Request:
         return h.get("Upgrade", "").lower() == protocol and "upgrade" in h.get("Connection", "").lower()
 
 
+def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:
+    """A head and a body in memory: one write when small (no waiting: flow control is the
+    caller's, before its next write)."""
+    if len(data) < 16384:
+        transport.write(head + data)
+    else:
+        transport.writelines((head, data))
+
+
 async def write_reply_body(conn: ClientConnection, head: bytes, body: Body, **context: Any) -> None:
     """Send a response head and its body: one write for small bodies, framed chunks when the
     length is unknown. A body that fails after the head went out aborts the connection: the
@@ -134,11 +143,7 @@ async def write_reply_body(conn: ClientConnection, head: bytes, body: Body, **co
     if transport is None:
         return
     if type(body) is BytesBody:
-        data = body.data
-        if len(data) < 16384:
-            transport.write(head + data)
-        else:
-            transport.writelines((head, data))
+        write_whole(transport, head, body.data)
         await conn.drain()
         return
     await conn.write(head)
@@ -287,14 +292,7 @@ class ClientConnection(asyncio.Protocol):
             # _start, _complete and _serve would do for it, without the queue.
             self._due = 0.0
             self.handling = True
-            self.requests += 1
-            try:
-                rest = self.edge.answer_now(Request(head, self, None))
-            except Exception:
-                log.exception("connection failed while answering")
-                if self.transport is not None:
-                    self.transport.abort()
-                rest = None
+            rest = self._answer(Request(head, self, None))
             if rest is not None:
                 self.edge.spawn(self._run(rest))
             else:
@@ -374,21 +372,31 @@ class ClientConnection(asyncio.Protocol):
             if self._paused_writing:
                 self.edge.spawn(self._run(None))
                 return
-            request = queue.popleft()
-            if self._paused_reading and len(queue) < MAX_PIPELINED // 2:
-                self._resume_reading()
-            self.requests += 1
-            try:
-                rest = self.edge.answer_now(request)
-            except Exception:
-                log.exception("connection failed while answering")
-                if self.transport is not None:
-                    self.transport.abort()
-                break
+            rest = self._answer(self._next_request())
             if rest is not None:
                 self.edge.spawn(self._run(rest))
                 return
         self._served()
+
+    def _next_request(self) -> Request:
+        assert self.queue
+        request = self.queue.popleft()
+        if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
+            self._resume_reading()
+        return request
+
+    def _answer(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer one request at once where the pipeline can; what is left to await, if any.
+        A failure here is the edge's own: logged, and the connection is dropped."""
+        self.requests += 1
+        try:
+            return self.edge.answer_now(request)
+        except Exception:
+            log.exception("connection failed while answering")
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return None
 
     async def _run(self, rest: Coroutine[Any, Any, None] | None) -> None:
         """The rest of a request that had to wait, then the queue behind it; ends when it is empty."""
@@ -397,11 +405,7 @@ class ClientConnection(asyncio.Protocol):
                 await rest
             while self.queue and not self.closing and self.tunnel is None:
                 await self.drain()
-                request = self.queue.popleft()
-                if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
-                    self._resume_reading()
-                self.requests += 1
-                rest = self.edge.answer_now(request)
+                rest = self._answer(self._next_request())
                 if rest is not None:
                     await rest
         except ConnectionError:
@@ -493,9 +497,10 @@ class ClientConnection(asyncio.Protocol):
             reason = _REASONS.get(status, "Unknown")
         elif "\r" in reason or "\n" in reason:
             raise ValueError("CR or LF inside a reason phrase")
-        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        # Fields from features or members are checked (field_lines); the edge's own below are not.
+        lines = [field_lines(headers.items())]
         if extra:
-            lines += [f"{name}: {value}\r\n" for name, value in extra]
+            lines.append(field_lines(extra))
         if server_line:
             lines.append(server_line)
         if not dated:
@@ -511,9 +516,6 @@ class ClientConnection(asyncio.Protocol):
         elif request.head.version == "HTTP/1.0":
             lines.append("Connection: keep-alive\r\n")
         text = "".join(lines)
-        # Header values from features or members must not smuggle lines in.
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-            raise ValueError("CR or LF inside a response header")
         first = _STATUS_LINES.get((status, reason))
         if first is None:
             first = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")

@@ -137,7 +137,7 @@ class HeaderHygiene:
         host = incoming.get("Host", "")
         if trusted:
             previous = incoming.getall("X-Forwarded-For", [])
-            ex.client_ip = self.trusted.client_of(peer, previous)
+            self._set_client(ex)
             chain = ", ".join([*previous, peer]) if previous else peer
             out["X-Forwarded-For"] = chain
             out.setdefault("X-Forwarded-Proto", ex.scheme)
@@ -161,11 +161,14 @@ class HeaderHygiene:
         """Only a cache hit answers a pool route at once: it needs the client address, not the
         upstream headers (built by __call__ when the request does go upstream)."""
         if ex.route.kind == "pool":
-            peer = ex.request.remote
-            if self.trusted.networks and self.trusted.is_trusted(peer):
-                forwarded = ex.request.headers.getall("X-Forwarded-For", [])
-                ex.client_ip = self.trusted.client_of(peer, forwarded)
+            self._set_client(ex)
         return call_next(ex)
+
+    def _set_client(self, ex: Exchange) -> None:
+        """ex.client_ip: the peer, or the client a trusted proxy in front speaks for."""
+        peer = ex.request.remote
+        if self.trusted.networks and self.trusted.is_trusted(peer):
+            ex.client_ip = self.trusted.client_of(peer, ex.request.headers.getall("X-Forwarded-For", []))
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
         if ex.route.kind == "pool":

@@ -22,7 +22,7 @@ from carousel.admin import AdminServer
 from carousel.etcd import Etcd, EtcdAuthError, EtcdError
 from carousel.registry import Keys
 from edge.config import Config
-from edge.connection import ClientConnection, Request, write_reply_body
+from edge.connection import ClientConnection, Request, write_reply_body, write_whole
 from edge.dos import DosDetector
 from edge.errors import error_reply
 from edge.forward import ForwardProxy
@@ -154,12 +154,6 @@ class Edge:
             return self._answer_later(request, route, ex)
         return self._send(request, route, ex, reply)
 
-    async def answer(self, request: Request) -> None:
-        """Route a complete request, run the pipeline, write the reply."""
-        rest = self.answer_now(request)
-        if rest is not None:
-            await rest
-
     async def _answer_later(self, request: Request, route: Route, ex: Exchange) -> None:
         try:
             reply = await self.handle(ex)
@@ -205,11 +199,7 @@ class Edge:
                 elif request.head.method == "HEAD" or reply.status in _NO_BODY_STATUS:
                     transport.write(head)
                 elif type(body) is BytesBody:
-                    data = body.data
-                    if len(data) < 16384:
-                        transport.write(head + data)
-                    else:
-                        transport.writelines((head, data))
+                    write_whole(transport, head, body.data)
                 else:
                     return self._stream(request, route, ex, reply, head, keep_alive)
         self._done(request, route, ex, reply, keep_alive)
