@@ -60,8 +60,9 @@ def registry_view(feed: RegistryFeed) -> RegistryView:
 
 
 def health(feed: RegistryFeed) -> tuple[bool, str]:
-    """200 once the first snapshot is in; etcd being away later is reported, not fatal."""
-    if not feed.mirror.synced.is_set():
+    """200 once answers come from the first snapshot; etcd being away later is reported, not fatal."""
+    # The table, not the mirror: the mirror is synced one loop step before its table is built.
+    if not feed.table.synced:
         return False, "waiting for the first registry snapshot"
     age = feed.mirror.seconds_since_sync
     if feed.mirror.connected:
