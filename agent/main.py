@@ -30,7 +30,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from agent.checks import CheckResult, HealthCheck, RiseFall
-from agent.config import Config, ServiceConfig
+from agent.config import Config, ServiceConfig, load
 from agent.lease import LeaseKeeper, LeaseTooShort
 from carousel.admin import AdminServer
 from carousel.etcd import Etcd, EtcdAuthError, EtcdError
@@ -343,6 +343,11 @@ class Agent:
             await asyncio.wait_for(self._settled.wait(), limit)
         except TimeoutError:
             log.warning("registry not updated in time; the lease will expire the keys", limit=limit)
+
+
+def load_config(path: str) -> Config:
+    """Read and check an agent config file (a ConfigError names the file and key)."""
+    return load(path)
 
 
 def run(config: Config, config_path: str | None = None) -> int:

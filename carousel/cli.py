@@ -4,7 +4,9 @@ Daemon packages are imported only when their subcommand runs, so
 `carousel status` does not pay for the edge's imports.
 
 Each daemon package (agent, dnsd, edge, sampleapp) exposes:
-    <pkg>.config.load(path) -> Config       raises carousel.config.ConfigError
+    <pkg>.main.load_config(path) -> Config   the schema (<pkg>/config.py), then the checks that
+                                             need the daemon's parts (zones compile, certificates
+                                             load, modules import); raises carousel.config.ConfigError
     <pkg>.main.run(config, config_path) -> int   runs until stopped; returns the exit status
 """
 
@@ -31,8 +33,8 @@ def _fail_config(exc: ConfigError) -> int:
 
 def load_daemon_config(kind: str, path: str) -> Any:
     """Load the config of daemon ``kind`` (agent, dnsd, edge, app)."""
-    module = importlib.import_module(f"{DAEMONS[kind]}.config")
-    return module.load(path)
+    module = importlib.import_module(f"{DAEMONS[kind]}.main")
+    return module.load_config(path)
 
 
 def guess_kind(path: str) -> str:

@@ -27,7 +27,7 @@ from carousel.etcd import EtcdAuthError, EtcdError
 from carousel.logs import setup_logging
 from dnsd import wire
 from dnsd.build import TableBuilder
-from dnsd.config import Config
+from dnsd.config import Config, load
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
 from dnsd.stats import DnsCollector, RegistryView
@@ -220,6 +220,11 @@ def run_loop(main: Any) -> int:
     except ImportError:
         return int(asyncio.run(main))
     return int(uvloop.run(main))
+
+
+def load_config(path: str) -> Config:
+    """Read and check a dnsd config file (a ConfigError names the file and key)."""
+    return load(path)
 
 
 def run(config: Config, config_path: str) -> int:

@@ -19,12 +19,17 @@ import time
 import structlog
 
 from carousel.logs import setup_logging
-from edge.config import Config
+from edge.config import Config, load
 from edge.server import Edge
 
 log = structlog.get_logger("carousel.edge")
 
 EXIT_CONFIG = 2
+
+
+def load_config(path: str) -> Config:
+    """Read and check an edge config file (a ConfigError names the file and key)."""
+    return load(path)
 
 
 async def serve(config: Config, worker: int = 0) -> int:

@@ -25,7 +25,7 @@ from aiohttp import web
 from carousel.admin import bound_port as _bound_port
 from carousel.config import ConfigError
 from carousel.logs import setup_logging
-from sampleapp.config import Config
+from sampleapp.config import Config, load
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = sorted(str(p.relative_to(STATIC_DIR)) for p in STATIC_DIR.rglob("*") if p.is_file())
@@ -237,6 +237,11 @@ async def serve(config: Config) -> int:
     await stop.wait()
     await runner.cleanup()
     return 0
+
+
+def load_config(path: str) -> Config:
+    """Read and check a sample app config file (a ConfigError names the file and key)."""
+    return load(path)
 
 
 def run(config: Config, config_path: str | None = None) -> int:

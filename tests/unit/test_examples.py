@@ -40,8 +40,8 @@ def _option_paths(cls: type, prefix: str = "") -> list[str]:
 def test_example_config_loads_and_lists_every_option(kind: str):
     path = EXAMPLES / f"{kind}.toml"
     assert path.exists(), f"{path} is the configuration reference of `carousel {kind}`"
-    module = importlib.import_module(f"{DAEMONS[kind]}.config")
-    module.load(str(path))
+    module = importlib.import_module(f"{DAEMONS[kind]}.main")
+    module.load_config(str(path))
     text = path.read_text()
     missing = [
         p
