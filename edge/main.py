@@ -19,8 +19,8 @@ import time
 import structlog
 
 from carousel.logs import setup_logging
-from edge.config import Config, load
-from edge.server import Edge
+from edge.core.config import Config, load
+from edge.front.server import Edge
 
 log = structlog.get_logger("carousel.edge")
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from edge.config import from_dict
-from edge.server import Edge
+from edge.core.config import from_dict
+from edge.front.server import Edge
 
 
 @asynccontextmanager

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge.cache import CacheFeature
-from edge.cache.testing import ScriptedOrigin, edge_config
-from edge.server import Edge
+from edge.features.cache import CacheFeature
+from edge.features.cache.testing import ScriptedOrigin, edge_config
+from edge.front.server import Edge
 from edge.testing import running_edge
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,9 +15,9 @@ from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
 from carousel.etcdserver import free_port
 from carousel.ops import publish_purge
-from edge.cache import CacheFeature
-from edge.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
-from edge.server import Edge
+from edge.features.cache import CacheFeature
+from edge.features.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
+from edge.front.server import Edge
 from edge.testing import running_edge
 from tests.procs import ProcessGroup
 

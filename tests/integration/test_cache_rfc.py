@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.cache.testing import ScriptedOrigin, origin_and_edge
-from edge.server import Edge
+from edge.features.cache.testing import ScriptedOrigin, origin_and_edge
+from edge.front.server import Edge
 
 pytestmark = pytest.mark.timeout(60)
 

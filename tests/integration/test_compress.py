@@ -15,7 +15,7 @@ import brotli
 import pytest
 from aiohttp import web
 
-from edge.cache.testing import ScriptedOrigin, origin_and_edge
+from edge.features.cache.testing import ScriptedOrigin, origin_and_edge
 from edge.testing import running_edge
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from edge.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
-from edge.pipeline import Exchange, Handler, NowHandler, Reply
-from edge.server import Edge
+from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
+from edge.features.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
+from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from carousel.etcdserver import free_port
-from edge.pipeline import BytesBody, Exchange, Handler, Reply
+from edge.core.pipeline import BytesBody, Exchange, Handler, Reply
 from edge.testing import raw_request, running_edge
 from sampleapp.main import start_app
 from tests.procs import ProcessGroup, wait_for

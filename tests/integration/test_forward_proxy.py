@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from carousel.etcdserver import free_port
-from edge.forward.auth import hash_password
-from edge.server import Edge
+from edge.front.forward.auth import hash_password
+from edge.front.server import Edge
 from edge.testing import raw_request, running_edge
 from sampleapp.main import start_app
 from tests.procs import ProcessGroup, wait_for
@@ -237,7 +237,7 @@ async def test_the_origin_never_sees_the_client_address(origin: int) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("edge.cache") is None,
+    importlib.util.find_spec("edge.features.cache") is None,
     reason="the RFC 9111 cache (edge/cache/, issue 5) is not in this tree; "
     "the forward chain adds it once it is",
 )

@@ -17,8 +17,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from edge.config import from_dict
-from edge.server import Edge
+from edge.core.config import from_dict
+from edge.front.server import Edge
 from edge.testing import read_response, running_edge
 from tests.integration.test_forward_proxy import curl, forward, metrics
 

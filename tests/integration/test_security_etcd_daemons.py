@@ -254,7 +254,7 @@ async def test_edge_admin_is_loopback_by_default_and_needs_a_token_when_exposed(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:
     from carousel.config import ConfigError
-    from edge.config import from_dict
+    from edge.core.config import from_dict
 
     assert from_dict({}).admin.host == "127.0.0.1"
     with pytest.raises(ConfigError, match=r"admin\.token: an admin listener off loopback requires a token"):

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from edge.cache.fields import (
+from edge.core.config import RouteConfig
+from edge.features.cache.fields import (
     INVALID,
     MAX_DELTA,
     age_header,
@@ -19,8 +20,8 @@ from edge.cache.fields import (
     parse_targeted,
     vary_names,
 )
-from edge.cache.key import KeyRule, accepted_codings, url_key, vary_value
-from edge.cache.policy import (
+from edge.features.cache.key import KeyRule, accepted_codings, url_key, vary_value
+from edge.features.cache.policy import (
     HeuristicRule,
     analyze_response,
     fresh_enough,
@@ -29,7 +30,6 @@ from edge.cache.policy import (
     parse_request,
     storable_fields,
 )
-from edge.config import RouteConfig
 
 NOW = 1_800_000_000.0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from edge.cache.coalesce import Coalescer, HitForMiss
-from edge.cache.store import ENTRY_OVERHEAD, Entry, MemoryStore
+from edge.features.cache.coalesce import Coalescer, HitForMiss
+from edge.features.cache.store import ENTRY_OVERHEAD, Entry, MemoryStore
 
 
 def entry(key: str, size: int = 1000, *, extra: str = "", tags: frozenset[str] = frozenset()) -> Entry:

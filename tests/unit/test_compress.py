@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import brotli
 from multidict import CIMultiDict
 
-from edge.compress import CompressedStream, Compression, _add_vary
-from edge.config import from_dict
-from edge.pipeline import Body, BytesBody, Reply
+from edge.core.config import from_dict
+from edge.core.pipeline import Body, BytesBody, Reply
+from edge.features.compress import CompressedStream, Compression, _add_vary
 
 
 def compression(**options: object) -> Compression:

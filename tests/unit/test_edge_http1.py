@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser, chunk_size
-from edge.upstream import ResponseParser, UpstreamProtocolError
+from edge.http.http1 import BodyChunk, EndOfMessage, Head, ParseError, RequestParser, chunk_size
+from edge.upstream.client import ResponseParser, UpstreamProtocolError
 
 
 def parse(data: bytes, step: int = 0) -> list[object]:
@@ -198,7 +198,7 @@ def test_fast_head_parser_agrees_with_line_parser(
     pieces: list[str], max_headers: int, max_field: int, proxy: bool
 ) -> None:
     """Same head, same fields or same status, whichever of the two parsers reads it."""
-    from edge.http1 import _parse_head_lines, parse_head
+    from edge.http.http1 import _parse_head_lines, parse_head
 
     block = "\r\n".join(pieces).encode("latin-1")
     fast = _outcome(parse_head, block, max_headers, max_field, proxy)

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from carousel.config import ConfigError
 from carousel.registry import Keys
-from edge.balancer import ConsistentHash, LeastConnections, SmoothRoundRobin
-from edge.config import from_dict
-from edge.headers import TrustedProxies, connection_tokens
-from edge.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
-from edge.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
-from edge.routing import RouteTable, normalize_host
-from edge.static import parse_range, safe_relative_path
-from edge.upstream import ResponseParser, UpstreamProtocolError, serialize_request
+from edge.core.config import from_dict
+from edge.core.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
+from edge.core.routing import RouteTable, normalize_host
+from edge.features.headers import TrustedProxies, connection_tokens
+from edge.features.static import parse_range, safe_relative_path
+from edge.upstream.balancer import ConsistentHash, LeastConnections, SmoothRoundRobin
+from edge.upstream.client import ResponseParser, UpstreamProtocolError, serialize_request
+from edge.upstream.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 
 # --- config ------------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def test_config_errors_name_the_key() -> None:
 def test_sample_config_is_valid() -> None:
     from pathlib import Path
 
-    from edge.config import load
+    from edge.core.config import load
 
     cfg = load(str(Path(__file__).parents[2] / "deploy/examples/edge.toml"))
     assert cfg.route and cfg.pool
@@ -179,15 +179,20 @@ def test_connection_tokens_and_trusted_chain() -> None:
 def test_feature_order_is_declared_once() -> None:
     # The documented order: cheap refusals first, headers cleaned before user features see
     # the request, compression inside the cache so compressed variants are stored.
-    expected = ["edge.dos:feature", "edge.tls:feature", "edge.headers:feature", USER_FEATURES]
-    expected += ["edge.cache:feature", "edge.compress:feature"]
+    expected = [
+        "edge.features.dos:feature",
+        "edge.front.tls:feature",
+        "edge.features.headers:feature",
+        USER_FEATURES,
+    ]
+    expected += ["edge.features.cache:feature", "edge.features.compress:feature"]
     assert list(FEATURE_ORDER) == expected
     assert len(set(FEATURE_ORDER)) == len(FEATURE_ORDER)
-    assert callable(load_factory("edge.headers:feature"))
+    assert callable(load_factory("edge.features.headers:feature"))
     with pytest.raises(ValueError, match="cannot import"):
         load_factory("no.such.module:f")
     with pytest.raises(ValueError, match="no callable"):
-        load_factory("edge.headers:nothing")
+        load_factory("edge.features.headers:nothing")
 
 
 # --- balancers ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import base64
 import pytest
 
 from carousel.config import ConfigError
-from edge.config import DomainListConfig, ForwardConfig, from_dict
-from edge.forward.auth import (
+from edge.core.config import DomainListConfig, ForwardConfig, from_dict
+from edge.front.forward.auth import (
     ProxyAuthenticator,
     check_stored,
     hash_password,
@@ -17,8 +17,8 @@ from edge.forward.auth import (
     parse_basic,
     verify_password,
 )
-from edge.forward.chain import ForwardHeaders
-from edge.forward.policy import (
+from edge.front.forward.chain import ForwardHeaders
+from edge.front.forward.policy import (
     BadTarget,
     DestinationPolicy,
     NameList,
@@ -27,7 +27,7 @@ from edge.forward.policy import (
     format_authority,
     parse_authority,
 )
-from edge.http1 import Head, ParseError, RequestParser
+from edge.http.http1 import Head, ParseError, RequestParser
 
 # --- targets ---------------------------------------------------------------------------
 

@@ -17,14 +17,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from carousel.config import ConfigError
 from carousel.registry import BanRecord
-from edge.config import from_dict
-from edge.connection import Request
-from edge.dos import BanTable, ClientKeys, DosDetector, _Client
-from edge.http1 import Head, RequestParser
-from edge.limits import ConnectionGuard
-from edge.passthrough import PROXY_V2_SIGNATURE, NotClientHello, parse_client_hello, proxy_header
-from edge.pipeline import BytesBody, Exchange, Reply
-from edge.tls import CertificateStore, HttpsPolicy, check_certificate
+from edge.core.config import from_dict
+from edge.core.limits import ConnectionGuard
+from edge.core.pipeline import BytesBody, Exchange, Reply
+from edge.features.dos import BanTable, ClientKeys, DosDetector, _Client
+from edge.front.connection import Request
+from edge.front.passthrough import PROXY_V2_SIGNATURE, NotClientHello, parse_client_hello, proxy_header
+from edge.front.tls import CertificateStore, HttpsPolicy, check_certificate
+from edge.http.http1 import Head, RequestParser
 
 # --- ClientHello parsing -----------------------------------------------------------------
 

@@ -1,8 +1,0 @@
-"""The edge's RFC 9111 shared cache: policy (rules), key, store (memory), disk, coalesce, purge, feature.
-
-``edge.cache:feature`` is the pipeline factory (see edge/pipeline.py FEATURE_ORDER).
-"""
-
-from edge.cache.feature import CacheFeature, feature
-
-__all__ = ["CacheFeature", "feature"]

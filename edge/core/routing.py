@@ -1,0 +1,162 @@
+"""The route table, compiled once at load: (host, path, method) -> Route.
+
+Matching rules, in order:
+
+1. Host tiers: routes naming the exact host, then wildcard routes (the longest
+   matching ``*.suffix`` first), then routes for any host. The first tier that
+   yields a match wins, so a host-specific table is never shadowed by a
+   catch-all one.
+2. Within a tier: regex routes in file order (first match wins), then the
+   longest path prefix; equal prefixes keep file order. A prefix ending in
+   ``/`` matches anything under it; ``/api`` matches ``/api`` and ``/api/...``
+   but not ``/apix``.
+3. A route listing methods only matches those methods.
+4. Nothing matched: the default route if one is configured, else None (404).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edge.core.config import RouteConfig
+
+TargetKind = Literal["pool", "static", "redirect", "respond"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route; ``config`` keeps every option of the target."""
+
+    name: str
+    kind: TargetKind
+    config: RouteConfig
+    prefix: str
+    regex: re.Pattern[str] | None
+    methods: frozenset[str] | None
+    extra_headers: tuple[tuple[str, str], ...] = field(default=())
+
+    def matches_path(self, path: str) -> bool:
+        """True if this route's path rule accepts ``path``."""
+        if self.regex is not None:
+            return self.regex.search(path) is not None
+        p = self.prefix
+        if p.endswith("/"):
+            return path.startswith(p)
+        return path == p or path.startswith(p + "/")
+
+
+def compile_route(cfg: RouteConfig, index: int) -> Route:
+    """Turn one `[[route]]` table into a Route."""
+    if cfg.pool:
+        kind: TargetKind = "pool"
+    elif cfg.static:
+        kind = "static"
+    elif cfg.redirect:
+        kind = "redirect"
+    else:
+        kind = "respond"
+    return Route(
+        name=cfg.name or f"route{index}",
+        kind=kind,
+        config=cfg,
+        prefix=cfg.path,
+        regex=re.compile(cfg.regex) if cfg.regex else None,
+        methods=frozenset(m.upper() for m in cfg.methods) if cfg.methods else None,
+        extra_headers=tuple(cfg.headers.items()),
+    )
+
+
+class _Tier:
+    """The routes of one host tier, ordered for lookup."""
+
+    __slots__ = ("prefixed", "regexes")
+
+    def __init__(self) -> None:
+        self.regexes: list[Route] = []
+        self.prefixed: list[Route] = []
+
+    def add(self, route: Route) -> None:
+        (self.regexes if route.regex is not None else self.prefixed).append(route)
+
+    def finish(self) -> None:
+        # Longest prefix first; sort is stable, so equal prefixes keep file order.
+        self.prefixed.sort(key=lambda r: len(r.prefix), reverse=True)
+
+    def find(self, path: str, method: str) -> Route | None:
+        for r in self.regexes:
+            if (r.methods is None or method in r.methods) and r.matches_path(path):
+                return r
+        for r in self.prefixed:
+            if (r.methods is None or method in r.methods) and r.matches_path(path):
+                return r
+        return None
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, without port or trailing dot ('[::1]:80' -> '[::1]')."""
+    host = host.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    host = host.rpartition(":")[0] if ":" in host else host
+    return host.rstrip(".")
+
+
+MEMO_SIZE = 4096
+_UNKNOWN = object()
+
+
+class RouteTable:
+    """All routes, grouped by host tier."""
+
+    def __init__(self, routes: list[RouteConfig]) -> None:
+        self.routes = [compile_route(cfg, i) for i, cfg in enumerate(routes)]
+        self._exact: dict[str, _Tier] = {}
+        self._wild: list[tuple[str, _Tier]] = []  # (".example.test", tier), longest first
+        self._any = _Tier()
+        self.default: Route | None = None
+        wild: dict[str, _Tier] = {}
+        for route in self.routes:
+            if route.config.default:
+                self.default = route
+            if not route.config.hosts:
+                self._any.add(route)
+            for h in route.config.hosts:
+                h = h.lower().rstrip(".")
+                if h.startswith("*."):
+                    wild.setdefault(h[1:], _Tier()).add(route)
+                else:
+                    self._exact.setdefault(h, _Tier()).add(route)
+        self._wild = sorted(wild.items(), key=lambda kv: len(kv[0]), reverse=True)
+        # Recent (host, path, method) -> route: most traffic asks for a few paths again and again.
+        self._memo: dict[tuple[str, str, str], Route | object | None] = {}
+        for tier in (*self._exact.values(), *wild.values(), self._any):
+            tier.finish()
+
+    def find(self, host: str, path: str, method: str) -> Route | None:
+        """The route for a request, or None when nothing (not even a default) matches."""
+        key = (host, path, method)
+        memo = self._memo
+        found = memo.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = self._find(host, path, method)
+            if len(memo) >= MEMO_SIZE:  # bounded: hosts and paths are client-chosen
+                memo.clear()
+            memo[key] = found
+        return found  # type: ignore[return-value]
+
+    def _find(self, host: str, path: str, method: str) -> Route | None:
+        tier = self._exact.get(host)
+        if tier is not None:
+            found = tier.find(path, method)
+            if found is not None:
+                return found
+        for suffix, tier in self._wild:
+            if host.endswith(suffix):
+                found = tier.find(path, method)
+                if found is not None:
+                    return found
+        found = self._any.find(path, method)
+        return found if found is not None else self.default

@@ -1,0 +1,8 @@
+"""The edge's RFC 9111 shared cache: policy (rules), key, store (memory), disk, coalesce, purge, feature.
+
+``edge.cache:feature`` is the pipeline factory (see edge/pipeline.py FEATURE_ORDER).
+"""
+
+from edge.features.cache.feature import CacheFeature, feature
+
+__all__ = ["CacheFeature", "feature"]

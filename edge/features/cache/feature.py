@@ -1,0 +1,582 @@
+"""The `cache` pipeline feature: lookup, hit, coalesced miss, revalidation, stale serving, storing.
+
+Theory of operation
+-------------------
+Only GET and HEAD on routes with the cache on are looked up. The hit path
+builds the primary key (one f-string), finds the newest matching variant in
+the memory tier, computes its age (two float operations) and answers with the
+stored fields, serialised once per entry (edge/pipeline.py ``Reply``), plus
+Age and Cache-Status. Nothing is parsed unless the request carries
+Cache-Control, Pragma, conditionals or Range. The hit path is synchronous
+(``now``): the edge answers it from ``data_received``, with no task.
+
+A miss (or a stale entry that must be revalidated) goes upstream once per key:
+the first request leads (edge/cache/coalesce.py), the others wait for it and
+look again. The leader strips the client's own validators (the cache answers
+those itself from the full response) and, for a stale entry, sends the
+entry's validators: a 304 freshens the stored response in place (RFC 9111 3.2
+merge), a 200 replaces it. A stale entry within stale-while-revalidate is
+served at once while a single background refresh runs; within stale-if-error
+it stands in for an origin error (5xx or no member).
+
+Unsafe methods with a non-error answer invalidate their URL and the
+same-origin Location / Content-Location (RFC 9111 4.4). PURGE (from
+``purge_from`` networks), the admin route and cluster events from etcd
+(edge/cache/purge.py) remove entries by URL, prefix or Surrogate-Key tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from math import floor
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from edge.core.errors import error_reply
+from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
+from edge.features.cache.admit import Admission
+from edge.features.cache.coalesce import Coalescer, HitForMiss
+from edge.features.cache.disk import DiskStore
+from edge.features.cache.key import DEFAULT_RULE, KeyRule, vary_values
+from edge.features.cache.policy import (
+    SAFE_METHODS,
+    RequestRules,
+    fresh_enough,
+    not_modified,
+    parse_request,
+)
+from edge.features.cache.purge import Purges, PurgeWatcher
+from edge.features.cache.respond import from_entry, not_modified_from
+from edge.features.cache.store import Entry, MemoryStore
+from edge.features.headers import ResponseCleaner, TrustedProxies
+from edge.front.connection import Request
+from edge.http.http1 import Head
+
+if TYPE_CHECKING:
+    from edge.core.config import Config
+    from edge.core.routing import Route
+
+log = structlog.get_logger("carousel.edge.cache")
+
+# Errors a stale response may stand in for (RFC 5861 section 4).
+STALE_ERRORS = frozenset({500, 502, 503, 504})
+_CLIENT_VALIDATORS = ("If-None-Match", "If-Modified-Since")
+
+
+class RouteRules:
+    """A route's cache options, compiled once."""
+
+    __slots__ = ("key", "plain", "set_cookie")
+
+    def __init__(self, route: Route) -> None:
+        self.key = KeyRule(route.config)
+        # WebSocket routes take the slower path, which lets Upgrade requests through.
+        self.plain = self.key.plain and not self.key.has_extra and not route.config.websocket
+        self.set_cookie = route.config.cache_set_cookie
+
+
+_OFF = object()
+
+
+class CacheFeature:
+    """The cache, one per worker: a memory tier, an optional shared disk tier, coalescing, purges."""
+
+    def __init__(self, config: Config, ctx: EdgeContext) -> None:
+        c = config.cache
+        self.config = config
+        self.name = c.name
+        self.store = MemoryStore(c.memory_size, c.max_variants)
+        self.max_object = c.max_object_size
+        self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
+        self.coalescer = Coalescer()
+        self.hit_for_miss = HitForMiss(c.hit_for_miss)
+        self.admission = Admission(config, self.store, self.disk)
+        self.purges = Purges(config, self.store, self.disk)
+        self.purgers = TrustedProxies(c.purge_from)
+        self.clean = ResponseCleaner(config)
+        self.honor_client = c.honor_client_cache_control
+        self._rules: dict[int, Any] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._counts: dict[str, int] = {}
+        self.hits = 0  # plain hits, kept apart from `counts` to save the hit path a dict update
+        self._hit_status = f"{self.name}; hit; ttl=" if self.name else ""
+        self.started = time.time()
+        self.purger = PurgeWatcher(config, self) if c.cluster_purge else None
+        metrics = getattr(ctx, "metrics", None)
+        if metrics is not None:
+            from edge.features.cache.metrics import register
+
+            register(metrics.registry, self)
+
+    # --- lifecycle (Edge.start/stop call these) -----------------------------------------
+
+    async def start(self) -> None:
+        """Start background work: the cluster purge watch."""
+        if self.purger is not None and not self.purger.running:
+            self.purger.start()
+
+    async def stop(self) -> None:
+        """Stop background work: the purge watch, refreshes, disk writes."""
+        if self.purger is not None:
+            await self.purger.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.disk is not None:
+            await self.disk.flush()
+            self.disk.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, what: str) -> None:
+        self._counts[what] = self._counts.get(what, 0) + 1
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Lookups by outcome (HIT, MISS, STORED, UPDATING, ...), read at scrape time."""
+        counts = dict(self._counts)
+        counts["HIT"] = counts.get("HIT", 0) + self.hits
+        return counts
+
+    # --- the pipeline step --------------------------------------------------------------
+
+    def _compile(self, route: Route) -> Any:
+        cfg = route.config
+        on = cfg.cache if cfg.cache is not None else (route.kind == "pool" and cfg.buffering)
+        rules = RouteRules(route) if on else _OFF
+        self._rules[id(route)] = rules
+        return rules
+
+    def _fresh_hit(self, ex: Exchange, rules: Any) -> Reply | None:
+        """The hit path: one key, one dict lookup, two float operations, the stored fields
+        sent as serialised when stored; no parsing. None for anything else (then _lookup_or_fetch)."""
+        head = ex.request.head
+        h = head.headers
+        if not rules.plain or "Cache-Control" in h or "Pragma" in h or "Authorization" in h:
+            return None
+        variants = self.store.index.get(f"{ex.scheme}://{ex.host}{head.raw_path}")
+        if variants is None:
+            return None
+        # Compressed variants, Vary: Accept-Language, ...: pick the one this request selects.
+        entry = variants[0] if not variants[0].vary else _select(variants, h)
+        if entry is None or entry.no_cache or entry.body is None:
+            return None
+        age = entry.initial_age + (time.time() - entry.response_time)
+        ttl = entry.lifetime - age
+        if ttl <= 0:
+            return None
+        if "If-None-Match" in h or "If-Modified-Since" in h or "Range" in h:
+            return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
+        if entry.freq < 3:
+            entry.freq += 1
+        added: CIMultiDict[str] = CIMultiDict([("Age", str(int(age)))])
+        if self._hit_status:
+            added.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
+        ex.cache_status = "HIT"
+        self.hits += 1
+        # The stored fields go out pre-serialised unless an outer feature reads them.
+        return Reply(entry.status, added, BytesBody(entry.body), entry.reason, stored=entry)
+
+    def _rules_for(self, ex: Exchange) -> Any:
+        rules = self._rules.get(id(ex.route))
+        return self._compile(ex.route) if rules is None else rules
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        """Answer fresh hits and purges at once; everything that may go upstream waits (None)."""
+        method = ex.request.head.method
+        rules = self._rules_for(ex)
+        if method == "GET" or method == "HEAD":
+            return self._fresh_hit(ex, rules) if rules is not _OFF else call_next(ex)
+        if method == "PURGE":
+            return self._purge_request(ex, rules)
+        reply = call_next(ex)
+        if reply is not None:
+            self._after_other(ex, reply, rules)
+        return reply
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        method = ex.request.head.method
+        rules = self._rules_for(ex)
+        if method == "GET" or method == "HEAD":
+            if rules is _OFF:
+                return await call_next(ex)
+            reply = self._fresh_hit(ex, rules)
+            if reply is not None:
+                return reply
+            return await self._lookup_or_fetch(ex, call_next, rules, method, None, "")
+        if method == "PURGE":
+            return self._purge_request(ex, rules)
+        reply = await call_next(ex)
+        self._after_other(ex, reply, rules)
+        return reply
+
+    def _after_other(self, ex: Exchange, reply: Reply, rules: Any) -> None:
+        """Other methods: invalidate after a non-error answer to an unsafe one (RFC 9111 4.4)."""
+        if ex.request.head.method not in SAFE_METHODS and reply.status < 400:
+            self._invalidate(ex, reply, rules)
+        if rules is not _OFF and self.name:
+            reply.headers.add("Cache-Status", f"{self.name}; fwd=method; fwd-status={reply.status}")
+
+    async def _lookup_or_fetch(
+        self, ex: Exchange, call_next: Handler, rules: RouteRules, method: str, key: str | None, extra: str
+    ) -> Reply:
+        """Everything but the plainest hit: variants, request directives, misses, revalidation."""
+        request = ex.request
+        h = request.headers
+        if key is None:
+            if rules.plain:
+                key = f"{ex.scheme}://{ex.host}{request.raw_path}"
+            else:
+                key = rules.key.primary(ex)
+                extra = rules.key.extra(ex)
+        rr = parse_request(h) if self.honor_client and ("Cache-Control" in h or "Pragma" in h) else None
+        authorized = "Authorization" in h
+        entry = self._find(key, extra, h)
+        fwd = "uri-miss" if entry is None else "stale"
+        if entry is not None:
+            if authorized and not entry.auth_ok:
+                fwd, entry = "request", None
+            else:
+                now = time.time()
+                age = entry.age(now)
+                ttl = entry.lifetime - age
+                # max-stale never overrides must-revalidate & co (RFC 9111 5.2.2.2).
+                if not entry.no_cache and (ttl > 0 or not entry.no_stale) and fresh_enough(rr, age, ttl):
+                    reply = self._answer(
+                        ex, entry, age, f"hit; ttl={floor(ttl)}", "HIT" if ttl > 0 else "STALE"
+                    )
+                    if reply is not None:
+                        return reply
+                    entry = None
+                elif (
+                    ttl <= 0
+                    and not entry.no_stale
+                    and -ttl <= entry.stale_while_revalidate
+                    and (rr is None or not rr.no_cache)
+                    and method == "GET"
+                ):
+                    reply = self._answer(
+                        ex, entry, age, f'hit; ttl={floor(ttl)}; detail="stale-while-revalidate"', "UPDATING"
+                    )
+                    if reply is not None:
+                        self._refresh_in_background(ex, call_next, key, extra, entry)
+                        return reply
+                    entry = None
+                elif ttl > 0:
+                    fwd = "request"
+        elif key in self.store.index:
+            fwd = "vary-miss"
+        if rr is not None and rr.only_if_cached:
+            ex.cache_status = "MISS"
+            reply = error_reply(504)
+            self._add_status(reply, "fwd=miss")
+            return reply
+        if (
+            method == "HEAD"
+            or "Range" in h
+            or "If-Match" in h
+            or "If-Unmodified-Since" in h
+            or "Upgrade" in h
+        ):
+            # Not worth a whole-body fetch (HEAD), never stored partial (Range),
+            # preconditions only the origin can judge, or a protocol switch
+            # (WebSocket): straight through, nothing stored.
+            ex.cache_status = "MISS"
+            reply = await call_next(ex)
+            self._add_status(reply, f"fwd={fwd}; fwd-status={reply.status}")
+            return reply
+        coalesce = (
+            self.config.cache.coalesce
+            and not authorized
+            and (rr is None or not (rr.no_cache or rr.no_store or rr.max_age is not None))
+            and key not in self.hit_for_miss
+        )
+        if not coalesce:
+            return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd)
+        collapsed = False
+        while True:
+            wait = self.coalescer.join(key)
+            if wait is None:
+                try:
+                    return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+                finally:
+                    self.coalescer.finish(key)
+            collapsed = True
+            done, _ = await asyncio.wait((wait,), timeout=self.config.cache.coalesce_timeout)
+            entry = self._find(key, extra, h)
+            if entry is not None:
+                age = entry.age(time.time())
+                ttl = entry.lifetime - age
+                if not entry.no_cache and ttl > 0 and fresh_enough(rr, age, ttl):
+                    reply = self._answer(ex, entry, age, f"hit; ttl={int(ttl)}; collapsed", "COLLAPSED")
+                    if reply is not None:
+                        return reply
+                    entry = None
+            if not done or key in self.hit_for_miss:
+                return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd)
+            fwd = "vary-miss" if entry is None else "stale"
+
+    def _find(self, key: str, extra: str, headers: Any) -> Entry | None:
+        """The newest stored variant for a request: memory tier, then disk tier."""
+        variants = self.store.index.get(key)
+        if variants is not None:
+            for entry in variants:
+                if entry.extra == extra and (not entry.vary or entry.matches(extra, headers)):
+                    return entry
+        if self.disk is None:
+            return None
+        found = self.disk.lookup(key, extra, headers)
+        if found is None:
+            return None
+        # Stored by an earlier run, maybe under other hide_headers: clean as the proxy does now.
+        kept = self.clean.fields(found.fields)
+        if kept is not None:
+            found.set_headers(kept)
+        if found.length <= self.max_object:
+            data = self.disk.read_body(found)
+            if data is None:
+                return None
+            found.body = data
+        self.store.put(found)  # large ones stay on disk; memory keeps their metadata
+        return found
+
+    def _answer(self, ex: Exchange, entry: Entry, age: float, status: str, log_status: str) -> Reply | None:
+        """A reply from a stored entry (None if its disk body vanished: treat as a miss)."""
+        if entry.freq < 3:
+            entry.freq += 1
+        reply = from_entry(
+            entry,
+            ex.request.headers,
+            ex.request.method,
+            age,
+            f"{self.name}; {status}" if self.name else None,
+        )
+        if reply is None:
+            self.store.remove(entry)
+            return None
+        ex.cache_status = log_status
+        self._count(log_status)
+        return reply
+
+    def _add_status(self, reply: Reply, text: str) -> None:
+        if self.name:
+            reply.headers.add("Cache-Status", f"{self.name}; {text}")
+
+    # --- going upstream -----------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        ex: Exchange,
+        call_next: Handler,
+        key: str,
+        extra: str,
+        stale: Entry | None,
+        rr: RequestRules | None,
+        rules: RouteRules,
+        fwd: str,
+        collapsed: bool = False,
+        background: bool = False,
+    ) -> Reply:
+        """Fetch (or revalidate) from upstream, store what may be stored, answer the client."""
+        request = ex.request
+        up = ex.upstream_headers
+        if up is None:
+            up = ex.upstream_headers = CIMultiDict(request.headers)
+        conditional = False
+        for name in _CLIENT_VALIDATORS:
+            if name in up:
+                conditional = True
+                up.popall(name)
+        validating = stale is not None and stale.has_validator
+        if validating:
+            assert stale is not None
+            if stale.validator_etag is not None:
+                up["If-None-Match"] = stale.validator_etag
+            if stale.last_modified is not None:
+                up["If-Modified-Since"] = stale.last_modified
+        request_time = time.time()
+        if ex.route.kind == "pool":
+            reply = await call_next(ex)
+        else:
+            # Static files (and other terminals) read the request itself, not the
+            # upstream headers: show them the request as the cache means it.
+            ex.request = _with_headers(request, up)
+            try:
+                reply = await call_next(ex)
+            finally:
+                ex.request = request
+        response_time = time.time()
+        status = reply.status
+        if status == 304 and validating:
+            assert stale is not None
+            reply.body.close()
+            fresh = self.admission.freshen(stale, reply, request_time, response_time)
+            if fresh is not None:
+                age = fresh.age(time.time())
+                text = f"fwd=stale; fwd-status=304; ttl={floor(fresh.lifetime - age)}"
+                answered = self._answer(ex, fresh, age, text, "REVALIDATED")
+                if answered is not None:
+                    return answered
+            # The 304 names another representation: fetch it whole.
+            self.admission.drop(stale)
+            up.popall("If-None-Match", None)
+            up.popall("If-Modified-Since", None)
+            return await self._fetch(
+                ex, call_next, key, extra, None, rr, rules, "stale", collapsed, background
+            )
+        if status in STALE_ERRORS and stale is not None:
+            served = self._stale_on_error(ex, stale, rr, status)
+            if served is not None:
+                reply.body.close()
+                return served
+        entry: Entry | None = None
+        if request.method == "GET":
+            entry = await self.admission.admit(
+                ex, reply, key, extra, rr, rules.set_cookie, request_time, response_time
+            )
+        if entry is None:
+            self.hit_for_miss.mark(key)
+            ex.cache_status = ex.cache_status or "MISS"
+            self._count("MISS")
+        else:
+            self.hit_for_miss.clear(key)
+            if entry.lifetime <= 0 or entry.no_cache:
+                # Every use needs validation: concurrent requests should not queue for it.
+                self.hit_for_miss.mark(key)
+            ex.cache_status = "MISS" if stale is None else "EXPIRED"
+            self._count("STORED")
+        if self.admission.hidden_tags:
+            for name in self.admission.tag_headers:
+                reply.headers.popall(name, None)
+        parts = [f"fwd={fwd}", f"fwd-status={status}"]
+        if entry is not None:
+            parts.append("stored")
+        if collapsed:
+            parts.append("collapsed")
+        self._add_status(reply, "; ".join(parts))
+        if conditional and 200 <= status < 300 and not background:
+            etag = entry.etag if entry is not None else reply.headers.get("ETag")
+            last_modified = entry.last_modified if entry is not None else reply.headers.get("Last-Modified")
+            if (etag or last_modified) and not_modified(
+                request.headers, etag, last_modified, 0.0, response_time
+            ):
+                reply.body.close()
+                return not_modified_from(reply)
+        return reply
+
+    def _stale_on_error(
+        self, ex: Exchange, stale: Entry, rr: RequestRules | None, status: int
+    ) -> Reply | None:
+        """Serve a stale entry in place of an origin error, when RFC 5861 or config allows."""
+        if stale.no_stale:
+            return None
+        allowed = max(stale.stale_if_error, self.config.cache.stale_if_error)
+        if rr is not None and rr.stale_if_error:
+            allowed = max(allowed, rr.stale_if_error)
+        age = stale.age(time.time())
+        staleness = age - stale.lifetime
+        if staleness > allowed:
+            return None
+        text = f'fwd=stale; fwd-status={status}; ttl={floor(-staleness)}; detail="stale-if-error"'
+        return self._answer(ex, stale, age, text, "STALE")
+
+    def _refresh_in_background(
+        self, ex: Exchange, call_next: Handler, key: str, extra: str, entry: Entry
+    ) -> None:
+        """stale-while-revalidate: one refresh per entry, whatever the number of stale hits."""
+        if entry.refreshing or self.coalescer.in_flight(key):
+            return
+        entry.refreshing = True
+        clone = Exchange(ex.request, ex.route, ex.host, ex.client_ip, ex.scheme)
+        if ex.upstream_headers is not None:
+            clone.upstream_headers = CIMultiDict(ex.upstream_headers)
+        self._spawn(self._refresh(clone, call_next, key, extra, entry))
+
+    async def _refresh(self, ex: Exchange, call_next: Handler, key: str, extra: str, entry: Entry) -> None:
+        if self.coalescer.join(key) is not None:
+            entry.refreshing = False
+            return
+        try:
+            rules = self._rules.get(id(ex.route))
+            assert isinstance(rules, RouteRules)
+            reply = await self._fetch(ex, call_next, key, extra, entry, None, rules, "stale", background=True)
+            reply.body.close()
+            self._count("REFRESHED")
+        except Exception:
+            log.exception("background refresh failed", key=key)
+        finally:
+            entry.refreshing = False
+            self.coalescer.finish(key)
+
+    # --- invalidation and purges --------------------------------------------------------
+
+    def _invalidate(self, ex: Exchange, reply: Reply, rules: Any) -> None:
+        self.purges.invalidate(ex, reply, rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE)
+
+    def _purge_request(self, ex: Exchange, rules: Any) -> Reply:
+        if not self.purgers.is_trusted(ex.client_ip):
+            return error_reply(403)
+        return self.purges.from_request(ex, rules.key if isinstance(rules, RouteRules) else DEFAULT_RULE)
+
+    def admin_routes(self) -> list[tuple[str, str, Any]]:
+        """Routes for the edge's admin listener: POST /cache/purge, GET /cache."""
+
+        async def show(request: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        return [*self.purges.admin_routes(), ("GET", "/cache", show)]
+
+    def status(self) -> dict[str, Any]:
+        """Figures for /status and the admin route."""
+        return {
+            "objects": len(self.store),
+            "bytes": self.store.bytes,
+            "budget": self.store.budget,
+            "evictions": self.store.evictions,
+            "in_flight": len(self.coalescer),
+            "hit_for_miss": len(self.hit_for_miss),
+            "counts": self.counts,
+            "purges": self.purges.count,
+            "disk": self.disk.root if self.disk is not None else None,
+        }
+
+
+def _with_headers(request: Request, headers: CIMultiDict[str]) -> Request:
+    """The same request with other header fields (a revalidation through a static route)."""
+    h = request.head
+    head = Head(
+        h.method,
+        h.raw_path,
+        h.version,
+        CIMultiDictProxy(headers),
+        h.body_length,
+        h.chunked,
+        h.keep_alive,
+        h.expect_continue,
+    )
+    return Request(head, request.conn, request.body)
+
+
+def _select(variants: list[Entry], headers: Any) -> Entry | None:
+    """The newest variant a request selects on a plain route (no extra key parts)."""
+    for entry in variants:
+        if not entry.vary or vary_values(entry.vary, headers) == entry.vary_values:
+            return entry
+    return None
+
+
+def feature(config: Config, ctx: EdgeContext) -> CacheFeature | None:
+    """Factory for the pipeline: None unless [cache] enabled."""
+    if not config.cache.enabled:
+        return None
+    return CacheFeature(config, ctx)
+
+
+__all__ = ["CacheFeature", "feature"]

@@ -1,0 +1,498 @@
+"""The `dos` feature (the notes' mod_dosdetector): per-client rate and concurrency, cluster-wide bans.
+
+Theory of operation
+-------------------
+The client is the peer address or, when the peer is a trusted proxy, the
+rightmost X-Forwarded-For hop that is not one (the headers feature's rule).
+IPv6 clients are counted and banned per ``/ipv6_prefix`` network, because one
+host owns a whole /64; IPv4-mapped IPv6 peers count as their IPv4 address.
+
+Rate: per client, a sliding window made of two fixed windows (the previous
+one weighted by how much of it still overlaps, plus the current one). A
+request costs a dict lookup and a few float operations; idle clients are
+swept every window. Concurrency: open connections per peer address (from the
+ConnectionGuard), or requests in flight for clients behind a trusted proxy,
+whose connections are the proxy's.
+
+* Soft threshold (rate over ``soft_rate`` or concurrency over
+  ``soft_connections``): 429 with Retry-After, or a delay before serving.
+  Rejected requests still count, so a client that ignores 429 keeps climbing.
+* Hard threshold (rate over ``hard_rate`` or ``hard_connections`` open
+  connections, the latter seen at accept): a ban for ``ban_seconds``. It
+  holds at once on this edge (403 + close; new connections closed at accept;
+  idle keep-alive connections closed) and is published to etcd as a
+  BanRecord under ``{prefix}bans/{address}`` with a lease as long as the ban,
+  so it expires by itself and nobody has to clean up.
+* Every edge mirrors ``{prefix}bans/`` (snapshot + watch), so a ban made by
+  any edge, or by an operator with etcdctl, is enforced everywhere as soon as
+  the watch event lands (milliseconds). While etcd is away, local bans still
+  work and the known remote ones stay in force until their ``until``.
+
+Allowlisted networks are never limited nor banned. ``dry_run`` detects, logs
+and counts everything as ``would_*`` and enforces and publishes nothing.
+With ``workers = N`` each worker counts its own traffic; bans are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import socket
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+from multidict import CIMultiDict
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from carousel.etcd import EtcdError
+from carousel.mirror import PrefixMirror
+from carousel.registry import BanRecord, Keys
+from edge.core.config import Config, DosConfig
+from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
+from edge.features.headers import TrustedProxies
+
+if TYPE_CHECKING:
+    from edge.front.server import Edge
+
+log = structlog.get_logger("carousel.edge.dos")
+
+_FORBIDDEN = b"<html><body><h1>403 Forbidden</h1></body></html>\n"
+_TOO_MANY = b"<html><body><h1>429 Too Many Requests</h1></body></html>\n"
+ACTIONS = ("rejected", "delayed", "banned", "blocked")
+
+
+class ClientKeys:
+    """Maps an address to the key it is counted and banned under."""
+
+    def __init__(self, ipv6_prefix: int) -> None:
+        self.ipv6_prefix = ipv6_prefix
+        self._v6 = lru_cache(maxsize=65536)(self._v6_key)
+
+    def __call__(self, address: str) -> str:
+        return self._v6(address) if ":" in address else address
+
+    def _v6_key(self, address: str) -> str:
+        try:
+            ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+        except ValueError:
+            return address
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/{self.ipv6_prefix}", strict=False))
+
+
+class BanTable:
+    """Banned keys and networks with their end (wall-clock time): this edge's own and the cluster's."""
+
+    def __init__(self, keys: ClientKeys) -> None:
+        self.keys = keys
+        self.local: dict[str, float] = {}
+        self.remote: dict[str, float] = {}
+        self.remote_networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, float]] = []
+        # What the request path reads: exact keys, and networks that are not keys.
+        self.exact: dict[str, float] = {}
+        self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, float]] = []
+
+    def until(self, key: str, address: str) -> float:
+        """When the ban on this client ends (0: not banned)."""
+        until = self.exact.get(key, 0.0) if self.exact else 0.0
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return until
+            for net, end in self.networks:
+                if ip in net and end > until:
+                    until = end
+        return until if until > time.time() else 0.0
+
+    def load_remote(self, records: list[BanRecord]) -> None:
+        """Replace the cluster's bans with what etcd holds now."""
+        exact: dict[str, float] = {}
+        networks = []
+        for rec in records:
+            net = ipaddress.ip_network(rec.address, strict=False)
+            if net.version == 4 and net.prefixlen == 32:
+                key = str(net.network_address)
+            elif net.version == 6 and net.prefixlen == self.keys.ipv6_prefix:
+                key = str(net)  # what this edge counts IPv6 clients by
+            else:
+                networks.append((net, rec.until))  # e.g. a /24, or one IPv6 address an operator named
+                continue
+            exact[key] = max(exact.get(key, 0.0), rec.until)
+        self.remote = exact
+        self.remote_networks = networks
+        self._merge()
+
+    def add_local(self, key: str, until: float) -> None:
+        self.local[key] = until
+        self._merge()
+
+    def prune(self, now: float) -> bool:
+        """Drop ended bans; True when something was dropped."""
+        before = len(self.local) + len(self.remote) + len(self.remote_networks)
+        self.local = {k: u for k, u in self.local.items() if u > now}
+        self.remote = {k: u for k, u in self.remote.items() if u > now}
+        self.remote_networks = [(n, u) for n, u in self.remote_networks if u > now]
+        if len(self.local) + len(self.remote) + len(self.remote_networks) == before:
+            return False
+        self._merge()
+        return True
+
+    def _merge(self) -> None:
+        merged = dict(self.remote)
+        for key, until in self.local.items():
+            if until > merged.get(key, 0.0):
+                merged[key] = until
+        self.exact = merged
+        self.networks = list(self.remote_networks)
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.networks)
+
+
+class _Verdict:
+    """How a counted request goes on: tracked in flight (behind a trusted proxy), after a delay."""
+
+    __slots__ = ("delay", "proxied")
+
+    def __init__(self, proxied: _Client | None, delay: float) -> None:
+        self.proxied = proxied
+        self.delay = delay
+
+
+_GO = _Verdict(None, 0.0)
+
+
+class _Client:
+    """One client's sliding-window counters."""
+
+    __slots__ = ("current", "inflight", "noted", "previous", "start")
+
+    def __init__(self, now: float) -> None:
+        self.start = now
+        self.current = 0
+        self.previous = 0
+        self.inflight = 0
+        self.noted = False  # over the soft threshold already logged
+
+    def hit(self, now: float, window: float) -> float:
+        """Count one request; return the estimated requests per second."""
+        elapsed = now - self.start
+        if elapsed >= window:
+            passed = int(elapsed // window)
+            self.previous = self.current if passed == 1 else 0
+            self.current = 0
+            self.start += passed * window
+            elapsed -= passed * window
+        self.current += 1
+        return (self.previous * (1.0 - elapsed / window) + self.current) / window
+
+
+class DosDetector:
+    """The `dos` feature."""
+
+    def __init__(self, config: Config, edge: Edge) -> None:
+        d: DosConfig = config.dos
+        self.config = d
+        self.edge = edge
+        self.window = d.window
+        self.dry_run = d.dry_run
+        # Read on every request: plain attributes, not config lookups.
+        self.soft_rate, self.hard_rate = d.soft_rate, d.hard_rate
+        self.soft_connections, self.hard_connections = d.soft_connections, d.hard_connections
+        self.per_ip = edge.guard.per_ip  # open connections per peer address (mutated in place)
+        self.trusted = TrustedProxies(config.edge.trusted_proxies)
+        self.keys = ClientKeys(d.ipv6_prefix)
+        self.bans = BanTable(self.keys)
+        self.allow = tuple(ipaddress.ip_network(n, strict=False) for n in d.allowlist)
+        self.allowed = lru_cache(maxsize=65536)(self._allowed)
+        self.clients: dict[str, _Client] = {}
+        self.counts = dict.fromkeys(ACTIONS, 0)
+        self.would = dict.fromkeys(ACTIONS, 0)
+        self.untracked = 0
+        self._would_ban: dict[str, float] = {}  # dry run: who would be banned, until when
+        self.retry_after = str(max(1, math.ceil(d.window)))
+        self.etcd = edge.etcd if d.cluster else None
+        self.registry_keys = Keys(config.etcd.prefix)
+        self.node = f"{socket.gethostname()}/{edge.worker}"
+        self.mirror: PrefixMirror[BanRecord] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        guard = edge.guard
+        if not self.dry_run:
+            guard.banned = self.peer_banned
+        guard.alarm_at = d.hard_connections
+        guard.on_alarm = self._connection_flood
+        edge.metrics.registry.register(_DosCollector(self))
+
+    # --- lifecycle (called by the edge) -------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow the cluster's bans and sweep idle clients."""
+        if self.etcd is not None:
+            self.mirror = PrefixMirror(
+                self.etcd,
+                self.registry_keys.bans,
+                lambda key, value: BanRecord.decode(value),
+                self._remote_changed,
+                name="bans",
+            )
+            self._spawn(self.mirror.run())
+        self._spawn(self._sweep_forever())
+
+    async def stop(self) -> None:
+        """Stop following bans (the bans themselves live on under their leases)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the request path ---------------------------------------------------------------
+
+    def _allowed(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow)
+
+    def peer_banned(self, peer: str) -> bool:
+        """For the ConnectionGuard: is this peer banned (its new connections are closed)?"""
+        bans = self.bans
+        if not bans.exact and not bans.networks:
+            return False
+        return bans.until(self.keys(peer), peer) > 0 and not self.allowed(peer)
+
+    def _assess(self, ex: Exchange) -> Reply | _Verdict:
+        """Count this request for its client: a 403/429 to answer, or how to go on."""
+        peer = ex.request.remote
+        client = peer
+        via_proxy = False
+        if self.trusted.networks and self.trusted.is_trusted(peer):
+            forwarded = ex.request.headers.getall("X-Forwarded-For", ())
+            if forwarded:
+                client = self.trusted.client_of(peer, forwarded)
+                via_proxy = client != peer
+        key = client if ":" not in client else self.keys(client)
+        bans = self.bans
+        if (bans.exact or bans.networks) and bans.until(key, client) and not self.allowed(client):
+            if not self.dry_run:
+                self.counts["blocked"] += 1
+                return _reply(403, _FORBIDDEN)
+            self.would["blocked"] += 1
+        if self.allow and self.allowed(client):
+            return _GO
+        now = time.monotonic()
+        entry = self.clients.get(key)
+        if entry is None:
+            if len(self.clients) >= self.config.max_clients:
+                self.untracked += 1
+                return _GO
+            entry = self.clients[key] = _Client(now)
+        rate = entry.hit(now, self.window)
+        busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
+        delay = 0.0
+        if rate > self.hard_rate or busy >= self.hard_connections:
+            reason = f"{rate:.0f} requests/s" if rate > self.hard_rate else f"{busy} concurrent"
+            if self.ban(key, reason):
+                return _reply(403, _FORBIDDEN)
+        elif rate > self.soft_rate or busy > self.soft_connections:
+            soft = self._soft(entry, key, rate, busy)
+            if isinstance(soft, Reply):
+                return soft
+            delay = soft
+        elif entry.noted:
+            entry.noted = False
+        if not via_proxy and not delay:
+            return _GO
+        return _Verdict(entry if via_proxy else None, delay)
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        verdict = self._assess(ex)
+        if isinstance(verdict, Reply):
+            return verdict
+        if not verdict.delay:
+            entry = verdict.proxied
+            if entry is None:
+                reply = call_next(ex)
+            else:
+                entry.inflight += 1
+                try:
+                    reply = call_next(ex)
+                finally:
+                    entry.inflight -= 1
+            if reply is not None:
+                return reply
+        ex.notes["dos"] = verdict  # counted once: __call__ goes on from this verdict
+        return None
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        verdict = ex.notes.pop("dos", None) or self._assess(ex)
+        if isinstance(verdict, Reply):
+            return verdict
+        if verdict.delay:
+            await asyncio.sleep(verdict.delay)
+        entry = verdict.proxied
+        if entry is None:
+            return await call_next(ex)
+        entry.inflight += 1
+        try:
+            return await call_next(ex)
+        finally:
+            entry.inflight -= 1
+
+    def _soft(self, entry: _Client, key: str, rate: float, busy: int) -> Reply | float:
+        """Over a soft threshold: a 429 to return, or the delay before going on (0: none)."""
+        action = "rejected" if self.config.soft_action == "reject" else "delayed"
+        if not entry.noted:
+            entry.noted = True
+            log.warning(
+                "client over the soft limit",
+                client=key,
+                rate=round(rate, 1),
+                concurrent=busy,
+                action=action,
+                dry_run=self.dry_run,
+            )
+        if self.dry_run:
+            self.would[action] += 1
+            return 0.0
+        self.counts[action] += 1
+        if action == "delayed":
+            return float(self.config.delay)
+        reply = _reply(429, _TOO_MANY)
+        reply.headers["Retry-After"] = self.retry_after
+        # Over the connection threshold: shed this connection too.
+        reply.close_connection = busy > self.config.soft_connections
+        return reply
+
+    # --- bans ---------------------------------------------------------------------------
+
+    def ban(self, key: str, reason: str) -> bool:
+        """Ban a client key here and cluster-wide; False in dry-run (nothing enforced)."""
+        now = time.time()
+        if self.dry_run:
+            if self._would_ban.get(key, 0.0) <= now:
+                self._would_ban[key] = now + self.config.ban_seconds
+                self.would["banned"] += 1
+                log.warning("client would be banned (dry run)", client=key, reason=reason)
+            return False
+        if self.bans.exact.get(key, 0.0) > now:
+            return True  # already banned (a request that was in flight)
+        until = now + self.config.ban_seconds
+        self.bans.add_local(key, until)
+        self.counts["banned"] += 1
+        log.warning("client banned", client=key, reason=reason, seconds=self.config.ban_seconds)
+        self._close_idle(key)
+        if self.etcd is not None:
+            self._spawn(self._publish(BanRecord(key, reason, until, self.node)))
+        return True
+
+    def _connection_flood(self, peer: str) -> None:
+        """The guard saw ``hard_connections`` open connections from one address."""
+        if not self.allowed(peer):
+            self.ban(self.keys(peer), f"{self.edge.guard.connections(peer)} connections")
+
+    def _close_idle(self, key: str) -> None:
+        """Close the banned client's idle keep-alive connections; busy ones get 403 next."""
+        keys = self.keys
+        for conn in list(self.edge.connections):
+            if keys(conn.peer) == key:
+                conn.close_if_idle()
+
+    async def _publish(self, record: BanRecord) -> None:
+        assert self.etcd is not None
+        try:
+            lease = await self.etcd.grant(self.config.ban_seconds)
+            await self.etcd.put(self.registry_keys.ban(record.address), record.encode(), lease=lease.id)
+        except EtcdError as exc:
+            log.warning(
+                "ban not published; it holds on this edge only", client=record.address, error=str(exc)
+            )
+
+    def _remote_changed(self, mirror: PrefixMirror[BanRecord]) -> None:
+        before = set(self.bans.exact)
+        self.bans.load_remote(list(mirror.items.values()))
+        if self.dry_run:
+            return
+        for key in set(self.bans.exact) - before:
+            self._close_idle(key)
+
+    async def _sweep_forever(self) -> None:
+        """Forget idle clients and ended bans, once per window (at least every second)."""
+        interval = min(max(self.window, 0.1), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Drop clients idle for two windows and bans that ended."""
+        stale = now - 2 * self.window
+        clients = self.clients
+        for key in [k for k, c in clients.items() if c.start < stale and not c.inflight]:
+            del clients[key]
+        wall = time.time()
+        self.bans.prune(wall)
+        if self._would_ban:
+            self._would_ban = {k: u for k, u in self._would_ban.items() if u > wall}
+
+    def status(self) -> dict[str, Any]:
+        """Counts and the bans in force, for /status and tests."""
+        return {
+            "dry_run": self.dry_run,
+            "tracked_clients": len(self.clients),
+            "bans": {k: round(u - time.time(), 1) for k, u in self.bans.exact.items()},
+            "actions": dict(self.counts),
+            "would": dict(self.would),
+        }
+
+
+def _reply(status: int, page: bytes) -> Reply:
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "text/html; charset=utf-8"})
+    return Reply(status, headers, BytesBody(page), close_connection=status == 403)
+
+
+class _DosCollector(Collector):
+    def __init__(self, dos: DosDetector) -> None:
+        self.dos = dos
+
+    def collect(self) -> Iterator[Any]:
+        dos = self.dos
+        actions = CounterMetricFamily(
+            "carousel_edge_dos_actions",
+            "DoS detector actions: rejected (429), delayed, banned (bans made here), blocked (403)",
+            labels=["action", "dry_run"],
+        )
+        for action in ACTIONS:
+            actions.add_metric([action, "false"], dos.counts[action])
+            actions.add_metric([action, "true"], dos.would[action])
+        yield actions
+        yield GaugeMetricFamily(
+            "carousel_edge_dos_bans", "Bans in force (this edge's and the cluster's)", value=len(dos.bans)
+        )
+        yield GaugeMetricFamily(
+            "carousel_edge_dos_clients", "Clients tracked by the DoS detector", value=len(dos.clients)
+        )
+        yield CounterMetricFamily(
+            "carousel_edge_dos_untracked",
+            "Requests not counted because max_clients was reached",
+            value=dos.untracked,
+        )
+
+
+def feature(config: Config, ctx: EdgeContext) -> DosDetector | None:
+    """Factory for the pipeline (None when [dos] is off)."""
+    if not config.dos.enabled:
+        return None
+    return DosDetector(config, cast("Edge", ctx))

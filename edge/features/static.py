@@ -1,0 +1,279 @@
+"""Static files served by the edge itself (the notes' 30 images that never reach an AP).
+
+Safety first: the raw request path is decoded exactly once, and anything that
+could climb out of the root is refused with 404 before touching the disk:
+``..`` or ``.`` segments (plain or percent-encoded), a ``%`` left after
+decoding (double encoding), backslashes, NUL bytes, and symlinks whose real
+path leaves the root. No directory is ever listed.
+
+Speed: files up to ``SMALL_FILE`` bytes are kept in memory, keyed by path and
+re-validated with one stat() per request (inode, size and mtime must match).
+Larger files are sent from an open descriptor (sendfile on the asyncio loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mimetypes
+import os
+import stat
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from urllib.parse import unquote
+
+from multidict import CIMultiDict
+
+from edge.core.pipeline import BytesBody, Exchange, FileBody, Reply
+from edge.core.routing import Route
+
+SMALL_FILE = 64 * 1024
+CACHE_ENTRIES = 4096
+CACHE_BYTES = 64 * 1024 * 1024  # file contents kept in memory, at most
+TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What is known about one file: identity, validators, type, maybe its bytes."""
+
+    path: str
+    ident: tuple[int, int, int, int]  # (dev, ino, size, mtime_ns)
+    size: int
+    etag: str
+    last_modified: str
+    mtime: int
+    content_type: str
+    content: bytes | None
+    base_headers: tuple[tuple[str, str], ...] = ()
+
+
+def content_type_of(path: str) -> str:
+    """Content-Type from the file name, with a charset for text."""
+    ctype, encoding = mimetypes.guess_type(path)
+    if encoding is not None or ctype is None:
+        return "application/octet-stream"
+    if ctype.startswith(TEXT_TYPES):
+        return ctype + "; charset=utf-8"
+    return ctype
+
+
+def safe_relative_path(raw_path: str, prefix: str) -> str | None:
+    """The path below the route prefix, or None if the request path is unsafe."""
+    raw = raw_path.split("?", 1)[0]
+    if "\\" in raw or "\x00" in raw:
+        return None
+    try:
+        decoded = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if "%" in decoded or "\\" in decoded or "\x00" in decoded:
+        return None  # double encoding, or an encoded backslash / NUL
+    if not decoded.startswith(prefix.rstrip("/")):
+        return None
+    rest = decoded[len(prefix.rstrip("/")) :]
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        return None
+    return "/".join(parts) + ("/" if rest.endswith("/") and parts else "")
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match (weak comparison)."""
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
+    """One byte range as (start, end inclusive); None = ignore the header; False = 416."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # other units and multiple ranges: answer with the whole file
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                return False
+            return (max(0, size - n), size - 1) if size else False
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0:
+        return None
+    if start >= size:
+        return False
+    if end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+class StaticFiles:
+    """Terminal handler for routes with `static = DIR`."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, FileInfo] = {}
+        self._cached_bytes = 0
+        self._roots: dict[str, str] = {}
+        # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
+        self._paths: dict[tuple[str, str], str | None] = {}
+
+    def _root(self, directory: str) -> str:
+        root = self._roots.get(directory)
+        if root is None:
+            root = self._roots[directory] = os.path.realpath(directory)
+        return root
+
+    def _info(self, root: str, rel: str) -> FileInfo | None:
+        full = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(full)
+        except (OSError, ValueError):
+            return None
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(full)
+        if cached is not None and cached.ident == ident:
+            return cached
+        real = os.path.realpath(full)
+        if real != root and not real.startswith(root + os.sep):
+            return None  # a symlink leaving the root
+        if stat.S_ISDIR(st.st_mode):
+            return FileInfo(full, ident, 0, "", "", 0, "dir", None)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        content = None
+        if st.st_size <= SMALL_FILE:
+            try:
+                with open(real, "rb") as f:
+                    content = f.read()
+            except OSError:
+                return None
+            if len(content) != st.st_size:
+                return None  # changed under us; the next request tries again
+        mtime = int(st.st_mtime)
+        info = FileInfo(
+            path=real,
+            ident=ident,
+            size=st.st_size,
+            etag=f'"{st.st_mtime_ns // 1000:x}-{st.st_size:x}"',
+            last_modified=formatdate(mtime, usegmt=True),
+            mtime=mtime,
+            content_type=content_type_of(real),
+            content=content,
+        )
+        info = dataclasses.replace(
+            info,
+            base_headers=(
+                ("Content-Type", info.content_type),
+                ("ETag", info.etag),
+                ("Last-Modified", info.last_modified),
+                ("Accept-Ranges", "bytes"),
+            ),
+        )
+        size = len(content) if content is not None else 0
+        old = self._cache.pop(full, None)
+        if old is not None and old.content is not None:
+            self._cached_bytes -= len(old.content)
+        while self._cache and (len(self._cache) >= CACHE_ENTRIES or self._cached_bytes + size > CACHE_BYTES):
+            evicted = self._cache.pop(next(iter(self._cache)))  # oldest first
+            if evicted.content is not None:
+                self._cached_bytes -= len(evicted.content)
+        self._cache[full] = info
+        self._cached_bytes += size
+        return info
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        route: Route = ex.route
+        request = ex.request
+        if request.method not in ("GET", "HEAD"):
+            return Reply(405, CIMultiDict({"Allow": "GET, HEAD"}), BytesBody(b""))
+        key = (route.prefix, request.raw_path)
+        try:
+            rel = self._paths[key]
+        except KeyError:
+            rel = safe_relative_path(request.raw_path, route.prefix)
+            if len(self._paths) >= CACHE_ENTRIES:
+                self._paths.pop(next(iter(self._paths)))
+            self._paths[key] = rel
+        if rel is None:
+            return not_found()
+        assert route.config.static is not None
+        root = self._root(route.config.static)
+        info = self._info(root, rel.rstrip("/"))
+        if info is not None and info.content_type == "dir":
+            if not rel.endswith("/") and rel:
+                location = request.path + "/"
+                return Reply(301, CIMultiDict({"Location": location}), BytesBody(b""))
+            for name in route.config.index:
+                info = self._info(root, os.path.join(rel, name))
+                if info is not None and info.content_type != "dir":
+                    break
+            else:
+                return not_found()  # never a listing
+        if info is None:
+            return not_found()
+        return self.respond(ex, info)
+
+    def respond(self, ex: Exchange, info: FileInfo) -> Reply:
+        """200, 206, 304 or 416 for one file."""
+        h = ex.request.headers
+        headers: CIMultiDict[str] = CIMultiDict(info.base_headers)
+        inm = h.get("If-None-Match")
+        if inm is not None:
+            if _etag_matches(inm, info.etag):
+                return Reply(304, headers)
+        else:
+            ims = h.get("If-Modified-Since")
+            if ims is not None and _not_modified_since(ims, info.mtime):
+                return Reply(304, headers)
+        start, end = 0, info.size - 1
+        status = 200
+        range_header = h.get("Range")
+        if range_header is not None and _if_range_ok(h.get("If-Range"), info):
+            parsed = parse_range(range_header, info.size)
+            if parsed is False:
+                headers["Content-Range"] = f"bytes */{info.size}"
+                return Reply(416, headers)
+            if isinstance(parsed, tuple):
+                start, end = parsed
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+        length = max(0, end - start + 1)
+        if info.content is not None:
+            data = info.content if status == 200 else info.content[start : end + 1]
+            return Reply(status, headers, BytesBody(data))
+        try:
+            fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return not_found()
+        return Reply(status, headers, FileBody(fd, start, length))
+
+
+def _not_modified_since(header: str, mtime: int) -> bool:
+    try:
+        since = parsedate_to_datetime(header).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    return mtime <= since
+
+
+def _if_range_ok(header: str | None, info: FileInfo) -> bool:
+    """True when a Range header should be honoured (no If-Range, or it still matches)."""
+    if header is None:
+        return True
+    header = header.strip()
+    if header.startswith('"') or header.startswith("W/"):
+        return header == info.etag
+    return header == info.last_modified
+
+
+_NOT_FOUND = b"<html><body><h1>404 Not Found</h1></body></html>\n"
+
+
+def not_found() -> Reply:
+    """A 404 page that says nothing about the file system."""
+    return Reply(404, CIMultiDict({"Content-Type": "text/html; charset=utf-8"}), BytesBody(_NOT_FOUND))

@@ -1,0 +1,627 @@
+"""The client side of the edge: one asyncio Protocol per connection, HTTP/1.1 keep-alive.
+
+Theory of operation
+-------------------
+Bytes from the client go through ``RequestParser`` (edge/http1.py). A request
+is handed to the pipeline only once it is complete, body included: the edge
+buffers request bodies by design, so a handler never waits on a slow client.
+A body over ``max_body_size`` is answered 413 at once, a body slower than
+``body_timeout`` gets 408; both close the connection. Pipelined requests are
+answered in order, one at a time; reading pauses when too many are waiting.
+
+An idle connection costs this object, the parser, the transport and one timer
+(no task, no buffers): that is what lets an edge hold 10,000 keep-alive
+clients cheaply. The same timer is the keep-alive idle timeout between
+requests and the header deadline (``header_timeout``) from the moment a
+connection opens or a later head starts, so a client trickling a head byte by
+byte (slowloris) is closed at that deadline. Admission (bans, connection caps)
+happens in ``connection_made`` through the edge's ConnectionGuard (edge/limits.py).
+
+Responses are framed here: Content-Length when the body's length is known,
+chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
+(WebSocket) turns the connection into a byte pipe to the member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Coroutine
+from email.utils import formatdate
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from multidict import CIMultiDictProxy
+
+from edge.core.pipeline import Body, BytesBody
+from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser, field_lines
+
+if TYPE_CHECKING:
+    from edge.core.pipeline import Reply
+    from edge.front.server import Edge
+
+log = structlog.get_logger("carousel.edge.connection")
+
+MAX_PIPELINED = 16
+_FRAMING = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}  # "HTTP/1.1 200 OK\r\n", ...: bounded, reasons vary
+_date_cache: list[Any] = [0, ""]
+
+
+def http_date() -> str:
+    """The Date header value, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True)
+    return str(_date_cache[1])
+
+
+class Request:
+    """A complete client request, as the pipeline sees it."""
+
+    __slots__ = ("_cookies", "body", "conn", "head", "remote")
+
+    def __init__(self, head: Head, conn: ClientConnection, body: bytes | None) -> None:
+        self.head = head
+        self.conn = conn
+        self.body = body
+        self.remote = conn.peer
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    @property
+    def path(self) -> str:
+        """The decoded path, without the query."""
+        return self.head.path
+
+    @property
+    def raw_path(self) -> str:
+        """The path and query exactly as the client sent them."""
+        return self.head.raw_path
+
+    @property
+    def query_string(self) -> str:
+        return self.head.query
+
+    @property
+    def version(self) -> str:
+        return self.head.version
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.head.headers
+
+    @property
+    def host(self) -> str:
+        return self.head.headers.get("Host", "")
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """Cookies by name (parsed on first use)."""
+        if self._cookies is None:
+            jar: SimpleCookie = SimpleCookie()
+            for value in self.head.headers.getall("Cookie", ()):
+                try:
+                    jar.load(value)
+                except Exception:  # a malformed cookie header is just no cookies
+                    continue
+            self._cookies = {k: m.value for k, m in jar.items()}
+        return self._cookies
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    def is_upgrade(self, protocol: str) -> bool:
+        """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""
+        h = self.head.headers
+        return h.get("Upgrade", "").lower() == protocol and "upgrade" in h.get("Connection", "").lower()
+
+
+def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:
+    """A head and a body in memory: one write when small (no waiting: flow control is the
+    caller's, before its next write)."""
+    if len(data) < 16384:
+        transport.write(head + data)
+    else:
+        transport.writelines((head, data))
+
+
+async def write_reply_body(conn: ClientConnection, head: bytes, body: Body, **context: Any) -> None:
+    """Send a response head and its body: one write for small bodies, framed chunks when the
+    length is unknown. A body that fails after the head went out aborts the connection: the
+    only honest signal left to the client."""
+    transport = conn.transport
+    if transport is None:
+        return
+    if type(body) is BytesBody:
+        write_whole(transport, head, body.data)
+        await conn.drain()
+        return
+    await conn.write(head)
+    try:
+        if body.length is not None:
+            await body.write_to(conn)
+        else:
+            async for chunk in body.chunks():
+                if chunk:
+                    await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            await conn.write(b"0\r\n\r\n")
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        log.warning("response aborted mid-body", error=str(exc), **context)
+        if conn.transport is not None:
+            conn.transport.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_body_timer",
+        "_current",
+        "_drain",
+        "_due",
+        "_head_deadline",
+        "_held",
+        "_paused_reading",
+        "_paused_writing",
+        "_pending_reject",
+        "_timer",
+        "_timer_at",
+        "_upgrading",
+        "closing",
+        "edge",
+        "handling",
+        "parser",
+        "peer",
+        "queue",
+        "requests",
+        "transport",
+        "tunnel",
+    )
+
+    #: "https" on TLS listeners (edge/tls.py subclasses this); every Exchange carries it.
+    scheme = "http"
+    #: A lone bodiless request skips the queue (data_received); off for subclasses that
+    #: hook request assembly (the forward listener's CONNECT).
+    inline = True
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.transport: asyncio.Transport | None = None
+        c = edge.config.edge
+        self.parser = RequestParser(max_headers=c.max_headers, max_field=c.max_header_size)
+        self.peer = ""
+        self.queue: deque[Request] | None = None
+        self.handling = False
+        self.requests = 0
+        self.closing = False
+        self.tunnel: asyncio.Transport | None = None
+        self._current: Head | None = None
+        self._body: list[bytes] | None = None
+        self._body_size = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        # The keep-alive idle timeout or the header deadline (slowloris), whichever applies.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires (loop time); it may fire before _due
+        self._due = 0.0  # the deadline in force (loop time); 0: none (a request is in hand)
+        self._head_deadline = False  # _due is the header deadline, not the idle timeout
+        self._drain: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._held: bytes = b""  # client bytes received while an upgrade is pending
+        self._upgrading = False
+        self._pending_reject = 0  # a status to send once the responses in progress are out
+
+    # --- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        if not self.edge.guard.admit(self.peer):  # banned, or over a connection cap
+            self.closing = True
+            self.transport = None
+            transport.close()  # nothing was read or written: closing is as cheap as a reset
+            return
+        self.edge.connections.add(self)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.closing = True
+        if self in self.edge.connections:
+            self.edge.connections.remove(self)
+            self.edge.guard.release(self.peer)
+        self._cancel_deadline()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("client went away"))
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.closing or self._pending_reject:
+            return
+        if self._upgrading:
+            self._held += data  # not HTTP any more if the upgrade goes through
+            return
+        parser = self.parser
+        events = parser.feed(data)
+        if (
+            self.inline
+            and len(events) == 2
+            and events[1] is END
+            and type(head := events[0]) is Head
+            and not self.handling
+            and not self.queue
+            and not self._paused_writing  # a client slow to read waits (flow control): _serve
+            and parser.error is None
+            and "Upgrade" not in head.headers
+        ):
+            # The usual case, one whole request with no body and nothing else in hand: what
+            # _start, _complete and _serve would do for it, without the queue.
+            self._due = 0.0
+            self.handling = True
+            rest = self._answer(Request(head, self, None))
+            if rest is not None:
+                self.edge.spawn(self._run(rest))
+            else:
+                self._served()
+            return
+        reject = 0
+        for ev in events:
+            if type(ev) is BodyChunk:
+                self._body_size += len(ev.data)
+                if self._body_size > self.edge.config.edge.max_body_size:
+                    reject = 413
+                    break
+                assert self._body is not None
+                self._body.append(ev.data)
+            elif type(ev) is EndOfMessage:
+                self._complete()
+            else:
+                assert isinstance(ev, Head)
+                if ev.body_length > self.edge.config.edge.max_body_size:
+                    reject = 413
+                    break
+                self._start(ev)
+        if self.queue and not self.handling:
+            self._serve()
+        if not reject and parser.error is not None:
+            reject = parser.error.status
+        if reject:
+            self.reject(reject)  # after the requests that came before it
+        elif self.queue is not None and len(self.queue) >= MAX_PIPELINED:
+            self._pause_reading()
+        elif self._due and not self._head_deadline and not parser.idle:
+            # The first bytes of a head after a keep-alive pause: the rest is due in header_timeout.
+            self._arm_head_deadline()
+
+    # --- request assembly ---------------------------------------------------------------
+
+    def _start(self, head: Head) -> None:
+        self._due = 0.0  # no idle or header deadline while a request is in hand
+        self._current = head
+        self._body_size = 0
+        if head.body_length or head.chunked:
+            self._body = []
+            # Only when nothing is being answered: a 100 must not land inside a response.
+            if head.expect_continue and not self.handling and not self.queue:
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            self._body_timer = loop.call_later(self.edge.config.edge.body_timeout, self.reject, 408)
+        else:
+            self._body = None
+
+    def _complete(self) -> None:
+        head = self._current
+        if head is None:
+            return
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        body = b"".join(self._body) if self._body is not None else None
+        self._current = None
+        self._body = None
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(Request(head, self, body))
+        if "Upgrade" in head.headers:
+            # Whatever follows may be another protocol: hold it until this is answered.
+            self._upgrading = True
+
+    # --- answering ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Answer queued requests in order: here while the pipeline can answer at once,
+        in a task from the first request that has to wait (or a client that is slow to read)."""
+        self.handling = True
+        queue = self.queue
+        while queue and not self.closing and self.tunnel is None:
+            if self._paused_writing:
+                self.edge.spawn(self._run(None))
+                return
+            rest = self._answer(self._next_request())
+            if rest is not None:
+                self.edge.spawn(self._run(rest))
+                return
+        self._served()
+
+    def _next_request(self) -> Request:
+        assert self.queue
+        request = self.queue.popleft()
+        if self._paused_reading and len(self.queue) < MAX_PIPELINED // 2:
+            self._resume_reading()
+        return request
+
+    def _answer(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer one request at once where the pipeline can; what is left to await, if any.
+        A failure here is the edge's own: logged, and the connection is dropped."""
+        self.requests += 1
+        try:
+            return self.edge.answer_now(request)
+        except Exception:
+            log.exception("connection failed while answering")
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return None
+
+    async def _run(self, rest: Coroutine[Any, Any, None] | None) -> None:
+        """The rest of a request that had to wait, then the queue behind it; ends when it is empty."""
+        try:
+            if rest is not None:
+                await rest
+            while self.queue and not self.closing and self.tunnel is None:
+                await self.drain()
+                rest = self._answer(self._next_request())
+                if rest is not None:
+                    await rest
+        except ConnectionError:
+            self.close()
+        except Exception:
+            log.exception("connection failed while answering")
+            if self.transport is not None:
+                self.transport.abort()
+        self._served()
+
+    def _served(self) -> None:
+        """The queue is answered: a reject held back, an upgrade that did not happen, or idle."""
+        self.handling = False
+        if self._pending_reject:
+            status, self._pending_reject = self._pending_reject, 0
+            self.reject(status)
+            return
+        if not self.closing and self.tunnel is None:
+            self._upgrading = False
+            held, self._held = self._held, b""
+            if held:
+                self.data_received(held)  # an upgrade that did not happen: parse what followed
+            else:
+                self._arm_idle()
+
+    async def write(self, data: bytes) -> None:
+        """Write body bytes, waiting while the client is slow (flow control)."""
+        transport = self.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        transport.write(data)
+        if self._paused_writing:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written (flow control)."""
+        if self._paused_writing and self.transport is not None:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def become_tunnel(self, upstream: asyncio.Transport, head: bytes, early: bytes) -> None:
+        """After a 101: write the head and any early member bytes, then pipe both ways."""
+        assert self.transport is not None
+        self.transport.write(head + early)
+        self.tunnel = upstream
+        self._cancel_deadline()
+        held, self._held = self._held, b""
+        if held:
+            upstream.write(held)
+        upstream.resume_reading()
+
+    def send_head(
+        self,
+        request: Request,
+        reply: Reply,
+        length: int | None,
+        keep_alive: bool,
+        extra: tuple[tuple[str, str], ...],
+        server_line: str = "",
+    ) -> bytes:
+        """The serialised status line and headers for a reply.
+
+        ``server_line`` ("Server: ...\\r\\n"): the edge's own, in place of any Server
+        field. Stored fields that nobody merged (a cache hit) go out as stored.
+        Raises ValueError when a field would smuggle a line in (CR or LF).
+        """
+        status = reply.status
+        unmerged = reply.unmerged()
+        if unmerged is not None and server_line and unmerged[0].server:
+            unmerged = None  # a stored Server field the edge replaces: merge, then drop it
+        if unmerged is None:
+            stored = b""
+            headers = reply.headers
+            if status != 101:
+                # The edge frames every response itself, whatever a feature left behind.
+                for name in _FRAMING:
+                    if name in headers:
+                        headers.popall(name)
+            if server_line and "Server" in headers:
+                headers.popall("Server")
+            dated = "Date" in headers
+        else:
+            wire, headers = unmerged
+            stored = wire.data
+            dated = wire.date or "Date" in headers
+        reason = reply.reason
+        if reason is None:
+            reason = _REASONS.get(status, "Unknown")
+        elif "\r" in reason or "\n" in reason:
+            raise ValueError("CR or LF inside a reason phrase")
+        # Fields from features or members are checked (field_lines); the edge's own below are not.
+        lines = [field_lines(headers.items())]
+        if extra:
+            lines.append(field_lines(extra))
+        if server_line:
+            lines.append(server_line)
+        if not dated:
+            lines.append(f"Date: {http_date()}\r\n")
+        if status == 101 or status == 204 or status == 304 or 100 <= status < 200:
+            pass
+        elif length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif request.head.method != "HEAD":
+            lines.append("Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        elif request.head.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive\r\n")
+        text = "".join(lines)
+        first = _STATUS_LINES.get((status, reason))
+        if first is None:
+            first = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
+            if len(_STATUS_LINES) < 256:
+                _STATUS_LINES[(status, reason)] = first
+        return first + stored + text.encode("latin-1", "replace") + b"\r\n"
+
+    def close(self) -> None:
+        """Close after what has been written is flushed."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def reject(self, status: int) -> None:
+        """Answer a framing failure and close; nothing more is read from this client."""
+        if self.closing or self.transport is None:
+            return
+        if self.handling:
+            # Never cut into a response being written: answer after the queue is done.
+            self._pending_reject = status
+            self._pause_reading()
+            return
+        body = f"<html><body><h1>{status} {_REASONS.get(status, '')}</h1></body></html>\n"
+        self.transport.write(
+            (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\n"
+                f"Date: {http_date()}\r\nServer: {self.edge.config.edge.server_header}\r\n"
+                f"Content-Type: text/html; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n" + body
+            ).encode()
+        )
+        self.edge.metrics.count_request("-", status)
+        self.close()
+
+    # --- timers and reading -------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        """Between requests: the keep-alive timeout, or the header deadline once a head has begun."""
+        if self._current is not None:
+            return  # a body is on its way: body_timeout governs
+        if not self.parser.idle:
+            self._arm_head_deadline()
+            return
+        self._set_deadline(self.edge.config.edge.keepalive_timeout, False)
+
+    def _arm_head_deadline(self) -> None:
+        self._set_deadline(self.edge.config.edge.header_timeout, True)
+
+    def _set_deadline(self, seconds: float, head: bool) -> None:
+        """One timer per connection, moved lazily: a later deadline keeps the armed timer,
+        which re-arms itself when it fires early; only an earlier one costs a new timer."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + seconds
+        self._due = due
+        self._head_deadline = head
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._deadline_reached)
+            self._timer_at = due
+
+    def _cancel_deadline(self) -> None:
+        self._due = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        due = self._due
+        if not due:
+            return  # a request came in the meantime
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._deadline_reached)
+            self._timer_at = due
+            return
+        self._due = 0.0
+        if self._head_deadline:
+            self._head_expired()
+        else:
+            self._idle_expired()
+
+    def _idle_expired(self) -> None:
+        if not self.handling and not self.queue:
+            self.close()
+
+    def _head_expired(self) -> None:
+        if not self.handling and not self.queue and self._current is None:
+            self.edge.guard.header_timeouts += 1
+            self.close()
+
+    def close_if_idle(self) -> bool:
+        """For shutdown: close now if no request is being answered."""
+        if not self.handling and not self.queue and self.tunnel is None:
+            self.close()
+            return True
+        return False
+
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused_reading and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()

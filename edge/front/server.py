@@ -1,0 +1,450 @@
+"""The Edge: wires config -> route table, pools, pipeline; serves clients; shuts down gracefully.
+
+Per request: normalise the host, look the route up in the precompiled table,
+build an Exchange, run the pipeline chain (built once at startup), and write
+the Reply with the framing the edge chooses (Content-Length when the length is
+known, chunked otherwise). Nothing is parsed or configured per request.
+The client protocol itself lives in edge/connection.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+from multidict import CIMultiDict
+
+from carousel.admin import AdminServer
+from carousel.etcd import Etcd, EtcdAuthError, EtcdError
+from carousel.registry import Keys
+from edge.core.config import Config
+from edge.core.errors import error_reply
+from edge.core.limits import ConnectionGuard
+from edge.core.metrics import Metrics, access_log
+from edge.core.pipeline import (
+    BytesBody,
+    Exchange,
+    Handler,
+    NowHandler,
+    Reply,
+    build_features,
+    chain,
+    chain_now,
+)
+from edge.core.routing import Route, RouteTable, normalize_host
+from edge.features.dos import DosDetector
+from edge.features.static import StaticFiles, not_found
+from edge.front.connection import ClientConnection, Request, write_reply_body, write_whole
+from edge.front.forward import ForwardProxy
+from edge.front.passthrough import PassthroughListener
+from edge.front.passthrough import register_metrics as register_passthrough_metrics
+from edge.front.tls import CertificateStore, start_https
+from edge.http.http1 import field_lines
+from edge.upstream.pool import UpstreamPool
+from edge.upstream.proxy import ProxyHandler
+
+log = structlog.get_logger("carousel.edge")
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_PAGE_502 = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+
+class Edge:
+    """One edge server process (one worker)."""
+
+    def __init__(self, config: Config, *, worker: int = 0) -> None:
+        self.config = config
+        self.worker = worker
+        self.routes = RouteTable(config.route)
+        self.etcd: Etcd | None = None
+        # etcd holds the registry (pools with a service) and the cluster's DoS bans.
+        cluster_bans = config.dos.enabled and config.dos.cluster
+        if any(p.service for p in config.pool.values()) or cluster_bans:
+            self.etcd = Etcd(config.etcd)
+        keys = Keys(config.etcd.prefix)
+        self.pools = {name: UpstreamPool(name, pc, self.etcd, keys) for name, pc in config.pool.items()}
+        self.metrics = Metrics(self._metric_state)
+        self.guard = ConnectionGuard(config.edge.max_connections, config.edge.max_connections_per_ip)
+        self.guard.register_metrics(self.metrics.registry)
+        self.static = StaticFiles()
+        self.proxy = ProxyHandler(config, self.pools, self.metrics)
+        self.features = build_features(config, self)
+        self.handle: Handler = chain(self.features, self._terminal)
+        self.handle_now: NowHandler = chain_now(self.features, self._terminal_now)
+        # TLS termination (edge/tls.py) and passthrough (edge/passthrough.py) listeners.
+        self.certificates = CertificateStore(config.tls) if config.tls.certificate else None
+        self.passthrough = [PassthroughListener(self, pc) for pc in config.passthrough]
+        register_passthrough_metrics(self.metrics.registry, self.passthrough)
+        self.tls_port = 0
+        self._tls_listener: asyncio.Server | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Set by main: called when the edge cannot go on (etcd refused its credentials).
+        self.on_fatal: Any = None
+        self.fatal: str | None = None
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.port = 0
+        self.admin_port = 0
+        self._listener: asyncio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.time()
+        self._max_requests = config.edge.max_requests_per_connection
+        # The Server line on every response (checked for CR/LF once, here).
+        self._server = field_lines([("Server", config.edge.server_header)])
+        self._access_log = config.edge.access_log
+        self._hosts: dict[str, str] = {}
+        # The forward proxy (edge/forward/): a listener of its own with its own chain.
+        self.forward = ForwardProxy(self) if config.forward.enabled else None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine as a tracked task (shutdown waits for these)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- serving ------------------------------------------------------------------------
+
+    def _terminal_now(self, ex: Exchange) -> Reply | None:
+        """Fixed responses and redirects need no waiting; pools and static files do (None)."""
+        kind = ex.route.kind
+        if kind == "pool" or kind == "static":
+            return None
+        cfg = ex.route.config
+        if kind == "redirect":
+            assert cfg.redirect is not None
+            location = cfg.redirect.replace("{host}", ex.host).replace("{path}", ex.request.raw_path)
+            return Reply(cfg.redirect_status, CIMultiDict({"Location": location}))
+        assert cfg.respond is not None
+        return Reply(
+            cfg.respond,
+            CIMultiDict({"Content-Type": cfg.content_type}),
+            BytesBody(cfg.body.encode()),
+        )
+
+    async def _terminal(self, ex: Exchange) -> Reply:
+        kind = ex.route.kind
+        if kind == "pool":
+            return await self.proxy(ex)
+        if kind == "static":
+            return await self.static(ex)
+        reply = self._terminal_now(ex)
+        assert reply is not None
+        return reply
+
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer a complete request; None when done, or what is left to await.
+
+        Called from the connection's data_received: when the pipeline can answer
+        without waiting (``now``, see edge/pipeline.py) the reply is written here,
+        with no task; otherwise the rest becomes a coroutine for the connection.
+        """
+        head = request.head
+        raw_host = head.headers.get("Host", "")
+        host = self._hosts.get(raw_host)
+        if host is None:
+            host = normalize_host(raw_host)
+            if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
+                self._hosts[raw_host] = host
+        route = self.routes.find(host, head.path, head.method)
+        if route is None:
+            return self._send(request, None, None, not_found())
+        ex = Exchange(request, route, host, request.remote, request.conn.scheme)
+        try:
+            reply = self.handle_now(ex)
+        except Exception:
+            log.exception("request failed", route=route.name, path=request.path)
+            reply = error_reply(500)
+        if reply is None:
+            return self._answer_later(request, route, ex)
+        return self._send(request, route, ex, reply)
+
+    async def _answer_later(self, request: Request, route: Route, ex: Exchange) -> None:
+        try:
+            reply = await self.handle(ex)
+        except Exception:
+            log.exception("request failed", route=route.name, path=request.path)
+            reply = error_reply(500)
+        rest = self._send(request, route, ex, reply)
+        if rest is not None:
+            await rest
+
+    def _send(
+        self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply
+    ) -> Coroutine[Any, Any, None] | None:
+        """Frame and write a reply; a body that must be streamed comes back as a coroutine."""
+        conn = request.conn
+        keep_alive = (
+            request.head.keep_alive
+            and not reply.close_connection
+            and not self.draining
+            and conn.requests < self._max_requests
+        )
+        transport = conn.transport
+        if transport is not None:
+            body = reply.body
+            try:
+                head = conn.send_head(
+                    request,
+                    reply,
+                    body.length,
+                    keep_alive,
+                    route.extra_headers if route else (),
+                    self._server,
+                )
+            except ValueError:
+                log.warning("response with a forbidden header value", path=request.path)
+                error = Reply(502, CIMultiDict({"Content-Type": "text/html"}))
+                head = conn.send_head(request, error, len(_PAGE_502), False, (), self._server)
+                transport.write(head + _PAGE_502)
+                keep_alive = False
+            else:
+                if reply.tunnel is not None:
+                    conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
+                elif request.head.method == "HEAD" or reply.status in _NO_BODY_STATUS:
+                    transport.write(head)
+                elif type(body) is BytesBody:
+                    write_whole(transport, head, body.data)
+                else:
+                    return self._stream(request, route, ex, reply, head, keep_alive)
+        self._done(request, route, ex, reply, keep_alive)
+        return None
+
+    async def _stream(
+        self,
+        request: Request,
+        route: Route | None,
+        ex: Exchange | None,
+        reply: Reply,
+        head: bytes,
+        keep_alive: bool,
+    ) -> None:
+        try:
+            await write_reply_body(request.conn, head, reply.body, path=request.path)
+        finally:
+            self._done(request, route, ex, reply, keep_alive)
+
+    def _done(
+        self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply, keep_alive: bool
+    ) -> None:
+        """After the reply went out (or failed): free its body, count it, log it."""
+        reply.body.close()
+        if not keep_alive and reply.tunnel is None:
+            request.conn.close()
+        route_name = route.name if route is not None else "-"
+        self.metrics.count_request(route_name, reply.status)
+        if self._access_log:
+            self._log_access(request, reply, ex, route_name)
+
+    def _log_access(self, request: Request, reply: Reply, ex: Exchange | None, route: str) -> None:
+        now = time.monotonic()
+        length = reply.body.length
+        fields: dict[str, Any] = {
+            "method": request.method,
+            "host": request.host,
+            "path": request.path,
+            "status": reply.status,
+            "bytes": length if length is not None else -1,
+            "route": route,
+            "client": request.remote,
+        }
+        if ex is not None:
+            fields.update(
+                client=ex.client_ip,
+                member=ex.member or None,
+                ms=round((now - ex.started) * 1000, 2),
+                upstream_ms=round(ex.upstream_seconds * 1000, 2),
+                queue_ms=round(ex.queue_seconds * 1000, 2),
+                tries=ex.tries,
+                cache=ex.cache_status or None,
+            )
+        access_log.info("access", **fields)
+
+    # --- admin --------------------------------------------------------------------------
+
+    def _metric_state(self) -> dict[str, Any]:
+        return {"connections": len(self.connections), "pools": self.pools}
+
+    def status(self) -> dict[str, Any]:
+        """/status: listener, routes, pools and members."""
+        return {
+            "daemon": "edge",
+            "worker": self.worker,
+            "port": self.port,
+            "draining": self.draining,
+            "uptime": round(time.time() - self._started, 1),
+            "connections": len(self.connections),
+            "routes": [
+                {"name": r.name, "kind": r.kind, "hosts": r.config.hosts, "path": r.prefix}
+                for r in self.routes.routes
+            ],
+            "pools": {name: pool.status() for name, pool in self.pools.items()},
+            "security": self._security_status(),
+            "forward": self.forward.status() if self.forward is not None else None,
+            "cache": next(
+                (f.status() for f in self.features if hasattr(f, "admin_routes") and hasattr(f, "status")),
+                None,
+            ),
+        }
+
+    def _security_status(self) -> dict[str, Any]:
+        dos = next((f for f in self.features if isinstance(f, DosDetector)), None)
+        certs = self.certificates
+        g = self.guard
+        return {
+            "tls": None if certs is None else {"port": self.tls_port, **certs.status()},
+            "passthrough": [p.status() for p in self.passthrough],
+            "dos": None if dos is None else dos.status(),
+            "refused_connections": dict(g.refused),
+            "header_timeouts": g.header_timeouts,
+        }
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: 200 while serving, 503 once shutdown has begun."""
+        if self.draining:
+            return False, "draining"
+        if self._listener is None:
+            return False, "starting"
+        return True, "ok"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Start pools, features, the client listeners and the admin listener; returns the client port."""
+        if self.etcd is not None:
+            self._background_task(self._check_etcd_credentials())
+        for pool in self.pools.values():
+            await pool.start()
+        # Features with background work (the DoS ban mirror) define start() and stop().
+        for feature in self.features:
+            start = getattr(feature, "start", None)
+            if start is not None:
+                await start()
+        c = self.config.edge
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._listener = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        else:
+            self._listener = await loop.create_server(
+                lambda: ClientConnection(self),
+                c.host,
+                c.port,
+                reuse_address=True,
+                reuse_port=c.workers > 1,
+                backlog=4096,
+            )
+        self.port = self._listener.sockets[0].getsockname()[1]
+        if self.certificates is not None:
+            self._tls_listener = await start_https(self, self.certificates)
+            self.tls_port = self._tls_listener.sockets[0].getsockname()[1]
+            self._background_task(self.certificates.watch())
+        for listener in self.passthrough:
+            await listener.start()
+        if self.forward is not None:
+            await self.forward.start()
+        if self.worker == 0:
+            self._admin = AdminServer(
+                self.config.admin,
+                status=self.status,
+                health=self.health,
+                registry=self.metrics.registry,
+            )
+            # Features may serve admin routes of their own (the cache's purge API).
+            for feature in self.features:
+                for method, path, handler in getattr(feature, "admin_routes", list)():
+                    self._admin.add_route(method, path, handler)
+            self.admin_port = await self._admin.start()
+        log.info(
+            "edge listening",
+            port=self.port,
+            tls_port=self.tls_port or None,
+            passthrough_ports=[p.port for p in self.passthrough] or None,
+            forward_port=self.forward.port if self.forward is not None else None,
+            admin_port=self.admin_port,
+            worker=self.worker,
+        )
+        return self.port
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Not in _tasks: shutdown cancels these instead of waiting for them.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_etcd_credentials(self) -> None:
+        """Stop the edge if etcd refuses its credentials; an unreachable etcd is only reported."""
+        assert self.etcd is not None
+        try:
+            await self.etcd.revision()
+        except EtcdAuthError as exc:
+            self.fatal = f"etcd refused the edge's credentials: {exc}"
+            log.error("etcd refused the edge's credentials", error=str(exc))
+            if self.on_fatal is not None:
+                self.on_fatal()
+        except EtcdError as exc:
+            log.warning("etcd unreachable at startup; retrying in the background", error=str(exc))
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: reload the TLS certificates (live connections keep theirs)."""
+        if self.certificates is not None:
+            self.certificates.reload("SIGHUP")
+
+    async def stop(self) -> None:
+        """Graceful shutdown, step by step."""
+        # 1. Report "draining" on /healthz at once, so the node agent takes this
+        #    edge out of DNS while we finish what is in flight. From now on every
+        #    response carries "Connection: close".
+        self.draining = True
+        # 2. Stop accepting: close the listening socket. New connections are
+        #    refused by the kernel; established ones keep going.
+        if self._listener is not None:
+            self._listener.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
+        for listener in self.passthrough:
+            listener.close()
+        if self.forward is not None:
+            self.forward.close()
+        # 3. Close idle keep-alive connections now; busy ones close after their
+        #    current response (step 1 made sure of that).
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        # 4. Wait for in-flight requests up to the deadline, then cancel what is
+        #    left and drop those connections.
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.config.edge.shutdown_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("requests cut off at the shutdown deadline", count=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        if self.forward is not None:
+            await self.forward.drain()  # CONNECT tunnels get the same deadline, then are cut
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for listener in self.passthrough:
+            await listener.abort()  # TLS streams we cannot finish for the client
+        if self.forward is not None:
+            await self.forward.stop()
+        # 5. Background work last: features' own tasks (ban mirror), certificate
+        #    watch, health checks, registry watches, upstream connection pools,
+        #    etcd, and the admin listener.
+        for feature in self.features:
+            stop = getattr(feature, "stop", None)
+            if stop is not None:
+                await stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for pool in self.pools.values():
+            await pool.stop()
+        if self.etcd is not None:
+            await self.etcd.close()
+        if self._admin is not None:
+            await self._admin.stop()
+        log.info("edge stopped", worker=self.worker)

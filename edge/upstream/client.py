@@ -1,0 +1,557 @@
+"""A lean HTTP/1.1 client for talking to members: one request per connection at a time.
+
+Why not aiohttp's client: per request it builds URL objects, resolves, runs
+happy-eyeballs, tracing and cookie hooks, and costs more than the whole rest
+of the proxy. Members are known addresses and the edge re-frames everything,
+so a small client does: uvloop's ``create_connection``, one write of the
+serialised request, and a sans-I/O response parser (``ResponseParser``, h11's
+"bytes in, events out") that feeds the body straight into the edge's buffer.
+
+Theory of operation of ``ResponseParser``: it is fed bytes and keeps state
+``head`` -> ``body`` -> ``done``. The head is parsed once ``\\r\\n\\r\\n`` is
+seen; 1xx interim responses are skipped. Framing follows RFC 9112 6.3:
+no body for HEAD/1xx/204/304; Transfer-Encoding chunked wins over
+Content-Length (and the CL is ignored); otherwise Content-Length; otherwise
+the body runs to EOF. Anything ambiguous or malformed raises
+``UpstreamProtocolError`` and the edge answers 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from multidict import CIMultiDict
+
+from edge.core.pipeline import Body, BytesBody, FileBody
+from edge.http.http1 import chunk_size
+
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+
+
+class UpstreamError(Exception):
+    """Base of the failures the proxy classifies."""
+
+
+class ConnectFailed(UpstreamError):
+    """Could not connect (refused, unreachable, connect timeout): nothing was sent."""
+
+
+class ReadTimeout(UpstreamError):
+    """The member went quiet for longer than read_timeout."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """A broken response or a connection lost before the response was complete."""
+
+
+class ResponseParser:
+    """Sans-I/O HTTP/1.1 response parser; ``feed()`` returns body chunks as they arrive."""
+
+    __slots__ = (
+        "_buf",
+        "_chunk_left",
+        "_chunk_state",
+        "_length",
+        "_mode",
+        "head_request",
+        "headers",
+        "keep_alive",
+        "reason",
+        "state",
+        "status",
+        "tail",
+    )
+
+    def __init__(self, head_request: bool = False) -> None:
+        self.head_request = head_request
+        self.state = "head"
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.keep_alive = True
+        self._buf = b""
+        self._mode = ""  # "length", "chunked", "eof", "none"
+        self._length = 0
+        self._chunk_left = 0
+        self._chunk_state = "size"  # "size", "data", "crlf", "trailer"
+        self.tail = b""  # bytes after a 101 head: the new protocol's, not ours
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Consume bytes; return the body chunks they completed."""
+        out: list[bytes] = []
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        while buf:
+            if self.state == "head":
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise UpstreamProtocolError("response head too large")
+                    self._buf = buf
+                    return out
+                if end > MAX_HEAD:  # the head may arrive whole in one read
+                    raise UpstreamProtocolError("response head too large")
+                self._parse_head(buf[:end])
+                buf = buf[end + 4 :]
+                if self.state == "head":  # a 1xx interim response: skip it
+                    continue
+            elif self.state == "body":
+                buf = self._body(buf, out)
+            else:
+                if self.status == 101:
+                    self.tail += buf
+                elif buf.strip():
+                    raise UpstreamProtocolError("data after the response")
+                break
+        return out
+
+    @property
+    def received_nothing(self) -> bool:
+        """Not one byte of a response yet."""
+        return self.state == "head" and not self._buf and not self.status
+
+    def feed_eof(self) -> None:
+        """The connection closed; fine only for an EOF-delimited body."""
+        if self.state == "body" and self._mode == "eof":
+            self.state = "done"
+        elif self.state != "done":
+            raise UpstreamProtocolError("connection closed before the response was complete")
+
+    def _parse_head(self, head: bytes) -> None:
+        text = head.decode("latin-1")
+        crlf = text.count("\r\n")
+        if text.count("\n") != crlf or text.count("\r") != crlf or "\x00" in text:
+            raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
+        lines = text.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise UpstreamProtocolError("bad status line")
+        status = int(parts[1])
+        if len(lines) > MAX_HEADERS + 1:
+            raise UpstreamProtocolError("too many response headers")
+        if 100 <= status < 200 and status != 101:
+            return  # interim response; the real one follows
+        pairs = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[-1] in " \t" or " " in name:
+                raise UpstreamProtocolError("bad header line")
+            pairs.append((name, value.strip(" \t")))
+        headers: CIMultiDict[str] = CIMultiDict(pairs)
+        self.status = status
+        self.reason = parts[2] if len(parts) > 2 else ""
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        self.keep_alive = parts[0] == "HTTP/1.1" and "close" not in connection
+        te = headers.get("Transfer-Encoding")
+        lengths = headers.getall("Content-Length", [])
+        if self.head_request or status in (204, 304) or status == 101:
+            self._mode = "none"
+        elif te is not None:
+            if te.replace(" ", "").lower().split(",")[-1] != "chunked":
+                self._mode = "eof"  # RFC 9112 6.3.6: read until close
+                self.keep_alive = False
+            else:
+                self._mode = "chunked"
+        elif lengths:
+            values = {v.strip() for v in ",".join(lengths).split(",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                raise UpstreamProtocolError("invalid Content-Length")
+            self._mode = "length"
+            self._length = int(values.pop())
+        else:
+            self._mode = "eof"
+            self.keep_alive = False
+        self.state = "body"
+        if self._mode == "none" or (self._mode == "length" and self._length == 0):
+            self.state = "done"
+
+    def _body(self, buf: bytes, out: list[bytes]) -> bytes:
+        mode = self._mode
+        if mode == "length":
+            take = buf[: self._length]
+            self._length -= len(take)
+            out.append(take)
+            if self._length == 0:
+                self.state = "done"
+            return buf[len(take) :]
+        if mode == "eof":
+            out.append(buf)
+            return b""
+        # chunked
+        while buf:
+            cs = self._chunk_state
+            if cs == "size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise UpstreamProtocolError("bad chunk size line")
+                    self._buf = buf
+                    return b""
+                size = chunk_size(buf[:end])
+                if size is None:
+                    raise UpstreamProtocolError("bad chunk size")
+                buf = buf[end + 2 :]
+                if size == 0:
+                    self._chunk_state = "trailer"
+                else:
+                    self._chunk_left = size
+                    self._chunk_state = "data"
+            elif cs == "data":
+                take = buf[: self._chunk_left]
+                self._chunk_left -= len(take)
+                out.append(take)
+                buf = buf[len(take) :]
+                if self._chunk_left == 0:
+                    self._chunk_state = "crlf"
+            elif cs == "crlf":
+                if len(buf) < 2:
+                    self._buf = buf
+                    return b""
+                if buf[:2] != b"\r\n":
+                    raise UpstreamProtocolError("bad chunk terminator")
+                buf = buf[2:]
+                self._chunk_state = "size"
+            else:  # trailer section: skip fields until the empty line
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise UpstreamProtocolError("response trailer too large")
+                    self._buf = buf
+                    return b""
+                line, buf = buf[:end], buf[end + 2 :]
+                if not line:
+                    self.state = "done"
+                    return buf
+        return b""
+
+
+class SpoolBuffer:
+    """Response bytes in memory up to a limit, then in an unlinked temp file."""
+
+    __slots__ = ("_file", "_limit", "_max", "_parts", "_temp_dir", "size")
+
+    def __init__(self, limit: int, temp_dir: str | None, max_size: int = 1 << 62) -> None:
+        self._limit = limit
+        self._max = max_size
+        self._temp_dir = temp_dir
+        self._parts: list[bytes] = []
+        self._file: Any = None
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        """Keep a chunk; UpstreamProtocolError past the size cap (the disk is not infinite)."""
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise UpstreamProtocolError("response larger than max_response_size")
+        if self._file is not None:
+            self._file.write(chunk)
+            return
+        self._parts.append(chunk)
+        if self.size > self._limit:
+            self._file = tempfile.TemporaryFile(dir=self._temp_dir)
+            self._file.write(b"".join(self._parts))
+            self._parts = []
+
+    def body(self) -> Body:
+        """The finished body (the buffer must not be used afterwards)."""
+        if self._file is None:
+            parts = self._parts
+            return BytesBody(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._file.flush()
+        fd = os.dup(self._file.fileno())
+        self._file.close()  # the unlinked file lives on through the dup'ed descriptor
+        self._file = None
+        return FileBody(fd, 0, self.size)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._parts = []
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a member; a request/response at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.parser: ResponseParser | None = None
+        self.sink: Callable[[bytes], None] | None = None
+        self.head_ready: asyncio.Future[None] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.read_timeout = 30.0
+        self.last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+        # After a 101, the client's transport: bytes are piped, not parsed.
+        self.tunnel: asyncio.Transport | None = None
+        # Taken from the idle pool: the member may have closed it just before we wrote.
+        self.reused = False
+
+    # --- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        parser = self.parser
+        if parser is None:
+            return  # bytes on an idle connection: it cannot be reused
+        self.last_data = self.loop.time()
+        try:
+            chunks = parser.feed(data)
+        except UpstreamProtocolError as exc:
+            self._fail(exc)
+            return
+        if parser.state != "head":
+            head = self.head_ready
+            if head is not None and not head.done():
+                head.set_result(None)
+        sink = self.sink
+        if sink is not None:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        sink(chunk)
+            except (UpstreamError, OSError) as exc:  # over the cap, or the temp disk is full
+                self._fail(exc if isinstance(exc, UpstreamError) else UpstreamProtocolError(str(exc)))
+                return
+        if parser.state == "done":
+            self._finish()
+
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        parser = self.parser
+        if parser is None or parser.state == "done":
+            return
+        try:
+            parser.feed_eof()
+        except UpstreamProtocolError as err:
+            self._fail(err)
+            return
+        self._finish()
+
+    # --- request cycle ------------------------------------------------------------------
+
+    def start(self, request: bytes, head_request: bool, read_timeout: float) -> None:
+        """Send a serialised request and begin parsing its response."""
+        assert self.transport is not None
+        self.parser = ResponseParser(head_request)
+        self.head_ready = self.loop.create_future()
+        self.done = self.loop.create_future()
+        self.read_timeout = read_timeout
+        self.last_data = self.loop.time()
+        self._timer = self.loop.call_at(self.last_data + read_timeout, self._check_timeout)
+        self.transport.write(request)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.done is None or self.done.done():
+            return
+        due = self.last_data + self.read_timeout
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check_timeout)
+            return
+        self._fail(ReadTimeout("member timed out"))
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in (self.head_ready, self.done):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                # Callers await one of the two, whichever stage they reached; the
+                # other is never read, which is fine: do not log it as lost.
+                fut.exception()
+        self.abort()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fut in (self.head_ready, self.done):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def pause(self) -> None:
+        """Stop reading (streaming consumer is behind)."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def reusable(self) -> bool:
+        """Can this connection carry another request?"""
+        p = self.parser
+        return (
+            not self.closed
+            and self.transport is not None
+            and p is not None
+            and p.state == "done"
+            and p.keep_alive
+        )
+
+    def reset(self) -> None:
+        """Back to idle after a completed response."""
+        self.parser = None
+        self.sink = None
+        self.head_ready = None
+        self.done = None
+        self.resume()
+
+    def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        self.closed = True
+
+
+class MemberConnections:
+    """Connections to one member: new ones, or reused idle ones (keepalive = "pool")."""
+
+    __slots__ = ("host", "idle", "idle_timeout", "keepalive", "port")
+
+    def __init__(self, host: str, port: int, keepalive: bool, idle_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.idle_timeout = idle_timeout
+        self.idle: deque[UpstreamConnection] = deque()
+
+    async def get(self, connect_timeout: float, fresh: bool) -> UpstreamConnection:
+        """An idle connection if one is alive (and ``fresh`` is not asked), else a new one."""
+        while self.idle and not fresh:
+            conn = self.idle.pop()  # most recently used: least likely closed by the member
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(loop), self.host, self.port)
+        except TimeoutError:
+            raise ConnectFailed("connect timeout") from None
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or str(exc)) from None
+        return conn
+
+    def put(self, conn: UpstreamConnection) -> None:
+        """Keep a finished connection for reuse, or close it."""
+        if self.keepalive and conn.reusable():
+            conn.reset()
+            conn.idle_handle = conn.loop.call_later(self.idle_timeout, self._expire, conn)
+            self.idle.append(conn)
+        else:
+            conn.abort() if not conn.reusable() else _close(conn)
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        conn.idle_handle = None
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return
+        _close(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            _close(self.idle.pop())
+
+
+def _close(conn: UpstreamConnection) -> None:
+    if conn.transport is not None:
+        conn.transport.close()
+        conn.transport = None
+    conn.closed = True
+
+
+def serialize_request(
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    close: bool,
+) -> bytes:
+    """The request as bytes, framed by the edge (Content-Length, never chunked)."""
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return head + body if body else head
+
+
+class StreamRelay:
+    """Relays a response body as it arrives (buffering = false), with backpressure.
+
+    Installed before the request is sent, so no early chunk is missed.
+    """
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.queue: deque[bytes] = deque()
+        self.wake: asyncio.Future[None] | None = None
+        conn.sink = self._add
+
+    def _add(self, chunk: bytes) -> None:
+        self.queue.append(chunk)
+        if len(self.queue) > 16:
+            self.conn.pause()
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body chunks; raises the member's failure if it breaks mid-body."""
+        conn, queue = self.conn, self.queue
+        done = conn.done
+        assert done is not None
+        while True:
+            while queue:
+                yield queue.popleft()
+                if len(queue) < 4:
+                    conn.resume()
+            if done.done():
+                done.result()
+                if not queue:
+                    return
+                continue
+            self.wake = conn.loop.create_future()
+            await asyncio.wait((self.wake, done), return_when=asyncio.FIRST_COMPLETED)
