@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from edge.features.cache.testing import origin_and_edge
+from edge.testing.cache import origin_and_edge
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from edge.features.cache import CacheFeature
-from edge.features.cache.testing import ScriptedOrigin, edge_config
 from edge.front.server import Edge
 from edge.testing import running_edge
+from edge.testing.cache import ScriptedOrigin, edge_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,9 +16,9 @@ from carousel.etcd import Etcd
 from carousel.etcdserver import free_port
 from carousel.ops import publish_purge
 from edge.features.cache import CacheFeature
-from edge.features.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
 from edge.front.server import Edge
 from edge.testing import running_edge
+from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
 from tests.procs import ProcessGroup
 
 pytestmark = pytest.mark.timeout(90)

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.features.cache.testing import ScriptedOrigin, origin_and_edge
 from edge.front.server import Edge
+from edge.testing.cache import ScriptedOrigin, origin_and_edge
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,8 @@ import brotli
 import pytest
 from aiohttp import web
 
-from edge.features.cache.testing import ScriptedOrigin, origin_and_edge
 from edge.testing import running_edge
+from edge.testing.cache import ScriptedOrigin, origin_and_edge
 
 pytestmark = pytest.mark.timeout(60)
 

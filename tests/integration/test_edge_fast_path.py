@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
-from edge.features.cache.testing import ScriptedOrigin, edge_config, origin_and_edge
 from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
+from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
 
 pytestmark = pytest.mark.timeout(60)
 
