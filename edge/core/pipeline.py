@@ -71,7 +71,7 @@ from multidict import CIMultiDict
 if TYPE_CHECKING:
     from edge.core.config import Config
     from edge.core.routing import Route
-    from edge.front.connection import Request
+    from edge.http.request import Request
 
 
 class BodyWriter(Protocol):

@@ -30,14 +30,13 @@ from collections import deque
 from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from multidict import CIMultiDictProxy
 
 from edge.core.pipeline import Body, BytesBody
 from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser, field_lines
+from edge.http.request import Request
 
 if TYPE_CHECKING:
     from edge.core.pipeline import Reply
@@ -59,71 +58,6 @@ def http_date() -> str:
         _date_cache[0] = now
         _date_cache[1] = formatdate(now, usegmt=True)
     return str(_date_cache[1])
-
-
-class Request:
-    """A complete client request, as the pipeline sees it."""
-
-    __slots__ = ("_cookies", "body", "conn", "head", "remote")
-
-    def __init__(self, head: Head, conn: ClientConnection, body: bytes | None) -> None:
-        self.head = head
-        self.conn = conn
-        self.body = body
-        self.remote = conn.peer
-        self._cookies: dict[str, str] | None = None
-
-    @property
-    def method(self) -> str:
-        return self.head.method
-
-    @property
-    def path(self) -> str:
-        """The decoded path, without the query."""
-        return self.head.path
-
-    @property
-    def raw_path(self) -> str:
-        """The path and query exactly as the client sent them."""
-        return self.head.raw_path
-
-    @property
-    def query_string(self) -> str:
-        return self.head.query
-
-    @property
-    def version(self) -> str:
-        return self.head.version
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self.head.headers
-
-    @property
-    def host(self) -> str:
-        return self.head.headers.get("Host", "")
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        """Cookies by name (parsed on first use)."""
-        if self._cookies is None:
-            jar: SimpleCookie = SimpleCookie()
-            for value in self.head.headers.getall("Cookie", ()):
-                try:
-                    jar.load(value)
-                except Exception:  # a malformed cookie header is just no cookies
-                    continue
-            self._cookies = {k: m.value for k, m in jar.items()}
-        return self._cookies
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return self.conn.transport
-
-    def is_upgrade(self, protocol: str) -> bool:
-        """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""
-        h = self.head.headers
-        return h.get("Upgrade", "").lower() == protocol and "upgrade" in h.get("Connection", "").lower()
 
 
 def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:

@@ -38,12 +38,13 @@ from edge.core.pipeline import (
 from edge.core.routing import Route, RouteTable, normalize_host
 from edge.features.dos import DosDetector
 from edge.features.static import StaticFiles, not_found
-from edge.front.connection import ClientConnection, Request, write_reply_body, write_whole
+from edge.front.connection import ClientConnection, write_reply_body, write_whole
 from edge.front.forward import ForwardProxy
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, start_https
 from edge.http.http1 import field_lines
+from edge.http.request import Request
 from edge.upstream.pool import UpstreamPool
 from edge.upstream.proxy import ProxyHandler
 

@@ -53,8 +53,8 @@ from edge.features.cache.purge import Purges, PurgeWatcher
 from edge.features.cache.respond import from_entry, not_modified_from
 from edge.features.cache.store import Entry, MemoryStore
 from edge.features.headers import ResponseCleaner, TrustedProxies
-from edge.front.connection import Request
 from edge.http.http1 import Head
+from edge.http.request import Request
 
 if TYPE_CHECKING:
     from edge.core.config import Config

@@ -37,7 +37,7 @@ import structlog
 from edge.core.config import ForwardConfig, RouteConfig, ServerConfig
 from edge.core.pipeline import BytesBody, Exchange, Handler, Reply, chain
 from edge.core.routing import Route
-from edge.front.connection import ClientConnection, Request, write_reply_body
+from edge.front.connection import ClientConnection, write_reply_body
 from edge.front.forward.chain import build_chain
 from edge.front.forward.metrics import ForwardMetrics
 from edge.front.forward.origin import OriginFetch
@@ -45,6 +45,7 @@ from edge.front.forward.pages import bad_target, page
 from edge.front.forward.policy import BadTarget, DestinationPolicy, format_authority, parse_authority
 from edge.front.forward.tunnel import OriginTunnel, TunnelOpen
 from edge.http.http1 import RequestParser
+from edge.http.request import Request
 
 if TYPE_CHECKING:
     from edge.front.server import Edge
