@@ -32,8 +32,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from edge.core.config import Config
+from edge.core.fields import accepted_codings
 from edge.core.pipeline import Body, BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
-from edge.features.cache.key import accepted_codings
 
 try:
     import brotli

@@ -53,8 +53,8 @@ from carousel.etcd import EtcdError
 from carousel.mirror import PrefixMirror
 from carousel.registry import BanRecord, Keys
 from edge.core.config import Config, DosConfig
+from edge.core.fields import TrustedProxies
 from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
-from edge.features.headers import TrustedProxies
 
 if TYPE_CHECKING:
     from edge.front.server import Edge

@@ -15,99 +15,15 @@ feature sees it: the cache stores it clean, and a hit has nothing to clean.
 
 from __future__ import annotations
 
-import ipaddress
-from functools import lru_cache
-
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from edge.core.config import Config
+from edge.core.fields import FORWARDING, HOP_BY_HOP, TrustedProxies, connection_tokens
 from edge.core.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
-
-# RFC 9110 7.6.1, plus the proxy-only headers that are never meant for the next hop.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-# Replaced by the edge's own values unless the peer is trusted.
-FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
-# The edge writes its own framing for every response.
-FRAMING = frozenset({"content-length", "transfer-encoding"})
-BACKEND_IDENTITY = frozenset({"server", "x-powered-by"})
-
-
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Header names listed in Connection (lower-case)."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
-
-
-class TrustedProxies:
-    """Which peers may speak for the client in X-Forwarded-For."""
-
-    def __init__(self, networks: list[str]) -> None:
-        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)
-
-    def _is_trusted(self, address: str) -> bool:
-        if not self.networks:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in n for n in self.networks)
-
-    def client_of(self, peer: str, forwarded_for: list[str]) -> str:
-        """The client address: the rightmost X-Forwarded-For hop not ours (peer if untrusted)."""
-        if not self.is_trusted(peer):
-            return peer
-        hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not self.is_trusted(hop):
-                return hop
-        return hops[0] if hops else peer
 
 
 def _forwarded_node(address: str) -> str:
     return f'"[{address}]"' if ":" in address else address
-
-
-class ResponseCleaner:
-    """Removes from a member's response what must not reach the client."""
-
-    def __init__(self, config: Config) -> None:
-        self.hidden = (
-            HOP_BY_HOP | FRAMING | BACKEND_IDENTITY | frozenset(h.lower() for h in config.edge.hide_headers)
-        )
-
-    def __call__(self, headers: CIMultiDict[str]) -> None:
-        hidden = self.hidden
-        if "Connection" in headers:
-            hidden = hidden | connection_tokens(headers)
-        for name in [k for k in headers if k.lower() in hidden]:
-            headers.popall(name, None)
-
-    def fields(self, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
-        """The same for stored pairs: the pairs to keep, or None when nothing goes."""
-        hidden = self.hidden
-        if any(k.lower() == "connection" for k, _ in pairs):
-            hidden = hidden | connection_tokens(CIMultiDict(pairs))
-        kept = tuple((k, v) for k, v in pairs if k.lower() not in hidden)
-        return None if len(kept) == len(pairs) else kept
 
 
 class HeaderHygiene:

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
+from edge.core.fields import parse_range
 from edge.core.pipeline import BytesBody, Exchange, FileBody, Reply
 from edge.core.routing import Route
 
@@ -83,33 +84,6 @@ def _etag_matches(header: str, etag: str) -> bool:
         return True
     bare = etag.removeprefix("W/")
     return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
-    """One byte range as (start, end inclusive); None = ignore the header; False = 416."""
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None  # other units and multiple ranges: answer with the whole file
-    first, dash, last = spec.strip().partition("-")
-    if not dash:
-        return None
-    try:
-        if first == "":
-            n = int(last)
-            if n <= 0:
-                return False
-            return (max(0, size - n), size - 1) if size else False
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if start < 0:
-        return None
-    if start >= size:
-        return False
-    if end < start:
-        return None
-    return start, min(end, size - 1)
 
 
 class StaticFiles:

@@ -24,9 +24,9 @@ from multidict import CIMultiDict
 
 from edge.core.config import Config
 from edge.core.errors import error_reply
+from edge.core.fields import ResponseCleaner
 from edge.core.metrics import Metrics
 from edge.core.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
-from edge.features.headers import ResponseCleaner
 from edge.upstream.client import (
     ConnectFailed,
     ReadTimeout,

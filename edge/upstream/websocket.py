@@ -15,8 +15,8 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from edge.core.errors import error_reply
+from edge.core.fields import BACKEND_IDENTITY
 from edge.core.pipeline import Exchange, Reply
-from edge.features.headers import BACKEND_IDENTITY
 from edge.upstream.client import (
     ConnectFailed,
     ReadTimeout,

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from edge.core.config import RouteConfig
+from edge.core.fields import accepted_codings
 from edge.features.cache.fields import (
     INVALID,
     MAX_DELTA,
@@ -20,7 +21,7 @@ from edge.features.cache.fields import (
     parse_targeted,
     vary_names,
 )
-from edge.features.cache.key import KeyRule, accepted_codings, url_key, vary_value
+from edge.features.cache.key import KeyRule, url_key, vary_value
 from edge.features.cache.policy import (
     HeuristicRule,
     analyze_response,

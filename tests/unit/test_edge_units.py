@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from carousel.config import ConfigError
 from carousel.registry import Keys
 from edge.core.config import from_dict
+from edge.core.fields import TrustedProxies, connection_tokens, parse_range
 from edge.core.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
 from edge.core.routing import RouteTable, normalize_host
-from edge.features.headers import TrustedProxies, connection_tokens
-from edge.features.static import parse_range, safe_relative_path
+from edge.features.static import safe_relative_path
 from edge.upstream.balancer import ConsistentHash, LeastConnections, SmoothRoundRobin
 from edge.upstream.client import ResponseParser, UpstreamProtocolError, serialize_request
 from edge.upstream.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool

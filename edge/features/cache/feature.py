@@ -37,6 +37,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge.core.errors import error_reply
+from edge.core.fields import ResponseCleaner, TrustedProxies
 from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 from edge.features.cache.admit import Admission
 from edge.features.cache.coalesce import Coalescer, HitForMiss
@@ -52,7 +53,6 @@ from edge.features.cache.policy import (
 from edge.features.cache.purge import Purges, PurgeWatcher
 from edge.features.cache.respond import from_entry, not_modified_from
 from edge.features.cache.store import Entry, MemoryStore
-from edge.features.headers import ResponseCleaner, TrustedProxies
 from edge.http.http1 import Head
 from edge.http.request import Request
 

@@ -15,9 +15,9 @@ entry of the URL. Everything is compiled once per route.
 from __future__ import annotations
 
 import fnmatch
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from edge.core.fields import accepted_codings
 from edge.core.routing import normalize_host
 
 if TYPE_CHECKING:
@@ -102,31 +102,6 @@ DEFAULT_RULE = KeyRule()
 
 
 # --- Vary ----------------------------------------------------------------------------------
-
-# Content codings a client may accept; the set, not its q-value order, selects a variant.
-_CODINGS = frozenset({"br", "gzip", "x-gzip", "deflate", "compress", "zstd", "*"})
-
-
-@lru_cache(maxsize=1024)  # a handful of distinct values in practice; bounded, as clients choose them
-def accepted_codings(value: str) -> str:
-    """Accept-Encoding reduced to the sorted codings it accepts (q > 0): "br,gzip"."""
-    accepted = set()
-    for item in value.split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        if name not in _CODINGS:
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            k, _, v = param.partition("=")
-            if k.strip().lower() == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            accepted.add("gzip" if name == "x-gzip" else name)
-    return ",".join(sorted(accepted))
 
 
 def vary_value(name: str, headers: Headers) -> str:

@@ -12,11 +12,11 @@ from email.utils import formatdate
 
 from multidict import CIMultiDict
 
+from edge.core.fields import parse_range
 from edge.core.pipeline import EMPTY, Body, BodyWriter, BytesBody, FileBody, Reply
 from edge.features.cache.fields import Headers
 from edge.features.cache.policy import NOT_MODIFIED_FIELDS, not_modified
 from edge.features.cache.store import Entry
-from edge.features.static import parse_range
 
 
 class HeadOnly(Body):

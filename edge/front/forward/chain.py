@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from multidict import CIMultiDict
 
+from edge.core.fields import FORWARDING, HOP_BY_HOP, connection_tokens
 from edge.core.pipeline import BytesBody, Exchange, Feature, Handler, Reply
-from edge.features.headers import FORWARDING, HOP_BY_HOP, connection_tokens
 from edge.front.forward.auth import ProxyAuthenticator
 from edge.front.forward.pages import auth_required, denied
 from edge.front.forward.policy import DestinationPolicy

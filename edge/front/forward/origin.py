@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from multidict import CIMultiDict
 
+from edge.core.fields import FRAMING, HOP_BY_HOP, connection_tokens
 from edge.core.pipeline import Exchange, Reply
-from edge.features.headers import FRAMING, HOP_BY_HOP, connection_tokens
 from edge.front.forward.pages import page
 from edge.front.forward.policy import NetworkList
 from edge.upstream.client import (

@@ -1,0 +1,156 @@
+"""HTTP field rules that more than one part of the edge applies.
+
+Which fields are hop-by-hop, framing, forwarding or backend identity (RFC 9110
+7.6.1), the names a Connection field lists, which peers may speak for the
+client, the cleaning every member response gets as it enters the edge, and two
+request fields read by several features: Range (RFC 9110 14.2; static files
+and cache hits) and Accept-Encoding (RFC 9110 12.5.3; the cache's variants and
+compression). The features that use them (headers, cache, compression, DoS,
+static) and the upstream side import them from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from edge.core.config import Config
+
+# RFC 9110 7.6.1, plus the proxy-only headers that are never meant for the next hop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Replaced by the edge's own values unless the peer is trusted.
+FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+# The edge writes its own framing for every response.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+BACKEND_IDENTITY = frozenset({"server", "x-powered-by"})
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in Connection (lower-case)."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+class TrustedProxies:
+    """Which peers may speak for the client in X-Forwarded-For."""
+
+    def __init__(self, networks: list[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)
+
+    def _is_trusted(self, address: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in n for n in self.networks)
+
+    def client_of(self, peer: str, forwarded_for: list[str]) -> str:
+        """The client address: the rightmost X-Forwarded-For hop not ours (peer if untrusted)."""
+        if not self.is_trusted(peer):
+            return peer
+        hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+
+class ResponseCleaner:
+    """Removes from a member's response what must not reach the client."""
+
+    def __init__(self, config: Config) -> None:
+        self.hidden = (
+            HOP_BY_HOP | FRAMING | BACKEND_IDENTITY | frozenset(h.lower() for h in config.edge.hide_headers)
+        )
+
+    def __call__(self, headers: CIMultiDict[str]) -> None:
+        hidden = self.hidden
+        if "Connection" in headers:
+            hidden = hidden | connection_tokens(headers)
+        for name in [k for k in headers if k.lower() in hidden]:
+            headers.popall(name, None)
+
+    def fields(self, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
+        """The same for stored pairs: the pairs to keep, or None when nothing goes."""
+        hidden = self.hidden
+        if any(k.lower() == "connection" for k, _ in pairs):
+            hidden = hidden | connection_tokens(CIMultiDict(pairs))
+        kept = tuple((k, v) for k, v in pairs if k.lower() not in hidden)
+        return None if len(kept) == len(pairs) else kept
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
+    """One byte range as (start, end inclusive); None = ignore the header; False = 416."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # other units and multiple ranges: answer with the whole file
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                return False
+            return (max(0, size - n), size - 1) if size else False
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0:
+        return None
+    if start >= size:
+        return False
+    if end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+# Content codings a client may accept; the set, not its q-value order, selects a variant.
+_CODINGS = frozenset({"br", "gzip", "x-gzip", "deflate", "compress", "zstd", "*"})
+
+
+@lru_cache(maxsize=1024)  # a handful of distinct values in practice; bounded, as clients choose them
+def accepted_codings(value: str) -> str:
+    """Accept-Encoding reduced to the sorted codings it accepts (q > 0): "br,gzip"."""
+    accepted = set()
+    for item in value.split(","):
+        name, _, params = item.partition(";")
+        name = name.strip().lower()
+        if name not in _CODINGS:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            k, _, v = param.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            accepted.add("gzip" if name == "x-gzip" else name)
+    return ",".join(sorted(accepted))
