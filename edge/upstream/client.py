@@ -19,15 +19,12 @@ the body runs to EOF. Anything ambiguous or malformed raises
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from multidict import CIMultiDict
 
-from edge.core.pipeline import Body, BytesBody, FileBody
+from edge.core.spool import SpoolFull
 from edge.http.http1 import chunk_size
 
 MAX_HEAD = 64 * 1024
@@ -232,51 +229,6 @@ class ResponseParser:
         return b""
 
 
-class SpoolBuffer:
-    """Response bytes in memory up to a limit, then in an unlinked temp file."""
-
-    __slots__ = ("_file", "_limit", "_max", "_parts", "_temp_dir", "size")
-
-    def __init__(self, limit: int, temp_dir: str | None, max_size: int = 1 << 62) -> None:
-        self._limit = limit
-        self._max = max_size
-        self._temp_dir = temp_dir
-        self._parts: list[bytes] = []
-        self._file: Any = None
-        self.size = 0
-
-    def add(self, chunk: bytes) -> None:
-        """Keep a chunk; UpstreamProtocolError past the size cap (the disk is not infinite)."""
-        self.size += len(chunk)
-        if self.size > self._max:
-            raise UpstreamProtocolError("response larger than max_response_size")
-        if self._file is not None:
-            self._file.write(chunk)
-            return
-        self._parts.append(chunk)
-        if self.size > self._limit:
-            self._file = tempfile.TemporaryFile(dir=self._temp_dir)
-            self._file.write(b"".join(self._parts))
-            self._parts = []
-
-    def body(self) -> Body:
-        """The finished body (the buffer must not be used afterwards)."""
-        if self._file is None:
-            parts = self._parts
-            return BytesBody(parts[0] if len(parts) == 1 else b"".join(parts))
-        self._file.flush()
-        fd = os.dup(self._file.fileno())
-        self._file.close()  # the unlinked file lives on through the dup'ed descriptor
-        self._file = None
-        return FileBody(fd, 0, self.size)
-
-    def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._parts = []
-
-
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a member; a request/response at a time."""
 
@@ -326,7 +278,7 @@ class UpstreamConnection(asyncio.Protocol):
                 for chunk in chunks:
                     if chunk:
                         sink(chunk)
-            except (UpstreamError, OSError) as exc:  # over the cap, or the temp disk is full
+            except (UpstreamError, SpoolFull, OSError) as exc:  # over the cap, or the temp disk is full
                 self._fail(exc if isinstance(exc, UpstreamError) else UpstreamProtocolError(str(exc)))
                 return
         if parser.state == "done":

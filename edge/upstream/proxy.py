@@ -27,11 +27,11 @@ from edge.core.errors import error_reply
 from edge.core.fields import ResponseCleaner
 from edge.core.metrics import Metrics
 from edge.core.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
+from edge.core.spool import SpoolBuffer
 from edge.upstream.client import (
     ConnectFailed,
     ReadTimeout,
     ResponseParser,
-    SpoolBuffer,
     StreamRelay,
     UpstreamConnection,
     UpstreamProtocolError,

@@ -17,13 +17,8 @@ from multidict import CIMultiDict
 from edge.core.errors import error_reply
 from edge.core.fields import BACKEND_IDENTITY
 from edge.core.pipeline import Exchange, Reply
-from edge.upstream.client import (
-    ConnectFailed,
-    ReadTimeout,
-    SpoolBuffer,
-    UpstreamProtocolError,
-    serialize_request,
-)
+from edge.core.spool import SpoolBuffer
+from edge.upstream.client import ConnectFailed, ReadTimeout, UpstreamProtocolError, serialize_request
 from edge.upstream.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 
 # What a 101 may carry back to the client: the handshake and nothing hop-by-hop else.

@@ -20,6 +20,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edge.core.pipeline import Body, BytesBody, Exchange, FileBody, Reply
+from edge.core.spool import SpoolBuffer
 from edge.features.cache.disk import DiskStore
 from edge.features.cache.key import vary_values
 from edge.features.cache.policy import (
@@ -32,7 +33,6 @@ from edge.features.cache.policy import (
 )
 from edge.features.cache.respond import http_date
 from edge.features.cache.store import Entry, MemoryStore
-from edge.upstream.client import SpoolBuffer
 
 if TYPE_CHECKING:
     from edge.core.config import Config

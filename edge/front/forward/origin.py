@@ -27,15 +27,10 @@ from multidict import CIMultiDict
 
 from edge.core.fields import FRAMING, HOP_BY_HOP, connection_tokens
 from edge.core.pipeline import Exchange, Reply
+from edge.core.spool import SpoolBuffer
 from edge.front.forward.pages import page
 from edge.front.forward.policy import NetworkList
-from edge.upstream.client import (
-    ReadTimeout,
-    SpoolBuffer,
-    UpstreamConnection,
-    UpstreamProtocolError,
-    serialize_request,
-)
+from edge.upstream.client import ReadTimeout, UpstreamConnection, UpstreamProtocolError, serialize_request
 from edge.upstream.proxy import HeadBody
 
 if TYPE_CHECKING:
