@@ -40,9 +40,9 @@ import ipaddress
 import math
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 from multidict import CIMultiDict
@@ -57,7 +57,39 @@ from edge.core.fields import TrustedProxies
 from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
 if TYPE_CHECKING:
-    from edge.front.server import Edge
+    from carousel.etcd import Etcd
+    from edge.core.limits import ConnectionGuard
+    from edge.core.metrics import Metrics
+
+
+class IdleClosable(Protocol):
+    """A client connection as the ban sees it."""
+
+    @property
+    def peer(self) -> str: ...
+
+    def close_if_idle(self) -> None: ...
+
+
+class DosContext(EdgeContext, Protocol):
+    """What the DoS feature uses from the running edge (front/server.py): the connection
+    guard it arms, the open connections it closes on a ban, etcd, metrics."""
+
+    @property
+    def guard(self) -> ConnectionGuard: ...
+
+    @property
+    def connections(self) -> Iterable[IdleClosable]: ...
+
+    @property
+    def etcd(self) -> Etcd | None: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def worker(self) -> int: ...
+
 
 log = structlog.get_logger("carousel.edge.dos")
 
@@ -197,7 +229,7 @@ class _Client:
 class DosDetector:
     """The `dos` feature."""
 
-    def __init__(self, config: Config, edge: Edge) -> None:
+    def __init__(self, config: Config, edge: DosContext) -> None:
         d: DosConfig = config.dos
         self.config = d
         self.edge = edge
@@ -495,4 +527,4 @@ def feature(config: Config, ctx: EdgeContext) -> DosDetector | None:
     """Factory for the pipeline (None when [dos] is off)."""
     if not config.dos.enabled:
         return None
-    return DosDetector(config, cast("Edge", ctx))
+    return DosDetector(config, cast(DosContext, ctx))

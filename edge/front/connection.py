@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -39,8 +39,9 @@ from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser, f
 from edge.http.request import Request
 
 if TYPE_CHECKING:
+    from edge.core.config import Config
+    from edge.core.limits import ConnectionGuard
     from edge.core.pipeline import Reply
-    from edge.front.server import Edge
 
 log = structlog.get_logger("carousel.edge.connection")
 
@@ -58,6 +59,33 @@ def http_date() -> str:
         _date_cache[0] = now
         _date_cache[1] = formatdate(now, usegmt=True)
     return str(_date_cache[1])
+
+
+class RequestCounter(Protocol):
+    """Counts answers by route (or kind) and status."""
+
+    def count_request(self, route: str, status: int, /) -> None: ...
+
+
+class ConnectionHost(Protocol):
+    """What a client connection needs from the server that accepted it: the Edge
+    (front/server.py), or the forward proxy (front/forward/listener.py)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def guard(self) -> ConnectionGuard: ...
+
+    @property
+    def connections(self) -> set[ClientConnection]: ...
+
+    @property
+    def metrics(self) -> RequestCounter: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None: ...
 
 
 def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:
@@ -132,7 +160,7 @@ class ClientConnection(asyncio.Protocol):
     #: hook request assembly (the forward listener's CONNECT).
     inline = True
 
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: ConnectionHost) -> None:
         self.edge = edge
         self.transport: asyncio.Transport | None = None
         c = edge.config.edge

@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Iterator
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -41,7 +41,8 @@ from edge.core.config import PassthroughConfig
 from edge.upstream.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 
 if TYPE_CHECKING:
-    from edge.front.server import Edge
+    from edge.core.config import Config
+    from edge.core.limits import ConnectionGuard
 
 log = structlog.get_logger("carousel.edge.passthrough")
 
@@ -49,6 +50,19 @@ log = structlog.get_logger("carousel.edge.passthrough")
 MAX_HELLO = 16 * 1024
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+class PassthroughHost(Protocol):
+    """What a passthrough listener needs from the edge (front/server.py): admission and the pools."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def guard(self) -> ConnectionGuard: ...
+
+    @property
+    def pools(self) -> dict[str, UpstreamPool]: ...
 
 
 class NotClientHello(Exception):
@@ -383,7 +397,7 @@ class PassthroughConnection(asyncio.Protocol):
 class PassthroughListener:
     """One `[[passthrough]]` listener."""
 
-    def __init__(self, edge: Edge, config: PassthroughConfig) -> None:
+    def __init__(self, edge: PassthroughHost, config: PassthroughConfig) -> None:
         self.edge = edge
         self.config = config
         self.exact: dict[str, UpstreamPool] = {}

@@ -36,11 +36,10 @@ import structlog
 from multidict import CIMultiDict
 
 from edge.core.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
-from edge.front.connection import ClientConnection
+from edge.front.connection import ClientConnection, ConnectionHost
 
 if TYPE_CHECKING:
     from edge.core.config import Config, TlsConfig
-    from edge.front.server import Edge
 
 log = structlog.get_logger("carousel.edge.tls")
 
@@ -227,7 +226,7 @@ class TlsClientConnection(ClientConnection):
     scheme = "https"
 
 
-async def start_https(edge: Edge, store: CertificateStore) -> asyncio.Server:
+async def start_https(edge: ConnectionHost, store: CertificateStore) -> asyncio.Server:
     """Open the HTTPS listener (the handshake deadline is the header deadline)."""
     c = edge.config.edge
     t = edge.config.tls

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from edge.features.cache.feature import CacheFeature
+    from edge.features.cache.store import MemoryStore
+
+
+class CacheFigures(Protocol):
+    """What the collector reads from the cache feature (feature.py) at scrape time."""
+
+    @property
+    def counts(self) -> dict[str, int]: ...
+
+    @property
+    def store(self) -> MemoryStore: ...
 
 
 class _CacheCollector(Collector):
-    def __init__(self, cache: CacheFeature) -> None:
+    def __init__(self, cache: CacheFigures) -> None:
         self.cache = cache
 
     def collect(self) -> Iterator[Any]:
@@ -38,6 +48,6 @@ class _CacheCollector(Collector):
         yield evictions
 
 
-def register(registry: CollectorRegistry, cache: CacheFeature) -> None:
+def register(registry: CollectorRegistry, cache: CacheFigures) -> None:
     """Add the cache's collector to the edge's registry."""
     registry.register(_CacheCollector(cache))

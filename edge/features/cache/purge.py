@@ -27,7 +27,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urljoin
 
 import structlog
@@ -45,7 +45,6 @@ from edge.features.cache.store import MemoryStore
 
 if TYPE_CHECKING:
     from edge.core.config import Config
-    from edge.features.cache.feature import CacheFeature
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -193,10 +192,20 @@ def _parse(key: str, value: bytes) -> PurgeEvent:
     return PurgeEvent.decode(value)
 
 
+class PurgedCache(Protocol):
+    """What the watcher needs from the cache feature (feature.py): its purge list and start time."""
+
+    @property
+    def purges(self) -> Purges: ...
+
+    @property
+    def started(self) -> float: ...
+
+
 class PurgeWatcher:
     """Follows the purge prefix in etcd and applies new events to one cache."""
 
-    def __init__(self, config: Config, cache: CacheFeature) -> None:
+    def __init__(self, config: Config, cache: PurgedCache) -> None:
         self.etcd_config = config.etcd
         self.prefix = Keys(config.etcd.prefix).purges
         self.cache = cache

@@ -22,7 +22,7 @@ requests and ``TunnelOpen`` (edge/forward/tunnel.py) for CONNECT.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from multidict import CIMultiDict
@@ -35,7 +35,6 @@ from edge.front.forward.policy import DestinationPolicy
 
 if TYPE_CHECKING:
     from edge.core.config import Config
-    from edge.front.forward.listener import ForwardProxy
 
 log = structlog.get_logger("carousel.edge.forward")
 
@@ -166,7 +165,17 @@ class _NoMetrics:
         self.config = config
 
 
-def build_chain(proxy: ForwardProxy) -> dict[str, Any]:
+class ChainOwner(Protocol):
+    """What the chain is built from: the forward proxy's config and destination policy."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def policy(self) -> DestinationPolicy: ...
+
+
+def build_chain(proxy: ChainOwner) -> dict[str, Any]:
     """The enabled forward features by name, in FORWARD_ORDER (dicts keep insertion order)."""
     config = proxy.config
     steps: dict[str, Any] = {

@@ -30,7 +30,7 @@ import dataclasses
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -48,7 +48,9 @@ from edge.http.http1 import RequestParser
 from edge.http.request import Request
 
 if TYPE_CHECKING:
-    from edge.front.server import Edge
+    from edge.core.config import Config
+    from edge.core.limits import ConnectionGuard
+    from edge.core.metrics import Metrics
 
 log = structlog.get_logger("carousel.edge.forward")
 access_log = structlog.get_logger("carousel.edge.forward.access")
@@ -71,6 +73,28 @@ class ForwardTarget:
     refused: str = ""
 
 
+class ForwardHost(Protocol):
+    """What the forward proxy needs from the edge (front/server.py): admission, the
+    connection set and task tracking its shutdown waits on, the metrics registry."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def guard(self) -> ConnectionGuard: ...
+
+    @property
+    def connections(self) -> set[ClientConnection]: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
 class ForwardConnection(ClientConnection):
     """A client connection of the forward listener: CONNECT allowed, and tunnel accounting."""
 
@@ -78,9 +102,7 @@ class ForwardConnection(ClientConnection):
     inline = False  # _complete below holds what follows a CONNECT
 
     def __init__(self, proxy: ForwardProxy) -> None:
-        # ClientConnection only uses what ForwardProxy provides (config, guard,
-        # connections, spawn, answer, metrics.count_request).
-        super().__init__(cast("Edge", proxy))
+        super().__init__(proxy)
         c = proxy.config.edge
         self.parser = RequestParser(max_headers=c.max_headers, max_field=c.max_header_size, proxy=True)
         self.origin: OriginTunnel | None = None
@@ -129,7 +151,7 @@ def _limits(edge: ServerConfig, forward: ForwardConfig) -> ServerConfig:
 class ForwardProxy:
     """The forward-proxy listener and its chain (one per edge worker)."""
 
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: ForwardHost) -> None:
         self.edge = edge
         f = edge.config.forward
         # What ForwardConnection reads as "the edge's" config: [forward] limits in place of [edge]'s.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 
@@ -37,16 +37,52 @@ from edge.front.forward.origin import OriginFailure, connect_origin
 from edge.front.forward.pages import page
 
 if TYPE_CHECKING:
-    from edge.front.forward.listener import ForwardConnection, ForwardProxy
+    from edge.core.config import Config
+    from edge.front.forward.metrics import ForwardMetrics
+    from edge.front.forward.policy import DestinationPolicy
+
+
+class TunnelClient(Protocol):
+    """The client side of a tunnel: the forward listener's connection."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def close(self) -> None: ...
+
+
+class TunnelOwner(Protocol):
+    """What tunnels need from the forward proxy (front/forward/listener.py): limits, the
+    open-tunnel set, metrics, and a word when one ends."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def policy(self) -> DestinationPolicy: ...
+
+    @property
+    def metrics(self) -> ForwardMetrics: ...
+
+    @property
+    def tunnels(self) -> set[OriginTunnel]: ...
+
+    @property
+    def max_tunnels(self) -> int: ...
+
+    @property
+    def tunnel_idle_timeout(self) -> float: ...
+
+    def tunnel_closed(self, tunnel: OriginTunnel) -> None: ...
 
 
 class OriginTunnel(asyncio.Protocol):
     """The origin side of one CONNECT tunnel, and the tunnel's bookkeeping."""
 
-    def __init__(self, proxy: ForwardProxy) -> None:
+    def __init__(self, proxy: TunnelOwner) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
-        self.client: ForwardConnection | None = None
+        self.client: TunnelClient | None = None
         self.exchange: Exchange | None = None
         self.opened = time.monotonic()
         self.last_active = self.opened
@@ -97,7 +133,7 @@ class OriginTunnel(asyncio.Protocol):
 
     # --- client side (called by ForwardConnection) --------------------------------------
 
-    def attach(self, client: ForwardConnection, ex: Exchange) -> None:
+    def attach(self, client: TunnelClient, ex: Exchange) -> None:
         """The client connection is becoming the other end of this tunnel."""
         self.client = client
         self.exchange = ex
@@ -163,7 +199,7 @@ class OriginTunnel(asyncio.Protocol):
 class TunnelOpen:
     """Terminal handler for CONNECT: open the origin connection, answer 200 with the tunnel."""
 
-    def __init__(self, proxy: ForwardProxy) -> None:
+    def __init__(self, proxy: TunnelOwner) -> None:
         self.proxy = proxy
 
     async def __call__(self, ex: Exchange) -> Reply:
