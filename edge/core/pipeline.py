@@ -87,7 +87,7 @@ class BodyWriter(Protocol):
 USER_FEATURES = "user"
 FEATURE_ORDER: tuple[str, ...] = (
     "edge.features.dos:feature",
-    "edge.front.tls:feature",
+    "edge.features.https:feature",
     "edge.features.headers:feature",
     USER_FEATURES,
     "edge.features.cache:feature",

@@ -181,7 +181,7 @@ def test_feature_order_is_declared_once() -> None:
     # the request, compression inside the cache so compressed variants are stored.
     expected = [
         "edge.features.dos:feature",
-        "edge.front.tls:feature",
+        "edge.features.https:feature",
         "edge.features.headers:feature",
         USER_FEATURES,
     ]

@@ -21,8 +21,9 @@ from edge.core.config import from_dict
 from edge.core.limits import ConnectionGuard
 from edge.core.pipeline import BytesBody, Exchange, Reply
 from edge.features.dos import BanTable, ClientKeys, DosDetector, _Client
+from edge.features.https import HttpsPolicy
 from edge.front.passthrough import PROXY_V2_SIGNATURE, NotClientHello, parse_client_hello, proxy_header
-from edge.front.tls import CertificateStore, HttpsPolicy, check_certificate
+from edge.front.tls import CertificateStore, check_certificate
 from edge.http.http1 import Head, RequestParser
 from edge.http.request import Request
 
