@@ -20,7 +20,8 @@ import structlog
 
 from carousel.logs import setup_logging
 from edge.core.config import Config, load
-from edge.front.server import Edge
+from edge.core.config import from_dict as schema_from_dict
+from edge.front.server import Edge, check_config
 
 log = structlog.get_logger("carousel.edge")
 
@@ -28,8 +29,14 @@ EXIT_CONFIG = 2
 
 
 def load_config(path: str) -> Config:
-    """Read and check an edge config file (a ConfigError names the file and key)."""
-    return load(path)
+    """Read and check an edge config file: the schema (core/config.py), then the checks the
+    edge's parts own (front/server.py check_config); a ConfigError names the file and key."""
+    return check_config(load(path), path)
+
+
+def from_dict(data: dict[str, object], file: str = "<config>") -> Config:
+    """The same checks for a config already parsed from TOML."""
+    return check_config(schema_from_dict(data, file), file)
 
 
 async def serve(config: Config, worker: int = 0) -> int:

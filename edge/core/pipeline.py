@@ -19,25 +19,9 @@ static directory, redirect, fixed response). Terminal handlers never call
 ``call_next``.
 
 A feature comes from a factory ``factory(config: Config, ctx: EdgeContext)
--> Feature | None`` (None: disabled by this config). Built-in factories are
-listed in ``FEATURE_ORDER``; user factories are named in ``[edge] features``
-as "package.module:factory" and run where ``USER_FEATURES`` stands.
-
-ORDER MATTERS. It is fixed here and nowhere else:
-
-* ``dos`` (issue 8) first of all: a banned or flooding client should cost as
-  little as possible. Connection limits and bans at accept live outside the
-  chain (edge/limits.py); oversized requests never reach it (edge/http1.py).
-* ``tls`` next: plain HTTP redirected to HTTPS before any work, HSTS on
-  every HTTPS answer the features below produce.
-* ``headers`` then: everything after it sees the cleaned request, and the
-  response is cleaned after every other feature touched it.
-* user features next, so they see (and may veto) requests before any
-  expensive work.
-* ``cache`` then ``compression`` (issue 5): the cache after user features, so
-  a user's veto (authentication, say) is never bypassed by a hit; compression
-  inside the cache, so compressed variants are stored and compressed once.
-* (issue 9) the forward proxy is a separate listener with its own chain.
+-> Feature | None`` (None: disabled by this config). Which factories run, and
+in what order, is fixed in one place: ``FEATURE_ORDER`` in
+edge/features/__init__.py.
 
 ANSWERING AT ONCE. A feature may also have a synchronous twin::
 
@@ -81,18 +65,6 @@ class BodyWriter(Protocol):
     def transport(self) -> asyncio.Transport | None: ...
 
     async def write(self, data: bytes) -> None: ...
-
-
-# Built-in features, outermost first. "user" marks where [edge] features run.
-USER_FEATURES = "user"
-FEATURE_ORDER: tuple[str, ...] = (
-    "edge.features.dos:feature",
-    "edge.features.https:feature",
-    "edge.features.headers:feature",
-    USER_FEATURES,
-    "edge.features.cache:feature",
-    "edge.features.compress:feature",
-)
 
 
 class Body:
@@ -346,18 +318,6 @@ def load_factory(spec: str) -> FeatureFactory:
     if not callable(factory):
         raise ValueError(f"feature {spec!r}: {module_name} has no callable {attr!r}")
     return cast(FeatureFactory, factory)
-
-
-def build_features(config: Config, ctx: EdgeContext) -> list[Feature]:
-    """Instantiate the features in FEATURE_ORDER, with user features at their slot."""
-    features: list[Feature] = []
-    for spec in FEATURE_ORDER:
-        specs = config.edge.features if spec == USER_FEATURES else [spec]
-        for s in specs:
-            feature = load_factory(s)(config, ctx)
-            if feature is not None:
-                features.append(feature)
-    return features
 
 
 def chain(features: list[Feature], terminal: Handler) -> Handler:

@@ -19,6 +19,7 @@ import structlog
 from multidict import CIMultiDict
 
 from carousel.admin import AdminServer
+from carousel.config import ConfigError
 from carousel.etcd import Etcd, EtcdAuthError, EtcdError
 from carousel.registry import Keys
 from edge.core.config import Config
@@ -31,18 +32,20 @@ from edge.core.pipeline import (
     Handler,
     NowHandler,
     Reply,
-    build_features,
     chain,
     chain_now,
+    load_factory,
 )
 from edge.core.routing import Route, RouteTable, normalize_host
+from edge.features import build_features
 from edge.features.dos import DosDetector
 from edge.features.static import StaticFiles, not_found
 from edge.front.connection import ClientConnection, write_reply_body, write_whole
 from edge.front.forward import ForwardProxy
+from edge.front.forward.auth import check_stored
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
-from edge.front.tls import CertificateStore, start_https
+from edge.front.tls import CertificateStore, check_certificate, start_https
 from edge.http.http1 import field_lines
 from edge.http.request import Request
 from edge.upstream.pool import UpstreamPool
@@ -52,6 +55,27 @@ log = structlog.get_logger("carousel.edge")
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _PAGE_502 = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+
+def check_config(config: Config, file: str = "<config>") -> Config:
+    """The config checks that need the parts the edge builds, as file/key errors: each
+    certificate loads and matches its key (front/tls.py), each proxy user's stored password
+    parses (front/forward/auth.py), each user feature imports (core/pipeline.py)."""
+    for i, cert in enumerate(config.tls.certificate):
+        problem = check_certificate(cert.cert_file, cert.key_file)
+        if problem:
+            sub, _, message = problem.partition(": ") if ": " in problem else ("", "", problem)
+            raise ConfigError(file, ".".join(p for p in (f"tls.certificate[{i}]", sub) if p), message)
+    for name, stored in config.forward.users.items():
+        problem = check_stored(stored)
+        if problem:
+            raise ConfigError(file, "forward.users", f"{name}: {problem}")
+    for i, spec in enumerate(config.edge.features):
+        try:
+            load_factory(spec)
+        except ValueError as exc:
+            raise ConfigError(file, f"edge.features[{i}]", str(exc)) from None
+    return config
 
 
 class Edge:

@@ -13,8 +13,9 @@ from carousel.config import ConfigError
 from carousel.registry import Keys
 from edge.core.config import from_dict
 from edge.core.fields import TrustedProxies, connection_tokens, parse_range
-from edge.core.pipeline import FEATURE_ORDER, USER_FEATURES, load_factory
+from edge.core.pipeline import load_factory
 from edge.core.routing import RouteTable, normalize_host
+from edge.features import FEATURE_ORDER, USER_FEATURES
 from edge.features.static import safe_relative_path
 from edge.upstream.balancer import ConsistentHash, LeastConnections, SmoothRoundRobin
 from edge.upstream.client import ResponseParser, UpstreamProtocolError, serialize_request

@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from carousel.config import ConfigError
-from edge.core.config import DomainListConfig, ForwardConfig, from_dict
+from edge.core.config import DomainListConfig, ForwardConfig
 from edge.front.forward.auth import (
     ProxyAuthenticator,
     check_stored,
@@ -28,6 +28,7 @@ from edge.front.forward.policy import (
     parse_authority,
 )
 from edge.http.http1 import Head, ParseError, RequestParser
+from edge.main import from_dict
 
 # --- targets ---------------------------------------------------------------------------
 

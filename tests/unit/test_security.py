@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from carousel.config import ConfigError
 from carousel.registry import BanRecord
-from edge.core.config import from_dict
 from edge.core.limits import ConnectionGuard
 from edge.core.pipeline import BytesBody, Exchange, Reply
 from edge.features.dos import BanTable, ClientKeys, DosDetector, _Client
@@ -26,6 +25,7 @@ from edge.front.passthrough import PROXY_V2_SIGNATURE, NotClientHello, parse_cli
 from edge.front.tls import CertificateStore, check_certificate
 from edge.http.http1 import Head, RequestParser
 from edge.http.request import Request
+from edge.main import from_dict
 
 # --- ClientHello parsing -----------------------------------------------------------------
 
