@@ -25,7 +25,6 @@ from typing import Literal
 
 from carousel.config import (
     AdminConfig,
-    ConfigError,
     EtcdConfig,
     LogConfig,
     address_problem,
@@ -227,14 +226,9 @@ class Config:
 
 
 def load(path: str) -> Config:
-    """Load, validate and compile-check a dnsd config (ConfigError names the key)."""
-    config = load_config(Config, path)
-    # Compiling the zones catches bad names, conflicting records and the like
-    # with the same file/key error as a type mistake.
-    from dnsd.zone import ZoneError, compile_zones
+    """Load and validate a dnsd config against the schema (ConfigError names the key).
 
-    try:
-        compile_zones(config.zone)
-    except ZoneError as exc:
-        raise ConfigError(path, exc.key, exc.message) from None
-    return config
+    Compiling the zones (bad names, conflicting records) is zone.py's check, run
+    by ``dnsd.main.load_config`` with the same file/key errors.
+    """
+    return load_config(Config, path)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,117 +21,25 @@ import prometheus_client
 import structlog
 
 from carousel.admin import AdminServer
-from carousel.etcd import EtcdAuthError, EtcdError
+from carousel.config import ConfigError
 from carousel.logs import setup_logging
-from dnsd import wire
-from dnsd.build import TableBuilder
 from dnsd.config import Config, load
-from dnsd.feed import RegistryFeed
-from dnsd.server import DnsServer, Listener, bind_listener
-from dnsd.stats import DnsCollector, RegistryView
-from dnsd.table import AnswerTable
-from dnsd.zone import compile_zones
+from dnsd.daemon import (
+    check_credentials,
+    create_feed,
+    health,
+    install_stop_handlers,
+    make_builder,
+    registry_view,
+    run_loop,
+    status,
+)
+from dnsd.server import DnsServer, bind_listener
+from dnsd.stats import DnsCollector
+from dnsd.workers import run_supervisor
+from dnsd.zone import ZoneError, compile_zones
 
 log = structlog.get_logger("dnsd")
-
-
-def make_builder(config: Config) -> TableBuilder:
-    """The table builder for this config's zones and answer policy."""
-    return TableBuilder(
-        compile_zones(config.zone),
-        max_answer_records=config.dns.max_answer_records,
-        all_down=config.dns.all_down,
-        degraded_ttl=config.dns.degraded_ttl,
-        payload_size=config.dns.udp_payload_size,
-    )
-
-
-def registry_view(feed: RegistryFeed) -> RegistryView:
-    """What the metrics and /status say about the registry."""
-    return RegistryView(
-        revision=feed.table.revision,
-        seconds_since_sync=feed.mirror.seconds_since_sync,
-        connected=feed.mirror.connected,
-        builds=feed.builds,
-        services={s: (st.mode, len(st.addresses)) for s, st in feed.table.services.items()},
-    )
-
-
-def health(feed: RegistryFeed) -> tuple[bool, str]:
-    """200 once answers come from the first snapshot; etcd being away later is reported, not fatal."""
-    # The table, not the mirror: the mirror is synced one loop step before its table is built.
-    if not feed.table.synced:
-        return False, "waiting for the first registry snapshot"
-    age = feed.mirror.seconds_since_sync
-    if feed.mirror.connected:
-        return True, f"ok: serving registry revision {feed.table.revision}"
-    return True, f"ok: etcd unreachable, serving revision {feed.table.revision} from memory ({age:.0f}s)"
-
-
-def status(
-    config: Config, feed: RegistryFeed, listeners: list[Listener], extra: dict[str, Any]
-) -> dict[str, Any]:
-    """The /status document."""
-    table: AnswerTable = feed.table
-    return {
-        "daemon": "dnsd",
-        "listen": [lst.address for lst in listeners],
-        "zones": [z.origin for z in config.zone],
-        "revision": table.revision,
-        "serial": table.serial,
-        "synced": feed.mirror.synced.is_set(),
-        "registry_connected": feed.mirror.connected,
-        "seconds_since_sync": round(feed.mirror.seconds_since_sync, 3) if feed.mirror.last_sync else None,
-        "table_builds": feed.builds,
-        "last_build_ms": round(feed.last_build_seconds * 1000, 3),
-        "table_age_seconds": round(time.time() - table.built, 3),
-        "services": {
-            s: {"mode": st.mode, "addresses": st.addresses, "ttl": st.ttl} for s, st in table.services.items()
-        },
-        "names": sorted(wire.to_text(n) for n in table.names),
-        **extra,
-    }
-
-
-def create_feed(config: Config, builder: TableBuilder) -> RegistryFeed | None:
-    """The registry feed; None (after one clear log line) when the etcd client cannot be set up."""
-    try:
-        return RegistryFeed(config.etcd, builder)
-    except EtcdError as exc:  # e.g. an unreadable CA, certificate or key file
-        log.error("cannot start: etcd client setup failed", error=str(exc))
-        return None
-
-
-async def check_credentials(feed: RegistryFeed, refused: Callable[[], None]) -> None:
-    """Call ``refused`` if etcd rejects our credentials; while it is unreachable, keep trying.
-
-    Wrong credentials never fix themselves, unlike an outage: they stop dnsd with a
-    clear message instead of leaving it to answer from an empty registry forever.
-    """
-    warned = False
-    while True:
-        try:
-            await feed.etcd.revision()
-            return
-        except EtcdAuthError as exc:
-            log.error("etcd refused the dnsd's credentials", error=str(exc))
-            refused()
-            return
-        except EtcdError as exc:
-            if not warned:  # the mirror only reports outages after a first success
-                log.warning(
-                    "etcd unreachable at startup; answering static names until it answers",
-                    error=str(exc),
-                )
-                warned = True
-            await asyncio.sleep(1.0)
-
-
-def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM and SIGINT set ``stop``."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
 
 async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
@@ -213,25 +119,20 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
     return exit_code
 
 
-def run_loop(main: Any) -> int:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return int(asyncio.run(main))
-    return int(uvloop.run(main))
-
-
 def load_config(path: str) -> Config:
-    """Read and check a dnsd config file (a ConfigError names the file and key)."""
-    return load(path)
+    """Read and check a dnsd config file: the schema (config.py), then the zones compile
+    (zone.py), each mistake as a ConfigError naming the file and key."""
+    config = load(path)
+    try:
+        compile_zones(config.zone)
+    except ZoneError as exc:
+        raise ConfigError(path, exc.key, exc.message) from None
+    return config
 
 
 def run(config: Config, config_path: str) -> int:
     """Entry point used by `carousel dnsd`."""
     setup_logging(config.log, daemon="dnsd")
     if config.dns.workers > 1:
-        from dnsd.workers import run_supervisor
-
         return run_supervisor(config, config_path)
     return run_loop(serve(config))

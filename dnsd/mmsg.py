@@ -23,7 +23,7 @@ import errno
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -31,7 +31,21 @@ from dnsd import rrl as rrl_mod
 from dnsd.respond import Answerer
 
 if TYPE_CHECKING:
-    from dnsd.server import DnsServer
+    from dnsd.config import DnsConfig
+    from dnsd.table import AnswerTable
+
+
+class AnsweringServer(Protocol):
+    """What a receive thread reads from the server that owns it (server.py's DnsServer)."""
+
+    @property
+    def config(self) -> DnsConfig: ...
+
+    @property
+    def table(self) -> AnswerTable: ...
+
+    def new_rate_limiter(self) -> rrl_mod.RateLimiter | None: ...
+
 
 log = structlog.get_logger("dnsd.mmsg")
 
@@ -111,7 +125,7 @@ class _Batch:
 class MmsgThread:
     """A receive/answer/send loop over one UDP socket, a batch of datagrams at a time."""
 
-    def __init__(self, server: DnsServer, sock: socket.socket, name: str) -> None:
+    def __init__(self, server: AnsweringServer, sock: socket.socket, name: str) -> None:
         assert _CALLS is not None, "recvmmsg/sendmmsg are not available here"
         self.server = server
         self.sock = sock

@@ -43,6 +43,16 @@ from carousel.admin import AdminServer
 from carousel.logs import setup_logging
 from carousel.registry import ServiceRecord
 from dnsd.config import Config
+from dnsd.daemon import (
+    check_credentials,
+    create_feed,
+    health,
+    install_stop_handlers,
+    make_builder,
+    registry_view,
+    run_loop,
+    status,
+)
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
 from dnsd.stats import DnsCollector, Snapshot
@@ -60,16 +70,12 @@ STOP_GRACE = 5.0
 
 def worker_main(config: Config, index: int, listen: list[str], conn: Any) -> None:
     """Entry point of a worker process."""
-    from dnsd.main import run_loop
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     setup_logging(config.log, daemon=f"dnsd-worker-{index}")
     run_loop(_worker(config, index, listen, conn))
 
 
 async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> int:
-    from dnsd.main import make_builder
-
     loop = asyncio.get_running_loop()
     builder = make_builder(config)
     try:
@@ -270,22 +276,10 @@ def _reserve(listen: list[str]) -> tuple[list[str], list[Listener]]:
 
 def run_supervisor(config: Config, config_path: str) -> int:
     """Run the supervisor and its workers until SIGTERM/SIGINT."""
-    from dnsd.main import run_loop
-
     return run_loop(_supervise(config))
 
 
 async def _supervise(config: Config) -> int:
-    from dnsd.main import (
-        check_credentials,
-        create_feed,
-        health,
-        install_stop_handlers,
-        make_builder,
-        registry_view,
-        status,
-    )
-
     try:
         listen, held = _reserve(config.dns.listen)
     except OSError as exc:

@@ -9,7 +9,7 @@ import pytest
 from carousel.cli import main as carousel_main
 from carousel.config import ConfigError
 from dnsd import wire
-from dnsd.config import load
+from dnsd.main import load_config as load
 from dnsd.zone import compile_zones
 
 MINIMAL = """
