@@ -86,7 +86,7 @@ class ServerConfig:
     # The edge's own Server header value.
     server_header: str = "carousel"
     access_log: bool = True
-    # User features, as "package.module:factory" (see edge/pipeline.py).
+    # User features, as "package.module:factory" (see edge/core/pipeline.py).
     features: list[str] = field(default_factory=list)
 
 
@@ -349,7 +349,7 @@ def _fraction(v: float) -> str | None:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """`[cache]`: the RFC 9111 shared cache (edge/cache/)."""
+    """`[cache]`: the RFC 9111 shared cache (edge/features/cache/)."""
 
     enabled: bool = False
     # Memory tier: bytes of stored responses, and the largest one kept in memory.
@@ -396,7 +396,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """`[compression]`: gzip and brotli for compressible responses (edge/compress.py)."""
+    """`[compression]`: gzip and brotli for compressible responses (edge/features/compress.py)."""
 
     enabled: bool = False
     # Server preference among what the client accepts.
@@ -495,7 +495,7 @@ class ForwardConfig:
     # Name -> address map consulted before DNS (split horizon, tests); DNS otherwise.
     hosts: dict[str, str] = field(default_factory=dict, metadata={"check": _addresses})
     # Basic authentication (Proxy-Authorization): user -> password, plain or a
-    # "pbkdf2_sha256$..." hash from `python -m edge.forward.auth`. Empty: no authentication.
+    # "pbkdf2_sha256$..." hash from `python -m edge.front.forward.auth`. Empty: no authentication.
     users: dict[str, str] = field(default_factory=dict)
     realm: str = "carousel"
     # Tell origins the client's address (X-Forwarded-For, Forwarded); off, nothing carries it.

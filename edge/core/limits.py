@@ -3,23 +3,23 @@
 Every hard limit of the edge, where it is enforced and what the client gets,
 in one place so none is enforced twice or forgotten:
 
-=========================================  ===============================  =====================
-limit                                      enforced in                      answer
-=========================================  ===============================  =====================
-request line / header line size            http1.parse_head                 414 / 431, close
-header count, whole head size (64 KiB)     http1.RequestParser              431, close
-request body size (``max_body_size``)      connection.ClientConnection      413, close
-body read timeout (``body_timeout``)       connection.ClientConnection      408, close
-header deadline (``header_timeout``)       connection.ClientConnection      close (slowloris)
-keep-alive idle (``keepalive_timeout``)    connection.ClientConnection      close
-TLS handshake (``header_timeout``)         server (ssl_handshake_timeout)   close
-connections per address / in total        here: ``ConnectionGuard``        closed at accept
-banned addresses (the ``dos`` feature)     here, and edge/dos.py per req.   closed at accept / 403
-request rate, concurrency per client       edge/dos.py                      429 or delay, ban
-upstream response head size and count      upstream.ResponseParser          502
-=========================================  ===============================  =====================
+=========================================  ===================================  ======================
+limit                                      enforced in                          answer
+=========================================  ===================================  ======================
+request line / header line size            http/http1.parse_head                414 / 431, close
+header count, whole head size (64 KiB)     http/http1.RequestParser             431, close
+request body size (``max_body_size``)      front/connection.ClientConnection    413, close
+body read timeout (``body_timeout``)       front/connection.ClientConnection    408, close
+header deadline (``header_timeout``)       front/connection.ClientConnection    close (slowloris)
+keep-alive idle (``keepalive_timeout``)    front/connection.ClientConnection    close
+TLS handshake (``header_timeout``)         front/tls (ssl_handshake_timeout)    close
+connections per address / in total         here: ``ConnectionGuard``            closed at accept
+banned addresses (the ``dos`` feature)     here, and features/dos per request   closed at accept / 403
+request rate, concurrency per client       features/dos                         429 or delay, ban
+upstream response head size and count      upstream/client.ResponseParser       502
+=========================================  ===================================  ======================
 
-Passthrough listeners (edge/passthrough.py) go through the same guard, so a
+Passthrough listeners (edge/front/passthrough.py) go through the same guard, so a
 client's TLS-passthrough connections count against the same caps.
 """
 

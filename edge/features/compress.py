@@ -1,6 +1,6 @@
 """The `compression` feature: gzip and brotli for compressible responses.
 
-It sits inside the cache (edge/pipeline.py FEATURE_ORDER), so the cache stores
+It sits inside the cache (edge/core/pipeline.py FEATURE_ORDER), so the cache stores
 what it produces: each compressed variant is compressed once, then served from
 memory, and ``Vary: Accept-Encoding`` (added here) keeps the variants apart.
 
@@ -15,7 +15,7 @@ Rules:
 * The coding is the first of ``encodings`` (server preference) that the
   client's Accept-Encoding names with q > 0. Only that set counts, never the
   q-value order: the cache keys variants by the same set
-  (edge/cache/key.py ``accepted_codings``), so what it stores for a set is what
+  (edge/features/cache/key.py ``accepted_codings``), so what it stores for a set is what
   this feature would produce for every request with that set.
 * A compressed body gets a weak ETag (RFC 9110 8.8.1: same meaning, other
   bytes); the origin's strong one goes to ``ex.notes["origin_etag"]`` so the

@@ -1,0 +1,12 @@
+"""What faces clients, and the assembly of the whole edge.
+
+``server.py`` (the ``Edge``: builds routes, pools, features and listeners from
+the config, answers each request, shuts down gracefully), ``connection.py``
+(the HTTP/1.1 client protocol: keep-alive, pipelining, buffering, framing),
+``tls.py`` (termination: certificates by SNI, reload), ``passthrough.py``
+(TLS passthrough by SNI), ``forward/`` (the forward proxy, its own listener
+and chain).
+
+May import: every layer below (features, upstream, core, http) and carousel;
+never main.
+"""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Bytes from the client go through ``RequestParser`` (edge/http1.py). A request
+Bytes from the client go through ``RequestParser`` (edge/http/http1.py). A request
 is handed to the pipeline only once it is complete, body included: the edge
 buffers request bodies by design, so a handler never waits on a slow client.
 A body over ``max_body_size`` is answered 413 at once, a body slower than
@@ -15,7 +15,7 @@ clients cheaply. The same timer is the keep-alive idle timeout between
 requests and the header deadline (``header_timeout``) from the moment a
 connection opens or a later head starts, so a client trickling a head byte by
 byte (slowloris) is closed at that deadline. Admission (bans, connection caps)
-happens in ``connection_made`` through the edge's ConnectionGuard (edge/limits.py).
+happens in ``connection_made`` through the edge's ConnectionGuard (edge/core/limits.py).
 
 Responses are framed here: Content-Length when the body's length is known,
 chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
@@ -154,7 +154,7 @@ class ClientConnection(asyncio.Protocol):
         "tunnel",
     )
 
-    #: "https" on TLS listeners (edge/tls.py subclasses this); every Exchange carries it.
+    #: "https" on TLS listeners (edge/front/tls.py subclasses this); every Exchange carries it.
     scheme = "http"
     #: A lone bodiless request skips the queue (data_received); off for subclasses that
     #: hook request assembly (the forward listener's CONNECT).

@@ -4,7 +4,7 @@ Per request: normalise the host, look the route up in the precompiled table,
 build an Exchange, run the pipeline chain (built once at startup), and write
 the Reply with the framing the edge chooses (Content-Length when the length is
 known, chunked otherwise). Nothing is parsed or configured per request.
-The client protocol itself lives in edge/connection.py.
+The client protocol itself lives in edge/front/connection.py.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Edge:
         self.features = build_features(config, self)
         self.handle: Handler = chain(self.features, self._terminal)
         self.handle_now: NowHandler = chain_now(self.features, self._terminal_now)
-        # TLS termination (edge/tls.py) and passthrough (edge/passthrough.py) listeners.
+        # TLS termination (edge/front/tls.py) and passthrough (edge/front/passthrough.py) listeners.
         self.certificates = CertificateStore(config.tls) if config.tls.certificate else None
         self.passthrough = [PassthroughListener(self, pc) for pc in config.passthrough]
         register_passthrough_metrics(self.metrics.registry, self.passthrough)
@@ -123,7 +123,7 @@ class Edge:
         self._server = field_lines([("Server", config.edge.server_header)])
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
-        # The forward proxy (edge/forward/): a listener of its own with its own chain.
+        # The forward proxy (edge/front/forward/): a listener of its own with its own chain.
         self.forward = ForwardProxy(self) if config.forward.enabled else None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -165,7 +165,7 @@ class Edge:
         """Answer a complete request; None when done, or what is left to await.
 
         Called from the connection's data_received: when the pipeline can answer
-        without waiting (``now``, see edge/pipeline.py) the reply is written here,
+        without waiting (``now``, see edge/core/pipeline.py) the reply is written here,
         with no task; otherwise the rest becomes a coroutine for the connection.
         """
         head = request.head

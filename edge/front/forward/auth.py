@@ -1,7 +1,7 @@
 """Basic proxy authentication (RFC 9110 11.7, RFC 7617): Proxy-Authorization checks and password hashes.
 
 Passwords in `[forward] users` are plain text or ``pbkdf2_sha256$ITERATIONS$SALT$HASH``
-(base64 salt and hash; ``python -m edge.forward.auth`` prints one). A PBKDF2 check
+(base64 salt and hash; ``python -m edge.front.forward.auth`` prints one). A PBKDF2 check
 costs tens of milliseconds by design, so it runs in a worker thread (hashlib lets
 go of the GIL) and its verdict is remembered by a digest of the header value,
 never the header itself: a client sending the same credentials on every request
@@ -61,7 +61,7 @@ def check_stored(stored: str) -> str | None:
             base64.b64decode(parts[1], validate=True)
             base64.b64decode(parts[2], validate=True)
         except (ValueError, binascii.Error):
-            return "malformed pbkdf2_sha256 hash (make one with `python -m edge.forward.auth`)"
+            return "malformed pbkdf2_sha256 hash (make one with `python -m edge.front.forward.auth`)"
     return None
 
 
@@ -113,7 +113,7 @@ class ProxyAuthenticator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m edge.forward.auth`: read a password, print its hash for `[forward] users`."""
+    """`python -m edge.front.forward.auth`: read a password, print its hash for `[forward] users`."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     args = parser.parse_args(argv)
