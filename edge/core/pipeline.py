@@ -293,6 +293,51 @@ class Feature(Protocol):
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
 
 
+class SyncFeature:
+    """Base for a feature whose own work never waits: write ``before`` and ``after``; both
+    chains (``now`` and ``__call__``) are derived from them here, so they cannot disagree.
+
+    ``before(ex)`` is the request side: a Reply answers at once (and skips ``after``), None
+    goes on. ``after(ex, reply)`` adjusts what the rest of the chain answered. When a feature
+    further in gives up on the synchronous chain (an upstream fetch), the edge runs the async
+    chain from the start, so ``before`` runs again on the same exchange: it must decide the
+    same way twice (read the exchange, set fields to the same values). A subclass that writes
+    its own ``now`` or ``__call__`` is refused when the class is defined: a feature with two
+    hand-written chains subclasses nothing (see the ANSWERING AT ONCE rules above).
+    """
+
+    __slots__ = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("now", "__call__"):
+            if name in cls.__dict__:
+                raise TypeError(f"{cls.__name__}: a SyncFeature defines before/after, not {name}")
+
+    def before(self, ex: Exchange) -> Reply | None:
+        """The request side: a Reply to answer at once, or None to go on."""
+        return None
+
+    def after(self, ex: Exchange, reply: Reply) -> Reply:
+        """The response side: adjust (or replace) what the rest of the chain answered."""
+        return reply
+
+    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
+        """The synchronous chain, derived: None when something further in must wait."""
+        reply = self.before(ex)
+        if reply is not None:
+            return reply
+        reply = call_next(ex)
+        return None if reply is None else self.after(ex, reply)
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+        """The async chain, derived from the same two steps."""
+        reply = self.before(ex)
+        if reply is not None:
+            return reply
+        return self.after(ex, await call_next(ex))
+
+
 class EdgeContext(Protocol):
     """What a feature factory may use from the running edge."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
-from edge.core.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
+from edge.core.pipeline import EdgeContext, Exchange, Reply, SyncFeature
 
 if TYPE_CHECKING:
     from edge.core.config import Config, TlsConfig
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 ACME_CHALLENGE = "/.well-known/acme-challenge/"
 
 
-class HttpsPolicy:
+class HttpsPolicy(SyncFeature):
     """The `tls` feature: HSTS on HTTPS answers, and plain HTTP redirected to HTTPS."""
 
     def __init__(self, config: TlsConfig) -> None:
@@ -33,30 +33,19 @@ class HttpsPolicy:
         self.redirect = config.redirect_http
         self.port_suffix = "" if config.redirect_port == 443 else f":{config.redirect_port}"
 
-    def _redirect(self, ex: Exchange) -> Reply | None:
+    def before(self, ex: Exchange) -> Reply | None:
         request = ex.request
-        if self.redirect and ex.host and not request.path.startswith(ACME_CHALLENGE):
+        if ex.scheme != "https" and self.redirect and ex.host and not request.path.startswith(ACME_CHALLENGE):
             # 301 for GET/HEAD (understood by every client); 308 keeps other methods and bodies.
             status = 301 if request.method in ("GET", "HEAD") else 308
             location = f"https://{ex.host}{self.port_suffix}{request.raw_path}"
             return Reply(status, CIMultiDict({"Location": location}))
         return None
 
-    def _hsts(self, reply: Reply) -> Reply:
-        if self.hsts and "Strict-Transport-Security" not in reply.headers:
+    def after(self, ex: Exchange, reply: Reply) -> Reply:
+        if ex.scheme == "https" and self.hsts and "Strict-Transport-Security" not in reply.headers:
             reply.headers["Strict-Transport-Security"] = self.hsts
         return reply
-
-    def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
-        if ex.scheme == "https":
-            reply = call_next(ex)
-            return None if reply is None else self._hsts(reply)
-        return self._redirect(ex) or call_next(ex)
-
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        if ex.scheme == "https":
-            return self._hsts(await call_next(ex))
-        return self._redirect(ex) or await call_next(ex)
 
 
 def feature(config: Config, ctx: EdgeContext) -> HttpsPolicy | None:
