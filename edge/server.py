@@ -34,7 +34,7 @@ from edge.passthrough import register_metrics as register_passthrough_metrics
 from edge.pipeline import BytesBody, Exchange, Handler, NowHandler, Reply, build_features, chain, chain_now
 from edge.pool import UpstreamPool
 from edge.proxy import ProxyHandler
-from edge.routing import Route, RouteTable, normalize_host
+from edge.routing import Route, RouteTable, parse_host
 from edge.static import StaticFiles, not_found
 from edge.tls import CertificateStore, start_https
 
@@ -138,7 +138,13 @@ class Edge:
         raw_host = head.headers.get("Host", "")
         host = self._hosts.get(raw_host)
         if host is None:
-            host = normalize_host(raw_host)
+            host = parse_host(raw_host)
+            if host is None:
+                # RFC 9110 7.2: a Host that is not a host[:port] is answered 400; the edge
+                # never routes, keys or forwards on a value it cannot normalise.
+                bad = error_reply(400)
+                bad.close_connection = True
+                return self._send(request, None, None, bad)
             if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
                 self._hosts[raw_host] = host
         route = self.routes.find(host, head.path, head.method)

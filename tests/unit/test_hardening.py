@@ -1,0 +1,181 @@
+"""Hardening rules as pure functions: path and Host normalisation, Forwarded, X-Forwarded-For hops, bans."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from edge.config import from_dict
+from edge.dos import ClientKeys, DosDetector
+from edge.headers import TrustedProxies, forwarded_value, hop_address
+from edge.http1 import Head, ParseError, RequestParser, normalize_path
+from edge.pipeline import BytesBody, Exchange, Reply
+from edge.routing import parse_host
+from tests.unit.test_security import FakeEdge, _exchange
+
+# --- paths --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "normal"),
+    [
+        ("/", "/"),
+        ("/a/b", "/a/b"),
+        ("/x/../admin/", "/admin/"),
+        ("//admin/", "/admin/"),
+        ("/a/./b/.", "/a/b/"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/../", "/a/"),
+        ("/x/%2E%2E/admin", "/admin"),
+        ("/x/.%2e/admin", "/admin"),
+        ("/%41%7e%3f%2a", "/A~%3F%2A"),
+        ("/%c3%a9", "/%C3%A9"),
+        ("/a/.../b", "/a/.../b"),
+        ("/a/..b/.c", "/a/..b/.c"),
+        ("/a/%252e%252e/b", "/a/%252e%252e/b"),
+    ],
+)
+def test_paths_are_normalised_once_per_rfc_3986(path: str, normal: str) -> None:
+    assert normalize_path(path) == normal
+    assert normalize_path(normal) == normal  # idempotent: a second pass changes nothing
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/..",
+        "/../a",
+        "/a/../..",
+        "/%2e%2e/",
+        "/a%2fb",
+        "/a%2Fb",
+        "/a%5cb",
+        "/a\\b",
+        "/a%00",
+        "/%zz",
+        "/a%",
+        "/a%4",
+    ],
+)
+def test_paths_that_cannot_be_normalised_safely_are_refused(path: str) -> None:
+    with pytest.raises(ParseError):
+        normalize_path(path)
+
+
+def test_the_parser_routes_and_forwards_the_normalised_path_and_keeps_the_query() -> None:
+    events = RequestParser().feed(b"GET /a/%2e%2e//b/%63?x=/../%2e HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = events[0]
+    assert isinstance(head, Head)
+    assert (head.raw_path, head.path, head.query) == ("/b/c?x=/../%2e", "/b/c", "x=/../%2e")
+    for bad in (b"GET /a#/../b HTTP/1.1\r\nHost: h\r\n\r\n", b"GET /../b HTTP/1.1\r\nHost: h\r\n\r\n"):
+        parser = RequestParser()
+        assert parser.feed(bad) == [] and parser.error is not None and parser.error.status == 400
+    # The forward proxy's parser leaves an origin's path as it came.
+    proxied = RequestParser(proxy=True).feed(b"GET http://o.test/a/../b HTTP/1.1\r\nHost: o.test\r\n\r\n")[0]
+    assert isinstance(proxied, Head) and proxied.raw_path == "/a/../b"
+
+
+# --- Host ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("", ""),
+        ("www.example.test", "www.example.test"),
+        ("WWW.Example.Test.:1337", "www.example.test"),
+        ("[::1]:80", "[::1]"),
+        ("[2001:DB8::1]", "[2001:db8::1]"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("x:", "x"),
+        ("a;b", "a;b"),
+        ("a%2Db", "a%2db"),
+    ],
+)
+def test_valid_hosts_are_normalised(value: str, host: str) -> None:
+    assert parse_host(value) == host
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['a"b', "a/b", "a@b", "a b", "[::1", "[::1]x", "[v1.x]", "[fe80::1%eth0]", "[1.2.3.4]", "x:65536",
+     "x:1:2", ":80", ".", "a%zz", "a\\b", "a,b c", "a\tb", "é.test"],
+)  # fmt: skip
+def test_invalid_hosts_are_refused(value: str) -> None:
+    assert parse_host(value) is None
+
+
+# --- Forwarded ----------------------------------------------------------------------------
+
+
+def test_forwarded_values_are_tokens_or_escaped_quoted_strings() -> None:
+    assert forwarded_value("192.0.2.1") == "192.0.2.1"
+    assert forwarded_value("[2001:db8::1]") == '"[2001:db8::1]"'
+    assert forwarded_value('x";for=1.2.3.4') == '"x\\";for=1.2.3.4"'
+    assert forwarded_value("a\\b") == '"a\\\\b"'
+    assert forwarded_value("h.test", quote=True) == '"h.test"'
+
+
+# --- X-Forwarded-For and bans -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hop", "address"),
+    [
+        ("203.0.113.5", "203.0.113.5"),
+        (" 203.0.113.5:4711 ", "203.0.113.5"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("::ffff:203.0.113.5", "203.0.113.5"),
+        ("0.0.0.0/0", None),
+        ("10.0.0.0/8", None),
+        ("::/0", None),
+        ("unknown", None),
+        ("junk text", None),
+        ("fe80::1%eth0", None),
+        ("203.0.113.5:x", None),
+        ("[::1]x", None),
+        ("", None),
+    ],
+)
+def test_forwarded_for_hops_are_ip_addresses(hop: str, address: str | None) -> None:
+    assert hop_address(hop) == address
+
+
+def test_the_client_is_the_rightmost_valid_untrusted_hop() -> None:
+    trusted = TrustedProxies(["10.0.0.0/8"])
+    assert trusted.client_of("10.0.0.1", ["203.0.113.7, 0.0.0.0/0"]) == "203.0.113.7"
+    assert trusted.client_of("10.0.0.1", ["203.0.113.7", "junk, 10.0.0.2"]) == "203.0.113.7"
+    assert trusted.client_of("10.0.0.1", ["0.0.0.0/0, junk"]) == "10.0.0.1"
+    assert trusted.client_of("192.0.2.1", ["0.0.0.0/0"]) == "192.0.2.1"  # an untrusted peer is itself
+
+
+def test_only_one_client_is_ever_a_ban_key() -> None:
+    keys = ClientKeys(64)
+    assert keys.bannable("203.0.113.5") and keys.bannable("2001:db8::/64")
+    for key in ["0.0.0.0/0", "203.0.113.0/24", "203.0.113.5/32", "2001:db8::/48", "::/0", "2001:db8::1",
+                "junk", "10.0.0.1/8", ""]:  # fmt: skip
+        assert not keys.bannable(key), key
+
+
+async def _ok(ex: Exchange) -> Reply:
+    return Reply(200, CIMultiDict(), BytesBody(b"ok"))
+
+
+async def test_a_range_or_junk_in_x_forwarded_for_is_never_banned() -> None:
+    config = from_dict(
+        {
+            "edge": {"trusted_proxies": ["10.0.0.0/8"]},
+            "dos": {"enabled": True, "cluster": False, "allowlist": [], "soft_rate": 3, "hard_rate": 5},
+        }
+    )
+    dos = DosDetector(config, FakeEdge(config))  # type: ignore[arg-type]
+    for hops in ["203.0.113.7, 0.0.0.0/0", "203.0.113.7, junk", "203.0.113.7, ::/0"]:
+        for _ in range(8):
+            await dos(_exchange("10.0.0.1", {"X-Forwarded-For": hops}), _ok)
+    assert set(dos.bans.exact) == {"203.0.113.7"}
+    assert not dos.bans.networks
+    # Everybody else goes on.
+    assert (await dos(_exchange("10.0.0.1", {"X-Forwarded-For": "203.0.113.8"}), _ok)).status == 200
+    assert (await dos(_exchange("192.0.2.1"), _ok)).status == 200
+    assert dos.ban("0.0.0.0/0", "test") is False and "0.0.0.0/0" not in dos.bans.exact
