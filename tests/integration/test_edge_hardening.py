@@ -312,3 +312,38 @@ async def test_connection_options_never_change_a_cached_variant(member: Recorder
             b"www.example.test|fr",
         )
         assert len(member.seen) == 1
+
+
+# --- forward proxy: loopback targets only ------------------------------------------------------
+
+
+async def _via_proxy(proxy: int, url: str) -> int:
+    host = url.split("/")[2]
+    resp = await raw_request(
+        proxy, f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    )
+    return 0 if resp is None else resp.status
+
+
+async def test_the_forward_proxy_keeps_plain_http_off_high_ports_by_default(member: Recorder) -> None:
+    # Loopback allowed here so that only the port rule is tested; the member stands for an
+    # internal service on a high port (an admin listener, a database's HTTP API).
+    cfg = {
+        "forward": {"enabled": True, "port": 0, "deny_networks": [], "hosts": {"internal.test": "127.0.0.1"}}
+    }
+    async with running_edge(cfg) as edge:
+        assert edge.forward is not None
+        assert await _via_proxy(edge.forward.port, f"http://internal.test:{member.port}/") == 403
+        assert await _via_proxy(edge.forward.port, f"http://127.0.0.1:{member.port}/") == 403
+    assert member.seen == []
+    # An operator opens a port and a range explicitly.
+    cfg["forward"] |= {
+        "http_ports": [member.port],
+        "deny_networks": ["127.0.0.0/8"],
+        "allow_networks": ["127.0.0.1/32"],
+    }
+    async with running_edge(cfg) as edge:
+        assert edge.forward is not None
+        assert await _via_proxy(edge.forward.port, f"http://internal.test:{member.port}/") == 200
+        assert await _via_proxy(edge.forward.port, f"http://127.0.0.2:{member.port}/") == 403
+    assert len(member.seen) == 1

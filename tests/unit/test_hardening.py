@@ -179,3 +179,54 @@ async def test_a_range_or_junk_in_x_forwarded_for_is_never_banned() -> None:
     assert (await dos(_exchange("10.0.0.1", {"X-Forwarded-For": "203.0.113.8"}), _ok)).status == 200
     assert (await dos(_exchange("192.0.2.1"), _ok)).status == 200
     assert dos.ban("0.0.0.0/0", "test") is False and "0.0.0.0/0" not in dos.bans.exact
+
+
+# --- forward proxy destinations (decision function only: no traffic to these) --------------
+
+DENIED_BY_DEFAULT = [
+    "10.0.0.1", "172.16.5.4", "172.31.255.255", "192.168.1.1",  # RFC 1918
+    "100.64.0.1", "100.100.100.200",  # CGNAT, Alibaba metadata
+    "169.254.169.254", "192.0.0.192",  # AWS/GCP/Azure and Oracle metadata
+    "127.0.0.1", "127.9.9.9", "0.0.0.0", "0.1.2.3",
+    "224.0.0.1", "239.255.255.250", "255.255.255.255", "240.0.0.1",  # multicast, broadcast
+    "198.18.0.1", "192.0.2.1",
+    "::1", "::", "fc00::1", "fd12:3456::1", "fd00:ec2::254", "fe80::1", "fec0::1", "ff02::1",
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::10.0.0.1",
+    "64:ff9b::10.0.0.1", "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b:1::8.8.8.8",
+    "2002:a00:1::", "2002:a9fe:a9fe::1", "2002:7f00:1::",  # 6to4 of 10.0.0.1, metadata, loopback
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo whose client is 10.0.0.1
+    "not-an-address",
+]  # fmt: skip
+PUBLIC = ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "2002:808:808::"]
+
+
+@pytest.mark.parametrize("address", DENIED_BY_DEFAULT)
+def test_the_forward_proxy_refuses_every_non_public_address_by_default(address: str) -> None:
+    from edge.forward.policy import DestinationPolicy
+
+    policy = DestinationPolicy(from_dict({"forward": {}}).forward)
+    assert policy.networks.denied(address)
+    if ":" in address or address[0].isdigit():
+        assert policy.check(address, 80, tunnel=False) == "network"
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_pass_also_when_carried_in_ipv6(address: str) -> None:
+    from edge.forward.policy import DestinationPolicy
+
+    assert not DestinationPolicy(from_dict({"forward": {}}).forward).networks.denied(address)
+
+
+def test_forward_ports_and_explicit_allowances() -> None:
+    from edge.forward.policy import DestinationPolicy
+
+    policy = DestinationPolicy(from_dict({"forward": {}}).forward)
+    assert policy.check("example.test", 80, tunnel=False) is None
+    for port in (1024, 2379, 3306, 6379, 8080, 9090, 65535):
+        assert policy.check("example.test", port, tunnel=False) == "port", port
+    allowing = DestinationPolicy(
+        from_dict({"forward": {"allow_networks": ["10.1.2.0/24", "fd00:1::/64"]}}).forward
+    )
+    assert not allowing.networks.denied("10.1.2.3") and not allowing.networks.denied("64:ff9b::10.1.2.3")
+    assert allowing.networks.denied("10.1.3.1") and not allowing.networks.denied("fd00:1::5")
+    assert allowing.networks.denied("169.254.169.254")
