@@ -347,3 +347,41 @@ async def test_the_forward_proxy_keeps_plain_http_off_high_ports_by_default(memb
         assert await _via_proxy(edge.forward.port, f"http://internal.test:{member.port}/") == 200
         assert await _via_proxy(edge.forward.port, f"http://127.0.0.2:{member.port}/") == 403
     assert len(member.seen) == 1
+
+
+# --- the sample AP's admin endpoint ------------------------------------------------------------
+
+
+async def test_no_client_can_flip_the_sample_aps_health_through_the_edge() -> None:
+    from sampleapp.main import start_app
+
+    token = "sample-admin-token-0123"
+    runner, port = await start_app("127.0.0.1", 0, "ap", admin_token=token)
+    try:
+        cfg = {
+            "pool": {"ap": {"members": [{"address": f"127.0.0.1:{port}"}]}},
+            "route": [{"path": "/", "pool": "ap"}],
+        }
+        async with running_edge(cfg) as edge:
+            for extra in [
+                "",
+                "Authorization: Bearer \r\n",
+                "Authorization: Bearer sample-admin-token-012\r\n",
+            ]:
+                status, _ = await get(edge.port, "/admin/health?ok=0", method="POST", extra=extra)
+                assert status == 403, extra
+                assert (await get(edge.port, "/healthz"))[0] == 200
+            # The operator, with the token, still can.
+            status, _ = await get(
+                port, "/admin/health?ok=0", method="POST", extra=f"Authorization: Bearer {token}\r\n"
+            )
+            assert status == 200 and (await get(port, "/healthz"))[0] == 503
+    finally:
+        await runner.cleanup()
+    # Without a token nobody may use it, the operator included.
+    runner, port = await start_app("127.0.0.1", 0, "ap")
+    try:
+        assert (await get(port, "/admin/health?ok=0", method="POST"))[0] == 403
+        assert (await get(port, "/healthz"))[0] == 200
+    finally:
+        await runner.cleanup()

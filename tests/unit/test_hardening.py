@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from multidict import CIMultiDict
 
@@ -230,3 +232,17 @@ def test_forward_ports_and_explicit_allowances() -> None:
     assert not allowing.networks.denied("10.1.2.3") and not allowing.networks.denied("64:ff9b::10.1.2.3")
     assert allowing.networks.denied("10.1.3.1") and not allowing.networks.denied("fd00:1::5")
     assert allowing.networks.denied("169.254.169.254")
+
+
+def test_the_sample_aps_admin_token_is_long_or_absent(tmp_path: Path) -> None:
+    from carousel.config import ConfigError
+    from sampleapp import config as app_config
+
+    path = tmp_path / "app.toml"
+    path.write_text('[app]\nadmin_token = "short"\n')
+    with pytest.raises(ConfigError, match="admin_token"):
+        app_config.load(str(path))
+    with pytest.raises(ConfigError, match="admin-token"):
+        app_config.override(app_config.Config(), host=None, port=None, name=None, admin_token="x")
+    path.write_text('[app]\nadmin_token = "0123456789abcdef"\n')
+    assert app_config.load(str(path)).app.admin_token == "0123456789abcdef"
