@@ -28,7 +28,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edge.forward.auth import ProxyAuthenticator
-from edge.forward.pages import auth_required, denied
+from edge.forward.pages import auth_required, denied, too_many_failures
 from edge.forward.policy import DestinationPolicy
 from edge.headers import FORWARDING, HOP_BY_HOP, connection_tokens
 from edge.pipeline import BytesBody, Exchange, Feature, Handler, Reply
@@ -62,7 +62,12 @@ class ProxyAuth:
         self.authenticator = authenticator
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        user = await self.authenticator.user(ex.request.headers.get("Proxy-Authorization"))
+        client = ex.request.remote
+        wait = self.authenticator.retry_after(client)
+        if wait:
+            ex.notes["forward"].refused = "auth"
+            return too_many_failures(wait)
+        user = await self.authenticator.user(ex.request.headers.get("Proxy-Authorization"), client)
         if user is None:
             ex.notes["forward"].refused = "auth"
             return auth_required(self.authenticator.challenge)

@@ -385,3 +385,45 @@ async def test_no_client_can_flip_the_sample_aps_health_through_the_edge() -> No
         assert (await get(port, "/healthz"))[0] == 200
     finally:
         await runner.cleanup()
+
+
+# --- forward proxy Basic auth: failures limited per client -------------------------------------
+
+
+async def test_a_client_guessing_proxy_passwords_is_stopped(member: Recorder) -> None:
+    import base64
+
+    from edge.forward.auth import MAX_FAILURES, hash_password
+
+    cfg = {
+        "forward": {
+            "enabled": True,
+            "port": 0,
+            "deny_networks": [],
+            "http_ports": [member.port],
+            "users": {"alice": hash_password("s3cret", 1000)},
+        }
+    }
+
+    async def ask(source: str, user: str, password: str) -> tuple[int, str | None]:
+        credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.forward.port, local_addr=(source, 0))
+        writer.write(
+            f"GET http://127.0.0.1:{member.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{member.port}\r\n"
+            f"Proxy-Authorization: Basic {credentials}\r\nConnection: close\r\n\r\n".encode()
+        )
+        from edge.testing import read_response
+
+        resp = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+        return resp.status, resp.header("retry-after")
+
+    async with running_edge(cfg) as edge:
+        assert edge.forward is not None
+        for i in range(MAX_FAILURES):
+            assert (await ask("127.0.0.2", f"user{i % 3}", f"guess{i}"))[0] == 407
+        status, retry = await ask("127.0.0.2", "alice", "guess-again")
+        assert status == 429 and retry is not None and 1 <= int(retry) <= 60
+        assert (await ask("127.0.0.2", "alice", "s3cret"))[0] == 429  # even the right one, for now
+        assert (await ask("127.0.0.3", "alice", "s3cret"))[0] == 200  # others are not affected
+    assert len(member.seen) == 1

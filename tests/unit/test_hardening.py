@@ -246,3 +246,50 @@ def test_the_sample_aps_admin_token_is_long_or_absent(tmp_path: Path) -> None:
         app_config.override(app_config.Config(), host=None, port=None, name=None, admin_token="x")
     path.write_text('[app]\nadmin_token = "0123456789abcdef"\n')
     assert app_config.load(str(path)).app.admin_token == "0123456789abcdef"
+
+
+# --- forward proxy Basic auth -------------------------------------------------------------
+
+
+async def test_an_unknown_user_costs_the_same_pbkdf2_as_a_known_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import hashlib
+
+    from edge.forward import auth as auth_module
+
+    authenticator = auth_module.ProxyAuthenticator({"alice": auth_module.hash_password("pw", 3000)}, "lab")
+    rounds: list[int] = []
+    real = hashlib.pbkdf2_hmac
+
+    def spy(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        rounds.append(iterations)
+        return real(name, password, salt, iterations)
+
+    monkeypatch.setattr(auth_module.hashlib, "pbkdf2_hmac", spy)
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert await authenticator.user(basic("alice", "wrong"), "192.0.2.1") is None
+    assert await authenticator.user(basic("mallory", "wrong"), "192.0.2.1") is None
+    assert rounds == [3000, 3000]
+    # The dummy never lets anyone in, whatever the password.
+    assert await authenticator.user(basic("nobody", ""), "192.0.2.1") is None
+
+
+async def test_failed_logins_are_limited_per_client() -> None:
+    import base64
+
+    from edge.forward.auth import MAX_FAILURES, ProxyAuthenticator
+
+    authenticator = ProxyAuthenticator({"bob": "correct horse"}, "lab")
+    bad = "Basic " + base64.b64encode(b"bob:guess").decode()
+    for i in range(MAX_FAILURES):
+        assert authenticator.retry_after("192.0.2.1") == 0, i
+        assert await authenticator.user(bad, "192.0.2.1") is None
+    assert 0 < authenticator.retry_after("192.0.2.1") <= 60
+    assert authenticator.retry_after("192.0.2.2") == 0  # another client is not affected
+    # A client that sends no credentials at all (the first request of a browser) is not failing.
+    for _ in range(MAX_FAILURES * 2):
+        assert await authenticator.user(None, "192.0.2.3") is None
+    assert authenticator.retry_after("192.0.2.3") == 0
