@@ -183,6 +183,9 @@ class RouteConfig:
     buffering: bool = True
     websocket: bool = False
     index: list[str] = field(default_factory=lambda: ["index.html"])
+    # Static: serve path segments starting with "." (/.env, /.git/config); off, they are 404,
+    # except /.well-known/ (RFC 8615: ACME challenges, security.txt).
+    dotfiles: bool = False
     redirect_status: int = 301
     body: str = ""
     content_type: str = "text/plain; charset=utf-8"

@@ -427,3 +427,36 @@ async def test_a_client_guessing_proxy_passwords_is_stopped(member: Recorder) ->
         assert (await ask("127.0.0.2", "alice", "s3cret"))[0] == 429  # even the right one, for now
         assert (await ask("127.0.0.3", "alice", "s3cret"))[0] == 200  # others are not affected
     assert len(member.seen) == 1
+
+
+# --- static files: dotfiles and files asked for as directories ---------------------------------
+
+
+async def test_static_dotfiles_and_files_as_directories_are_404(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[remote]")
+    (tmp_path / ".env").write_text("SECRET=1")
+    (tmp_path / "css").mkdir()
+    (tmp_path / "css" / ".htpasswd").write_text("admin:x")
+    (tmp_path / "css" / "site.css").write_text("body{}")
+    (tmp_path / ".well-known").mkdir()
+    (tmp_path / ".well-known" / "security.txt").write_text("Contact: x")
+    cfg = {
+        "route": [
+            {"path": "/open/", "static": str(tmp_path), "dotfiles": True},
+            {"path": "/", "static": str(tmp_path)},
+        ]
+    }
+    async with running_edge(cfg) as edge:
+        for target in ["/.env", "/.git/config", "/.git/", "/css/.htpasswd", "/%2egit/config", "/%2Eenv",
+                       "/css/../.env", "/x/..//.env", "/.git/./config"]:  # fmt: skip
+            status, body = await get(edge.port, target)
+            assert status == 404 and b"SECRET" not in body and b"remote" not in body, (target, status)
+        for target in ["/css/site.css/", "/css/site.css/.", "/css/site.css//", "/css/site.css/x/.."]:
+            assert (await get(edge.port, target))[0] == 404, target
+        assert await get(edge.port, "/css/site.css") == (200, b"body{}")
+        assert await get(edge.port, "/.well-known/security.txt") == (200, b"Contact: x")
+        # A route that asks for them serves dotfiles.
+        assert await get(edge.port, "/open/.env") == (200, b"SECRET=1")
+        resp = await raw_request(edge.port, f"GET /c%73s HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        assert resp is not None and (resp.status, resp.header("location")) == (301, "/css/")
