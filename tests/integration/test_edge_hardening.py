@@ -460,3 +460,27 @@ async def test_static_dotfiles_and_files_as_directories_are_404(tmp_path: Path) 
         assert await get(edge.port, "/open/.env") == (200, b"SECRET=1")
         resp = await raw_request(edge.port, f"GET /c%73s HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
         assert resp is not None and (resp.status, resp.header("location")) == (301, "/css/")
+
+
+# --- the admin listener's purge API: mounted, as documented, behind the token -------------------
+
+
+async def test_the_admin_listener_serves_the_purge_api_as_documented(member: Recorder) -> None:
+    import aiohttp
+
+    token = "purge-admin-token-0123"
+    cfg = _cache_config(member)
+    cfg["admin"] = {"port": 0, "token": token}
+    async with running_edge(cfg) as edge, aiohttp.ClientSession() as session:
+        api = f"http://127.0.0.1:{edge.admin_port}/cache/purge"
+        async with session.post(api, params={"prefix": "/"}) as r:
+            assert r.status == 401
+        async with session.post(api, params={"prefix": "/"}, headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with session.post(
+            api, params={"prefix": "/"}, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            assert r.status == 200 and (await r.json())["purged"] == 0
+    readme = (Path(__file__).parents[2] / "edge" / "README.md").read_text()
+    assert "does not\nmount" not in readme and "does not mount" not in readme
+    assert "is mounted on the edge's admin listener" in readme

@@ -293,3 +293,39 @@ async def test_failed_logins_are_limited_per_client() -> None:
     for _ in range(MAX_FAILURES * 2):
         assert await authenticator.user(None, "192.0.2.3") is None
     assert authenticator.retry_after("192.0.2.3") == 0
+
+
+# --- admin listener ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1"])
+def test_a_loopback_admin_listener_may_go_without_a_token(host: str) -> None:
+    assert from_dict({"admin": {"host": host}}).admin.token is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.attacker.example",
+        "127.0.0.1.nip.io",
+        "localhost",
+        "0.0.0.0",
+        "::",
+        "10.0.0.1",
+        "::ffff:127.0.0.1",
+    ],
+)
+def test_anything_but_a_loopback_address_needs_a_token(host: str) -> None:
+    from carousel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="requires a token"):
+        from_dict({"admin": {"host": host}})
+    assert from_dict({"admin": {"host": host, "token": "x" * 16}}).admin.token == "x" * 16
+
+
+@pytest.mark.parametrize("token", ["x", "t0ken", "x" * 15])
+def test_short_admin_tokens_are_refused(token: str) -> None:
+    from carousel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        from_dict({"admin": {"host": "127.0.0.1", "token": token}})
