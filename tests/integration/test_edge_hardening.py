@@ -484,3 +484,39 @@ async def test_the_admin_listener_serves_the_purge_api_as_documented(member: Rec
     readme = (Path(__file__).parents[2] / "edge" / "README.md").read_text()
     assert "does not\nmount" not in readme and "does not mount" not in readme
     assert "is mounted on the edge's admin listener" in readme
+
+
+# --- the disk cache's files are the edge user's alone --------------------------------------------
+
+
+async def test_disk_cache_files_are_0600_and_directories_0700(member: Recorder, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from edge.cache.feature import CacheFeature
+
+    member.cache_control = "max-age=60"
+    root = tmp_path / "cache"
+    cfg = _cache_config(member)
+    cfg["cache"] |= {"disk_dir": str(root)}
+    old_umask = os.umask(0o022)  # the usual umask, which gave 0644 files and 0755 directories
+    try:
+        async with running_edge(cfg) as edge:
+            for i in range(5):
+                assert (await get(edge.port, f"/doc{i}"))[0] == 200
+            cache = next(f for f in edge.features if isinstance(f, CacheFeature))
+            assert cache.disk is not None
+            await cache.disk.flush()
+            assert cache.disk.sweep() >= 0  # creates the sweep lock file too
+    finally:
+        os.umask(old_umask)
+    files = dirs = 0
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.is_dir():
+            dirs += 1
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            files += 1
+            assert mode == 0o600, (path, oct(mode))
+    assert files >= 11 and dirs >= 6  # 5 bodies + 5 metas + the lock; root + levels
