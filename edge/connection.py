@@ -84,7 +84,7 @@ class Request:
 
     @property
     def raw_path(self) -> str:
-        """The path and query exactly as the client sent them."""
+        """The normalised path (edge/http1.py normalize_path) and the query as sent: what is forwarded."""
         return self.head.raw_path
 
     @property
