@@ -1,8 +1,10 @@
 """The admin listener every daemon runs: /healthz, /metrics (Prometheus), /status (JSON).
 
 Loopback by default. When a token is configured every request must carry
-``Authorization: Bearer <token>``; config validation refuses a listener off
-loopback without one.
+``Authorization: Bearer <token>``; config validation refuses a token shorter
+than 16 characters, and a listener without one unless its host is a literal
+loopback IP address (``127.0.0.1``, ``::1``; a name may resolve anywhere).
+Features may mount routes of their own (the edge's cache: ``POST /cache/purge``).
 """
 
 from __future__ import annotations

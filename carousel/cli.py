@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--name", default=None, help="name shown in pages (default: host:port)")
+    p.add_argument("--admin-token", default=None, help="bearer token for POST /admin/health (16+ chars)")
     p.set_defaults(func=lambda a: importlib.import_module("sampleapp.main").cli(a))
 
     p = sub.add_parser("demo", help="a whole cluster on loopback with an embedded etcd")

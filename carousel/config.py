@@ -279,7 +279,20 @@ class AdminConfig:
     token: str | None = None
 
     def validate(self) -> str | None:
-        loopback = self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
-        if not loopback and not self.token:
+        if self.token and len(self.token) < MIN_ADMIN_TOKEN:
+            return f"token: must be at least {MIN_ADMIN_TOKEN} characters, found {len(self.token)}"
+        if not self.token and not is_loopback_address(self.host):
             return "token: an admin listener off loopback requires a token"
         return None
+
+
+# A bearer token short enough to guess is no token: 16 characters is 96+ bits when random.
+MIN_ADMIN_TOKEN = 16
+
+
+def is_loopback_address(host: str) -> bool:
+    """True only for a literal loopback IP address: names (even "127.x.example") may resolve anywhere."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

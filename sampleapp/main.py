@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
 import html
 import os
 import signal
@@ -51,10 +52,13 @@ class Stats:
 class SampleApp:
     """The aiohttp application and its state."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, admin_token: str = "") -> None:
         self.name = name
         self.stats = Stats()
         self.healthy = True
+        # POST /admin/health needs "Authorization: Bearer <token>"; without a token, nobody
+        # may flip the health the agents and edges act on.
+        self._admin = f"Bearer {admin_token}".encode() if admin_token else b""
         self.app = web.Application(middlewares=[self._count], client_max_size=64 * 1024 * 1024)
         r = self.app.router
         r.add_get("/", self.page)
@@ -116,6 +120,9 @@ class SampleApp:
         return web.Response(status=503, text="unhealthy\n")
 
     async def set_health(self, request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not self._admin or not hmac.compare_digest(given, self._admin):
+            return web.Response(status=403, text="admin token required\n")
         self.healthy = request.query.get("ok", "1") not in ("0", "false", "no")
         return web.Response(text=f"healthy={self.healthy}\n")
 
@@ -203,9 +210,11 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return value
 
 
-async def start_app(host: str, port: int, name: str | None = None) -> tuple[web.AppRunner, int]:
+async def start_app(
+    host: str, port: int, name: str | None = None, admin_token: str = ""
+) -> tuple[web.AppRunner, int]:
     """Start the app in this loop; returns (runner, bound port). Stop: runner.cleanup()."""
-    sample = SampleApp(name or f"{host}:{port}")
+    sample = SampleApp(name or f"{host}:{port}", admin_token)
     runner = web.AppRunner(sample.app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -224,7 +233,9 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner, port = await start_app(config.app.host, config.app.port, config.app.name or None)
+        runner, port = await start_app(
+            config.app.host, config.app.port, config.app.name or None, config.app.admin_token
+        )
     except OSError as exc:
         print(
             f"carousel app: cannot listen on {config.app.host}:{config.app.port}: {exc.strerror}",
@@ -257,12 +268,15 @@ def run(config: Config, config_path: str | None = None) -> int:
 
 
 def cli(args: argparse.Namespace) -> int:
-    """`carousel app [--config FILE] [--host H] [--port P] [--name N]`: flags override the file."""
+    """`carousel app [--config FILE] [--host H] [--port P] [--name N] [--admin-token T]`: flags override
+    the file."""
     from sampleapp import config as cfgmod
 
     try:
         config = cfgmod.load(args.config) if args.config else cfgmod.Config()
-        config = cfgmod.override(config, host=args.host, port=args.port, name=args.name)
+        config = cfgmod.override(
+            config, host=args.host, port=args.port, name=args.name, admin_token=args.admin_token
+        )
     except ConfigError as exc:
         print(f"carousel: config error: {exc}", file=sys.stderr)
         return 2

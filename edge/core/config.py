@@ -189,6 +189,9 @@ class RouteConfig:
     buffering: bool = True
     websocket: bool = False
     index: list[str] = field(default_factory=lambda: ["index.html"])
+    # Static: serve path segments starting with "." (/.env, /.git/config); off, they are 404,
+    # except /.well-known/ (RFC 8615: ACME challenges, security.txt).
+    dotfiles: bool = False
     redirect_status: int = 301
     body: str = ""
     content_type: str = "text/plain; charset=utf-8"
@@ -466,8 +469,39 @@ class DomainListConfig:
     regex: list[str] = field(default_factory=list, metadata={"check": _regexes})
 
 
-# Loopback, "this host" and link-local, in both families.
-FORWARD_DENIED_NETWORKS = ("127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "169.254.0.0/16", "fe80::/10")
+# Every block that is not the public Internet (IANA special-purpose registries, RFC 6890):
+# a forward proxy's client must not reach the proxy's own host, the private networks behind it,
+# nor the cloud metadata services (169.254.169.254, fd00:ec2::254, 100.100.100.200,
+# 192.0.0.192 all fall in blocks below). IPv6 forms that carry an IPv4 address (mapped,
+# compatible, NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo) are decoded and checked as that
+# address too (edge/front/forward/policy.py).
+FORWARD_DENIED_NETWORKS = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # RFC 1918
+    "100.64.0.0/10",  # CGNAT (RFC 6598)
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local
+    "172.16.0.0/12",  # RFC 1918
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24",  # documentation
+    "192.88.99.0/24",  # 6to4 relay anycast
+    "192.168.0.0/16",  # RFC 1918
+    "198.18.0.0/15",  # benchmarking
+    "198.51.100.0/24",  # documentation
+    "203.0.113.0/24",  # documentation
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and 255.255.255.255 broadcast
+    "::/128",  # unspecified
+    "::1/128",  # loopback
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "100::/64",  # discard-only
+    "2001:db8::/32",  # documentation
+    "fc00::/7",  # unique local (ULA)
+    "fd00:ec2::254/128",  # AWS metadata (inside fc00::/7; named so nobody carves it out by accident)
+    "fe80::/10",  # link-local
+    "fec0::/10",  # site-local (deprecated)
+    "ff00::/8",  # multicast
+)
 
 
 @dataclass(frozen=True)
@@ -479,19 +513,20 @@ class ForwardConfig:
     port: int = field(default=3128, metadata={"check": port_number})
     # Ports CONNECT may open a tunnel to (ranges as "A-B"); any other -> 403.
     connect_ports: list[int | str] = field(default_factory=lambda: [443], metadata={"check": _port_specs})
-    # Ports plain-HTTP requests may go to; any other -> 403 (keeps HTTP away from SMTP & co).
-    http_ports: list[int | str] = field(
-        default_factory=lambda: [80, "1024-65535"], metadata={"check": _port_specs}
-    )
+    # Ports plain-HTTP requests may go to; any other -> 403 (keeps HTTP away from SMTP, admin
+    # listeners and databases on high ports). Add more explicitly, e.g. [80, 8080].
+    http_ports: list[int | str] = field(default_factory=lambda: [80], metadata={"check": _port_specs})
     # Destination names: a denied name -> 403; when `allow` lists anything, only those names pass.
     allow: DomainListConfig = field(default_factory=DomainListConfig)
     deny: DomainListConfig = field(default_factory=DomainListConfig)
     # Resolved addresses refused whatever the name (checked after DNS, so no rebinding trick):
-    # loopback, link-local (cloud metadata) and "this host", so clients cannot reach the edge's
-    # own admin listener. Set [] to allow them (a lab whose origins are on loopback).
+    # every non-public block (FORWARD_DENIED_NETWORKS), so clients cannot reach the edge's own
+    # admin listener, the private networks or a metadata service. Set [] to allow them all.
     deny_networks: list[str] = field(
         default_factory=lambda: list(FORWARD_DENIED_NETWORKS), metadata={"check": _networks}
     )
+    # Exceptions carved out of deny_networks (e.g. ["10.1.2.0/24"] for an internal origin).
+    allow_networks: list[str] = field(default_factory=list, metadata={"check": _networks})
     # Name -> address map consulted before DNS (split horizon, tests); DNS otherwise.
     hosts: dict[str, str] = field(default_factory=dict, metadata={"check": _addresses})
     # Basic authentication (Proxy-Authorization): user -> password, plain or a

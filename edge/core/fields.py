@@ -36,6 +36,44 @@ HOP_BY_HOP = frozenset(
 )
 # Replaced by the edge's own values unless the peer is trusted.
 FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+# End-to-end request fields (RFC 9110, 9111, 6455) that a Connection option never removes.
+PROTECTED = FORWARDING | frozenset(
+    {
+        "host",
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "authorization",
+        "cache-control",
+        "content-encoding",
+        "content-language",
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "cookie",
+        "date",
+        "expect",
+        "from",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "max-forwards",
+        "origin",
+        "pragma",
+        "range",
+        "referer",
+        "user-agent",
+        "via",
+        "sec-websocket-extensions",
+        "sec-websocket-key",
+        "sec-websocket-protocol",
+        "sec-websocket-version",
+    }
+)
 # The edge writes its own framing for every response.
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 BACKEND_IDENTITY = frozenset({"server", "x-powered-by"})
@@ -69,14 +107,47 @@ class TrustedProxies:
         return any(ip in n for n in self.networks)
 
     def client_of(self, peer: str, forwarded_for: list[str]) -> str:
-        """The client address: the rightmost X-Forwarded-For hop not ours (peer if untrusted)."""
+        """The client address: the rightmost X-Forwarded-For hop not ours (peer if untrusted).
+
+        Each hop is parsed as an IP address (``1.2.3.4``, ``1.2.3.4:port``, ``2001:db8::1``,
+        ``[2001:db8::1]:port``); anything else (a network, a name, junk) is skipped, so
+        the client is always one address in canonical form, never a range.
+        """
         if not self.is_trusted(peer):
             return peer
-        hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
+        hops = [a for v in forwarded_for for h in v.split(",") if (a := hop_address(h)) is not None]
         for hop in reversed(hops):
             if not self.is_trusted(hop):
                 return hop
         return hops[0] if hops else peer
+
+
+@lru_cache(maxsize=4096)
+def hop_address(hop: str) -> str | None:
+    """One X-Forwarded-For hop as a canonical IP address string, or None if it is not one."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end < 0 or (hop[end + 1 :] and not _is_port(hop[end + 2 :], hop[end + 1])):
+            return None
+        hop = hop[1:end]
+    elif hop.count(":") == 1:
+        hop, _, port = hop.partition(":")  # IPv4 with a port, as some proxies write it
+        if not _is_port(port, ":"):
+            return None
+    if not hop or "%" in hop or "/" in hop:
+        return None
+    try:
+        ip = ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _is_port(port: str, colon: str) -> bool:
+    return colon == ":" and 0 < len(port) <= 5 and port.isascii() and port.isdigit()
 
 
 class ResponseCleaner:

@@ -16,6 +16,7 @@ Matching rules, in order:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -92,6 +93,48 @@ class _Tier:
             if (r.methods is None or method in r.methods) and r.matches_path(path):
                 return r
         return None
+
+
+# RFC 3986 3.2.2 reg-name: unreserved / pct-encoded / sub-delims (hex checked apart).
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%]*")
+_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def parse_host(value: str) -> str | None:
+    """The normalised host of a Host field value, or None when it is not a valid one.
+
+    Valid is RFC 9110 7.2 / RFC 3986 3.2.2-3.2.3: an IP-literal (``[IPv6]``), an
+    IPv4 address or a reg-name, then an optional ``:port`` (digits, at most 65535).
+    An empty value is valid (a target without authority); an empty host with a
+    port is not (RFC 9110 4.2.1). Normalised as ``normalize_host`` does.
+    """
+    if not value:
+        return ""
+    if value[0] == "[":
+        end = value.find("]")
+        if end < 0:
+            return None
+        literal, rest = value[1:end], value[end + 1 :]
+        if "%" in literal or ":" not in literal:  # no zone IDs, no IPvFuture
+            return None
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return None
+        if rest and (rest[0] != ":" or not _port_ok(rest[1:])):
+            return None
+        return "[" + literal.lower() + "]"
+    name, colon, port = value.partition(":")
+    if colon and not _port_ok(port):
+        return None
+    if not name or not _REG_NAME.fullmatch(name) or _PCT.search(name):
+        return None  # IPv4 addresses are reg-names to this grammar
+    host = name.lower().rstrip(".")
+    return host or None
+
+
+def _port_ok(port: str) -> bool:
+    return port == "" or (len(port) <= 5 and port.isascii() and port.isdigit() and int(port) <= 65535)
 
 
 def normalize_host(host: str) -> str:

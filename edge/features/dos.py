@@ -108,6 +108,16 @@ class ClientKeys:
     def __call__(self, address: str) -> str:
         return self._v6(address) if ":" in address else address
 
+    def bannable(self, key: str) -> bool:
+        """True when a key names one client: an IPv4 address, or an IPv6 /ipv6_prefix network."""
+        try:
+            net = ipaddress.ip_network(key)  # strict: "10.0.0.1/8" is not a key either
+        except ValueError:
+            return False
+        if net.version == 4:
+            return net.prefixlen == 32 and "/" not in key
+        return net.prefixlen == self.ipv6_prefix and "/" in key
+
     def _v6_key(self, address: str) -> str:
         try:
             ip = ipaddress.IPv6Address(address.split("%", 1)[0])
@@ -414,6 +424,11 @@ class DosDetector:
     def ban(self, key: str, reason: str) -> bool:
         """Ban a client key here and cluster-wide; False in dry-run (nothing enforced)."""
         now = time.time()
+        if not self.keys.bannable(key):
+            # A request can ban one client, never a range (a 0.0.0.0/0 would refuse everyone
+            # cluster-wide) nor a name: only what the feature counts clients by.
+            log.warning("refusing to ban a key that is not one client", client=key[:64], reason=reason)
+            return False
         if self.dry_run:
             if self._would_ban.get(key, 0.0) <= now:
                 self._would_ban[key] = now + self.config.ban_seconds

@@ -1,10 +1,20 @@
 """Header hygiene, both ways: hop-by-hop stripping, forwarding headers, hidden backend identity.
 
-Request side: the client's hop-by-hop headers and every header its
+Request side: the client's hop-by-hop headers and the headers its
 ``Connection`` names are dropped *before* the edge adds its own, so a client
-can never remove X-Forwarded-For & co by naming them in Connection. An
-incoming X-Forwarded-For / Forwarded / X-Forwarded-* is extended only when the
-peer is a trusted proxy; from anyone else it is replaced.
+can never remove X-Forwarded-For & co by naming them in Connection. A sender
+must not name a field meant for every recipient (RFC 9110 7.6.1); a client
+that does is not obeyed for ``PROTECTED`` fields (Host, the fields the edge or
+the member read end to end, the route's cache-key fields and the pool's hash
+field), nor for any field at all on a route whose responses may be cached,
+since a Vary may name any field and the stored variant must be the one the
+member built. An incoming X-Forwarded-For / Forwarded / X-Forwarded-* is
+extended only when the peer is a trusted proxy; from anyone else it is
+replaced. Host, X-Forwarded-Host and ``Forwarded: host=`` carry the validated,
+normalised host the cache key uses (edge/routing.py ``parse_host``), never the
+client's raw value; ``Forwarded`` is built per RFC 7239 4 (quoted-string where
+a value is not a token). X-Forwarded-For hops are parsed as IP addresses
+(``TrustedProxies.client_of``): a hop that is not one never becomes a client.
 
 Response side (``ResponseCleaner``): the member's hop-by-hop headers (and
 those its Connection names), its framing headers (the edge re-frames every
@@ -15,15 +25,29 @@ feature sees it: the cache stores it clean, and a hit has nothing to clean.
 
 from __future__ import annotations
 
-from multidict import CIMultiDict
+import re
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge.core.config import Config
-from edge.core.fields import FORWARDING, HOP_BY_HOP, TrustedProxies, connection_tokens
+from edge.core.fields import FORWARDING, HOP_BY_HOP, PROTECTED, TrustedProxies, connection_tokens
 from edge.core.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def forwarded_value(value: str, *, quote: bool = False) -> str:
+    """A Forwarded parameter value: the token itself, or a quoted-string (RFC 7239 4, RFC 9110 5.6.4)."""
+    if not quote and _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _forwarded_node(address: str) -> str:
-    return f'"[{address}]"' if ":" in address else address
+    """The for= node of an address (RFC 7239 6): IPv6 in brackets, quoted; "unknown" if none."""
+    if not address:
+        return "unknown"
+    return forwarded_value(f"[{address}]" if ":" in address else address)
 
 
 class HeaderHygiene:
@@ -34,13 +58,27 @@ class HeaderHygiene:
         # CGI, WSGI and PHP map "X_Forwarded_For" and "X-Forwarded-For" to one variable:
         # a client could set what the edge sets. Dropped unless allowed (as nginx does).
         self.underscores = config.edge.underscores_in_headers
+        # What the edge itself reads end to end: the cache key's and the hash's fields too.
+        extra = {h.lower() for r in config.route for h in r.cache_key_headers}
+        extra |= {p.hash_key[7:].lower() for p in config.pool.values() if p.hash_key.startswith("header:")}
+        self.protected = PROTECTED | frozenset(extra)
+        self.cache_on = config.cache.enabled
+
+    def _honoured(self, ex: Exchange, incoming: CIMultiDictProxy[str]) -> frozenset[str]:
+        """HOP_BY_HOP plus the Connection options this request may have removed."""
+        tokens = connection_tokens(incoming) - self.protected
+        if not tokens:
+            return HOP_BY_HOP
+        if self.cache_on:
+            cfg = ex.route.config
+            if cfg.cache if cfg.cache is not None else cfg.buffering:
+                return HOP_BY_HOP  # a Vary may name any field: keep what the variant is keyed on
+        return HOP_BY_HOP | tokens
 
     def upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         """The request headers to send upstream; sets ``ex.client_ip``."""
         incoming = ex.request.headers
-        drop = HOP_BY_HOP
-        if "Connection" in incoming:
-            drop = drop | connection_tokens(incoming)
+        drop = self._honoured(ex, incoming) if "Connection" in incoming else HOP_BY_HOP
         peer = ex.request.remote
         trusted = self.trusted.is_trusted(peer)
         if not trusted:
@@ -50,27 +88,31 @@ class HeaderHygiene:
         for name, value in incoming.items():
             if name.lower() not in drop and (underscores or "_" not in name):
                 out.add(name, value)
-        host = incoming.get("Host", "")
+        # The host the cache key and the routes saw, validated and normalised (edge/routing.py).
+        host = ex.host
+        if host:
+            out["Host"] = host
+        else:
+            out.popall("Host", None)
+        fwd = f"for={_forwarded_node(peer)};proto={ex.scheme}"
         if trusted:
             previous = incoming.getall("X-Forwarded-For", [])
             self._set_client(ex)
             chain = ", ".join([*previous, peer]) if previous else peer
             out["X-Forwarded-For"] = chain
             out.setdefault("X-Forwarded-Proto", ex.scheme)
-            out.setdefault("X-Forwarded-Host", host)
-            fwd = f"for={_forwarded_node(peer)};proto={ex.scheme}"
+            if host:
+                out.setdefault("X-Forwarded-Host", host)
             if "Forwarded" in out:
                 out["Forwarded"] = ", ".join([*incoming.getall("Forwarded"), fwd])
             else:
-                out["Forwarded"] = fwd + (f';host="{host}"' if host else "")
+                out["Forwarded"] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
         else:
             out["X-Forwarded-For"] = peer
             out["X-Forwarded-Proto"] = ex.scheme
             if host:
                 out["X-Forwarded-Host"] = host
-            out["Forwarded"] = f"for={_forwarded_node(peer)};proto={ex.scheme}" + (
-                f';host="{host}"' if host else ""
-            )
+            out["Forwarded"] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:

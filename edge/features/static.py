@@ -1,10 +1,13 @@
 """Static files served by the edge itself (the notes' 30 images that never reach an AP).
 
-Safety first: the raw request path is decoded exactly once, and anything that
-could climb out of the root is refused with 404 before touching the disk:
-``..`` or ``.`` segments (plain or percent-encoded), a ``%`` left after
-decoding (double encoding), backslashes, NUL bytes, and symlinks whose real
-path leaves the root. No directory is ever listed.
+Safety first: the path comes normalised by the parser (edge/http1.py), is
+decoded exactly once, and anything that could climb out of the root is refused
+with 404 before touching the disk: ``..`` or ``.`` segments (plain or
+percent-encoded), a ``%`` left after decoding (double encoding), backslashes,
+NUL bytes, and symlinks whose real path leaves the root. Segments starting with
+``.`` (``/.env``, ``/.git/config``) are 404 unless the route sets ``dotfiles``,
+``/.well-known/`` excepted (RFC 8615). A file asked for as a directory
+(``/site.css/``) is 404, as on a file system. No directory is ever listed.
 
 Speed: files up to ``SMALL_FILE`` bytes are kept in memory, keyed by path and
 re-validated with one stat() per request (inode, size and mtime must match).
@@ -58,8 +61,9 @@ def content_type_of(path: str) -> str:
     return ctype
 
 
-def safe_relative_path(raw_path: str, prefix: str) -> str | None:
-    """The path below the route prefix, or None if the request path is unsafe."""
+def safe_relative_path(raw_path: str, prefix: str, dotfiles: bool = False) -> str | None:
+    """The path below the route prefix, or None if the request path is unsafe (or names a
+    dotfile, unless ``dotfiles``)."""
     raw = raw_path.split("?", 1)[0]
     if "\\" in raw or "\x00" in raw:
         return None
@@ -74,6 +78,8 @@ def safe_relative_path(raw_path: str, prefix: str) -> str | None:
     rest = decoded[len(prefix.rstrip("/")) :]
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
+        return None
+    if not dotfiles and any(p[0] == "." and p != ".well-known" for p in parts):
         return None
     return "/".join(parts) + ("/" if rest.endswith("/") and parts else "")
 
@@ -94,7 +100,7 @@ class StaticFiles:
         self._cached_bytes = 0
         self._roots: dict[str, str] = {}
         # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
-        self._paths: dict[tuple[str, str], str | None] = {}
+        self._paths: dict[tuple[str, bool, str], str | None] = {}
 
     def _root(self, directory: str) -> str:
         root = self._roots.get(directory)
@@ -165,11 +171,12 @@ class StaticFiles:
         request = ex.request
         if request.method not in ("GET", "HEAD"):
             return Reply(405, CIMultiDict({"Allow": "GET, HEAD"}), BytesBody(b""))
-        key = (route.prefix, request.raw_path)
+        dotfiles = route.config.dotfiles
+        key = (route.prefix, dotfiles, request.raw_path)
         try:
             rel = self._paths[key]
         except KeyError:
-            rel = safe_relative_path(request.raw_path, route.prefix)
+            rel = safe_relative_path(request.raw_path, route.prefix, dotfiles)
             if len(self._paths) >= CACHE_ENTRIES:
                 self._paths.pop(next(iter(self._paths)))
             self._paths[key] = rel
@@ -180,7 +187,7 @@ class StaticFiles:
         info = self._info(root, rel.rstrip("/"))
         if info is not None and info.content_type == "dir":
             if not rel.endswith("/") and rel:
-                location = request.path + "/"
+                location = request.raw_path.partition("?")[0] + "/"  # normalised, still encoded
                 return Reply(301, CIMultiDict({"Location": location}), BytesBody(b""))
             for name in route.config.index:
                 info = self._info(root, os.path.join(rel, name))
@@ -188,6 +195,8 @@ class StaticFiles:
                     break
             else:
                 return not_found()  # never a listing
+        elif info is not None and rel.endswith("/"):
+            return not_found()  # a file asked for as a directory ("/site.css/")
         if info is None:
             return not_found()
         return self.respond(ex, info)

@@ -36,7 +36,7 @@ from edge.core.pipeline import (
     chain_now,
     load_factory,
 )
-from edge.core.routing import Route, RouteTable, normalize_host
+from edge.core.routing import Route, RouteTable, parse_host
 from edge.features import build_features
 from edge.features.dos import DosDetector
 from edge.features.static import StaticFiles, not_found
@@ -172,7 +172,13 @@ class Edge:
         raw_host = head.headers.get("Host", "")
         host = self._hosts.get(raw_host)
         if host is None:
-            host = normalize_host(raw_host)
+            host = parse_host(raw_host)
+            if host is None:
+                # RFC 9110 7.2: a Host that is not a host[:port] is answered 400; the edge
+                # never routes, keys or forwards on a value it cannot normalise.
+                bad = error_reply(400)
+                bad.close_connection = True
+                return self._send(request, None, None, bad)
             if len(self._hosts) < 1024:  # bounded: Host values are client-chosen
                 self._hosts[raw_host] = host
         route = self.routes.find(host, head.path, head.method)

@@ -15,13 +15,24 @@ decimal number (duplicates must agree); Transfer-Encoding on a request must
 end in ``chunked`` and may not come with Content-Length; chunk sizes are hex
 of bounded length. Anything else is a 400, never a guess.
 
-A parser made with ``proxy=True`` (the forward-proxy listener, edge/forward/)
+A parser made with ``proxy=True`` (the forward-proxy listener, edge/front/forward/)
 also accepts CONNECT's authority-form target (``CONNECT host:443``; RFC 9112
 3.2.3), which stands in for Host like an absolute-form one does; such a
 CONNECT may carry no body, and its connection is kept whatever the version,
 since it becomes a tunnel after a 2xx. Parsing stops after it: the bytes that
 followed are left in ``rest`` for the connection to route. Other listeners
 refuse authority-form.
+
+Path normalisation (``normalize_path``): the reverse-proxy listeners route,
+look up static files, key the cache and forward upstream on one path, made
+once per request from the target (RFC 3986 6.2.2 and 5.2.4, and nginx's
+``merge_slashes``): percent-encoded unreserved characters are decoded (``%2e``
+is a ``.``, ``%7E`` a ``~``), other escapes get upper-case hex, runs of ``/``
+become one, ``.`` and ``..`` segments are removed. A path that cannot be
+normalised without guessing what the member will make of it is a 400: a bad
+escape, an encoded ``/``, ``\\`` or NUL (``%2F``, ``%5C``, ``%00``), a literal
+``\\`` or ``#``, or a ``..`` that climbs above the root. The forward proxy's
+parser keeps the path as sent: it is the origin's, not ours to rewrite.
 """
 
 from __future__ import annotations
@@ -37,6 +48,29 @@ TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
 TARGET = re.compile(r"^[\x21-\x7e\x80-\xff]+$")
 MAX_CHUNK_SIZE_DIGITS = 16
+# RFC 3986 2.3: decoding these never changes what a URI means (6.2.2.2).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _escape_table() -> dict[str, str]:
+    """Every two-hex-digit escape -> its normal form ("" for the ones refused)."""
+    table = {}
+    for code in range(256):
+        char = chr(code)
+        normal = "" if char in "/\\\x00" else char if char in _UNRESERVED else f"%{code:02X}"
+        for spelled in {
+            f"{code:02x}",
+            f"{code:02X}",
+            f"{code:02x}"[0] + f"{code:02X}"[1],
+            f"{code:02X}"[0] + f"{code:02x}"[1],
+        }:
+            table[spelled] = normal
+    return table
+
+
+# "2e" -> ".", "2f" -> "" (refused), "c3" -> "%C3": one lookup per escape (RFC 3986 6.2.2.1-2).
+_ESCAPES = _escape_table()
+_MULTI_SLASH = re.compile(r"//+")
 # The same grammar for a whole head at once: an origin-form request line, then field lines.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) (/[\x21-\x7e\x80-\xff]*) (HTTP/1\.[01])\r\n")
@@ -112,6 +146,49 @@ class EndOfMessage:
 
 END = EndOfMessage()
 Event = Head | BodyChunk | EndOfMessage
+
+
+def normalize_path(path: str) -> str:
+    """The normalised form of an origin-form path (no query); ParseError when it is unsafe.
+
+    The result is what the edge routes on (decoded by Head) and what it forwards.
+    Most paths are already normal: four substring scans and they come back as they are.
+    """
+    if "%" not in path and "//" not in path and "/." not in path and "\\" not in path:
+        return path
+    if "\\" in path:
+        raise ParseError("backslash in the path")  # not in RFC 3986; some servers read it as "/"
+    if "%" in path:
+        pieces = path.split("%")
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            replacement = _ESCAPES.get(piece[:2])
+            if replacement is None:
+                raise ParseError("bad percent-encoding in the path")
+            if not replacement:
+                # An encoded separator (or NUL) is one segment to us and two to a member that
+                # decodes before it routes: no normal form both sides agree on.
+                raise ParseError("encoded '/', '\\' or NUL in the path")
+            out.append(replacement + piece[2:])
+        path = "".join(out)
+    if "//" in path:
+        path = _MULTI_SLASH.sub("/", path)
+    if "/." in path:
+        segments = path.split("/")[1:]
+        kept: list[str] = []
+        last = len(segments) - 1
+        for i, segment in enumerate(segments):
+            if segment == "." or segment == "..":
+                if segment == "..":
+                    if not kept:
+                        raise ParseError("'..' above the root of the path")
+                    kept.pop()
+                if i == last:
+                    kept.append("")  # "/a/b/.." is "/a/", a directory (RFC 3986 5.2.4)
+            else:
+                kept.append(segment)
+        path = "/" + "/".join(kept)
+    return path
 
 
 def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = False) -> Head:
@@ -207,6 +284,17 @@ def _head(
     proxy: bool,
 ) -> Head:
     """The framing rules on parsed fields (Host, Content-Length, Transfer-Encoding, Connection)."""
+    if (
+        not proxy
+        and target[0] == "/"
+        and ("%" in target or "/." in target or "//" in target or "\\" in target or "#" in target)
+    ):
+        if "#" in target:
+            raise ParseError("fragment in the request target")  # RFC 9112 3.2: none in origin-form
+        path, sep, query = target.partition("?")
+        normal = normalize_path(path)
+        if normal is not path:
+            target = normal + sep + query
     if absolute_host is not None:
         headers.popall("Host", None)
         headers["Host"] = absolute_host

@@ -92,6 +92,8 @@ class ProxyHandler:
         headers = ex.upstream_headers
         if headers is None:  # the headers feature was removed by a user's build
             headers = CIMultiDict(request.headers)
+            if ex.host:
+                headers["Host"] = ex.host  # what the cache key saw, never the raw value
         for name in _NOT_FORWARDED:
             headers.popall(name, None)
         return await self._forward(ex, pool, body, headers)
@@ -234,7 +236,7 @@ def _hide_member_in_locations(headers: CIMultiDict[str], member: Member, ex: Exc
     for name in ("Location", "Content-Location"):
         value = headers.get(name)
         if value is not None and value.startswith(member.url):
-            public = f"{ex.scheme}://{ex.request.host}" if ex.request.host else ""
+            public = f"{ex.scheme}://{ex.host}" if ex.host else ""  # validated, as the key has it
             headers[name] = public + value[len(member.url) :]
 
 

@@ -56,9 +56,13 @@ fall = {FALL}
 """
 
 
+APP_TOKEN = "agent-test-admin-token"
+
+
 def start_app(procs: ProcessGroup, name: str) -> tuple[Daemon, int]:
     port = free_port()
-    d = procs.start(name, ["app", "--host", "127.0.0.1", "--port", str(port), "--name", name])
+    args = ["app", "--host", "127.0.0.1", "--port", str(port), "--name", name, "--admin-token", APP_TOKEN]
+    d = procs.start(name, args)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -70,7 +74,11 @@ def start_app(procs: ProcessGroup, name: str) -> tuple[Daemon, int]:
 
 
 def set_app_health(port: int, ok: bool) -> None:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/admin/health?ok={int(ok)}", method="POST")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/admin/health?ok={int(ok)}",
+        method="POST",
+        headers={"Authorization": f"Bearer {APP_TOKEN}"},
+    )
     urllib.request.urlopen(req, timeout=2).read()
 
 

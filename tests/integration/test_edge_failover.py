@@ -36,13 +36,18 @@ def _up(port: int) -> bool:
         return False
 
 
+APP_TOKEN = "failover-test-admin-token"
+ADMIN = {"Authorization": f"Bearer {APP_TOKEN}"}
+
+
 @pytest.fixture
 def app_procs(procs: ProcessGroup) -> Iterator[list[tuple[Daemon, int]]]:
     """Two `carousel app` processes on free ports."""
     started = []
     for name in ("ap1", "ap2"):
         port = free_port()
-        d = procs.start(name, ["app", "--host", "127.0.0.1", "--port", str(port), "--name", name])
+        args = ["app", "--host", "127.0.0.1", "--port", str(port), "--name", name, "--admin-token", APP_TOKEN]
+        d = procs.start(name, args)
         started.append((d, port))
     for _, port in started:
         wait_for(lambda p=port: _up(p), 15, what=f"AP on {port}")
@@ -133,14 +138,14 @@ async def test_active_health_checks_follow_the_ap(app_procs) -> None:
     }
     async with running_edge(cfg) as edge, aiohttp.ClientSession() as s:
         pool = edge.pools["app"]
-        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=0")
+        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=0", headers=ADMIN)
         await _until(lambda: not pool.status()["members"][1]["healthy"], 3)
         seen = set()
         for _ in range(10):
             async with s.get(f"http://127.0.0.1:{edge.port}/echo") as r:
                 seen.add((await r.json())["ap"])
         assert seen == {"ap1"}
-        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=1")
+        await s.post(f"http://127.0.0.1:{p2}/admin/health?ok=1", headers=ADMIN)
         await _until(lambda: pool.status()["members"][1]["healthy"], 3)
 
 

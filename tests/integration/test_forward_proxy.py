@@ -37,8 +37,17 @@ async def origin() -> AsyncIterator[int]:
 
 
 def forward(**options: Any) -> dict[str, Any]:
-    """An edge config with the forward proxy on a free port; loopback origins allowed."""
-    return {"forward": {"enabled": True, "port": 0, "deny_networks": [], "hosts": NAMES, **options}}
+    """An edge config with the forward proxy on a free port; loopback origins on free ports allowed."""
+    return {
+        "forward": {
+            "enabled": True,
+            "port": 0,
+            "deny_networks": [],
+            "http_ports": [80, "1024-65535"],
+            "hosts": NAMES,
+            **options,
+        }
+    }
 
 
 @dataclass
@@ -303,6 +312,7 @@ port = {admin}
 enabled = true
 port = {fport}
 deny_networks = []
+http_ports = [80, "1024-65535"]
 hosts = {{ "origin.test" = "127.0.0.1" }}
 """
     d = procs.daemon("edge", "edge-forward", toml)

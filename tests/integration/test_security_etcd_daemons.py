@@ -266,7 +266,7 @@ port = {port}
 [admin]
 host = "0.0.0.0"
 port = {admin}
-token = "t0ken"
+token = "t0ken-t0ken-t0ken-t0ken"
 [[route]]
 path = "/"
 respond = 200
@@ -277,5 +277,5 @@ respond = 200
         assert (await asyncio.to_thread(http, f"http://127.0.0.1:{admin}{path}"))[0] == 401
         wrong = {"Authorization": "Bearer nope"}
         assert (await asyncio.to_thread(http, f"http://127.0.0.1:{admin}{path}", wrong))[0] == 401
-        right = {"Authorization": "Bearer t0ken"}
+        right = {"Authorization": "Bearer t0ken-t0ken-t0ken-t0ken"}
         assert (await asyncio.to_thread(http, f"http://127.0.0.1:{admin}{path}", right))[0] == 200

@@ -120,7 +120,7 @@ def test_destination_policy_order_port_deny_allow_network() -> None:
     assert p.check("example.test", 22, tunnel=True) == "port"  # CONNECT: 443 only by default
     assert p.check("example.test", 80, tunnel=False) is None
     assert p.check("example.test", 25, tunnel=False) == "port"  # plain HTTP never to SMTP
-    assert p.check("example.test", 8080, tunnel=False) is None
+    assert p.check("example.test", 8080, tunnel=False) == "port"  # high ports: admin listeners, databases
     assert p.check("127.0.0.1", 80, tunnel=False) == "network"  # loopback denied by default
     assert p.check("::1", 80, tunnel=False) == "network"
     p = _policy(allow={"suffix": ["example.test"]}, deny={"exact": ["bad.example.test"]})

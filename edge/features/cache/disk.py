@@ -133,6 +133,22 @@ def from_meta(meta: dict[str, Any], directory: str) -> Entry:
     return entry
 
 
+# Cached bodies hold what members answered (pages built for one client's cookies included, when
+# a route stores them): readable by the edge's user only, whatever the umask.
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _make_private_dirs(directory: str) -> None:
+    """root/ab/cdef...: both levels 0700 (os.makedirs gives intermediate levels the umask's mode)."""
+    for path in (os.path.dirname(directory), directory):
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            pass
+
+
 class DiskStore:
     """Variants on disk under one directory; blocking calls are small, big copies run in a thread."""
 
@@ -140,7 +156,7 @@ class DiskStore:
         self.root = root
         self.budget = budget
         self.max_object = max_object
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)
         # One writer thread: writes never block the loop and never race each other here.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self.bans: list[Ban] = []
@@ -285,13 +301,13 @@ class DiskStore:
         source: tuple[int, int, int] | None,
     ) -> str | None:
         directory = self.directory(key)
-        os.makedirs(directory, exist_ok=True)
+        _make_private_dirs(directory)
         token = secrets.token_hex(6)
         body_name = f"{vid}-{token}.body"
         body_path = os.path.join(directory, body_name)
         tmp = os.path.join(directory, f".tmp-{token}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(tmp, _CREATE, _FILE_MODE)
             try:
                 if data is not None:
                     view = memoryview(data)
@@ -321,7 +337,7 @@ class DiskStore:
 
     def _replace_meta(self, directory: str, vid: str, meta: dict[str, Any]) -> None:
         tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(os.open(tmp, _CREATE, _FILE_MODE), "w", encoding="utf-8") as f:
             json.dump(meta, f, separators=(",", ":"))
         os.rename(tmp, os.path.join(directory, vid + ".meta"))
         # Older bodies of this variant are garbage now (readers keep their descriptors).
@@ -390,7 +406,8 @@ class DiskStore:
     def sweep(self) -> int:
         """Delete least recently used variants down to 90% of the budget; returns bytes freed."""
         try:
-            with open(os.path.join(self.root, ".sweep.lock"), "w") as lock:
+            lock_fd = os.open(os.path.join(self.root, ".sweep.lock"), os.O_WRONLY | os.O_CREAT, _FILE_MODE)
+            with os.fdopen(lock_fd, "w") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:

@@ -1,9 +1,11 @@
 """Cache keys: the primary key of a request, its route's extra key parts, and Vary matching.
 
 The primary key is ``scheme://host/path?query``: the Host is always part of it,
-normalised like routing does (lower case, no port, no trailing dot); the path
-and query are as the client sent them. Only GET and HEAD are looked up or
-stored, and they share entries, so the method class needs no room in the key.
+normalised like routing does (lower case, no port, no trailing dot) and sent to
+the member as it is in the key; the path is the parser's normalised one (the
+path the member gets, edge/http1.py) and the query is as the client sent it.
+Only GET and HEAD are looked up or stored, and they share entries, so the
+method class needs no room in the key.
 
 A route may sort or drop query parameters (``cache_sort_query``,
 ``cache_ignore_query``) and add request headers or cookies to the key

@@ -15,8 +15,8 @@ ORDER MATTERS. It is fixed here and nowhere else (``FORWARD_ORDER``):
   for a site this edge serves). Only plain-HTTP GET/HEAD are looked up;
   CONNECT passes straight through.
 
-The terminal is ``OriginFetch`` (edge/forward/origin.py) for absolute-form
-requests and ``TunnelOpen`` (edge/forward/tunnel.py) for CONNECT.
+The terminal is ``OriginFetch`` (edge/front/forward/origin.py) for absolute-form
+requests and ``TunnelOpen`` (edge/front/forward/tunnel.py) for CONNECT.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from edge.core.fields import FORWARDING, HOP_BY_HOP, connection_tokens
 from edge.core.pipeline import BytesBody, Exchange, Feature, Handler, Reply
 from edge.front.forward.auth import ProxyAuthenticator
-from edge.front.forward.pages import auth_required, denied
+from edge.front.forward.pages import auth_required, denied, too_many_failures
 from edge.front.forward.policy import DestinationPolicy
 
 if TYPE_CHECKING:
@@ -61,7 +61,12 @@ class ProxyAuth:
         self.authenticator = authenticator
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
-        user = await self.authenticator.user(ex.request.headers.get("Proxy-Authorization"))
+        client = ex.request.remote
+        wait = self.authenticator.retry_after(client)
+        if wait:
+            ex.notes["forward"].refused = "auth"
+            return too_many_failures(wait)
+        user = await self.authenticator.user(ex.request.headers.get("Proxy-Authorization"), client)
         if user is None:
             ex.notes["forward"].refused = "auth"
             return auth_required(self.authenticator.challenge)

@@ -13,9 +13,9 @@ config whose ``edge`` table carries them.
 
 Per request, ``answer`` works out the destination (absolute-form ``http://``
 or CONNECT ``host:port``; anything else is a 400 that says so), runs the
-forward chain (edge/forward/chain.py: auth, destination, headers, cache) and
+forward chain (edge/front/forward/chain.py: auth, destination, headers, cache) and
 writes the reply: a buffered response, or for CONNECT the 200 head after
-which the connection is a tunnel (edge/forward/tunnel.py).
+which the connection is a tunnel (edge/front/forward/tunnel.py).
 
 The edge starts and stops this listener with its own (edge/server.py); its
 connections sit in the edge's connection set, so graceful shutdown treats

@@ -8,6 +8,7 @@ client sent is HTML-escaped before it lands on a page.
 
 from __future__ import annotations
 
+import math
 from html import escape
 from http import HTTPStatus
 
@@ -52,3 +53,10 @@ def auth_required(challenge: str) -> Reply:
 def bad_target(detail: str) -> Reply:
     """400 for a request that is not a proxy request, or names no usable destination."""
     return page(400, detail)
+
+
+def too_many_failures(retry_after: float) -> Reply:
+    """429 for a client past its failed-login budget (no password is checked)."""
+    reply = page(429, "Too many failed logins from this address; try again later")
+    reply.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return reply

@@ -1,6 +1,6 @@
 """Where a forward-proxy client may go: target parsing, port sets, name lists, address checks.
 
-Pure functions and small classes, no I/O: the forward chain (edge/forward/chain.py)
+Pure functions and small classes, no I/O: the forward chain (edge/front/forward/chain.py)
 asks ``DestinationPolicy.check`` about a (host, port) before anything is resolved,
 and ``NetworkList.denied`` about every address the name resolved to before a
 connection is opened, so a name that resolves to loopback (DNS rebinding, a
@@ -123,13 +123,34 @@ class NameList:
         return any(r.search(host) for r in self.regexes)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible (RFC 4291 2.5.5.1)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def carried_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for: mapped, compatible, NAT64, 6to4, Teredo."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # (server, client): either may be internal
+    return []
+
+
 class NetworkList:
-    """Address blocks; IPv4-mapped IPv6 addresses count as the IPv4 address they carry."""
+    """Address blocks (minus ``allow`` exceptions); IPv6 forms that carry an IPv4 address count
+    as that address too, so 64:ff9b::10.0.0.1 or 2002:a00:1:: is 10.0.0.1 to the check."""
 
-    __slots__ = ("networks",)
+    __slots__ = ("allow", "networks")
 
-    def __init__(self, cidrs: list[str]) -> None:
+    def __init__(self, cidrs: list[str], allow: list[str] | None = None) -> None:
         self.networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self.allow = tuple(ipaddress.ip_network(c, strict=False) for c in allow or ())
 
     def denied(self, address: str) -> bool:
         """Is ``address`` inside one of the blocks? Unparsable addresses are denied."""
@@ -139,8 +160,18 @@ class NetworkList:
             ip = ipaddress.ip_address(address.partition("%")[0])
         except ValueError:
             return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        forms: list[Address] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address):
+            carried = carried_ipv4(ip)
+            if ip.ipv4_mapped is not None:
+                forms = list[Address](carried)  # ::ffff:a.b.c.d is a.b.c.d on the wire
+            else:
+                forms += carried
+        return any(self._denied(form) for form in forms)
+
+    def _denied(self, ip: Address) -> bool:
+        if any(ip.version == n.version and ip in n for n in self.allow):
+            return False
         return any(ip.version == n.version and ip in n for n in self.networks)
 
 
@@ -154,7 +185,7 @@ class DestinationPolicy:
         self.http_ports = PortSet(config.http_ports)
         self.allow = NameList(config.allow)
         self.deny = NameList(config.deny)
-        self.networks = NetworkList(config.deny_networks)
+        self.networks = NetworkList(config.deny_networks, config.allow_networks)
 
     def check(self, host: str, port: int, tunnel: bool) -> str | None:
         """None when the destination may be tried, else why not: "port", "denied" or "not-allowed"."""
