@@ -39,6 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
+from edge.cache.fields import cache_status_name
 from edge.cache.key import DEFAULT_RULE, KeyRule, vary_values
 from edge.cache.policy import (
     SAFE_METHODS,
@@ -88,7 +89,8 @@ class CacheFeature:
     def __init__(self, config: Config, ctx: EdgeContext) -> None:
         c = config.cache
         self.config = config
-        self.name = c.name
+        # Serialised once as an RFC 9211 list member name (a Token, or a String if not one).
+        self.name = cache_status_name(c.name) if c.name else ""
         self.store = MemoryStore(c.memory_size, c.max_variants)
         self.max_object = c.max_object_size
         self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
