@@ -120,6 +120,12 @@ class Request:
     def transport(self) -> asyncio.Transport | None:
         return self.conn.transport
 
+    def send_interim(self, head: bytes) -> None:
+        """Write a 1xx interim response head, ahead of this request's final response."""
+        transport = self.conn.transport
+        if transport is not None and not self.conn.closing:
+            transport.write(head)
+
     def is_upgrade(self, protocol: str) -> bool:
         """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""
         h = self.head.headers

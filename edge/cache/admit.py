@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from edge.cache.disk import DiskStore
 from edge.cache.key import vary_values
 from edge.cache.policy import (
+    COOKIE_FIELDS,
     HeuristicRule,
     RequestRules,
     ResponsePolicy,
@@ -61,13 +62,14 @@ class Admission:
         key: str,
         extra: str,
         rr: RequestRules | None,
-        set_cookie_ok: bool,
+        set_cookie: bool | str,
         request_time: float,
         response_time: float,
     ) -> Entry | None:
         """Store a response if RFC 9111 and the route allow; the reply keeps a body it can send."""
         headers = reply.headers
-        if ("Set-Cookie" in headers or "Set-Cookie2" in headers) and not set_cookie_ok:
+        cookies = "Set-Cookie" in headers or "Set-Cookie2" in headers
+        if cookies and set_cookie is False:
             return None
         policy = analyze_response(
             reply.status,
@@ -81,6 +83,8 @@ class Admission:
         )
         if not policy.storable:
             return None
+        if set_cookie != "store":  # kept out of the entry, and out of any 304's update
+            policy.omit = policy.omit | COOKIE_FIELDS
         body = reply.body
         limit = self.disk.max_object if self.disk is not None else self.max_object
         if body.length is not None and body.length > limit:
@@ -184,8 +188,10 @@ class Admission:
         if not policy.storable:
             self.drop(entry)
             return entry  # it still answers this request
+        cookies_left_out = entry.omit & COOKIE_FIELDS
         entry.set_headers(merged)
         apply_policy(entry, policy, response_time)
+        entry.omit = entry.omit | cookies_left_out
         if not entry.transformed:
             entry.validator_etag = policy.etag
         self.store.resize(entry)

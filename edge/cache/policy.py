@@ -39,8 +39,7 @@ HEURISTIC_STATUS = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 
 UNDERSTOOD_STATUS = frozenset(s.value for s in HTTPStatus if s.value >= 200) - {206}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Never stored (RFC 9111 3.1): hop-by-hop fields, proxy-specific fields, framing and
-# Age (recomputed on every reuse). Set-Cookie is never stored either: a route that
-# allows caching such responses gets them stored without it.
+# Age (recomputed on every reuse).
 NOT_STORED = frozenset(
     {
         "connection",
@@ -55,10 +54,12 @@ NOT_STORED = frozenset(
         "proxy-authorization",
         "content-length",
         "age",
-        "set-cookie",
-        "set-cookie2",
     }
 )
+# RFC 9111 7.3: Set-Cookie does not inhibit storing, and a stored one is replayed to
+# every client. A route chooses (`cache_set_cookie`): such responses not stored, stored
+# without these fields (they join the entry's omitted fields), or stored with them.
+COOKIE_FIELDS = frozenset({"set-cookie", "set-cookie2"})
 # Fields a cache puts in a 304 it generates (RFC 9110 15.4.5), plus Last-Modified.
 NOT_MODIFIED_FIELDS = (
     "Cache-Control",
@@ -151,8 +152,8 @@ def analyze_response(
     must_revalidate = "must-revalidate" in cc
     if authorized and not (public or "s-maxage" in cc or must_revalidate):
         return ResponsePolicy(False, "authorization")
-    if "content-range" in headers:
-        return ResponsePolicy(False, "partial")
+    # Content-Range outside a 206 or 416 has no meaning (RFC 9110 14.4): an ordinary field
+    # of a complete response. (Requests with Range are never stored: edge/cache/feature.py.)
 
     date = http_date(headers.get("Date")) if len(headers.getall("Date", ())) == 1 else None
     date_value = date if date is not None else response_time

@@ -21,6 +21,7 @@ from edge.cache.fields import (
 )
 from edge.cache.key import KeyRule, accepted_codings, url_key, vary_value
 from edge.cache.policy import (
+    COOKIE_FIELDS,
     HeuristicRule,
     analyze_response,
     fresh_enough,
@@ -161,7 +162,8 @@ def test_vary_names() -> None:
         (200, [("Cache-Control", "max-age=0")], False, "no freshness and no validator"),
         (200, [("Cache-Control", "must-understand, no-store, max-age=60")], True, ""),
         (299, [("Cache-Control", "must-understand, no-store, max-age=60")], False, "must-understand"),
-        (200, [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-1/10")], False, "partial"),
+        # Content-Range means nothing outside 206/416 (RFC 9110 14.4): a complete response.
+        (200, [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-1/10")], True, ""),
     ],
 )
 def test_what_a_shared_cache_may_store(
@@ -263,7 +265,6 @@ def test_fields_never_stored() -> None:
         ("Connection", "x-hop, close"),
         ("X-Hop", "1"),
         ("Keep-Alive", "timeout=5"),
-        ("Set-Cookie", "a=b"),
         ("Age", "3"),
         ("Content-Length", "10"),
         ("X-Secret", "s"),
@@ -271,6 +272,21 @@ def test_fields_never_stored() -> None:
     )
     kept = storable_fields(headers, frozenset({"x-secret"}))
     assert kept == [("Content-Type", "text/plain")]
+
+
+def test_set_cookie_is_stored_unless_the_entry_omits_it() -> None:
+    # RFC 9111 7.3: Set-Cookie does not inhibit caching; a route may keep it out.
+    headers = H(("Content-Type", "text/plain"), ("Set-Cookie", "a=b"), ("Set-Cookie2", "c=d"))
+    assert storable_fields(headers, frozenset()) == list(headers.items())
+    assert storable_fields(headers, COOKIE_FIELDS) == [("Content-Type", "text/plain")]
+    # A 304's Set-Cookie updates a stored one (RFC 9111 3.2) unless the entry omits them.
+    stored = [("Content-Type", "text/plain"), ("Set-Cookie", "a=b")]
+    update = H(("Set-Cookie", "a=c"))
+    assert merge_not_modified(stored, update, frozenset()) == [
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "a=c"),
+    ]
+    assert merge_not_modified(stored[:1], update, COOKIE_FIELDS) == [("Content-Type", "text/plain")]
 
 
 def test_304_fields_replace_stored_ones_except_framing() -> None:
