@@ -51,6 +51,7 @@ class Admission:
         self.max_object = c.max_object_size
         self.temp_dir = config.edge.temp_dir
         self.targeted = tuple(n.lower() for n in c.targeted_fields)
+        self.device = surrogate_device(c.name)
         self.heuristic = HeuristicRule(c.heuristic_fraction, c.heuristic_max) if c.heuristic else None
         self.tag_headers = tuple(c.tag_headers)
         self.hidden_tags = frozenset(n.lower() for n in c.tag_headers) if c.strip_tag_headers else frozenset()
@@ -80,6 +81,7 @@ class Admission:
             request_no_store=rr is not None and rr.no_store,
             targeted=self.targeted,
             heuristic=self.heuristic,
+            device=self.device,
         )
         if not policy.storable:
             return None
@@ -184,6 +186,7 @@ class Admission:
             response_time=response_time,
             targeted=self.targeted,
             heuristic=self.heuristic,
+            device=self.device,
         )
         if not policy.storable:
             self.drop(entry)
@@ -220,6 +223,14 @@ def apply_policy(entry: Entry, policy: ResponsePolicy, response_time: float) -> 
     entry.etag = policy.etag
     entry.last_modified = policy.last_modified
     entry.date = policy.date
+
+
+def surrogate_device(name: str) -> str:
+    """This cache's device token in Surrogate-Control / Surrogate-Capability: its name when a token."""
+    return name if name and all(c in _TOKEN for c in name) else "carousel"
+
+
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _weak(etag: str) -> str:

@@ -36,7 +36,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.cache.admit import Admission
+from edge.cache.admit import Admission, surrogate_device
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
 from edge.cache.fields import cache_status_name
@@ -106,6 +106,11 @@ class CacheFeature:
         self._counts: dict[str, int] = {}
         self.hits = 0  # plain hits, kept apart from `counts` to save the hit path a dict update
         self._hit_status = f"{self.name}; hit; ttl=" if self.name else ""
+        # Edge Architecture 1.0: a surrogate that reads Surrogate-Control announces itself
+        # upstream, so the origin can target directives at it.
+        targeted = {n.lower() for n in c.targeted_fields}
+        device = surrogate_device(c.name)
+        self.capability = f'{device}="Surrogate/1.0"' if "surrogate-control" in targeted else ""
         self.started = time.time()
         self.purger = PurgeWatcher(config, self) if c.cluster_purge else None
         metrics = getattr(ctx, "metrics", None)
@@ -391,6 +396,8 @@ class CacheFeature:
         up = ex.upstream_headers
         if up is None:
             up = ex.upstream_headers = CIMultiDict(request.headers)
+        if self.capability:
+            up.add("Surrogate-Capability", self.capability)
         conditional = False
         for name in _CLIENT_VALIDATORS:
             if name in up:

@@ -200,6 +200,32 @@ def parse_targeted(value: str) -> dict[str, str | None] | None:
     return out
 
 
+def parse_surrogate_control(value: str, device: str) -> dict[str, str | None] | None:
+    """Surrogate-Control (W3C Edge Architecture 1.0) directives meant for ``device``; None if none.
+
+    Members are Cache-Control directives, each optionally targeted (``max-age=60;edge1``):
+    an untargeted one applies, a targeted one only when it names this device. A max-age's
+    ``+N`` extension (a stale window) is not used: only its freshness counts.
+    """
+    out: dict[str, str | None] = {}
+    i, n = 0, len(value)
+    while i < n:
+        end = _skip_to_comma(value, i)
+        member = value[i:end].rstrip(",")
+        i = end
+        directive, semi, target = member.rpartition(";")
+        if semi and '"' not in target:  # (a ';' inside a quoted argument targets nothing)
+            if target.strip(_OWS).lower() != device.lower():
+                continue
+        else:
+            directive = member
+        for name, arg in split_directives(directive):
+            if name == "max-age" and arg is not None:
+                arg = arg.partition("+")[0]
+            out[name] = _merge(out[name], arg, name in _LISTED) if name in out else arg
+    return out or None
+
+
 def parse_cache_status(lines: Iterable[str]) -> list[tuple[str, dict[str, object]]] | None:
     """Cache-Status (RFC 9211: a Structured Fields List); (cache name, parameters) per
     member, oldest cache first, or None when the field is not a valid List."""

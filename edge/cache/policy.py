@@ -29,6 +29,7 @@ from edge.cache.fields import (
     field_names,
     http_date,
     parse_directives,
+    parse_surrogate_control,
     parse_targeted,
     vary_names,
 )
@@ -108,12 +109,17 @@ class ResponsePolicy:
     date: float = 0.0
 
 
-def _directives(headers: Headers, targeted: tuple[str, ...]) -> tuple[dict[str, str | None], bool]:
+def _directives(
+    headers: Headers, targeted: tuple[str, ...], device: str
+) -> tuple[dict[str, str | None], bool]:
     """The governing directives: the first valid targeted field, else Cache-Control."""
     for name in targeted:
         lines = headers.getall(name, ())
         if lines:
-            parsed = parse_targeted(", ".join(lines))
+            if name == "surrogate-control":  # not a Structured Field: its own syntax
+                parsed = parse_surrogate_control(", ".join(lines), device)
+            else:
+                parsed = parse_targeted(", ".join(lines))
             if parsed:
                 return parsed, True
     return parse_directives(headers.getall("Cache-Control", ())), False
@@ -129,9 +135,13 @@ def analyze_response(
     request_no_store: bool = False,
     targeted: tuple[str, ...] = ("cdn-cache-control",),
     heuristic: HeuristicRule | None = None,
+    device: str = "carousel",
 ) -> ResponsePolicy:
-    """Decide storing, freshness and reuse rules for a response to a GET (RFC 9111 3, 4.2)."""
-    cc, from_targeted = _directives(headers, targeted)
+    """Decide storing, freshness and reuse rules for a response to a GET (RFC 9111 3, 4.2).
+
+    ``device``: this cache's name in Surrogate-Control targets, when that field is targeted.
+    """
+    cc, from_targeted = _directives(headers, targeted, device)
     if status < 200 or status in (206, 304):
         return ResponsePolicy(False, "status")
     if request_no_store:

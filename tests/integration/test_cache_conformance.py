@@ -57,6 +57,22 @@ async def raw_origin_and_edge(
         await server.wait_closed()
 
 
+@asynccontextmanager
+async def origin_with_cache(
+    script: Callable[[str, bytes], bytes], **cache: object
+) -> AsyncIterator[tuple[RawOrigin, Edge]]:
+    """A raw origin and an edge whose [cache] section gets ``cache``."""
+    origin = RawOrigin(script)
+    server = await asyncio.start_server(origin.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_edge(edge_config(port, dict(cache))) as edge:
+            yield origin, edge
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def exchange(port: int, request: bytes, count: int = 1) -> list[RawResponse]:
     """Send one request; read ``count`` responses (interim ones first) off the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -163,3 +179,26 @@ async def test_a_200_with_content_range_is_stored_as_a_complete_response() -> No
         (second,) = await exchange(edge.port, get("/cr"))
         assert (second.status, second.body, second.header("content-range")) == (200, b"whole", "bytes 0-4/5")
         assert len(origin.seen("/cr")) == 1
+
+
+async def test_surrogate_control_when_configured_is_announced_and_honoured() -> None:
+    # Edge Architecture 1.0: the edge announces itself in Surrogate-Capability; directives
+    # targeted at it (or at nobody) govern, others are ignored; Cache-Control is not used.
+    def script(path: str, head: bytes) -> bytes:
+        control = {"/ours": "no-store;carousel", "/theirs": "no-store;other", "/all": "max-age=600"}[path]
+        return (
+            f"HTTP/1.1 200 OK\r\nCache-Control: {'max-age=600' if path != '/all' else 'no-store'}\r\n"
+            f"Surrogate-Control: {control}\r\nContent-Length: 2\r\n\r\nok"
+        ).encode()
+
+    async with origin_with_cache(script, targeted_fields=["CDN-Cache-Control", "Surrogate-Control"]) as (
+        origin,
+        edge,
+    ):
+        for path in ("/ours", "/theirs", "/all", "/ours", "/theirs", "/all"):
+            (reply,) = await exchange(edge.port, get(path))
+            assert (reply.status, reply.body) == (200, b"ok")
+        seen = [h.split(b" ", 2)[1] for h in origin.requests]
+        assert seen.count(b"/ours") == 2  # no-store aimed at this edge
+        assert seen.count(b"/theirs") == 1 and seen.count(b"/all") == 1
+        assert all(b'surrogate-capability: carousel="surrogate/1.0"' in h.lower() for h in origin.requests)

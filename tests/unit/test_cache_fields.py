@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from edge.cache.fields import (
+    INVALID,
     MAX_DELTA,
     cache_status_name,
     http_date,
     parse_cache_status,
+    parse_surrogate_control,
     parse_targeted,
 )
 from edge.cache.key import vary_values
@@ -181,6 +183,44 @@ def test_cdn_cache_control_governs_and_falls_back_to_cache_control() -> None:
     for cdn in ("max-age=10000, &&&&&", 'max-age="10000"', "MaX-aGe=10000"):
         assert not policy_of(("Cache-Control", "no-store"), ("CDN-Cache-Control", cdn)).storable, cdn
         assert policy_of(("Cache-Control", "max-age=5"), ("CDN-Cache-Control", cdn)).lifetime == 5, cdn
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("max-age=3600", {"max-age": "3600"}),
+        ("MaX-aGe=3600, no-store", {"max-age": "3600", "no-store": None}),
+        ("max-age=3600;carousel", {"max-age": "3600"}),  # targeted at this device
+        ("max-age=3600;CAROUSEL", {"max-age": "3600"}),
+        ("max-age=3600;other", None),  # targeted elsewhere: not ours
+        ("no-store;other, max-age=5", {"max-age": "5"}),
+        ('max-age=60+600, content="ESI/1.0"', {"max-age": "60", "content": "ESI/1.0"}),
+        ('content="a;b"', {"content": "a;b"}),  # a ';' inside quotes is no target
+        ("max-age =100", None),  # malformed, as in Cache-Control
+        ("max-age=1, max-age=2", {"max-age": INVALID}),  # conflicting duplicates
+    ],
+)
+def test_surrogate_control_members_for_this_device(value: str, expected: object) -> None:
+    assert parse_surrogate_control(value, "carousel") == expected
+
+
+def test_surrogate_control_is_a_targeted_field_when_configured() -> None:
+    targeted = ("cdn-cache-control", "surrogate-control")
+
+    def lifetime_of(*pairs: tuple[str, str]) -> float | None:
+        policy = analyze_response(200, H(*pairs), request_time=NOW, response_time=NOW, targeted=targeted)
+        return policy.lifetime if policy.storable else None
+
+    assert lifetime_of(("Cache-Control", "no-store"), ("Surrogate-Control", "max-age=600")) == 600
+    assert lifetime_of(("Cache-Control", "max-age=600"), ("Surrogate-Control", "no-store")) is None
+    # CDN-Cache-Control comes first in the configured order.
+    assert lifetime_of(("CDN-Cache-Control", "max-age=5"), ("Surrogate-Control", "max-age=600")) == 5
+    # Not configured: Surrogate-Control means nothing to the edge.
+    policy = analyze_response(
+        200, H(("Cache-Control", "max-age=600"), ("Surrogate-Control", "no-store")), request_time=NOW,
+        response_time=NOW,
+    )  # fmt: skip
+    assert policy.storable and policy.lifetime == 600
 
 
 def test_cache_status_is_a_structured_list() -> None:
