@@ -20,6 +20,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edge.cache.disk import DiskStore
+from edge.cache.fields import surrogate_device
 from edge.cache.key import vary_values
 from edge.cache.policy import (
     COOKIE_FIELDS,
@@ -223,14 +224,6 @@ def apply_policy(entry: Entry, policy: ResponsePolicy, response_time: float) -> 
     entry.etag = policy.etag
     entry.last_modified = policy.last_modified
     entry.date = policy.date
-
-
-def surrogate_device(name: str) -> str:
-    """This cache's device token in Surrogate-Control / Surrogate-Capability: its name when a token."""
-    return name if name and all(c in _TOKEN for c in name) else "carousel"
-
-
-_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _weak(etag: str) -> str:

@@ -36,10 +36,10 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.cache.admit import Admission, surrogate_device
+from edge.cache.admit import Admission
 from edge.cache.coalesce import Coalescer, HitForMiss
 from edge.cache.disk import DiskStore
-from edge.cache.fields import cache_status_name
+from edge.cache.fields import cache_status_name, surrogate_device
 from edge.cache.key import DEFAULT_RULE, KeyRule, vary_values
 from edge.cache.policy import (
     SAFE_METHODS,

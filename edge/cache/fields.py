@@ -200,6 +200,11 @@ def parse_targeted(value: str) -> dict[str, str | None] | None:
     return out
 
 
+def surrogate_device(name: str) -> str:
+    """This cache's device token in Surrogate-Control / Surrogate-Capability: its name when a token."""
+    return name if name and all(c in _TCHAR for c in name) else "carousel"
+
+
 def parse_surrogate_control(value: str, device: str) -> dict[str, str | None] | None:
     """Surrogate-Control (W3C Edge Architecture 1.0) directives meant for ``device``; None if none.
 
