@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench-dns bench-edge clean
+.PHONY: demo test lint typecheck conformance bench-dns bench-edge clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/pytest tests/unit tests/integration
 	$(BIN)/pytest tests/e2e
+
+# The cache-tests.fyi suite (npm http-cache-tests) against the edge's cache; needs node and npm.
+conformance: $(STAMP)
+	$(BIN)/python tests/conformance/cache_tests.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -206,8 +206,9 @@ class RouteConfig:
     # Request headers and cookies added to the cache key.
     cache_key_headers: list[str] = field(default_factory=list)
     cache_key_cookies: list[str] = field(default_factory=list)
-    # Store responses that set cookies; the stored copy never carries Set-Cookie.
-    cache_set_cookie: bool = False
+    # Responses with Set-Cookie: false = not stored; true = stored without Set-Cookie;
+    # "store" = stored with it and replayed to every client, as RFC 9111 7.3 allows.
+    cache_set_cookie: bool | Literal["store"] = False
     # Compress this route's answers (needs [compression] enabled).
     compress: bool = True
 

@@ -279,6 +279,9 @@ class Exchange:
     queue_seconds: float = 0.0
     tries: int = 0
     cache_status: str = ""
+    # Forwards a 1xx interim response to the client ahead of the final one (RFC 9110
+    # 15.2); None where that is not allowed (HTTP/1.0, answers already sent, background fetches).
+    send_interim: Callable[[bytes], None] | None = None
     # Free-form space for features (e.g. a cache key).
     notes: dict[str, Any] = field(default_factory=dict)
 

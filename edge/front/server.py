@@ -195,6 +195,8 @@ class Edge:
         return self._send(request, route, ex, reply)
 
     async def _answer_later(self, request: Request, route: Route, ex: Exchange) -> None:
+        if request.version == "HTTP/1.1":  # HTTP/1.0 has no 1xx (RFC 9110 15.2)
+            ex.send_interim = request.send_interim
         try:
             reply = await self.handle(ex)
         except Exception:

@@ -27,6 +27,9 @@ class ClientSide(Protocol):
     @property
     def transport(self) -> asyncio.Transport | None: ...
 
+    @property
+    def closing(self) -> bool: ...
+
 
 C = TypeVar("C", bound=ClientSide)
 
@@ -54,7 +57,7 @@ class Request(Generic[C]):
 
     @property
     def raw_path(self) -> str:
-        """The path and query exactly as the client sent them."""
+        """The normalised path (http1.normalize_path) and the query as sent: what is forwarded."""
         return self.head.raw_path
 
     @property
@@ -89,6 +92,12 @@ class Request(Generic[C]):
     @property
     def transport(self) -> asyncio.Transport | None:
         return self.conn.transport
+
+    def send_interim(self, head: bytes) -> None:
+        """Write a 1xx interim response head, ahead of this request's final response."""
+        transport = self.conn.transport
+        if transport is not None and not self.conn.closing:
+            transport.write(head)
 
     def is_upgrade(self, protocol: str) -> bool:
         """Does the client ask to switch to ``protocol`` (e.g. websocket)?"""

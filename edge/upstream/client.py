@@ -9,11 +9,13 @@ serialised request, and a sans-I/O response parser (``ResponseParser``, h11's
 
 Theory of operation of ``ResponseParser``: it is fed bytes and keeps state
 ``head`` -> ``body`` -> ``done``. The head is parsed once ``\\r\\n\\r\\n`` is
-seen; 1xx interim responses are skipped. Framing follows RFC 9112 6.3:
+seen; 1xx interim responses are set aside in ``interim`` (the connection
+hands them to ``on_interim``, which forwards them to the client). Framing follows RFC 9112 6.3:
 no body for HEAD/1xx/204/304; Transfer-Encoding chunked wins over
 Content-Length (and the CL is ignored); otherwise Content-Length; otherwise
 the body runs to EOF. Anything ambiguous or malformed raises
-``UpstreamProtocolError`` and the edge answers 502.
+``UpstreamProtocolError`` and the edge answers 502. Bytes past a complete
+response end it there and close the connection (``excess``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from edge.http.http1 import chunk_size
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
+
+# A 1xx interim response: status, reason phrase, header fields.
+Interim = tuple[int, str, list[tuple[str, str]]]
 
 
 class UpstreamError(Exception):
@@ -56,8 +61,10 @@ class ResponseParser:
         "_chunk_state",
         "_length",
         "_mode",
+        "excess",
         "head_request",
         "headers",
+        "interim",
         "keep_alive",
         "reason",
         "state",
@@ -78,6 +85,8 @@ class ResponseParser:
         self._chunk_left = 0
         self._chunk_state = "size"  # "size", "data", "crlf", "trailer"
         self.tail = b""  # bytes after a 101 head: the new protocol's, not ours
+        self.excess = False  # bytes came after the framed end: the member is out of step
+        self.interim: list[Interim] = []  # 1xx responses not yet handed on
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume bytes; return the body chunks they completed."""
@@ -104,7 +113,11 @@ class ResponseParser:
                 if self.status == 101:
                     self.tail += buf
                 elif buf.strip():
-                    raise UpstreamProtocolError("data after the response")
+                    # More bytes than the framing said (a Content-Length smaller than the
+                    # body): RFC 9112 6.3 lets the rest be discarded and forbids taking it
+                    # for a separate response (cache poisoning); the connection is closed.
+                    self.keep_alive = False
+                    self.excess = True
                 break
         return out
 
@@ -132,14 +145,17 @@ class ResponseParser:
         status = int(parts[1])
         if len(lines) > MAX_HEADERS + 1:
             raise UpstreamProtocolError("too many response headers")
-        if 100 <= status < 200 and status != 101:
-            return  # interim response; the real one follows
         pairs = []
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if not sep or not name or name[-1] in " \t" or " " in name:
                 raise UpstreamProtocolError("bad header line")
             pairs.append((name, value.strip(" \t")))
+        if 100 <= status < 200 and status != 101:
+            # An interim response (RFC 9110 15.2): kept for the proxy to forward, never
+            # part of the final response; the real one follows.
+            self.interim.append((status, parts[2] if len(parts) > 2 else "", pairs))
+            return
         headers: CIMultiDict[str] = CIMultiDict(pairs)
         self.status = status
         self.reason = parts[2] if len(parts) > 2 else ""
@@ -249,6 +265,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel: asyncio.Transport | None = None
         # Taken from the idle pool: the member may have closed it just before we wrote.
         self.reused = False
+        # Called with each 1xx interim response of the current request (forwarding).
+        self.on_interim: Callable[[int, str, list[tuple[str, str]]], None] | None = None
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -261,13 +279,19 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self.parser
         if parser is None:
-            return  # bytes on an idle connection: it cannot be reused
+            self.abort()  # bytes on an idle connection: it cannot be reused
+            return
         self.last_data = self.loop.time()
         try:
             chunks = parser.feed(data)
         except UpstreamProtocolError as exc:
             self._fail(exc)
             return
+        if parser.interim:
+            interim, parser.interim = parser.interim, []
+            if self.on_interim is not None:
+                for status, reason, fields in interim:
+                    self.on_interim(status, reason, fields)
         if parser.state != "head":
             head = self.head_ready
             if head is not None and not head.done():
@@ -376,6 +400,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Back to idle after a completed response."""
         self.parser = None
         self.sink = None
+        self.on_interim = None
         self.head_ready = None
         self.done = None
         self.resume()

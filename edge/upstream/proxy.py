@@ -19,12 +19,14 @@ replayed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import structlog
 from multidict import CIMultiDict
 
 from edge.core.config import Config
 from edge.core.errors import error_reply
-from edge.core.fields import ResponseCleaner
+from edge.core.fields import FRAMING, HOP_BY_HOP, ResponseCleaner
 from edge.core.metrics import Metrics
 from edge.core.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
 from edge.core.spool import SpoolBuffer
@@ -39,6 +41,8 @@ from edge.upstream.client import (
 )
 from edge.upstream.pool import Member, NoMember, QueueFull, QueueTimeout, UpstreamPool
 from edge.upstream.websocket import bridge_websocket
+
+log = structlog.get_logger("carousel.edge.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
@@ -158,6 +162,7 @@ class ProxyHandler:
                     relay = None
                 else:
                     relay = StreamRelay(conn)
+                conn.on_interim = _interim_forwarder(ex)
                 conn.start(request, method == "HEAD", c.read_timeout)
                 assert conn.head_ready is not None and conn.done is not None
                 await conn.head_ready
@@ -171,6 +176,8 @@ class ProxyHandler:
                     reply_body: Body = self._stream(pool, member, conn, relay, parser)
                 else:
                     await conn.done
+                    if parser.excess:
+                        log.warning("member sent more than its framing", pool=pool.name, member=member.name)
                     if spool is None:
                         reply_body = HeadBody(_content_length(parser.headers))
                     else:
@@ -238,6 +245,29 @@ def _hide_member_in_locations(headers: CIMultiDict[str], member: Member, ex: Exc
         if value is not None and value.startswith(member.url):
             public = f"{ex.scheme}://{ex.host}" if ex.host else ""  # validated, as the key has it
             headers[name] = public + value[len(member.url) :]
+
+
+def _interim_forwarder(ex: Exchange) -> Callable[[int, str, list[tuple[str, str]]], None] | None:
+    """Pass a member's 1xx responses on to the client (RFC 9110 15.2: a proxy MUST forward
+    them, 103 Early Hints included), 100 Continue only to a client that asked for it."""
+    write = ex.send_interim
+    if write is None:
+        return None
+    asked_continue = ex.request.headers.get("Expect", "").lower() == "100-continue"
+
+    def forward(status: int, reason: str, fields: list[tuple[str, str]]) -> None:
+        if status == 100 and not asked_continue:
+            return
+        drop = HOP_BY_HOP | FRAMING
+        listed = [v for k, v in fields if k.lower() == "connection"]
+        if listed:
+            drop = drop | {t.strip().lower() for v in listed for t in v.split(",")}
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in fields if k.lower() not in drop]
+        lines.append("\r\n")
+        write("".join(lines).encode("latin-1"))
+
+    return forward
 
 
 def _nothing_received(conn: UpstreamConnection) -> bool:

@@ -23,6 +23,7 @@ from edge.features.cache.fields import (
 )
 from edge.features.cache.key import KeyRule, url_key, vary_value
 from edge.features.cache.policy import (
+    COOKIE_FIELDS,
     HeuristicRule,
     analyze_response,
     fresh_enough,
@@ -88,7 +89,8 @@ def test_targeted_field_is_a_structured_dictionary() -> None:
     assert parse_targeted("no-store") == {"no-store": None}
     assert parse_targeted('no-cache="a";x=1, public=?1') == {"no-cache": "a", "public": None}
     assert parse_targeted("private=?0") == {}  # false booleans are absent directives
-    for bad in ("", "max-age=", "Max-Age=60", "max-age=60,", "max-age=60 public", "max-age='60'"):
+    assert not parse_targeted("")  # an empty Dictionary: no directives, Cache-Control applies
+    for bad in ("max-age=", "Max-Age=60", "max-age=60,", "max-age=60 public", "max-age='60'"):
         assert parse_targeted(bad) is None, bad
 
 
@@ -106,17 +108,26 @@ def test_http_dates_in_all_three_formats() -> None:
         ([], 0.0),
         (["30"], 30.0),
         ([" 30 "], 30.0),
-        (["abc"], MAX_DELTA),
-        (["-5"], MAX_DELTA),
-        (["7200.0"], MAX_DELTA),
-        (["7200,0"], MAX_DELTA),
-        (["0, 0"], MAX_DELTA),
-        (["1", "2"], MAX_DELTA),
-        (["0", "0"], MAX_DELTA),
-        (["7200;foo=111"], MAX_DELTA),
+        # RFC 9111 5.1: not a non-negative integer -> ignored, as if absent.
+        (["abc"], 0.0),
+        (["-5"], 0.0),
+        (["7200.0"], 0.0),
+        (["7200;foo=111"], 0.0),
+        ([""], 0.0),
+        # A list: the first member counts, the others are discarded.
+        (["7200,0"], 7200.0),
+        (["0, 7200"], 0.0),
+        (["0, 0"], 0.0),
+        (["7200", "0"], 7200.0),
+        (["0", "7200"], 0.0),
+        (["3600", "3600"], 3600.0),
+        # RFC 9111 1.2.2: delta-seconds beyond 2^31 are 2^31.
+        (["2147483647"], 2147483647.0),
+        (["2147483649"], float(MAX_DELTA)),
+        (["99999999999999999999"], float(MAX_DELTA)),
     ],
 )
-def test_an_age_that_cannot_be_trusted_makes_the_response_stale(values: list[str], age: float) -> None:
+def test_age_uses_the_first_member_and_ignores_invalid_values(values: list[str], age: float) -> None:
     assert age_header(H(*[("Age", v) for v in values])) == age
     policy = analyze(200, ("Cache-Control", "max-age=3600"), *[("Age", v) for v in values])
     assert (policy.initial_age < policy.lifetime) == (age < 3600)
@@ -152,7 +163,8 @@ def test_vary_names() -> None:
         (200, [("Cache-Control", "max-age=0")], False, "no freshness and no validator"),
         (200, [("Cache-Control", "must-understand, no-store, max-age=60")], True, ""),
         (299, [("Cache-Control", "must-understand, no-store, max-age=60")], False, "must-understand"),
-        (200, [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-1/10")], False, "partial"),
+        # Content-Range means nothing outside 206/416 (RFC 9110 14.4): a complete response.
+        (200, [("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-1/10")], True, ""),
     ],
 )
 def test_what_a_shared_cache_may_store(
@@ -254,7 +266,6 @@ def test_fields_never_stored() -> None:
         ("Connection", "x-hop, close"),
         ("X-Hop", "1"),
         ("Keep-Alive", "timeout=5"),
-        ("Set-Cookie", "a=b"),
         ("Age", "3"),
         ("Content-Length", "10"),
         ("X-Secret", "s"),
@@ -262,6 +273,21 @@ def test_fields_never_stored() -> None:
     )
     kept = storable_fields(headers, frozenset({"x-secret"}))
     assert kept == [("Content-Type", "text/plain")]
+
+
+def test_set_cookie_is_stored_unless_the_entry_omits_it() -> None:
+    # RFC 9111 7.3: Set-Cookie does not inhibit caching; a route may keep it out.
+    headers = H(("Content-Type", "text/plain"), ("Set-Cookie", "a=b"), ("Set-Cookie2", "c=d"))
+    assert storable_fields(headers, frozenset()) == list(headers.items())
+    assert storable_fields(headers, COOKIE_FIELDS) == [("Content-Type", "text/plain")]
+    # A 304's Set-Cookie updates a stored one (RFC 9111 3.2) unless the entry omits them.
+    stored = [("Content-Type", "text/plain"), ("Set-Cookie", "a=b")]
+    update = H(("Set-Cookie", "a=c"))
+    assert merge_not_modified(stored, update, frozenset()) == [
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "a=c"),
+    ]
+    assert merge_not_modified(stored[:1], update, COOKIE_FIELDS) == [("Content-Type", "text/plain")]
 
 
 def test_304_fields_replace_stored_ones_except_framing() -> None:

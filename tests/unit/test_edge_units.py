@@ -365,12 +365,40 @@ def test_parser_interim_eof_head_and_no_body() -> None:
         b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: a\nInjected: b\r\n\r\n",
         b"SPDY/3 200 OK\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",
+        b"HTTP/1.1 103 Early Hints\r\nBad Header: x\r\n\r\n",
     ],
 )
 def test_parser_rejects_broken_responses(raw: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
         _parse(raw)
+
+
+@pytest.mark.parametrize("split", [1, 10_000])
+def test_parser_bytes_past_the_framing_end_the_response_and_the_connection(split: int) -> None:
+    # RFC 9112 6.3: extra data after a complete response may be discarded and must never
+    # be taken for a separate response; the connection cannot be reused.
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabHTTP/1.1 200 OK\r\nX-Forged: 1\r\n\r\n"
+    p, body = _parse(raw, split=split)
+    assert (p.state, p.status, body, p.excess, p.keep_alive) == ("done", 200, b"ab", True, False)
+    assert "X-Forged" not in p.headers
+    p, _ = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab\r\n")  # a stray CRLF is no excess
+    assert (p.excess, p.keep_alive) == (False, True)
+
+
+def test_parser_sets_interim_responses_aside() -> None:
+    raw = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    for split in (1, 10_000):
+        p, body = _parse(raw, split=split)
+        assert (p.status, body) == (200, b"ok")
+        assert p.interim == [
+            (103, "Early Hints", [("Link", "</s.css>; rel=preload")]),
+            (102, "Processing", []),
+        ]
+        assert "Link" not in p.headers  # the final response's fields are its own
 
 
 def test_parser_truncated_body_is_an_error() -> None:

@@ -22,8 +22,10 @@ from multidict import CIMultiDict
 from edge.core.pipeline import Body, BytesBody, Exchange, FileBody, Reply
 from edge.core.spool import SpoolBuffer
 from edge.features.cache.disk import DiskStore
+from edge.features.cache.fields import surrogate_device
 from edge.features.cache.key import vary_values
 from edge.features.cache.policy import (
+    COOKIE_FIELDS,
     HeuristicRule,
     RequestRules,
     ResponsePolicy,
@@ -50,6 +52,7 @@ class Admission:
         self.max_object = c.max_object_size
         self.temp_dir = config.edge.temp_dir
         self.targeted = tuple(n.lower() for n in c.targeted_fields)
+        self.device = surrogate_device(c.name)
         self.heuristic = HeuristicRule(c.heuristic_fraction, c.heuristic_max) if c.heuristic else None
         self.tag_headers = tuple(c.tag_headers)
         self.hidden_tags = frozenset(n.lower() for n in c.tag_headers) if c.strip_tag_headers else frozenset()
@@ -61,13 +64,14 @@ class Admission:
         key: str,
         extra: str,
         rr: RequestRules | None,
-        set_cookie_ok: bool,
+        set_cookie: bool | str,
         request_time: float,
         response_time: float,
     ) -> Entry | None:
         """Store a response if RFC 9111 and the route allow; the reply keeps a body it can send."""
         headers = reply.headers
-        if ("Set-Cookie" in headers or "Set-Cookie2" in headers) and not set_cookie_ok:
+        cookies = "Set-Cookie" in headers or "Set-Cookie2" in headers
+        if cookies and set_cookie is False:
             return None
         policy = analyze_response(
             reply.status,
@@ -78,9 +82,12 @@ class Admission:
             request_no_store=rr is not None and rr.no_store,
             targeted=self.targeted,
             heuristic=self.heuristic,
+            device=self.device,
         )
         if not policy.storable:
             return None
+        if set_cookie != "store":  # kept out of the entry, and out of any 304's update
+            policy.omit = policy.omit | COOKIE_FIELDS
         body = reply.body
         limit = self.disk.max_object if self.disk is not None else self.max_object
         if body.length is not None and body.length > limit:
@@ -180,12 +187,15 @@ class Admission:
             response_time=response_time,
             targeted=self.targeted,
             heuristic=self.heuristic,
+            device=self.device,
         )
         if not policy.storable:
             self.drop(entry)
             return entry  # it still answers this request
+        cookies_left_out = entry.omit & COOKIE_FIELDS
         entry.set_headers(merged)
         apply_policy(entry, policy, response_time)
+        entry.omit = entry.omit | cookies_left_out
         if not entry.transformed:
             entry.validator_etag = policy.etag
         self.store.resize(entry)

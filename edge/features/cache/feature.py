@@ -42,6 +42,7 @@ from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHan
 from edge.features.cache.admit import Admission
 from edge.features.cache.coalesce import Coalescer, HitForMiss
 from edge.features.cache.disk import DiskStore
+from edge.features.cache.fields import cache_status_name, surrogate_device
 from edge.features.cache.key import DEFAULT_RULE, KeyRule, vary_values
 from edge.features.cache.policy import (
     SAFE_METHODS,
@@ -88,7 +89,8 @@ class CacheFeature:
     def __init__(self, config: Config, ctx: EdgeContext) -> None:
         c = config.cache
         self.config = config
-        self.name = c.name
+        # Serialised once as an RFC 9211 list member name (a Token, or a String if not one).
+        self.name = cache_status_name(c.name) if c.name else ""
         self.store = MemoryStore(c.memory_size, c.max_variants)
         self.max_object = c.max_object_size
         self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
@@ -104,6 +106,11 @@ class CacheFeature:
         self._counts: dict[str, int] = {}
         self.hits = 0  # plain hits, kept apart from `counts` to save the hit path a dict update
         self._hit_status = f"{self.name}; hit; ttl=" if self.name else ""
+        # Edge Architecture 1.0: a surrogate that reads Surrogate-Control announces itself
+        # upstream, so the origin can target directives at it.
+        targeted = {n.lower() for n in c.targeted_fields}
+        device = surrogate_device(c.name)
+        self.capability = f'{device}="Surrogate/1.0"' if "surrogate-control" in targeted else ""
         self.started = time.time()
         self.purger = PurgeWatcher(config, self) if c.cluster_purge else None
         metrics = getattr(ctx, "metrics", None)
@@ -389,6 +396,8 @@ class CacheFeature:
         up = ex.upstream_headers
         if up is None:
             up = ex.upstream_headers = CIMultiDict(request.headers)
+        if self.capability:
+            up.add("Surrogate-Capability", self.capability)
         conditional = False
         for name in _CLIENT_VALIDATORS:
             if name in up:

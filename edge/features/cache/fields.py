@@ -4,18 +4,22 @@ Cache-Control follows the list and quoted-string rules of RFC 9110 5.6: commas
 inside quotes do not split, ``max-age =1`` and ``max-age= 1`` are not
 directives, ``max-age="60"`` is accepted, and conflicting duplicates of one
 directive give ``INVALID`` (RFC 9111 4.2.1 lets a cache treat them as stale).
-Targeted fields (CDN-Cache-Control, RFC 9213) are Structured Field
-Dictionaries: one bad member makes the whole field invalid. Dates are the
-three HTTP-date forms; Age is one non-negative integer or nothing.
+Targeted fields (CDN-Cache-Control, RFC 9213) and Cache-Status (RFC 9211) are
+Structured Fields (RFC 9651, which obsoletes RFC 8941) parsed by ``http_sf``:
+an unparsable field is ignored whole, a member of the wrong type on its own.
+Dates are the three HTTP-date forms, strictly; Age is the first member of its
+list when that is a non-negative integer, else ignored.
 """
 
 from __future__ import annotations
 
-import calendar
 import re
+import time
 from collections.abc import Iterable
-from email.utils import parsedate_tz
+from datetime import UTC, datetime
+from typing import Any
 
+import http_sf
 from multidict import CIMultiDict, CIMultiDictProxy
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -148,108 +152,183 @@ def field_names(arg: str | None) -> frozenset[str]:
     return frozenset(n.strip().lower() for n in arg.split(",") if n.strip())
 
 
-_SF_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
-_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
-_SF_NUMBER = re.compile(r"-?[0-9]{1,15}(\.[0-9]{1,3})?")
-_SF_BYTES = re.compile(r":[A-Za-z0-9+/=]*:")
+# RFC 9213 2.1: directives whose argument is delta-seconds must be Integers in a
+# targeted field; no-cache and private take a String (field names) or nothing.
+_TARGETED_INTEGER = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+_TARGETED_FIELD_LIST = frozenset({"no-cache", "private"})
 
 
-def _sf_item(text: str, i: int) -> tuple[str | None, int] | None:
-    """A bare item at text[i]: (its value as a directive argument, next index), None if invalid."""
-    if i >= len(text):
+def _structured(text: str, kind: str) -> Any:
+    """``text`` parsed as a Structured Field of ``kind`` ("dictionary", "list"); None if invalid.
+
+    The result is loosely typed on purpose: callers check each member's type,
+    which is exactly the validation RFC 9213 and RFC 9211 ask for.
+    """
+    try:
+        return http_sf.parse(text.encode("ascii"), tltype=kind)
+    except (http_sf.StructuredFieldError, UnicodeEncodeError):
         return None
-    c = text[i]
-    if c == '"':
-        parsed = _quoted(text, i)
-        if parsed is None or not parsed[0].isascii():
-            return None
-        return parsed
-    if c == "?":
-        if text[i + 1 : i + 2] in ("0", "1"):
-            return (None if text[i + 1] == "1" else INVALID), i + 2
-        return None
-    for pattern in (_SF_NUMBER, _SF_TOKEN, _SF_BYTES):
-        m = pattern.match(text, i)
-        if m:
-            return m.group(0), m.end()
-    return None
 
 
 def parse_targeted(value: str) -> dict[str, str | None] | None:
     """A targeted cache-control field (RFC 9213: a Structured Fields Dictionary); None if invalid.
 
-    Booleans become argument-less directives (``?0`` ones are dropped), numbers,
-    tokens and strings become arguments; parameters are accepted and ignored.
+    The whole field is ignored when it is not a valid Dictionary (RFC 9213 2.1);
+    a member of the wrong type (``max-age="60"``, ``max-age=-1``) is ignored on
+    its own. True booleans become argument-less directives, false ones are
+    absent; parameters are ignored.
     """
-    out: dict[str, str | None] = {}
-    text = value.strip(" ")
-    i, n = 0, len(text)
-    if not n:
+    parsed = _structured(value, "dictionary")
+    if not isinstance(parsed, dict):
         return None
-    while i < n:
-        m = _SF_KEY.match(text, i)
-        if m is None:
-            return None
-        key = m.group(0)
-        i = m.end()
-        arg: str | None = None
-        if i < n and text[i] == "=":
-            item = _sf_item(text, i + 1)
-            if item is None:
-                return None
-            arg, i = item
-        while i < n and text[i] == ";":  # parameters: key[=item]
-            m = _SF_KEY.match(text, i + 1)
-            if m is None:
-                return None
-            i = m.end()
-            if i < n and text[i] == "=":
-                item = _sf_item(text, i + 1)
-                if item is None:
-                    return None
-                i = item[1]
-        if arg != INVALID:
-            out[key] = arg
-        while i < n and text[i] in _OWS:
-            i += 1
-        if i < n:
-            if text[i] != ",":
-                return None
-            i += 1
-            while i < n and text[i] in _OWS:
-                i += 1
-            if i >= n:
-                return None  # trailing comma
+    out: dict[str, str | None] = {}
+    for key, member in parsed.items():
+        item = member[0]
+        if item is True:
+            if key not in _TARGETED_INTEGER:
+                out[key] = None
+        elif item is False or isinstance(item, bool | list):
+            continue
+        elif key in _TARGETED_INTEGER:
+            if isinstance(item, int) and item >= 0:
+                out[key] = str(min(item, MAX_DELTA))
+        elif key in _TARGETED_FIELD_LIST:
+            if isinstance(item, str):  # a String; a Token (not a str) is the wrong type
+                out[key] = item
+        else:  # an extension: its argument is kept as text, never interpreted
+            out[key] = str(item)
     return out
 
 
-def http_date(value: str | None) -> float | None:
-    """An HTTP-date (IMF-fixdate, RFC 850 or asctime) as a Unix time; None when invalid."""
+def surrogate_device(name: str) -> str:
+    """This cache's device token in Surrogate-Control / Surrogate-Capability: its name when a token."""
+    return name if name and all(c in _TCHAR for c in name) else "carousel"
+
+
+def parse_surrogate_control(value: str, device: str) -> dict[str, str | None] | None:
+    """Surrogate-Control (W3C Edge Architecture 1.0) directives meant for ``device``; None if none.
+
+    Members are Cache-Control directives, each optionally targeted (``max-age=60;edge1``):
+    an untargeted one applies, a targeted one only when it names this device. A max-age's
+    ``+N`` extension (a stale window) is not used: only its freshness counts.
+    """
+    out: dict[str, str | None] = {}
+    i, n = 0, len(value)
+    while i < n:
+        end = _skip_to_comma(value, i)
+        member = value[i:end].rstrip(",")
+        i = end
+        directive, semi, target = member.rpartition(";")
+        if semi and '"' not in target:  # (a ';' inside a quoted argument targets nothing)
+            if target.strip(_OWS).lower() != device.lower():
+                continue
+        else:
+            directive = member
+        for name, arg in split_directives(directive):
+            if name == "max-age" and arg is not None:
+                arg = arg.partition("+")[0]
+            out[name] = _merge(out[name], arg, name in _LISTED) if name in out else arg
+    return out or None
+
+
+def parse_cache_status(lines: Iterable[str]) -> list[tuple[str, dict[str, object]]] | None:
+    """Cache-Status (RFC 9211: a Structured Fields List); (cache name, parameters) per
+    member, oldest cache first, or None when the field is not a valid List."""
+    parsed = _structured(", ".join(lines), "list")
+    if not isinstance(parsed, list):
+        return None
+    out: list[tuple[str, dict[str, object]]] = []
+    for member in parsed:
+        item, params = member
+        if not isinstance(item, str | http_sf.Token):  # RFC 9211 2: a Token or a String
+            return None
+        out.append((str(item), {k: str(v) if isinstance(v, http_sf.Token) else v for k, v in params.items()}))
+    return out
+
+
+def cache_status_name(name: str) -> str:
+    """A cache name serialised for Cache-Status: a Token when it is one, else a String."""
+    try:
+        return http_sf.ser(http_sf.Token(name))
+    except (http_sf.StructuredFieldError, ValueError):
+        return http_sf.ser(name)
+
+
+# HTTP-date (RFC 9110 5.6.7). Day and month names and "GMT" are matched without
+# regard to case (unambiguous; the grammar's case is what senders must use), the
+# rest exactly: one space where the grammar has SP, two digits for day, hour,
+# minute and second, and a four-digit year except in the obsolete RFC 850 form.
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = r"(?P<month>Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d)"
+_IMF_FIXDATE = re.compile(
+    rf"{_DAY}, (?P<day>\d\d) {_MONTH} (?P<year>\d{{4}}) {_TIME} GMT", re.IGNORECASE | re.ASCII
+)
+_RFC850 = re.compile(
+    rf"{_LONG_DAY}, (?P<day>\d\d)-{_MONTH}-(?P<year>\d\d) {_TIME} GMT", re.IGNORECASE | re.ASCII
+)
+_ASCTIME = re.compile(
+    rf"{_DAY} {_MONTH} (?P<day>\d\d| \d) {_TIME} (?P<year>\d{{4}})", re.IGNORECASE | re.ASCII
+)
+_MONTHS = {m: i for i, m in enumerate(("jan feb mar apr may jun jul aug sep oct nov dec").split(), 1)}
+
+
+def http_date(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP-date (IMF-fixdate, RFC 850 or asctime) as a Unix time; None when invalid.
+
+    Anything outside the three forms is invalid (RFC 9111 5.3: an invalid Expires
+    means "already expired"): no other zones, no missing comma, no one-digit hour,
+    no two-digit year outside the RFC 850 form. ``now`` places an RFC 850 year.
+    """
     if not value:
         return None
-    parsed = parsedate_tz(value)
-    if parsed is None:
-        return None
+    value = value.strip(_OWS)
+    m = _IMF_FIXDATE.fullmatch(value) or _ASCTIME.fullmatch(value)
+    if m is not None:
+        year = int(m.group("year"))
+    else:
+        m = _RFC850.fullmatch(value)
+        if m is None:
+            return None
+        # RFC 9110 5.6.7: a two-digit year more than 50 years ahead is in the past century.
+        this_year = time.gmtime(time.time() if now is None else now).tm_year
+        year = this_year - this_year % 100 + int(m.group("year"))
+        if year > this_year + 50:
+            year -= 100
     try:
-        return float(calendar.timegm(parsed[:9])) - (parsed[9] or 0)
-    except (OverflowError, ValueError):
+        stamp = datetime(
+            year,
+            _MONTHS[m.group("month").lower()],
+            int(m.group("day")),
+            int(m.group("hour")),
+            int(m.group("minute")),
+            tzinfo=UTC,
+        )
+    except ValueError:  # 31 Feb, hour 24 and the like
         return None
+    second = int(m.group("second"))
+    if second > 60:  # 60: a leap second (RFC 9110 5.6.7)
+        return None
+    return stamp.timestamp() + second
 
 
 def age_header(headers: Headers) -> float:
-    """The Age value (0 when absent). One that cannot be trusted (not one non-negative
-    integer: a list, repeated lines, a sign, a fraction, parameters) counts as the oldest
-    possible, so the response is stale at once and revalidated before any reuse: when an
-    upstream's age is unknown, assuming it fresh could serve it past its lifetime. RFC
-    9111 5.1 lets a cache ignore such a field; the cache-tests.fyi suite asks for stale,
-    the safer reading."""
-    values = headers.getall("Age", ())
-    if not values:
+    """The Age value in seconds; 0 when absent or invalid (RFC 9111 5.1).
+
+    A list-valued Age (one line ``0, 7200`` or several lines) counts by its first
+    member, the rest discarded; a first member that is not a non-negative integer
+    (``abc``, ``-5``, ``7200.0``, ``7200;p=1``) makes the field ignored, as if
+    absent. Values past 2147483648 are 2147483648 (RFC 9111 1.2.2).
+    """
+    value = headers.get("Age")
+    if value is None:
         return 0.0
-    value = values[0].strip()
-    if len(values) != 1 or not value.isascii() or not value.isdigit():
-        return float(MAX_DELTA)
-    return float(delta_seconds(value) or 0)
+    comma = value.find(",")
+    first = (value if comma < 0 else value[:comma]).strip(_OWS)
+    if not first.isascii() or not first.isdigit():
+        return 0.0
+    return float(delta_seconds(first) or 0)
 
 
 def vary_names(headers: Headers) -> tuple[str, ...] | None:

@@ -29,6 +29,7 @@ from edge.features.cache.fields import (
     field_names,
     http_date,
     parse_directives,
+    parse_surrogate_control,
     parse_targeted,
     vary_names,
 )
@@ -39,8 +40,7 @@ HEURISTIC_STATUS = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 
 UNDERSTOOD_STATUS = frozenset(s.value for s in HTTPStatus if s.value >= 200) - {206}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Never stored (RFC 9111 3.1): hop-by-hop fields, proxy-specific fields, framing and
-# Age (recomputed on every reuse). Set-Cookie is never stored either: a route that
-# allows caching such responses gets them stored without it.
+# Age (recomputed on every reuse).
 NOT_STORED = frozenset(
     {
         "connection",
@@ -55,10 +55,12 @@ NOT_STORED = frozenset(
         "proxy-authorization",
         "content-length",
         "age",
-        "set-cookie",
-        "set-cookie2",
     }
 )
+# RFC 9111 7.3: Set-Cookie does not inhibit storing, and a stored one is replayed to
+# every client. A route chooses (`cache_set_cookie`): such responses not stored, stored
+# without these fields (they join the entry's omitted fields), or stored with them.
+COOKIE_FIELDS = frozenset({"set-cookie", "set-cookie2"})
 # Fields a cache puts in a 304 it generates (RFC 9110 15.4.5), plus Last-Modified.
 NOT_MODIFIED_FIELDS = (
     "Cache-Control",
@@ -107,12 +109,17 @@ class ResponsePolicy:
     date: float = 0.0
 
 
-def _directives(headers: Headers, targeted: tuple[str, ...]) -> tuple[dict[str, str | None], bool]:
+def _directives(
+    headers: Headers, targeted: tuple[str, ...], device: str
+) -> tuple[dict[str, str | None], bool]:
     """The governing directives: the first valid targeted field, else Cache-Control."""
     for name in targeted:
         lines = headers.getall(name, ())
         if lines:
-            parsed = parse_targeted(", ".join(lines))
+            if name == "surrogate-control":  # not a Structured Field: its own syntax
+                parsed = parse_surrogate_control(", ".join(lines), device)
+            else:
+                parsed = parse_targeted(", ".join(lines))
             if parsed:
                 return parsed, True
     return parse_directives(headers.getall("Cache-Control", ())), False
@@ -128,9 +135,13 @@ def analyze_response(
     request_no_store: bool = False,
     targeted: tuple[str, ...] = ("cdn-cache-control",),
     heuristic: HeuristicRule | None = None,
+    device: str = "carousel",
 ) -> ResponsePolicy:
-    """Decide storing, freshness and reuse rules for a response to a GET (RFC 9111 3, 4.2)."""
-    cc, from_targeted = _directives(headers, targeted)
+    """Decide storing, freshness and reuse rules for a response to a GET (RFC 9111 3, 4.2).
+
+    ``device``: this cache's name in Surrogate-Control targets, when that field is targeted.
+    """
+    cc, from_targeted = _directives(headers, targeted, device)
     if status < 200 or status in (206, 304):
         return ResponsePolicy(False, "status")
     if request_no_store:
@@ -151,8 +162,8 @@ def analyze_response(
     must_revalidate = "must-revalidate" in cc
     if authorized and not (public or "s-maxage" in cc or must_revalidate):
         return ResponsePolicy(False, "authorization")
-    if "content-range" in headers:
-        return ResponsePolicy(False, "partial")
+    # Content-Range outside a 206 or 416 has no meaning (RFC 9110 14.4): an ordinary field
+    # of a complete response. (Requests with Range are never stored: edge/cache/feature.py.)
 
     date = http_date(headers.get("Date")) if len(headers.getall("Date", ())) == 1 else None
     date_value = date if date is not None else response_time
