@@ -94,7 +94,8 @@ class Counters:
     def retire(self, table: AnswerTable) -> None:
         """Fold a table that is being replaced into the running totals."""
         for entry in table.entries():
-            _fold_entry(self.retired, entry, entry.served)
+            if not entry.continued:  # else its successor counts the same window
+                _fold_entry(self.retired, entry, entry.served)
 
     def snapshot(self, table: AnswerTable, answer_counts: Iterable[dict[tuple[int, int], int]]) -> Snapshot:
         """Totals so far: retired tables, the live table, and answers built outside tables."""
