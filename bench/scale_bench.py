@@ -133,6 +133,62 @@ def measure_build(n: int, mixed: bool) -> dict[str, float]:
     return {"build_ms": statistics.median(times) * 1000, "change_ms": statistics.median(change) * 1000}
 
 
+def nginx_swrr(weights: list[int]) -> list[int]:
+    """The order dnsd used before: nginx's smooth weighted round robin, O(n x total weight)."""
+    total = sum(weights)
+    current = [0] * len(weights)
+    order = []
+    for _ in range(total):
+        best = 0
+        for i, w in enumerate(weights):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+def heap_swrr(weights: list[int]) -> list[int]:
+    """Stride scheduling with a heap: the same kind of order in O(total weight x log n)."""
+    import heapq
+
+    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    order = []
+    for _ in range(sum(weights)):
+        t, i = heap[0]
+        order.append(i)
+        heapq.heapreplace(heap, (t + 1 / weights[i], i))
+    return order
+
+
+def measure_algorithms(n: int) -> dict[str, float]:
+    """ms per period of first places (weights 1-10) by each candidate; us per query of a heap pick."""
+    import heapq
+
+    from dnsd.rotation import weighted_order
+
+    weights = [random.Random(n).randint(1, 10) for _ in range(n)]
+    out = {}
+    candidates = {"virtual_time_ms": weighted_order, "heap_ms": heap_swrr}
+    if n <= 1000:
+        candidates["nginx_ms"] = nginx_swrr
+    for label, fn in candidates.items():
+        started = time.perf_counter()
+        fn(weights)  # type: ignore[operator]
+        out[label] = (time.perf_counter() - started) * 1000
+    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    picks = 100_000
+    started = time.perf_counter()
+    for _ in range(picks):  # what a per-query scheduler would add to every answer
+        t, i = heap[0]
+        heapq.heapreplace(heap, (t + 1 / weights[i], i))
+    out["heap_pick_us"] = (time.perf_counter() - started) / picks * 1e6
+    return out
+
+
 # --- 2-4. a real dnsd -----------------------------------------------------------------
 
 
@@ -492,6 +548,10 @@ def main() -> int:
         report["build"][n] = {"equal": eq, "mixed": mx}
         figures = (eq["build_ms"], eq["change_ms"], mx["build_ms"], mx["change_ms"])
         print(f"  {n:>6}" + "".join(f"  {f:10.2f}" for f in figures), flush=True)
+    print("rotation order, one period, weights 1-10 (ms), and a per-query heap pick (us):")
+    for n in (1000, 10000):
+        report.setdefault("algorithms", {})[n] = alg = measure_algorithms(n)
+        print(f"  {n:>6}  " + _figures(alg), flush=True)
     if not args.build_only:
         if not shutil.which("dnsperf"):
             sys.exit("scale_bench: dnsperf not found (apt-get install dnsperf)")

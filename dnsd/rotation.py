@@ -41,35 +41,56 @@ import hashlib
 import itertools
 import math
 import operator
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate, chain
 
 MAX_SCHEDULE = 1 << 16
 _versions = itertools.count(1)
 
 
-def weighted_order(weights: Sequence[int]) -> Sequence[int]:
-    """One period of item indexes, each index ``weight`` times (reduced by gcd), spread out."""
+def weight_classes(weights: Sequence[int]) -> tuple[dict[int, list[int]], list[int]] | None:
+    """Item indexes by (reduced) weight, and the classes in first-place order; None if all equal.
+
+    Concatenating ``classes[w] for w in events`` gives one period. Every step
+    over the n items is a C loop (sort, map, slicing), so 10,000 edges cost
+    about a millisecond; only the events (one per class and round) are Python.
+    """
     if not weights:
-        return []
+        return None
     g = math.gcd(*weights)
-    if max(weights) == g:  # all equal: plain rotation
-        return range(len(weights))
-    scaled = [w // g for w in weights]
+    if max(weights) == g:
+        return None
+    scaled: Sequence[int] = weights if g == 1 else [w // g for w in weights]
     total = sum(scaled)
     if total > MAX_SCHEDULE:  # keep memory bounded; proportions stay within 1/MAX_SCHEDULE
         scaled = [max(1, round(w * MAX_SCHEDULE / total)) for w in scaled]
         g = math.gcd(*scaled)
         scaled = [w // g for w in scaled]
-    groups: dict[int, list[int]] = {}
-    for i, w in enumerate(scaled):
-        groups.setdefault(w, []).append(i)
-    # One event per (weight class, round); heavier classes first on equal times.
-    events = sorted(((2 * j + 1) / (2 * w), -w) for w in groups for j in range(w))
-    return list(chain.from_iterable(groups[-negw] for _, negw in events))
+    by_weight = sorted(range(len(scaled)), key=scaled.__getitem__)  # stable: cyclic order kept
+    sorted_weights = list(map(scaled.__getitem__, by_weight))
+    classes = {}
+    for w in set(sorted_weights):
+        classes[w] = by_weight[bisect_left(sorted_weights, w) : bisect_right(sorted_weights, w)]
+    # One event per (class, round j) at virtual time (j + 1/2) / w; heavier classes first on ties.
+    events = [-negw for _, negw in sorted(((2 * j + 1) / (2 * w), -w) for w in classes for j in range(w))]
+    return classes, events
+
+
+def weighted_order(weights: Sequence[int]) -> Sequence[int]:
+    """One period of item indexes, each index ``weight`` times (reduced by gcd), spread out."""
+    found = weight_classes(weights)
+    if found is None:
+        return range(len(weights))
+    classes, events = found
+    return list(chain.from_iterable(classes[w] for w in events))
+
+
+def _concat(classes: dict[int, list[int]], events: list[int]) -> list[int]:
+    return list(chain.from_iterable(classes[w] for w in events))
 
 
 def _contains(keys: Sequence[bytes], key: bytes) -> bool:
@@ -100,13 +121,30 @@ class Members(Sequence[tuple[int, ...]]):
 class Rotation:
     """Who is in which slot of a rotating answer, for exposure statistics."""
 
-    def __init__(self, name: str, addresses: Sequence[str], slot_start: Sequence[int], shown: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        addresses: Sequence[str],
+        slot_start: Sequence[int] | Callable[[], Sequence[int]],
+        shown: int,
+    ) -> None:
         self.name = name
         self.addresses = addresses
-        self.slot_start = slot_start
+        self._slot_start = slot_start
         self.shown = shown
-        self.members = Members(slot_start, len(addresses), shown)
         self._per_period: list[int] | None = None
+
+    @property
+    def slot_start(self) -> Sequence[int]:
+        """Per schedule slot, the address index listed first (computed when first asked)."""
+        if callable(self._slot_start):
+            self._slot_start = self._slot_start()
+        return self._slot_start
+
+    @property
+    def members(self) -> Members:
+        """Per schedule slot, the address indexes its answer contains."""
+        return Members(self.slot_start, len(self.addresses), self.shown)
 
     def _firsts(self, slots: Iterable[int], times: int = 1) -> list[int]:
         first = [0] * len(self.addresses)
@@ -276,14 +314,17 @@ class RotatingAnswer:
             self.bodies: Sequence[bytes] = self._patched(previous)
         else:
             self.bodies = self._rendered()
-        order = weighted_order(aset.weights)
-        if isinstance(order, range):
+        found = weight_classes(aset.weights)
+        if found is None:
             self.schedule: Sequence[bytes] = self.bodies
-        elif len(order) == 1:
-            self.schedule = [self.bodies[order[0]]]
+            self.rotation = Rotation(name, aset.texts, range(n), shown)
         else:
-            self.schedule = operator.itemgetter(*order)(self.bodies)
-        self.rotation = Rotation(name, aset.texts, order, shown)
+            classes, events = found
+            bodies = self.bodies
+            class_bodies = {w: list(map(bodies.__getitem__, idx)) for w, idx in classes.items()}
+            self.schedule = list(chain.from_iterable(class_bodies[w] for w in events))
+            order = partial(_concat, classes, events)
+            self.rotation = Rotation(name, aset.texts, order, shown)
 
     def _body(self, keys: Sequence[bytes], s: int) -> bytes:
         n = len(keys)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -80,9 +81,12 @@ def _fold_entry(snap: Snapshot, entry: Entry, served: int) -> None:
     rot = entry.rotation
     if rot is not None and served > entry.start:
         incl, first = rot.counts_between(entry.start, served)
-        for i, address in enumerate(rot.addresses):
-            _bump(snap.included, (rot.name, address), incl[i])
-            _bump(snap.first, (rot.name, address), first[i])
+        addresses = rot.addresses
+        # Only the addresses that were served: a short window at 10,000 edges touches few.
+        for i in compress(range(len(incl)), incl):
+            _bump(snap.included, (rot.name, addresses[i]), incl[i])
+        for i in compress(range(len(first)), first):
+            _bump(snap.first, (rot.name, addresses[i]), first[i])
 
 
 class Counters:
