@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -176,7 +178,7 @@ def measure_algorithms(n: int) -> dict[str, float]:
         candidates["nginx_ms"] = nginx_swrr
     for label, fn in candidates.items():
         started = time.perf_counter()
-        fn(weights)  # type: ignore[operator]
+        fn(weights)
         out[label] = (time.perf_counter() - started) * 1000
     heap = [(0.5 / w, i) for i, w in enumerate(weights)]
     heapq.heapify(heap)
@@ -296,19 +298,32 @@ async def register(endpoint: str, prefix: str, n: int) -> int:
 
 async def churn(
     endpoint: str, prefix: str, n: int, seconds: float, per_tick: int = 10
-) -> list[tuple[float, int]]:
-    """Toggle ``per_tick`` edges' state every 100 ms; return (time the put returned, revision)."""
-    etcd = Etcd(EtcdConfig(endpoints=[endpoint], prefix=prefix))
+) -> tuple[list[tuple[float, int]], dict[int, float]]:
+    """Toggle ``per_tick`` edges' state every 100 ms.
+
+    Returns (time each put returned, its revision) and, per revision, when
+    etcd's own watch delivered it to us: the part of the delay that is etcd's.
+    """
+    etcd = Etcd(EtcdConfig(endpoints=[endpoint], prefix=prefix, timeout=5.0))
     keys = Keys(prefix)
     states = ["up"] * n
     rng = random.Random(7)
     done: list[tuple[float, int]] = []
+    delivered: dict[int, float] = {}
 
     async def one(i: int) -> None:
         states[i] = "draining" if states[i] == "up" else "up"
         rev = await etcd.put(keys.service("edge", f"edge{i:05d}"), record(i, states[i]).encode())
         done.append((time.monotonic(), rev))
 
+    arrived = asyncio.Event()
+
+    async def watch(start: int) -> None:
+        async for ev in etcd.watch_prefix(keys.services, start):
+            delivered.setdefault(ev.revision, time.monotonic())
+            arrived.set()
+
+    watcher = asyncio.create_task(watch((await etcd.revision()) + 1))
     try:
         start = time.monotonic()
         tick = 0
@@ -316,9 +331,17 @@ async def churn(
             await asyncio.gather(*(one(i) for i in rng.sample(range(n), per_tick)))
             tick += 1
             await asyncio.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
+        last = max(r for _, r in done)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while last not in delivered:
+                    arrived.clear()
+                    await arrived.wait()
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await etcd.close()
-    return done
+    return done, delivered
 
 
 def dnsperf(port: int, queries: Path, seconds: float, core: int) -> tuple[float, int]:
@@ -386,58 +409,86 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
     return out
 
 
-def run_churn(
-    pid: int, port: int, endpoint: str, prefix: str, n: int, queries: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Quiet run, then churn run, both with dnsperf and the prober going."""
-    seconds = args.churn_seconds
-    prober = Prober(port)
-    prober.start()
-    try:
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        quiet_qps, _ = dnsperf(port, queries, seconds, args.client_core)
-        quiet_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
-
-        result: dict[str, Any] = {}
-
-        def load() -> None:
-            result["qps"] = dnsperf(port, queries, seconds, args.client_core)[0]
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        done = asyncio.run(churn(endpoint, prefix, n, seconds))
-        churn_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
-        last_rev = max(r for _, r in done)
-        last_put = max(t for t, _ in done)
-        deadline = time.monotonic() + args.catch_up
-        while time.monotonic() < deadline and prober.first_at_or_after(last_rev) is None:
-            time.sleep(0.01)
-        loader.join()
-    finally:
-        prober.stop.set()
-        prober.join()
-    caught = prober.first_at_or_after(last_rev)
-    delays = []
-    missing = 0
+def _delays(prober: Prober, done: list[tuple[float, int]], delivered: dict[int, float]) -> dict[str, float]:
+    """Change-to-answer delays (and etcd's share) from the prober's serials, in ms."""
+    delays, etcd_delays, unseen = [], [], 0
     for t, rev in done:
         seen = prober.first_at_or_after(rev)
         if seen is None:
-            missing += 1
-        else:
-            delays.append(max(0.0, seen - t))
+            unseen += 1
+            continue
+        delays.append(max(0.0, seen - t))
+        if rev in delivered:
+            etcd_delays.append(max(0.0, delivered[rev] - t))
+    last_rev = max(r for _, r in done)
+    last_put = max(t for t, _ in done)
+    caught = prober.first_at_or_after(last_rev)
     return {
-        "churn_changes": len(done),
-        "churn_unseen": missing,
-        "delay_p50_ms": pct(delays, 50) * 1000,
-        "delay_p99_ms": pct(delays, 99) * 1000,
-        "delay_max_ms": max(delays) * 1000 if delays else float("nan"),
+        "unseen": unseen,
+        "p50_ms": pct(delays, 50) * 1000,
+        "p99_ms": pct(delays, 99) * 1000,
+        "max_ms": max(delays) * 1000 if delays else float("nan"),
+        "etcd_p50_ms": pct(etcd_delays, 50) * 1000,
+        "etcd_p99_ms": pct(etcd_delays, 99) * 1000,
         "caught_up_s": (caught - last_put) if caught is not None else float("inf"),
-        "churn_cpu_pct": churn_cpu * 100,
-        "quiet_cpu_pct": quiet_cpu * 100,
-        "quiet_qps": quiet_qps,
-        "churn_qps": result.get("qps", float("nan")),
     }
+
+
+def _churn_phase(
+    pid: int, port: int, endpoint: str, prefix: str, n: int, args: argparse.Namespace, load: Path | None
+) -> tuple[dict[str, float], float, float, int]:
+    """One churn run (with dnsperf when ``load``): (delays, dnsd CPU s, wall s, queries answered)."""
+    prober = Prober(port)
+    prober.start()
+    result: dict[str, Any] = {}
+    loader = None
+    if load is not None:
+
+        def run() -> None:
+            result["qps"], result["done"] = dnsperf(port, load, args.churn_seconds, args.client_core)
+
+        loader = threading.Thread(target=run)
+        loader.start()
+    try:
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        done, delivered = asyncio.run(churn(endpoint, prefix, n, args.churn_seconds))
+        if loader is not None:
+            loader.join()
+        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+        last_rev = max(r for _, r in done)
+        deadline = time.monotonic() + args.catch_up
+        while time.monotonic() < deadline and prober.first_at_or_after(last_rev) is None:
+            time.sleep(0.01)
+    finally:
+        prober.stop.set()
+        prober.join()
+    out = _delays(prober, done, delivered)
+    out["changes"] = len(done)
+    return out, cpu, wall, result.get("done", 0)
+
+
+def run_churn(
+    pid: int, port: int, endpoint: str, prefix: str, n: int, queries: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Churn alone (delays, CPU), a quiet dnsperf run, then churn under dnsperf (throughput)."""
+    alone, cpu, wall, _ = _churn_phase(pid, port, endpoint, prefix, n, args, None)
+    out: dict[str, Any] = {f"churn_{k}": v for k, v in alone.items()}
+    out["churn_cpu_pct"] = cpu / wall * 100
+
+    cpu0 = cpu_seconds(pid)
+    quiet_qps, quiet_done = dnsperf(port, queries, args.churn_seconds, args.client_core)
+    quiet_cpu = cpu_seconds(pid) - cpu0
+    loaded, cpu, wall, done = _churn_phase(pid, port, endpoint, prefix, n, args, queries)
+    churn_qps = done / args.churn_seconds
+    for k in ("p50_ms", "p99_ms", "max_ms", "caught_up_s"):
+        out[f"loaded_{k}"] = loaded[k]
+    out["quiet_qps"] = quiet_qps
+    out["loaded_qps"] = churn_qps
+    out["qps_ratio"] = churn_qps / quiet_qps
+    # Queries answered per CPU-second of dnsd: what dnsd could serve where it, not the
+    # client, is the limit (dnsperf and the churn share a loaded machine).
+    out["capacity_ratio"] = (done / max(cpu, 1e-9)) / (quiet_done / max(quiet_cpu, 1e-9))
+    return out
 
 
 # --- 5. agents ------------------------------------------------------------------------
@@ -527,6 +578,7 @@ def main() -> int:
     p.add_argument("--sizes", default="3,100,1000,10000")
     p.add_argument("--churn-sizes", default="1000,10000")
     p.add_argument("--build-only", action="store_true", help="only the in-process build figures")
+    p.add_argument("--no-build", action="store_true", help="skip the in-process build figures")
     p.add_argument("--seconds", type=float, default=5.0, help="dnsperf run length for qps")
     p.add_argument("--churn-seconds", type=float, default=10.0)
     p.add_argument("--catch-up", type=float, default=60.0, help="wait at most this long after the churn")
@@ -542,23 +594,24 @@ def main() -> int:
 
     print("build (in process, ms): N, full build equal weights, one change, "
           "full build weights 1-10, one change")  # fmt: skip
-    for n in sizes:
+    for n in [] if args.no_build else sizes:
         eq = measure_build(n, mixed=False)
         mx = measure_build(n, mixed=True)
         report["build"][n] = {"equal": eq, "mixed": mx}
         figures = (eq["build_ms"], eq["change_ms"], mx["build_ms"], mx["change_ms"])
         print(f"  {n:>6}" + "".join(f"  {f:10.2f}" for f in figures), flush=True)
     print("rotation order, one period, weights 1-10 (ms), and a per-query heap pick (us):")
-    for n in (1000, 10000):
+    has_rotation = importlib.util.find_spec("dnsd.rotation") is not None  # not in the code before
+    for n in [] if args.no_build or not has_rotation else (1000, 10000):
         report.setdefault("algorithms", {})[n] = alg = measure_algorithms(n)
         print(f"  {n:>6}  " + _figures(alg), flush=True)
     if not args.build_only:
         if not shutil.which("dnsperf"):
             sys.exit("scale_bench: dnsperf not found (apt-get install dnsperf)")
         work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+        # etcd is not pinned: on the client core it would queue behind dnsperf and
+        # delay every watch event (measured: seconds), which is not dnsd's doing.
         etcd = EtcdProcess(work / "etcd", extra_args=["--quota-backend-bytes", str(4 << 30)])
-        etcd_cmd = etcd.command
-        etcd.command = lambda: ["taskset", "-c", str(args.client_core), *etcd_cmd()]  # type: ignore[method-assign]
         etcd.start()
         try:
             for n in sizes:
