@@ -81,12 +81,14 @@ def _fold_entry(snap: Snapshot, entry: Entry, served: int) -> None:
     rot = entry.rotation
     if rot is not None and served > entry.start:
         incl, first = rot.counts_between(entry.start, served)
-        addresses = rot.addresses
-        # Only the addresses that were served: a short window at 10,000 edges touches few.
-        for i in compress(range(len(incl)), incl):
-            _bump(snap.included, (rot.name, addresses[i]), incl[i])
-        for i in compress(range(len(first)), first):
-            _bump(snap.first, (rot.name, addresses[i]), first[i])
+        addresses, name = rot.addresses, rot.name
+        # Only the addresses that were served (a short window at 10,000 edges touches
+        # few), inlined: this runs on every rebuild under churn, ~2 bumps per query.
+        for counts, into in ((incl, snap.included), (first, snap.first)):
+            get = into.get
+            for i in compress(range(len(counts)), counts):
+                key = (name, addresses[i])
+                into[key] = get(key, 0) + counts[i]
 
 
 class Counters:

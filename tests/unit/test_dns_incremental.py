@@ -151,3 +151,40 @@ def test_rrset_keys_name_the_served_sets() -> None:
     a = AddressSet.of(items(4))
     b = a.derive({bytes([10, 0, 0, 2]): None})
     assert b.base == a.version and b.changed == {bytes([10, 0, 0, 2])} and a.derive({}) is a
+
+
+def test_statistics_count_every_answer_once_across_rebuilds() -> None:
+    from collections import Counter
+
+    import dns.message
+
+    from dnsd.respond import Answerer
+    from dnsd.stats import Counters
+
+    records = [ServiceRecord("edge", f"n{i}", 80, ipv4=(f"10.0.0.{i}",)) for i in range(1, 13)]
+    builder = TableBuilder(ZONES, max_answer_records=4)
+    table = builder.build(records, 1)
+    counters, answerer = Counters(), Answerer()
+    query = dns.message.make_query("www.example.test", "A").to_wire()
+    first: Counter[str] = Counter()
+    included: Counter[str] = Counter()
+    for step in range(12):
+        for _ in range(7):
+            msg = dns.message.from_wire(answerer.respond(query, table)[0])  # type: ignore[arg-type]
+            got = [rr.address for rrset in msg.answer for rr in rrset]
+            first[got[0]] += 1
+            included.update(got)
+        if step % 3 == 0:  # the same records: the rotation carries over unchanged
+            new = builder.build(records, step + 2, previous=table)
+        else:  # one edge changes state: a new rotation
+            i = step % 12
+            old = records[i]
+            records[i] = ServiceRecord("edge", old.node, 80, ipv4=old.ipv4,
+                                       state="draining" if old.state == "up" else "up")  # fmt: skip
+            new = builder.update([(old, records[i])], step + 2, previous=table)
+        counters.retire(table)
+        table = new
+    snap = counters.snapshot(table, [])
+    name = "www.example.test."
+    assert {a: n for (nm, a), n in snap.first.items() if nm == name and n} == dict(first)
+    assert {a: n for (nm, a), n in snap.included.items() if nm == name and n} == dict(included)
