@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How dnsd's costs grow with the number of edges, and how fresh its answers stay under churn.
 
-    python bench/scale_bench.py                       # everything (about 6 minutes)
+    python bench/scale_bench.py                       # everything (about 10 minutes)
     python bench/scale_bench.py --sizes 3,1000 --churn-sizes 1000 --agents 0
     python bench/scale_bench.py --json after.json     # also write the figures as JSON
 
@@ -18,13 +18,15 @@ What it measures, per number of edges N registered under one name:
 3. ``qps`` and ``us/q``: dnsperf against that dnsd (dnsd and dnsperf pinned to
    different cores), and dnsd's CPU time per answered query;
 4. churn (N = 1,000 and 10,000): 10 edges change state every 100 ms for 10 s
-   while dnsperf runs and a prober asks for the SOA serial every 5 ms. The
-   SOA serial is the registry revision, so the delay of each change is the
-   time from its etcd put returning to the first answer carrying a serial at
-   or past its revision (p50 / p99 / max). Also dnsd's CPU during the churn
-   (% of one core), its throughput relative to a quiet run of the same
-   length measured just before (same dnsperf, same prober), and how long
-   after the last change the answers reached the last revision;
+   while a prober asks for the SOA serial every 5 ms. The SOA serial is the
+   registry revision, so the delay of each change is the time from its etcd
+   put returning to the first answer carrying a serial at or past its
+   revision (p50 / p99 / max); the bench's own watch on etcd gives etcd's
+   share of it. Also dnsd's CPU during the churn (% of one core) and how long
+   after the last change the answers reached the last revision. Then a quiet
+   dnsperf run and the same churn under dnsperf: queries per second during
+   churn relative to quiet, the delays under load, and queries answered per
+   dnsd CPU-second during churn relative to quiet;
 5. agents: 200 lease keepers (each its own etcd connection and lease, TTL 3 s,
    keepalive every second as agent/lease.py does) in 4 processes on one etcd:
    etcd CPU, agent CPU, keepalive round-trip p50 / p99.

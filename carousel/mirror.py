@@ -73,8 +73,10 @@ class PrefixMirror(Generic[V]):
         self._connected: bool | None = None  # None: not tried yet
         self.batch_interval = etcd.config.batch_interval
         self.notified = 0  # on_change calls so far
-        self._before: dict[str, V | None] = {}  # key -> value before its first change since take_changes
-        self._reloaded = True  # the whole copy was replaced since take_changes
+        # Since the last on_change: key -> its value before the first change, and
+        # whether a snapshot replaced the whole copy (see take_changes).
+        self._before: dict[str, V | None] = {}
+        self._reloaded = True
         self._pending: asyncio.TimerHandle | asyncio.Handle | None = None
         self._tokens = float(BURST)
         self._tokens_at = 0.0  # loop time _tokens was last brought up to date
@@ -121,7 +123,7 @@ class PrefixMirror(Generic[V]):
         self._before.clear()
 
     def take_changes(self) -> dict[str, tuple[V | None, V | None]] | None:
-        """Key -> (value before, value now) for keys changed since the last call.
+        """Inside on_change: key -> (value before, value now) for keys changed since the last call.
 
         None when the copy was replaced by a snapshot since then: read ``items``.
         """
@@ -139,7 +141,7 @@ class PrefixMirror(Generic[V]):
 
     def apply(self, ev: WatchEvent) -> None:
         """Apply one watch event to the copy."""
-        if ev.key not in self._before:
+        if self.on_change is not None and ev.key not in self._before:
             self._before[ev.key] = self.items.get(ev.key)
         if ev.kind == "put":
             parsed = self._parse(ev.key, ev.value, ev.revision)
@@ -188,6 +190,10 @@ class PrefixMirror(Generic[V]):
             self.on_change(self)  # type: ignore[misc]
         except Exception:
             log.exception("mirror change callback failed", mirror=self.name)
+        # Changes are handed out during the callback only: a watcher that never asks
+        # (the edge's pools read ``items``) must not make this grow.
+        self._before.clear()
+        self._reloaded = False
 
     async def sync_once(self) -> None:
         """Replace the copy with a fresh snapshot."""

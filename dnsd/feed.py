@@ -46,6 +46,7 @@ class RegistryFeed:
         self.table = builder.build([], 0, synced=False)
         self.builds = 0
         self.last_build_seconds = 0.0
+        self._whole = True  # the next build reads every record (start, or a failed update)
         self._modes = {s: st.mode for s, st in self.table.services.items()}
 
     def _parse(self, key: str, raw: bytes) -> ServiceRecord:
@@ -63,14 +64,19 @@ class RegistryFeed:
         started = time.perf_counter()
         changes = self.mirror.take_changes()
         synced = self.mirror.synced.is_set()
-        if changes is None:  # a snapshot: build from every record
+        # A failed update loses its batch: the next build then starts from every
+        # record, so an error costs one rebuild, never a stale answer.
+        whole, self._whole = self._whole or changes is None, True
+        if whole:  # a snapshot: build from every record
             table = self.builder.build(
                 self.mirror.items.values(), self.mirror.revision, synced=synced, previous=self.table
             )
         else:
+            assert changes is not None
             table = self.builder.update(
                 changes.values(), self.mirror.revision, synced=synced, previous=self.table
             )
+        self._whole = False
         self.table = table
         self.builds += 1
         self.last_build_seconds = time.perf_counter() - started
