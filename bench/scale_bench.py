@@ -408,6 +408,11 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
             proc.kill()
             proc.wait()
         log.close()
+    # dnsd logs at warning level here: anything it said (a lost watch, a re-list) explains outliers.
+    text = (work / f"dnsd-{n}.log").read_text(errors="replace")
+    said = [line for line in text.splitlines() if line.strip()]
+    for line in said[:5]:
+        print(f"  dnsd N={n} said: {line[:300]}", flush=True)
     return out
 
 
