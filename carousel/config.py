@@ -206,6 +206,11 @@ def non_negative(v: float) -> str | None:
     return None if v >= 0 else f"must be >= 0, found {v}"
 
 
+def _up_to_a_second(v: float) -> str | None:
+    """Validator: 0-1 s (a drain must still show within a second)."""
+    return None if 0 <= v <= 1 else f"must be 0-1 seconds, found {v}"
+
+
 def port_number(v: int) -> str | None:
     """Validator: a TCP/UDP port (0 means 'pick a free one')."""
     return None if 0 <= v <= 65535 else f"must be a port 0-65535, found {v}"
@@ -230,6 +235,10 @@ class EtcdConfig:
     endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
     prefix: str = "/carousel/"
     timeout: float = field(default=2.0, metadata={"check": positive})
+    # Registry watchers apply changes at most once per this many seconds (a burst
+    # of events costs one rebuild), and never lag etcd by more than this plus one
+    # rebuild. 0: on every event loop turn.
+    batch_interval: float = field(default=0.05, metadata={"check": _up_to_a_second})
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

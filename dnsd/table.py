@@ -11,32 +11,35 @@ question. Compression pointers inside a body point at the question name
 question of the same name, whatever its 0x20 spelling.
 
 Rotation is a schedule: ``schedule[k]`` is the body of the k-th query. For an
-address set of n items the schedule is a smooth weighted round robin over
-the items' weights (so a weight-2 item is first twice as often, spread out),
-and the body for "item s first" lists s and the items after it in a fixed
-cyclic order, capped at ``max_answer_records``. With equal weights every
-query starts one position later, and every item appears in exactly
-``min(cap, n)`` of every n answers: equal exposure.
+address set of n items (see rotation.py) the body for "item s first" lists s
+and the items after it in a fixed cyclic order, capped at
+``max_answer_records``, and the schedule lists those bodies in the weighted
+order of first places (a weight-2 item is first twice as often, spread out).
+With equal weights every query starts one position later, and every item
+appears in exactly ``min(cap, n)`` of every n answers: equal exposure.
 
 Tables are immutable once built except for the per-entry ``served`` counter.
 A rebuild carries each counter over, so rotation continues where it was and
 statistics can be derived from the counters at scrape time instead of being
-counted per query.
+counted per query. A rebuild re-uses the rendered rotation of every address
+set that did not change (and patches the ones that did), so its cost follows
+what changed, not the number of edges.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
+from carousel.registry import ServiceRecord
 from dnsd import wire
+from dnsd.rotation import AddressSet, RotatingAnswer, Rotation, weighted_order
 from dnsd.wire import MessageWriter, RData
 
 RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
-MAX_SCHEDULE = 1 << 16
 MAX_CNAME_CHAIN = 8
 MAX_FULL_PERIOD = 64
 RFC8482_HINFO: RData = [b"\x07RFC8482\x00"]
@@ -56,48 +59,14 @@ def _heads(aa: bool, rcode: int, counts: tuple[int, int, int], tc: bool = False)
     return out
 
 
-@dataclass(eq=False)
-class Rotation:
-    """Who is in which variant of a rotating answer, for exposure statistics."""
-
-    name: str
-    addresses: list[str]
-    members: list[tuple[int, ...]]  # per schedule slot: the address indexes it contains
-    slot_start: list[int]  # per schedule slot: the address index listed first
-    _cycle: tuple[list[int], list[int]] | None = field(default=None, repr=False)
-
-    def _add(self, slot: int, times: int, incl: list[int], first: list[int]) -> None:
-        for i in self.members[slot]:
-            incl[i] += times
-        first[self.slot_start[slot]] += times
-
-    def counts_between(self, start: int, end: int) -> tuple[list[int], list[int]]:
-        """(times included, times first) per address for queries number start..end-1."""
-        period = len(self.members)
-        incl = [0] * len(self.addresses)
-        first = [0] * len(self.addresses)
-        if end <= start:
-            return incl, first
-        full, rest = divmod(end - start, period)
-        if full:
-            if self._cycle is None:  # one whole period, computed once per rotation
-                cycle_incl, cycle_first = [0] * len(self.addresses), [0] * len(self.addresses)
-                for slot in range(period):
-                    self._add(slot, 1, cycle_incl, cycle_first)
-                self._cycle = (cycle_incl, cycle_first)
-            incl = [full * c for c in self._cycle[0]]
-            first = [full * c for c in self._cycle[1]]
-        for k in range(rest):
-            self._add((start + k) % period, 1, incl, first)
-        return incl, first
-
-
 class Entry:
     """A prepared answer for one (name, type): header variants and the body schedule."""
 
     __slots__ = (
         "aa",
+        "answer",
         "body_len",
+        "continued",
         "counts",
         "fit_plain",
         "full",
@@ -119,9 +88,10 @@ class Entry:
         rcode: int,
         aa: bool,
         counts: tuple[int, int, int],
-        schedule: list[bytes],
+        schedule: Sequence[bytes],
         rotation: Rotation | None = None,
         rrl_key: bytes = b"error",
+        answer: RotatingAnswer | None = None,
     ) -> None:
         self.qtype = qtype
         self.rcode = rcode
@@ -131,10 +101,16 @@ class Entry:
         self.heads_edns = _heads(aa, rcode, (counts[0], counts[1], counts[2] + 1))
         self.schedule = schedule
         self.period = len(schedule)
-        self.body_len = max(len(b) for b in schedule)
+        # A rotating answer's bodies all have one length (one record per address).
+        self.body_len = answer.body_len if answer is not None else max(len(b) for b in schedule)
         # The longest question (counted from the message start) whose answer fits 512 bytes.
         self.fit_plain = wire.PLAIN_UDP_LIMIT - self.body_len
         self.rotation = rotation
+        # The rotating address set behind this entry, with the identity of every
+        # RRset it serves (see RotatingAnswer.rrset); None for fixed answers.
+        self.answer = answer
+        # True once a successor entry took over this one's statistics window.
+        self.continued = False
         # Response Rate Limiting account: the same for equal answers across rebuilds.
         self.rrl_key = rrl_key
         self.served = 0
@@ -161,39 +137,19 @@ class Entry:
 
     def carry_from(self, old: Entry) -> None:
         """Continue the rotation (and the statistics window) where ``old`` stopped."""
-        self.served = self.start = old.served
+        self.served = old.served
+        if self.rotation is not None and self.rotation is old.rotation:
+            # The same rotation: keep counting in one window, so the old entry
+            # need not be folded into the statistics (O(n) at 10,000 edges).
+            self.start = old.start
+            old.continued = True
+        else:
+            self.start = old.served
 
 
 def _swrr(weights: list[int]) -> list[int]:
-    """Smooth weighted round robin (as nginx): one full period of item indexes."""
-    g = 0
-    for w in weights:
-        g = math.gcd(g, w)
-    weights = [w // g for w in weights]
-    total = sum(weights)
-    if total > MAX_SCHEDULE:  # keep memory bounded; proportions stay within 1/MAX_SCHEDULE
-        weights = [max(1, round(w * MAX_SCHEDULE / total)) for w in weights]
-        total = sum(weights)
-    current = [0] * len(weights)
-    order = []
-    for _ in range(total):
-        best = 0
-        for i, w in enumerate(weights):
-            current[i] += w
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        order.append(best)
-    return order
-
-
-@dataclass
-class AddressItem:
-    """One address of a rotating answer."""
-
-    packed: bytes
-    text: str
-    weight: int
+    """A smooth weighted round robin: one period of item indexes (see rotation.weighted_order)."""
+    return list(weighted_order(weights))
 
 
 @dataclass
@@ -202,7 +158,7 @@ class Plan:
 
     rcode: int = wire.NOERROR
     prefix: list[RR] = field(default_factory=list)  # CNAME chain, fixed order
-    rotating: tuple[bytes, int, int, list[AddressItem]] | None = None  # owner, type, TTL, items
+    rotating: tuple[bytes, int, int, AddressSet] | None = None  # owner, type, TTL, addresses
     fixed: list[RR] = field(default_factory=list)
     authority: list[RR] = field(default_factory=list)
     additional: list[RR] = field(default_factory=list)
@@ -214,8 +170,13 @@ class ServiceState:
 
     service: str
     mode: str  # healthy, last-known, all-registered, nodata, unknown
-    addresses: list[str]
+    records: Sequence[ServiceRecord]  # the instances answered with
     ttl: int
+
+    @cached_property
+    def addresses(self) -> list[str]:
+        """Every address answered with, by node (computed when asked: O(n) at 10,000 edges)."""
+        return [a for r in sorted(self.records, key=lambda r: r.node) for a in r.addresses]
 
 
 class AnswerTable:
@@ -266,48 +227,60 @@ class AnswerTable:
         return wire.ROOT if wire.ROOT in self.nxdomain else None
 
 
-def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes, aa: bool = True) -> Entry:
+def render(
+    qname: bytes | None,
+    qtype: int,
+    plan: Plan,
+    cap: int,
+    rrl_key: bytes,
+    aa: bool = True,
+    previous: RotatingAnswer | None = None,
+) -> Entry:
     """Turn a plan into an entry: one body per rotation start, scheduled by weight.
 
     ``qname`` None means the question is not known in advance (NXDOMAIN for
     any name of a zone): the body is then written without compression.
+    ``previous`` is this entry's rotating answer in the last table: re-used
+    when its address set is the same, patched when the set derives from it.
     """
     base = 12 + len(qname) + 4 if qname is not None else 0
     compress = qname is not None
     sections = len(plan.prefix) + len(plan.fixed), len(plan.authority), len(plan.additional)
-
-    def body(first: list[RR]) -> bytes:
-        w = MessageWriter(qname, base)
-        for owner, rtype, ttl, rdata in (
-            *plan.prefix,
-            *first,
-            *plan.fixed,
-            *plan.authority,
-            *plan.additional,
-        ):
+    w = MessageWriter(qname, base)
+    for owner, rtype, ttl, rdata in plan.prefix:
+        w.rr(owner, rtype, ttl, rdata, compress=compress)
+    if plan.rotating is None or not plan.rotating[3].keys:
+        for owner, rtype, ttl, rdata in (*plan.fixed, *plan.authority, *plan.additional):
             w.rr(owner, rtype, ttl, rdata, compress=compress)
-        return w.getvalue()
-
-    if plan.rotating is None or not plan.rotating[3]:
-        return Entry(qtype, plan.rcode, aa, sections, [body([])], rrl_key=rrl_key)
-    owner, rtype, ttl, items = plan.rotating
+        return Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
+    owner, rtype, ttl, aset = plan.rotating
     if qname is None:
         raise ValueError("a rotating answer needs a known question name")
-    items = sorted(items, key=lambda it: it.packed)
-    n = len(items)
-    shown = min(cap, n)
-    bodies = []
-    members = []
-    for s in range(n):
-        idx = tuple((s + j) % n for j in range(shown))
-        members.append(idx)
-        bodies.append(body([(owner, rtype, ttl, [items[i].packed]) for i in idx]))
-    order = _swrr([it.weight for it in items])
-    rotation = Rotation(
-        name=wire.to_text(qname),
-        addresses=[it.text for it in items],
-        members=[members[s] for s in order],
-        slot_start=order,
-    )
+    shown = min(cap, len(aset.keys))
+    # Every rotating record has the same owner bytes (the owner is the question
+    # name or a name of the CNAME chain before it, so always a pointer) and the
+    # same length: the bytes around the records are the same for every window.
+    head = w.getvalue()
+    records = []
+    for key in aset.keys[:shown]:
+        at = len(w.buf)
+        w.rr(owner, rtype, ttl, [key], compress=True)
+        records.append(bytes(w.buf[at:]))
+    rr_prefix = records[0][: -len(aset.keys[0])]
+    if any(r != rr_prefix + k for r, k in zip(records, aset.keys, strict=False)):
+        raise AssertionError("rotating records differ in more than their address")
+    tail_at = len(w.buf)
+    for owner2, rtype2, ttl2, rdata in (*plan.fixed, *plan.authority, *plan.additional):
+        w.rr(owner2, rtype2, ttl2, rdata, compress=compress)
+    parts = (head, rr_prefix, bytes(w.buf[tail_at:]))
+    if (
+        previous is not None
+        and previous.set is aset
+        and previous.shown == shown
+        and (previous.head, previous.rr_prefix, previous.tail) == parts
+    ):
+        answer = previous
+    else:
+        answer = RotatingAnswer(wire.to_text(qname), aset, shown, parts, (owner, rtype, ttl), previous)
     counts = (sections[0] + shown, sections[1], sections[2])
-    return Entry(qtype, plan.rcode, aa, counts, [bodies[s] for s in order], rotation, rrl_key)
+    return Entry(qtype, plan.rcode, aa, counts, answer.schedule, answer.rotation, rrl_key, answer)

@@ -24,6 +24,9 @@ per request beyond the balancer's O(members) pick.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +43,13 @@ from edge.upstream.balancer import ConsistentHash, make_balancer
 from edge.upstream.client import MemberConnections
 
 log = structlog.get_logger("carousel.edge.pool")
+
+# Health checks of one pool running at once: bounds the sockets and CPU a big
+# pool's checks can take (HAProxy bounds them globally with max-spread-checks).
+MAX_CHECKS_IN_FLIGHT = 32
+# Checks started but waiting for a slot; past this a due check is skipped (a
+# member whose checks keep timing out must not pile up work).
+MAX_CHECKS_QUEUED = 4 * MAX_CHECKS_IN_FLIGHT
 
 
 class NoMember(Exception):
@@ -348,21 +358,64 @@ class UpstreamPool:
     # --- active health checks -----------------------------------------------------------
 
     async def _health_loop(self) -> None:
+        """Check every member once per interval, spread out, with at most MAX_CHECKS_IN_FLIGHT at once.
+
+        Each member gets a random phase in the interval and each check a jitter
+        of +-10 % (as HAProxy's ``spread-checks``), so 500 members cost a steady
+        250 checks a second at a 2 s interval, not a burst of 500 every 2 s.
+        """
         h = self.config.health
         timeout = aiohttp.ClientTimeout(total=h.timeout)
+        loop = asyncio.get_running_loop()
+        rng = random.Random()
+        slots = asyncio.Semaphore(MAX_CHECKS_IN_FLIGHT)
+        due: list[tuple[float, int, Member]] = []  # heap of (loop time, tie-break, member)
+        scheduled: set[Member] = set()
+        running: set[asyncio.Task[None]] = set()
+        order = itertools.count()
+
+        async def check(session: aiohttp.ClientSession, m: Member) -> None:
+            async with slots:
+                try:
+                    ok = await self._check(session, m)
+                except Exception:  # a check that breaks counts as failed, never ends the loop
+                    ok = False
+            if not m.removed:
+                self._record_check(m, ok)
+
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, limit=0),
             timeout=timeout,
             cookie_jar=aiohttp.DummyCookieJar(),
         ) as session:
-            while True:
-                members = list(self.members.values())
-                results = await asyncio.gather(
-                    *(self._check(session, m) for m in members), return_exceptions=True
-                )
-                for m, ok in zip(members, results, strict=True):
-                    self._record_check(m, ok is True)
-                await asyncio.sleep(h.interval)
+            try:
+                next_scan = 0.0
+                while True:
+                    now = loop.time()
+                    if now >= next_scan:  # new members join with a phase of their own
+                        for m in self.members.values():
+                            if m not in scheduled:
+                                scheduled.add(m)
+                                heapq.heappush(due, (now + rng.random() * h.interval, next(order), m))
+                        next_scan = now + h.interval
+                    while due and due[0][0] <= now:
+                        at, _, m = heapq.heappop(due)
+                        if m.removed or self.members.get(m.name) is not m:
+                            scheduled.discard(m)
+                            continue
+                        if len(running) < MAX_CHECKS_QUEUED:
+                            task = asyncio.create_task(check(session, m))
+                            running.add(task)
+                            task.add_done_callback(running.discard)
+                        # The next check one interval later (+-10 %), or one from now if late.
+                        nxt = max(at + h.interval * rng.uniform(0.9, 1.1), now + h.interval * 0.5)
+                        heapq.heappush(due, (nxt, next(order), m))
+                    wake = min(due[0][0] if due else next_scan, next_scan)
+                    await asyncio.sleep(max(0.001, wake - loop.time()))
+            finally:
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def _check(self, session: aiohttp.ClientSession, m: Member) -> bool:
         h = self.config.health

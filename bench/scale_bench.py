@@ -1,0 +1,640 @@
+#!/usr/bin/env python3
+"""How dnsd's costs grow with the number of edges, and how fresh its answers stay under churn.
+
+    python bench/scale_bench.py                       # everything (about 10 minutes)
+    python bench/scale_bench.py --sizes 3,1000 --churn-sizes 1000 --agents 0
+    python bench/scale_bench.py --json after.json     # also write the figures as JSON
+
+What it measures, per number of edges N registered under one name:
+
+1. ``build``: the time TableBuilder takes to build the whole answer table from
+   N records (in this process, median of a few runs), with equal weights and
+   with mixed weights (1-10), and ``change``: the time to produce the next
+   table after one edge changes state (the incremental path when the builder
+   has one, else a full rebuild, as dnsd did before);
+2. ``start``: a real dnsd process against a real etcd holding N records, from
+   exec to the first answer whose SOA serial is the registry revision (the
+   first full answer), and its resident memory (RSS) once it answers;
+3. ``qps`` and ``us/q``: dnsperf against that dnsd (dnsd and dnsperf pinned to
+   different cores), and dnsd's CPU time per answered query;
+4. churn (N = 1,000 and 10,000): 10 edges change state every 100 ms for 10 s
+   while a prober asks for the SOA serial every 5 ms. The SOA serial is the
+   registry revision, so the delay of each change is the time from its etcd
+   put returning to the first answer carrying a serial at or past its
+   revision (p50 / p99 / max); the bench's own watch on etcd gives etcd's
+   share of it. Also dnsd's CPU during the churn (% of one core) and how long
+   after the last change the answers reached the last revision. Then a quiet
+   dnsperf run and the same churn under dnsperf: queries per second during
+   churn relative to quiet, the delays under load, and queries answered per
+   dnsd CPU-second during churn relative to quiet;
+5. agents: 200 lease keepers (each its own etcd connection and lease, TTL 3 s,
+   keepalive every second as agent/lease.py does) in 4 processes on one etcd:
+   etcd CPU, agent CPU, keepalive round-trip p50 / p99.
+
+The machine may be shared: compare figures from the same run, and read CPU
+per query (which moves little with load) before queries per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from carousel.config import EtcdConfig  # noqa: E402
+from carousel.etcd import Etcd  # noqa: E402
+from carousel.etcdserver import EtcdProcess, free_port  # noqa: E402
+from carousel.registry import Keys, ServiceRecord  # noqa: E402
+
+ZONE = "example.test"
+NAME = f"www.{ZONE}"
+CAP = 8  # max_answer_records (the default)
+
+
+def address(i: int) -> str:
+    return f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
+
+
+def record(i: int, state: str = "up", weight: int = 1) -> ServiceRecord:
+    return ServiceRecord("edge", f"edge{i:05d}", 80, ipv4=(address(i),), weight=weight, state=state)  # type: ignore[arg-type]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(data: list[float], p: float) -> float:
+    if not data:
+        return float("nan")
+    data = sorted(data)
+    return data[min(len(data) - 1, int(p / 100 * len(data)))]
+
+
+# --- 1. building the table in this process ---------------------------------------------
+
+
+def measure_build(n: int, mixed: bool) -> dict[str, float]:
+    """Median full build time and the time for one change, in ms."""
+    from dnsd.build import TableBuilder
+    from dnsd.config import NSConfig, ZoneConfig
+    from dnsd.zone import compile_zones
+
+    zones = compile_zones([ZoneConfig(origin=ZONE, ns=[NSConfig("ns1", ipv4=["192.0.2.53"])],
+                                      services={"www": "edge"})])  # fmt: skip
+    rng = random.Random(n)
+    records = [record(i, weight=rng.randint(1, 10) if mixed else 1) for i in range(n)]
+    builder = TableBuilder(zones, max_answer_records=CAP)
+    times = []
+    table = None
+    runs = 5 if n <= 1000 else 3
+    for _ in range(runs):
+        started = time.perf_counter()
+        table = builder.build(records, 1, previous=table)
+        times.append(time.perf_counter() - started)
+        if times[-1] > 20:
+            break  # one is enough to show the order of magnitude
+    assert table is not None
+    change = []
+    for k in range(runs if times[-1] < 5 else 1):
+        i = rng.randrange(n)
+        old = records[i]
+        new = record(i, state="draining" if old.state == "up" else "up", weight=old.weight)
+        records[i] = new
+        started = time.perf_counter()
+        if hasattr(builder, "update"):
+            table = builder.update([(old, new)], 2 + k, previous=table)
+        else:  # the code before incremental updates: every change is a full build
+            table = builder.build(records, 2 + k, previous=table)
+        change.append(time.perf_counter() - started)
+    return {"build_ms": statistics.median(times) * 1000, "change_ms": statistics.median(change) * 1000}
+
+
+def nginx_swrr(weights: list[int]) -> list[int]:
+    """The order dnsd used before: nginx's smooth weighted round robin, O(n x total weight)."""
+    total = sum(weights)
+    current = [0] * len(weights)
+    order = []
+    for _ in range(total):
+        best = 0
+        for i, w in enumerate(weights):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+def heap_swrr(weights: list[int]) -> list[int]:
+    """Stride scheduling with a heap: the same kind of order in O(total weight x log n)."""
+    import heapq
+
+    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    order = []
+    for _ in range(sum(weights)):
+        t, i = heap[0]
+        order.append(i)
+        heapq.heapreplace(heap, (t + 1 / weights[i], i))
+    return order
+
+
+def measure_algorithms(n: int) -> dict[str, float]:
+    """ms per period of first places (weights 1-10) by each candidate; us per query of a heap pick."""
+    import heapq
+
+    from dnsd.rotation import weighted_order
+
+    weights = [random.Random(n).randint(1, 10) for _ in range(n)]
+    out = {}
+    candidates = {"virtual_time_ms": weighted_order, "heap_ms": heap_swrr}
+    if n <= 1000:
+        candidates["nginx_ms"] = nginx_swrr
+    for label, fn in candidates.items():
+        started = time.perf_counter()
+        fn(weights)
+        out[label] = (time.perf_counter() - started) * 1000
+    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    picks = 100_000
+    started = time.perf_counter()
+    for _ in range(picks):  # what a per-query scheduler would add to every answer
+        t, i = heap[0]
+        heapq.heapreplace(heap, (t + 1 / weights[i], i))
+    out["heap_pick_us"] = (time.perf_counter() - started) / picks * 1e6
+    return out
+
+
+# --- 2-4. a real dnsd -----------------------------------------------------------------
+
+
+def dnsd_config(port: int, endpoint: str, prefix: str) -> str:
+    return f"""
+[dns]
+listen = ["127.0.0.1:{port}"]
+max_answer_records = {CAP}
+
+[dns.rrl]
+enabled = false
+
+[[zone]]
+origin = "{ZONE}"
+service_ttl = 5
+services = {{ "www" = "edge" }}
+
+[[zone.ns]]
+name = "ns1"
+ipv4 = ["127.0.0.1"]
+
+[etcd]
+endpoints = ["{endpoint}"]
+prefix = "{prefix}"
+
+[log]
+level = "warning"
+"""
+
+
+def soa_query(qid: int) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in ZONE.split(".")) + b"\x00"
+    return struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0) + labels + struct.pack("!HH", 6, 1)
+
+
+def soa_serial(resp: bytes) -> int | None:
+    """The serial of the SOA in a response to soa_query (no compression surprises: we parse)."""
+    import dns.message
+
+    try:
+        msg = dns.message.from_wire(resp)
+    except Exception:
+        return None
+    for rrset in msg.answer:
+        for rr in rrset:
+            return int(rr.serial)
+    return None
+
+
+class Prober(threading.Thread):
+    """Asks for the SOA serial every ``interval`` s; records (time, serial) when it moves."""
+
+    def __init__(self, port: int, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.interval = interval
+        self.seen: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.serial = 0
+
+    def run(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.2)
+        qid = 0
+        while not self.stop.is_set():
+            qid = (qid + 1) & 0xFFFF
+            try:
+                s.sendto(soa_query(qid), ("127.0.0.1", self.port))
+                while True:
+                    data = s.recv(4096)
+                    if data[:2] == struct.pack("!H", qid):
+                        break
+            except OSError:
+                continue
+            serial = soa_serial(data)
+            if serial is not None and serial != self.serial:
+                self.serial = serial
+                self.seen.append((time.monotonic(), serial))
+            time.sleep(self.interval)
+        s.close()
+
+    def first_at_or_after(self, revision: int) -> float | None:
+        for t, serial in self.seen:
+            if serial >= revision:
+                return t
+        return None
+
+
+async def register(endpoint: str, prefix: str, n: int) -> int:
+    """Put N records; return the revision of the last put."""
+    etcd = Etcd(EtcdConfig(endpoints=[endpoint], prefix=prefix))
+    keys = Keys(prefix)
+    rev = 0
+    try:
+        for start in range(0, n, 200):
+            revs = await asyncio.gather(*(
+                etcd.put(keys.service("edge", f"edge{i:05d}"), record(i).encode())
+                for i in range(start, min(n, start + 200))
+            ))  # fmt: skip
+            rev = max(rev, *revs)
+    finally:
+        await etcd.close()
+    return rev
+
+
+async def churn(
+    endpoint: str, prefix: str, n: int, seconds: float, per_tick: int = 10
+) -> tuple[list[tuple[float, int]], dict[int, float]]:
+    """Toggle ``per_tick`` edges' state every 100 ms.
+
+    Returns (time each put returned, its revision) and, per revision, when
+    etcd's own watch delivered it to us: the part of the delay that is etcd's.
+    """
+    etcd = Etcd(EtcdConfig(endpoints=[endpoint], prefix=prefix, timeout=5.0))
+    keys = Keys(prefix)
+    states = ["up"] * n
+    rng = random.Random(7)
+    done: list[tuple[float, int]] = []
+    delivered: dict[int, float] = {}
+
+    async def one(i: int) -> None:
+        states[i] = "draining" if states[i] == "up" else "up"
+        rev = await etcd.put(keys.service("edge", f"edge{i:05d}"), record(i, states[i]).encode())
+        done.append((time.monotonic(), rev))
+
+    arrived = asyncio.Event()
+
+    async def watch(start: int) -> None:
+        async for ev in etcd.watch_prefix(keys.services, start):
+            delivered.setdefault(ev.revision, time.monotonic())
+            arrived.set()
+
+    watcher = asyncio.create_task(watch((await etcd.revision()) + 1))
+    try:
+        start = time.monotonic()
+        tick = 0
+        while time.monotonic() - start < seconds:
+            await asyncio.gather(*(one(i) for i in rng.sample(range(n), per_tick)))
+            tick += 1
+            await asyncio.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
+        last = max(r for _, r in done)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while last not in delivered:
+                    arrived.clear()
+                    await arrived.wait()
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await etcd.close()
+    return done, delivered
+
+
+def dnsperf(port: int, queries: Path, seconds: float, core: int) -> tuple[float, int]:
+    """(queries per second, queries completed)."""
+    import re
+
+    out = subprocess.run(
+        ["taskset", "-c", str(core), "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
+         "-l", str(seconds), "-c", "4", "-q", "64"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    qps = re.search(r"Queries per second:\s+([\d.]+)", out)
+    done = re.search(r"Queries completed:\s+(\d+)", out)
+    if not qps or not done:
+        raise RuntimeError(f"dnsperf output not understood:\n{out[-2000:]}")
+    return float(qps.group(1)), int(done.group(1))
+
+
+def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start dnsd over N records; measure start-up, RSS, qps, CPU per query, and churn."""
+    prefix = f"/bench{n}/"
+    revision = asyncio.run(register(etcd.endpoint, prefix, n))
+    port = free_port()
+    cfg = work / f"dnsd-{n}.toml"
+    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix))
+    out: dict[str, Any] = {"n": n}
+    log = open(work / f"dnsd-{n}.log", "wb")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli", "dnsd",
+         "--config", str(cfg)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    prober = Prober(port, 0.002)
+    prober.start()
+    try:
+        deadline = started + 300
+        while time.monotonic() < deadline and prober.first_at_or_after(revision) is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsd exited: see {work}/dnsd-{n}.log")
+            time.sleep(0.005)
+        at = prober.first_at_or_after(revision)
+        out["start_s"] = (at - started) if at is not None else float("nan")
+        prober.stop.set()
+        prober.join()
+        time.sleep(0.5)
+        out["rss_mib"] = rss_mib(proc.pid)
+        queries = work / "queries.txt"
+        queries.write_text(f"{NAME} A\n")
+        cpu0 = cpu_seconds(proc.pid)
+        qps, done = dnsperf(port, queries, args.seconds, args.client_core)
+        out["qps"] = qps
+        out["us_per_query"] = (cpu_seconds(proc.pid) - cpu0) / max(done, 1) * 1e6
+        if n in args.churn:
+            out.update(run_churn(proc.pid, port, etcd.endpoint, prefix, n, queries, args))
+    finally:
+        prober.stop.set()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    # dnsd logs at warning level here: anything it said (a lost watch, a re-list) explains outliers.
+    text = (work / f"dnsd-{n}.log").read_text(errors="replace")
+    said = [line for line in text.splitlines() if line.strip()]
+    for line in said[:5]:
+        print(f"  dnsd N={n} said: {line[:300]}", flush=True)
+    return out
+
+
+def _delays(prober: Prober, done: list[tuple[float, int]], delivered: dict[int, float]) -> dict[str, float]:
+    """Change-to-answer delays (and etcd's share) from the prober's serials, in ms."""
+    delays, etcd_delays, unseen = [], [], 0
+    for t, rev in done:
+        seen = prober.first_at_or_after(rev)
+        if seen is None:
+            unseen += 1
+            continue
+        delays.append(max(0.0, seen - t))
+        if rev in delivered:
+            etcd_delays.append(max(0.0, delivered[rev] - t))
+    last_rev = max(r for _, r in done)
+    last_put = max(t for t, _ in done)
+    caught = prober.first_at_or_after(last_rev)
+    return {
+        "unseen": unseen,
+        "p50_ms": pct(delays, 50) * 1000,
+        "p99_ms": pct(delays, 99) * 1000,
+        "max_ms": max(delays) * 1000 if delays else float("nan"),
+        "etcd_p50_ms": pct(etcd_delays, 50) * 1000,
+        "etcd_p99_ms": pct(etcd_delays, 99) * 1000,
+        "caught_up_s": (caught - last_put) if caught is not None else float("inf"),
+    }
+
+
+def _churn_phase(
+    pid: int, port: int, endpoint: str, prefix: str, n: int, args: argparse.Namespace, load: Path | None
+) -> tuple[dict[str, float], float, float, int]:
+    """One churn run (with dnsperf when ``load``): (delays, dnsd CPU s, wall s, queries answered)."""
+    prober = Prober(port)
+    prober.start()
+    result: dict[str, Any] = {}
+    loader = None
+    if load is not None:
+
+        def run() -> None:
+            result["qps"], result["done"] = dnsperf(port, load, args.churn_seconds, args.client_core)
+
+        loader = threading.Thread(target=run)
+        loader.start()
+    try:
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        done, delivered = asyncio.run(churn(endpoint, prefix, n, args.churn_seconds))
+        if loader is not None:
+            loader.join()
+        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+        last_rev = max(r for _, r in done)
+        deadline = time.monotonic() + args.catch_up
+        while time.monotonic() < deadline and prober.first_at_or_after(last_rev) is None:
+            time.sleep(0.01)
+    finally:
+        prober.stop.set()
+        prober.join()
+    out = _delays(prober, done, delivered)
+    out["changes"] = len(done)
+    return out, cpu, wall, result.get("done", 0)
+
+
+def run_churn(
+    pid: int, port: int, endpoint: str, prefix: str, n: int, queries: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Churn alone (delays, CPU), a quiet dnsperf run, then churn under dnsperf (throughput)."""
+    alone, cpu, wall, _ = _churn_phase(pid, port, endpoint, prefix, n, args, None)
+    out: dict[str, Any] = {f"churn_{k}": v for k, v in alone.items()}
+    out["churn_cpu_pct"] = cpu / wall * 100
+
+    cpu0 = cpu_seconds(pid)
+    quiet_qps, quiet_done = dnsperf(port, queries, args.churn_seconds, args.client_core)
+    quiet_cpu = cpu_seconds(pid) - cpu0
+    loaded, cpu, wall, done = _churn_phase(pid, port, endpoint, prefix, n, args, queries)
+    churn_qps = done / args.churn_seconds
+    for k in ("p50_ms", "p99_ms", "max_ms", "caught_up_s"):
+        out[f"loaded_{k}"] = loaded[k]
+    out["quiet_qps"] = quiet_qps
+    out["loaded_qps"] = churn_qps
+    out["qps_ratio"] = churn_qps / quiet_qps
+    # Queries answered per CPU-second of dnsd: what dnsd could serve where it, not the
+    # client, is the limit (dnsperf and the churn share a loaded machine).
+    out["capacity_ratio"] = (done / max(cpu, 1e-9)) / (quiet_done / max(quiet_cpu, 1e-9))
+    return out
+
+
+# --- 5. agents ------------------------------------------------------------------------
+
+
+def _agents(endpoint: str, count: int, seconds: float, conn: Any) -> None:
+    """``count`` agents' lease keepers in one process: (keepalive latencies, cpu seconds)."""
+
+    async def main() -> list[float]:
+        from agent.lease import LeaseKeeper
+
+        latencies: list[float] = []
+        clients = [Etcd(EtcdConfig(endpoints=[endpoint], prefix="/agents/")) for _ in range(count)]
+        keepers = []
+        for i, etcd in enumerate(clients):
+            inner = etcd.keepalive
+
+            async def timed(lease_id: int, *, budget: float | None = None, _inner: Any = inner) -> int:
+                t = time.perf_counter()
+                ttl = await _inner(lease_id, budget=budget)
+                latencies.append(time.perf_counter() - t)
+                return ttl
+
+            etcd.keepalive = timed  # type: ignore[method-assign]
+
+            def on_lease(lease: int, _etcd: Etcd = etcd, _i: int = i) -> None:
+                asyncio.get_running_loop().create_task(
+                    _etcd.put(f"/agents/services/edge/a{os.getpid()}-{_i}", b"{}", lease=lease)
+                )
+
+            keepers.append(LeaseKeeper(etcd, 3, on_lease))
+        tasks = [asyncio.create_task(k.run()) for k in keepers]
+        await asyncio.sleep(seconds)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for etcd in clients:
+            await etcd.close()
+        return latencies
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    t = time.process_time()
+    lat = asyncio.run(main())
+    conn.send((lat, time.process_time() - t))
+
+
+def run_agents(etcd: EtcdProcess, count: int, seconds: float, procs: int = 4) -> dict[str, Any]:
+    assert etcd.proc is not None
+    ctx = multiprocessing.get_context("spawn")
+    pipes, workers = [], []
+    cpu0, t0 = cpu_seconds(etcd.proc.pid), time.monotonic()
+    for _ in range(procs):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_agents, args=(etcd.endpoint, count // procs, seconds, child))
+        p.start()
+        pipes.append(parent)
+        workers.append(p)
+    latencies: list[float] = []
+    agent_cpu = 0.0
+    for parent, p in zip(pipes, workers, strict=True):
+        lat, cpu = parent.recv()
+        latencies += lat
+        agent_cpu += cpu
+        p.join()
+    wall = time.monotonic() - t0
+    return {
+        "agents": count,
+        "etcd_cpu_pct": (cpu_seconds(etcd.proc.pid) - cpu0) / wall * 100,
+        "agent_cpu_pct": agent_cpu / seconds * 100,
+        "renewals": len(latencies),
+        "renew_p50_ms": pct(latencies, 50) * 1000,
+        "renew_p99_ms": pct(latencies, 99) * 1000,
+    }
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def _figures(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="3,100,1000,10000")
+    p.add_argument("--churn-sizes", default="1000,10000")
+    p.add_argument("--build-only", action="store_true", help="only the in-process build figures")
+    p.add_argument("--no-build", action="store_true", help="skip the in-process build figures")
+    p.add_argument("--seconds", type=float, default=5.0, help="dnsperf run length for qps")
+    p.add_argument("--churn-seconds", type=float, default=10.0)
+    p.add_argument("--catch-up", type=float, default=60.0, help="wait at most this long after the churn")
+    p.add_argument("--agents", type=int, default=200)
+    p.add_argument("--agent-seconds", type=float, default=20.0)
+    p.add_argument("--server-core", type=int, default=0)
+    p.add_argument("--client-core", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.churn = {int(s) for s in args.churn_sizes.split(",") if s}
+    report: dict[str, Any] = {"build": {}, "dnsd": {}, "agents": None}
+
+    print("build (in process, ms): N, full build equal weights, one change, "
+          "full build weights 1-10, one change")  # fmt: skip
+    for n in [] if args.no_build else sizes:
+        eq = measure_build(n, mixed=False)
+        mx = measure_build(n, mixed=True)
+        report["build"][n] = {"equal": eq, "mixed": mx}
+        figures = (eq["build_ms"], eq["change_ms"], mx["build_ms"], mx["change_ms"])
+        print(f"  {n:>6}" + "".join(f"  {f:10.2f}" for f in figures), flush=True)
+    print("rotation order, one period, weights 1-10 (ms), and a per-query heap pick (us):")
+    has_rotation = importlib.util.find_spec("dnsd.rotation") is not None  # not in the code before
+    for n in [] if args.no_build or not has_rotation else (1000, 10000):
+        report.setdefault("algorithms", {})[n] = alg = measure_algorithms(n)
+        print(f"  {n:>6}  " + _figures(alg), flush=True)
+    if not args.build_only:
+        if not shutil.which("dnsperf"):
+            sys.exit("scale_bench: dnsperf not found (apt-get install dnsperf)")
+        work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+        # etcd is not pinned: on the client core it would queue behind dnsperf and
+        # delay every watch event (measured: seconds), which is not dnsd's doing.
+        etcd = EtcdProcess(work / "etcd", extra_args=["--quota-backend-bytes", str(4 << 30)])
+        etcd.start()
+        try:
+            for n in sizes:
+                r = run_dnsd(work, etcd, n, args)
+                report["dnsd"][n] = r
+                print(f"dnsd N={n}: " + _figures(r), flush=True)
+            if args.agents:
+                report["agents"] = run_agents(etcd, args.agents, args.agent_seconds)
+                print("agents: " + _figures(report["agents"]), flush=True)
+        finally:
+            etcd.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
