@@ -57,6 +57,15 @@ class Edns:
 
 
 @dataclass(frozen=True, slots=True)
+class Tsig:
+    """The fields of a query's TSIG record (RFC 8945 §4.2) an unsigned error answer repeats."""
+
+    key: bytes  # key name, wire format
+    algorithm: bytes  # algorithm name, wire format
+    time_fudge: bytes  # Time Signed (48 bits) and Fudge (16 bits), as sent
+
+
+@dataclass(frozen=True, slots=True)
 class Query:
     """A query parsed by the slow path. ``error`` is an RCODE when it is malformed."""
 
@@ -70,6 +79,8 @@ class Query:
     qclass: int
     edns: Edns | None
     error: int = wire.NOERROR
+    tsig: Tsig | None = None
+    options: bytes = b""  # the OPT RDATA: EDNS options, known to tile it
 
 
 def _name_end(msg: bytes, at: int) -> int:
@@ -102,8 +113,33 @@ def _skip_name(msg: bytes, at: int) -> int:
     return -1
 
 
+def read_name(msg: bytes, at: int) -> bytes | None:
+    """The (lowercase) wire name at ``at``, following compression pointers backwards; None if bad."""
+    out = bytearray()
+    n = len(msg)
+    limit = at  # RFC 1035 §4.1.4: a pointer refers to a prior occurrence; going back bounds the walk
+    while at < n:
+        length = msg[at]
+        if length == 0:
+            out.append(0)
+            return bytes(out).lower() if len(out) <= wire.MAX_NAME else None
+        if length & 0xC0 == 0xC0:
+            if at + 2 > n:
+                return None
+            at = ((length & 0x3F) << 8) | msg[at + 1]
+            if at >= limit:
+                return None
+            limit = at
+            continue
+        if length > wire.MAX_LABEL or at + 1 + length > n:
+            return None
+        out += msg[at : at + 1 + length]
+        at += 1 + length
+    return None
+
+
 def _options_ok(msg: bytes, at: int, end: int) -> bool:
-    """EDNS options must tile the OPT RDATA exactly (we read none of them)."""
+    """EDNS options must tile the OPT RDATA exactly."""
     while at < end:
         if at + 4 > end:
             return False
@@ -111,45 +147,74 @@ def _options_ok(msg: bytes, at: int, end: int) -> bool:
     return at == end
 
 
+def _tsig(msg: bytes, owner_at: int, rdata: int, end: int) -> Tsig | None:
+    """The TSIG fields (RFC 8945 §4.2) when the RDATA holds them all, else None."""
+    key = read_name(msg, owner_at)
+    alg_end = _name_end(msg, rdata)
+    if key is None or alg_end < 0 or alg_end + 10 > end:
+        return None
+    mac_len = (msg[alg_end + 8] << 8) | msg[alg_end + 9]
+    other_at = alg_end + 10 + mac_len + 4  # MAC, Original ID, Error
+    if other_at + 2 > end or other_at + 2 + ((msg[other_at] << 8) | msg[other_at + 1]) != end:
+        return None
+    return Tsig(key, msg[rdata:alg_end].lower(), msg[alg_end : alg_end + 8])
+
+
 def parse_query(msg: bytes) -> Query | None:
-    """Parse every field of a query with bounds checks; None when the header is unreadable."""
+    """Parse every field of a query with bounds checks; None when the header is unreadable.
+
+    Every record of every section is walked (an UPDATE has records in all of
+    them), so a TSIG record is found whatever the opcode: it must be the last
+    record of the additional section (RFC 8945 §5.1), an OPT at most once.
+    """
     if len(msg) < 12:
         return None
     qid, f1, f2 = msg[:2], msg[2], msg[3]
     qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
     opcode = (f1 >> 3) & 0x0F
+    question, qname, qtype, qclass = b"", b"", 0, 0
 
-    def bad(question: bytes = b"", qname: bytes = b"", qtype: int = 0, qclass: int = 0) -> Query:
+    def bad() -> Query:
         return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, None, wire.FORMERR)
 
-    if qd != 1:
-        return bad()
-    name_end = _name_end(msg, 12)
-    if name_end < 0 or name_end + 4 > len(msg):
-        return bad()
-    qtype, qclass = struct.unpack_from("!HH", msg, name_end)
-    qend = name_end + 4
-    question, qname = msg[12:qend], msg[12:name_end].lower()
-    if an or ns:
-        return bad(question, qname, qtype, qclass)
-    at = qend
+    at = 12
+    for i in range(qd):
+        name_end = _skip_name(msg, at) if i or opcode else _name_end(msg, at)
+        if name_end < 0 or name_end + 4 > len(msg):
+            return bad()
+        if i == 0 and opcode == 0:
+            qtype, qclass = struct.unpack_from("!HH", msg, name_end)
+            question, qname = msg[at : name_end + 4], msg[at:name_end].lower()
+        at = name_end + 4
     edns: Edns | None = None
-    for _ in range(ar):
+    tsig: Tsig | None = None
+    options = b""
+    total = an + ns + ar
+    for i in range(total):
         owner_end = _skip_name(msg, at)
-        if owner_end < 0 or owner_end + 10 > len(msg):
-            return bad(question, qname, qtype, qclass)
+        if owner_end < 0 or owner_end + 10 > len(msg) or tsig is not None:
+            return bad()  # cut short, or a record after the TSIG
         rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, owner_end)
         rdata = owner_end + 10
         if rdata + rdlen > len(msg):
-            return bad(question, qname, qtype, qclass)
-        if rtype == wire.OPT:
+            return bad()
+        if i >= an + ns and rtype == wire.OPT:
             if edns is not None or msg[at] != 0 or not _options_ok(msg, rdata, rdata + rdlen):
-                return bad(question, qname, qtype, qclass)
+                return bad()
             edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
+            options = msg[rdata : rdata + rdlen]
+        elif rtype == wire.TSIG:
+            tsig = _tsig(msg, at, rdata, rdata + rdlen)
+            if tsig is None or i != total - 1 or rclass != wire.CLASS_ANY:
+                return bad()
         at = rdata + rdlen
     if at != len(msg):
-        return bad(question, qname, qtype, qclass)  # trailing bytes
-    return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, edns)
+        return bad()  # trailing bytes
+    if opcode == 0 and qd != 1:
+        return Query(qid, f1, f2, opcode, b"", b"", 0, 0, edns, wire.FORMERR, tsig, options)
+    if opcode == 0 and (an or ns):
+        return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, edns, wire.FORMERR, tsig, options)
+    return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, edns, wire.NOERROR, tsig, options)
 
 
 class Answerer:
@@ -269,7 +334,7 @@ class Answerer:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def _error(self, q: Query, rcode: int, table: AnswerTable) -> tuple[bytes, bytes]:
-        """An answer without records: FORMERR, NOTIMP, BADVERS, REFUSED."""
+        """An answer without records: FORMERR, BADVERS, REFUSED."""
         opt = b""
         if q.edns is not None and rcode != wire.FORMERR:
             opt = wire.opt_record(table.payload_size, rcode >> 4, q.edns.do)
@@ -279,13 +344,44 @@ class Answerer:
         self._count(q.qtype, rcode)
         return q.id + head + q.question + opt, ERROR_KEY
 
+    def _notimp(self, q: Query) -> tuple[bytes, bytes]:
+        """NOTIMP for an opcode we do not serve: the ID, QR, the opcode and the rcode, nothing else.
+
+        The rest of the message is another protocol's (UPDATE's zone and update
+        sections, NOTIFY's SOA): echoing any of it, or a flag such as RD or CD
+        that means something else there, would be guessing.
+        """
+        self._count(0, wire.NOTIMP)
+        return q.id + struct.pack("!BBHHHH", wire.QR | (q.opcode << 3), wire.NOTIMP, 0, 0, 0, 0), ERROR_KEY
+
+    def _badkey(self, q: Query, table: AnswerTable) -> tuple[bytes, bytes]:
+        """NOTAUTH with an unsigned TSIG whose error is BADKEY (RFC 8945 §5.2, §5.3.2).
+
+        dnsd holds no TSIG keys, so every signed message is signed with a key it
+        does not know. The TSIG repeats the client's key and algorithm names and
+        its Time Signed and Fudge; the MAC is empty, as a BADKEY answer cannot be signed.
+        """
+        tsig = q.tsig
+        assert tsig is not None
+        rdata = tsig.algorithm + tsig.time_fudge + b"\x00\x00" + q.id + struct.pack("!HH", wire.BADKEY, 0)
+        record = tsig.key + struct.pack("!HHIH", wire.TSIG, wire.CLASS_ANY, 0, len(rdata)) + rdata
+        opt = b"" if q.edns is None else table.opt[q.edns.do]
+        question = q.question if q.opcode == 0 else b""
+        hi = wire.QR | (q.opcode << 3) | ((q.flags1 & wire.RD) if q.opcode == 0 else 0)
+        lo = ((q.flags2 & wire.CD) if q.opcode == 0 else 0) | wire.NOTAUTH
+        head = struct.pack("!BBHHHH", hi, lo, 1 if question else 0, 0, 0, 2 if opt else 1)
+        self._count(q.qtype, wire.NOTAUTH)
+        return q.id + head + question + opt + record, ERROR_KEY
+
     def _slow(self, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
         q = parse_query(query)
         if q is None or q.flags1 & wire.QR:
             self.ignored += 1  # unreadable, or a response: answering could start a loop
             return None, ERROR_KEY
+        if q.tsig is not None and not q.error:
+            return self._badkey(q, table)
         if q.opcode != 0:
-            return self._error(q, wire.NOTIMP, table)
+            return self._notimp(q)
         if q.error:
             return self._error(q, q.error, table)
         if q.edns is not None and q.edns.version > 0:

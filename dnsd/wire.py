@@ -20,14 +20,19 @@ import dnslib
 # Record types. Plain ints, as the query path compares them; their names come from dnslib.
 A, NS, CNAME, SOA, HINFO, MX, TXT, AAAA, OPT = 1, 2, 5, 6, 13, 15, 16, 28, 41
 IXFR, AXFR, MAILB, MAILA, ANY = 251, 252, 253, 254, 255
+TSIG = 250
 # dnslib has no names for MAILB/MAILA (obsolete, but we answer them NOTIMP and count them).
 TYPE_NAMES: dict[int, str] = {MAILB: "MAILB", MAILA: "MAILA", **dnslib.QTYPE.forward}
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 CLASS_IN = 1
+CLASS_ANY = 255
 
 # Response codes (BADVERS needs the extended bits carried in OPT; dnslib has no name for it).
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", **dnslib.RCODE.forward}
+NOTAUTH = 9
+BADCOOKIE = 23  # extended: needs OPT, as BADVERS
+BADKEY = 17  # a TSIG error code (RFC 8945 §4.3), carried in the TSIG record, not the header
+RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", BADCOOKIE: "BADCOOKIE", **dnslib.RCODE.forward}
 
 # Header flag bits, first and second flag byte.
 QR, AA, TC, RD = 0x80, 0x04, 0x02, 0x01
