@@ -26,6 +26,8 @@ import dnslib
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.config import AllDownPolicy
+from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
+from dnsd.dnssec.sign import NXNAME, ZoneSigner
 from dnsd.table import (
     MAX_CNAME_CHAIN,
     RFC8482_HINFO,
@@ -33,11 +35,12 @@ from dnsd.table import (
     AddressItem,
     AnswerTable,
     Entry,
+    NxDenial,
     Plan,
     ServiceState,
     render,
 )
-from dnsd.wire import RData
+from dnsd.wire import MessageWriter, RData
 from dnsd.zone import Zone
 
 
@@ -78,8 +81,11 @@ class TableBuilder:
         all_down: AllDownPolicy = "last-known",
         degraded_ttl: int = 1,
         payload_size: int = 1232,
+        signers: dict[bytes, ZoneSigner] | None = None,
     ) -> None:
         self.zones = {z.origin: z for z in zones}
+        # Zone origin -> its signer, for the zones served with DNSSEC.
+        self.signers = signers or {}
         self.payload_size = payload_size
         self.cap = max_answer_records
         self.all_down = all_down
@@ -90,6 +96,10 @@ class TableBuilder:
         self._serial = 1
         self._soa_rdata: dict[tuple[bytes, int], RData] = {}
         self._service_items: dict[str, tuple[list[ServiceRecord], int, bool]] = {}
+
+    def next_refresh(self) -> float | None:
+        """When the first DNSSEC signature in use is due for renewal (None: nothing signed)."""
+        return min((t for s in self.signers.values() if (t := s.next_refresh()) is not None), default=None)
 
     # --- registry -> per-service answer sets ------------------------------------------
 
@@ -151,9 +161,35 @@ class TableBuilder:
             rdata = self._soa_rdata[key] = wire.rdata(rd)
         return (zone.origin, wire.SOA, ttl, rdata)
 
-    def _negative(self, zone: Zone, rcode: int, degraded: bool = False) -> Plan:
+    def _negative(self, zone: Zone, rcode: int, degraded: bool = False, name: bytes | None = None) -> Plan:
+        """NXDOMAIN or NODATA; in a signed zone the DO variant adds compact denial for ``name``."""
         ttl = self.degraded_ttl if degraded else zone.negative_ttl
-        return Plan(rcode=rcode, authority=[self._soa(zone, ttl)])
+        plan = Plan(rcode=rcode, authority=[self._soa(zone, ttl)])
+        signer = self.signers.get(zone.origin)
+        if signer is not None and name is not None:
+            types = (NXNAME,) if rcode == wire.NXDOMAIN else self._types_with_data(zone, name)
+            plan.denial = [(name, NSEC, ttl, [signer.nsec_rdata(name, types)])]
+            plan.signed_rcode = wire.NOERROR  # RFC 9824 §3: the name "exists" with no data
+        return plan
+
+    def _types_with_data(self, zone: Zone, name: bytes) -> set[int]:
+        """The types ``name`` answers with records right now (an NSEC type bitmap, RFC 4034 §4.1.2)."""
+        types = set(zone.static.get(name, {}))
+        service = zone.services.get(name)
+        if service is not None:
+            records = self._service_items[service][0]
+            types |= {t for t in (wire.A, wire.AAAA) if self._items(records, t)}
+        if name == zone.origin:
+            types |= {wire.SOA, wire.NS}
+            if zone.origin in self.signers:
+                types.add(DNSKEY)
+        return types
+
+    def _sign(self, owner: bytes, rtype: int, ttl: int, rdatas: list[bytes]) -> list[bytes]:
+        """RRSIGs of an RRset by the signer of the zone that holds its owner ([] if unsigned)."""
+        zone = self._zone_of(owner)
+        signer = self.signers.get(zone.origin) if zone is not None else None
+        return signer.rrsigs(owner, rtype, ttl, rdatas) if signer is not None else []
 
     def _data(self, zone: Zone, name: bytes, qtype: int) -> Plan:
         """The answer for a name that exists in ``zone`` and is not a CNAME."""
@@ -163,10 +199,13 @@ class TableBuilder:
             records, ttl, degraded = self._service_items[service]
             items = self._items(records, qtype)
             if not items:
-                return self._negative(zone, wire.NOERROR, degraded)
+                return self._negative(zone, wire.NOERROR, degraded, name)
             return Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, items))
         if qtype == wire.SOA and name == zone.origin:
             return Plan(fixed=[self._soa(zone, zone.soa.ttl)])
+        signer = self.signers.get(zone.origin)
+        if qtype == DNSKEY and name == zone.origin and signer is not None:
+            return Plan(fixed=[(name, DNSKEY, signer.dnskey_ttl, [rd]) for rd in signer.dnskeys])
         if qtype == wire.NS and name == zone.origin:
             glue: list[RR] = []
             for ns in zone.ns:
@@ -181,7 +220,7 @@ class TableBuilder:
             return Plan(fixed=[(name, wire.HINFO, zone.service_ttl, list(RFC8482_HINFO))])
         rrset = static.get(qtype)
         if rrset is None:
-            return self._negative(zone, wire.NOERROR)
+            return self._negative(zone, wire.NOERROR, name=name)
         if qtype in (wire.A, wire.AAAA) and len(rrset.rdatas) > 1:
             items = [AddressItem(rd[0], str(ipaddress.ip_address(rd[0])), 1) for rd in rrset.rdatas]
             return Plan(rotating=(name, qtype, rrset.ttl, items))
@@ -197,7 +236,7 @@ class TableBuilder:
             if zone is None:
                 return Plan(prefix=chain)  # left our authority: the resolver continues
             if current not in self._names[zone.origin]:
-                plan = self._negative(zone, wire.NXDOMAIN)
+                plan = self._negative(zone, wire.NXDOMAIN, name=current)
                 plan.prefix = chain
                 return plan
             cname = zone.static.get(current, {}).get(wire.CNAME)
@@ -225,6 +264,8 @@ class TableBuilder:
         table = AnswerTable(revision, synced, self.payload_size)
         self._serial = table.serial
         self._soa_rdata.clear()
+        for signer in self.signers.values():
+            signer.begin_build()
         table.services = self._choose(records, synced)
         for qtype, rcode in META_ANSWERS.items():
             table.meta[type_key(qtype)] = Entry(qtype, rcode, False, (0, 0, 0), [b""])
@@ -241,6 +282,9 @@ class TableBuilder:
                         table.questions[question] = entry
                         if key in FULL_TYPES:
                             entry.prepare_full(question, table.opt)
+        for origin, signer in self.signers.items():
+            table.denial[origin] = self._nx_denial(self.zones[origin], signer)
+            signer.end_build()
         if previous is not None:
             _carry(previous, table)
         return table
@@ -249,6 +293,16 @@ class TableBuilder:
         # The question name is not known in advance, so nothing is compressed.
         plan = self._negative(zone, wire.NXDOMAIN)
         return render(None, 0, plan, self.cap, rrl_key=zone.origin + b"/nxdomain")
+
+    def _nx_denial(self, zone: Zone, signer: ZoneSigner) -> NxDenial:
+        """The signed SOA every NXDOMAIN of a signed zone carries, for ``ZoneSigner.nx_records``."""
+        owner, rtype, ttl, rdata = self._soa(zone, zone.negative_ttl)
+        w = MessageWriter(None, 0)
+        w.rr(owner, rtype, ttl, rdata, compress=False)
+        sigs = signer.rrsigs(owner, rtype, ttl, [b"".join(rdata)])
+        for sig in sigs:
+            w.rr(owner, RRSIG, ttl, [sig], compress=False)
+        return NxDenial(signer, w.getvalue(), ttl, 2 + 2 * len(sigs))
 
     def _types_at(self, name: bytes) -> set[int]:
         """The types a name answers with data, following its CNAME chain inside our zones."""
@@ -265,6 +319,8 @@ class TableBuilder:
                 types |= {wire.A, wire.AAAA}
             if name == zone.origin:
                 types |= {wire.SOA, wire.NS}
+                if zone.origin in self.signers:
+                    types.add(DNSKEY)
             cname = static.get(wire.CNAME)
             if cname is None:
                 break
@@ -273,12 +329,13 @@ class TableBuilder:
 
     def _node(self, zone: Zone, name: bytes, meta: dict[bytes, Entry]) -> dict[bytes, Entry]:
         node: dict[bytes, Entry] = dict(meta)
+        sign = self._sign if self.signers else None
         types = set(ALWAYS_TYPES) | self._types_at(name)
         for qtype in sorted(types):
             key = type_key(qtype)
-            node[key] = render(name, qtype, self.plan(name, qtype), self.cap, name + key)
+            node[key] = render(name, qtype, self.plan(name, qtype), self.cap, name + key, signer=sign)
         # Any other type: the same answer as a type the name surely lacks.
-        node[b""] = render(name, 0, self.plan(name, 0), self.cap, name + b"/other")
+        node[b""] = render(name, 0, self.plan(name, 0), self.cap, name + b"/other", signer=sign)
         return node
 
 

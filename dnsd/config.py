@@ -117,6 +117,48 @@ class RRLConfig:
 
 
 @dataclass(frozen=True)
+class DnssecConfig:
+    """Signature timing for every signed zone (RFC 6781 §4.4.2), in seconds."""
+
+    # How long a signature is valid from the moment it is made.
+    signature_validity: int = field(default=14 * 86400, metadata={"check": positive})
+    # Re-sign (in the background) once less than this is left of a signature's validity.
+    signature_refresh: int = field(default=5 * 86400, metadata={"check": positive})
+    # Expirations are spread over this much (less than the validity) so they do not all fall together.
+    signature_jitter: int = field(default=12 * 3600, metadata={"check": non_negative})
+    # Inception is set this far in the past, for validators whose clocks run slow.
+    inception_offset: int = field(default=3600, metadata={"check": non_negative})
+
+    def validate(self) -> str | None:
+        if self.signature_refresh + self.signature_jitter >= self.signature_validity:
+            return (
+                "signature_refresh + signature_jitter must be less than signature_validity, found "
+                f"{self.signature_refresh} + {self.signature_jitter} >= {self.signature_validity}"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class DnssecKeyConfig:
+    """One DNSSEC key of a zone: a BIND .private file (`carousel dnssec keygen` writes one)."""
+
+    file: str
+    # csk: signs everything; ksk: signs the DNSKEY RRset; zsk: signs the rest.
+    role: Literal["csk", "ksk", "zsk"] = "csk"
+    # active: in the DNSKEY RRset and signing; published: in the DNSKEY RRset only
+    # (the first and last steps of a pre-publish rollover, see dnsd/README.md "DNSSEC").
+    state: Literal["active", "published"] = "active"
+
+
+@dataclass(frozen=True)
+class ZoneDnssecConfig:
+    """A zone's DNSSEC keys; no keys: the zone is served unsigned."""
+
+    key: list[DnssecKeyConfig] = field(default_factory=list)
+    dnskey_ttl: int = field(default=3600, metadata={"check": ttl_value})
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     """Listeners, transport limits and answer policy."""
 
@@ -142,6 +184,7 @@ class DnsConfig:
     # A client that does not read its answers may not queue more than this.
     tcp_max_pending_bytes: int = field(default=256 * 1024, metadata={"check": positive})
     rrl: RRLConfig = field(default_factory=RRLConfig)
+    dnssec: DnssecConfig = field(default_factory=DnssecConfig)
 
     def validate(self) -> str | None:
         if not 512 <= self.udp_payload_size <= 65535:
@@ -198,6 +241,7 @@ class ZoneConfig:
     # name -> registry service whose healthy instances answer A/AAAA for that name.
     services: dict[str, str] = field(default_factory=dict)
     record: list[RecordConfig] = field(default_factory=list)
+    dnssec: ZoneDnssecConfig = field(default_factory=ZoneDnssecConfig)
 
     def validate(self) -> str | None:
         if not self.ns:
@@ -235,6 +279,12 @@ def load(path: str) -> Config:
 
     try:
         compile_zones(config.zone)
+    except ZoneError as exc:
+        raise ConfigError(path, exc.key, exc.message) from None
+    from dnsd.dnssec.setup import signers_from_config
+
+    try:
+        signers_from_config(config)  # every key file readable and usable
     except ZoneError as exc:
         raise ConfigError(path, exc.key, exc.message) from None
     return config

@@ -28,6 +28,7 @@ from carousel.logs import setup_logging
 from dnsd import wire
 from dnsd.build import TableBuilder
 from dnsd.config import Config
+from dnsd.dnssec.setup import renew_signatures, signers_from_config
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
 from dnsd.stats import DnsCollector, RegistryView
@@ -45,6 +46,7 @@ def make_builder(config: Config) -> TableBuilder:
         all_down=config.dns.all_down,
         degraded_ttl=config.dns.degraded_ttl,
         payload_size=config.dns.udp_payload_size,
+        signers=signers_from_config(config),
     )
 
 
@@ -181,6 +183,7 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         for coro, name in (
             (feed.run(), "registry-feed"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
+            (renew_signatures(builder.next_refresh, feed.rebuild), "dnssec-renewal"),
         ):
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)

@@ -54,6 +54,7 @@ class Edns:
     payload: int
     version: int
     do: bool
+    co: bool = False  # RFC 9824 §4: Compact Answers OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ def parse_query(msg: bytes) -> Query | None:
         if i >= an + ns and rtype == wire.OPT:
             if edns is not None or msg[at] != 0 or not _options_ok(msg, rdata, rdata + rdlen):
                 return bad()
-            edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
+            edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000), bool(ttl & 0x4000))
             options = msg[rdata : rdata + rdlen]
         elif rtype == wire.TSIG:
             tsig = _tsig(msg, at, rdata, rdata + rdlen)
@@ -299,13 +300,18 @@ class Answerer:
             body = entry.schedule[n % entry.period]
             return query[:2] + entry.heads[rdcd] + query[12:qend] + body, entry.rrl_key
         opt = table.opt[edns - 1]
-        if udp and qend + entry.body_len + len(opt) > 512:
+        # DO set: the signed variant (the same as the plain one in an unsigned zone).
+        body_len = entry.do_body_len if edns == 2 else entry.body_len
+        if udp and qend + body_len + len(opt) > 512:
             payload = (query[qend + 3] << 8) | query[qend + 4]
-            if qend + entry.body_len + len(opt) > min(max(payload, 512), table.payload_size):
+            if qend + body_len + len(opt) > min(max(payload, 512), table.payload_size):
                 return self._truncated(query, qend, entry, opt), entry.rrl_key
         full = entry.full
         if exact and full is not None:
             return query[:2] + full[edns * 18 + rdcd][n % entry.period], entry.rrl_key
+        if edns == 2:
+            body = entry.do_schedule[n % entry.period]
+            return query[:2] + entry.do_heads[rdcd] + query[12:qend] + body + opt, entry.rrl_key
         body = entry.schedule[n % entry.period]
         return query[:2] + entry.heads_edns[rdcd] + query[12:qend] + body + opt, entry.rrl_key
 
@@ -398,15 +404,44 @@ class Answerer:
             # NXDOMAIN and REFUSED entries serve any name: count them by the asked type.
             origin = table.zone_of(q.qname)
             entry = table.refused if origin is None else table.nxdomain[origin]
-            self._count(q.qtype, entry.rcode)
             n = 0
-        heads = entry.heads if q.edns is None else entry.heads_edns
-        opt = b"" if q.edns is None else table.opt[q.edns.do]
+            if origin is not None and q.edns is not None and q.edns.do and origin in table.denial:
+                self._count(q.qtype, wire.NXDOMAIN)
+                return self._signed_nx(q, table, origin, entry, query, udp)
+            self._count(q.qtype, entry.rcode)
+        if q.edns is None:
+            heads, schedule, opt = entry.heads, entry.schedule, b""
+        elif q.edns.do:
+            heads, schedule, opt = entry.do_heads, entry.do_schedule, table.opt[1]
+        else:
+            heads, schedule, opt = entry.heads_edns, entry.schedule, table.opt[0]
         head = heads[(q.flags1 & 1) | (q.flags2 & 0x10)]
-        response = q.id + head + q.question + entry.schedule[n % entry.period] + opt
+        response = q.id + head + q.question + schedule[n % entry.period] + opt
         if udp and len(response) > 512:
             limit = 512 if q.edns is None else min(max(q.edns.payload, 512), table.payload_size)
             if len(response) > limit:
                 qend = 12 + len(q.question)
                 return self._truncated(query, qend, entry, opt or None), entry.rrl_key
+        return response, entry.rrl_key
+
+    def _signed_nx(
+        self, q: Query, table: AnswerTable, origin: bytes, entry: Entry, query: bytes, udp: bool
+    ) -> tuple[bytes | None, bytes]:
+        """A nonexistent name in a signed zone, DO set: compact denial (RFC 9824).
+
+        NOERROR with an NSEC at the name listing only RRSIG, NSEC and NXNAME;
+        NXDOMAIN when the client set the CO flag ("compact answers OK", §4).
+        """
+        denial = table.denial[origin]
+        records = denial.signer.nx_records(q.qname, denial.ttl, denial.soa)
+        co = q.edns is not None and q.edns.co
+        hi = wire.QR | wire.AA | (q.flags1 & wire.RD)
+        lo = (q.flags2 & wire.CD) | (wire.NXDOMAIN if co else wire.NOERROR)
+        head = struct.pack("!BBHHHH", hi, lo, 1, 0, denial.authority_count, 1)
+        opt = table.opt_co if co else table.opt[1]
+        response = q.id + head + q.question + records + opt
+        if udp and len(response) > 512:
+            assert q.edns is not None
+            if len(response) > min(max(q.edns.payload, 512), table.payload_size):
+                return self._truncated(query, 12 + len(q.question), entry, opt), entry.rrl_key
         return response, entry.rrl_key

@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dnsd import wire
 from dnsd.wire import MessageWriter, RData
@@ -40,6 +41,7 @@ MAX_SCHEDULE = 1 << 16
 MAX_CNAME_CHAIN = 8
 MAX_FULL_PERIOD = 64
 RFC8482_HINFO: RData = [b"\x07RFC8482\x00"]
+RRSIG = 46
 
 # Index into Entry.heads: the query's RD bit (first flag byte) and CD bit (second).
 RDCD_INDEXES = (0x00, 0x01, 0x10, 0x11)
@@ -99,6 +101,10 @@ class Entry:
         "aa",
         "body_len",
         "counts",
+        "do_body_len",
+        "do_heads",
+        "do_rcode",
+        "do_schedule",
         "fit_plain",
         "full",
         "heads",
@@ -141,6 +147,22 @@ class Entry:
         self.start = 0
         # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
         self.full: list[list[bytes]] | None = None
+        # What a query with the DO bit gets: the same unless the zone is signed (see add_signed).
+        self.do_heads = self.heads_edns
+        self.do_schedule = schedule
+        self.do_body_len = self.body_len
+        self.do_rcode = rcode
+
+    def add_signed(self, rcode: int, counts: tuple[int, int, int], schedule: list[bytes]) -> None:
+        """The DNSSEC variant, served when the query has the DO bit: bodies with RRSIGs (and NSEC).
+
+        ``schedule`` runs parallel to the unsigned one (same rotation slots), so
+        one ``served`` counter drives both.
+        """
+        self.do_heads = _heads(self.aa, rcode, (counts[0], counts[1], counts[2] + 1))
+        self.do_schedule = schedule
+        self.do_body_len = max(len(b) for b in schedule)
+        self.do_rcode = rcode
 
     def prepare_full(self, question: bytes, opts: tuple[bytes, bytes]) -> None:
         """Pre-assemble header + question + body (+ OPT) for every RD/CD and EDNS state.
@@ -154,9 +176,10 @@ class Entry:
         full = [unused] * 54
         for rdcd in RDCD_INDEXES:
             full[rdcd] = [self.heads[rdcd] + question + body for body in self.schedule]
-            for edns, opt in ((1, opts[0]), (2, opts[1])):
-                head = self.heads_edns[rdcd]
-                full[edns * 18 + rdcd] = [head + question + body + opt for body in self.schedule]
+            head = self.heads_edns[rdcd]
+            full[18 + rdcd] = [head + question + body + opts[0] for body in self.schedule]
+            head = self.do_heads[rdcd]
+            full[36 + rdcd] = [head + question + body + opts[1] for body in self.do_schedule]
         self.full = full
 
     def carry_from(self, old: Entry) -> None:
@@ -206,6 +229,30 @@ class Plan:
     fixed: list[RR] = field(default_factory=list)
     authority: list[RR] = field(default_factory=list)
     additional: list[RR] = field(default_factory=list)
+    # Signed zones only, in the DO variant: NSEC records after the authority (RFC 9824),
+    # and the rcode that variant answers (NOERROR for a nonexistent name, by RFC 9824).
+    denial: list[RR] = field(default_factory=list)
+    signed_rcode: int | None = None
+
+
+# Signs an RRset: (owner, type, TTL, canonical RDATAs) -> RRSIG RDATAs; [] when its zone is unsigned.
+RRsetSigner = Callable[[bytes, int, int, list[bytes]], list[bytes]]
+
+
+class NxSigner(Protocol):
+    """What answers a nonexistent name in a signed zone (dnsd.dnssec.sign.ZoneSigner)."""
+
+    def nx_records(self, qname: bytes, ttl: int, soa: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class NxDenial:
+    """A signed zone's NXDOMAIN answer for the DO bit: made per query name (RFC 9824)."""
+
+    signer: NxSigner
+    soa: bytes  # SOA + its RRSIGs, uncompressed
+    ttl: int  # the NSEC's TTL: the negative-caching TTL
+    authority_count: int  # records in the authority section
 
 
 @dataclass
@@ -226,6 +273,7 @@ class AnswerTable:
         self.payload_size = payload_size
         # Our OPT record without and with the DO bit (we echo the client's DO).
         self.opt = (wire.opt_record(payload_size), wire.opt_record(payload_size, do=True))
+        self.opt_co = wire.opt_record(payload_size, do=True, co=True)
         self.serial = max(1, revision & 0xFFFFFFFF)
         self.synced = synced
         self.built = time.time()
@@ -237,6 +285,7 @@ class AnswerTable:
         self.meta: dict[bytes, Entry] = {}  # qtype -> answer for AXFR, IXFR, MAILA, MAILB, OPT
         self.refused = Entry(0, wire.REFUSED, False, (0, 0, 0), [b""], rrl_key=b"error")
         self.services: dict[str, ServiceState] = {}
+        self.denial: dict[bytes, NxDenial] = {}  # zone origin -> signed NXDOMAIN maker
 
     def entries(self) -> Iterable[Entry]:
         """Every distinct entry (for statistics)."""
@@ -266,30 +315,53 @@ class AnswerTable:
         return wire.ROOT if wire.ROOT in self.nxdomain else None
 
 
-def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes, aa: bool = True) -> Entry:
+def render(
+    qname: bytes | None,
+    qtype: int,
+    plan: Plan,
+    cap: int,
+    rrl_key: bytes,
+    aa: bool = True,
+    signer: RRsetSigner | None = None,
+) -> Entry:
     """Turn a plan into an entry: one body per rotation start, scheduled by weight.
 
     ``qname`` None means the question is not known in advance (NXDOMAIN for
-    any name of a zone): the body is then written without compression.
+    any name of a zone): the body is then written without compression. With
+    a ``signer``, the entry also gets its DNSSEC variant (``Entry.add_signed``).
     """
     base = 12 + len(qname) + 4 if qname is not None else 0
     compress = qname is not None
-    sections = len(plan.prefix) + len(plan.fixed), len(plan.authority), len(plan.additional)
 
-    def body(first: list[RR]) -> bytes:
+    def body(first: list[RR], sign: RRsetSigner | None = None) -> tuple[bytes, tuple[int, int, int]]:
         w = MessageWriter(qname, base)
-        for owner, rtype, ttl, rdata in (
-            *plan.prefix,
-            *first,
-            *plan.fixed,
-            *plan.authority,
-            *plan.additional,
-        ):
-            w.rr(owner, rtype, ttl, rdata, compress=compress)
-        return w.getvalue()
+        answer = [*plan.prefix, *first, *plan.fixed]
+        authority = [*plan.authority, *plan.denial] if sign is not None else plan.authority
+        counts = []
+        for section in (answer, authority, plan.additional):
+            n = 0
+            for i, (owner, rtype, ttl, rdata) in enumerate(section):
+                w.rr(owner, rtype, ttl, rdata, compress=compress)
+                n += 1
+                last = i + 1 == len(section) or section[i + 1][:2] != (owner, rtype)
+                if sign is not None and last:  # the end of an RRset: its RRSIGs follow it
+                    rrset = [b"".join(r[3]) for r in section if r[0] == owner and r[1] == rtype]
+                    for sig in sign(owner, rtype, ttl, rrset):
+                        w.rr(owner, RRSIG, ttl, [sig], compress=compress)
+                        n += 1
+            counts.append(n)
+        return w.getvalue(), (counts[0], counts[1], counts[2])
+
+    def finish(entry: Entry, bodies: list[tuple[bytes, tuple[int, int, int]]] | None) -> Entry:
+        if bodies is not None:
+            rcode = plan.rcode if plan.signed_rcode is None else plan.signed_rcode
+            entry.add_signed(rcode, bodies[0][1], [b for b, _ in bodies])
+        return entry
 
     if plan.rotating is None or not plan.rotating[3]:
-        return Entry(qtype, plan.rcode, aa, sections, [body([])], rrl_key=rrl_key)
+        unsigned, counts = body([])
+        entry = Entry(qtype, plan.rcode, aa, counts, [unsigned], rrl_key=rrl_key)
+        return finish(entry, [body([], signer)] if signer is not None else None)
     owner, rtype, ttl, items = plan.rotating
     if qname is None:
         raise ValueError("a rotating answer needs a known question name")
@@ -297,11 +369,16 @@ def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes
     n = len(items)
     shown = min(cap, n)
     bodies = []
+    signed = []
     members = []
     for s in range(n):
         idx = tuple((s + j) % n for j in range(shown))
         members.append(idx)
-        bodies.append(body([(owner, rtype, ttl, [items[i].packed]) for i in idx]))
+        first: list[RR] = [(owner, rtype, ttl, [items[i].packed]) for i in idx]
+        plain, counts = body(first)
+        bodies.append(plain)
+        if signer is not None:
+            signed.append(body(first, signer))
     order = _swrr([it.weight for it in items])
     rotation = Rotation(
         name=wire.to_text(qname),
@@ -309,5 +386,5 @@ def render(qname: bytes | None, qtype: int, plan: Plan, cap: int, rrl_key: bytes
         members=[members[s] for s in order],
         slot_start=order,
     )
-    counts = (sections[0] + shown, sections[1], sections[2])
-    return Entry(qtype, plan.rcode, aa, counts, [bodies[s] for s in order], rotation, rrl_key)
+    entry = Entry(qtype, plan.rcode, aa, counts, [bodies[s] for s in order], rotation, rrl_key)
+    return finish(entry, [signed[s] for s in order] if signer is not None else None)

@@ -38,6 +38,7 @@ RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", BADCOOKIE: "BADCOOKIE", **dns
 QR, AA, TC, RD = 0x80, 0x04, 0x02, 0x01
 CD = 0x10
 DO = 0x80  # in the first byte of the OPT flags
+CO = 0x40  # RFC 9824 §4, Compact Answers OK: next to DO
 
 ROOT = b"\x00"
 MAX_NAME = 255
@@ -232,6 +233,7 @@ def rdata(rd: dnslib.RD) -> RData:
     return buf.pieces
 
 
-def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False) -> bytes:
+def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False, co: bool = False) -> bytes:
     """An OPT pseudo-record with no options (we never echo a client's options)."""
-    return struct.pack("!BHHBBHH", 0, OPT, payload_size, ext_rcode, 0, DO << 8 if do else 0, 0)
+    flags = (DO << 8 if do else 0) | (CO << 8 if co else 0)
+    return struct.pack("!BHHBBHH", 0, OPT, payload_size, ext_rcode, 0, flags, 0)

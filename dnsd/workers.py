@@ -68,6 +68,7 @@ def worker_main(config: Config, index: int, listen: list[str], conn: Any) -> Non
 
 
 async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> int:
+    from dnsd.dnssec.setup import renew_signatures
     from dnsd.main import make_builder
 
     loop = asyncio.get_running_loop()
@@ -82,6 +83,12 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    last_state: list[tuple[Any, int, bool]] = [([], 0, False)]  # for the DNSSEC renewal rebuild
+
+    def rebuild() -> None:
+        records, revision, synced = last_state[0]
+        server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+
     def on_message() -> None:
         try:
             msg = conn.recv()
@@ -91,7 +98,8 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
         if msg[0] == "table":
             _, records, revision, synced, last_healthy = msg
             builder.last_healthy = last_healthy
-            server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+            last_state[0] = (records, revision, synced)
+            rebuild()
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("applied", revision, synced))
         elif msg[0] == "stop":
@@ -107,8 +115,10 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
                 conn.send(("stats", server.snapshot()))
 
     pusher = asyncio.create_task(push_stats())
+    renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
     await stop.wait()
     pusher.cancel()
+    renewer.cancel()
     loop.remove_reader(conn.fileno())
     await server.stop()
     with contextlib.suppress(OSError, BrokenPipeError):
