@@ -185,6 +185,8 @@ def load(path: str | Path, role: Role) -> SigningKey:
         algorithm = int(fields.get("algorithm", "").split()[0])
     except (ValueError, IndexError):
         raise KeyFileError(f"{path}: no readable 'Algorithm:' line") from None
+    if algorithm not in ALGORITHMS:
+        raise KeyFileError(f"{path}: algorithm {algorithm} is not supported (use 13 or 15)")
     try:
         raw = base64.b64decode(fields.get("privatekey", ""), validate=True)
     except ValueError:
@@ -194,8 +196,6 @@ def load(path: str | Path, role: Role) -> SigningKey:
     private: PrivateKey
     if algorithm == ECDSAP256SHA256:
         private = ec.derive_private_key(int.from_bytes(raw, "big"), ec.SECP256R1())
-    elif algorithm == ED25519:
-        private = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
     else:
-        raise KeyFileError(f"{path}: algorithm {algorithm} is not supported (use 13 or 15)")
+        private = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
     return SigningKey(algorithm, flags_for(role), private)
