@@ -75,6 +75,11 @@ class Keys:
     def ban(self, address: str) -> str:
         return f"{self.prefix}bans/{address}"
 
+    @property
+    def cookie_secret(self) -> str:
+        """The DNS Cookie secret every dnsd of the cluster shares (dnsd/cookies.py)."""
+        return f"{self.prefix}dnsd/cookie-secret"
+
     def split_service(self, key: str) -> tuple[str, str]:
         """(service, node) from a service key; ValueError if it is not one."""
         rest = key.removeprefix(self.services)

@@ -26,6 +26,7 @@ import dnslib
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.config import AllDownPolicy
+from dnsd.cookies import ServerCookies
 from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
 from dnsd.dnssec.sign import NXNAME, ZoneSigner
 from dnsd.table import (
@@ -86,6 +87,7 @@ class TableBuilder:
         self.zones = {z.origin: z for z in zones}
         # Zone origin -> its signer, for the zones served with DNSSEC.
         self.signers = signers or {}
+        self.cookies: ServerCookies | None = None  # handed to every table (DNS Cookies on)
         self.payload_size = payload_size
         self.cap = max_answer_records
         self.all_down = all_down
@@ -262,6 +264,7 @@ class TableBuilder:
     ) -> AnswerTable:
         """A new table for this registry state; counters continue from ``previous``."""
         table = AnswerTable(revision, synced, self.payload_size)
+        table.cookies = self.cookies
         self._serial = table.serial
         self._soa_rdata.clear()
         for signer in self.signers.values():

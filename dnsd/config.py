@@ -139,6 +139,17 @@ class DnssecConfig:
 
 
 @dataclass(frozen=True)
+class CookiesConfig:
+    """DNS Cookies (RFC 7873, server cookies by RFC 9018); the secret is shared through etcd."""
+
+    enabled: bool = False
+    # A new cluster-wide secret this often; cookies of the one before stay valid.
+    secret_rotation: float = field(default=86400.0, metadata={"check": positive})
+    # How often each dnsd reads the secret from etcd (and rotates it when due).
+    poll_interval: float = field(default=10.0, metadata={"check": positive})
+
+
+@dataclass(frozen=True)
 class DnssecKeyConfig:
     """One DNSSEC key of a zone: a BIND .private file (`carousel dnssec keygen` writes one)."""
 
@@ -185,6 +196,7 @@ class DnsConfig:
     tcp_max_pending_bytes: int = field(default=256 * 1024, metadata={"check": positive})
     rrl: RRLConfig = field(default_factory=RRLConfig)
     dnssec: DnssecConfig = field(default_factory=DnssecConfig)
+    cookies: CookiesConfig = field(default_factory=CookiesConfig)
 
     def validate(self) -> str | None:
         if not 512 <= self.udp_payload_size <= 65535:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -25,9 +26,11 @@ import structlog
 from carousel.admin import AdminServer
 from carousel.etcd import EtcdAuthError, EtcdError
 from carousel.logs import setup_logging
+from carousel.registry import Keys
 from dnsd import wire
 from dnsd.build import TableBuilder
 from dnsd.config import Config
+from dnsd.cookies import SecretKeeper, Secrets, ServerCookies
 from dnsd.dnssec.setup import renew_signatures, signers_from_config
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
@@ -40,7 +43,7 @@ log = structlog.get_logger("dnsd")
 
 def make_builder(config: Config) -> TableBuilder:
     """The table builder for this config's zones and answer policy."""
-    return TableBuilder(
+    builder = TableBuilder(
         compile_zones(config.zone),
         max_answer_records=config.dns.max_answer_records,
         all_down=config.dns.all_down,
@@ -48,6 +51,19 @@ def make_builder(config: Config) -> TableBuilder:
         payload_size=config.dns.udp_payload_size,
         signers=signers_from_config(config),
     )
+    if config.dns.cookies.enabled:
+        # A local secret until the cluster's is read from etcd (SecretKeeper).
+        builder.cookies = ServerCookies(Secrets(os.urandom(16)))
+    return builder
+
+
+def cookie_keeper(config: Config, feed: RegistryFeed, builder: TableBuilder) -> SecretKeeper | None:
+    """The task that keeps the cluster's cookie secret, when DNS Cookies are on."""
+    if builder.cookies is None:
+        return None
+    c = config.dns.cookies
+    key = Keys(config.etcd.prefix).cookie_secret
+    return SecretKeeper(feed.etcd, key, builder.cookies, c.secret_rotation, c.poll_interval)
 
 
 def registry_view(feed: RegistryFeed) -> RegistryView:
@@ -185,6 +201,11 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
             (renew_signatures(builder.next_refresh, feed.rebuild), "dnssec-renewal"),
         ):
+            task = asyncio.create_task(coro, name=name)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        keeper = cookie_keeper(config, feed, builder)
+        for coro, name in ((keeper.run(), "cookie-secret"),) if keeper is not None else ():
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)
             task.add_done_callback(tasks.discard)

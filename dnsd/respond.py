@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass
 
 from dnsd import wire
+from dnsd.cookies import cookie_option, find_cookie, packed_address, well_formed
 from dnsd.table import AnswerTable, Entry
 
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -45,6 +46,10 @@ _ONE_QUESTION_ONE_EXTRA = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _CLASS_IN = b"\x00\x01"
 _TYPE_OPT = b"\x00\x29"
 ERROR_KEY = b"error"  # RRL account of every error response of a client prefix
+# Returned as the key (with no response) when the answer depends on the client's address
+# (DNS Cookies, sites): the transport then calls respond_peer with it.
+NEEDS_PEER = b"\x00peer"
+VALIDATED = b""  # RRL key of an answer to a client with a valid server cookie: never limited
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +230,9 @@ class Answerer:
         # (qtype, rcode) -> count, for answers not taken from a table entry.
         self.counts: dict[tuple[int, int], int] = {}
         self.ignored = 0  # messages answered with silence
+        # (query, BADCOOKIE answer) for the last query answered with a new server cookie,
+        # handed out by truncate() when RRL limits that answer.
+        self._badcookie: tuple[bytes, bytes] | None = None
 
     # --- fast path --------------------------------------------------------------------
 
@@ -290,6 +298,8 @@ class Answerer:
             opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
             if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
                 return self._slow(query, table, udp)
+            if opt_end > qend + 11 and table.cookies is not None:
+                return None, NEEDS_PEER  # options may hold a cookie: the answer needs the client
             edns = 1 + (query[qend + 7] >> 7)  # 1: OPT, 2: OPT with DO
         n = entry.served
         entry.served = n + 1
@@ -323,7 +333,16 @@ class Answerer:
         return query[:2] + head + query[12:qend] + (opt or b"")
 
     def truncate(self, query: bytes, table: AnswerTable) -> bytes | None:
-        """An empty TC=1 answer to ``query`` (the RRL "slip"); None if it cannot be parsed."""
+        """An empty TC=1 answer to ``query`` (the RRL "slip"); None if it cannot be parsed.
+
+        A client that sent a cookie gets BADCOOKIE with a fresh server cookie
+        instead (RFC 7873 §5.2.3): as small, and it tells a real client how to
+        be exempt from rate limiting next time.
+        """
+        pending = self._badcookie
+        if pending is not None and pending[0] is query:
+            self._badcookie = None
+            return pending[1]
         q = parse_query(query)
         if q is None or q.error or not q.question:
             return None
@@ -384,6 +403,12 @@ class Answerer:
         if q is None or q.flags1 & wire.QR:
             self.ignored += 1  # unreadable, or a response: answering could start a loop
             return None, ERROR_KEY
+        if table.cookies is not None and q.options and find_cookie(q.options) is not None:
+            return None, NEEDS_PEER
+        return self._answer(q, query, table, udp)
+
+    def _answer(self, q: Query, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
+        """The answer to a parsed query (the slow path)."""
         if q.tsig is not None and not q.error:
             return self._badkey(q, table)
         if q.opcode != 0:
@@ -445,3 +470,49 @@ class Answerer:
             if len(response) > min(max(q.edns.payload, 512), table.payload_size):
                 return self._truncated(query, 12 + len(q.question), entry, opt), entry.rrl_key
         return response, entry.rrl_key
+
+    # --- answers that depend on the client's address ----------------------------------
+
+    def respond_peer(
+        self, query: bytes, table: AnswerTable, udp: bool, host: str
+    ) -> tuple[bytes | None, bytes]:
+        """``respond`` for a query the fast path returned NEEDS_PEER for; ``host`` is the client."""
+        q = parse_query(query)
+        if q is None or q.flags1 & wire.QR:
+            self.ignored += 1
+            return None, ERROR_KEY
+        cookies = table.cookies
+        cookie = find_cookie(q.options) if cookies is not None and q.options else None
+        if cookies is None or cookie is None:
+            return self._answer(q, query, table, udp)
+        if not well_formed(cookie):
+            return self._error(q, wire.FORMERR, table)  # RFC 7873 §5.2.2
+        client = packed_address(host)
+        valid, fresh = cookies.check(cookie, client) if len(cookie) > 8 else (False, False)
+        option = cookie_option(cookie[:8], cookie[8:] if fresh else cookies.make(cookie[:8], client))
+        assert q.edns is not None  # a cookie is an EDNS option
+        opt = wire.opt_record(table.payload_size, 0, q.edns.do)
+        if q.opcode == 0 and query[4:6] == b"\x00\x00" and not q.tsig:
+            # RFC 7873 §5.4: a query with no question, only a cookie, asks for a server cookie.
+            head = struct.pack("!BBHHHH", wire.QR, 0, 0, 0, 0, 1)
+            return q.id + head + _with_option(opt, option), VALIDATED if valid else ERROR_KEY
+        response, key = self._answer(q, query, table, udp)
+        if response is None:
+            return None, key
+        response = _with_option(response, option)
+        if valid:
+            return response, VALIDATED
+        if q.question:
+            hi = wire.QR | (q.flags1 & wire.RD)
+            lo = (q.flags2 & wire.CD) | (wire.BADCOOKIE & 0x0F)
+            head = struct.pack("!BBHHHH", hi, lo, 1, 0, 0, 1)
+            ext = wire.opt_record(table.payload_size, wire.BADCOOKIE >> 4, q.edns.do)
+            self._badcookie = (query, q.id + head + q.question + _with_option(ext, option))
+        return response, key
+
+
+def _with_option(message: bytes, option: bytes) -> bytes:
+    """``message`` with ``option`` added to its OPT record, when that is its last record and empty."""
+    if len(message) < 11 or message[-11] != 0 or message[-10:-8] != _TYPE_OPT or message[-2:] != b"\x00\x00":
+        return message
+    return message[:-2] + struct.pack("!H", len(option)) + option

@@ -31,10 +31,13 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dnsd import wire
 from dnsd.wire import MessageWriter, RData
+
+if TYPE_CHECKING:
+    from dnsd.cookies import ServerCookies
 
 RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
 MAX_SCHEDULE = 1 << 16
@@ -286,6 +289,8 @@ class AnswerTable:
         self.refused = Entry(0, wire.REFUSED, False, (0, 0, 0), [b""], rrl_key=b"error")
         self.services: dict[str, ServiceState] = {}
         self.denial: dict[bytes, NxDenial] = {}  # zone origin -> signed NXDOMAIN maker
+        # DNS Cookies (dnsd.cookies.ServerCookies), shared by every table of a process; None: off.
+        self.cookies: ServerCookies | None = None
 
     def entries(self) -> Iterable[Entry]:
         """Every distinct entry (for statistics)."""

@@ -43,6 +43,7 @@ from carousel.admin import AdminServer
 from carousel.logs import setup_logging
 from carousel.registry import ServiceRecord
 from dnsd.config import Config
+from dnsd.cookies import Secrets
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
 from dnsd.stats import DnsCollector, Snapshot
@@ -102,6 +103,8 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
             rebuild()
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("applied", revision, synced))
+        elif msg[0] == "cookies" and builder.cookies is not None:
+            builder.cookies.secrets = msg[1]  # the cluster's DNS Cookie secret, from the supervisor
         elif msg[0] == "stop":
             stop.set()
 
@@ -174,6 +177,14 @@ class Supervisor:
         self.workers[index] = worker
         asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message, worker)
         self._send(worker, self._message(self.feed.table))
+        cookies = self.feed.builder.cookies
+        if cookies is not None:
+            self._send(worker, ("cookies", cookies.secrets))
+
+    def publish_cookies(self, secrets: Secrets) -> None:
+        """Send the cluster's DNS Cookie secret to every worker."""
+        for worker in self.workers.values():
+            self._send(worker, ("cookies", secrets))
 
     def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         try:
@@ -288,6 +299,7 @@ def run_supervisor(config: Config, config_path: str) -> int:
 async def _supervise(config: Config) -> int:
     from dnsd.main import (
         check_credentials,
+        cookie_keeper,
         create_feed,
         health,
         install_stop_handlers,
@@ -301,7 +313,8 @@ async def _supervise(config: Config) -> int:
     except OSError as exc:
         log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
         return 1
-    feed = create_feed(config, make_builder(config))
+    builder = make_builder(config)
+    feed = create_feed(config, builder)
     if feed is None:
         for lst in held:
             lst.udp.close()
@@ -353,10 +366,14 @@ async def _supervise(config: Config) -> int:
         if not ready:
             log.error("workers failed to start")
             return 1
+        keeper = cookie_keeper(config, feed, builder)
+        if keeper is not None:
+            keeper.on_change = supervisor.publish_cookies
         for coro, name in (
             (feed.run(), "registry-feed"),
             (supervisor.watch(), "worker-watch"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
+            *(((keeper.run(), "cookie-secret"),) if keeper is not None else ()),
         ):
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)
