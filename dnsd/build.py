@@ -29,6 +29,7 @@ from dnsd.config import AllDownPolicy
 from dnsd.cookies import ServerCookies
 from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
 from dnsd.dnssec.sign import NXNAME, ZoneSigner
+from dnsd.sites import SiteMap
 from dnsd.table import (
     MAX_CNAME_CHAIN,
     RFC8482_HINFO,
@@ -88,6 +89,9 @@ class TableBuilder:
         # Zone origin -> its signer, for the zones served with DNSSEC.
         self.signers = signers or {}
         self.cookies: ServerCookies | None = None  # handed to every table (DNS Cookies on)
+        # Site-aware answers: site -> its fallback order (itself first); {} when off.
+        self.site_orders: dict[str, list[str]] = {}
+        self.site_map: SiteMap | None = None
         self.payload_size = payload_size
         self.cap = max_answer_records
         self.all_down = all_down
@@ -285,12 +289,46 @@ class TableBuilder:
                         table.questions[question] = entry
                         if key in FULL_TYPES:
                             entry.prepare_full(question, table.opt)
+        if self.site_map is not None:
+            self._render_sites(table)
         for origin, signer in self.signers.items():
             table.denial[origin] = self._nx_denial(self.zones[origin], signer)
             signer.end_build()
         if previous is not None:
             _carry(previous, table)
         return table
+
+    def _render_sites(self, table: AnswerTable) -> None:
+        """Per-site answers for names mapped to a service: that site's edges, else the nearest."""
+        table.site_map = self.site_map
+        sign = self._sign if self.signers else None
+        for zone in self.zones.values():
+            for name, service in zone.services.items():
+                if self._zone_of(name) is not zone:
+                    continue
+                records, ttl, degraded = self._service_items[service]
+                for qtype in (wire.A, wire.AAAA):
+                    question = name + type_key(qtype) + b"\x00\x01"
+                    default = table.questions.pop(question, None)
+                    if default is None:
+                        continue
+                    table.site_questions[question] = default
+                    for site, order in self.site_orders.items():
+                        chosen = next(
+                            (r for r in ([x for x in records if x.site == o] for o in order)
+                             if self._items(r, qtype)),
+                            records,
+                        )  # fmt: skip
+                        items = self._items(chosen, qtype)
+                        if not items:
+                            plan = self._negative(zone, wire.NOERROR, degraded, name)
+                        else:
+                            plan = Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, items))
+                        key = type_key(qtype)
+                        rrl_key = name + key + b"@" + site.encode()
+                        entry = render(name, qtype, plan, self.cap, rrl_key, signer=sign)
+                        entry.prepare_full(question, table.opt)
+                        table.by_site.setdefault(site, {})[question] = entry
 
     def _render_nxdomain(self, zone: Zone) -> Entry:
         # The question name is not known in advance, so nothing is compressed.
@@ -359,3 +397,9 @@ def _carry(old: AnswerTable, new: AnswerTable) -> None:
         if prev is not None:
             entry.carry_from(prev)
     new.refused.carry_from(old.refused)
+    for site, entries in new.by_site.items():
+        old_entries = old.by_site.get(site, {})
+        for question, entry in entries.items():
+            prev = old_entries.get(question)
+            if prev is not None:
+                entry.carry_from(prev)

@@ -139,6 +139,15 @@ class DnssecConfig:
 
 
 @dataclass(frozen=True)
+class SiteConfig:
+    """One site: the client networks it serves, and where its clients go when it has no edge."""
+
+    networks: list[str] = field(default_factory=list, metadata={"check": _cidr_list})
+    # Other sites, nearest first; sites not listed come after them, by name.
+    fallback: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class CookiesConfig:
     """DNS Cookies (RFC 7873, server cookies by RFC 9018); the secret is shared through etcd."""
 
@@ -197,10 +206,23 @@ class DnsConfig:
     rrl: RRLConfig = field(default_factory=RRLConfig)
     dnssec: DnssecConfig = field(default_factory=DnssecConfig)
     cookies: CookiesConfig = field(default_factory=CookiesConfig)
+    # Site-aware answers (dnsd/sites.py): site name -> its client networks and fallbacks.
+    # Empty (the default): every client gets the same answers.
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
 
     def validate(self) -> str | None:
         if not 512 <= self.udp_payload_size <= 65535:
             return f"udp_payload_size: must be 512-65535, found {self.udp_payload_size}"
+        for name, site in self.sites.items():
+            try:
+                check_name("site", name)
+            except ValueError as exc:
+                return f"sites.{name}: {exc}"
+            for i, other in enumerate(site.fallback):
+                if other not in self.sites or other == name:
+                    return (
+                        f"sites.{name}.fallback[{i}]: expected another site in [dns.sites], found {other!r}"
+                    )
         return None
 
 

@@ -60,16 +60,21 @@ class Secrets:
     previous: bytes | None = None
 
 
-def find_cookie(options: bytes) -> bytes | None:
-    """The COOKIE option's data among EDNS options (which tile their RDATA), or None."""
+def find_option(options: bytes, wanted: int) -> bytes | None:
+    """The data of the first EDNS option ``wanted`` (options tile their RDATA), or None."""
     at, end = 0, len(options)
     while at + 4 <= end:
         code = (options[at] << 8) | options[at + 1]
         length = (options[at + 2] << 8) | options[at + 3]
-        if code == COOKIE:
+        if code == wanted:
             return options[at + 4 : at + 4 + length]
         at += 4 + length
     return None
+
+
+def find_cookie(options: bytes) -> bytes | None:
+    """The COOKIE option's data, or None."""
+    return find_option(options, COOKIE)
 
 
 def well_formed(cookie: bytes) -> bool:

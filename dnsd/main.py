@@ -34,6 +34,7 @@ from dnsd.cookies import SecretKeeper, Secrets, ServerCookies
 from dnsd.dnssec.setup import renew_signatures, signers_from_config
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
+from dnsd.sites import SiteMap, site_order
 from dnsd.stats import DnsCollector, RegistryView
 from dnsd.table import AnswerTable
 from dnsd.zone import compile_zones
@@ -51,6 +52,10 @@ def make_builder(config: Config) -> TableBuilder:
         payload_size=config.dns.udp_payload_size,
         signers=signers_from_config(config),
     )
+    if config.dns.sites:
+        builder.site_map = SiteMap({name: site.networks for name, site in config.dns.sites.items()})
+        fallbacks = {name: site.fallback for name, site in config.dns.sites.items()}
+        builder.site_orders = {name: site_order(name, fallbacks) for name in config.dns.sites}
     if config.dns.cookies.enabled:
         # A local secret until the cluster's is read from etcd (SecretKeeper).
         builder.cookies = ServerCookies(Secrets(os.urandom(16)))

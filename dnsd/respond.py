@@ -38,7 +38,8 @@ import struct
 from dataclasses import dataclass
 
 from dnsd import wire
-from dnsd.cookies import cookie_option, find_cookie, packed_address, well_formed
+from dnsd.cookies import cookie_option, find_cookie, find_option, packed_address, well_formed
+from dnsd.sites import ECS, EcsError, address_of, cap, parse_ecs
 from dnsd.table import AnswerTable, Entry
 
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -268,6 +269,8 @@ class Answerer:
         self, query: bytes, table: AnswerTable, udp: bool, end: int, qend: int
     ) -> tuple[bytes | None, bytes]:
         """Types outside the question index (HTTPS, rare types) for names we hold."""
+        if table.site_questions and query[12:qend].lower() in table.site_questions:
+            return None, NEEDS_PEER  # the answer depends on the client's site
         if end < 0 or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:
             return self._slow(query, table, udp)
         node = table.names.get(query[12 : end + 1].lower())
@@ -298,8 +301,8 @@ class Answerer:
             opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
             if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
                 return self._slow(query, table, udp)
-            if opt_end > qend + 11 and table.cookies is not None:
-                return None, NEEDS_PEER  # options may hold a cookie: the answer needs the client
+            if opt_end > qend + 11 and (table.cookies is not None or table.site_map is not None):
+                return None, NEEDS_PEER  # options may hold a cookie or ECS: the answer needs the client
             edns = 1 + (query[qend + 7] >> 7)  # 1: OPT, 2: OPT with DO
         n = entry.served
         entry.served = n + 1
@@ -403,12 +406,17 @@ class Answerer:
         if q is None or q.flags1 & wire.QR:
             self.ignored += 1  # unreadable, or a response: answering could start a loop
             return None, ERROR_KEY
-        if table.cookies is not None and q.options and find_cookie(q.options) is not None:
+        if q.options and (
+            (table.cookies is not None and find_cookie(q.options) is not None)
+            or (table.site_map is not None and find_option(q.options, ECS) is not None)
+        ):
             return None, NEEDS_PEER
         return self._answer(q, query, table, udp)
 
-    def _answer(self, q: Query, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
-        """The answer to a parsed query (the slow path)."""
+    def _answer(
+        self, q: Query, query: bytes, table: AnswerTable, udp: bool, chosen: Entry | None = None
+    ) -> tuple[bytes | None, bytes]:
+        """The answer to a parsed query (the slow path); ``chosen``: the entry, picked by site."""
         if q.tsig is not None and not q.error:
             return self._badkey(q, table)
         if q.opcode != 0:
@@ -419,7 +427,7 @@ class Answerer:
             return self._error(q, wire.BADVERS, table)
         if q.qclass != wire.CLASS_IN:
             return self._error(q, wire.REFUSED, table)
-        entry = table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
+        entry = chosen or table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
         if entry is not None:
             n = entry.served
             entry.served = n + 1
@@ -481,22 +489,30 @@ class Answerer:
         if q is None or q.flags1 & wire.QR:
             self.ignored += 1
             return None, ERROR_KEY
+        extra = b""  # options of our answer
+        chosen: Entry | None = None
+        if table.site_map is not None:
+            try:
+                chosen, extra = _site_entry(q, table, host)
+            except EcsError:
+                return self._error(q, wire.FORMERR, table)  # RFC 7871 §7.1.2
         cookies = table.cookies
         cookie = find_cookie(q.options) if cookies is not None and q.options else None
         if cookies is None or cookie is None:
-            return self._answer(q, query, table, udp)
+            response, key = self._answer(q, query, table, udp, chosen)
+            return (_with_option(response, extra) if response and extra else response), key
         if not well_formed(cookie):
             return self._error(q, wire.FORMERR, table)  # RFC 7873 §5.2.2
         client = packed_address(host)
         valid, fresh = cookies.check(cookie, client) if len(cookie) > 8 else (False, False)
-        option = cookie_option(cookie[:8], cookie[8:] if fresh else cookies.make(cookie[:8], client))
+        option = extra + cookie_option(cookie[:8], cookie[8:] if fresh else cookies.make(cookie[:8], client))
         assert q.edns is not None  # a cookie is an EDNS option
         opt = wire.opt_record(table.payload_size, 0, q.edns.do)
         if q.opcode == 0 and query[4:6] == b"\x00\x00" and not q.tsig:
             # RFC 7873 §5.4: a query with no question, only a cookie, asks for a server cookie.
             head = struct.pack("!BBHHHH", wire.QR, 0, 0, 0, 0, 1)
             return q.id + head + _with_option(opt, option), VALIDATED if valid else ERROR_KEY
-        response, key = self._answer(q, query, table, udp)
+        response, key = self._answer(q, query, table, udp, chosen)
         if response is None:
             return None, key
         response = _with_option(response, option)
@@ -509,6 +525,36 @@ class Answerer:
             ext = wire.opt_record(table.payload_size, wire.BADCOOKIE >> 4, q.edns.do)
             self._badcookie = (query, q.id + head + q.question + _with_option(ext, option))
         return response, key
+
+
+def _site_entry(q: Query, table: AnswerTable, host: str) -> tuple[Entry | None, bytes]:
+    """(the entry for the client's site or None, our ECS option or b""); EcsError if malformed."""
+    site_map = table.site_map
+    assert site_map is not None
+    data = find_option(q.options, ECS) if q.options else None
+    subnet = parse_ecs(data) if data is not None else None
+    question = q.qname + q.question[-4:]
+    default = table.site_questions.get(question) if q.question else None
+    site: str | None = None
+    extra = b""
+    if subnet is not None:
+        scope = 0
+        if subnet.source:  # 0: the client asked that its address not be used
+            used = min(subnet.source, cap(subnet.family))
+            site, scope = site_map.lookup(subnet.family, _prefix(subnet.address, subnet.family, used), used)
+        extra = subnet.reply(scope if default is not None else 0)  # other answers: the same for all
+    elif default is not None:
+        family, address = address_of(host)
+        used = cap(family)
+        site, _ = site_map.lookup(family, _prefix(address, family, used), used)
+    if default is None:
+        return None, extra
+    return (table.by_site.get(site, {}).get(question) if site else None) or default, extra
+
+
+def _prefix(address: int, family: int, bits: int) -> int:
+    width = 32 if family == 1 else 128
+    return address & (((1 << bits) - 1) << (width - bits)) if bits else 0
 
 
 def _with_option(message: bytes, option: bytes) -> bytes:

@@ -38,6 +38,7 @@ from dnsd.wire import MessageWriter, RData
 
 if TYPE_CHECKING:
     from dnsd.cookies import ServerCookies
+    from dnsd.sites import SiteMap
 
 RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
 MAX_SCHEDULE = 1 << 16
@@ -291,6 +292,11 @@ class AnswerTable:
         self.denial: dict[bytes, NxDenial] = {}  # zone origin -> signed NXDOMAIN maker
         # DNS Cookies (dnsd.cookies.ServerCookies), shared by every table of a process; None: off.
         self.cookies: ServerCookies | None = None
+        # Site-aware answers (dnsd/sites.py); None: off. Questions whose answer depends on
+        # the client's site are left out of ``questions`` (the fast path asks for the client).
+        self.site_map: SiteMap | None = None
+        self.site_questions: dict[bytes, Entry] = {}  # question -> the answer for no site
+        self.by_site: dict[str, dict[bytes, Entry]] = {}  # site -> question -> its answer
 
     def entries(self) -> Iterable[Entry]:
         """Every distinct entry (for statistics)."""
