@@ -130,6 +130,12 @@ def dnskey_text(zone: bytes, key: SigningKey, ttl: int | None = None) -> str:
     return f"{wire.to_text(zone)} {ttl_part}IN DNSKEY {key.flags} 3 {key.algorithm} {b64}"
 
 
+def trust_anchor(zone: bytes, key: SigningKey) -> str:
+    """A BIND/delv ``trust-anchors`` clause pinning ``key`` for ``zone`` (for tests and the demo)."""
+    b64 = base64.b64encode(key.public).decode()
+    return f'trust-anchors {{ {wire.to_text(zone)} static-key {key.flags} 3 {key.algorithm} "{b64}"; }};\n'
+
+
 def ds_text(zone: bytes, key: SigningKey, digest_type: int = 2) -> str:
     """The DS record to give the parent zone, in zone-file syntax."""
     rdata = key.ds(zone, digest_type)
