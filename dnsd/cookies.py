@@ -29,10 +29,10 @@ or makes a local one.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import random
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -116,7 +116,9 @@ class ServerCookies:
 
 def packed_address(host: str) -> bytes:
     """The client address as the hash input wants it: 4 or 16 bytes."""
-    return ipaddress.ip_address(host.partition("%")[0]).packed
+    if ":" in host:
+        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    return socket.inet_aton(host)
 
 
 def cookie_option(client_cookie: bytes, server_cookie: bytes) -> bytes:

@@ -50,6 +50,7 @@ ERROR_KEY = b"error"  # RRL account of every error response of a client prefix
 # Returned as the key (with no response) when the answer depends on the client's address
 # (DNS Cookies, sites): the transport then calls respond_peer with it.
 NEEDS_PEER = b"\x00peer"
+_OPTS_MAX = 64
 VALIDATED = b""  # RRL key of an answer to a client with a valid server cookie: never limited
 
 
@@ -234,6 +235,8 @@ class Answerer:
         # (query, BADCOOKIE answer) for the last query answered with a new server cookie,
         # handed out by truncate() when RRL limits that answer.
         self._badcookie: tuple[bytes, bytes] | None = None
+        # OPT records (11 bytes, no options) already checked -> (1: no DO, 2: DO; payload size).
+        self._opts: dict[bytes, tuple[int, int]] = {}
 
     # --- fast path --------------------------------------------------------------------
 
@@ -249,7 +252,23 @@ class Answerer:
         if entry is None or query[2] & 0xF8:  # not ours, or QR / opcode bits set
             return self._by_name(query, table, udp, end, qend)
         if query[4:12] != _ONE_QUESTION or len(query) != qend:
-            return self._with_extra(query, table, udp, entry, raw == low, qend)
+            # An OPT record without options, seen before (resolvers send the same few):
+            # straight to the pre-assembled answer. Anything else is checked by _with_extra.
+            known = self._opts.get(query[qend:]) if query[4:12] == _ONE_QUESTION_ONE_EXTRA else None
+            full = entry.full
+            if known is None or full is None or raw != low:
+                return self._with_extra(query, table, udp, entry, raw == low, qend)
+            edns, payload = known
+            if udp and qend + 11 + (entry.do_body_len if edns == 2 else entry.body_len) > 512:
+                if qend + 11 + (entry.do_body_len if edns == 2 else entry.body_len) > min(
+                    payload, table.payload_size
+                ):
+                    return self._with_extra(query, table, udp, entry, True, qend)  # it truncates
+            n = entry.served
+            entry.served = n + 1
+            return query[:2] + full[edns * 18 + (query[2] & 1) + (query[3] & 0x10)][
+                n % entry.period
+            ], entry.rrl_key
         n = entry.served
         entry.served = n + 1
         if udp and qend > entry.fit_plain:
@@ -304,6 +323,10 @@ class Answerer:
             if opt_end > qend + 11 and (table.cookies is not None or table.site_map is not None):
                 return None, NEEDS_PEER  # options may hold a cookie or ECS: the answer needs the client
             edns = 1 + (query[qend + 7] >> 7)  # 1: OPT, 2: OPT with DO
+            if opt_end == qend + 11:  # remember this exact OPT record for respond()
+                if len(self._opts) >= _OPTS_MAX:
+                    self._opts.clear()
+                self._opts[query[qend:]] = (edns, max(512, (query[qend + 3] << 8) | query[qend + 4]))
         n = entry.served
         entry.served = n + 1
         rdcd = (query[2] & 1) | (query[3] & 0x10)

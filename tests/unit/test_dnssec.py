@@ -329,3 +329,23 @@ def _advance(clock: Clock):
         await real_sleep(0)
 
     return sleep
+
+
+@pytest.mark.parametrize("payload", [512, 1232, 4096])
+@pytest.mark.parametrize("do", [False, True])
+def test_remembered_opt_records_answer_as_the_checked_path_does(payload: int, do: bool) -> None:
+    """respond() serves a seen OPT record straight from the prepared answers: same result, TC included."""
+    builder, _ = signed_builder(cap=28)
+    table = builder.build(edges(28), revision=7)
+    q = dns.message.make_query("www.example.test", "A", use_edns=0, want_dnssec=do, payload=payload)
+    warm = Answerer()
+    first, _ = warm.respond(q.to_wire(), table, True)  # checked by _with_extra, then remembered
+    assert q.to_wire()[-11:] in warm._opts
+    second, _ = warm.respond(q.to_wire(), table, True)  # the remembered path
+    assert first is not None and second is not None
+    a, b = dns.message.from_wire(first), dns.message.from_wire(second)
+    assert a.flags == b.flags and a.ednsflags == b.ednsflags and a.payload == b.payload
+    assert [(s.rdtype, sorted(map(str, s))) for s in a.answer] == [
+        (s.rdtype, sorted(map(str, s))) for s in b.answer
+    ]
+    assert bool(b.flags & dns.flags.TC) == (payload == 512 and do)
