@@ -381,3 +381,38 @@ def test_dnssec_ds_prints_the_ds_of_the_configured_keys(tmp_path: Path) -> None:
     ds = dns.dnssec.make_ds(ZONE_NAME, dnskey, "SHA256")
     assert out.stdout.strip() == f"example.test. IN DS {tag} 13 2 {ds.digest.hex().upper()}"
     assert base64.b64decode(b64)  # the .key file holds the public key
+
+
+@pytest.mark.skipif(DIG is None, reason="dig is not installed")
+def test_workers_sign_and_share_the_cookie_secret(
+    shared_etcd: EtcdProcess, tmp_path: Path, procs: ProcessGroup
+) -> None:
+    """workers = 2: each worker signs its own tables and uses the supervisor's cookie secret."""
+    key = keygen(tmp_path)
+    anchor = anchor_file(tmp_path, key)
+    cfg = EtcdConfig(endpoints=[shared_etcd.endpoint], prefix=f"/sec-{uuid.uuid4().hex[:8]}/", timeout=1.0)
+
+    async def register() -> None:
+        reg = Registry(cfg, ttl=600)
+        await reg.put_all([edge(i) for i in (1, 2, 3)])
+        await reg.etcd.close()
+
+    sync(register())
+    config = dnsd_toml(cfg, dns={"workers": 2}, zone_extra=key_tables([(key, "csk", "active")]))
+    config = config.replace("[dns.rrl]", "[dns.cookies]\nenabled = true\npoll_interval = 0.2\n\n[dns.rrl]")
+    d = start_dnsd(procs, "dnsd-sec-workers", config)
+    if DELV is not None:
+        for _ in range(4):  # SO_REUSEPORT spreads the queries over both workers
+            assert "; fully validated" in delv(d, anchor, WWW, "A")
+    deadline = time.monotonic() + 10
+    while True:  # fresh sockets land on either worker: once both have the secret, one hash per second
+        hashes: dict[str, set[str]] = {}
+        for _ in range(20):
+            out = d.dig("+cookie=0102030405060708", WWW)
+            m = re.search(r"; COOKIE: 0102030405060708(01000000)([0-9a-f]{8})([0-9a-f]{16}) \(good\)", out)
+            assert m, out
+            hashes.setdefault(m.group(2), set()).add(m.group(3))
+        if all(len(h) == 1 for h in hashes.values()):
+            break
+        assert time.monotonic() < deadline, hashes
+        time.sleep(0.2)
