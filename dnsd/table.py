@@ -306,7 +306,8 @@ class AnswerTable:
                 if id(e) not in seen:
                     seen.add(id(e))
                     yield e
-        for e in (*self.nxdomain.values(), *self.meta.values(), self.refused):
+        site_entries = [e for entries in self.by_site.values() for e in entries.values()]
+        for e in (*self.nxdomain.values(), *self.meta.values(), self.refused, *site_entries):
             if id(e) not in seen:
                 seen.add(id(e))
                 yield e

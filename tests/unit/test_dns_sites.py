@@ -189,3 +189,11 @@ def test_agent_and_dnsd_configs_validate_sites(tmp_path) -> None:
     dnsd.write_text('[dns.sites.tokyo]\nnetworks = ["10.1.0.0/33"]\n' + zone)
     with pytest.raises(ConfigError, match=r"dns\.sites\.tokyo\.networks"):
         load_dnsd(str(dnsd))
+
+
+def test_site_answers_are_counted_in_the_statistics() -> None:
+    table = build()
+    before = sum(e.served for e in table.entries())
+    for _ in range(5):
+        ask(table, host="10.1.0.1")
+    assert sum(e.served for e in table.entries()) == before + 5
