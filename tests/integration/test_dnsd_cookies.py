@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import uuid
 
 import dns.edns
@@ -80,8 +81,6 @@ def test_one_cluster_secret_in_etcd_validates_at_every_dnsd(two: tuple[Dnsd, Dns
             await etcd.close()
 
     assert len(sync(secret())) == 16
-    import time
-
     deadline = time.monotonic() + 10
     while True:  # both have read the secret once they hand out the same cookie
         _, from_a = _cookie_query(a, CLIENT)
@@ -108,3 +107,43 @@ def test_a_valid_cookie_exempts_from_rrl_a_missing_one_does_not(two: tuple[Dnsd,
         if r is None or r.rcode() == dns.rcode.BADCOOKIE:
             limited += 1
     assert limited >= 20
+
+
+def test_the_secret_rotates_and_cookies_of_the_previous_one_stay_valid(
+    shared_etcd: EtcdProcess, procs: ProcessGroup
+) -> None:
+    cfg = EtcdConfig(endpoints=[shared_etcd.endpoint], prefix=f"/ck-{uuid.uuid4().hex[:8]}/", timeout=1.0)
+
+    async def register() -> None:
+        reg = Registry(cfg, ttl=600)
+        await reg.put_all([edge(1)])
+        await reg.etcd.close()
+
+    async def secrets():  # type: ignore[no-untyped-def]
+        etcd = Etcd(cfg)
+        try:
+            kv = await etcd.get(Keys(cfg.prefix).cookie_secret)
+            return decode_secrets(kv.value)[0] if kv is not None else None
+        finally:
+            await etcd.close()
+
+    sync(register())
+    rrl = {"enabled": True, "responses_per_second": 5, "window": 5, "slip": 2}
+    cookies = "[dns.cookies]\nenabled = true\nsecret_rotation = 4.0\npoll_interval = 0.2\n\n[dns.rrl]"
+    d = start_dnsd(procs, "dnsd-ck-rot", dnsd_toml(cfg, rrl=rrl).replace("[dns.rrl]", cookies))
+    deadline = time.monotonic() + 5
+    while (first := sync(secrets())) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # dnsd has read it
+    _, cookie = _cookie_query(d, CLIENT)
+    deadline = time.monotonic() + 10
+    while (now := sync(secrets())) == first:
+        assert time.monotonic() < deadline, "the secret never rotated"
+        time.sleep(0.2)
+    assert now is not None and now.previous == first.current and now.current != first.current
+    time.sleep(0.5)  # dnsd has read the rotated secret
+    for _ in range(30):  # 6x the rate with the pre-rotation cookie: still exempt, never limited
+        r, fresh = _cookie_query(d, cookie)
+        assert r is not None and r.answer and not r.flags & dns.flags.TC
+        assert fresh != cookie  # made with the old secret: the answer carries a new one
