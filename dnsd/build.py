@@ -20,13 +20,13 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import dnslib
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.config import AllDownPolicy
-from dnsd.cookies import ServerCookies
 from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
 from dnsd.dnssec.sign import NXNAME, ZoneSigner
 from dnsd.sites import SiteMap
@@ -44,6 +44,9 @@ from dnsd.table import (
 )
 from dnsd.wire import MessageWriter, RData
 from dnsd.zone import Zone
+
+if TYPE_CHECKING:
+    from dnsd.cookies import ServerCookies
 
 
 def _lowercase_safe(qtype: int) -> bool:

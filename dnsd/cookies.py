@@ -19,31 +19,20 @@ through. A server cookie is valid from 5 minutes in the future back to an
 hour in the past (RFC 9018 §4.3); past half an hour a new one is issued.
 
 The secret lives in etcd (``<prefix>dnsd/cookie-secret``, JSON with
-``current``, ``previous`` and ``rotated``). Cookies made with either secret
-validate, so rotating loses nobody: each dnsd polls the key, and the first
-to see it older than ``secret_rotation`` writes a new current one (the old
-current becomes previous). Without etcd, dnsd keeps the last secret it had,
-or makes a local one.
+``current``, ``previous`` and ``rotated``), kept by cookie_keeper.py.
+Cookies made with either secret validate, so rotating loses nobody.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import random
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
 from siphash24 import siphash24
-
-from carousel.etcd import Etcd, EtcdError
-
-log = structlog.get_logger("dnsd.cookies")
 
 COOKIE = 10  # EDNS option code (RFC 7873 §4)
 VERSION_1 = b"\x01\x00\x00\x00"
@@ -143,60 +132,3 @@ def decode_secrets(raw: bytes) -> tuple[Secrets, float]:
 def encode_secrets(secrets: Secrets, rotated: float) -> bytes:
     prev = secrets.previous.hex() if secrets.previous else ""
     return json.dumps({"current": secrets.current.hex(), "previous": prev, "rotated": rotated}).encode()
-
-
-class SecretKeeper:
-    """Keeps ``cookies.secrets`` equal to the cluster's secret in etcd, and rotates it when due."""
-
-    def __init__(
-        self,
-        etcd: Etcd,
-        key: str,
-        cookies: ServerCookies,
-        rotation: float,
-        poll: float,
-        on_change: Callable[[Secrets], None] | None = None,
-    ) -> None:
-        self.etcd = etcd
-        self.key = key
-        self.cookies = cookies
-        self.rotation = rotation
-        self.poll = poll
-        self.on_change = on_change
-        self._warned = False
-
-    def _set(self, secrets: Secrets) -> None:
-        if secrets != self.cookies.secrets:
-            self.cookies.secrets = secrets
-            if self.on_change is not None:
-                self.on_change(secrets)
-
-    async def sync_once(self) -> None:
-        """Read the secret; create it if missing, rotate it if due."""
-        now = time.time()
-        kv = await self.etcd.get(self.key)
-        secrets, rotated = None, 0.0
-        if kv is not None:
-            try:
-                secrets, rotated = decode_secrets(kv.value)
-            except (ValueError, KeyError, TypeError):
-                log.warning("cookie secret in etcd is not readable; replacing it", key=self.key)
-        if secrets is None or now - rotated >= self.rotation:
-            old = secrets.current if secrets is not None else None
-            secrets, rotated = Secrets(os.urandom(16), old), now
-            await self.etcd.put(self.key, encode_secrets(secrets, rotated))
-            log.info("cookie secret rotated", key=self.key)
-        self._set(secrets)
-
-    async def run(self) -> None:
-        """Poll until cancelled; while etcd is away the last secret stays in use."""
-        while True:
-            try:
-                await self.sync_once()
-                self._warned = False
-            except EtcdError as exc:
-                if not self._warned:
-                    log.warning("cookie secret: etcd unreachable, keeping the last secret", error=str(exc))
-                    self._warned = True
-            # Spread the polls so rotations by two dnsds rarely collide.
-            await asyncio.sleep(self.poll * random.uniform(0.8, 1.2))

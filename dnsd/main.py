@@ -30,7 +30,8 @@ from carousel.registry import Keys
 from dnsd import wire
 from dnsd.build import TableBuilder
 from dnsd.config import Config
-from dnsd.cookies import SecretKeeper, Secrets, ServerCookies
+from dnsd.cookie_keeper import SecretKeeper
+from dnsd.cookies import Secrets, ServerCookies
 from dnsd.dnssec.setup import renew_signatures, signers_from_config
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
