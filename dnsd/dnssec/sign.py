@@ -113,10 +113,10 @@ class ZoneSigner:
 
     # --- signing ----------------------------------------------------------------------
 
-    def _times(self, now: float) -> tuple[int, int, float]:
+    def _times(self, now: float) -> tuple[int, int, int]:
         p = self.policy
-        expiration = now + p.validity - self.rng.uniform(0, p.jitter)
-        return int(now - p.inception_offset), int(expiration), expiration - p.refresh
+        expiration = int(now + p.validity - self.rng.uniform(0, p.jitter))
+        return int(now - p.inception_offset), expiration, expiration - p.refresh
 
     def _rrsig(self, key: SigningKey, owner: bytes, rtype: int, ttl: int, rdatas: Sequence[bytes],
                inception: int, expiration: int) -> bytes:  # fmt: skip
