@@ -93,12 +93,20 @@ class AgentSection:
     # The etcd cluster's --election-timeout; etcd raises any lease TTL below
     # 1.5 x this, so a lower ttl here would silently not mean what it says.
     etcd_election_timeout: float = field(default=1.0, metadata={"check": positive})
+    # The site (or region) this node stands in, written into its registrations; dnsd's
+    # site-aware answers (its `[dns.sites]`) prefer edges of the client's site. "": none.
+    site: str = ""
 
     def validate(self) -> str | None:
         try:
             check_name("node", self.node)
         except ValueError as exc:
             return f"node: {exc}"
+        if self.site:
+            try:
+                check_name("site", self.site)
+            except ValueError as exc:
+                return f"site: {exc}"
         minimum = math.ceil(1.5 * self.etcd_election_timeout)
         if self.ttl < minimum:
             return (

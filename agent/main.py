@@ -65,6 +65,7 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.node = config.agent.node
+        self.site = config.agent.site
         self.keys = Keys(config.etcd.prefix)
         self.etcd = Etcd(config.etcd)
         self.lease = LeaseKeeper(self.etcd, config.agent.ttl, self._lease_replaced)
@@ -101,6 +102,7 @@ class Agent:
             weight=st.cfg.weight,
             state="up",
             meta=dict(st.cfg.meta),
+            site=self.site,
         ).with_state(state)  # type: ignore[arg-type]
 
     def recompute(self) -> None:

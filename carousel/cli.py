@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_etcd_args(p)
     p.set_defaults(func=cmd_purge)
 
+    importlib.import_module("dnsd.dnssec.cli").add_parser(sub)
+
     p = sub.add_parser("check-config", help="validate a daemon config (exit 2 if invalid)")
     p.add_argument("file")
     p.add_argument("--kind", choices=sorted(DAEMONS), help="daemon kind (guessed from the tables if omitted)")

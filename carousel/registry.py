@@ -75,6 +75,11 @@ class Keys:
     def ban(self, address: str) -> str:
         return f"{self.prefix}bans/{address}"
 
+    @property
+    def cookie_secret(self) -> str:
+        """The DNS Cookie secret every dnsd of the cluster shares (dnsd/cookies.py)."""
+        return f"{self.prefix}dnsd/cookie-secret"
+
     def split_service(self, key: str) -> tuple[str, str]:
         """(service, node) from a service key; ValueError if it is not one."""
         rest = key.removeprefix(self.services)
@@ -129,10 +134,15 @@ class ServiceRecord:
     state: State = "up"
     meta: dict[str, str] = field(default_factory=dict)
     since: float = 0.0  # unix time of the last state change, for `carousel status`
+    # Where the node stands (a site or region label, from the agent's config); "" when unset.
+    # dnsd's site-aware answers prefer the edges of the client's site.
+    site: str = ""
 
     def __post_init__(self) -> None:
         check_name("service", self.service)
         check_name("node", self.node)
+        if self.site:
+            check_name("site", self.site)
         if not 0 < self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         if not self.ipv4 and not self.ipv6:
@@ -169,6 +179,8 @@ class ServiceRecord:
                 "state": self.state,
                 "meta": self.meta,
                 "since": self.since,
+                # Written only when set: records stay byte-identical for clusters without sites.
+                **({"site": self.site} if self.site else {}),
             }
         )
 
@@ -188,6 +200,7 @@ class ServiceRecord:
                 state=_get(obj, "state", str, "up"),
                 meta={str(k): str(v) for k, v in meta.items()},
                 since=float(_get(obj, "since", (int, float), 0.0)),
+                site=_get(obj, "site", str, ""),
             )
         except ValueError as exc:
             if isinstance(exc, SchemaError):
@@ -206,6 +219,7 @@ class ServiceRecord:
             state,
             dict(self.meta),
             time.time(),
+            self.site,
         )
 
 

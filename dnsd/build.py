@@ -31,25 +31,33 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import dnslib
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.config import AllDownPolicy
+from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
+from dnsd.dnssec.sign import NXNAME, ZoneSigner
 from dnsd.rotation import AddressSet, RotatingAnswer
+from dnsd.sites import SiteMap
 from dnsd.table import (
     MAX_CNAME_CHAIN,
     RFC8482_HINFO,
     RR,
     AnswerTable,
     Entry,
+    NxDenial,
     Plan,
     ServiceState,
     render,
 )
-from dnsd.wire import RData
+from dnsd.wire import MessageWriter, RData
 from dnsd.zone import Zone
+
+if TYPE_CHECKING:
+    from dnsd.cookies import ServerCookies
 
 ADDRESS_TYPES = (wire.A, wire.AAAA)
 Change = tuple[ServiceRecord | None, ServiceRecord | None]  # (before, after) of one registration
@@ -87,6 +95,18 @@ def _packed(rtype: int, text: str) -> bytes:
         return socket.inet_pton(socket.AF_INET if rtype == wire.A else socket.AF_INET6, text)
     except OSError:  # forms only ipaddress reads (an IPv6 scope id): validated already
         return wire.ipv4_bytes(text) if rtype == wire.A else wire.ipv6_bytes(text)
+
+
+def _address_set(records: Iterable[ServiceRecord], rtype: int) -> AddressSet:
+    """The address set of some records (a site's), each address with its heaviest weight."""
+    items: dict[bytes, tuple[str, int]] = {}
+    for r in records:
+        for text in r.ipv4 if rtype == wire.A else r.ipv6:
+            packed = _packed(rtype, text)
+            old = items.get(packed)
+            if old is None or old[1] < r.weight:
+                items[packed] = (text, r.weight)
+    return AddressSet.of(items)
 
 
 class ServiceView:
@@ -190,8 +210,15 @@ class TableBuilder:
         all_down: AllDownPolicy = "last-known",
         degraded_ttl: int = 1,
         payload_size: int = 1232,
+        signers: dict[bytes, ZoneSigner] | None = None,
     ) -> None:
         self.zones = {z.origin: z for z in zones}
+        # Zone origin -> its signer, for the zones served with DNSSEC.
+        self.signers = signers or {}
+        self.cookies: ServerCookies | None = None  # handed to every table (DNS Cookies on)
+        # Site-aware answers: site -> its fallback order (itself first); {} when off.
+        self.site_orders: dict[str, list[str]] = {}
+        self.site_map: SiteMap | None = None
         self.payload_size = payload_size
         self.cap = max_answer_records
         self.all_down = all_down
@@ -219,6 +246,10 @@ class TableBuilder:
     @last_healthy.setter
     def last_healthy(self, value: dict[str, Sequence[ServiceRecord]]) -> None:
         self._last_healthy = dict(value)
+
+    def next_refresh(self) -> float | None:
+        """When the first DNSSEC signature in use is due for renewal (None: nothing signed)."""
+        return min((t for s in self.signers.values() if (t := s.next_refresh()) is not None), default=None)
 
     # --- registry -> per-service answer sets ------------------------------------------
 
@@ -317,9 +348,35 @@ class TableBuilder:
             rdata = self._soa_rdata[key] = wire.rdata(rd)
         return (zone.origin, wire.SOA, ttl, rdata)
 
-    def _negative(self, zone: Zone, rcode: int, degraded: bool = False) -> Plan:
+    def _negative(self, zone: Zone, rcode: int, degraded: bool = False, name: bytes | None = None) -> Plan:
+        """NXDOMAIN or NODATA; in a signed zone the DO variant adds compact denial for ``name``."""
         ttl = self.degraded_ttl if degraded else zone.negative_ttl
-        return Plan(rcode=rcode, authority=[self._soa(zone, ttl)])
+        plan = Plan(rcode=rcode, authority=[self._soa(zone, ttl)])
+        signer = self.signers.get(zone.origin)
+        if signer is not None and name is not None:
+            types = (NXNAME,) if rcode == wire.NXDOMAIN else self._types_with_data(zone, name)
+            plan.denial = [(name, NSEC, ttl, [signer.nsec_rdata(name, types)])]
+            plan.signed_rcode = wire.NOERROR  # RFC 9824 §3: the name "exists" with no data
+        return plan
+
+    def _types_with_data(self, zone: Zone, name: bytes) -> set[int]:
+        """The types ``name`` answers with records right now (an NSEC type bitmap, RFC 4034 §4.1.2)."""
+        types = set(zone.static.get(name, {}))
+        service = zone.services.get(name)
+        if service is not None:
+            sets = self._views[service].sets
+            types |= {t for t in ADDRESS_TYPES if sets[t].keys}
+        if name == zone.origin:
+            types |= {wire.SOA, wire.NS}
+            if zone.origin in self.signers:
+                types.add(DNSKEY)
+        return types
+
+    def _sign(self, owner: bytes, rtype: int, ttl: int, rdatas: list[bytes]) -> list[bytes]:
+        """RRSIGs of an RRset by the signer of the zone that holds its owner ([] if unsigned)."""
+        zone = self._zone_of(owner)
+        signer = self.signers.get(zone.origin) if zone is not None else None
+        return signer.rrsigs(owner, rtype, ttl, rdatas) if signer is not None else []
 
     def _data(self, zone: Zone, name: bytes, qtype: int) -> Plan:
         """The answer for a name that exists in ``zone`` and is not a CNAME."""
@@ -329,10 +386,13 @@ class TableBuilder:
             view = self._views[service]
             aset = view.sets[qtype]
             if not aset.keys:
-                return self._negative(zone, wire.NOERROR, view.degraded)
+                return self._negative(zone, wire.NOERROR, view.degraded, name)
             return Plan(rotating=(name, qtype, zone.service_ttl if view.ttl < 0 else view.ttl, aset))
         if qtype == wire.SOA and name == zone.origin:
             return Plan(fixed=[self._soa(zone, zone.soa.ttl)])
+        signer = self.signers.get(zone.origin)
+        if qtype == DNSKEY and name == zone.origin and signer is not None:
+            return Plan(fixed=[(name, DNSKEY, signer.dnskey_ttl, [rd]) for rd in signer.dnskeys])
         if qtype == wire.NS and name == zone.origin:
             glue: list[RR] = []
             for ns in zone.ns:
@@ -347,7 +407,7 @@ class TableBuilder:
             return Plan(fixed=[(name, wire.HINFO, zone.service_ttl, list(RFC8482_HINFO))])
         rrset = static.get(qtype)
         if rrset is None:
-            return self._negative(zone, wire.NOERROR)
+            return self._negative(zone, wire.NOERROR, name=name)
         if qtype in (wire.A, wire.AAAA) and len(rrset.rdatas) > 1:
             items = {rd[0]: (str(ipaddress.ip_address(rd[0])), 1) for rd in rrset.rdatas}
             return Plan(rotating=(name, qtype, rrset.ttl, AddressSet.of(items)))
@@ -363,7 +423,7 @@ class TableBuilder:
             if zone is None:
                 return Plan(prefix=chain)  # left our authority: the resolver continues
             if current not in self._names[zone.origin]:
-                plan = self._negative(zone, wire.NXDOMAIN)
+                plan = self._negative(zone, wire.NXDOMAIN, name=current)
                 plan.prefix = chain
                 return plan
             cname = zone.static.get(current, {}).get(wire.CNAME)
@@ -405,8 +465,11 @@ class TableBuilder:
 
     def _assemble(self, revision: int, synced: bool, previous: AnswerTable | None) -> AnswerTable:
         table = AnswerTable(revision, synced, self.payload_size)
+        table.cookies = self.cookies
         self._serial = table.serial
         self._soa_rdata.clear()
+        for signer in self.signers.values():
+            signer.begin_build()
         table.services = self._states()
         rotations: dict[tuple[bytes, bytes], RotatingAnswer] = {}
         for qtype, rcode in META_ANSWERS.items():
@@ -425,14 +488,61 @@ class TableBuilder:
                         if key in FULL_TYPES:
                             entry.prepare_full(question, table.opt)
         self._rotations = rotations
+        if self.site_map is not None:
+            self._render_sites(table)
+        for origin, signer in self.signers.items():
+            table.denial[origin] = self._nx_denial(self.zones[origin], signer)
+            signer.end_build()
         if previous is not None:
             _carry(previous, table)
         return table
+
+    def _render_sites(self, table: AnswerTable) -> None:
+        """Per-site answers for names mapped to a service: that site's edges, else the nearest."""
+        table.site_map = self.site_map
+        sign = self._sign if self.signers else None
+        for zone in self.zones.values():
+            for name, service in zone.services.items():
+                if self._zone_of(name) is not zone:
+                    continue
+                view = self._views[service]
+                records, ttl, degraded = view.chosen, view.ttl, view.degraded
+                for qtype in ADDRESS_TYPES:
+                    question = name + type_key(qtype) + b"\x00\x01"
+                    default = table.questions.pop(question, None)
+                    if default is None:
+                        continue
+                    table.site_questions[question] = default
+                    for site, order in self.site_orders.items():
+                        aset = next(
+                            (a for o in order
+                             if (a := _address_set([x for x in records if x.site == o], qtype)).keys),
+                            view.sets[qtype],
+                        )  # fmt: skip
+                        if not aset.keys:
+                            plan = self._negative(zone, wire.NOERROR, degraded, name)
+                        else:
+                            plan = Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, aset))
+                        key = type_key(qtype)
+                        rrl_key = name + key + b"@" + site.encode()
+                        entry = render(name, qtype, plan, self.cap, rrl_key, signer=sign)
+                        entry.prepare_full(question, table.opt)
+                        table.by_site.setdefault(site, {})[question] = entry
 
     def _render_nxdomain(self, zone: Zone) -> Entry:
         # The question name is not known in advance, so nothing is compressed.
         plan = self._negative(zone, wire.NXDOMAIN)
         return render(None, 0, plan, self.cap, rrl_key=zone.origin + b"/nxdomain")
+
+    def _nx_denial(self, zone: Zone, signer: ZoneSigner) -> NxDenial:
+        """The signed SOA every NXDOMAIN of a signed zone carries, for ``ZoneSigner.nx_records``."""
+        owner, rtype, ttl, rdata = self._soa(zone, zone.negative_ttl)
+        w = MessageWriter(None, 0)
+        w.rr(owner, rtype, ttl, rdata, compress=False)
+        sigs = signer.rrsigs(owner, rtype, ttl, [b"".join(rdata)])
+        for sig in sigs:
+            w.rr(owner, RRSIG, ttl, [sig], compress=False)
+        return NxDenial(signer, w.getvalue(), ttl, 2 + 2 * len(sigs))
 
     def _types_at(self, name: bytes) -> set[int]:
         """The types a name answers with data, following its CNAME chain inside our zones."""
@@ -449,6 +559,8 @@ class TableBuilder:
                 types |= {wire.A, wire.AAAA}
             if name == zone.origin:
                 types |= {wire.SOA, wire.NS}
+                if zone.origin in self.signers:
+                    types.add(DNSKEY)
             cname = static.get(wire.CNAME)
             if cname is None:
                 break
@@ -463,16 +575,18 @@ class TableBuilder:
         rotations: dict[tuple[bytes, bytes], RotatingAnswer],
     ) -> dict[bytes, Entry]:
         node: dict[bytes, Entry] = dict(meta)
+        sign = self._sign if self.signers else None
         types = set(ALWAYS_TYPES) | self._types_at(name)
         for qtype in sorted(types):
             key = type_key(qtype)
             previous = self._rotations.get((name, key))
-            entry = render(name, qtype, self.plan(name, qtype), self.cap, name + key, previous=previous)
+            plan = self.plan(name, qtype)
+            entry = render(name, qtype, plan, self.cap, name + key, previous=previous, signer=sign)
             node[key] = entry
             if entry.answer is not None:
                 rotations[name, key] = entry.answer
         # Any other type: the same answer as a type the name surely lacks.
-        node[b""] = render(name, 0, self.plan(name, 0), self.cap, name + b"/other")
+        node[b""] = render(name, 0, self.plan(name, 0), self.cap, name + b"/other", signer=sign)
         return node
 
 
@@ -493,3 +607,9 @@ def _carry(old: AnswerTable, new: AnswerTable) -> None:
         if prev is not None:
             entry.carry_from(prev)
     new.refused.carry_from(old.refused)
+    for site, entries in new.by_site.items():
+        old_entries = old.by_site.get(site, {})
+        for question, entry in entries.items():
+            prev = old_entries.get(question)
+            if prev is not None:
+                entry.carry_from(prev)

@@ -116,6 +116,68 @@ class RRLConfig:
 
 
 @dataclass(frozen=True)
+class DnssecConfig:
+    """Signature timing for every signed zone (RFC 6781 §4.4.2), in seconds."""
+
+    # How long a signature is valid from the moment it is made.
+    signature_validity: int = field(default=14 * 86400, metadata={"check": positive})
+    # Re-sign (in the background) once less than this is left of a signature's validity.
+    signature_refresh: int = field(default=5 * 86400, metadata={"check": positive})
+    # Expirations are spread over this much (less than the validity) so they do not all fall together.
+    signature_jitter: int = field(default=12 * 3600, metadata={"check": non_negative})
+    # Inception is set this far in the past, for validators whose clocks run slow.
+    inception_offset: int = field(default=3600, metadata={"check": non_negative})
+
+    def validate(self) -> str | None:
+        if self.signature_refresh + self.signature_jitter >= self.signature_validity:
+            return (
+                "signature_refresh + signature_jitter must be less than signature_validity, found "
+                f"{self.signature_refresh} + {self.signature_jitter} >= {self.signature_validity}"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site: the client networks it serves, and where its clients go when it has no edge."""
+
+    networks: list[str] = field(default_factory=list, metadata={"check": _cidr_list})
+    # Other sites, nearest first; sites not listed come after them, by name.
+    fallback: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CookiesConfig:
+    """DNS Cookies (RFC 7873, server cookies by RFC 9018); the secret is shared through etcd."""
+
+    enabled: bool = False
+    # A new cluster-wide secret this often; cookies of the one before stay valid.
+    secret_rotation: float = field(default=86400.0, metadata={"check": positive})
+    # How often each dnsd reads the secret from etcd (and rotates it when due).
+    poll_interval: float = field(default=10.0, metadata={"check": positive})
+
+
+@dataclass(frozen=True)
+class DnssecKeyConfig:
+    """One DNSSEC key of a zone: a BIND .private file (`carousel dnssec keygen` writes one)."""
+
+    file: str
+    # csk: signs everything; ksk: signs the DNSKEY RRset; zsk: signs the rest.
+    role: Literal["csk", "ksk", "zsk"] = "csk"
+    # active: in the DNSKEY RRset and signing; published: in the DNSKEY RRset only
+    # (the first and last steps of a pre-publish rollover, see dnsd/README.md "DNSSEC").
+    state: Literal["active", "published"] = "active"
+
+
+@dataclass(frozen=True)
+class ZoneDnssecConfig:
+    """A zone's DNSSEC keys; no keys: the zone is served unsigned."""
+
+    key: list[DnssecKeyConfig] = field(default_factory=list)
+    dnskey_ttl: int = field(default=3600, metadata={"check": ttl_value})
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     """Listeners, transport limits and answer policy."""
 
@@ -141,10 +203,25 @@ class DnsConfig:
     # A client that does not read its answers may not queue more than this.
     tcp_max_pending_bytes: int = field(default=256 * 1024, metadata={"check": positive})
     rrl: RRLConfig = field(default_factory=RRLConfig)
+    dnssec: DnssecConfig = field(default_factory=DnssecConfig)
+    cookies: CookiesConfig = field(default_factory=CookiesConfig)
+    # Site-aware answers (dnsd/sites.py): site name -> its client networks and fallbacks.
+    # Empty (the default): every client gets the same answers.
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
 
     def validate(self) -> str | None:
         if not 512 <= self.udp_payload_size <= 65535:
             return f"udp_payload_size: must be 512-65535, found {self.udp_payload_size}"
+        for name, site in self.sites.items():
+            try:
+                check_name("site", name)
+            except ValueError as exc:
+                return f"sites.{name}: {exc}"
+            for i, other in enumerate(site.fallback):
+                if other not in self.sites or other == name:
+                    return (
+                        f"sites.{name}.fallback[{i}]: expected another site in [dns.sites], found {other!r}"
+                    )
         return None
 
 
@@ -197,6 +274,7 @@ class ZoneConfig:
     # name -> registry service whose healthy instances answer A/AAAA for that name.
     services: dict[str, str] = field(default_factory=dict)
     record: list[RecordConfig] = field(default_factory=list)
+    dnssec: ZoneDnssecConfig = field(default_factory=ZoneDnssecConfig)
 
     def validate(self) -> str | None:
         if not self.ns:

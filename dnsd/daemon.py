@@ -6,6 +6,7 @@ registry feed, /healthz and /status, signal handling, the event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -14,11 +15,16 @@ from typing import Any
 import structlog
 
 from carousel.etcd import EtcdAuthError, EtcdError
+from carousel.registry import Keys
 from dnsd import wire
 from dnsd.build import TableBuilder
 from dnsd.config import Config
+from dnsd.cookie_keeper import SecretKeeper
+from dnsd.cookies import Secrets, ServerCookies
+from dnsd.dnssec.setup import signers_from_config
 from dnsd.feed import RegistryFeed
 from dnsd.server import Listener
+from dnsd.sites import SiteMap, site_order
 from dnsd.stats import RegistryView
 from dnsd.table import AnswerTable
 from dnsd.zone import compile_zones
@@ -27,14 +33,32 @@ log = structlog.get_logger("dnsd")
 
 
 def make_builder(config: Config) -> TableBuilder:
-    """The table builder for this config's zones and answer policy."""
-    return TableBuilder(
+    """The table builder for this config's zones, answer policy, signers, sites and cookies."""
+    builder = TableBuilder(
         compile_zones(config.zone),
         max_answer_records=config.dns.max_answer_records,
         all_down=config.dns.all_down,
         degraded_ttl=config.dns.degraded_ttl,
         payload_size=config.dns.udp_payload_size,
+        signers=signers_from_config(config),
     )
+    if config.dns.sites:
+        builder.site_map = SiteMap({name: site.networks for name, site in config.dns.sites.items()})
+        fallbacks = {name: site.fallback for name, site in config.dns.sites.items()}
+        builder.site_orders = {name: site_order(name, fallbacks) for name in config.dns.sites}
+    if config.dns.cookies.enabled:
+        # A local secret until the cluster's is read from etcd (SecretKeeper).
+        builder.cookies = ServerCookies(Secrets(os.urandom(16)))
+    return builder
+
+
+def cookie_keeper(config: Config, feed: RegistryFeed, builder: TableBuilder) -> SecretKeeper | None:
+    """The task that keeps the cluster's cookie secret, when DNS Cookies are on."""
+    if builder.cookies is None:
+        return None
+    c = config.dns.cookies
+    key = Keys(config.etcd.prefix).cookie_secret
+    return SecretKeeper(feed.etcd, key, builder.cookies, c.secret_rotation, c.poll_interval)
 
 
 def registry_view(feed: RegistryFeed) -> RegistryView:

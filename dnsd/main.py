@@ -26,6 +26,7 @@ from carousel.logs import setup_logging
 from dnsd.config import Config, load
 from dnsd.daemon import (
     check_credentials,
+    cookie_keeper,
     create_feed,
     health,
     install_stop_handlers,
@@ -34,6 +35,7 @@ from dnsd.daemon import (
     run_loop,
     status,
 )
+from dnsd.dnssec.setup import renew_signatures, signers_from_config
 from dnsd.server import DnsServer, bind_listener
 from dnsd.stats import DnsCollector
 from dnsd.workers import run_supervisor
@@ -87,7 +89,13 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         for coro, name in (
             (feed.run(), "registry-feed"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
+            (renew_signatures(builder.next_refresh, feed.rebuild), "dnssec-renewal"),
         ):
+            task = asyncio.create_task(coro, name=name)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        keeper = cookie_keeper(config, feed, builder)
+        for coro, name in ((keeper.run(), "cookie-secret"),) if keeper is not None else ():
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -125,6 +133,7 @@ def load_config(path: str) -> Config:
     config = load(path)
     try:
         compile_zones(config.zone)
+        signers_from_config(config)  # every DNSSEC key file readable and usable
     except ZoneError as exc:
         raise ConfigError(path, exc.key, exc.message) from None
     return config

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from dnsd import rrl as rrl_mod
-from dnsd.respond import Answerer
+from dnsd.respond import NEEDS_PEER, Answerer
 
 if TYPE_CHECKING:
     from dnsd.config import DnsConfig
@@ -154,7 +154,7 @@ class MmsgThread:
         self._thread.join(5)
 
     def _client(self, i: int) -> str:
-        """The text address of datagram i's sender (only RRL needs it)."""
+        """The text address of datagram i's sender (for RRL, cookies and sites)."""
         off = NAME_SIZE * i
         names = self._names_view
         family = int.from_bytes(names[off : off + 2], sys.byteorder)
@@ -200,7 +200,11 @@ class MmsgThread:
                     data = bytes(rdata[rsize * i : rsize * i + size])
                     response, key = respond(data, table, True)
                     if response is None:
-                        continue
+                        if key is not NEEDS_PEER:
+                            continue
+                        response, key = self.answerer.respond_peer(data, table, True, self._client(i))
+                        if response is None:
+                            continue
                     if rrl is not None:
                         verdict = rrl.check(self._client(i), key)
                         if verdict:

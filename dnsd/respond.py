@@ -16,15 +16,20 @@ byte for byte (so 0x20 case randomisation survives), a prepared body and,
 when the query had EDNS, our OPT record.
 
 Slow path: everything else is parsed field by field with bounds checks
-(``parse_query``) and answered per the RFCs: FORMERR for malformed
+(``parse_query``, in query.py) and answered per the RFCs: FORMERR for malformed
 messages, NOTIMP for opcodes other than QUERY, BADVERS for EDNS versions
 above 0, REFUSED for other classes and for names outside our zones,
 NXDOMAIN with the zone's SOA for names inside them. No input raises.
-``parse_query`` is our own rather than dnslib's ``DNSRecord.parse``, which
-accepts trailing bytes, two OPT records and EDNS options that do not tile
-their RDATA (all FORMERR here), rejects labels that are not UTF-8 (legal
-DNS), fails as a whole where we still echo a readable question, and took
-six times as long (37 us against 6 us), on the path a random-name flood takes.
+
+Answers that depend on the client's address (a DNS Cookie to check or make,
+a site chosen by EDNS Client Subnet or the source address) come back from
+``respond`` as ``(None, NEEDS_PEER)``; the transport then calls
+``respond_peer`` with the address. Queries without options, for names that
+are not site-aware, never take that path.
+
+DNSSEC: a query with the DO bit gets the entry's signed variant (RRSIGs,
+compact-denial NSEC), prepared with the rest; only the NSEC of a name that
+does not exist is signed when asked (dnssec/sign.py).
 
 Truncation: over UDP an answer is limited to 512 bytes without EDNS, and to
 the client's advertised size (at least 512, at most ours) with it. A larger
@@ -35,9 +40,11 @@ retries over TCP and a spoofed query gains no amplification.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from dnsd import wire
+from dnsd.cookies import cookie_option, find_cookie, find_option, packed_address, well_formed
+from dnsd.query import Query, options_ok, parse_query  # parse_query: re-exported for callers
+from dnsd.sites import ECS, EcsError, address_of, cap, parse_ecs
 from dnsd.table import AnswerTable, Entry
 
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -45,111 +52,11 @@ _ONE_QUESTION_ONE_EXTRA = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _CLASS_IN = b"\x00\x01"
 _TYPE_OPT = b"\x00\x29"
 ERROR_KEY = b"error"  # RRL account of every error response of a client prefix
-
-
-@dataclass(frozen=True, slots=True)
-class Edns:
-    """The client's OPT record."""
-
-    payload: int
-    version: int
-    do: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """A query parsed by the slow path. ``error`` is an RCODE when it is malformed."""
-
-    id: bytes
-    flags1: int
-    flags2: int
-    opcode: int
-    question: bytes  # qname + qtype + qclass as sent, or b"" when unusable
-    qname: bytes  # lowercase wire name, b"" when unusable
-    qtype: int
-    qclass: int
-    edns: Edns | None
-    error: int = wire.NOERROR
-
-
-def _name_end(msg: bytes, at: int) -> int:
-    """Offset just past an uncompressed name at ``at``; -1 when malformed."""
-    n = len(msg)
-    total = 0
-    while at < n:
-        length = msg[at]
-        if length == 0:
-            return at + 1 if total + 1 <= wire.MAX_NAME else -1
-        if length > wire.MAX_LABEL:  # compression pointers and extended labels
-            return -1
-        total += length + 1
-        at += length + 1
-    return -1
-
-
-def _skip_name(msg: bytes, at: int) -> int:
-    """Offset just past a name that may end in a compression pointer; -1 when malformed."""
-    n = len(msg)
-    while at < n:
-        length = msg[at]
-        if length == 0:
-            return at + 1
-        if length & 0xC0 == 0xC0:
-            return at + 2 if at + 2 <= n else -1
-        if length > wire.MAX_LABEL:
-            return -1
-        at += length + 1
-    return -1
-
-
-def _options_ok(msg: bytes, at: int, end: int) -> bool:
-    """EDNS options must tile the OPT RDATA exactly (we read none of them)."""
-    while at < end:
-        if at + 4 > end:
-            return False
-        at += 4 + ((msg[at + 2] << 8) | msg[at + 3])
-    return at == end
-
-
-def parse_query(msg: bytes) -> Query | None:
-    """Parse every field of a query with bounds checks; None when the header is unreadable."""
-    if len(msg) < 12:
-        return None
-    qid, f1, f2 = msg[:2], msg[2], msg[3]
-    qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
-    opcode = (f1 >> 3) & 0x0F
-
-    def bad(question: bytes = b"", qname: bytes = b"", qtype: int = 0, qclass: int = 0) -> Query:
-        return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, None, wire.FORMERR)
-
-    if qd != 1:
-        return bad()
-    name_end = _name_end(msg, 12)
-    if name_end < 0 or name_end + 4 > len(msg):
-        return bad()
-    qtype, qclass = struct.unpack_from("!HH", msg, name_end)
-    qend = name_end + 4
-    question, qname = msg[12:qend], msg[12:name_end].lower()
-    if an or ns:
-        return bad(question, qname, qtype, qclass)
-    at = qend
-    edns: Edns | None = None
-    for _ in range(ar):
-        owner_end = _skip_name(msg, at)
-        if owner_end < 0 or owner_end + 10 > len(msg):
-            return bad(question, qname, qtype, qclass)
-        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, owner_end)
-        rdata = owner_end + 10
-        if rdata + rdlen > len(msg):
-            return bad(question, qname, qtype, qclass)
-        if rtype == wire.OPT:
-            if edns is not None or msg[at] != 0 or not _options_ok(msg, rdata, rdata + rdlen):
-                return bad(question, qname, qtype, qclass)
-            edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
-        at = rdata + rdlen
-    if at != len(msg):
-        return bad(question, qname, qtype, qclass)  # trailing bytes
-    return Query(qid, f1, f2, opcode, question, qname, qtype, qclass, edns)
+# Returned as the key (with no response) when the answer depends on the client's address
+# (DNS Cookies, sites): the transport then calls respond_peer with it.
+NEEDS_PEER = b"\x00peer"
+_OPTS_MAX = 64
+VALIDATED = b""  # RRL key of an answer to a client with a valid server cookie: never limited
 
 
 class Answerer:
@@ -159,6 +66,11 @@ class Answerer:
         # (qtype, rcode) -> count, for answers not taken from a table entry.
         self.counts: dict[tuple[int, int], int] = {}
         self.ignored = 0  # messages answered with silence
+        # (query, BADCOOKIE answer) for the last query answered with a new server cookie,
+        # handed out by truncate() when RRL limits that answer.
+        self._badcookie: tuple[bytes, bytes] | None = None
+        # OPT records (11 bytes, no options) already checked -> (1: no DO, 2: DO; payload size).
+        self._opts: dict[bytes, tuple[int, int]] = {}
 
     # --- fast path --------------------------------------------------------------------
 
@@ -174,7 +86,23 @@ class Answerer:
         if entry is None or query[2] & 0xF8:  # not ours, or QR / opcode bits set
             return self._by_name(query, table, udp, end, qend)
         if query[4:12] != _ONE_QUESTION or len(query) != qend:
-            return self._with_extra(query, table, udp, entry, raw == low, qend)
+            # An OPT record without options, seen before (resolvers send the same few):
+            # straight to the pre-assembled answer. Anything else is checked by _with_extra.
+            known = self._opts.get(query[qend:]) if query[4:12] == _ONE_QUESTION_ONE_EXTRA else None
+            full = entry.full
+            if known is None or full is None or raw != low:
+                return self._with_extra(query, table, udp, entry, raw == low, qend)
+            edns, payload = known
+            if udp and qend + 11 + (entry.do_body_len if edns == 2 else entry.body_len) > 512:
+                if qend + 11 + (entry.do_body_len if edns == 2 else entry.body_len) > min(
+                    payload, table.payload_size
+                ):
+                    return self._with_extra(query, table, udp, entry, True, qend)  # it truncates
+            n = entry.served
+            entry.served = n + 1
+            return query[:2] + full[edns * 18 + (query[2] & 1) + (query[3] & 0x10)][
+                n % entry.period
+            ], entry.rrl_key
         n = entry.served
         entry.served = n + 1
         if udp and qend > entry.fit_plain:
@@ -194,6 +122,8 @@ class Answerer:
         self, query: bytes, table: AnswerTable, udp: bool, end: int, qend: int
     ) -> tuple[bytes | None, bytes]:
         """Types outside the question index (HTTPS, rare types) for names we hold."""
+        if table.site_questions and query[12:qend].lower() in table.site_questions:
+            return None, NEEDS_PEER  # the answer depends on the client's site
         if end < 0 or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:
             return self._slow(query, table, udp)
         node = table.names.get(query[12 : end + 1].lower())
@@ -222,9 +152,15 @@ class Answerer:
             return self._slow(query, table, udp)
         else:
             opt_end = qend + 11 + ((query[qend + 9] << 8) | query[qend + 10])
-            if len(query) != opt_end or (opt_end > qend + 11 and not _options_ok(query, qend + 11, opt_end)):
+            if len(query) != opt_end or (opt_end > qend + 11 and not options_ok(query, qend + 11, opt_end)):
                 return self._slow(query, table, udp)
+            if opt_end > qend + 11 and (table.cookies is not None or table.site_map is not None):
+                return None, NEEDS_PEER  # options may hold a cookie or ECS: the answer needs the client
             edns = 1 + (query[qend + 7] >> 7)  # 1: OPT, 2: OPT with DO
+            if opt_end == qend + 11:  # remember this exact OPT record for respond()
+                if len(self._opts) >= _OPTS_MAX:
+                    self._opts.clear()
+                self._opts[query[qend:]] = (edns, max(512, (query[qend + 3] << 8) | query[qend + 4]))
         n = entry.served
         entry.served = n + 1
         rdcd = (query[2] & 1) | (query[3] & 0x10)
@@ -234,13 +170,18 @@ class Answerer:
             body = entry.schedule[n % entry.period]
             return query[:2] + entry.heads[rdcd] + query[12:qend] + body, entry.rrl_key
         opt = table.opt[edns - 1]
-        if udp and qend + entry.body_len + len(opt) > 512:
+        # DO set: the signed variant (the same as the plain one in an unsigned zone).
+        body_len = entry.do_body_len if edns == 2 else entry.body_len
+        if udp and qend + body_len + len(opt) > 512:
             payload = (query[qend + 3] << 8) | query[qend + 4]
-            if qend + entry.body_len + len(opt) > min(max(payload, 512), table.payload_size):
+            if qend + body_len + len(opt) > min(max(payload, 512), table.payload_size):
                 return self._truncated(query, qend, entry, opt), entry.rrl_key
         full = entry.full
         if exact and full is not None:
             return query[:2] + full[edns * 18 + rdcd][n % entry.period], entry.rrl_key
+        if edns == 2:
+            body = entry.do_schedule[n % entry.period]
+            return query[:2] + entry.do_heads[rdcd] + query[12:qend] + body + opt, entry.rrl_key
         body = entry.schedule[n % entry.period]
         return query[:2] + entry.heads_edns[rdcd] + query[12:qend] + body + opt, entry.rrl_key
 
@@ -252,7 +193,16 @@ class Answerer:
         return query[:2] + head + query[12:qend] + (opt or b"")
 
     def truncate(self, query: bytes, table: AnswerTable) -> bytes | None:
-        """An empty TC=1 answer to ``query`` (the RRL "slip"); None if it cannot be parsed."""
+        """An empty TC=1 answer to ``query`` (the RRL "slip"); None if it cannot be parsed.
+
+        A client that sent a cookie gets BADCOOKIE with a fresh server cookie
+        instead (RFC 7873 §5.2.3): as small, and it tells a real client how to
+        be exempt from rate limiting next time.
+        """
+        pending = self._badcookie
+        if pending is not None and pending[0] is query:
+            self._badcookie = None
+            return pending[1]
         q = parse_query(query)
         if q is None or q.error or not q.question:
             return None
@@ -269,7 +219,7 @@ class Answerer:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def _error(self, q: Query, rcode: int, table: AnswerTable) -> tuple[bytes, bytes]:
-        """An answer without records: FORMERR, NOTIMP, BADVERS, REFUSED."""
+        """An answer without records: FORMERR, BADVERS, REFUSED."""
         opt = b""
         if q.edns is not None and rcode != wire.FORMERR:
             opt = wire.opt_record(table.payload_size, rcode >> 4, q.edns.do)
@@ -279,20 +229,62 @@ class Answerer:
         self._count(q.qtype, rcode)
         return q.id + head + q.question + opt, ERROR_KEY
 
+    def _notimp(self, q: Query) -> tuple[bytes, bytes]:
+        """NOTIMP for an opcode we do not serve: the ID, QR, the opcode and the rcode, nothing else.
+
+        The rest of the message is another protocol's (UPDATE's zone and update
+        sections, NOTIFY's SOA): echoing any of it, or a flag such as RD or CD
+        that means something else there, would be guessing.
+        """
+        self._count(0, wire.NOTIMP)
+        return q.id + struct.pack("!BBHHHH", wire.QR | (q.opcode << 3), wire.NOTIMP, 0, 0, 0, 0), ERROR_KEY
+
+    def _badkey(self, q: Query, table: AnswerTable) -> tuple[bytes, bytes]:
+        """NOTAUTH with an unsigned TSIG whose error is BADKEY (RFC 8945 §5.2, §5.3.2).
+
+        dnsd holds no TSIG keys, so every signed message is signed with a key it
+        does not know. The TSIG repeats the client's key and algorithm names and
+        its Time Signed and Fudge; the MAC is empty, as a BADKEY answer cannot be signed.
+        """
+        tsig = q.tsig
+        assert tsig is not None
+        rdata = tsig.algorithm + tsig.time_fudge + b"\x00\x00" + q.id + struct.pack("!HH", wire.BADKEY, 0)
+        record = tsig.key + struct.pack("!HHIH", wire.TSIG, wire.CLASS_ANY, 0, len(rdata)) + rdata
+        opt = b"" if q.edns is None else table.opt[q.edns.do]
+        question = q.question if q.opcode == 0 else b""
+        hi = wire.QR | (q.opcode << 3) | ((q.flags1 & wire.RD) if q.opcode == 0 else 0)
+        lo = ((q.flags2 & wire.CD) if q.opcode == 0 else 0) | wire.NOTAUTH
+        head = struct.pack("!BBHHHH", hi, lo, 1 if question else 0, 0, 0, 2 if opt else 1)
+        self._count(q.qtype, wire.NOTAUTH)
+        return q.id + head + question + opt + record, ERROR_KEY
+
     def _slow(self, query: bytes, table: AnswerTable, udp: bool) -> tuple[bytes | None, bytes]:
         q = parse_query(query)
         if q is None or q.flags1 & wire.QR:
             self.ignored += 1  # unreadable, or a response: answering could start a loop
             return None, ERROR_KEY
+        if q.options and (
+            (table.cookies is not None and find_cookie(q.options) is not None)
+            or (table.site_map is not None and find_option(q.options, ECS) is not None)
+        ):
+            return None, NEEDS_PEER
+        return self._answer(q, query, table, udp)
+
+    def _answer(
+        self, q: Query, query: bytes, table: AnswerTable, udp: bool, chosen: Entry | None = None
+    ) -> tuple[bytes | None, bytes]:
+        """The answer to a parsed query (the slow path); ``chosen``: the entry, picked by site."""
+        if q.tsig is not None and not q.error:
+            return self._badkey(q, table)
         if q.opcode != 0:
-            return self._error(q, wire.NOTIMP, table)
+            return self._notimp(q)
         if q.error:
             return self._error(q, q.error, table)
         if q.edns is not None and q.edns.version > 0:
             return self._error(q, wire.BADVERS, table)
         if q.qclass != wire.CLASS_IN:
             return self._error(q, wire.REFUSED, table)
-        entry = table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
+        entry = chosen or table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
         if entry is not None:
             n = entry.served
             entry.served = n + 1
@@ -302,15 +294,128 @@ class Answerer:
             # NXDOMAIN and REFUSED entries serve any name: count them by the asked type.
             origin = table.zone_of(q.qname)
             entry = table.refused if origin is None else table.nxdomain[origin]
-            self._count(q.qtype, entry.rcode)
             n = 0
-        heads = entry.heads if q.edns is None else entry.heads_edns
-        opt = b"" if q.edns is None else table.opt[q.edns.do]
+            if origin is not None and q.edns is not None and q.edns.do and origin in table.denial:
+                self._count(q.qtype, wire.NXDOMAIN)
+                return self._signed_nx(q, table, origin, entry, query, udp)
+            self._count(q.qtype, entry.rcode)
+        if q.edns is None:
+            heads, schedule, opt = entry.heads, entry.schedule, b""
+        elif q.edns.do:
+            heads, schedule, opt = entry.do_heads, entry.do_schedule, table.opt[1]
+        else:
+            heads, schedule, opt = entry.heads_edns, entry.schedule, table.opt[0]
         head = heads[(q.flags1 & 1) | (q.flags2 & 0x10)]
-        response = q.id + head + q.question + entry.schedule[n % entry.period] + opt
+        response = q.id + head + q.question + schedule[n % entry.period] + opt
         if udp and len(response) > 512:
             limit = 512 if q.edns is None else min(max(q.edns.payload, 512), table.payload_size)
             if len(response) > limit:
                 qend = 12 + len(q.question)
                 return self._truncated(query, qend, entry, opt or None), entry.rrl_key
         return response, entry.rrl_key
+
+    def _signed_nx(
+        self, q: Query, table: AnswerTable, origin: bytes, entry: Entry, query: bytes, udp: bool
+    ) -> tuple[bytes | None, bytes]:
+        """A nonexistent name in a signed zone, DO set: compact denial (RFC 9824).
+
+        NOERROR with an NSEC at the name listing only RRSIG, NSEC and NXNAME;
+        NXDOMAIN when the client set the CO flag ("compact answers OK", §4).
+        """
+        denial = table.denial[origin]
+        records = denial.signer.nx_records(q.qname, denial.ttl, denial.soa)
+        co = q.edns is not None and q.edns.co
+        hi = wire.QR | wire.AA | (q.flags1 & wire.RD)
+        lo = (q.flags2 & wire.CD) | (wire.NXDOMAIN if co else wire.NOERROR)
+        head = struct.pack("!BBHHHH", hi, lo, 1, 0, denial.authority_count, 1)
+        opt = table.opt_co if co else table.opt[1]
+        response = q.id + head + q.question + records + opt
+        if udp and len(response) > 512:
+            assert q.edns is not None
+            if len(response) > min(max(q.edns.payload, 512), table.payload_size):
+                return self._truncated(query, 12 + len(q.question), entry, opt), entry.rrl_key
+        return response, entry.rrl_key
+
+    # --- answers that depend on the client's address ----------------------------------
+
+    def respond_peer(
+        self, query: bytes, table: AnswerTable, udp: bool, host: str
+    ) -> tuple[bytes | None, bytes]:
+        """``respond`` for a query the fast path returned NEEDS_PEER for; ``host`` is the client."""
+        q = parse_query(query)
+        if q is None or q.flags1 & wire.QR:
+            self.ignored += 1
+            return None, ERROR_KEY
+        extra = b""  # options of our answer
+        chosen: Entry | None = None
+        if table.site_map is not None:
+            try:
+                chosen, extra = _site_entry(q, table, host)
+            except EcsError:
+                return self._error(q, wire.FORMERR, table)  # RFC 7871 §7.1.2
+        cookies = table.cookies
+        cookie = find_cookie(q.options) if cookies is not None and q.options else None
+        if cookies is None or cookie is None:
+            response, key = self._answer(q, query, table, udp, chosen)
+            return (_with_option(response, extra) if response and extra else response), key
+        if not well_formed(cookie):
+            return self._error(q, wire.FORMERR, table)  # RFC 7873 §5.2.2
+        client = packed_address(host)
+        valid, fresh = cookies.check(cookie, client) if len(cookie) > 8 else (False, False)
+        option = extra + cookie_option(cookie[:8], cookie[8:] if fresh else cookies.make(cookie[:8], client))
+        assert q.edns is not None  # a cookie is an EDNS option
+        opt = wire.opt_record(table.payload_size, 0, q.edns.do)
+        if q.opcode == 0 and query[4:6] == b"\x00\x00" and not q.tsig:
+            # RFC 7873 §5.4: a query with no question, only a cookie, asks for a server cookie.
+            head = struct.pack("!BBHHHH", wire.QR, 0, 0, 0, 0, 1)
+            return q.id + head + _with_option(opt, option), VALIDATED if valid else ERROR_KEY
+        response, key = self._answer(q, query, table, udp, chosen)
+        if response is None:
+            return None, key
+        response = _with_option(response, option)
+        if valid:
+            return response, VALIDATED
+        if q.question:
+            hi = wire.QR | (q.flags1 & wire.RD)
+            lo = (q.flags2 & wire.CD) | (wire.BADCOOKIE & 0x0F)
+            head = struct.pack("!BBHHHH", hi, lo, 1, 0, 0, 1)
+            ext = wire.opt_record(table.payload_size, wire.BADCOOKIE >> 4, q.edns.do)
+            self._badcookie = (query, q.id + head + q.question + _with_option(ext, option))
+        return response, key
+
+
+def _site_entry(q: Query, table: AnswerTable, host: str) -> tuple[Entry | None, bytes]:
+    """(the entry for the client's site or None, our ECS option or b""); EcsError if malformed."""
+    site_map = table.site_map
+    assert site_map is not None
+    data = find_option(q.options, ECS) if q.options else None
+    subnet = parse_ecs(data) if data is not None else None
+    question = q.qname + q.question[-4:]
+    default = table.site_questions.get(question) if q.question else None
+    site: str | None = None
+    extra = b""
+    if subnet is not None:
+        scope = 0
+        if subnet.source:  # 0: the client asked that its address not be used
+            used = min(subnet.source, cap(subnet.family))
+            site, scope = site_map.lookup(subnet.family, _prefix(subnet.address, subnet.family, used), used)
+        extra = subnet.reply(scope if default is not None else 0)  # other answers: the same for all
+    elif default is not None:
+        family, address = address_of(host)
+        used = cap(family)
+        site, _ = site_map.lookup(family, _prefix(address, family, used), used)
+    if default is None:
+        return None, extra
+    return (table.by_site.get(site, {}).get(question) if site else None) or default, extra
+
+
+def _prefix(address: int, family: int, bits: int) -> int:
+    width = 32 if family == 1 else 128
+    return address & (((1 << bits) - 1) << (width - bits)) if bits else 0
+
+
+def _with_option(message: bytes, option: bytes) -> bytes:
+    """``message`` with ``option`` added to its OPT record, when that is its last record and empty."""
+    if len(message) < 11 or message[-11] != 0 or message[-10:-8] != _TYPE_OPT or message[-2:] != b"\x00\x00":
+        return message
+    return message[:-2] + struct.pack("!H", len(option)) + option

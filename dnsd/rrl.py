@@ -77,8 +77,13 @@ class RateLimiter:
         return known
 
     def check(self, host: str, key: bytes) -> int:
-        """SEND, DROP or SLIP for one response to ``host`` from account ``key``."""
-        if self.exempt and self._is_exempt(host):
+        """SEND, DROP or SLIP for one response to ``host`` from account ``key``.
+
+        An empty key marks an answer to a client that proved its address with a
+        valid DNS server cookie (RFC 7873): it cannot be a spoofed victim, so it is
+        never limited.
+        """
+        if not key or (self.exempt and self._is_exempt(host)):
             return SEND
         prefix = self._prefixes.get(host)
         if prefix is None:

@@ -39,7 +39,7 @@ import structlog
 from dnsd import mmsg
 from dnsd import rrl as rrl_mod
 from dnsd.config import DnsConfig, split_hostport
-from dnsd.respond import Answerer
+from dnsd.respond import NEEDS_PEER, Answerer
 from dnsd.stats import Counters, Snapshot
 from dnsd.table import AnswerTable
 
@@ -155,15 +155,20 @@ class UdpThread:
                     return
                 continue
             try:
-                response, key = respond(data, server.table, True)
+                table = server.table
+                response, key = respond(data, table, True)
                 if response is None:
-                    continue
+                    if key is not NEEDS_PEER:
+                        continue
+                    response, key = self.answerer.respond_peer(data, table, True, addr[0])
+                    if response is None:
+                        continue
                 if check is not None:
                     verdict = check(addr[0], key)
                     if verdict:
                         if verdict == rrl_mod.DROP:
                             continue
-                        response = self.answerer.truncate(data, server.table)
+                        response = self.answerer.truncate(data, table)
                         if response is None:
                             continue
             except Exception:  # a bug must cost one answer, not the listener
@@ -192,15 +197,20 @@ class DnsUdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         try:
-            response, key = self.answerer.respond(data, self.server.table, True)
+            table = self.server.table
+            response, key = self.answerer.respond(data, table, True)
             if response is None:
-                return
+                if key is not NEEDS_PEER:
+                    return
+                response, key = self.answerer.respond_peer(data, table, True, addr[0])
+                if response is None:
+                    return
             if self.rrl is not None:
                 verdict = self.rrl.check(addr[0], key)
                 if verdict == rrl_mod.DROP:
                     return
                 if verdict == rrl_mod.SLIP:
-                    response = self.answerer.truncate(data, self.server.table)
+                    response = self.answerer.truncate(data, table)
                     if response is None:
                         return
         except Exception:
@@ -266,7 +276,10 @@ class DnsTcpProtocol(asyncio.Protocol):
             message = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
             try:
-                response, _ = self.answerer.respond(message, self.server.table, False)
+                table = self.server.table
+                response, key = self.answerer.respond(message, table, False)
+                if response is None and key is NEEDS_PEER:
+                    response, _ = self.answerer.respond_peer(message, table, False, self.peer)
             except Exception:
                 log.exception("answering a TCP query failed", peer=self.peer)
                 response = None

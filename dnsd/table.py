@@ -30,19 +30,25 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.rotation import AddressSet, RotatingAnswer, Rotation, weighted_order
 from dnsd.wire import MessageWriter, RData
 
+if TYPE_CHECKING:
+    from dnsd.cookies import ServerCookies
+    from dnsd.sites import SiteMap
+
 RR = tuple[bytes, int, int, RData]  # owner, type, TTL, rdata
 MAX_CNAME_CHAIN = 8
 MAX_FULL_PERIOD = 64
 RFC8482_HINFO: RData = [b"\x07RFC8482\x00"]
+RRSIG = 46
 
 # Index into Entry.heads: the query's RD bit (first flag byte) and CD bit (second).
 RDCD_INDEXES = (0x00, 0x01, 0x10, 0x11)
@@ -68,6 +74,10 @@ class Entry:
         "body_len",
         "continued",
         "counts",
+        "do_body_len",
+        "do_heads",
+        "do_rcode",
+        "do_schedule",
         "fit_plain",
         "full",
         "heads",
@@ -117,6 +127,22 @@ class Entry:
         self.start = 0
         # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
         self.full: list[list[bytes]] | None = None
+        # What a query with the DO bit gets: the same unless the zone is signed (see add_signed).
+        self.do_heads = self.heads_edns
+        self.do_schedule = schedule
+        self.do_body_len = self.body_len
+        self.do_rcode = rcode
+
+    def add_signed(self, rcode: int, counts: tuple[int, int, int], schedule: list[bytes]) -> None:
+        """The DNSSEC variant, served when the query has the DO bit: bodies with RRSIGs (and NSEC).
+
+        ``schedule`` runs parallel to the unsigned one (same rotation slots), so
+        one ``served`` counter drives both.
+        """
+        self.do_heads = _heads(self.aa, rcode, (counts[0], counts[1], counts[2] + 1))
+        self.do_schedule = schedule
+        self.do_body_len = max(len(b) for b in schedule)
+        self.do_rcode = rcode
 
     def prepare_full(self, question: bytes, opts: tuple[bytes, bytes]) -> None:
         """Pre-assemble header + question + body (+ OPT) for every RD/CD and EDNS state.
@@ -130,9 +156,10 @@ class Entry:
         full = [unused] * 54
         for rdcd in RDCD_INDEXES:
             full[rdcd] = [self.heads[rdcd] + question + body for body in self.schedule]
-            for edns, opt in ((1, opts[0]), (2, opts[1])):
-                head = self.heads_edns[rdcd]
-                full[edns * 18 + rdcd] = [head + question + body + opt for body in self.schedule]
+            head = self.heads_edns[rdcd]
+            full[18 + rdcd] = [head + question + body + opts[0] for body in self.schedule]
+            head = self.do_heads[rdcd]
+            full[36 + rdcd] = [head + question + body + opts[1] for body in self.do_schedule]
         self.full = full
 
     def carry_from(self, old: Entry) -> None:
@@ -162,6 +189,30 @@ class Plan:
     fixed: list[RR] = field(default_factory=list)
     authority: list[RR] = field(default_factory=list)
     additional: list[RR] = field(default_factory=list)
+    # Signed zones only, in the DO variant: NSEC records after the authority (RFC 9824),
+    # and the rcode that variant answers (NOERROR for a nonexistent name, by RFC 9824).
+    denial: list[RR] = field(default_factory=list)
+    signed_rcode: int | None = None
+
+
+# Signs an RRset: (owner, type, TTL, canonical RDATAs) -> RRSIG RDATAs; [] when its zone is unsigned.
+RRsetSigner = Callable[[bytes, int, int, list[bytes]], list[bytes]]
+
+
+class NxSigner(Protocol):
+    """What answers a nonexistent name in a signed zone (dnsd.dnssec.sign.ZoneSigner)."""
+
+    def nx_records(self, qname: bytes, ttl: int, soa: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class NxDenial:
+    """A signed zone's NXDOMAIN answer for the DO bit: made per query name (RFC 9824)."""
+
+    signer: NxSigner
+    soa: bytes  # SOA + its RRSIGs, uncompressed
+    ttl: int  # the NSEC's TTL: the negative-caching TTL
+    authority_count: int  # records in the authority section
 
 
 @dataclass
@@ -187,6 +238,7 @@ class AnswerTable:
         self.payload_size = payload_size
         # Our OPT record without and with the DO bit (we echo the client's DO).
         self.opt = (wire.opt_record(payload_size), wire.opt_record(payload_size, do=True))
+        self.opt_co = wire.opt_record(payload_size, do=True, co=True)
         self.serial = max(1, revision & 0xFFFFFFFF)
         self.synced = synced
         self.built = time.time()
@@ -198,6 +250,14 @@ class AnswerTable:
         self.meta: dict[bytes, Entry] = {}  # qtype -> answer for AXFR, IXFR, MAILA, MAILB, OPT
         self.refused = Entry(0, wire.REFUSED, False, (0, 0, 0), [b""], rrl_key=b"error")
         self.services: dict[str, ServiceState] = {}
+        self.denial: dict[bytes, NxDenial] = {}  # zone origin -> signed NXDOMAIN maker
+        # DNS Cookies (dnsd.cookies.ServerCookies), shared by every table of a process; None: off.
+        self.cookies: ServerCookies | None = None
+        # Site-aware answers (dnsd/sites.py); None: off. Questions whose answer depends on
+        # the client's site are left out of ``questions`` (the fast path asks for the client).
+        self.site_map: SiteMap | None = None
+        self.site_questions: dict[bytes, Entry] = {}  # question -> the answer for no site
+        self.by_site: dict[str, dict[bytes, Entry]] = {}  # site -> question -> its answer
 
     def entries(self) -> Iterable[Entry]:
         """Every distinct entry (for statistics)."""
@@ -207,7 +267,8 @@ class AnswerTable:
                 if id(e) not in seen:
                     seen.add(id(e))
                     yield e
-        for e in (*self.nxdomain.values(), *self.meta.values(), self.refused):
+        site_entries = [e for entries in self.by_site.values() for e in entries.values()]
+        for e in (*self.nxdomain.values(), *self.meta.values(), self.refused, *site_entries):
             if id(e) not in seen:
                 seen.add(id(e))
                 yield e
@@ -235,6 +296,7 @@ def render(
     rrl_key: bytes,
     aa: bool = True,
     previous: RotatingAnswer | None = None,
+    signer: RRsetSigner | None = None,
 ) -> Entry:
     """Turn a plan into an entry: one body per rotation start, scheduled by weight.
 
@@ -242,6 +304,7 @@ def render(
     any name of a zone): the body is then written without compression.
     ``previous`` is this entry's rotating answer in the last table: re-used
     when its address set is the same, patched when the set derives from it.
+    With a ``signer``, the entry also gets its DNSSEC variant (``Entry.add_signed``).
     """
     base = 12 + len(qname) + 4 if qname is not None else 0
     compress = qname is not None
@@ -252,7 +315,11 @@ def render(
     if plan.rotating is None or not plan.rotating[3].keys:
         for owner, rtype, ttl, rdata in (*plan.fixed, *plan.authority, *plan.additional):
             w.rr(owner, rtype, ttl, rdata, compress=compress)
-        return Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
+        entry = Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
+        if signer is not None:
+            body, counts = _signed_body(qname, plan, [], signer)
+            entry.add_signed(_signed_rcode(plan), counts, [body])
+        return entry
     owner, rtype, ttl, aset = plan.rotating
     if qname is None:
         raise ValueError("a rotating answer needs a known question name")
@@ -283,4 +350,43 @@ def render(
     else:
         answer = RotatingAnswer(wire.to_text(qname), aset, shown, parts, (owner, rtype, ttl), previous)
     counts = (sections[0] + shown, sections[1], sections[2])
-    return Entry(qtype, plan.rcode, aa, counts, answer.schedule, answer.rotation, rrl_key, answer)
+    entry = Entry(qtype, plan.rcode, aa, counts, answer.schedule, answer.rotation, rrl_key, answer)
+    if signer is not None:
+        # One signed body per window (rotation start); the schedule follows the unsigned one.
+        # Not patched like the unsigned bodies: signed zones re-render their rotating
+        # answers on a change (signatures come from the signer's cache).
+        keys, n = aset.keys, len(aset.keys)
+        windows = []
+        for start in range(n):
+            first: list[RR] = [(owner, rtype, ttl, [keys[(start + j) % n]]) for j in range(shown)]
+            windows.append(_signed_body(qname, plan, first, signer))
+        starts = answer.rotation.slot_start
+        schedule = [windows[starts[slot]][0] for slot in range(len(answer.schedule))]
+        entry.add_signed(_signed_rcode(plan), windows[0][1], schedule)
+    return entry
+
+
+def _signed_rcode(plan: Plan) -> int:
+    return plan.rcode if plan.signed_rcode is None else plan.signed_rcode
+
+
+def _signed_body(
+    qname: bytes | None, plan: Plan, first: list[RR], sign: RRsetSigner
+) -> tuple[bytes, tuple[int, int, int]]:
+    """The DNSSEC variant of a body: every RRset followed by its RRSIGs, denial NSEC in authority."""
+    w = MessageWriter(qname, 12 + len(qname) + 4 if qname is not None else 0)
+    compress = qname is not None
+    answer = [*plan.prefix, *first, *plan.fixed]
+    counts = []
+    for section in (answer, [*plan.authority, *plan.denial], plan.additional):
+        n = 0
+        for i, (owner, rtype, ttl, rdata) in enumerate(section):
+            w.rr(owner, rtype, ttl, rdata, compress=compress)
+            n += 1
+            if i + 1 == len(section) or section[i + 1][:2] != (owner, rtype):  # the end of an RRset
+                rrset = [b"".join(r[3]) for r in section if r[0] == owner and r[1] == rtype]
+                for sig in sign(owner, rtype, ttl, rrset):
+                    w.rr(owner, RRSIG, ttl, [sig], compress=compress)
+                    n += 1
+        counts.append(n)
+    return w.getvalue(), (counts[0], counts[1], counts[2])

@@ -20,19 +20,25 @@ import dnslib
 # Record types. Plain ints, as the query path compares them; their names come from dnslib.
 A, NS, CNAME, SOA, HINFO, MX, TXT, AAAA, OPT = 1, 2, 5, 6, 13, 15, 16, 28, 41
 IXFR, AXFR, MAILB, MAILA, ANY = 251, 252, 253, 254, 255
+TSIG = 250
 # dnslib has no names for MAILB/MAILA (obsolete, but we answer them NOTIMP and count them).
 TYPE_NAMES: dict[int, str] = {MAILB: "MAILB", MAILA: "MAILA", **dnslib.QTYPE.forward}
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 CLASS_IN = 1
+CLASS_ANY = 255
 
 # Response codes (BADVERS needs the extended bits carried in OPT; dnslib has no name for it).
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", **dnslib.RCODE.forward}
+NOTAUTH = 9
+BADCOOKIE = 23  # extended: needs OPT, as BADVERS
+BADKEY = 17  # a TSIG error code (RFC 8945 §4.3), carried in the TSIG record, not the header
+RCODE_NAMES: dict[int, str] = {BADVERS: "BADVERS", BADCOOKIE: "BADCOOKIE", **dnslib.RCODE.forward}
 
 # Header flag bits, first and second flag byte.
 QR, AA, TC, RD = 0x80, 0x04, 0x02, 0x01
 CD = 0x10
 DO = 0x80  # in the first byte of the OPT flags
+CO = 0x40  # RFC 9824 §4, Compact Answers OK: next to DO
 
 ROOT = b"\x00"
 MAX_NAME = 255
@@ -227,6 +233,7 @@ def rdata(rd: dnslib.RD) -> RData:
     return buf.pieces
 
 
-def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False) -> bytes:
+def opt_record(payload_size: int, ext_rcode: int = 0, do: bool = False, co: bool = False) -> bytes:
     """An OPT pseudo-record with no options (we never echo a client's options)."""
-    return struct.pack("!BHHBBHH", 0, OPT, payload_size, ext_rcode, 0, DO << 8 if do else 0, 0)
+    flags = (DO << 8 if do else 0) | (CO << 8 if co else 0)
+    return struct.pack("!BHHBBHH", 0, OPT, payload_size, ext_rcode, 0, flags, 0)

@@ -43,8 +43,10 @@ from carousel.admin import AdminServer
 from carousel.logs import setup_logging
 from carousel.registry import ServiceRecord
 from dnsd.config import Config
+from dnsd.cookies import Secrets
 from dnsd.daemon import (
     check_credentials,
+    cookie_keeper,
     create_feed,
     health,
     install_stop_handlers,
@@ -53,6 +55,7 @@ from dnsd.daemon import (
     run_loop,
     status,
 )
+from dnsd.dnssec.setup import renew_signatures
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
 from dnsd.stats import DnsCollector, Snapshot
@@ -88,6 +91,12 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    last_state: list[tuple[Any, int, bool]] = [([], 0, False)]  # for the DNSSEC renewal rebuild
+
+    def rebuild() -> None:
+        records, revision, synced = last_state[0]
+        server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+
     def on_message() -> None:
         try:
             msg = conn.recv()
@@ -97,9 +106,12 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
         if msg[0] == "table":
             _, records, revision, synced, last_healthy = msg
             builder.last_healthy = last_healthy
-            server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+            last_state[0] = (records, revision, synced)
+            rebuild()
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("applied", revision, synced))
+        elif msg[0] == "cookies" and builder.cookies is not None:
+            builder.cookies.secrets = msg[1]  # the cluster's DNS Cookie secret, from the supervisor
         elif msg[0] == "stop":
             stop.set()
 
@@ -113,8 +125,10 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> i
                 conn.send(("stats", server.snapshot()))
 
     pusher = asyncio.create_task(push_stats())
+    renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
     await stop.wait()
     pusher.cancel()
+    renewer.cancel()
     loop.remove_reader(conn.fileno())
     await server.stop()
     with contextlib.suppress(OSError, BrokenPipeError):
@@ -170,6 +184,14 @@ class Supervisor:
         self.workers[index] = worker
         asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message, worker)
         self._send(worker, self._message(self.feed.table))
+        cookies = self.feed.builder.cookies
+        if cookies is not None:
+            self._send(worker, ("cookies", cookies.secrets))
+
+    def publish_cookies(self, secrets: Secrets) -> None:
+        """Send the cluster's DNS Cookie secret to every worker."""
+        for worker in self.workers.values():
+            self._send(worker, ("cookies", secrets))
 
     def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         try:
@@ -285,7 +307,8 @@ async def _supervise(config: Config) -> int:
     except OSError as exc:
         log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
         return 1
-    feed = create_feed(config, make_builder(config))
+    builder = make_builder(config)
+    feed = create_feed(config, builder)
     if feed is None:
         for lst in held:
             lst.udp.close()
@@ -337,10 +360,14 @@ async def _supervise(config: Config) -> int:
         if not ready:
             log.error("workers failed to start")
             return 1
+        keeper = cookie_keeper(config, feed, builder)
+        if keeper is not None:
+            keeper.on_change = supervisor.publish_cookies
         for coro, name in (
             (feed.run(), "registry-feed"),
             (supervisor.watch(), "worker-watch"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
+            *(((keeper.run(), "cookie-secret"),) if keeper is not None else ()),
         ):
             task = asyncio.create_task(coro, name=name)
             tasks.add(task)

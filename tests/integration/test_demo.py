@@ -70,6 +70,11 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
         assert len(set(firsts)) == 3, f"each edge first once: {firsts}"
         full = subprocess.run(shlex.split(digs[0]), capture_output=True, text=True, timeout=10).stdout
         assert "status: NOERROR" in full and " aa" in full, full
+        # delv: the demo zone is signed, and the printed line validates it.
+        delv = next(c for c in commands if c.startswith("delv "))
+        if shutil.which("delv"):
+            out = subprocess.run(shlex.split(delv), capture_output=True, text=True, timeout=20)
+            assert "; fully validated" in out.stdout + out.stderr, out
 
         # curl: the dynamic page through an edge, and a static file served by the edge itself.
         page = subprocess.run([*shlex.split(curls[0]), "-sf"], capture_output=True, text=True, timeout=10)

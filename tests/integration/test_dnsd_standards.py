@@ -111,8 +111,17 @@ def test_refused_outside_our_zones(dnsd: Dnsd) -> None:
 @needs_dig
 @pytest.mark.parametrize("opcode", ["1", "2", "4", "5"])
 def test_notimp_for_opcodes_other_than_query(dnsd: Dnsd, opcode: str) -> None:
-    out = dnsd.dig(f"+opcode={opcode}", WWW)
+    out = dnsd.dig(f"+opcode={opcode}", "+cdflag", "+adflag", WWW)
     assert status(out) == "NOTIMP"
+    assert flags(out) == {"qr"}  # no RD, CD or AD copied
+    assert "QUERY: 0, ANSWER: 0, AUTHORITY: 0, ADDITIONAL: 0" in out
+
+
+@needs_dig
+def test_tsig_with_an_unknown_key_gets_notauth_badkey(dnsd: Dnsd) -> None:
+    out = dnsd.dig("-y", "hmac-sha256:unknown-key:c2VjcmV0c2VjcmV0c2VjcmV0", WWW)
+    assert status(out) == "NOTAUTH", out
+    assert re.search(r"unknown-key\.\s+0\s+ANY\s+TSIG\s+hmac-sha256\.\s+\d+ 300 0\s+\d+ BADKEY 0", out), out
 
 
 @needs_dig
