@@ -78,6 +78,7 @@ class TableBuilder:
         all_down: AllDownPolicy = "last-known",
         degraded_ttl: int = 1,
         payload_size: int = 1232,
+        unknown_rcode: int = wire.NOERROR,
     ) -> None:
         self.zones = {z.origin: z for z in zones}
         self.payload_size = payload_size
@@ -85,6 +86,10 @@ class TableBuilder:
         self.all_down = all_down
         self.degraded_ttl = degraded_ttl
         self.last_healthy: dict[str, list[ServiceRecord]] = {}
+        # What a service name answers while nothing servable is known (NODATA, or SERVFAIL
+        # when a too-old registry snapshot was refused).
+        self.unknown_rcode = unknown_rcode
+        self._unknown: set[str] = set()
         self._names = {z.origin: z.names() for z in zones}
         # Filled per build:
         self._serial = 1
@@ -99,6 +104,7 @@ class TableBuilder:
             by_service.setdefault(r.service, []).append(r)
         states: dict[str, ServiceState] = {}
         self._service_items = {}
+        self._unknown = set()
         wanted = {s for z in self.zones.values() for s in z.services.values()}
         for service in sorted(wanted):
             registered = sorted(by_service.get(service, []), key=lambda r: r.node)
@@ -109,6 +115,7 @@ class TableBuilder:
                 self.last_healthy[service] = up
             elif not synced:
                 chosen, mode = [], "unknown"
+                self._unknown.add(service)
             elif self.all_down == "last-known":
                 chosen = self.last_healthy.get(service, [])
                 mode = "last-known" if chosen else "nodata"
@@ -162,6 +169,8 @@ class TableBuilder:
         if service is not None and qtype in (wire.A, wire.AAAA):
             records, ttl, degraded = self._service_items[service]
             items = self._items(records, qtype)
+            if not items and service in self._unknown and self.unknown_rcode != wire.NOERROR:
+                return Plan(rcode=self.unknown_rcode)
             if not items:
                 return self._negative(zone, wire.NOERROR, degraded)
             return Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, items))

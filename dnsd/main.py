@@ -45,7 +45,17 @@ def make_builder(config: Config) -> TableBuilder:
         all_down=config.dns.all_down,
         degraded_ttl=config.dns.degraded_ttl,
         payload_size=config.dns.udp_payload_size,
+        unknown_rcode=wire.SERVFAIL if refuses_unknown(config) else wire.NOERROR,
     )
+
+
+def refuses_unknown(config: Config) -> bool:
+    """With snapshots on and past_max_age = "refuse", knowing nothing servable answers SERVFAIL.
+
+    SERVFAIL (not NODATA) sends resolvers to another of the zone's servers, which
+    may have current data (RFC 1035 4.1.1, RFC 2308 7.1).
+    """
+    return bool(config.snapshot.directory) and config.snapshot.past_max_age == "refuse"
 
 
 def registry_view(feed: RegistryFeed) -> RegistryView:
@@ -98,7 +108,7 @@ def status(
 def create_feed(config: Config, builder: TableBuilder) -> RegistryFeed | None:
     """The registry feed; None (after one clear log line) when the etcd client cannot be set up."""
     try:
-        return RegistryFeed(config.etcd, builder)
+        return RegistryFeed(config.etcd, builder, snapshot=config.snapshot)
     except EtcdError as exc:  # e.g. an unreadable CA, certificate or key file
         log.error("cannot start: etcd client setup failed", error=str(exc))
         return None
