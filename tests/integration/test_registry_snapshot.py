@@ -204,3 +204,33 @@ async def test_edge_restarted_during_an_etcd_outage_still_proxies_to_the_aps_it_
     finally:
         for runner, _ in runners:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("policy", ["serve", "refuse"])
+async def test_a_seed_that_ages_past_max_age_during_the_outage_follows_the_policy(
+    tmp_path: Path, policy: str
+) -> None:
+    from carousel.mirror import PrefixMirror
+    from carousel.snapshot import SnapshotConfig, SnapshotStore, follow
+
+    prefix = "/carousel/services/"
+    cfg = SnapshotConfig(str(tmp_path), max_age=10.0, past_max_age=policy)  # type: ignore[arg-type]
+    store = SnapshotStore(cfg, "dnsd-registry", ServiceRecord.encode)
+    young = RegistrySnapshot(prefix, 9, time.time() - 9.3, {f"{prefix}edge/edge1": edge(1).encode()})
+    write_atomic(store.path, young.encode())
+    etcd = Etcd(EtcdConfig(endpoints=["127.0.0.1:9"], prefix="/carousel/", timeout=0.3))
+    mirror: PrefixMirror[ServiceRecord] = PrefixMirror(etcd, prefix, lambda k, v: ServiceRecord.decode(v))
+    task = asyncio.create_task(follow(mirror, store))
+    try:
+        await asyncio.sleep(0.2)
+        assert list(mirror.items) == [f"{prefix}edge/edge1"] and mirror.synced.is_set()
+        await asyncio.sleep(1.2)  # the seed is now 10.7 s old, past max_age, etcd still away
+        if policy == "refuse":
+            assert not mirror.items and not mirror.synced.is_set()
+        else:
+            assert list(mirror.items) == [f"{prefix}edge/edge1"] and mirror.synced.is_set()
+        assert store.writes == 0  # nothing etcd did not vouch for is ever written back
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await etcd.close()

@@ -30,6 +30,7 @@ needs_atheris = pytest.mark.skipif(
 
 
 @needs_atheris
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("harness", sorted(MIN_INPUTS))
 def test_bounded_fuzz_run(harness: str, tmp_path: Path) -> None:
