@@ -65,6 +65,8 @@ MAX_BYTES = 64 * 1024 * 1024
 # While etcd proves the copy current and nothing changes, rewrite this often so the
 # age read back after a crash is right within this many seconds.
 REFRESH = 30.0
+# A temporary file this old is a crashed writer's leftover, not a write in progress.
+STALE_TEMP_SECONDS = 300.0
 _HEADER = re.compile(rb"carousel-registry-snapshot (\d+) sha256=([0-9a-f]{64}) length=(\d+)\n")
 
 
@@ -226,6 +228,7 @@ class SnapshotStore:
 
     def load(self, prefix: str) -> RegistrySnapshot | None:
         """The snapshot to serve at start, or None (each refusal is one log line)."""
+        self._remove_stale_temp_files()
         try:
             snap = read_snapshot(self.path)
         except SnapshotError as exc:
@@ -251,6 +254,14 @@ class SnapshotStore:
             )
             return None
         return snap
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files left by a crash mid-write (another worker's live one is younger)."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def snapshot_of(self, mirror: PrefixMirror[Any]) -> RegistrySnapshot:
         """The mirror's current state as a snapshot."""

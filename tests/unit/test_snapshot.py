@@ -140,3 +140,14 @@ def test_refused_knowledge_answers_servfail_for_service_names_only() -> None:
     synced = servfail.build([_record(1)], 5, synced=True)
     reply, _ = Answerer().respond(bytes(dnslib.DNSRecord.question("www.example.test", "A").pack()), synced)
     assert reply is not None and dnslib.DNSRecord.parse(reply).header.rcode == wire.NOERROR
+
+
+def test_a_crashed_writers_temp_file_is_removed_once_stale(tmp_path: Path) -> None:
+    store = SnapshotStore(SnapshotConfig(str(tmp_path)), "dnsd-registry", ServiceRecord.encode)
+    stale = tmp_path / f".{store.path.name}.999999.tmp"
+    live = tmp_path / f".{store.path.name}.999998.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert store.load(PREFIX) is None
+    assert not stale.exists() and live.exists()
