@@ -5,7 +5,9 @@ Checked for every input:
 * only ``ParseError`` / ``UpstreamProtocolError`` ever escape (a clean 400/502, never a crash);
 * the request parser gives the same events and the same error whether the
   bytes arrive at once or in two pieces split anywhere (framing that depends
-  on read boundaries is a smuggling bug);
+  on read boundaries is a smuggling bug); after a CONNECT the bytes that
+  follow are the connection's to hold (parser.rest and later reads), as
+  edge/forward/listener.py does, and must be the same bytes either way;
 * the regex fast path of ``parse_head`` and the line-by-line parser agree on
   every head (both refuse it, or both give the same method, target, version
   and fields);
@@ -49,7 +51,11 @@ def _requests(pieces: list[bytes], proxy: bool) -> tuple[list[object], int | Non
     p = RequestParser(max_head=4096, max_headers=20, max_field=1024, proxy=proxy)
     events: list[object] = []
     body = b""
+    held: bytes | None = None  # after a CONNECT the connection holds the bytes (edge/forward/)
     for piece in pieces:
+        if held is not None:
+            held += piece
+            continue
         for ev in p.feed(piece):
             if isinstance(ev, BodyChunk):
                 body += ev.data
@@ -57,12 +63,18 @@ def _requests(pieces: list[bytes], proxy: bool) -> tuple[list[object], int | Non
             if body:
                 events.append(body)
                 body = b""
-            events.append(
-                _head_view(ev) if isinstance(ev, Head) else "end" if isinstance(ev, EndOfMessage) else ev
-            )
+            if isinstance(ev, Head):
+                events.append(_head_view(ev))
+                if proxy and ev.method == "CONNECT":
+                    held = b""
+            else:
+                events.append("end" if isinstance(ev, EndOfMessage) else ev)
+        if held is not None:
+            held += p.rest
+            p.rest = b""
     if body:
         events.append(body)
-    return events, None if p.error is None else p.error.status
+    return [*events, held], None if p.error is None else p.error.status
 
 
 def _heads(block: bytes, proxy: bool) -> None:
