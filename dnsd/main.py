@@ -131,10 +131,8 @@ async def check_credentials(feed: RegistryFeed, refused: Callable[[], None]) -> 
             return
         except EtcdError as exc:
             if not warned:  # the mirror only reports outages after a first success
-                log.warning(
-                    "etcd unreachable at startup; answering static names until it answers",
-                    error=str(exc),
-                )
+                what = "the registry snapshot" if feed.table.synced else "static names"
+                log.warning(f"etcd unreachable at startup; answering {what} until it answers", error=str(exc))
                 warned = True
             await asyncio.sleep(1.0)
 
