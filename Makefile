@@ -46,10 +46,12 @@ fuzz: $(STAMP)
 	$(BIN)/python -m fuzz.config -max_total_time=$(FUZZ_SECONDS)
 
 # Soak: steady HTTP + DNS load through a loopback cluster while daemons are killed and
-# restarted on a schedule (bench/soak.py). SOAK_SECONDS=60 for a quick try.
+# restarted on a schedule (bench/soak.py). A quick try that still kills all four kinds:
+# make soak SOAK_SECONDS=60 SOAK_ARGS="--interval 5 --down 3"
 SOAK_SECONDS ?= 600
+SOAK_ARGS    ?=
 soak: $(STAMP)
-	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
