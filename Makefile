@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck conformance bench-dns bench-edge clean
+.PHONY: demo test lint typecheck conformance bench-dns bench-edge fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,24 @@ bench-dns: $(STAMP)
 
 bench-edge: $(STAMP)
 	$(BIN)/python bench/edge_bench.py
+
+# Coverage-guided fuzzing (atheris/libFuzzer), see fuzz/README.md: the DNS parser and
+# responder for FUZZ_RUNS inputs, then each other harness for FUZZ_SECONDS.
+FUZZ_RUNS    ?= 1000000
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.dns -runs=$(FUZZ_RUNS)
+	$(BIN)/python -m fuzz.http1 -max_total_time=$(FUZZ_SECONDS)
+	$(BIN)/python -m fuzz.registry -max_total_time=$(FUZZ_SECONDS)
+	$(BIN)/python -m fuzz.config -max_total_time=$(FUZZ_SECONDS)
+
+# Soak: steady HTTP + DNS load through a loopback cluster while daemons are killed and
+# restarted on a schedule (bench/soak.py). A quick try that still kills all four kinds:
+# make soak SOAK_SECONDS=60 SOAK_ARGS="--interval 5 --down 3"
+SOAK_SECONDS ?= 600
+SOAK_ARGS    ?=
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

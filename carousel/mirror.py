@@ -195,6 +195,28 @@ class PrefixMirror(Generic[V]):
         self._before.clear()
         self._reloaded = False
 
+    def seed(self, values: dict[str, bytes], revision: int, age: float) -> int:
+        """Serve a saved copy (see carousel/snapshot.py) until etcd answers; returns records kept.
+
+        Values go through ``parse`` like etcd's, and ``seconds_since_sync``
+        reports the copy's real age. The first etcd list replaces all of it.
+        """
+        self._load([KeyValue(k, v, revision, 0) for k, v in values.items()], revision)
+        self.last_sync = time.monotonic() - age
+        self.synced.set()
+        self._changed()
+        return len(self.items)
+
+    def forget_seed(self) -> None:
+        """Stop serving a seeded copy that grew too old (only while etcd has not answered)."""
+        if self.resyncs:
+            return
+        self.items = {}
+        self.revision = 0
+        self.last_sync = 0.0
+        self.synced.clear()
+        self._changed()
+
     async def sync_once(self) -> None:
         """Replace the copy with a fresh snapshot."""
         snap = await self.etcd.get_prefix(self.prefix)

@@ -211,6 +211,7 @@ class TableBuilder:
         degraded_ttl: int = 1,
         payload_size: int = 1232,
         signers: dict[bytes, ZoneSigner] | None = None,
+        unknown_rcode: int = wire.NOERROR,
     ) -> None:
         self.zones = {z.origin: z for z in zones}
         # Zone origin -> its signer, for the zones served with DNSSEC.
@@ -224,6 +225,9 @@ class TableBuilder:
         self.all_down = all_down
         self.degraded_ttl = degraded_ttl
         self._last_healthy: dict[str, Sequence[ServiceRecord]] = {}
+        # What a service name answers while nothing servable is known (NODATA, or SERVFAIL
+        # when a too-old registry snapshot was refused).
+        self.unknown_rcode = unknown_rcode
         self._names = {z.origin: z.names() for z in zones}
         self._wanted = sorted({s for z in zones for s in z.services.values()})
         self._views = {s: ServiceView(s) for s in self._wanted}
@@ -386,6 +390,8 @@ class TableBuilder:
             view = self._views[service]
             aset = view.sets[qtype]
             if not aset.keys:
+                if view.mode == "unknown" and self.unknown_rcode != wire.NOERROR:
+                    return Plan(rcode=self.unknown_rcode)
                 return self._negative(zone, wire.NOERROR, view.degraded, name)
             return Plan(rotating=(name, qtype, zone.service_ttl if view.ttl < 0 else view.ttl, aset))
         if qtype == wire.SOA and name == zone.origin:

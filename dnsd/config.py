@@ -33,6 +33,7 @@ from carousel.config import (
     positive,
 )
 from carousel.registry import check_name
+from carousel.snapshot import SnapshotConfig
 
 AllDownPolicy = Literal["last-known", "all-registered", "nodata"]
 RecordType = Literal["A", "AAAA", "CNAME", "TXT", "MX"]
@@ -296,6 +297,7 @@ class Config:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self) -> str | None:
         if not self.zone:

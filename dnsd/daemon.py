@@ -41,6 +41,7 @@ def make_builder(config: Config) -> TableBuilder:
         degraded_ttl=config.dns.degraded_ttl,
         payload_size=config.dns.udp_payload_size,
         signers=signers_from_config(config),
+        unknown_rcode=wire.SERVFAIL if refuses_unknown(config) else wire.NOERROR,
     )
     if config.dns.sites:
         builder.site_map = SiteMap({name: site.networks for name, site in config.dns.sites.items()})
@@ -50,6 +51,15 @@ def make_builder(config: Config) -> TableBuilder:
         # A local secret until the cluster's is read from etcd (SecretKeeper).
         builder.cookies = ServerCookies(Secrets(os.urandom(16)))
     return builder
+
+
+def refuses_unknown(config: Config) -> bool:
+    """With snapshots on and past_max_age = "refuse", knowing nothing servable answers SERVFAIL.
+
+    SERVFAIL (not NODATA) sends resolvers to another of the zone's servers, which
+    may have current data (RFC 1035 4.1.1, RFC 2308 7.1).
+    """
+    return bool(config.snapshot.directory) and config.snapshot.past_max_age == "refuse"
 
 
 def cookie_keeper(config: Config, feed: RegistryFeed, builder: TableBuilder) -> SecretKeeper | None:
@@ -111,7 +121,7 @@ def status(
 def create_feed(config: Config, builder: TableBuilder) -> RegistryFeed | None:
     """The registry feed; None (after one clear log line) when the etcd client cannot be set up."""
     try:
-        return RegistryFeed(config.etcd, builder)
+        return RegistryFeed(config.etcd, builder, snapshot=config.snapshot)
     except EtcdError as exc:  # e.g. an unreadable CA, certificate or key file
         log.error("cannot start: etcd client setup failed", error=str(exc))
         return None
@@ -134,10 +144,8 @@ async def check_credentials(feed: RegistryFeed, refused: Callable[[], None]) -> 
             return
         except EtcdError as exc:
             if not warned:  # the mirror only reports outages after a first success
-                log.warning(
-                    "etcd unreachable at startup; answering static names until it answers",
-                    error=str(exc),
-                )
+                what = "the registry snapshot" if feed.table.synced else "static names"
+                log.warning(f"etcd unreachable at startup; answering {what} until it answers", error=str(exc))
                 warned = True
             await asyncio.sleep(1.0)
 

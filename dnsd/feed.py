@@ -21,6 +21,7 @@ from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
 from carousel.mirror import PrefixMirror
 from carousel.registry import Keys, SchemaError, ServiceRecord
+from carousel.snapshot import SnapshotConfig, SnapshotStore, follow
 from dnsd.build import TableBuilder
 from dnsd.table import AnswerTable
 
@@ -35,6 +36,7 @@ class RegistryFeed:
         etcd_config: EtcdConfig,
         builder: TableBuilder,
         publish: Callable[[AnswerTable], None] | None = None,
+        snapshot: SnapshotConfig | None = None,
     ) -> None:
         self.keys = Keys(etcd_config.prefix)
         self.etcd = Etcd(etcd_config)
@@ -43,6 +45,7 @@ class RegistryFeed:
         self.mirror: PrefixMirror[ServiceRecord] = PrefixMirror(
             self.etcd, self.keys.services, self._parse, self._changed, name="dnsd"
         )
+        self.snapshot = SnapshotStore.from_config(snapshot, "dnsd-registry", ServiceRecord.encode)
         self.table = builder.build([], 0, synced=False)
         self.builds = 0
         self.last_build_seconds = 0.0
@@ -100,7 +103,7 @@ class RegistryFeed:
 
     async def run(self) -> None:
         """Follow the registry until cancelled."""
-        await self.mirror.run()
+        await follow(self.mirror, self.snapshot)
 
     async def close(self) -> None:
         await self.etcd.close()

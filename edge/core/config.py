@@ -30,6 +30,7 @@ from carousel.config import (
     positive,
 )
 from carousel.config import from_dict as _from_dict
+from carousel.snapshot import SnapshotConfig
 
 
 def _networks(values: list[str]) -> str | None:
@@ -583,6 +584,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self) -> str | None:
         for i, r in enumerate(self.route):

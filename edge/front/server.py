@@ -91,7 +91,9 @@ class Edge:
         if any(p.service for p in config.pool.values()) or cluster_bans:
             self.etcd = Etcd(config.etcd)
         keys = Keys(config.etcd.prefix)
-        self.pools = {name: UpstreamPool(name, pc, self.etcd, keys) for name, pc in config.pool.items()}
+        self.pools = {
+            name: UpstreamPool(name, pc, self.etcd, keys, config.snapshot) for name, pc in config.pool.items()
+        }
         self.metrics = Metrics(self._metric_state)
         self.guard = ConnectionGuard(config.edge.max_connections, config.edge.max_connections_per_ip)
         self.guard.register_metrics(self.metrics.registry)

@@ -140,7 +140,10 @@ class ResponseParser:
             raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
         lines = text.split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        # RFC 9112 4: status-code = 3DIGIT. str.isdigit() alone also takes "²" (latin-1 0xB2),
+        # which int() then refuses with a ValueError the caller does not expect.
+        code = parts[1] if len(parts) > 1 else ""
+        if not parts[0].startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
             raise UpstreamProtocolError("bad status line")
         status = int(parts[1])
         if len(lines) > MAX_HEADERS + 1:
@@ -174,10 +177,11 @@ class ResponseParser:
                 self._mode = "chunked"
         elif lengths:
             values = {v.strip() for v in ",".join(lengths).split(",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
+            value = next(iter(values))
+            if len(values) != 1 or not (value.isascii() and value.isdigit()) or len(value) > 18:
                 raise UpstreamProtocolError("invalid Content-Length")
             self._mode = "length"
-            self._length = int(values.pop())
+            self._length = int(value)
         else:
             self._mode = "eof"
             self.keep_alive = False

@@ -38,6 +38,7 @@ import structlog
 from carousel.etcd import Etcd
 from carousel.mirror import PrefixMirror
 from carousel.registry import Keys, ServiceRecord
+from carousel.snapshot import SnapshotConfig, SnapshotStore, follow
 from edge.core.config import PoolConfig
 from edge.upstream.balancer import ConsistentHash, make_balancer
 from edge.upstream.client import MemberConnections
@@ -147,7 +148,14 @@ def _split_address(address: str) -> tuple[str, int]:
 class UpstreamPool:
     """A named group of members with balancing, health and admission control."""
 
-    def __init__(self, name: str, config: PoolConfig, etcd: Etcd | None, keys: Keys) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        etcd: Etcd | None,
+        keys: Keys,
+        snapshot: SnapshotConfig | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.etcd = etcd
@@ -158,6 +166,8 @@ class UpstreamPool:
         self.queue: deque[_Waiter] = deque()
         self.queue_timeouts = 0
         self.mirror: PrefixMirror[ServiceRecord] | None = None
+        # The members last known from the registry, kept on disk for a restart during an etcd outage.
+        self.snapshot = SnapshotStore.from_config(snapshot, f"pool:{name}", ServiceRecord.encode)
         self._tasks: set[asyncio.Task[None]] = set()
         self._max = config.max_conns
         for m in config.members:
@@ -183,7 +193,7 @@ class UpstreamPool:
                 self.sync_registry,
                 name=f"pool:{self.name}",
             )
-            self._spawn(self.mirror.run())
+            self._spawn(follow(self.mirror, self.snapshot))
         if c.health.enabled:
             self._spawn(self._health_loop())
 
