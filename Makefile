@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench-dns bench-edge clean
+.PHONY: demo test test-browser test-observability lint typecheck bench-dns bench-edge clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest tests/browser
 	$(BIN)/pytest tests/e2e
+
+# The dashboard in Debian's chromium, driven by playwright-core from npm (skips without
+# chromium or node); regenerates docs/dashboard.png.
+test-browser: $(STAMP)
+	$(BIN)/pytest tests/browser -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
