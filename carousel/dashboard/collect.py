@@ -180,8 +180,11 @@ class Collector:
                 self.changed()
                 await asyncio.sleep(max(0.05, d.scrape_interval - (time.monotonic() - started)))
         finally:
+            # Cancel the mirrors and give them a deadline: a gRPC watch cancelled while it is
+            # being set up has been seen never to finish cancelling (grpc.aio request iterator).
             for t in list(self._tasks):
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=2.0)
             await session.close()
             await self.etcd.close()

@@ -66,8 +66,6 @@ class DashboardSection:
         for origin in self.allowed_origins:
             if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
                 return f"allowed_origins: expected 'https://host[:port]', found {origin!r}"
-        if self.scrape_timeout > self.scrape_interval * 5:
-            return "scrape_timeout: keep it within 5 scrape intervals"
         return None
 
     def operators(self) -> dict[str, str]:

@@ -147,6 +147,7 @@ class ClusterView:
         win_inc, _ = _rate(s.window, self.window)
         classes = {k.split(":", 1)[1]: v for k, v in win_inc.items() if k.startswith("status:")}
         answered = sum(classes.values())
+        mix = {k: round(v / answered, 3) for k, v in sorted(classes.items()) if v} if answered else {}
         cache = {k.split(":", 1)[1]: v for k, v in win_inc.items() if k.startswith("cache:")}
         lookups = sum(cache.values())
         return {
@@ -154,7 +155,7 @@ class ClusterView:
             "scraped": s.ok,
             "error": s.error,
             "rps": _per_second(now_inc, now_s, "requests"),
-            "status_mix": {k: round(v / answered, 3) for k, v in sorted(classes.items())} if answered else {},
+            "status_mix": mix,
             "hit_ratio": round(cache.get("HIT", 0.0) / lookups, 3) if lookups else None,
             "upstream_errors": fig.upstream_failures,
             "upstream_errors_per_s": _per_second(now_inc, now_s, "upstream_failures"),

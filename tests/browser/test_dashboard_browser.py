@@ -28,11 +28,20 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
+
+def _node_major() -> int:
+    node = shutil.which("node")
+    if node is None:
+        return 0
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+    return int(out.strip().lstrip("v").split(".")[0] or 0)
+
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs chromium at {CHROMIUM} (apt-get install chromium)"),
-    pytest.mark.skipif(not shutil.which("node") or not shutil.which("npm"), reason="needs node and npm"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM} (apt install chromium)"),
+    pytest.mark.skipif(_node_major() < 20 or not shutil.which("npm"), reason="needs node >= 20 and npm"),
     pytest.mark.skipif(not shutil.which("dig") or not shutil.which("curl"), reason="needs dig and curl"),
 ]
 
@@ -110,7 +119,7 @@ def test_dashboard_in_chromium(tmp_path: Path):
             time.sleep(0.2)
         edges = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
         dns = ("127.0.0.1", ports["--dns-port"])
-        traffic = threading.Thread(target=_traffic, args=(stop, edges, ports["--edge-port"], dns), daemon=True)
+        traffic = threading.Thread(target=_traffic, args=(stop, edges, ports["--edge-port"], dns))
         traffic.start()
         time.sleep(3)  # a few scrape intervals, so the rates and charts have points
         script_env = {
