@@ -225,3 +225,36 @@ async def test_without_a_token_the_dashboard_is_read_only(etcd_cfg: EtcdConfig):
         r.task.cancel()
         await asyncio.gather(r.task, return_exceptions=True)
         await r.etcd.close()
+
+
+async def test_lifting_a_ban_frees_the_client_on_the_edge_that_made_it(etcd_cfg: EtcdConfig):
+    """The edge that banned keeps its own copy of the ban; lifting it in etcd must end that copy too."""
+    from carousel import ops
+    from edge.testing import running_edge
+    from tests.integration.test_dos import Client, dos_config, flood, refused
+
+    etcd = Etcd(etcd_cfg)
+    cfg = dos_config(cluster=True)
+    cfg["etcd"] = {"endpoints": etcd_cfg.endpoints, "prefix": etcd_cfg.prefix}
+    flooder = "127.0.0.7"
+    try:
+        async with running_edge(cfg) as edge:
+            seen = await flood(Client(edge.port, flooder), time.monotonic() + 10)
+            assert "first_403" in seen, seen
+            key = Keys(etcd_cfg.prefix).ban(flooder)
+            await _wait("ban published", lambda: etcd.get(key))
+            assert await refused(edge.port, flooder)
+            # Two rate windows, so the flood itself is forgotten and cannot ban it again at once.
+            await asyncio.sleep(2.2)
+            assert await refused(edge.port, flooder), "still banned before the lift"
+            assert await ops.lift_ban(etcd, etcd_cfg, flooder)
+            t0 = time.monotonic()
+
+            async def served() -> bool:
+                return not await refused(edge.port, flooder)
+
+            await _wait("served again", served, 2.0)
+            assert time.monotonic() - t0 < 1.0
+            assert await Client(edge.port, flooder).get() == 200
+    finally:
+        await etcd.close()
