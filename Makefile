@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck conformance bench-dns bench-edge fuzz soak clean
+.PHONY: demo test test-browser test-observability lint typecheck conformance bench-dns bench-edge fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,17 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest tests/browser
 	$(BIN)/pytest tests/e2e
 
 # The cache-tests.fyi suite (npm http-cache-tests) against the edge's cache; needs node and npm.
 conformance: $(STAMP)
 	$(BIN)/python tests/conformance/cache_tests.py
+
+# The dashboard in Debian's chromium, driven by playwright-core from npm (skips without
+# chromium or node); regenerates docs/dashboard.png.
+test-browser: $(STAMP)
+	$(BIN)/pytest tests/browser -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -53,7 +53,8 @@ import dns.rdatatype
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carousel.demo import Child, Demo, Plan, agent_config, dnsd_config, edge_config, make_plan, port_problems
+from carousel.demo import Child, Demo
+from carousel.demo_plan import Plan, agent_config, dnsd_config, edge_config, make_plan, port_problems
 from carousel.etcdserver import EtcdProcess, free_port
 
 NAME = "www.example.test"
@@ -85,10 +86,18 @@ class Cluster:
     def __init__(self, workdir: Path, seed: int) -> None:
         self.workdir = workdir
         args = argparse.Namespace(
-            edges=3, apps=2, dns_port=free_port(), edge_port=free_port(), app_port=free_port(), etcd_port=0
+            edges=3,
+            apps=2,
+            dns_port=free_port(),
+            edge_port=free_port(),
+            app_port=free_port(),
+            etcd_port=0,
+            dashboard_port=free_port(),
+            tls_port=free_port(),
+            forward_port=free_port(),
         )
         self.plan: Plan = make_plan(args)
-        problems = port_problems(self.plan)
+        problems = port_problems(self.plan, tls=False)
         if problems:
             raise SystemExit(f"soak: addresses in use: {problems}")
         self.dns2_port = free_port()
@@ -127,7 +136,7 @@ class Cluster:
             url = f"http://{ip}:{port}/healthz"
             self._spawn(f"agent-{name}", "agent", self._etcd(agent_config(plan, name, "app", ip, port, url)))
         for name, ip, port, admin in plan.edges:
-            text = edge_config(plan, name, ip, port, admin, sampleapp.main.STATIC_DIR)
+            text = edge_config(plan, name, ip, port, admin, sampleapp.main.STATIC_DIR, None)
             self._spawn(name, "edge", self._etcd(text) + self._snapshot(name))
             url = f"http://{ip}:{admin}/healthz"
             self._spawn(f"agent-{name}", "agent", self._etcd(agent_config(plan, name, "edge", ip, port, url)))

@@ -23,7 +23,13 @@ from carousel.config import ConfigError, EtcdConfig, from_dict, load_toml
 
 EXIT_CONFIG = 2
 
-DAEMONS = {"agent": "agent", "dnsd": "dnsd", "edge": "edge", "app": "sampleapp"}
+DAEMONS = {
+    "agent": "agent",
+    "dnsd": "dnsd",
+    "edge": "edge",
+    "app": "sampleapp",
+    "dashboard": "carousel.dashboard",
+}
 
 
 def _fail_config(exc: ConfigError) -> int:
@@ -44,6 +50,7 @@ def guess_kind(path: str) -> str:
         ("dnsd", ("zone", "dns")),
         ("edge", ("route", "pool", "listen", "edge", "forward", "passthrough", "tls", "cache")),
         ("agent", ("service", "agent")),
+        ("dashboard", ("dashboard",)),
         ("app", ("app",)),
     ):
         if any(m in data for m in markers):
@@ -71,14 +78,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _etcd_config(args: argparse.Namespace) -> EtcdConfig:
-    """The [etcd] table of --config, or --etcd/--prefix, or $CAROUSEL_ETCD, or the default."""
+    """Where etcd is, first found wins: the [etcd] table of --config, --etcd, $CAROUSEL_ETCD,
+    a running `carousel demo` (its state file), else the default 127.0.0.1:2379."""
     if args.config:
         return from_dict(EtcdConfig, load_toml(args.config).get("etcd", {}), args.config)
     endpoints = args.etcd or [e for e in os.environ.get("CAROUSEL_ETCD", "").split(",") if e]
     data: dict[str, Any] = {}
+    prefix = args.registry_prefix or os.environ.get("CAROUSEL_PREFIX")
+    if not endpoints:
+        from carousel.demo_plan import read_state, state_path
+
+        demo = read_state()
+        if demo is not None:
+            endpoints = demo["etcd"]
+            prefix = prefix or demo.get("prefix")
+            where = ",".join(endpoints)
+            print(f"carousel: using the running demo's etcd {where} ({state_path()})", file=sys.stderr)
     if endpoints:
         data["endpoints"] = endpoints
-    data["prefix"] = args.registry_prefix or os.environ.get("CAROUSEL_PREFIX", "/carousel/")
+    data["prefix"] = prefix or "/carousel/"
     return from_dict(EtcdConfig, data, "command line")
 
 
@@ -137,7 +155,7 @@ def _add_etcd_args(p: argparse.ArgumentParser) -> None:
         "--etcd",
         action="append",
         metavar="HOST:PORT",
-        help="etcd endpoint (repeatable; default $CAROUSEL_ETCD or 127.0.0.1:2379)",
+        help="etcd endpoint (repeatable; default $CAROUSEL_ETCD, a running demo's, or 127.0.0.1:2379)",
     )
     p.add_argument(
         "--registry-prefix", dest="registry_prefix", help="registry key prefix (default /carousel/)"
@@ -174,8 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-port", type=int, default=8080)
     p.add_argument("--app-port", type=int, default=9000)
     p.add_argument("--etcd-port", type=int, default=23790)
+    p.add_argument("--tls-port", type=int, default=8443, help="each edge's HTTPS listener")
+    p.add_argument("--forward-port", type=int, default=3128, help="each edge's forward proxy")
+    p.add_argument("--dashboard-port", type=int, default=8090)
     p.add_argument("--workdir", default=None, help="keep configs and data here (default: a temp dir)")
     p.add_argument("--json-ready", action="store_true", help="print a JSON line once ready (for scripts)")
+
+    p = sub.add_parser("dashboard", help="live cluster dashboard in the browser, with operator actions")
+    p.add_argument("--config", help="TOML config file (default: a running demo's cluster)")
+    p.add_argument("--host", default=None, help="listen address (overrides the config)")
+    p.add_argument("--port", type=int, default=None, help="listen port (overrides the config)")
+    p.set_defaults(func=lambda a: importlib.import_module("carousel.dashboard.main").cli(a))
 
     p = sub.add_parser("status", help="table of registered services")
     _add_etcd_args(p)

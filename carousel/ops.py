@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
-from carousel.registry import Keys, MaintenanceFlag, PurgeEvent, SchemaError, ServiceRecord
+from carousel.registry import Keys, MaintenanceFlag, PurgeEvent, SchemaError, ServiceRecord, check_name
 
 # Purge events live this long in etcd: long enough for every edge's watch to
 # see them, short enough that the prefix never grows.
@@ -102,28 +103,61 @@ async def print_status(etcd: Etcd, cfg: EtcdConfig, *, as_json: bool = False) ->
     return 0
 
 
-async def set_drain(etcd: Etcd, cfg: EtcdConfig, node: str, on: bool, reason: str = "") -> int:
-    """Set or clear a node's maintenance flag (no lease: it survives agent restarts)."""
-    keys = Keys(cfg.prefix)
-    key = keys.maintenance_flag(node)
+async def write_drain(etcd: Etcd, cfg: EtcdConfig, node: str, on: bool, reason: str = "") -> bool:
+    """Set or clear a node's maintenance flag (no lease: it survives agent restarts).
+
+    Returns whether anything changed: a flag written, or a flag that existed removed.
+    """
+    check_name("node", node)
+    key = Keys(cfg.prefix).maintenance_flag(node)
     if on:
         flag = MaintenanceFlag(
             node=node, reason=reason or f"drained by {os.environ.get('USER', '?')}", since=time.time()
         )
         await etcd.put(key, flag.encode())
+        return True
+    return await etcd.delete(key)
+
+
+async def set_drain(etcd: Etcd, cfg: EtcdConfig, node: str, on: bool, reason: str = "") -> int:
+    """`carousel drain` / `undrain`: write the flag and say what happens next."""
+    try:
+        changed = await write_drain(etcd, cfg, node, on, reason)
+    except ValueError as exc:
+        print(f"carousel: {exc}", file=sys.stderr)
+        return 2
+    if on:
         print(f"{node}: drain requested; its agent sets it draining now and removes it after drain_delay")
     else:
-        existed = await etcd.delete(key)
-        print(f"{node}: " + ("maintenance flag cleared" if existed else "was not drained"))
+        print(f"{node}: " + ("maintenance flag cleared" if changed else "was not drained"))
     return 0
 
 
-async def publish_purge(etcd: Etcd, cfg: EtcdConfig, kind: str, target: str) -> int:
-    """Write a purge event under a short lease; every edge applies it on sight."""
+async def write_purge(etcd: Etcd, cfg: EtcdConfig, kind: str, target: str) -> str:
+    """Write a purge event under a short lease; every edge applies it on sight. Returns its key."""
+    if kind not in ("url", "prefix", "tag"):
+        raise ValueError(f"purge kind must be url, prefix or tag, found {kind!r}")
+    if not target:
+        raise ValueError("purge target is empty")
     keys = Keys(cfg.prefix)
     event = PurgeEvent(kind=kind, target=target, issued=time.time())  # type: ignore[arg-type]
     lease = await etcd.grant(PURGE_EVENT_TTL)
     key = keys.purge(f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}")
     await etcd.put(key, event.encode(), lease=lease.id)
+    return key
+
+
+async def publish_purge(etcd: Etcd, cfg: EtcdConfig, kind: str, target: str) -> int:
+    """`carousel purge`: publish the event and print its key."""
+    key = await write_purge(etcd, cfg, kind, target)
     print(f"purge {kind} {target!r} published ({key})")
     return 0
+
+
+async def lift_ban(etcd: Etcd, cfg: EtcdConfig, address: str) -> bool:
+    """Delete a cluster-wide ban before its lease ends; True if there was one."""
+    try:
+        ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        raise ValueError(f"not an address or network: {address!r}") from None
+    return await etcd.delete(Keys(cfg.prefix).ban(address))

@@ -175,6 +175,12 @@ class BanTable:
         self.local[key] = until
         self._merge()
 
+    def lift_local(self, keys: set[str]) -> None:
+        """Forget this edge's own bans on ``keys`` (an operator deleted them from etcd)."""
+        if keys & self.local.keys():
+            self.local = {k: u for k, u in self.local.items() if k not in keys}
+            self._merge()
+
     def prune(self, now: float) -> bool:
         """Drop ended bans; True when something was dropped."""
         before = len(self.local) + len(self.remote) + len(self.remote_networks)
@@ -264,6 +270,7 @@ class DosDetector:
         self.registry_keys = Keys(config.etcd.prefix)
         self.node = f"{socket.gethostname()}/{edge.worker}"
         self.mirror: PrefixMirror[BanRecord] | None = None
+        self._published: dict[str, float] = {}  # address -> until, as etcd held the bans last
         self._tasks: set[asyncio.Task[None]] = set()
         guard = edge.guard
         if not self.dry_run:
@@ -470,6 +477,14 @@ class DosDetector:
 
     def _remote_changed(self, mirror: PrefixMirror[BanRecord]) -> None:
         before = set(self.bans.exact)
+        # A ban that left etcd before its lease ended was lifted (`carousel dashboard`, etcdctl del):
+        # the edge that made it drops its own copy too, else it would hold here alone until it ends.
+        now = time.time()
+        published = {rec.address: rec.until for rec in mirror.items.values()}
+        self.bans.lift_local(
+            {a for a, until in self._published.items() if a not in published and until > now}
+        )
+        self._published = published
         self.bans.load_remote(list(mirror.items.values()))
         if self.dry_run:
             return

@@ -32,18 +32,25 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.skipif(not shutil.which("dig") or not shutil.which("curl"), reason="needs dig and curl")
-def test_demo_prints_commands_that_work(tmp_path: Path):
+def test_demo_prints_commands_that_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     workdir = tmp_path / "demo"
     ports = {
         "--dns-port": free_port(),
         "--edge-port": free_port("127.0.0.11"),
         "--app-port": free_port("127.0.0.21"),
         "--etcd-port": free_port(),
+        "--tls-port": free_port("127.0.0.11"),
+        "--forward-port": free_port("127.0.0.11"),
+        "--dashboard-port": free_port(),
     }
     argv = [sys.executable, "-m", "carousel.cli", "demo", "--workdir", str(workdir), "--json-ready"]
     for flag, port in ports.items():
         argv += [flag, str(port)]
     log = tmp_path / "demo.out"
+    state = tmp_path / "state.json"
+    # The printed `carousel status` has no flag: it finds the demo through this state file.
+    monkeypatch.setenv("CAROUSEL_DEMO_STATE", str(state))
+    monkeypatch.delenv("CAROUSEL_ETCD", raising=False)
     with open(log, "wb") as out:
         demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -55,8 +62,10 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
         text = log.read_text()
         commands = [line.strip().split("  (")[0].strip() for line in text.splitlines()]
         digs = [c for c in commands if c.startswith("dig ")]
-        curls = [c for c in commands if c.startswith("curl ")]
+        curls = [c for c in commands if c.startswith("curl --resolve")]
         assert digs and len(curls) == 2, text
+        for step in ("etcd ready", "started 3 edges", "in the registry: edge 3/3", "first healthy answer"):
+            assert step in text, f"progress line {step!r} missing:\n{text}"
 
         # dig: three edges, rotated between queries.
         short = next(c for c in digs if "+short" in c)
@@ -87,10 +96,16 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
         )
         assert static.stdout.startswith("200 image/svg+xml"), static
 
-        # status and drain, as printed.
-        status_cmd = next(c for c in commands if " status " in f" {c} ")
+        # status and drain, as printed: no flag, the state file points at the demo's etcd; a flag wins.
+        status_cmd = next(c for c in commands if c.split()[-1:] == ["status"])
         status = subprocess.run(shlex.split(status_cmd), capture_output=True, text=True, timeout=20)
         assert status.returncode == 0 and len(re.findall(r"^edge\s", status.stdout, re.M)) == 3, status
+        assert str(state) in status.stderr, status.stderr
+        elsewhere = f"127.0.0.1:{free_port()}"
+        flagged = subprocess.run(
+            [*shlex.split(status_cmd), "--etcd", elsewhere], capture_output=True, text=True, timeout=30
+        )
+        assert flagged.returncode == 1 and elsewhere in flagged.stderr, flagged
         drain_cmd = next(c for c in commands if " drain edge2" in c)
         subprocess.run(shlex.split(drain_cmd), check=True, capture_output=True, timeout=20)
         deadline = time.monotonic() + 2
@@ -102,6 +117,26 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
                 break
             assert time.monotonic() < deadline, out
             time.sleep(0.05)
+        undrain = next(c for c in commands if " undrain edge2" in c)
+        subprocess.run(shlex.split(undrain), check=True, capture_output=True, timeout=20)
+
+        # kill -9 of an edge: reported, out of DNS by its agent, restarted after the back-off, back in DNS.
+        edge3 = _processes_mentioning(str(workdir / "edge3.toml"))
+        victim = next(int(p.split(":")[0]) for p in edge3 if "agent" not in p)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        wanted = [
+            "edge3 stopped unexpectedly (killed by signal 9)",
+            "edge3: its agent took edge out",
+            "edge3 restarted",
+            "edge3: edge healthy",
+        ]
+        while not all(w in log.read_text() for w in wanted):
+            assert demo.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        out = subprocess.run(shlex.split(short), capture_output=True, text=True, timeout=10).stdout.split()
+        assert sorted(out) == ["127.0.0.11", "127.0.0.12", "127.0.0.13"], out
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)
@@ -112,6 +147,7 @@ def test_demo_prints_commands_that_work(tmp_path: Path):
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "Stopped." in log.read_text()
+    assert not state.exists(), "the state file goes with the demo"
     leftovers = _processes_mentioning(str(workdir))
     assert not leftovers, leftovers
 
