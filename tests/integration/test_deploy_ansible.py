@@ -163,7 +163,12 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
         ("ns1", ["192.168.56.11"]),
         ("ns2", ["192.168.56.12"]),
     ]
-    assert dnsd["etcd"]["endpoints"] == ["192.168.56.11:2379", "192.168.56.12:2379", "192.168.56.31:2379"]
+    # TLS by default: the daemons name the scheme.
+    assert dnsd["etcd"]["endpoints"] == [
+        "https://192.168.56.11:2379",
+        "https://192.168.56.12:2379",
+        "https://192.168.56.31:2379",
+    ]
 
     agent = tomllib.loads((example_render / "edge3" / "etc/carousel/agent.toml").read_text())
     assert agent["agent"]["node"] == "edge3"
@@ -219,14 +224,13 @@ def test_tls_and_auth_render_and_validate(tmp_path: Path) -> None:
         tmp_path,
         EXAMPLE_INVENTORY,
         "-e",
-        '{"etcd_tls": true, "common_etcd_tls": true, "common_etcd_username": "carousel",'
-        ' "common_etcd_password": "s3cret"}',
+        '{"common_etcd_username": "carousel", "common_etcd_password": "s3cret"}',
     )
     assert out.returncode == 0, out.stdout[-4000:]
     root = tmp_path / "rendered"
     agent = tomllib.loads((root / "app1" / "etc/carousel/agent.toml").read_text())
     assert agent["etcd"]["ca_file"].endswith("/pki/ca.pem")
-    assert agent["etcd"]["cert_file"].endswith("/pki/client.pem")
+    assert agent["etcd"]["cert_file"].endswith("/pki/carousel-agent-app1.pem")
     assert agent["etcd"]["username"] == "carousel"
     assert agent["etcd"]["password_file"].endswith("/etcd-password")
     assert "s3cret" not in (root / "app1" / "etc/carousel/agent.toml").read_text()
