@@ -38,6 +38,10 @@ module CarouselLab
     # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
     # a stock Debian kernel (a PVM host; see vagrant/README.md).
     "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
+    # Direct kernel boot (the box's own kernel and initrd, extracted by its build):
+    # set by vagrant/vmlab.py under TCG, where SeaBIOS's disk boot stalled.
+    "CAROUSEL_KERNEL" => "",
+    "CAROUSEL_INITRD" => "",
   }.freeze
 
   LOCAL_BOX = "carousel/bookworm"
@@ -106,6 +110,8 @@ module CarouselLab
       "ssh_key" => setting(env, "CAROUSEL_SSH_KEY"),
       "isolated" => setting(env, "CAROUSEL_LIBVIRT_NETWORKS") == "isolated",
       "driver" => setting(env, "CAROUSEL_LIBVIRT_DRIVER"),
+      "kernel" => setting(env, "CAROUSEL_KERNEL"),
+      "initrd" => setting(env, "CAROUSEL_INITRD"),
       "extra_vars" => extra_vars(env),
       # Relative to this directory, as Vagrant resolves the provisioner's playbook.
       "playbook" => "../deploy/ansible/site.yml",

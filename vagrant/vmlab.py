@@ -127,6 +127,8 @@ def lab_env() -> dict[str, str]:
         CAROUSEL_MEMORY=env.get("CAROUSEL_MEMORY", "512"),
         CAROUSEL_LIBVIRT_NETWORKS="isolated",
         CAROUSEL_LIBVIRT_DRIVER=env.get("CAROUSEL_LIBVIRT_DRIVER", "qemu" if PVM_HOST else "kvm"),
+        CAROUSEL_KERNEL=env.get("CAROUSEL_KERNEL", str(BOX_DIR / "stage1.vmlinuz") if PVM_HOST else ""),
+        CAROUSEL_INITRD=env.get("CAROUSEL_INITRD", str(BOX_DIR / "stage1.initrd") if PVM_HOST else ""),
         # The controller has no registry either: pip's build isolation takes setuptools
         # from the wheelhouse too.
         PIP_NO_INDEX="1",
