@@ -119,7 +119,6 @@ def lab_env() -> dict[str, str]:
         VAGRANT_DOTFILE_PATH=str(RUN / "dotvagrant"),
         VAGRANT_DEFAULT_PROVIDER="libvirt",
         VAGRANT_CHECKPOINT_DISABLE="1",
-        VAGRANT_NO_PARALLEL=env.get("VAGRANT_NO_PARALLEL", ""),
         CAROUSEL_LIBVIRT_URI=URI,
         CAROUSEL_BOX=env.get("CAROUSEL_BOX", BOX_NAME),
         CAROUSEL_SSH_KEY=str(SSH_KEY),
