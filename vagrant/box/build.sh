@@ -27,6 +27,7 @@ disk_gib=${CAROUSEL_BOX_DISK_GIB:-4}
 # module), and every Debian package the roles install, so an offline run needs no mirror.
 packages=(
     systemd-sysv udev dbus openssh-server sudo python3 python3-apt python3-venv python3-packaging
+    python3-setuptools
     ca-certificates procps iproute2 linux-image-amd64 initramfs-tools grub-pc
     etcd-server etcd-client bind9-dnsutils curl less
 )
