@@ -185,7 +185,7 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
     etcd = json.loads((example_render / "app1" / "etc/etcd/carousel.conf.yml").read_text())
     assert etcd["name"] == "app1"
     assert etcd["initial-cluster"] == (
-        "ns1=http://192.168.56.11:2380,ns2=http://192.168.56.12:2380,app1=http://192.168.56.31:2380"
+        "ns1=https://192.168.56.11:2380,ns2=https://192.168.56.12:2380,app1=https://192.168.56.31:2380"
     )
     assert etcd["election-timeout"] == 1000
 
