@@ -11,6 +11,17 @@ Three experiments, each printing its figures:
   back) while a client resolves through ns1 before every request and sends
   requests continuously; count the failed requests (the goal is 0).
 
+Four more run on the VM lab, each a window of client traffic around a failure:
+
+- etcd-member: one etcd member stopped (DNS and proxying must not notice).
+- etcd-quorum: two of three members stopped: dnsd answers from its last-known
+  state and the edges keep serving.
+- dnsd: the first DNS server's VM powered off; a client that knows both NS
+  (tries ns1 for 1 s, then ns2) keeps resolving.
+- upgrade: a command (upgrade.yml) runs while the client loops; count failures.
+
+`--repeat N` runs each experiment N times and prints min/median/max.
+
 Only the standard library and `dig` are needed. `--dry-run` runs the same logic
 against a simulated cluster on a virtual clock and prints the commands it would
 run, so the logic is tested without VMs. The `--*-cmd` options point the script
@@ -24,6 +35,7 @@ import argparse
 import http.client
 import ipaddress
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -115,12 +127,26 @@ class CommandCluster:
     commands: list[str] = field(default_factory=list)
 
     def resolve(self) -> list[str]:
-        argv = ["dig", f"@{self.ns}", "-p", str(self.dns_port), "+short", "+time=1", "+tries=1"]
+        return self._dig(self.ns)
+
+    def _dig(self, server: str) -> list[str]:
+        argv = ["dig", f"@{server}", "-p", str(self.dns_port), "+short", "+time=1", "+tries=1"]
         try:
             out = subprocess.run([*argv, self.name, "A"], capture_output=True, text=True, timeout=5).stdout
         except subprocess.TimeoutExpired:
             return []
         return [line for line in out.split() if _is_ipv4(line)]
+
+    def resolve_any(self, servers: list[str]) -> list[str]:
+        """Like a stub resolver with several nameservers: the next one after a 1 s timeout."""
+        for server in servers:
+            answers = self._dig(server)
+            if answers:
+                return answers
+        return []
+
+    def run(self, command: str) -> Action:
+        return Command(command, self.commands)
 
     def request(self, address: str) -> bool:
         conn = http.client.HTTPConnection(address, self.http_port, timeout=self.request_timeout)
@@ -244,6 +270,14 @@ class SimulatedCluster:
         e.in_dns.append((t + self.boot_seconds + self.register_seconds, True))
         return SimAction(self.clock, t + self.boot_seconds)
 
+    def run(self, command: str) -> Action:
+        self.commands.append(command)
+        print(f"  [dry-run] would run: {command}", flush=True)
+        return SimAction(self.clock, self.clock.now() + 1.0)
+
+    def resolve_any(self, servers: list[str]) -> list[str]:
+        return self.resolve()
+
     def restart(self, edge: str, address: str) -> Action:
         assert self.real is not None
         self._say(self.real.restart_cmd, edge, address)
@@ -339,6 +373,57 @@ def rolling_restart(
     return count
 
 
+@dataclass
+class WindowCount(ClientCount):
+    """ClientCount, plus answers that missed an edge which was up all along."""
+
+    short_answers: int = 0
+    slowest_resolve: float = 0.0
+
+
+def traffic_window(
+    cluster: Cluster,
+    clock: Clock,
+    seconds: float,
+    interval: float,
+    expected: set[str],
+    servers: list[str] | None = None,
+    until: Action | None = None,
+) -> WindowCount:
+    """Resolve and request in a loop for `seconds` (or until `until` is done)."""
+    count = WindowCount()
+    started = clock.now()
+    while (clock.now() - started < seconds) if until is None else not until.done():
+        t0 = clock.now()
+        answers = cluster.resolve_any(servers) if servers else cluster.resolve()
+        count.slowest_resolve = max(count.slowest_resolve, clock.now() - t0)
+        count.requests += 1
+        if not answers:
+            count.unresolved += 1
+            count.failed += 1
+        else:
+            if not expected <= set(answers):
+                count.short_answers += 1
+            address = answers[count.turn % len(answers)]
+            count.turn += 1
+            if not cluster.request(address):
+                count.failed += 1
+        clock.sleep(interval)
+    return count
+
+
+def wait_action(clock: Clock, action: Action, timeout: float) -> bool:
+    """Wait for a started command; False after timeout."""
+    return wait_for(clock, action.done, timeout, 0.2) is not None
+
+
+def summary(values: list[float]) -> str:
+    """min / median / max of the runs."""
+    if not values:
+        return "no run finished"
+    return f"min {min(values):.1f} / median {statistics.median(values):.1f} / max {max(values):.1f}"
+
+
 def _fmt(seconds: float | None, timeout: float) -> str:
     return f"{seconds:.1f} s" if seconds is not None else f"not within {timeout:.0f} s"
 
@@ -356,11 +441,17 @@ def parse_edges(text: str) -> dict[str, str]:
     return edges
 
 
+EXPERIMENTS = ("crash", "halt", "rolling", "etcd-member", "etcd-quorum", "dnsd", "upgrade")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; the defaults fit the Vagrant lab."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "experiments", nargs="*", metavar="{crash,halt,rolling}", help="what to run (default: all three)"
+        "experiments",
+        nargs="*",
+        metavar="{crash,halt,rolling,etcd-member,etcd-quorum,dnsd,upgrade}",
+        help="what to run (default: crash, halt, rolling)",
     )
     p.add_argument(
         "--dry-run",
@@ -387,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         help="restart one edge without losing requests: the agent drains before the edge stops",
     )
+    p.add_argument("--repeat", type=int, default=1, help="runs of each experiment (min/median/max)")
+    p.add_argument("--window", type=float, default=20.0, help="seconds of traffic during an etcd failure")
+    p.add_argument("--ns2", default="192.168.56.12", help="the second DNS server (dnsd experiment)")
+    p.add_argument("--ns-vm", default="ns1", help="the VM of --ns (dnsd experiment)")
+    p.add_argument("--etcd-members", default="app1,ns2", help="members the etcd experiments stop, in order")
+    p.add_argument("--etcd-stop-cmd", default="vagrant ssh {member} -c 'sudo systemctl stop etcd'")
+    p.add_argument("--etcd-start-cmd", default="vagrant ssh {member} -c 'sudo systemctl start etcd'")
+    p.add_argument("--upgrade-cmd", default="./vmlab.py ansible upgrade.yml", help="the rolling upgrade")
     p.add_argument(
         "--no-drain",
         action="store_true",
@@ -395,13 +494,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What each experiment's summary line is about.
+EXPERIMENT_FIGURE = {
+    "crash": "seconds until out of DNS",
+    "halt": "seconds until out of DNS",
+    "rolling": "failed requests",
+    "etcd-member": "failed requests",
+    "etcd-quorum": "failed requests",
+    "dnsd": "failed resolutions",
+    "upgrade": "failed requests",
+}
+
+
+def run_experiment(
+    experiment: str,
+    tag: str,
+    cluster: Cluster,
+    clock: Clock,
+    args: argparse.Namespace,
+    edges: dict[str, str],
+    victim: str,
+) -> tuple[bool, float | None]:
+    """One run of one experiment: (passed, its figure for the summary)."""
+    expected = set(edges.values())
+    if experiment in ("crash", "halt"):
+        crash = experiment == "crash"
+        how = "power off (crash)" if crash else "graceful halt"
+        print(f"{tag}: {how} of {victim} ({edges[victim]}), digging {args.ns}:{args.dns_port}", flush=True)
+        out = measure_outage(cluster, clock, victim, edges[victim], crash, args.timeout, args.poll)
+        print(f"  {victim} left the answers after {_fmt(out.gone_after, args.timeout)}")
+        print(f"  {victim} was back {_fmt(out.back_after, args.timeout)} after the start command")
+        return out.gone_after is not None and out.back_after is not None, out.gone_after
+    if experiment == "rolling":
+        print(f"{tag}: restarting {', '.join(edges)} one by one while a client loops", flush=True)
+        count = rolling_restart(cluster, clock, edges, args.timeout, args.interval)
+        share = 100.0 * count.failed / count.requests if count.requests else 0.0
+        print(
+            f"  {count.requests} requests, {count.failed} failed ({share:.2f} %),"
+            f" {count.unresolved} without any address"
+        )
+        return count.failed == 0, float(count.failed)
+    if experiment in ("etcd-member", "etcd-quorum"):
+        members = [m for m in args.etcd_members.split(",") if m][: 1 if experiment == "etcd-member" else 2]
+        print(f"{tag}: stopping etcd on {', '.join(members)}; {args.window:.0f} s of traffic", flush=True)
+        for member in members:
+            wait_action(
+                clock, cluster.run(args.etcd_stop_cmd.format(member=shlex.quote(member))), args.timeout
+            )
+        count = traffic_window(cluster, clock, args.window, args.interval, expected)
+        for member in members:
+            wait_action(
+                clock, cluster.run(args.etcd_start_cmd.format(member=shlex.quote(member))), args.timeout
+            )
+        print(
+            f"  {count.requests} requests, {count.failed} failed,"
+            f" {count.short_answers} answers missing an edge,"
+            f" slowest resolution {count.slowest_resolve * 1000:.0f} ms"
+        )
+        return count.failed == 0 and count.short_answers == 0, float(count.failed)
+    if experiment == "dnsd":
+        print(f"{tag}: power off {args.ns_vm} ({args.ns}); the client falls back to {args.ns2}", flush=True)
+        wait_action(clock, cluster.run(args.crash_cmd.format(edge=shlex.quote(args.ns_vm))), args.timeout)
+        count = traffic_window(cluster, clock, args.window, args.interval, expected, [args.ns, args.ns2])
+        start = clock.now()
+        wait_action(clock, cluster.run(args.start_cmd.format(edge=shlex.quote(args.ns_vm))), args.timeout)
+        back = wait_for(clock, lambda: bool(cluster.resolve()), args.timeout, args.poll)
+        print(
+            f"  {count.requests} resolutions+requests, {count.unresolved} unresolved, {count.failed} failed,"
+            f" slowest resolution {count.slowest_resolve * 1000:.0f} ms;"
+            f" {args.ns_vm} answering again"
+            f" {_fmt(None if back is None else clock.now() - start, args.timeout)}"
+            " after its start command"
+        )
+        return count.unresolved == 0, float(count.unresolved)
+    # upgrade
+    print(f"{tag}: {args.upgrade_cmd} while a client loops", flush=True)
+    action = cluster.run(args.upgrade_cmd)
+    started = clock.now()
+    count = traffic_window(cluster, clock, args.timeout, args.interval, set(), until=action)
+    ok = getattr(action, "proc", None) is None or action.proc.returncode == 0  # type: ignore[attr-defined]
+    print(
+        f"  upgrade took {clock.now() - started:.0f} s ({'ok' if ok else 'FAILED'});"
+        f" {count.requests} requests,"
+        f" {count.failed} failed, {count.unresolved} without any address"
+    )
+    return ok and count.failed == 0, float(count.failed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen experiments and print their figures; 1 if a rolling restart lost requests."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    unknown = set(args.experiments) - {"crash", "halt", "rolling"}
+    unknown = set(args.experiments) - set(EXPERIMENTS)
     if unknown:
-        parser.error(f"unknown experiment {', '.join(sorted(unknown))}: choose from crash, halt, rolling")
+        parser.error(f"unknown experiment {', '.join(sorted(unknown))}: choose from {', '.join(EXPERIMENTS)}")
     args.experiments = args.experiments or ["crash", "halt", "rolling"]
     try:
         edges = parse_edges(args.edges)
@@ -432,25 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         clock, cluster = RealClock(), real
     status = 0
     for experiment in args.experiments:
-        if experiment in ("crash", "halt"):
-            crash = experiment == "crash"
-            how = "power off (crash)" if crash else "graceful halt"
-            print(f"{experiment}: {how} of {victim} ({edges[victim]}), digging {args.ns}:{args.dns_port}")
-            out = measure_outage(cluster, clock, victim, edges[victim], crash, args.timeout, args.poll)
-            print(f"  {victim} left the answers after {_fmt(out.gone_after, args.timeout)}")
-            print(f"  {victim} was back {_fmt(out.back_after, args.timeout)} after the start command")
-            if out.gone_after is None or out.back_after is None:
+        runs = []
+        for attempt in range(1, args.repeat + 1):
+            tag = f"{experiment} [{attempt}/{args.repeat}]" if args.repeat > 1 else experiment
+            ok, figure = run_experiment(experiment, tag, cluster, clock, args, edges, victim)
+            if not ok:
                 status = 1
-        else:
-            print(f"rolling: restarting {', '.join(edges)} one by one while a client loops")
-            count = rolling_restart(cluster, clock, edges, args.timeout, args.interval)
-            share = 100.0 * count.failed / count.requests if count.requests else 0.0
-            print(
-                f"  {count.requests} requests, {count.failed} failed ({share:.2f} %),"
-                f" {count.unresolved} without any address"
-            )
-            if count.failed:
-                status = 1
+            if figure is not None:
+                runs.append(figure)
+        if args.repeat > 1:
+            print(f"{experiment}: {EXPERIMENT_FIGURE[experiment]} over {args.repeat} runs: {summary(runs)}")
     return status
 
 

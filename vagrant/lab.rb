@@ -18,16 +18,33 @@ module CarouselLab
     "CAROUSEL_SUBNET" => "192.168.56",
     # Three etcd members, away from the edges so halting an edge never costs quorum.
     "CAROUSEL_ETCD" => "ns1,ns2,app1",
-    "CAROUSEL_BOX" => "debian/bookworm64",
-    # Pinned: a new box must not change the lab under a test. Both virtualbox and
-    # libvirt builds exist for this version.
+    # The box `make vm-box` builds from Debian packages (vagrant/box/build.sh): no box
+    # registry needed. CAROUSEL_BOX=debian/bookworm64 takes the public one instead.
+    "CAROUSEL_BOX" => "carousel/bookworm",
+    # Pinned for the public box: a new box must not change the lab under a test. Both
+    # virtualbox and libvirt builds exist for this version. The local box has none.
     "CAROUSEL_BOX_VERSION" => "12.20240905.1",
     # Where to fetch the box if the public registry cannot serve it (a mirror's
     # metadata JSON or a .box file); empty = the registry only.
     "CAROUSEL_BOX_URL" => "",
     "CAROUSEL_MEMORY" => "768",
     "CAROUSEL_CPUS" => "1",
+    # Set by vagrant/vmlab.py: the lab's own libvirtd, the box's key, libvirt networks
+    # with no forwarding ("isolated"), and the wheelhouse of the roles' offline mode.
+    "CAROUSEL_LIBVIRT_URI" => "",
+    "CAROUSEL_SSH_KEY" => "",
+    "CAROUSEL_LIBVIRT_NETWORKS" => "nat",
+    "CAROUSEL_OFFLINE_WHEELHOUSE" => "",
+    # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
+    # a stock Debian kernel (a PVM host; see vagrant/README.md).
+    "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
+    # Direct kernel boot (the box's own kernel and initrd, extracted by its build):
+    # set by vagrant/vmlab.py under TCG, where SeaBIOS's disk boot stalled.
+    "CAROUSEL_KERNEL" => "",
+    "CAROUSEL_INITRD" => "",
   }.freeze
+
+  LOCAL_BOX = "carousel/bookworm"
 
   class Error < StandardError; end
 
@@ -44,6 +61,13 @@ module CarouselLab
       raise Error, "#{role[:env]}=#{raw}: expected a whole number from 1 to #{MAX_PER_ROLE}"
     end
     n
+  end
+
+  # Variables for site.yml: the offline mode when the lab supplies a wheelhouse.
+  def self.extra_vars(env)
+    wheelhouse = setting(env, "CAROUSEL_OFFLINE_WHEELHOUSE")
+    return {} if wheelhouse.empty?
+    { "common_offline" => true, "common_wheelhouse" => wheelhouse, "etcd_offline" => true }
   end
 
   # The machines, their addresses and Ansible groups, from the environment.
@@ -78,10 +102,17 @@ module CarouselLab
       "machines" => machines,
       "groups" => groups.to_h,
       "box" => setting(env, "CAROUSEL_BOX"),
-      "box_version" => setting(env, "CAROUSEL_BOX_VERSION"),
+      "box_version" => setting(env, "CAROUSEL_BOX") == LOCAL_BOX ? "" : setting(env, "CAROUSEL_BOX_VERSION"),
       "box_url" => setting(env, "CAROUSEL_BOX_URL"),
       "memory" => Integer(setting(env, "CAROUSEL_MEMORY")),
       "cpus" => Integer(setting(env, "CAROUSEL_CPUS")),
+      "libvirt_uri" => setting(env, "CAROUSEL_LIBVIRT_URI"),
+      "ssh_key" => setting(env, "CAROUSEL_SSH_KEY"),
+      "isolated" => setting(env, "CAROUSEL_LIBVIRT_NETWORKS") == "isolated",
+      "driver" => setting(env, "CAROUSEL_LIBVIRT_DRIVER"),
+      "kernel" => setting(env, "CAROUSEL_KERNEL"),
+      "initrd" => setting(env, "CAROUSEL_INITRD"),
+      "extra_vars" => extra_vars(env),
       # Relative to this directory, as Vagrant resolves the provisioner's playbook.
       "playbook" => "../deploy/ansible/site.yml",
     }

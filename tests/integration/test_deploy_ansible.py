@@ -29,7 +29,13 @@ EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example" / "hosts.yml"
 VENV_BIN = Path(sys.executable).parent
 CAROUSEL = VENV_BIN / "carousel"
 ROLES = ("common", "etcd", "dnsd", "edge", "agent", "app")
-CONFIG_KINDS = {"dnsd.toml": "dnsd", "edge.toml": "edge", "agent.toml": "agent", "app.toml": "app"}
+CONFIG_KINDS = {
+    "dnsd.toml": "dnsd",
+    "dashboard.toml": "dashboard",
+    "edge.toml": "edge",
+    "agent.toml": "agent",
+    "app.toml": "app",
+}
 
 
 def _tool(name: str) -> str:
@@ -135,7 +141,8 @@ def test_every_template_is_rendered(example_render: Path) -> None:
         assert name in rendered, f"{template.relative_to(ANSIBLE_DIR)} was not rendered for any host"
     # Each host got exactly its groups' files.
     expected = {
-        "ns1": {"dnsd.toml", "carousel-dnsd.service", "carousel.conf.yml", "etcd.service"},
+        "ns1": {"dnsd.toml", "carousel-dnsd.service", "carousel.conf.yml", "etcd.service"}
+        | {"dashboard.toml", "carousel-dashboard.service"},
         "edge1": {"edge.toml", "carousel-edge.service", "agent.toml", "carousel-agent.service"},
         "app1": {"app.toml", "carousel-app.service", "agent.toml", "carousel-agent.service"}
         | {"carousel.conf.yml", "etcd.service"},
@@ -147,7 +154,7 @@ def test_every_template_is_rendered(example_render: Path) -> None:
 
 def test_every_rendered_config_passes_check_config(example_render: Path) -> None:
     configs = sorted(p for p in example_render.rglob("*.toml"))
-    assert len(configs) == 2 + 3 * 2 + 2 * 2  # dnsd x2, edge+agent x3, app+agent x2
+    assert len(configs) == 2 * 2 + 3 * 2 + 2 * 2  # dnsd+dashboard x2, edge+agent x3, app+agent x2
     for config in configs:
         out = _check_config(config)
         assert out.returncode == 0, f"{config}: {out.stderr}"
@@ -163,7 +170,12 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
         ("ns1", ["192.168.56.11"]),
         ("ns2", ["192.168.56.12"]),
     ]
-    assert dnsd["etcd"]["endpoints"] == ["192.168.56.11:2379", "192.168.56.12:2379", "192.168.56.31:2379"]
+    # TLS by default: the daemons name the scheme.
+    assert dnsd["etcd"]["endpoints"] == [
+        "https://192.168.56.11:2379",
+        "https://192.168.56.12:2379",
+        "https://192.168.56.31:2379",
+    ]
 
     agent = tomllib.loads((example_render / "edge3" / "etc/carousel/agent.toml").read_text())
     assert agent["agent"]["node"] == "edge3"
@@ -180,7 +192,7 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
     etcd = json.loads((example_render / "app1" / "etc/etcd/carousel.conf.yml").read_text())
     assert etcd["name"] == "app1"
     assert etcd["initial-cluster"] == (
-        "ns1=http://192.168.56.11:2380,ns2=http://192.168.56.12:2380,app1=http://192.168.56.31:2380"
+        "ns1=https://192.168.56.11:2380,ns2=https://192.168.56.12:2380,app1=https://192.168.56.31:2380"
     )
     assert etcd["election-timeout"] == 1000
 
@@ -205,7 +217,7 @@ def test_units_are_hardened(example_render: Path) -> None:
 )
 def test_units_pass_systemd_analyze_verify(example_render: Path) -> None:
     units = sorted(example_render.rglob("*.service"))
-    assert len(units) == 2 * 1 + 3 * 2 + 2 * 2 + 3  # dnsd, edge+agent, app+agent, 3 etcd members
+    assert len(units) == 2 * 2 + 3 * 2 + 2 * 2 + 3  # dnsd+dashboard, edge+agent, app+agent, 3 etcd members
     for unit in units:
         out = subprocess.run(
             ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
@@ -219,14 +231,13 @@ def test_tls_and_auth_render_and_validate(tmp_path: Path) -> None:
         tmp_path,
         EXAMPLE_INVENTORY,
         "-e",
-        '{"etcd_tls": true, "common_etcd_tls": true, "common_etcd_username": "carousel",'
-        ' "common_etcd_password": "s3cret"}',
+        '{"common_etcd_username": "carousel", "common_etcd_password": "s3cret"}',
     )
     assert out.returncode == 0, out.stdout[-4000:]
     root = tmp_path / "rendered"
     agent = tomllib.loads((root / "app1" / "etc/carousel/agent.toml").read_text())
     assert agent["etcd"]["ca_file"].endswith("/pki/ca.pem")
-    assert agent["etcd"]["cert_file"].endswith("/pki/client.pem")
+    assert agent["etcd"]["cert_file"].endswith("/pki/carousel-agent-app1.pem")
     assert agent["etcd"]["username"] == "carousel"
     assert agent["etcd"]["password_file"].endswith("/etcd-password")
     assert "s3cret" not in (root / "app1" / "etc/carousel/agent.toml").read_text()
@@ -269,7 +280,7 @@ def test_vagrant_lab_inventory_renders_and_validates(tmp_path: Path) -> None:
     out = render(tmp_path, path)
     assert out.returncode == 0, out.stdout[-4000:]
     configs = sorted((tmp_path / "rendered").rglob("*.toml"))
-    assert len(configs) == 12
+    assert len(configs) == 14  # dnsd+dashboard x2, edge+agent x3, app+agent x2
     for config in configs:
         assert _check_config(config).returncode == 0, config
 

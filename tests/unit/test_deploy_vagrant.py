@@ -89,9 +89,34 @@ def test_default_lab_layout() -> None:
     assert plan["groups"]["edge"] == ["edge1", "edge2", "edge3"]
     assert plan["groups"]["app"] == ["app1", "app2"]
     _check_addresses(plan)
-    # Pinned box, and a version Vagrant can compare.
+    # The box `make vm-box` builds locally, which has no version.
+    assert plan["box"] == "carousel/bookworm"
+    assert plan["box_version"] == ""
+    # Nothing of the isolated VM lab unless vagrant/vmlab.py asks for it.
+    assert plan["libvirt_uri"] == "" and not plan["isolated"] and plan["extra_vars"] == {}
+
+
+@needs_ruby
+def test_public_box_is_pinned() -> None:
+    plan = _plan(CAROUSEL_BOX="debian/bookworm64")
     assert plan["box"] == "debian/bookworm64"
     assert plan["box_version"].split(".")[0] == "12"
+
+
+@needs_ruby
+def test_vm_lab_settings_reach_the_plan() -> None:
+    plan = _plan(
+        CAROUSEL_LIBVIRT_URI="qemu:///system?socket=/x/libvirt-sock",
+        CAROUSEL_LIBVIRT_NETWORKS="isolated",
+        CAROUSEL_OFFLINE_WHEELHOUSE="/x/wheelhouse",
+        CAROUSEL_LIBVIRT_DRIVER="qemu",
+    )
+    assert plan["libvirt_uri"].endswith("/x/libvirt-sock") and plan["isolated"] and plan["driver"] == "qemu"
+    assert plan["extra_vars"] == {
+        "common_offline": True,
+        "common_wheelhouse": "/x/wheelhouse",
+        "etcd_offline": True,
+    }
 
 
 @needs_ruby

@@ -1,0 +1,526 @@
+#!/usr/bin/env python3
+"""The VM lab: Debian 12 KVM machines under Vagrant + libvirt, sealed in a network namespace.
+
+Theory of operation. One network namespace (`carousel-vmlab`) holds everything the lab
+does on the network: a private libvirtd, the libvirt bridges it makes (the management
+network and the lab's 192.168.56.0/24), dnsmasq, qemu, and the `vagrant`,
+`ansible-playbook`, `dig` and `curl` processes that drive the VMs. The namespace gets no
+veth pair, no route and no NAT to the host: `check_isolation` proves that before the first
+VM boots (and again after), so no packet of the lab can reach an address outside it.
+
+libvirtd runs as a system daemon inside a private mount namespace, with lab directories
+bind-mounted over /etc/libvirt, /var/lib/libvirt, /run/libvirt, /var/log/libvirt and
+/var/cache/libvirt: it never meets a libvirtd or a configuration of the host. Vagrant
+reaches it through its socket (`qemu:///system?socket=...`).
+
+The VMs reach no package registry: the box carries every Debian package the roles need,
+and the roles run in their offline mode, installing carousel and its Python dependencies
+from a wheelhouse built here, on the host, before the namespace exists.
+
+Commands (as root):
+  vmlab.py box           build or reuse the box (vagrant/box/build.sh)
+  vmlab.py up            namespace, libvirtd, isolation check, `vagrant up`, provision twice
+  vmlab.py exec CMD...   run a command inside the lab (vagrant, dig, curl, failover.sh)
+  vmlab.py ansible PLAYBOOK [ARGS]  a playbook of deploy/ansible against the lab (upgrade.yml)
+  vmlab.py check         the isolation check alone, on the running lab
+  vmlab.py down          destroy the VMs, networks, libvirtd and namespace; verify nothing is left
+Machine counts come from lab.rb's variables (CAROUSEL_NS, CAROUSEL_EDGES, CAROUSEL_APPS,
+CAROUSEL_ETCD); CAROUSEL_VMLAB_DIR moves the state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+NETNS = os.environ.get("CAROUSEL_VMLAB_NETNS", "carousel-vmlab")
+STATE = Path(os.environ.get("CAROUSEL_VMLAB_DIR", "/var/tmp/carousel-vmlab"))
+BOX_DIR = STATE / "box"
+BOX_FILE = BOX_DIR / "carousel-bookworm.box"
+BOX_NAME = "carousel/bookworm"
+SSH_KEY = BOX_DIR / "vagrant_ed25519"
+WHEELHOUSE = STATE / "wheelhouse"
+# Everything below RUN belongs to one running lab and goes at `down`.
+RUN = STATE / "run"
+LIBVIRT_DIRS = {
+    "etc": "/etc/libvirt",
+    "lib": "/var/lib/libvirt",
+    "run": "/run/libvirt",
+    "log": "/var/log/libvirt",
+    "cache": "/var/cache/libvirt",
+}
+SOCKET = RUN / "libvirt" / "run" / "libvirt-sock"
+URI = f"qemu:///system?socket={SOCKET}"
+LIBVIRTD_PID = RUN / "libvirtd.pid"
+# A PVM host's /dev/kvm (kvm_pvm module) runs only guest kernels built for PVM: a stock
+# Debian kernel hangs before its first console line. The lab then uses TCG emulation.
+PVM_HOST = Path("/sys/module/kvm_pvm").exists()
+# The only networks a lab interface may carry: the lab's private /21 (lab.rb), the
+# libvirt management network and loopback.
+ALLOWED_NETWORKS = [
+    ipaddress.ip_network("192.168.56.0/21"),
+    ipaddress.ip_network("192.168.121.0/24"),
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("fe80::/10"),
+]
+# Link kinds a lab may hold: libvirt's bridges and the VMs' tap devices. A veth,
+# vxlan, macvlan, ipvlan or a moved physical NIC would be a way out.
+ALLOWED_LINK_KINDS = {"bridge", "tun", "dummy"}
+# Addresses probed from inside: none may be reachable (documentation ranges and a
+# public resolver, RFC 5737 / RFC 3849).
+PROBE_ADDRESSES = ["192.0.2.1", "198.51.100.1", "1.1.1.1", "2001:db8::1"]
+
+
+def log(message: str) -> None:
+    """Progress on stderr with the time since the command started."""
+    print(f"[vmlab {time.monotonic() - START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+START = time.monotonic()
+
+
+def run(argv: list[str], check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a command, text mode; raise with its output when it fails and check is set."""
+    out = subprocess.run(argv, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+    if check and out.returncode != 0:
+        raise SystemExit(f"vmlab: {' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    return out  # type: ignore[no-any-return]
+
+
+def in_netns(argv: list[str]) -> list[str]:
+    """The argv that runs argv inside the lab's network namespace."""
+    return ["ip", "netns", "exec", NETNS, *argv]
+
+
+def netns_exists(name: str = NETNS) -> bool:
+    """Whether the named network namespace exists."""
+    out = run(["ip", "-j", "netns", "list"], check=False)
+    names = [n["name"] for n in json.loads(out.stdout or "[]")]
+    return name in names
+
+
+def lab_env() -> dict[str, str]:
+    """Environment for vagrant and ansible inside the lab."""
+    env = dict(os.environ)
+    env.update(
+        VAGRANT_HOME=str(STATE / "vagrant.d"),
+        VAGRANT_DOTFILE_PATH=str(RUN / "dotvagrant"),
+        VAGRANT_DEFAULT_PROVIDER="libvirt",
+        VAGRANT_CHECKPOINT_DISABLE="1",
+        CAROUSEL_LIBVIRT_URI=URI,
+        CAROUSEL_BOX=env.get("CAROUSEL_BOX", BOX_NAME),
+        CAROUSEL_SSH_KEY=str(SSH_KEY),
+        CAROUSEL_OFFLINE_WHEELHOUSE=str(WHEELHOUSE),
+        CAROUSEL_MEMORY=env.get("CAROUSEL_MEMORY", "512"),
+        CAROUSEL_LIBVIRT_NETWORKS="isolated",
+        CAROUSEL_LIBVIRT_DRIVER=env.get("CAROUSEL_LIBVIRT_DRIVER", "qemu" if PVM_HOST else "kvm"),
+        CAROUSEL_KERNEL=env.get("CAROUSEL_KERNEL", str(BOX_DIR / "stage1.vmlinuz") if PVM_HOST else ""),
+        CAROUSEL_INITRD=env.get("CAROUSEL_INITRD", str(BOX_DIR / "stage1.initrd") if PVM_HOST else ""),
+        # The controller has no registry either: pip's build isolation takes setuptools
+        # from the wheelhouse too.
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(WHEELHOUSE),
+        ANSIBLE_HOST_KEY_CHECKING="False",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_STDOUT_CALLBACK="default",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def isolation_problems(netns: str = NETNS) -> list[str]:
+    """Every way out of the namespace that exists; empty when it is sealed."""
+    problems: list[str] = []
+
+    def ns(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return run(["ip", "netns", "exec", netns, *argv], check=False)
+
+    links = json.loads(ns(["ip", "-d", "-j", "link", "show"]).stdout or "[]")
+    for link in links:
+        name = link["ifname"]
+        kind = link.get("linkinfo", {}).get("info_kind")
+        if name == "lo":
+            continue
+        if kind not in ALLOWED_LINK_KINDS:
+            problems.append(f"link {name} of kind {kind or 'physical'} could lead out of the namespace")
+        if link.get("link_netnsid") is not None:
+            problems.append(f"link {name} has a peer in another namespace")
+    addrs = json.loads(ns(["ip", "-j", "addr", "show"]).stdout or "[]")
+    for link in addrs:
+        for info in link.get("addr_info", []):
+            address = ipaddress.ip_address(info["local"])
+            if not any(address in net for net in ALLOWED_NETWORKS):
+                problems.append(f"{link['ifname']} has {address}, outside the lab's networks")
+    for family in ("-4", "-6"):
+        routes = json.loads(ns(["ip", family, "-j", "route", "show", "table", "all"]).stdout or "[]")
+        for route in routes:
+            if route.get("dst") == "default" and route.get("type") not in ("unreachable", "prohibit"):
+                problems.append(f"default route {route}")
+    probe = (
+        "import socket, sys\n"
+        "bad = []\n"
+        "for a in sys.argv[1:]:\n"
+        "    fam = socket.AF_INET6 if ':' in a else socket.AF_INET\n"
+        "    s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(2)\n"
+        "    try:\n"
+        "        s.connect((a, 80)); bad.append(a + ' answered')\n"
+        "    except OSError as e:\n"
+        "        if e.errno not in (101, 113): bad.append(f'{a}: {e} (expected no route)')\n"
+        "    finally:\n"
+        "        s.close()\n"
+        "print('\\n'.join(bad))\n"
+    )
+    out = ns([sys.executable, "-c", probe, *PROBE_ADDRESSES])
+    problems.extend(line for line in out.stdout.splitlines() if line)
+    if out.returncode != 0:
+        problems.append(f"probe failed: {out.stderr.strip()}")
+    return problems
+
+
+def check_isolation(when: str) -> None:
+    """Stop the lab unless the namespace is sealed."""
+    problems = isolation_problems()
+    if problems:
+        raise SystemExit(f"vmlab: the namespace is not isolated ({when}):\n  " + "\n  ".join(problems))
+    log(f"isolation check ({when}): no link, address or route leads out of {NETNS}")
+
+
+# ---------------------------------------------------------------- box and wheelhouse
+
+
+def build_box() -> None:
+    """Build or reuse the box, then register it with the lab's Vagrant."""
+    started = time.monotonic()
+    subprocess.run([str(HERE / "box" / "build.sh"), str(BOX_DIR)], check=True)
+    env = lab_env()
+    boxes = run(["vagrant", "box", "list", "--machine-readable"], env=env, check=False).stdout
+    stamp = STATE / "vagrant.d" / "carousel-box.sha256"
+    digest = (BOX_DIR / "inputs.sha256").read_text()
+    if BOX_NAME not in boxes or not stamp.exists() or stamp.read_text() != digest:
+        run(["vagrant", "box", "add", "--force", "--name", BOX_NAME, str(BOX_FILE)], env=env)
+        stamp.write_text(digest)
+        log(f"box registered as {BOX_NAME}")
+    log(f"box ready in {time.monotonic() - started:.0f} s")
+
+
+def build_wheelhouse() -> None:
+    """Carousel's dependencies (and the build backend) as wheels, for the offline roles."""
+    started = time.monotonic()
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    stamp = WHEELHOUSE / ".pyproject.sha256"
+    digest = run(["sha256sum", str(REPO / "pyproject.toml")]).stdout.split()[0]
+    if stamp.exists() and stamp.read_text() == digest:
+        log("wheelhouse up to date")
+        return
+    for old in WHEELHOUSE.glob("*.whl"):
+        old.unlink()
+    # The VMs run Debian 12's python3 (3.11), the same as the controller's /usr/bin/python3.
+    py = "/usr/bin/python3"
+    run([py, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(WHEELHOUSE), str(REPO)])
+    run([py, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(WHEELHOUSE), "setuptools>=77", "wheel"])
+    # The carousel wheel itself comes from site.yml's first play, not from here.
+    for own in WHEELHOUSE.glob("carousel-*.whl"):
+        own.unlink()
+    stamp.write_text(digest)
+    log(
+        f"wheelhouse built: {len(list(WHEELHOUSE.glob('*.whl')))} wheels"
+        f" in {time.monotonic() - started:.0f} s"
+    )
+
+
+# ---------------------------------------------------------------- namespace and libvirtd
+
+QEMU_CONF = """\
+# The lab's own libvirtd: qemu runs as root in the lab namespace, logs to files, and
+# needs neither virtlogd, nor an AppArmor/SELinux driver, nor cgroup controllers.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+stdio_handler = "file"
+cgroup_controllers = [ ]
+remember_owner = 0
+"""
+
+
+def netns_up() -> None:
+    """Create the namespace (loopback only) and start the lab's libvirtd inside it."""
+    if netns_exists():
+        raise SystemExit(f"vmlab: namespace {NETNS} exists: run `vmlab.py down` first")
+    if RUN.exists():
+        shutil.rmtree(RUN)
+    run(["ip", "netns", "add", NETNS])
+    run(in_netns(["ip", "link", "set", "lo", "up"]))
+    log(f"namespace {NETNS} created (loopback only)")
+    check_isolation("before libvirtd starts")
+    base = RUN / "libvirt"
+    for key in LIBVIRT_DIRS:
+        (base / key).mkdir(parents=True, exist_ok=True)
+    shutil.copytree("/etc/libvirt", base / "etc", dirs_exist_ok=True)
+    # No NAT network: Debian's autostarted "default" network would forward to the host.
+    for default in (base / "etc" / "qemu" / "networks").glob("**/default.xml"):
+        default.unlink()
+    (base / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    (base / "lib" / "images").mkdir(exist_ok=True)
+    mounts = []
+    for key, target in LIBVIRT_DIRS.items():
+        # The mount points must exist; an empty directory is all the host keeps.
+        Path(target).mkdir(parents=True, exist_ok=True)
+        mounts.append(f"mount --bind {base / key} {target}")
+    script = " && ".join([*mounts, "exec libvirtd"])
+    logfile = open(RUN / "libvirtd.log", "w")
+    proc = subprocess.Popen(
+        in_netns(["unshare", "--mount", "--propagation", "private", "sh", "-c", script]),
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    LIBVIRTD_PID.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 30
+    while not SOCKET.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"vmlab: libvirtd did not start:\n{(RUN / 'libvirtd.log').read_text()}")
+        time.sleep(0.2)
+    virsh(["pool-define-as", "default", "dir", "--target", "/var/lib/libvirt/images"])
+    virsh(["pool-start", "default"])
+    log(f"libvirtd {proc.pid} serving {URI}")
+
+
+def virsh(args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """virsh against the lab's libvirtd."""
+    return run(["virsh", "-q", "-c", URI, *args], check=check)
+
+
+def lab_pids() -> list[int]:
+    """Every process inside the lab's namespace."""
+    if not netns_exists():
+        return []
+    out = run(["ip", "netns", "pids", NETNS], check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def down() -> None:
+    """Destroy the VMs, networks, libvirtd and namespace, then verify nothing is left."""
+    started = time.monotonic()
+    if SOCKET.exists() and netns_exists():
+        out = subprocess.run(
+            in_netns(["vagrant", "destroy", "--force"]),
+            cwd=HERE,
+            env=lab_env(),
+            text=True,
+            capture_output=True,
+            timeout=600,
+        )
+        log(f"vagrant destroy: exit {out.returncode}")
+        for name in virsh(["list", "--all", "--name"], check=False).stdout.split():
+            virsh(["destroy", name], check=False)
+            virsh(["undefine", name, "--remove-all-storage"], check=False)
+        for name in virsh(["net-list", "--all", "--name"], check=False).stdout.split():
+            virsh(["net-destroy", name], check=False)
+            virsh(["net-undefine", name], check=False)
+        for name in virsh(["vol-list", "default"], check=False).stdout.splitlines():
+            virsh(["vol-delete", "--pool", "default", name.split()[0]], check=False)
+    # libvirtd first (it stops its dnsmasq), then whatever is left in the namespace.
+    for pid_file in (LIBVIRTD_PID,):
+        if pid_file.exists():
+            _terminate([int(pid_file.read_text())])
+    _terminate(lab_pids())
+    if netns_exists():
+        run(["ip", "netns", "del", NETNS])
+    if RUN.exists():
+        shutil.rmtree(RUN)
+    leftovers = leftover_problems()
+    if leftovers:
+        raise SystemExit("vmlab: left behind:\n  " + "\n  ".join(leftovers))
+    log(f"lab down in {time.monotonic() - started:.0f} s: no process, namespace, bridge, image or mount left")
+
+
+def _terminate(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
+def leftover_problems() -> list[str]:
+    """What a lab left on the host: its namespace, processes, mounts, images."""
+    problems = []
+    if netns_exists():
+        problems.append(f"namespace {NETNS}")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(RUN) in cmdline or str(SOCKET) in cmdline:
+            problems.append(f"process {proc.name}: {cmdline[:120]}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if str(RUN) in mounts:
+        problems.append("a mount of the lab's directories")
+    if RUN.exists():
+        problems.append(f"{RUN} (disk images, libvirt state)")
+    return problems
+
+
+# ---------------------------------------------------------------- vagrant and ansible
+
+
+def stream(argv: list[str], what: str, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run argv in the lab, echoing the lines that show progress; return (rc, output, seconds)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        in_netns(argv),
+        cwd=HERE,
+        env=env or lab_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    lines = []
+    progress = re.compile(
+        r"^(==> \w+: (Creating|Starting|Waiting|Machine booted|Setting hostname|Configuring)"
+        r"|PLAY |PLAY RECAP|\S+\s+: ok=)"
+    )
+    for line in proc.stdout:
+        lines.append(line)
+        if progress.search(line) or "ERROR" in line or "fatal:" in line:
+            log(f"{what}: {line.rstrip()}")
+    rc = proc.wait()
+    return rc, "".join(lines), time.monotonic() - started
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counts per host from ansible-playbook's output."""
+    counts = {}
+    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.M):
+        counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+    return counts
+
+
+def up(provision_twice: bool = True) -> None:
+    """Bring the lab up from nothing and provision it."""
+    total = time.monotonic()
+    build_wheelhouse()
+    build_box()
+    netns_up()
+    check_isolation("before the first VM boots")
+    rc, out, seconds = stream(["vagrant", "up", "--provider=libvirt", "--no-provision"], "up")
+    (RUN / "vagrant-up.log").write_text(out)
+    if rc != 0:
+        raise SystemExit(f"vmlab: vagrant up failed ({rc}); log in {RUN / 'vagrant-up.log'}")
+    log(f"all VMs booted in {seconds:.0f} s")
+    check_isolation("with the VMs running")
+    runs = 2 if provision_twice else 1
+    for attempt in range(1, runs + 1):
+        rc, out, seconds = stream(["vagrant", "provision"], f"provision {attempt}")
+        (RUN / f"provision-{attempt}.log").write_text(out)
+        counts = recap(out)
+        changed = {h: c.get("changed", 0) for h, c in counts.items()}
+        log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
+        if rc != 0:
+            raise SystemExit(f"vmlab: provisioning failed; log in {RUN / f'provision-{attempt}.log'}")
+    log(f"lab up in {time.monotonic() - total:.0f} s")
+    print(
+        "\nThe lab runs inside the network namespace " + NETNS + ". Try:\n"
+        "  vagrant/vmlab.py exec dig @192.168.56.11 www.example.test +short\n"
+        "  vagrant/vmlab.py exec curl -s http://192.168.56.21/\n"
+        "  vagrant/vmlab.py exec vagrant ssh edge1\n"
+        "  vagrant/vmlab.py exec ./failover.sh\n"
+        "  make vm-lab-down\n"
+    )
+
+
+def ansible(playbook: str, extra: list[str]) -> int:
+    """ansible-playbook against the lab's VMs, with the inventory Vagrant generated."""
+    inventory = RUN / "dotvagrant" / "provisioners" / "ansible" / "inventory" / "vagrant_ansible_inventory"
+    if not inventory.exists():
+        raise SystemExit(f"vmlab: no inventory at {inventory}: run `vmlab.py up` first")
+    extra_vars = {"common_offline": True, "common_wheelhouse": str(WHEELHOUSE), "etcd_offline": True}
+    argv = [
+        "ansible-playbook",
+        "-i",
+        str(inventory),
+        "-e",
+        json.dumps(extra_vars),
+        str(REPO / "deploy" / "ansible" / playbook),
+        *extra,
+    ]
+    return exec_in_lab(argv)
+
+
+def exec_in_lab(argv: list[str]) -> int:
+    """Run a command inside the lab (from vagrant/, with the lab's Vagrant settings)."""
+    if not netns_exists():
+        raise SystemExit(f"vmlab: no lab running (namespace {NETNS} is missing)")
+    return subprocess.run(in_netns(argv), cwd=HERE, env=lab_env()).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("box")
+    sub.add_parser("wheelhouse")
+    p_up = sub.add_parser("up")
+    p_up.add_argument("--once", action="store_true", help="provision once, not twice")
+    sub.add_parser("netns-up")
+    sub.add_parser("check")
+    sub.add_parser("down")
+    p_ansible = sub.add_parser("ansible")
+    p_ansible.add_argument("playbook", help="a playbook of deploy/ansible, e.g. upgrade.yml")
+    p_ansible.add_argument("extra", nargs=argparse.REMAINDER)
+    p_exec = sub.add_parser("exec")
+    p_exec.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("vmlab: needs root (network namespaces, libvirtd)")
+    STATE.mkdir(parents=True, exist_ok=True)
+    if args.command == "box":
+        build_box()
+    elif args.command == "wheelhouse":
+        build_wheelhouse()
+    elif args.command == "netns-up":
+        netns_up()
+    elif args.command == "up":
+        up(provision_twice=not args.once)
+    elif args.command == "check":
+        check_isolation("on request")
+    elif args.command == "down":
+        down()
+    elif args.command == "ansible":
+        return ansible(args.playbook, args.extra)
+    elif args.command == "exec":
+        return exec_in_lab(args.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
