@@ -41,8 +41,11 @@ class AdminServer:
         status: StatusFn | None = None,
         health: HealthFn | None = None,
         registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        # Awaited before /metrics and /status: a daemon with several workers gathers their figures.
+        self._refresh = refresh
         self._status = status
         self._health = health
         self._registry = registry
@@ -78,10 +81,14 @@ class AdminServer:
         return web.Response(status=200 if ok else 503, text=detail + "\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self._refresh is not None:
+            await self._refresh()
         body = prometheus_client.generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def _status_json(self, request: web.Request) -> web.Response:
+        if self._refresh is not None:
+            await self._refresh()
         return web.json_response(self._status() if self._status else {})
 
     async def start(self) -> int:

@@ -1,10 +1,13 @@
 """`carousel edge --config edge.toml`: run one worker, or supervise N with SO_REUSEPORT.
 
-With ``workers = N`` (N > 1) the parent forks N workers before any event loop
-exists. Each binds its own listening socket with SO_REUSEPORT, so the kernel
-spreads new connections across them; a crashed worker is restarted after a
-second. Worker 0 also runs the admin listener. SIGTERM/SIGINT to the parent
-is passed to every worker, which then shuts down gracefully.
+With ``workers = N`` (N > 1) the parent builds the node's shared parts
+(edge/core/node.py: the bus, the client table, the snapshot slots), then forks
+N workers before any event loop exists. Each binds its own listening socket
+with SO_REUSEPORT, so the kernel spreads new connections across them; a
+crashed worker is restarted after a second and inherits the same shared parts.
+Worker 0 also runs the admin listener, which reports the whole node
+(edge/front/node.py). SIGTERM/SIGINT to the parent is passed to every worker,
+which then shuts down gracefully; SIGHUP is passed on too (reload).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import structlog
 from carousel.logs import setup_logging
 from edge.core.config import Config, load
 from edge.core.config import from_dict as schema_from_dict
+from edge.core.node import Node
 from edge.front.server import Edge, check_config
 
 log = structlog.get_logger("carousel.edge")
@@ -39,10 +43,10 @@ def from_dict(data: dict[str, object], file: str = "<config>") -> Config:
     return check_config(schema_from_dict(data, file), file)
 
 
-async def serve(config: Config, worker: int = 0) -> int:
+async def serve(config: Config, worker: int = 0, node: Node | None = None) -> int:
     """Run one edge until SIGTERM/SIGINT, then shut down gracefully."""
     try:
-        edge = Edge(config, worker=worker)
+        edge = Edge(config, worker=worker, node=node)
     except ValueError as exc:  # a user feature that cannot be imported or built
         print(f"carousel edge: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -65,7 +69,11 @@ async def serve(config: Config, worker: int = 0) -> int:
     # A request allocates a few dozen objects that reference counting frees at once; the
     # young generation's default trigger (700 allocations) would run it every ~20 requests.
     gc.set_threshold(20_000, 10, 10)
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        if edge.node_worker is not None:
+            edge.node_worker.publish()  # even on the way out of an error: keep the totals
     log.info("shutting down", worker=worker, deadline=config.edge.shutdown_timeout)
     await edge.stop()
     if edge.fatal:
@@ -74,17 +82,19 @@ async def serve(config: Config, worker: int = 0) -> int:
     return 0
 
 
-def _run_loop(config: Config, worker: int) -> int:
+def _run_loop(config: Config, worker: int, node: Node | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, worker))
-    return uvloop.run(serve(config, worker))
+        return asyncio.run(serve(config, worker, node))
+    return uvloop.run(serve(config, worker, node))
 
 
 def _supervise(config: Config) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    dos = config.dos
+    node = Node(config.edge.workers, dos.max_clients if dos.enabled else 1024, dos.window)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -94,7 +104,8 @@ def _supervise(config: Config) -> int:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
             code = 1
             try:
-                code = _run_loop(config, index)
+                node.enter(index)
+                code = _run_loop(config, index, node)
             finally:
                 os._exit(code)
         children[pid] = index

@@ -21,6 +21,11 @@ upstream response head size and count      upstream/client.ResponseParser       
 
 Passthrough listeners (edge/front/passthrough.py) go through the same guard, so a
 client's TLS-passthrough connections count against the same caps.
+
+With ``workers = N`` the guard counts a client's connections in the node's shared
+table (edge/core/node.py), so ``max_connections_per_ip`` and the DoS detector's
+connection thresholds hold per node; ``max_connections`` (the total) is per
+worker, since each worker holds its own sockets and memory.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from edge.core.node import ClientTable, client_hash
 
 log = structlog.get_logger("carousel.edge.limits")
 
@@ -54,10 +61,11 @@ class ConnectionGuard:
         "on_alarm",
         "per_ip",
         "refused",
+        "table",
         "total",
     )
 
-    def __init__(self, max_total: int = 0, max_per_ip: int = 0) -> None:
+    def __init__(self, max_total: int = 0, max_per_ip: int = 0, table: ClientTable | None = None) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.per_ip: dict[str, int] = {}
@@ -71,6 +79,8 @@ class ConnectionGuard:
         self.header_timeouts = 0
         self._logged_at = 0.0
         self._unlogged = 0
+        # workers > 1: open connections per address are counted per node, here.
+        self.table = table
 
     def admit(self, peer: str) -> bool:
         """Count a new connection from ``peer``; False means close it at once."""
@@ -79,19 +89,27 @@ class ConnectionGuard:
             return self._refuse("banned", peer)
         if self.max_total and self.total >= self.max_total:
             return self._refuse("total", peer)
-        n = self.per_ip.get(peer, 0) + 1
+        table = self.table
+        local = self.per_ip.get(peer, 0) + 1
+        n = local if table is None else table.connect(client_hash(peer), 1)
         if self.max_per_ip and n > self.max_per_ip:
+            if table is not None:
+                table.connect(client_hash(peer), -1)
             return self._refuse("per_ip", peer)
         if self.alarm_at and n >= self.alarm_at and self.on_alarm is not None:
             self.on_alarm(peer)  # may ban the peer, this connection included
             if banned is not None and banned(peer):
+                if table is not None:
+                    table.connect(client_hash(peer), -1)
                 return self._refuse("banned", peer)
-        self.per_ip[peer] = n
+        self.per_ip[peer] = local
         self.total += 1
         return True
 
     def release(self, peer: str) -> None:
         """A connection admitted earlier has closed."""
+        if self.table is not None:
+            self.table.connect(client_hash(peer), -1)
         n = self.per_ip.get(peer, 0) - 1
         if n > 0:
             self.per_ip[peer] = n
@@ -100,7 +118,9 @@ class ConnectionGuard:
         self.total -= 1
 
     def connections(self, peer: str) -> int:
-        """Open connections from ``peer`` now."""
+        """Open connections from ``peer`` now (on the node, with workers > 1)."""
+        if self.table is not None:
+            return self.table.connections(client_hash(peer))
         return self.per_ip.get(peer, 0)
 
     def _refuse(self, reason: str, peer: str) -> bool:

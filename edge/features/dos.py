@@ -30,7 +30,14 @@ whose connections are the proxy's.
 
 Allowlisted networks are never limited nor banned. ``dry_run`` detects, logs
 and counts everything as ``would_*`` and enforces and publishes nothing.
-With ``workers = N`` each worker counts its own traffic; bans are shared.
+With ``workers = N`` the counts are the node's (edge/core/node.py): the
+rate and the open connections of a client are summed over every worker's
+column of a shared table, so a client spread over many connections is limited
+as with one worker; a ban made by one worker reaches the others over the
+node's bus within milliseconds, with or without etcd.
+
+Requests that match no route are counted too (the edge calls ``unrouted``):
+a scanner hammering unknown hosts is limited and banned like anyone else.
 """
 
 from __future__ import annotations
@@ -54,12 +61,15 @@ from carousel.mirror import PrefixMirror
 from carousel.registry import BanRecord, Keys
 from edge.core.config import Config, DosConfig
 from edge.core.fields import TrustedProxies
+from edge.core.node import client_hash
 from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 
 if TYPE_CHECKING:
     from carousel.etcd import Etcd
     from edge.core.limits import ConnectionGuard
     from edge.core.metrics import Metrics
+    from edge.core.node import ClientTable
+    from edge.http.request import Request
 
 
 class IdleClosable(Protocol):
@@ -220,14 +230,15 @@ _GO = _Verdict(None, 0.0)
 class _Client:
     """One client's sliding-window counters."""
 
-    __slots__ = ("current", "inflight", "noted", "previous", "start")
+    __slots__ = ("current", "hash", "inflight", "noted", "previous", "start")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, key_hash: int = 0) -> None:
         self.start = now
         self.current = 0
         self.previous = 0
         self.inflight = 0
         self.noted = False  # over the soft threshold already logged
+        self.hash = key_hash  # the client's row in the node's table (workers > 1)
 
     def hit(self, now: float, window: float) -> float:
         """Count one request; return the estimated requests per second."""
@@ -272,6 +283,13 @@ class DosDetector:
         self.mirror: PrefixMirror[BanRecord] | None = None
         self._published: dict[str, float] = {}  # address -> until, as etcd held the bans last
         self._tasks: set[asyncio.Task[None]] = set()
+        # With workers > 1: the node's shared client table (rates and connections per node).
+        node = getattr(edge, "node", None)
+        self.table: ClientTable | None = node.clients if node is not None else None
+        # Called with (key, until) after a ban made here, and with key after a cut: the
+        # node's bus (front/node.py) tells the other workers; the edge cuts tunnels and streams.
+        self.on_ban: list[Any] = []
+        self.on_cut: list[Any] = []
         guard = edge.guard
         if not self.dry_run:
             guard.banned = self.peer_banned
@@ -325,11 +343,22 @@ class DosDetector:
 
     def _assess(self, ex: Exchange) -> Reply | _Verdict:
         """Count this request for its client: a 403/429 to answer, or how to go on."""
-        peer = ex.request.remote
+        return self.assess(ex.request)
+
+    def unrouted(self, request: Request) -> Reply | None:
+        """A request that matches no route (the edge answers 404): counted like any other;
+        a 403/429 to answer instead of the 404, or None. A delay verdict is not applied:
+        the 404 costs less than holding the request."""
+        verdict = self.assess(request)
+        return verdict if isinstance(verdict, Reply) else None
+
+    def assess(self, request: Request) -> Reply | _Verdict:
+        """Count one request for its client: a 403/429 to answer, or how to go on."""
+        peer = request.remote
         client = peer
         via_proxy = False
         if self.trusted.networks and self.trusted.is_trusted(peer):
-            forwarded = ex.request.headers.getall("X-Forwarded-For", ())
+            forwarded = request.headers.getall("X-Forwarded-For", ())
             if forwarded:
                 client = self.trusted.client_of(peer, forwarded)
                 via_proxy = client != peer
@@ -348,9 +377,17 @@ class DosDetector:
             if len(self.clients) >= self.config.max_clients:
                 self.untracked += 1
                 return _GO
-            entry = self.clients[key] = _Client(now)
-        rate = entry.hit(now, self.window)
-        busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
+            entry = self.clients[key] = _Client(now, client_hash(key) if self.table is not None else 0)
+        table = self.table
+        if table is None:
+            rate = entry.hit(now, self.window)
+            busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
+        else:
+            entry.start = now  # for the sweep: last seen
+            rate = table.hit(entry.hash, now, self.window)
+            # Behind a trusted proxy, in flight on this worker (the proxy's connections
+            # spread its clients' requests); otherwise the node's open connections.
+            busy = entry.inflight + 1 if via_proxy else table.connections(client_hash(peer))
         delay = 0.0
         if rate > self.hard_rate or busy >= self.hard_connections:
             reason = f"{rate:.0f} requests/s" if rate > self.hard_rate else f"{busy} concurrent"
@@ -428,7 +465,7 @@ class DosDetector:
 
     # --- bans ---------------------------------------------------------------------------
 
-    def ban(self, key: str, reason: str) -> bool:
+    def ban(self, key: str, reason: str, seconds: float = 0.0) -> bool:
         """Ban a client key here and cluster-wide; False in dry-run (nothing enforced)."""
         now = time.time()
         if not self.keys.bannable(key):
@@ -444,14 +481,41 @@ class DosDetector:
             return False
         if self.bans.exact.get(key, 0.0) > now:
             return True  # already banned (a request that was in flight)
-        until = now + self.config.ban_seconds
+        seconds = seconds or self.config.ban_seconds
+        until = now + seconds
         self.bans.add_local(key, until)
         self.counts["banned"] += 1
-        log.warning("client banned", client=key, reason=reason, seconds=self.config.ban_seconds)
+        log.warning("client banned", client=key, reason=reason, seconds=seconds)
+        for hook in self.on_ban:
+            hook(key, until)
         self._close_idle(key)
         if self.etcd is not None:
-            self._spawn(self._publish(BanRecord(key, reason, until, self.node)))
+            self._spawn(self._publish(BanRecord(key, reason, until, self.node), math.ceil(seconds)))
         return True
+
+    def apply_ban(self, key: str, until: float) -> None:
+        """A ban another worker of this node made: enforce it here too (it published it)."""
+        if self.dry_run or until <= time.time() or not self.keys.bannable(key):
+            return
+        if self.bans.local.get(key, 0.0) >= until:
+            return
+        self.bans.add_local(key, until)
+        self._close_idle(key)
+
+    def unban(self, key: str) -> bool:
+        """Lift this worker's own ban on ``key`` (an operator's unban); True if there was one."""
+        had = key in self.bans.local
+        self.bans.lift_local({key})
+        return had
+
+    async def unpublish(self, key: str) -> None:
+        """Delete the cluster's ban record for ``key`` (every edge's mirror drops it)."""
+        if self.etcd is None:
+            return
+        try:
+            await self.etcd.delete(self.registry_keys.ban(key))
+        except EtcdError as exc:
+            log.warning("ban not lifted in etcd", client=key, error=str(exc))
 
     def _connection_flood(self, peer: str) -> None:
         """The guard saw ``hard_connections`` open connections from one address."""
@@ -459,16 +523,20 @@ class DosDetector:
             self.ban(self.keys(peer), f"{self.edge.guard.connections(peer)} connections")
 
     def _close_idle(self, key: str) -> None:
-        """Close the banned client's idle keep-alive connections; busy ones get 403 next."""
+        """Close the banned client's idle keep-alive connections (busy ones get 403 next);
+        the edge's cut hooks end its tunnels and passthrough streams, which carry no
+        more requests to refuse."""
         keys = self.keys
         for conn in list(self.edge.connections):
             if keys(conn.peer) == key:
                 conn.close_if_idle()
+        for cut in self.on_cut:
+            cut(key)
 
-    async def _publish(self, record: BanRecord) -> None:
+    async def _publish(self, record: BanRecord, seconds: int = 0) -> None:
         assert self.etcd is not None
         try:
-            lease = await self.etcd.grant(self.config.ban_seconds)
+            lease = await self.etcd.grant(seconds or self.config.ban_seconds)
             await self.etcd.put(self.registry_keys.ban(record.address), record.encode(), lease=lease.id)
         except EtcdError as exc:
             log.warning(

@@ -26,6 +26,7 @@ from edge.core.config import Config
 from edge.core.errors import error_reply
 from edge.core.limits import ConnectionGuard
 from edge.core.metrics import Metrics, access_log
+from edge.core.node import Node
 from edge.core.pipeline import (
     BytesBody,
     Exchange,
@@ -43,6 +44,7 @@ from edge.features.static import StaticFiles, not_found
 from edge.front.connection import ClientConnection, write_reply_body, write_whole
 from edge.front.forward import ForwardProxy
 from edge.front.forward.auth import check_stored
+from edge.front.node import NodeWorker, cut_banned
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, check_certificate, start_https
@@ -81,9 +83,11 @@ def check_config(config: Config, file: str = "<config>") -> Config:
 class Edge:
     """One edge server process (one worker)."""
 
-    def __init__(self, config: Config, *, worker: int = 0) -> None:
+    def __init__(self, config: Config, *, worker: int = 0, node: Node | None = None) -> None:
         self.config = config
         self.worker = worker
+        # workers > 1: what the node's workers share (edge/core/node.py); None for one worker.
+        self.node = node
         self.routes = RouteTable(config.route)
         self.etcd: Etcd | None = None
         # etcd holds the registry (pools with a service) and the cluster's DoS bans.
@@ -95,7 +99,11 @@ class Edge:
             name: UpstreamPool(name, pc, self.etcd, keys, config.snapshot) for name, pc in config.pool.items()
         }
         self.metrics = Metrics(self._metric_state)
-        self.guard = ConnectionGuard(config.edge.max_connections, config.edge.max_connections_per_ip)
+        self.guard = ConnectionGuard(
+            config.edge.max_connections,
+            config.edge.max_connections_per_ip,
+            node.clients if node is not None else None,
+        )
         self.guard.register_metrics(self.metrics.registry)
         self.static = StaticFiles()
         self.proxy = ProxyHandler(config, self.pools, self.metrics)
@@ -127,6 +135,11 @@ class Edge:
         self._hosts: dict[str, str] = {}
         # The forward proxy (edge/front/forward/): a listener of its own with its own chain.
         self.forward = ForwardProxy(self) if config.forward.enabled else None
+        # --- one node, one view (edge/front/node.py) ---
+        self._dos = next((f for f in self.features if isinstance(f, DosDetector)), None)
+        if self._dos is not None:
+            self._dos.on_cut.append(cut_banned(self, self._dos))
+        self.node_worker = NodeWorker(self, node) if node is not None else None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine as a tracked task (shutdown waits for these)."""
@@ -185,7 +198,9 @@ class Edge:
                 self._hosts[raw_host] = host
         route = self.routes.find(host, head.path, head.method)
         if route is None:
-            return self._send(request, None, None, not_found())
+            # Counted by the DoS detector too: a flood of unknown hosts is still a flood.
+            refused = self._dos.unrouted(request) if self._dos is not None else None
+            return self._send(request, None, None, refused or not_found())
         ex = Exchange(request, route, host, request.remote, request.conn.scheme)
         try:
             reply = self.handle_now(ex)
@@ -305,7 +320,13 @@ class Edge:
         return {"connections": len(self.connections), "pools": self.pools}
 
     def status(self) -> dict[str, Any]:
-        """/status: listener, routes, pools and members."""
+        """/status: this edge's, or with workers > 1 the node's (edge/front/node.py)."""
+        if self.node_worker is not None:
+            return self.node_worker.status()
+        return self.local_status()
+
+    def local_status(self) -> dict[str, Any]:
+        """This worker's listener, routes, pools and members."""
         return {
             "daemon": "edge",
             "worker": self.worker,
@@ -381,16 +402,26 @@ class Edge:
             await listener.start()
         if self.forward is not None:
             await self.forward.start()
+        nw = self.node_worker
+        if nw is not None:
+            nw.start()
         if self.worker == 0:
             self._admin = AdminServer(
                 self.config.admin,
                 status=self.status,
                 health=self.health,
-                registry=self.metrics.registry,
+                registry=self.metrics.registry if nw is None else nw.registry,
+                refresh=None if nw is None else nw.refresh,
             )
-            # Features may serve admin routes of their own (the cache's purge API).
+            # Features may serve admin routes of their own (the cache's purge API); with
+            # workers > 1 the node sends what they change on to every worker.
             for feature in self.features:
                 for method, path, handler in getattr(feature, "admin_routes", list)():
+                    if nw is not None:
+                        handler = nw.wrap_admin(method, path, handler)
+                    self._admin.add_route(method, path, handler)
+            if nw is not None:
+                for method, path, handler in nw.admin_routes():
                     self._admin.add_route(method, path, handler)
             self.admin_port = await self._admin.start()
         log.info(
@@ -423,10 +454,12 @@ class Edge:
         except EtcdError as exc:
             log.warning("etcd unreachable at startup; retrying in the background", error=str(exc))
 
-    def reload_certificates(self) -> None:
+    def reload_certificates(self, reason: str = "SIGHUP") -> None:
         """SIGHUP: reload the TLS certificates (live connections keep theirs)."""
         if self.certificates is not None:
-            self.certificates.reload("SIGHUP")
+            self.certificates.reload(reason)
+        if self.node_worker is not None and reason == "SIGHUP":
+            self.node_worker.noted("reload", 0.0)  # the supervisor sent SIGHUP to every worker
 
     async def stop(self) -> None:
         """Graceful shutdown, step by step."""
@@ -473,6 +506,8 @@ class Edge:
             stop = getattr(feature, "stop", None)
             if stop is not None:
                 await stop()
+        if self.node_worker is not None:
+            await self.node_worker.stop()  # the last snapshot: this life's totals
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -2,7 +2,10 @@
 
 ORDER MATTERS. It is fixed here and nowhere else (``FORWARD_ORDER``):
 
-* ``auth`` first: a client without valid credentials learns nothing, not even
+* ``dos`` before anything: the reverse side's DoS detector, the same instance,
+  so a client's requests through both listeners count together, and a flood of
+  bad credentials or refused destinations is limited and banned like any other.
+* ``auth`` next: a client without valid credentials learns nothing, not even
   which destinations the policy allows (407 before 403).
 * ``destination`` next: ports, names and literal addresses are checked before
   anything is resolved or cached; a refused request costs no DNS lookup.
@@ -13,7 +16,8 @@ ORDER MATTERS. It is fixed here and nowhere else (``FORWARD_ORDER``):
   (edge/cache/), in an instance of its own so forward entries never mix with
   the reverse side's (a forward client must not be able to plant a response
   for a site this edge serves). Only plain-HTTP GET/HEAD are looked up;
-  CONNECT passes straight through.
+  CONNECT passes straight through. It follows the cluster's purge events
+  (``carousel purge``) with a watch of its own, as the reverse cache does.
 
 The terminal is ``OriginFetch`` (edge/front/forward/origin.py) for absolute-form
 requests and ``TunnelOpen`` (edge/front/forward/tunnel.py) for CONNECT.
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("carousel.edge.forward")
 
-FORWARD_ORDER: tuple[str, ...] = ("auth", "destination", "headers", "cache")
+FORWARD_ORDER: tuple[str, ...] = ("dos", "auth", "destination", "headers", "cache")
 
 # Never forwarded: hop-by-hop fields (Proxy-Authorization and Proxy-Connection among
 # them) and, unless reveal_client, anything that may carry a client address.
@@ -156,9 +160,9 @@ def _cache_feature(config: Config) -> Feature | None:
     except ImportError:  # the cache package is not part of this build
         log.warning("forward cache asked for, but edge.cache is not available")
         return None
-    # Memory tier only, and no cluster purge stream of its own: the disk tier's
-    # directory and the etcd purge events belong to the reverse side's cache.
-    own = dataclasses.replace(config.cache, disk_dir="", cluster_purge=False)
+    # Memory tier only: the disk tier's directory belongs to the reverse side's cache.
+    # Cluster purges (etcd events) reach this instance too, through a watch of its own.
+    own = dataclasses.replace(config.cache, disk_dir="")
     cache: Feature = CacheFeature(dataclasses.replace(config, cache=own), _NoMetrics(config))
     return cache
 
@@ -179,11 +183,15 @@ class ChainOwner(Protocol):
     @property
     def policy(self) -> DestinationPolicy: ...
 
+    @property
+    def dos(self) -> Feature | None: ...
+
 
 def build_chain(proxy: ChainOwner) -> dict[str, Any]:
     """The enabled forward features by name, in FORWARD_ORDER (dicts keep insertion order)."""
     config = proxy.config
     steps: dict[str, Any] = {
+        "dos": proxy.dos,
         "auth": ProxyAuth(ProxyAuthenticator(config.forward.users, config.forward.realm))
         if config.forward.users
         else None,

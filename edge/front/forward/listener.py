@@ -37,6 +37,7 @@ import structlog
 from edge.core.config import ForwardConfig, RouteConfig, ServerConfig
 from edge.core.pipeline import BytesBody, Exchange, Handler, Reply, chain
 from edge.core.routing import Route
+from edge.features.dos import DosDetector
 from edge.front.connection import ClientConnection, write_reply_body
 from edge.front.forward.chain import build_chain
 from edge.front.forward.metrics import ForwardMetrics
@@ -173,6 +174,8 @@ class ForwardProxy:
             methods=None,
         )
         self.fetch = OriginFetch(self.config, self.policy.networks, self.metrics)
+        # The reverse side's DoS detector, shared (edge/front/forward/chain.py), when [dos] is on.
+        self.dos = next((f for f in getattr(edge, "features", ()) if isinstance(f, DosDetector)), None)
         self.open_tunnel = TunnelOpen(self)
         steps = build_chain(self)
         self.features = list(steps.values())
