@@ -55,14 +55,26 @@ def client_hash(key: str) -> int:
 
 
 class ClientTable:
-    """Per-client sliding-window request counts and open connections, per node."""
+    """Per-client sliding-window request counts and open connections, per node.
+
+    A bucket is one row: a cell of five int64 (hash, window, current, previous,
+    connections) per worker, side by side, so the node's figure for a client is
+    one ``unpack_from`` of its row. A worker claims the first bucket along the
+    probe sequence whose own cell is free, stale or already the client's; the
+    table has twice ``max_clients`` buckets, so that is nearly always the first,
+    the same for every worker. When two workers placed one client in different
+    buckets (a collision in one worker's column only) each sees part of the
+    client's count: an undercount, never a false positive.
+    """
 
     def __init__(self, workers: int, buckets: int, window: float = 1.0) -> None:
         self.workers = workers
         self.buckets = buckets
         self.window = window  # the DoS detector's window: cells older than two are reusable
         self.worker = 0
-        self._mem = mmap.mmap(-1, buckets * workers * _FIELDS * 8)
+        self._stride = workers * _FIELDS
+        self._row = struct.Struct(f"<{self._stride}q")
+        self._mem = mmap.mmap(-1, buckets * self._stride * 8)
         self.cells = memoryview(self._mem).cast("q")
         self.full = 0  # requests not counted: every probed cell held another live client
 
@@ -70,17 +82,14 @@ class ClientTable:
         """In a (re)started worker: its predecessor's connections died with it."""
         self.worker = worker
         cells = self.cells
-        stride = self.workers * _FIELDS
-        base = worker * _FIELDS + _CONNS
-        for b in range(self.buckets):
-            i = b * stride + base
+        for i in range(worker * _FIELDS + _CONNS, len(cells), self._stride):
             if cells[i]:
                 cells[i] = 0
 
     def _own(self, h: int, window: int) -> int:
         """This worker's cell for hash ``h`` (claiming a free or stale one); -1 when none."""
         cells = self.cells
-        stride = self.workers * _FIELDS
+        stride = self._stride
         col = self.worker * _FIELDS
         free = -1
         b = h % self.buckets
@@ -102,53 +111,54 @@ class ClientTable:
             cells[free] = h
         return free
 
-    def _find(self, h: int, worker: int) -> int:
+    def count(self, h: int, now: float, hint: int = -1) -> int:
+        """Count one request of client ``h`` in this worker's cell; returns the cell (pass it
+        as ``hint`` next time), -1 when the table had no room for the client."""
+        w = int(now // self.window)
         cells = self.cells
-        stride = self.workers * _FIELDS
-        col = worker * _FIELDS
-        b = h % self.buckets
-        for _ in range(_PROBES):
-            i = b * stride + col
-            held = cells[i]
-            if held == h:
-                return i
-            if held == 0:
-                return -1
-            b = b + 1 if b + 1 < self.buckets else 0
-        return -1
-
-    def hit(self, h: int, now: float, window: float) -> float:
-        """Count one request of client ``h``; return the node's requests per second for it.
-
-        Windows are aligned on the system-wide monotonic clock, so every worker's
-        current window is the same one; the estimate is the previous window weighted
-        by how much of it still overlaps, plus the current one (as a single worker does).
-        """
-        w = int(now // window)
-        frac = now / window - w
-        cells = self.cells
-        i = self._own(h, w)
+        i = hint if hint >= 0 and cells[hint] == h else self._own(h, w)
         if i < 0:
             self.full += 1
-            return 0.0
-        seen = cells[i + _WINDOW]
-        if seen != w:
-            cells[i + _PREVIOUS] = cells[i + _CURRENT] if seen == w - 1 else 0
+            return -1
+        if cells[i + _WINDOW] != w:
+            cells[i + _PREVIOUS] = cells[i + _CURRENT] if cells[i + _WINDOW] == w - 1 else 0
             cells[i + _CURRENT] = 0
             cells[i + _WINDOW] = w
         cells[i + _CURRENT] += 1
+        return i
+
+    def read(self, h: int, now: float, cell: int) -> tuple[float, int]:
+        """The node's requests per second and open connections of client ``h``, from the row
+        of this worker's ``cell``.
+
+        Windows are aligned on the system-wide monotonic clock, so every worker's
+        current window is the same one; the estimate is the previous window weighted
+        by how much of it still overlaps, plus the current one (as one worker does).
+        """
+        window = self.window
+        w = int(now // window)
+        row = self._row.unpack_from(self._mem, (cell - cell % self._stride) * 8)
+        keep = 1.0 - (now / window - w)
         total = 0.0
-        keep = 1.0 - frac
-        for worker in range(self.workers):
-            j = i if worker == self.worker else self._find(h, worker)
-            if j < 0:
+        conns = 0
+        for k in range(0, self._stride, _FIELDS):
+            if row[k] != h:
                 continue
-            seen = cells[j + _WINDOW]
+            seen = row[k + _WINDOW]
             if seen == w:
-                total += cells[j + _PREVIOUS] * keep + cells[j + _CURRENT]
+                total += row[k + _PREVIOUS] * keep + row[k + _CURRENT]
             elif seen == w - 1:
-                total += cells[j + _CURRENT] * keep
-        return total / window
+                total += row[k + _CURRENT] * keep
+            conns += row[k + _CONNS]
+        return total / window, conns
+
+    def hit(self, h: int, now: float, hint: int = -1) -> tuple[float, int, int]:
+        """``count`` then ``read``: (requests per second, open connections, cell)."""
+        i = self.count(h, now, hint)
+        if i < 0:
+            return 0.0, 0, -1
+        rate, conns = self.read(h, now, i)
+        return rate, conns, i
 
     def connect(self, h: int, delta: int) -> int:
         """Add ``delta`` to this worker's open connections of client ``h``; return the node's."""
@@ -158,17 +168,23 @@ class ClientTable:
             return 0
         cells = self.cells
         cells[i + _CONNS] = max(0, cells[i + _CONNS] + delta)
-        return self.connections(h)
+        return self._row_conns(h, i - i % self._stride)
 
     def connections(self, h: int) -> int:
         """The node's open connections from client ``h``."""
         cells = self.cells
-        total = 0
-        for worker in range(self.workers):
-            j = self._find(h, worker)
-            if j >= 0:
-                total += cells[j + _CONNS]
-        return total
+        stride = self._stride
+        b = h % self.buckets
+        for _ in range(_PROBES):
+            start = b * stride
+            if any(cells[start + k] == h for k in range(0, stride, _FIELDS)):
+                return self._row_conns(h, start)
+            b = b + 1 if b + 1 < self.buckets else 0
+        return 0
+
+    def _row_conns(self, h: int, start: int) -> int:
+        row = self._row.unpack_from(self._mem, start * 8)
+        return sum(row[k + _CONNS] for k in range(0, self._stride, _FIELDS) if row[k] == h)
 
 
 class Snapshots:

@@ -106,6 +106,11 @@ log = structlog.get_logger("carousel.edge.dos")
 _FORBIDDEN = b"<html><body><h1>403 Forbidden</h1></body></html>\n"
 _TOO_MANY = b"<html><body><h1>429 Too Many Requests</h1></body></html>\n"
 ACTIONS = ("rejected", "delayed", "banned", "blocked")
+# workers > 1: how often a client's node-wide figures are read from the shared table (seconds).
+# Between reads the worker adds its own requests; the other workers' are at most this late,
+# a few requests at the rates that matter, against windows of a second. Reading on every
+# request cost 5.5 us against 0.9 us for the local count (loaded machine, 2 workers).
+REREAD = 0.01
 
 
 class ClientKeys:
@@ -230,7 +235,18 @@ _GO = _Verdict(None, 0.0)
 class _Client:
     """One client's sliding-window counters."""
 
-    __slots__ = ("current", "hash", "inflight", "noted", "previous", "start")
+    __slots__ = (
+        "cell",
+        "conns",
+        "current",
+        "hash",
+        "inflight",
+        "noted",
+        "previous",
+        "rate",
+        "read_at",
+        "start",
+    )
 
     def __init__(self, now: float, key_hash: int = 0) -> None:
         self.start = now
@@ -239,6 +255,11 @@ class _Client:
         self.inflight = 0
         self.noted = False  # over the soft threshold already logged
         self.hash = key_hash  # the client's row in the node's table (workers > 1)
+        self.cell = -1  # and this worker's cell there, once known
+        # The node's figures as last read from the table, and when (monotonic).
+        self.rate = 0.0
+        self.conns = 0
+        self.read_at = -1.0
 
     def hit(self, now: float, window: float) -> float:
         """Count one request; return the estimated requests per second."""
@@ -384,10 +405,24 @@ class DosDetector:
             busy = entry.inflight + 1 if via_proxy else self.per_ip.get(peer, 0)
         else:
             entry.start = now  # for the sweep: last seen
-            rate = table.hit(entry.hash, now, self.window)
+            cell = entry.cell = table.count(entry.hash, now, entry.cell)
+            if cell < 0:
+                rate, conns = 0.0, 0
+            elif now - entry.read_at >= REREAD:
+                rate, conns = entry.rate, entry.conns = table.read(entry.hash, now, cell)
+                entry.read_at = now
+                entry.current = 0  # requests here since the read
+            else:
+                # Between reads: the node's figure as read, plus this worker's requests since.
+                entry.current += 1
+                rate, conns = entry.rate + entry.current / self.window, entry.conns
             # Behind a trusted proxy, in flight on this worker (the proxy's connections
-            # spread its clients' requests); otherwise the node's open connections.
-            busy = entry.inflight + 1 if via_proxy else table.connections(client_hash(peer))
+            # spread its clients' requests); otherwise the node's open connections of
+            # the address (the key's, for IPv4; an IPv6 key is a whole network).
+            if via_proxy:
+                busy = entry.inflight + 1
+            else:
+                busy = conns if key == peer else table.connections(client_hash(peer))
         delay = 0.0
         if rate > self.hard_rate or busy >= self.hard_connections:
             reason = f"{rate:.0f} requests/s" if rate > self.hard_rate else f"{busy} concurrent"

@@ -31,18 +31,18 @@ def test_a_clients_rate_is_the_sum_over_the_workers_columns() -> None:
     def worker(index: int, hits: int) -> None:
         table.worker = index
         for _ in range(hits):
-            table.hit(h, now, 1.0)
+            table.hit(h, now)
 
     for index in (1, 2, 3):
         assert _in_child(lambda i=index: worker(i, 10)) == 0  # type: ignore[misc]
     table.worker = 0
-    assert table.hit(h, now, 1.0) == pytest.approx(31.0)  # 3 x 10 in other processes, + this one
+    assert table.hit(h, now)[0] == pytest.approx(31.0)  # 3 x 10 in other processes, + this one
     # Next window: the previous one weighs what still overlaps (three quarters at 1001.25).
-    assert table.hit(h, now + 1.0, 1.0) == pytest.approx(31 * 0.75 + 1)
+    assert table.hit(h, now + 1.0)[0] == pytest.approx(31 * 0.75 + 1)
     # Two windows later nothing is left of it.
-    assert table.hit(h, now + 3.0, 1.0) == pytest.approx(1.0)
+    assert table.hit(h, now + 3.0)[0] == pytest.approx(1.0)
     # Another client is another row.
-    assert table.hit(client_hash("192.0.2.8"), now + 3.0, 1.0) == pytest.approx(1.0)
+    assert table.hit(client_hash("192.0.2.8"), now + 3.0)[0] == pytest.approx(1.0)
 
 
 def test_open_connections_are_per_node_and_a_restarted_worker_drops_its_own() -> None:
@@ -58,6 +58,7 @@ def test_open_connections_are_per_node_and_a_restarted_worker_drops_its_own() ->
     table.worker = 0
     assert table.connect(h, 1) == 4
     assert table.connections(h) == 4
+    assert table.hit(h, time.monotonic())[1] == 4  # a request sees the node's connections too
     table.enter(1)  # worker 1 restarted: its connections died with it
     assert table.connections(h) == 1
     table.worker = 0
@@ -69,12 +70,12 @@ def test_a_full_neighbourhood_leaves_a_client_uncounted_not_wrong() -> None:
     table = ClientTable(workers=1, buckets=8)
     now = 50.0
     for n in range(8):
-        table.hit(client_hash(f"10.0.0.{n}"), now, 1.0)
+        table.hit(client_hash(f"10.0.0.{n}"), now)
     before = table.full
-    rates = {table.hit(client_hash(f"10.0.1.{n}"), now, 1.0) for n in range(4)}
+    rates = {table.hit(client_hash(f"10.0.1.{n}"), now)[0] for n in range(4)}
     assert table.full > before and rates == {0.0}
     # Two windows later the old rows are stale and get reused.
-    assert table.hit(client_hash("10.0.1.0"), now + 3.0, 1.0) == pytest.approx(1.0)
+    assert table.hit(client_hash("10.0.1.0"), now + 3.0)[0] == pytest.approx(1.0)
 
 
 def test_snapshots_survive_the_writer_and_are_read_whole() -> None:
