@@ -74,7 +74,9 @@ def _up(admin: int) -> bool:
         return False
 
 
-async def start(procs: ProcessGroup, name: str, body: str, workers: int = WORKERS) -> tuple[Daemon, int, int]:
+async def start(
+    procs: ProcessGroup, name: str, body: str, workers: int = WORKERS, edge: str = ""
+) -> tuple[Daemon, int, int]:
     port, admin = free_port(), free_port()
     toml = f"""
 [edge]
@@ -82,6 +84,7 @@ host = "127.0.0.1"
 port = {port}
 workers = {workers}
 access_log = false
+{edge}
 [admin]
 host = "127.0.0.1"
 port = {admin}
@@ -398,7 +401,12 @@ async def test_a_clients_rate_and_connections_are_counted_once_per_node(procs: P
     assert figures[1] <= 100
     assert figures[WORKERS] <= figures[1] * 1.25 + 10, figures
 
-    d, port, _ = await start(procs, "edge-node-conns", DOS.format(soft_rate=100000, soft_connections=4))
+    d, port, admin = await start(
+        procs,
+        "edge-node-conns",
+        DOS.format(soft_rate=100000, soft_connections=4),
+        edge="max_connections_per_ip = 20",
+    )
     try:
         # 16 connections from one address, spread over 4 workers: 4x soft_connections per node.
         conns = [await KeepAlive.open(port, "127.0.0.3") for _ in range(16)]
@@ -408,6 +416,21 @@ async def test_a_clients_rate_and_connections_are_counted_once_per_node(procs: P
             c.writer.close()
         print(f"16 connections, soft_connections = 4: {statuses.count(429)} answered 429")
         assert statuses.count(429) >= 12, statuses
+        # max_connections_per_ip = 20 holds per node: of 40 connections at once, 20 stay open.
+        held = [await KeepAlive.open(port, "127.0.0.5") for _ in range(40)]
+        await asyncio.sleep(0.3)
+        still = 0
+        for c in held:
+            try:
+                still += await asyncio.wait_for(c.reader.read(1), 0.05) != b""
+            except TimeoutError:
+                still += 1  # open: accepted
+            except ConnectionError:
+                pass
+            c.writer.close()
+        refused_per_ip = await metric(admin, 'carousel_edge_connections_refused_total{reason="per_ip"}')
+        print(f"40 connections, max_connections_per_ip = 20: {still} held, {refused_per_ip:.0f} refused")
+        assert still == 20 and refused_per_ip == 20
     finally:
         d.signal(signal.SIGTERM)
         assert await asyncio.to_thread(d.wait, 15) == 0
