@@ -74,6 +74,7 @@ PER_WORKER_GAUGES = frozenset({"carousel_edge_member_up", "carousel_edge_dos_ban
 _SUMMED = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
 EVENTS = ("purge", "ban", "unban", "reload")
 _NOT_ONE_CLIENT = "give address= (one IPv4 address or IPv6 network)"
+MAX_BAN_SECONDS = 366 * 86400  # an operator's ban: a year at most (etcd leases are int64 seconds)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -129,7 +130,9 @@ class NodeWorker:
             for name, typ, _doc, samples in previous.get("families", []):
                 if typ in _SUMMED:
                     self.base[name] = samples
-        self._asked = 0  # the last collect request sent (worker 0)
+        # The last collect request sent (worker 0): past every answer in the slots, so a restarted
+        # worker 0 does not take an old answer of a worker now dead for a fresh one.
+        self._asked = max(node.snapshots.answer(w) for w in range(node.workers))
         self._task: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_NodeCollector(self))
@@ -315,9 +318,10 @@ class NodeWorker:
         try:
             seconds = float(request.query.get("seconds", "0") or 0)
         except ValueError:
-            return web.json_response({"error": "seconds= must be a number"}, status=400)
-        if seconds < 0:
-            return web.json_response({"error": "seconds= must be positive"}, status=400)
+            seconds = -1.0
+        if not 0 <= seconds <= MAX_BAN_SECONDS:  # NaN fails this too
+            problem = f"seconds= must be a number from 1 to {MAX_BAN_SECONDS} (0: ban_seconds)"
+            return web.json_response({"error": problem}, status=400)
         banned = self.dos.ban(key, "operator (admin API)", seconds)
         return web.json_response({"address": key, "banned": banned})
 
@@ -419,8 +423,8 @@ def _client_key(dos: DosDetector, address: str) -> str | None:
         net = ipaddress.ip_network(address, strict=False)
     except ValueError:
         return None
-    if "/" not in address:
+    if "/" not in address or (net.version == 4 and net.prefixlen == 32):
         key = dos.keys(str(net.network_address))
     else:
-        key = str(net) if net.version == 6 else address
+        key = str(net)
     return key if dos.keys.bannable(key) else None

@@ -273,6 +273,15 @@ hard_rate = 100000
             )
             assert all([await get(port, source=source) == 200 for _ in range(16)])
 
+        # What the ban API refuses: not one client, a range, a bad duration.
+        for query in ("address=nonsense", "address=10.0.0.0/8", "address=10.0.0.1&seconds=inf", "seconds=5"):
+            code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{admin}/dos/ban?{query}", "POST")
+            assert code == 400 and b"error" in body, (query, body)
+        code, body = await asyncio.to_thread(
+            _http, f"http://127.0.0.1:{admin}/dos/ban?address=10.9.9.9/32&seconds=5", "POST"
+        )
+        assert code == 200 and json.loads(body)["address"] == "10.9.9.9"
+
         # SIGHUP to the supervisor: every worker reloads.
         for i in range(1, 6):
             sent = time.time()
