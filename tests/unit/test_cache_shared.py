@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from multidict import CIMultiDict
 
+from edge.core.config import from_dict
 from edge.features.cache.disk import DiskStore
+from edge.features.cache.feature import CacheFeature
 from edge.features.cache.shared import FillLocks, NodeDirectory, slot
 
 HOLDER = """
@@ -127,3 +130,29 @@ def test_the_node_directory_goes_with_its_last_worker_or_its_dead_supervisor(tmp
     c = NodeDirectory(base, supervisor=me)
     assert not stale.exists()
     c.leave()
+
+
+def test_the_memory_budget_is_the_nodes_whatever_the_number_of_workers() -> None:
+    memory = 64 << 20
+    for workers in (1, 2, 4, 8):
+        config = from_dict(
+            {
+                "edge": {"workers": workers},
+                "cache": {"enabled": True, "cluster_purge": False, "memory_size": memory},
+                "route": [{"path": "/", "respond": 200}],
+            }
+        )
+        cache = CacheFeature(config, SimpleNamespace())  # type: ignore[arg-type]
+        try:
+            shared = cache.disk.budget if cache.disk is not None and workers > 1 else 0
+            assert cache.store.budget * workers + shared <= memory
+            if workers > 1:
+                assert cache.fills is not None and cache.node is not None
+                assert cache.disk is not None and cache.disk.root == cache.node.path
+            else:
+                assert cache.fills is None and cache.disk is None  # one worker: as before, memory only
+        finally:
+            if cache.disk is not None:
+                cache.disk.close()
+            if cache.node is not None:
+                cache.node.leave()
