@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from edge.core.config import from_dict
 from edge.features.cache.disk import DiskStore
 from edge.features.cache.feature import CacheFeature
-from edge.features.cache.shared import FillLocks, NodeDirectory, slot
+from edge.features.cache.shared import MARK_SWEEP_EVERY, FillLocks, NodeDirectory, slot
 
 HOLDER = """
 import os, sys, time
@@ -110,6 +110,12 @@ def test_uncacheable_marks_expire(tmp_path: Path) -> None:
     locks.mark_uncacheable("k", 0.01)
     time.sleep(0.05)
     assert not locks.uncacheable("k")
+    # Expired marks do not pile up: each MARK_SWEEP_EVERY-th mark sweeps them.
+    for i in range(MARK_SWEEP_EVERY - 3):  # two marks made above; "live" below is the sweeping one
+        locks.mark_uncacheable(f"old{i}", 0.01)
+    time.sleep(0.05)
+    locks.mark_uncacheable("live", 60)
+    assert os.listdir(locks.marks) == [os.path.basename(locks._mark_path("live"))]
 
 
 def test_the_node_directory_goes_with_its_last_worker_or_its_dead_supervisor(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ log = structlog.get_logger("carousel.edge.cache")
 SLOTS = 1 << 16
 POLL_FIRST = 0.001
 POLL_MAX = 0.02
+# Expired hit-for-miss marks are swept after this many new ones (by the worker that made them).
+MARK_SWEEP_EVERY = 1024
 _SHM = "/dev/shm"
 _PREFIX = "carousel-edge-cache-"
 # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t), padding.
@@ -84,6 +86,7 @@ class FillLocks:
             os.mkdir(self.marks, 0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
+        self._marked = 0
 
     def try_acquire(self, key: str) -> FillLock | None:
         """The lock for ``key`` if no process (this one included) holds its slot, else None."""
@@ -121,12 +124,29 @@ class FillLocks:
         if seconds <= 0:
             return
         path = self._mark_path(key)
-        until = time.time() + seconds
+        now = time.time()
+        until = now + seconds
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             os.utime(path, (until, until))
         except OSError as exc:
             log.warning("cache mark failed", error=str(exc))
+        self._marked += 1
+        if self._marked >= MARK_SWEEP_EVERY:
+            # Marks of keys never stored again would pile up in tmpfs: drop the expired ones.
+            self._marked = 0
+            self.sweep_marks(now)
+
+    def sweep_marks(self, now: float) -> int:
+        """Delete expired hit-for-miss marks; returns how many."""
+        removed = 0
+        for name in _listdir(self.marks):
+            path = os.path.join(self.marks, name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_mtime <= now:
+                    os.unlink(path)
+                    removed += 1
+        return removed
 
     def clear_uncacheable(self, key: str) -> None:
         with contextlib.suppress(OSError):
