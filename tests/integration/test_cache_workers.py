@@ -135,6 +135,29 @@ async def test_100_concurrent_cold_requests_on_4_workers_make_one_upstream_fetch
         assert len(origin.seen("/cold")) == 1
 
 
+async def test_a_stale_entry_is_revalidated_once_per_node(
+    procs: ProcessGroup, origin: ScriptedOrigin
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"Cache-Control": "max-age=60", "ETag": '"v1"'})
+        return web.Response(body=b"r" * 1000, headers={"Cache-Control": "max-age=3", "ETag": '"v1"'})
+
+    origin.on("/rv", handler)
+    async with node(procs, origin, 4, "edge4") as base:
+        await burst(base, "/rv", 16)  # every worker has it in its memory tier
+        first = [r.headers.get("If-None-Match", "") for r in origin.seen("/rv")]
+        assert first == [""], first
+        await asyncio.sleep(3.5)  # stale everywhere
+        before = len(origin.seen("/rv"))
+        answers = await burst(base, "/rv", 60)
+        assert {(s, b) for s, _, b in answers} == {(200, b"r" * 1000)}
+        after = [r.headers.get("If-None-Match", "") for r in origin.seen("/rv")[before:]]
+        # One worker revalidates; the others find the freshened copy in the shared tier.
+        assert after == ['"v1"'], after
+
+
 async def test_uncacheable_responses_do_not_queue_across_workers(
     procs: ProcessGroup, origin: ScriptedOrigin
 ) -> None:

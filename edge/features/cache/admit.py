@@ -181,7 +181,9 @@ class Admission:
         finally:
             body.close()
 
-    def freshen(self, entry: Entry, reply: Reply, request_time: float, response_time: float) -> Entry | None:
+    def freshen(
+        self, ex: Exchange, entry: Entry, reply: Reply, request_time: float, response_time: float
+    ) -> Entry | None:
         """Merge a 304 into a stored response (RFC 9111 3.2, 4.3.4); None if it is not a match."""
         etag = reply.headers.get("ETag")
         if etag is not None and entry.validator_etag is not None:
@@ -216,7 +218,13 @@ class Admission:
             entry.validator_etag = policy.etag
         self.store.resize(entry)
         if self.disk is not None:
-            self.disk.update_meta(entry)
+            # The disk copy of a memory entry is rewritten whole: its body file is not this one's.
+            if entry.disk_path is None and entry.body is not None:
+                written = self.disk.store_bytes(entry, entry.body)
+            else:
+                written = self.disk.update_meta(entry)
+            if written is not None:
+                ex.notes[WRITE_NOTE] = written
         return entry
 
     def drop(self, entry: Entry) -> None:

@@ -266,11 +266,13 @@ class DiskStore:
         finally:
             os.close(dup)
 
-    def update_meta(self, entry: Entry) -> None:
-        """Rewrite a variant's meta after a 304 freshened it (the body stays)."""
+    def update_meta(self, entry: Entry) -> asyncio.Future[Any] | None:
+        """Rewrite a variant's meta after a 304 freshened it (the body stays); the write's future."""
         if entry.disk_path is None:
-            return
-        self._submit(self._write_meta_only, entry.key, variant_id(entry), to_meta(entry, ""), entry.disk_path)
+            return None
+        return self._submit(
+            self._write_meta_only, entry.key, variant_id(entry), to_meta(entry, ""), entry.disk_path
+        )
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any] | None:
         try:

@@ -375,6 +375,8 @@ class CacheFeature:
                         text = f"hit; ttl={int(ttl)}; collapsed"
                         reply = self._answer(ex, found, age, text, "COLLAPSED")
                         if reply is not None:
+                            if lock is not None:
+                                lock.release()
                             return reply
                     entry, fwd = found, "stale"
                 elif fills.uncacheable(key) and lock is not None:
@@ -502,7 +504,7 @@ class CacheFeature:
         if status == 304 and validating:
             assert stale is not None
             reply.body.close()
-            fresh = self.admission.freshen(stale, reply, request_time, response_time)
+            fresh = self.admission.freshen(ex, stale, reply, request_time, response_time)
             if fresh is not None:
                 age = fresh.age(time.time())
                 text = f"fwd=stale; fwd-status=304; ttl={floor(fresh.lifetime - age)}"
