@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from carousel.etcdserver import free_port
+from edge.features.cache.shared import FillLocks, shm_base
 from edge.testing.cache import ScriptedOrigin
 from tests.procs import ProcessGroup
 
@@ -133,6 +134,12 @@ async def test_100_concurrent_cold_requests_on_4_workers_make_one_upstream_fetch
         answers = await burst(base, "/cold", 40)
         assert all("hit" in status for _, status, _ in answers)
         assert len(origin.seen("/cold")) == 1
+        # Nobody kept the key's fill lock: not the filler, not the workers that waited for it.
+        supervisor = procs.daemons[-1].pid
+        locks = FillLocks(os.path.join(shm_base(), f"carousel-edge-cache-{os.getuid()}-{supervisor}"))
+        lock = locks.try_acquire("http://127.0.0.1/cold")
+        assert lock is not None
+        lock.release()
 
 
 async def test_a_stale_entry_is_revalidated_once_per_node(
