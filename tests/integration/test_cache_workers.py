@@ -136,7 +136,8 @@ async def test_100_concurrent_cold_requests_on_4_workers_make_one_upstream_fetch
         assert len(origin.seen("/cold")) == 1
         # Nobody kept the key's fill lock: not the filler, not the workers that waited for it.
         supervisor = procs.daemons[-1].pid
-        locks = FillLocks(os.path.join(shm_base(), f"carousel-edge-cache-{os.getuid()}-{supervisor}"))
+        port = int(base.rpartition(":")[2])
+        locks = FillLocks(os.path.join(shm_base(), f"carousel-edge-cache-{os.getuid()}-{supervisor}-{port}"))
         lock = locks.try_acquire("http://127.0.0.1/cold")
         assert lock is not None
         lock.release()

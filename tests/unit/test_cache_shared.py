@@ -121,8 +121,11 @@ def test_uncacheable_marks_expire(tmp_path: Path) -> None:
 def test_the_node_directory_goes_with_its_last_worker_or_its_dead_supervisor(tmp_path: Path) -> None:
     base = str(tmp_path)
     me = os.getpid()
-    a = NodeDirectory(base, supervisor=me)
-    b = NodeDirectory(base, supervisor=me)
+    a = NodeDirectory(8080, base, supervisor=me)
+    b = NodeDirectory(8080, base, supervisor=me)
+    other = NodeDirectory(8081, base, supervisor=me)
+    assert other.path != a.path  # another node (port) of the same supervisor: its own tier
+    assert other.leave()
     assert a.path == b.path and os.path.isdir(a.path)
     assert not a.leave()  # b still uses it
     assert os.path.isdir(a.path)
@@ -131,9 +134,9 @@ def test_the_node_directory_goes_with_its_last_worker_or_its_dead_supervisor(tmp
     # Left by a node killed outright: removed by the next node to start.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(5)
-    stale = tmp_path / f"carousel-edge-cache-{os.getuid()}-{dead.pid}"
+    stale = tmp_path / f"carousel-edge-cache-{os.getuid()}-{dead.pid}-8080"
     stale.mkdir()
-    c = NodeDirectory(base, supervisor=me)
+    c = NodeDirectory(8080, base, supervisor=me)
     assert not stale.exists()
     c.leave()
 

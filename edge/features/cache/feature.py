@@ -100,9 +100,10 @@ class CacheFeature:
         self.fills: FillLocks | None = None
         memory = c.memory_size
         workers = config.edge.workers
-        if workers > 1:
+        # Workers of a node share its fixed port; port 0 is a single process (tests, tools).
+        if workers > 1 and config.edge.port != 0:
             if self.disk is None:
-                self.node = NodeDirectory()
+                self.node = NodeDirectory(config.edge.port)
                 self.disk = DiskStore(self.node.path, c.memory_size * 3 // 4, c.max_object_size)
                 memory = c.memory_size // (4 * workers)
             else:

@@ -19,7 +19,7 @@ others find there; a miss fills it once per node:
   file whose mtime is the mark's deadline, so the other workers skip the lock
   and go upstream in parallel instead of queueing behind each other.
 
-The tmpfs directory is named after the supervisor's pid. Every worker holds a
+The tmpfs directory is named after the supervisor's pid and the node's port. Every worker holds a
 shared ``flock`` on it while it runs; the last one to stop (an exclusive lock
 is then free) removes it, and a node starting up removes directories left by a
 supervisor that no longer exists (a node killed outright).
@@ -181,16 +181,17 @@ def _alive(pid: int) -> bool:
 class NodeDirectory:
     """The tmpfs directory of one node's shared tier, held (shared flock) while a worker runs."""
 
-    def __init__(self, base: str | None = None, supervisor: int | None = None) -> None:
+    def __init__(self, port: int, base: str | None = None, supervisor: int | None = None) -> None:
         base = base or shm_base()
         owner = supervisor if supervisor is not None else os.getppid()
         stem = f"{_PREFIX}{os.getuid()}-"
         for name in _listdir(base):
             # Left by a node killed outright (its supervisor is gone): memory nobody frees otherwise.
-            rest = name[len(stem) :] if name.startswith(stem) else ""
-            if rest.isdigit() and int(rest) != owner and not _alive(int(rest)):
+            pid = name[len(stem) :].partition("-")[0] if name.startswith(stem) else ""
+            if pid.isdigit() and int(pid) != owner and not _alive(int(pid)):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-        self.path = os.path.join(base, f"{stem}{owner}")
+        # The supervisor's pid and the node's port: two nodes never share a tier.
+        self.path = os.path.join(base, f"{stem}{owner}-{port}")
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         self._fd = os.open(os.path.join(self.path, ".users"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_SH)
