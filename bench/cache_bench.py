@@ -10,6 +10,13 @@ Same method as bench/edge_bench.py (whose helpers it uses):
 * both caches warmed and checked to answer hits (``X-Cache-Status: HIT`` /
   ``Cache-Status: ...; hit``), then wrk (core 1) against each, alternating for a
   few rounds; each cell keeps its best round (the machine may be shared);
+* the node-shared cache (``workers = 2``, both workers on core 0 as well, so
+  the same CPU): a hit in a worker's own memory tier ("edge 2w"), and a hit
+  that only the node's shared tmpfs tier can answer ("edge 2w shared": the
+  memory tiers are made too small to hold the object), which is what a worker
+  pays for an object another worker fetched, before its own memory tier has it;
+* the lookup alone, in this process: a memory-tier lookup vs a shared-tier
+  lookup and body read (listdir, meta, body on tmpfs), in microseconds;
 * for reference, the same edge answering a fixed 1 KiB ``respond`` route: no
   pipeline feature, no upstream, just the edge's request/response path, so the
   ceiling any cache hit path could reach in this process;
@@ -43,6 +50,7 @@ EDGE_TOML = """
 host = "127.0.0.1"
 port = {port}
 access_log = false
+workers = {workers}
 [admin]
 port = {admin}
 [log]
@@ -51,6 +59,7 @@ level = "warning"
 enabled = true
 cluster_purge = false
 memory_size = {memory}
+max_object_size = {max_object}
 [pool.ap]
 members = [{{ address = "127.0.0.1:{ap}" }}]
 keepalive = "pool"
@@ -62,6 +71,53 @@ path = "/fixed"
 respond = 200
 body = "{fixed}"
 """
+
+
+def edge_toml(
+    port: int, admin: int, ap: int, memory: int, workers: int = 1, max_object: int = 1 << 20
+) -> str:
+    """The edge's config for one cell."""
+    return EDGE_TOML.format(
+        port=port, admin=admin, ap=ap, memory=memory, fixed=FIXED_BODY, workers=workers, max_object=max_object
+    )
+
+
+def lookup_cost(count: int = 20000) -> tuple[float, float]:
+    """(µs per memory-tier lookup, µs per shared-tier lookup with its body read), 1 KiB object."""
+    from multidict import CIMultiDict
+
+    from edge.features.cache.disk import DiskStore
+    from edge.features.cache.shared import shm_base
+    from edge.features.cache.store import Entry, MemoryStore
+
+    key = "http://127.0.0.1/f1k.txt"
+    entry = Entry(key, "", 200, None)
+    entry.set_headers([("Content-Type", "text/plain"), ("Cache-Control", "max-age=3600")])
+    entry.body = b"x" * 1024
+    entry.length = 1024
+    entry.lifetime = 3600
+    entry.response_time = entry.stored_at = time.time()
+    store = MemoryStore(1 << 20)
+    store.put(entry)
+    root = tempfile.mkdtemp(prefix="carousel-lookup-", dir=shm_base())
+    disk = DiskStore(root, 1 << 20, 1 << 20)
+    try:
+        disk.store_bytes(entry, entry.body)  # no loop running: written now
+        headers: CIMultiDict[str] = CIMultiDict()
+        index = store.index
+        started = time.perf_counter()
+        for _ in range(count):
+            index.get(key)
+        memory = (time.perf_counter() - started) / count * 1e6
+        started = time.perf_counter()
+        for _ in range(count):
+            found = disk.lookup(key, "", headers)
+            assert found is not None and disk.read_body(found) is not None
+        shared = (time.perf_counter() - started) / count * 1e6
+    finally:
+        disk.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return memory, shared
 
 
 def header(url: str, name: str) -> str:
@@ -118,6 +174,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
     parser.add_argument("--objects", type=int, default=20000, help="objects for the memory figure (0: skip)")
+    parser.add_argument(
+        "--no-shared", action="store_true", help="skip the shared-tier cell (code without a shared tier)"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -155,27 +214,40 @@ def main() -> int:
         )
         procs.append(start([nginx, "-c", str(px_conf), "-p", str(work)], 0, work / "proxy.log"))
         edge_conf = work / "edge.toml"
-        edge_conf.write_text(
-            EDGE_TOML.format(port=edge_port, admin=admin_port, ap=ap_port, memory=256 << 20, fixed=FIXED_BODY)
+        edge_conf.write_text(edge_toml(edge_port, admin_port, ap_port, 256 << 20))
+        # Two workers; and two whose memory tiers cannot hold the object (a 64 KiB budget gives
+        # each 8 KiB, whose 10% probation queue is smaller than one entry): shared-tier hits only.
+        edge2_port, edge2s_port = free_port(), free_port()
+        edge2_conf = work / "edge2.toml"
+        edge2_conf.write_text(edge_toml(edge2_port, free_port(), ap_port, 256 << 20, workers=2))
+        edge2s_conf = work / "edge2s.toml"
+        edge2s_conf.write_text(
+            edge_toml(edge2s_port, free_port(), ap_port, 64 << 10, workers=2, max_object=4096)
         )
-        procs.append(
-            start(
-                [sys.executable, "-m", "carousel.cli", "edge", "--config", str(edge_conf)],
-                0,
-                work / "edge.log",
+        for name, conf in (("edge", edge_conf), ("edge2", edge2_conf), ("edge2s", edge2s_conf)):
+            procs.append(
+                start(
+                    [sys.executable, "-m", "carousel.cli", "edge", "--config", str(conf)],
+                    0,
+                    work / f"{name}.log",
+                )
             )
-        )
         urls = {
             "nginx": f"http://127.0.0.1:{nginx_port}/f1k.txt",
             "edge": f"http://127.0.0.1:{edge_port}/f1k.txt",
+            "edge 2w": f"http://127.0.0.1:{edge2_port}/f1k.txt",
+            "edge 2w shared": f"http://127.0.0.1:{edge2s_port}/f1k.txt",
             "fixed": f"http://127.0.0.1:{edge_port}/fixed",
         }
+        if args.no_shared:
+            del urls["edge 2w shared"]
         for url in urls.values():
             wait_http(url)
+        time.sleep(1.0)  # every worker listening
         nginx_status = header(urls["nginx"], "X-Cache-Status")
-        edge_status = header(urls["edge"], "Cache-Status")
-        if nginx_status != "HIT" or "; hit" not in edge_status:
-            print(f"cache_bench: caches not warm (nginx {nginx_status!r}, edge {edge_status!r})")
+        statuses = [header(u, "Cache-Status") for k, u in urls.items() if k.startswith("edge")]
+        if nginx_status != "HIT" or not all("; hit" in st for st in statuses):
+            print(f"cache_bench: caches not warm (nginx {nginx_status!r}, edges {statuses!r})")
             return 1
         print(
             f"cache hits of a 1 KiB object: nginx proxy_cache and carousel edge on core 0, wrk on core 1; "
@@ -193,11 +265,7 @@ def main() -> int:
             fill_conf = work / "fill.toml"
             fill_port = free_port()
             budget = max(256 << 20, args.objects * 8192)
-            fill_conf.write_text(
-                EDGE_TOML.format(
-                    port=fill_port, admin=free_port(), ap=ap_port, memory=budget, fixed=FIXED_BODY
-                )
-            )
+            fill_conf.write_text(edge_toml(fill_port, free_port(), ap_port, budget))
             memory = memory_per_object(fill_conf, fill_port, work, args.objects)
     finally:
         for p in procs:
@@ -209,16 +277,28 @@ def main() -> int:
     f_rps, f_p99 = results["fixed"]
     ratio = e_rps / n_rps
     print()
-    print(f"{'':10} {'nginx req/s':>12} {'p99 ms':>8} {'edge req/s':>12} {'p99 ms':>8} "
+    print(f"{'':16} {'nginx req/s':>12} {'p99 ms':>8} {'edge req/s':>12} {'p99 ms':>8} "
           f"{'ratio':>7} {'target':>7}")  # fmt: skip
     print(
-        f"{'cache hit':10} {n_rps:12.0f} {n_p99:8.2f} {e_rps:12.0f} {e_p99:8.2f} "
+        f"{'cache hit':16} {n_rps:12.0f} {n_p99:8.2f} {e_rps:12.0f} {e_p99:8.2f} "
         f"{ratio:6.2f}x {TARGET:6.2f}x {'ok' if ratio >= TARGET else 'MISSED'}"
     )
+    for cell, what in (
+        ("edge 2w", "2 workers, a hit in the worker's memory tier"),
+        ("edge 2w shared", "2 workers, a hit only the node's shared tier holds"),
+    ):
+        if cell not in results:
+            continue
+        rps, p99 = results[cell]
+        print(
+            f"{'(' + cell + ')':16} {'':12} {'':8} {rps:12.0f} {p99:8.2f} {rps / n_rps:6.2f}x          {what}"
+        )
     print(
-        f"{'(fixed)':10} {'':12} {'':8} {f_rps:12.0f} {f_p99:8.2f} {f_rps / n_rps:6.2f}x"
+        f"{'(fixed)':16} {'':12} {'':8} {f_rps:12.0f} {f_p99:8.2f} {f_rps / n_rps:6.2f}x"
         "          the edge's fixed-response route: the ceiling for any hit path"
     )
+    memory_us, shared_us = lookup_cost() if not args.no_shared else (0.0, 0.0)
+    print(f"\nlookup: memory tier {memory_us:.3f} µs, shared tier (tmpfs, with the body) {shared_us:.1f} µs")
     if memory is not None:
         per_object, count = memory
         print(f"\nmemory: {per_object:.2f} KiB of RSS per cached 1 KiB object ({count} objects)")

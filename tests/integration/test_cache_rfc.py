@@ -399,28 +399,6 @@ async def test_error_answer_to_an_unsafe_method_invalidates_nothing(session: aio
         assert [r.method for r in origin.seen("/k")] == ["GET", "DELETE"]
 
 
-# --- ranges --------------------------------------------------------------------------------
-
-
-async def test_ranges_are_served_from_a_complete_entry_and_never_stored(
-    session: aiohttp.ClientSession,
-) -> None:
-    async with origin_and_edge() as (origin, edge):
-        origin.reply("/r", "0123456789", cache_control="max-age=60", etag='"r1"')
-        get = Client(session, edge)
-        # A miss goes through as it is (this origin ignores Range) and is not stored.
-        status, headers, body = await get("/r", range="bytes=2-4")
-        assert (status, body) == (200, b"0123456789")
-        assert "stored" not in status_of(headers)
-        await get("/r")
-        status, headers, body = await get("/r", range="bytes=-3")
-        assert (status, body, headers["Content-Range"]) == (206, b"789", "bytes 7-9/10")
-        assert (await get("/r", range="bytes=20-"))[0] == 416
-        status, _, body = await get("/r", range="bytes=0-1", if_range='"old"')
-        assert (status, body) == (200, b"0123456789")  # If-Range no longer matches: whole body
-        assert len(origin.seen("/r")) == 2
-
-
 # --- targeted fields, Cache-Status, keys, cookies ------------------------------------------
 
 

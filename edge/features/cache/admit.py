@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("carousel.edge.cache")
 
+# Where admit() leaves the future of a shared-tier write, for the fill lock's holder.
+WRITE_NOTE = "cache.write"
+
 
 class Admission:
     """Stores responses in the memory and disk tiers, and merges 304s into them."""
@@ -56,6 +59,8 @@ class Admission:
         self.heuristic = HeuristicRule(c.heuristic_fraction, c.heuristic_max) if c.heuristic else None
         self.tag_headers = tuple(c.tag_headers)
         self.hidden_tags = frozenset(n.lower() for n in c.tag_headers) if c.strip_tag_headers else frozenset()
+        # The disk tier is the node's shared tier (several workers): it stores what memory cannot.
+        self.shared = False
 
     async def admit(
         self,
@@ -120,12 +125,23 @@ class Admission:
                 return None
         else:
             return None
-        if not self.store.put(entry):
+        data = entry.body
+        kept = self.store.put(entry)
+        if not kept and not self.shared:
             return None
         if self.disk is not None:
-            if entry.body is not None:
-                self.disk.store_bytes(entry, entry.body)
+            if data is not None:
+                written = self.disk.store_bytes(entry, data)
+                if written is not None:
+                    # The node's fill lock is held until the shared tier has it (feature.py).
+                    ex.notes[WRITE_NOTE] = written
             self.disk.maybe_sweep()
+        if not kept:
+            # Too big for this worker's memory tier: the node's shared tier holds it, and
+            # this answer is made from the bytes in hand.
+            if data is None and entry.disk_path is None:
+                return None
+            entry.body = data
         return entry
 
     def _entry(
@@ -165,7 +181,9 @@ class Admission:
         finally:
             body.close()
 
-    def freshen(self, entry: Entry, reply: Reply, request_time: float, response_time: float) -> Entry | None:
+    def freshen(
+        self, ex: Exchange, entry: Entry, reply: Reply, request_time: float, response_time: float
+    ) -> Entry | None:
         """Merge a 304 into a stored response (RFC 9111 3.2, 4.3.4); None if it is not a match."""
         etag = reply.headers.get("ETag")
         if etag is not None and entry.validator_etag is not None:
@@ -200,7 +218,13 @@ class Admission:
             entry.validator_etag = policy.etag
         self.store.resize(entry)
         if self.disk is not None:
-            self.disk.update_meta(entry)
+            # The disk copy of a memory entry is rewritten whole: its body file is not this one's.
+            if entry.disk_path is None and entry.body is not None:
+                written = self.disk.store_bytes(entry, entry.body)
+            else:
+                written = self.disk.update_meta(entry)
+            if written is not None:
+                ex.notes[WRITE_NOTE] = written
         return entry
 
     def drop(self, entry: Entry) -> None:

@@ -232,11 +232,11 @@ class DiskStore:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def store_bytes(self, entry: Entry, data: bytes) -> None:
-        """Write a memory entry's copy in the background (fire and forget)."""
+    def store_bytes(self, entry: Entry, data: bytes) -> asyncio.Future[Any] | None:
+        """Write a memory entry's copy in the background; the write's future (None if none)."""
         if len(data) > self.max_object:
-            return
-        self._submit(self._write, entry.key, variant_id(entry), to_meta(entry, ""), data, None)
+            return None
+        return self._submit(self._write, entry.key, variant_id(entry), to_meta(entry, ""), data, None)
 
     async def store_now(self, entry: Entry, data: bytes) -> str | None:
         """Write a large in-memory body and wait for it; the body path or None."""
@@ -266,21 +266,24 @@ class DiskStore:
         finally:
             os.close(dup)
 
-    def update_meta(self, entry: Entry) -> None:
-        """Rewrite a variant's meta after a 304 freshened it (the body stays)."""
+    def update_meta(self, entry: Entry) -> asyncio.Future[Any] | None:
+        """Rewrite a variant's meta after a 304 freshened it (the body stays); the write's future."""
         if entry.disk_path is None:
-            return
-        self._submit(self._write_meta_only, entry.key, variant_id(entry), to_meta(entry, ""), entry.disk_path)
+            return None
+        return self._submit(
+            self._write_meta_only, entry.key, variant_id(entry), to_meta(entry, ""), entry.disk_path
+        )
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any] | None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             fn(*args)
-            return
+            return None
         fut = loop.run_in_executor(self.executor, fn, *args)
         self._pending.add(fut)
         fut.add_done_callback(self._written)
+        return fut
 
     def _written(self, fut: asyncio.Future[Any]) -> None:
         self._pending.discard(fut)

@@ -39,7 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from edge.core.errors import error_reply
 from edge.core.fields import ResponseCleaner, TrustedProxies
 from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
-from edge.features.cache.admit import Admission
+from edge.features.cache.admit import WRITE_NOTE, Admission
 from edge.features.cache.coalesce import Coalescer, HitForMiss
 from edge.features.cache.disk import DiskStore
 from edge.features.cache.fields import cache_status_name, surrogate_device
@@ -52,7 +52,8 @@ from edge.features.cache.policy import (
     parse_request,
 )
 from edge.features.cache.purge import Purges, PurgeWatcher
-from edge.features.cache.respond import from_entry, not_modified_from
+from edge.features.cache.respond import HeadOnly, from_entry, not_modified_from
+from edge.features.cache.shared import FillLocks, NodeDirectory
 from edge.features.cache.store import Entry, MemoryStore
 from edge.http.http1 import Head
 from edge.http.request import Request
@@ -91,12 +92,28 @@ class CacheFeature:
         self.config = config
         # Serialised once as an RFC 9211 list member name (a Token, or a String if not one).
         self.name = cache_status_name(c.name) if c.name else ""
-        self.store = MemoryStore(c.memory_size, c.max_variants)
         self.max_object = c.max_object_size
         self.disk = DiskStore(c.disk_dir, c.disk_size, c.disk_max_object_size) if c.disk_dir else None
+        # Several workers make one cache (edge/features/cache/shared.py): a tier they share (the
+        # disk tier, else tmpfs) behind small memory tiers of their own, within memory_size per node.
+        self.node: NodeDirectory | None = None
+        self.fills: FillLocks | None = None
+        memory = c.memory_size
+        workers = config.edge.workers
+        # Workers of a node share its fixed port; port 0 is a single process (tests, tools).
+        if workers > 1 and config.edge.port != 0:
+            if self.disk is None:
+                self.node = NodeDirectory(config.edge.port)
+                self.disk = DiskStore(self.node.path, c.memory_size * 3 // 4, c.max_object_size)
+                memory = c.memory_size // (4 * workers)
+            else:
+                memory = c.memory_size // workers
+            self.fills = FillLocks(self.disk.root)
+        self.store = MemoryStore(memory, c.max_variants)
         self.coalescer = Coalescer()
         self.hit_for_miss = HitForMiss(c.hit_for_miss)
         self.admission = Admission(config, self.store, self.disk)
+        self.admission.shared = self.fills is not None
         self.purges = Purges(config, self.store, self.disk)
         self.purgers = TrustedProxies(c.purge_from)
         self.clean = ResponseCleaner(config)
@@ -136,6 +153,8 @@ class CacheFeature:
         if self.disk is not None:
             await self.disk.flush()
             self.disk.close()
+        if self.node is not None:
+            self.node.leave()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -285,16 +304,11 @@ class CacheFeature:
             reply = error_reply(504)
             self._add_status(reply, "fwd=miss")
             return reply
-        if (
-            method == "HEAD"
-            or "Range" in h
-            or "If-Match" in h
-            or "If-Unmodified-Since" in h
-            or "Upgrade" in h
-        ):
-            # Not worth a whole-body fetch (HEAD), never stored partial (Range),
-            # preconditions only the origin can judge, or a protocol switch
-            # (WebSocket): straight through, nothing stored.
+        if "If-Match" in h or "If-Unmodified-Since" in h or "Upgrade" in h:
+            # Preconditions only the origin can judge, or a protocol switch
+            # (WebSocket): straight through, nothing stored. A HEAD or a Range
+            # miss fetches the whole response with a GET, stores it and is answered
+            # from it (a 206 cut from the stored 200), as nginx and Varnish do.
             ex.cache_status = "MISS"
             reply = await call_next(ex)
             self._add_status(reply, f"fwd={fwd}; fwd-status={reply.status}")
@@ -312,7 +326,9 @@ class CacheFeature:
             wait = self.coalescer.join(key)
             if wait is None:
                 try:
-                    return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+                    if self.fills is None:
+                        return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+                    return await self._lead(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
                 finally:
                     self.coalescer.finish(key)
             collapsed = True
@@ -330,18 +346,73 @@ class CacheFeature:
                 return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd)
             fwd = "vary-miss" if entry is None else "stale"
 
+    async def _lead(
+        self,
+        ex: Exchange,
+        call_next: Handler,
+        key: str,
+        extra: str,
+        entry: Entry | None,
+        rr: RequestRules | None,
+        rules: RouteRules,
+        fwd: str,
+        collapsed: bool,
+    ) -> Reply:
+        """This worker's fetch for a key, once per node: under the node's fill lock for the key."""
+        fills = self.fills
+        assert fills is not None
+        if fills.uncacheable(key):  # hit-for-miss on another worker: in parallel, no queue
+            return await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+        lock, waited = await fills.acquire(key, self.config.cache.coalesce_timeout)
+        try:
+            if waited:
+                # Another worker was filling it: its answer is in the shared tier, or uncacheable.
+                collapsed = True
+                found = self._find(key, extra, ex.request.headers)
+                if found is not None:
+                    age = found.age(time.time())
+                    ttl = found.lifetime - age
+                    if not found.no_cache and ttl > 0 and fresh_enough(rr, age, ttl):
+                        text = f"hit; ttl={int(ttl)}; collapsed"
+                        reply = self._answer(ex, found, age, text, "COLLAPSED")
+                        if reply is not None:
+                            if lock is not None:
+                                lock.release()
+                            return reply
+                    entry, fwd = found, "stale"
+                elif fills.uncacheable(key) and lock is not None:
+                    lock.release()
+            reply = await self._fetch(ex, call_next, key, extra, entry, rr, rules, fwd, collapsed)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        written = ex.notes.pop(WRITE_NOTE, None)
+        if lock is not None:
+            if written is None or written.done():
+                lock.release()
+            else:
+                held = lock
+                written.add_done_callback(lambda _: held.release())
+        return reply
+
     def _find(self, key: str, extra: str, headers: Any) -> Entry | None:
         """The newest stored variant for a request: memory tier, then disk tier."""
         variants = self.store.index.get(key)
+        mine: Entry | None = None
         if variants is not None:
             for entry in variants:
                 if entry.extra == extra and (not entry.vary or entry.matches(extra, headers)):
-                    return entry
+                    # Another worker may have refreshed a stale one in the shared tier.
+                    if self.fills is None or entry.age(time.time()) < entry.lifetime:
+                        return entry
+                    mine = entry
+                    break
         if self.disk is None:
             return None
         found = self.disk.lookup(key, extra, headers)
-        if found is None:
-            return None
+        if found is None or (mine is not None and found.response_time <= mine.response_time):
+            return mine
         # Stored by an earlier run, maybe under other hide_headers: clean as the proxy does now.
         kept = self.clean.fields(found.fields)
         if kept is not None:
@@ -403,6 +474,13 @@ class CacheFeature:
             if name in up:
                 conditional = True
                 up.popall(name)
+        # The cache stores whole responses and cuts ranges from them (RFC 9110 14.2
+        # lets it ignore Range upstream): the member is asked for the whole thing.
+        ranged = "Range" in up
+        if ranged:
+            up.popall("Range")
+        up.popall("If-Range", None)
+        head = request.method == "HEAD"
         validating = stale is not None and stale.has_validator
         if validating:
             assert stale is not None
@@ -411,12 +489,13 @@ class CacheFeature:
             if stale.last_modified is not None:
                 up["If-Modified-Since"] = stale.last_modified
         request_time = time.time()
-        if ex.route.kind == "pool":
+        if ex.route.kind == "pool" and not head:
             reply = await call_next(ex)
         else:
             # Static files (and other terminals) read the request itself, not the
-            # upstream headers: show them the request as the cache means it.
-            ex.request = _with_headers(request, up)
+            # upstream headers: show them the request as the cache means it. A HEAD
+            # miss is fetched as a GET, so that its answer can be stored.
+            ex.request = _with_headers(request, up, "GET")
             try:
                 reply = await call_next(ex)
             finally:
@@ -426,7 +505,7 @@ class CacheFeature:
         if status == 304 and validating:
             assert stale is not None
             reply.body.close()
-            fresh = self.admission.freshen(stale, reply, request_time, response_time)
+            fresh = self.admission.freshen(ex, stale, reply, request_time, response_time)
             if fresh is not None:
                 age = fresh.age(time.time())
                 text = f"fwd=stale; fwd-status=304; ttl={floor(fresh.lifetime - age)}"
@@ -445,17 +524,20 @@ class CacheFeature:
             if served is not None:
                 reply.body.close()
                 return served
-        entry: Entry | None = None
-        if request.method == "GET":
-            entry = await self.admission.admit(
-                ex, reply, key, extra, rr, rules.set_cookie, request_time, response_time
-            )
+        # A GET, or a HEAD fetched as one.
+        entry = await self.admission.admit(
+            ex, reply, key, extra, rr, rules.set_cookie, request_time, response_time
+        )
         if entry is None:
             self.hit_for_miss.mark(key)
+            if self.fills is not None:
+                self.fills.mark_uncacheable(key, self.hit_for_miss.seconds)
             ex.cache_status = ex.cache_status or "MISS"
             self._count("MISS")
         else:
             self.hit_for_miss.clear(key)
+            if self.fills is not None:
+                self.fills.clear_uncacheable(key)
             if entry.lifetime <= 0 or entry.no_cache:
                 # Every use needs validation: concurrent requests should not queue for it.
                 self.hit_for_miss.mark(key)
@@ -478,6 +560,24 @@ class CacheFeature:
             ):
                 reply.body.close()
                 return not_modified_from(reply)
+        if (head or ranged) and not background:
+            return self._cut(ex, reply, entry, head)
+        return reply
+
+    def _cut(self, ex: Exchange, reply: Reply, entry: Entry | None, head: bool) -> Reply:
+        """A HEAD or Range miss: answered from what was just stored (no body, or a 206),
+        else the fetched response itself (its body dropped for a HEAD; whole for a Range)."""
+        if entry is not None and 200 <= entry.status < 300:
+            cut = from_entry(entry, ex.request.headers, ex.request.method, entry.age(time.time()), None)
+            if cut is not None:
+                for value in reply.headers.getall("Cache-Status", ()):
+                    cut.headers.add("Cache-Status", value)
+                reply.body.close()
+                return cut
+        if head:
+            length = reply.body.length
+            reply.body.close()
+            reply.body = HeadOnly(length)
         return reply
 
     def _stale_on_error(
@@ -512,6 +612,11 @@ class CacheFeature:
         if self.coalescer.join(key) is not None:
             entry.refreshing = False
             return
+        lock = self.fills.try_acquire(key) if self.fills is not None else None
+        if self.fills is not None and lock is None:  # another worker is refreshing it
+            entry.refreshing = False
+            self.coalescer.finish(key)
+            return
         try:
             rules = self._rules.get(id(ex.route))
             assert isinstance(rules, RouteRules)
@@ -523,6 +628,8 @@ class CacheFeature:
         finally:
             entry.refreshing = False
             self.coalescer.finish(key)
+            if lock is not None:
+                lock.release()
 
     # --- invalidation and purges --------------------------------------------------------
 
@@ -554,14 +661,16 @@ class CacheFeature:
             "counts": self.counts,
             "purges": self.purges.count,
             "disk": self.disk.root if self.disk is not None else None,
+            "shared": self.fills is not None,
         }
 
 
-def _with_headers(request: Request, headers: CIMultiDict[str]) -> Request:
-    """The same request with other header fields (a revalidation through a static route)."""
+def _with_headers(request: Request, headers: CIMultiDict[str], method: str | None = None) -> Request:
+    """The same request with other header fields (a revalidation through a static route),
+    and maybe another method (a HEAD miss fetched as a GET)."""
     h = request.head
     head = Head(
-        h.method,
+        method or h.method,
         h.raw_path,
         h.version,
         CIMultiDictProxy(headers),
@@ -569,6 +678,7 @@ def _with_headers(request: Request, headers: CIMultiDict[str]) -> Request:
         h.chunked,
         h.keep_alive,
         h.expect_continue,
+        h.scheme,
     )
     return Request(head, request.conn, request.body)
 

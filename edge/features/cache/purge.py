@@ -121,7 +121,8 @@ class Purges:
     def invalidate(self, ex: Exchange, reply: Reply, rule: KeyRule) -> None:
         """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
         self.key(f"{ex.scheme}://{ex.host}{rule.target(ex.request.raw_path)}")
-        request_url = f"{ex.scheme}://{ex.request.host or ex.host}{ex.request.raw_path}"
+        # The host the edge routed and keyed by (normalised), never the raw Host field.
+        request_url = f"{ex.scheme}://{ex.host}{ex.request.raw_path}"
         for name in ("Location", "Content-Location"):
             value = reply.headers.get(name)
             if not value:
