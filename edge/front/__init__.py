@@ -4,7 +4,8 @@
 the config, answers each request, shuts down gracefully), ``connection.py``
 (the HTTP/1.1 client protocol: keep-alive, pipelining, buffering, framing),
 ``tls.py`` (termination: certificates by SNI, reload), ``passthrough.py``
-(TLS passthrough by SNI), ``forward/`` (the forward proxy, its own listener
+(TLS passthrough by SNI), ``h2conn.py`` (HTTP/2 clients, by ALPN or h2c prior
+knowledge), ``forward/`` (the forward proxy, its own listener
 and chain).
 
 May import: every layer below (features, upstream, core, http) and carousel;
