@@ -80,6 +80,7 @@ FLOOD_WINDOW = 10.0
 CONTROL_BUDGET = 1000  # SETTINGS, PING, PING ACK, PRIORITY, empty DATA
 WINDOW_UPDATE_BUDGET = 1000  # plus two per DATA frame the edge sent (stream + connection)
 RESETS_PER_STREAM_LIMIT = 2  # resets budget: this many times max_concurrent_streams
+LINGER = 2.0  # seconds a closed connection still reads and discards (nginx's lingering close)
 _PAGES = {
     400: b"<html><body><h1>400 Bad Request</h1></body></html>\n",
     405: b"<html><body><h1>405 Method Not Allowed</h1></body></html>\n",
@@ -241,6 +242,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.resets = FloodMeter(RESETS_PER_STREAM_LIMIT * c.max_concurrent_streams, FLOOD_WINDOW)
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
+        self._lingering = False
+        self.last_seen = 0  # the last stream handed to the pipeline (or answered by the edge)
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -353,6 +356,7 @@ class H2ClientConnection(asyncio.Protocol):
             if self.resets.hit(loop_now):
                 self._flood("rapid_reset")
             return
+        self.last_seen = sid
         try:
             head = request_head(pairs, self.max_headers)
         except Malformed as exc:
@@ -613,16 +617,26 @@ class H2ClientConnection(asyncio.Protocol):
         return False
 
     def close(self) -> None:
-        """Close after what was written is flushed."""
+        """Close after what was written is flushed, lingering: closing a socket with unread
+        bytes sends a reset that can destroy the GOAWAY before the client reads it, so the
+        write side is shut first and what still arrives is discarded for LINGER seconds."""
+        if self.closed and self._lingering:
+            return
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.can_write_eof() and not transport.is_closing():
+                self._lingering = True
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER, transport.close)
+            else:
+                transport.close()
         for stream in list(self.active):
             self._gone(stream)
 
     def _goaway(self, code: ErrorCodes, reason: str) -> None:
         try:
-            self.h2.close_connection(code)
+            self.h2.close_connection(code, last_stream_id=self.last_seen)
         except ProtocolError:
             pass
         self.flush()
