@@ -625,12 +625,15 @@ class H2ClientConnection(asyncio.Protocol):
         self.closed = True
         transport = self.transport
         if transport is not None:
-            if transport.can_write_eof() and not transport.is_closing():
-                self._lingering = True
-                transport.write_eof()
-                asyncio.get_running_loop().call_later(LINGER, transport.close)
-            else:
-                transport.close()
+            try:
+                if transport.can_write_eof() and not transport.is_closing():
+                    self._lingering = True
+                    transport.write_eof()
+                    asyncio.get_running_loop().call_later(LINGER, transport.close)
+                else:
+                    transport.close()
+            except OSError:  # the client is gone already
+                transport.abort()
         for stream in list(self.active):
             self._gone(stream)
 
