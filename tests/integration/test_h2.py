@@ -95,6 +95,8 @@ def fields(head: str) -> dict[str, str]:
         out[name.strip().lower()] = value.strip()
     for name in ("date", "connection", "keep-alive", "age"):
         out.pop(name, None)
+    if "cache-status" in out:  # the remaining ttl may tick between the two fetches
+        out["cache-status"] = re.sub(r"; ttl=\d+", "", out["cache-status"])
     return out
 
 
