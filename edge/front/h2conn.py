@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A connection arrives by ALPN ``h2`` on the HTTPS listener (edge/front/tls.py
 hands the transport over after the handshake) or, where ``[http2] h2c`` is on,
-as cleartext prior knowledge on the plain listener (``H2cSniffingConnection``
+as cleartext prior knowledge on the plain listener (``H2cSniffingConnection``,
+edge/front/h2accept.py,
 sees the client preface and hands over). Framing, HPACK and the stream state
 machine are the ``h2`` package's, configured in edge/http/h2.py.
 
@@ -39,7 +40,7 @@ open streams finish; later streams are refused (REFUSED_STREAM, safe to retry).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
@@ -59,17 +60,16 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError
 from hyperframe.frame import GoAwayFrame
 
-from edge.core.pipeline import BytesBody
 from edge.features.dos import DosDetector
-from edge.front.connection import ClientConnection, ConnectionHost, http_date
-from edge.http.h2 import PREFACE, FloodMeter, Malformed, new_connection, request_head, response_fields
+from edge.front.connection import ConnectionHost, http_date
+from edge.front.h2stream import PAGES, H2Stream, Stats, StreamGone
+from edge.http.h2 import FloodMeter, Malformed, new_connection, request_head, response_fields
 from edge.http.http1 import ParseError
 from edge.http.request import Request
 
 if TYPE_CHECKING:
     from h2.connection import H2Connection
 
-    from edge.core.pipeline import Reply
 
 log = structlog.get_logger("carousel.edge.h2")
 
@@ -81,137 +81,6 @@ CONTROL_BUDGET = 1000  # SETTINGS, PING, PING ACK, PRIORITY, empty DATA
 WINDOW_UPDATE_BUDGET = 1000  # plus two per DATA frame the edge sent (stream + connection)
 RESETS_PER_STREAM_LIMIT = 2  # resets budget: this many times max_concurrent_streams
 LINGER = 2.0  # seconds a closed connection still reads and discards (nginx's lingering close)
-_PAGES = {
-    400: b"<html><body><h1>400 Bad Request</h1></body></html>\n",
-    405: b"<html><body><h1>405 Method Not Allowed</h1></body></html>\n",
-    408: b"<html><body><h1>408 Request Timeout</h1></body></html>\n",
-    413: b"<html><body><h1>413 Content Too Large</h1></body></html>\n",
-    431: b"<html><body><h1>431 Request Header Fields Too Large</h1></body></html>\n",
-    502: b"<html><body><h1>502 Bad Gateway</h1></body></html>\n",
-}
-
-
-class StreamGone(ConnectionError):
-    """The stream or its connection went away while its reply was being written."""
-
-
-class Stats:
-    """HTTP/2 counters for /metrics (per worker process)."""
-
-    connections = 0
-    streams = 0
-    closed: dict[str, int] = {}  # GOAWAY reasons the edge sent: no_error, flood, protocol, stalled, ...
-
-    @classmethod
-    def close(cls, reason: str) -> None:
-        cls.closed[reason] = cls.closed.get(reason, 0) + 1
-
-
-class H2Stream:
-    """One request's stream: the ``conn`` its Request carries, and its reply writer."""
-
-    __slots__ = ("body", "body_timer", "conn", "head", "reset", "sid", "size", "waiter")
-
-    requests = 1
-
-    def __init__(self, conn: H2ClientConnection, sid: int) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.head: Any = None
-        self.body: list[bytes] | None = None
-        self.size = 0
-        self.reset = False  # reset by either side: nothing more is written
-        self.waiter: asyncio.Future[None] | None = None
-        self.body_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def peer(self) -> str:
-        return self.conn.peer
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return None  # nothing writes raw bytes to a stream (no 1xx, no tunnel)
-
-    @property
-    def scheme(self) -> str:
-        return self.conn.scheme
-
-    @property
-    def closing(self) -> bool:
-        return self.reset or self.conn.transport is None
-
-    def respond(
-        self, reply: Reply, extra: tuple[tuple[str, str], ...], done: Callable[[], None]
-    ) -> Coroutine[Any, Any, None] | None:
-        """Write a reply on this stream: at once while the windows allow, else the coroutine
-        that finishes it. ``done`` (the edge's count, log and body release) runs once either way."""
-        conn = self.conn
-        if self.closing:
-            conn.finished(self)
-            done()
-            return None
-        method = self.head.method
-        body = reply.body
-        status = reply.status
-        bodiless = method == "HEAD" or status in (204, 304) or status < 200
-        try:
-            fields = response_fields(
-                status, reply.headers.items(), extra, conn.server, http_date(), body.length
-            )
-        except ValueError:
-            log.warning("response with a forbidden header value", path=self.head.path)
-            status, body = 502, BytesBody(_PAGES[502])
-            fields = response_fields(
-                502, [("content-type", "text/html")], (), conn.server, http_date(), len(body.data)
-            )
-            bodiless = method == "HEAD"
-        try:
-            conn.h2.send_headers(self.sid, fields, end_stream=bodiless)
-        except ProtocolError:  # the client reset the stream or sent GOAWAY in the meantime
-            conn.finished(self)
-            done()
-            return None
-        if reply.close_connection:
-            conn.drain_gracefully()  # what HTTP/1.1's Connection: close says, for this connection
-        if bodiless:
-            conn.soon()
-            conn.finished(self)
-            done()
-            return None
-        pos = 0
-        if type(body) is BytesBody and not conn.paused:
-            data = body.data
-            try:
-                pos = conn.push(self, data, 0, True)
-            except StreamGone:
-                conn.finished(self)
-                done()
-                return None
-            conn.soon()
-            if pos > len(data):
-                conn.finished(self)
-                done()
-                return None
-        return self._write_body(body, pos, done)
-
-    async def _write_body(self, body: Any, pos: int, done: Callable[[], None]) -> None:
-        conn = self.conn
-        try:
-            if type(body) is BytesBody:
-                await conn.send(self, body.data, True, pos)
-            else:
-                async for chunk in body.chunks():
-                    if chunk:
-                        await conn.send(self, chunk, False)
-                await conn.send(self, b"", True)
-        except ConnectionError:
-            pass  # the client reset the stream or went away; nothing left to tell it
-        except Exception as exc:
-            log.warning("response aborted mid-body", error=str(exc), path=self.head.path)
-            conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
-        finally:
-            conn.finished(self)
-            done()
 
 
 class H2ClientConnection(asyncio.Protocol):
@@ -478,7 +347,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _answer_error(self, sid: int, status: int, ended: bool) -> None:
         """A small error page on a stream the pipeline never sees (as HTTP/1.1's reject)."""
-        page = _PAGES[status]
+        page = PAGES[status]
         fields = response_fields(
             status, [("content-type", "text/html; charset=utf-8")], (), self.server, http_date(), len(page)
         )
@@ -734,72 +603,3 @@ class H2ClientConnection(asyncio.Protocol):
         if not self.active and not self.streams:
             self._goaway(ErrorCodes.NO_ERROR, "idle")
             self.close()
-
-
-class H2cSniffingConnection(ClientConnection):
-    """The plain listener with ``h2c`` on: HTTP/1.1, unless the first bytes are the HTTP/2
-    client preface (prior knowledge, RFC 9113 3.3); then the connection is handed over."""
-
-    __slots__ = ("_sniff",)
-
-    def __init__(self, edge: ConnectionHost) -> None:
-        super().__init__(edge)
-        self._sniff: bytes | None = b""
-
-    def data_received(self, data: bytes) -> None:
-        if self.requests or self._sniff is None:
-            super().data_received(data)
-            return
-        seen = (self._sniff or b"") + data
-        if PREFACE.startswith(seen[: len(PREFACE)]) and len(seen) < len(PREFACE):
-            self._sniff = seen  # too early to tell
-            return
-        self._sniff = None
-        if not seen.startswith(PREFACE):
-            super().data_received(seen)
-            return
-        transport = self.transport
-        if transport is None:
-            return
-        # The guard admitted this client already; the HTTP/2 connection takes its place.
-        cast("set[Any]", self.edge.connections).discard(self)
-        self._cancel_deadline()
-        self.closing = True
-        self.transport = None
-        h2conn = H2ClientConnection(self.edge, "http")
-        h2conn.peer = self.peer
-        transport.set_protocol(h2conn)
-        h2conn.connection_made(transport, admitted=True)
-        h2conn.data_received(seen)
-
-
-def start_h2(edge: ConnectionHost, transport: asyncio.BaseTransport, scheme: str) -> None:
-    """Serve a connection whose TLS handshake chose ``h2`` by ALPN."""
-    conn = H2ClientConnection(edge, scheme)
-    transport.set_protocol(conn)
-    conn.connection_made(transport)
-
-
-def register_metrics(registry: Any) -> None:
-    """Add the HTTP/2 counters to the edge's Prometheus registry."""
-    from prometheus_client.core import CounterMetricFamily
-
-    class _Collector:
-        def collect(self) -> Any:
-            yield CounterMetricFamily(
-                "carousel_edge_h2_connections", "HTTP/2 client connections accepted", value=Stats.connections
-            )
-            yield CounterMetricFamily(
-                "carousel_edge_h2_streams", "HTTP/2 requests received", value=Stats.streams
-            )
-            closed = CounterMetricFamily(
-                "carousel_edge_h2_goaway", "HTTP/2 connections the edge closed, by reason", labels=["reason"]
-            )
-            for reason, n in sorted(Stats.closed.items()):
-                closed.add_metric([reason], n)
-            yield closed
-
-    registry.register(_Collector())
-
-
-__all__ = ["H2ClientConnection", "H2Stream", "H2cSniffingConnection", "register_metrics", "start_h2"]

@@ -43,8 +43,9 @@ from edge.features.static import StaticFiles, not_found
 from edge.front.connection import ClientConnection, write_reply_body, write_whole
 from edge.front.forward import ForwardProxy
 from edge.front.forward.auth import check_stored
-from edge.front.h2conn import H2cSniffingConnection, H2Stream
-from edge.front.h2conn import register_metrics as register_h2_metrics
+from edge.front.h2accept import H2cSniffingConnection
+from edge.front.h2stream import H2Stream
+from edge.front.h2stream import register_metrics as register_h2_metrics
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, check_certificate, start_https
@@ -219,7 +220,7 @@ class Edge:
         """Frame and write a reply; a body that must be streamed comes back as a coroutine."""
         conn = request.conn
         if type(conn) is H2Stream:
-            # An HTTP/2 stream frames its reply itself (edge/front/h2conn.py); the rest is shared.
+            # An HTTP/2 stream frames its reply itself (edge/front/h2stream.py); the rest is shared.
             return conn.respond(
                 reply,
                 route.extra_headers if route else (),

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from edge.front.connection import ClientConnection, ConnectionHost
-from edge.front.h2conn import start_h2
+from edge.front.h2accept import start_h2
 
 if TYPE_CHECKING:
     from edge.core.config import TlsConfig

@@ -24,7 +24,7 @@ import trustme
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from edge.front.h2conn import Stats
+from edge.front.h2stream import Stats
 from edge.testing import raw_request, running_edge
 from sampleapp.main import start_app
 from tests.integration.test_h2_attacks import RawH2
