@@ -353,6 +353,9 @@ class Demo:
             tries += [
                 (f"curl {ca} --resolve {www}:{plan.tls_port}:{first_ip} https://{www}:{plan.tls_port}/",
                  "HTTPS, certificate signed by the demo's own CA"),
+                (f"curl --http2 -v {ca} --resolve {www}:{plan.tls_port}:{first_ip} "
+                 f"https://{www}:{plan.tls_port}/static/img/tile01.svg",
+                 "HTTP/2 by ALPN: < HTTP/2 200, the same answer as HTTP/1.1"),
                 (f"curl {forward} {ca} https://{www}:{plan.tls_port}/",
                  "a CONNECT tunnel through the forward proxy"),
             ]  # fmt: skip

@@ -173,7 +173,11 @@ def edge_config(
     """An edge with the product on: static files, cache, gzip/brotli, HTTPS, DoS limits, forward proxy."""
     tls_table = ""
     if tls is not None:
-        tls_table = f"""[tls]
+        tls_table = f"""[http2]
+# ALPN h2 on the HTTPS listener (http/1.1 stays the fallback).
+enabled = true
+
+[tls]
 port = {plan.tls_port}
 
 [[tls.certificate]]

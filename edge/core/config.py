@@ -1,5 +1,5 @@
-"""The edge's typed configuration: `[edge]`, `[[route]]`, `[pool.NAME]`, `[tls]`, `[[passthrough]]`,
-`[dos]`, `[etcd]`, `[log]`, `[admin]`.
+"""The edge's typed configuration: `[edge]`, `[[route]]`, `[pool.NAME]`, `[tls]`, `[http2]`,
+`[[passthrough]]`, `[dos]`, `[etcd]`, `[log]`, `[admin]`.
 
 Every option and its default is listed here, once. ``load(path)`` validates the
 file (unknown keys, wrong types, routes naming missing pools, bad regexes) and
@@ -281,6 +281,31 @@ class TlsConfig:
         if not self.certificate and (self.redirect_http or self.hsts_max_age):
             return "certificate: redirect_http and HSTS need an HTTPS listener (a certificate)"
         return None
+
+
+def _window_size(v: int) -> str | None:
+    return None if 0 <= v <= 2**31 - 1 else f"must be between 0 and 2147483647, found {v}"
+
+
+@dataclass(frozen=True)
+class Http2Config:
+    """`[http2]`: HTTP/2 to clients (edge/front/h2conn.py); ALPN h2 on the HTTPS listener."""
+
+    # Offer h2 by ALPN on the HTTPS listener (http/1.1 stays the fallback).
+    enabled: bool = True
+    # Also take cleartext HTTP/2 with prior knowledge (RFC 9113 3.3) on the plain listener.
+    h2c: bool = False
+    # SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 6.5.2), and the cap on requests in flight.
+    max_concurrent_streams: int = field(default=100, metadata={"check": _at_least_one})
+    # SETTINGS_MAX_HEADER_LIST_SIZE: decoded header bytes per request (HPACK bombs, CONTINUATION floods).
+    max_header_list_size: int = field(default=32768, metadata={"check": _at_least_one})
+    # SETTINGS_INITIAL_WINDOW_SIZE: request body bytes a client may send per stream unacknowledged.
+    initial_window_size: int = field(default=65535, metadata={"check": _window_size})
+    # Seconds a connection with no stream open is kept.
+    idle_timeout: float = field(default=75.0, metadata={"check": positive})
+    # Seconds a response may wait for the client's flow-control window (or a full socket)
+    # before the connection is cut: a client that opens a window of 0 and never reads.
+    send_timeout: float = field(default=30.0, metadata={"check": positive})
 
 
 @dataclass(frozen=True)
@@ -576,6 +601,7 @@ class Config:
     route: list[RouteConfig] = field(default_factory=list)
     pool: dict[str, PoolConfig] = field(default_factory=dict)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
     passthrough: list[PassthroughConfig] = field(default_factory=list)
     dos: DosConfig = field(default_factory=DosConfig)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
@@ -638,6 +664,7 @@ __all__ = [
     "EjectConfig",
     "ForwardConfig",
     "HealthConfig",
+    "Http2Config",
     "MemberConfig",
     "PassthroughConfig",
     "PassthroughRouteConfig",

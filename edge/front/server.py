@@ -44,6 +44,9 @@ from edge.features.static import StaticFiles, not_found
 from edge.front.connection import ClientConnection, write_reply_body, write_whole
 from edge.front.forward import ForwardProxy
 from edge.front.forward.auth import check_stored
+from edge.front.h2accept import H2cSniffingConnection
+from edge.front.h2stream import H2Stream
+from edge.front.h2stream import register_metrics as register_h2_metrics
 from edge.front.node import NodeWorker, cut_banned
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
@@ -111,9 +114,12 @@ class Edge:
         self.handle: Handler = chain(self.features, self._terminal)
         self.handle_now: NowHandler = chain_now(self.features, self._terminal_now)
         # TLS termination (edge/front/tls.py) and passthrough (edge/front/passthrough.py) listeners.
-        self.certificates = CertificateStore(config.tls) if config.tls.certificate else None
+        self.certificates = (
+            CertificateStore(config.tls, h2=config.http2.enabled) if config.tls.certificate else None
+        )
         self.passthrough = [PassthroughListener(self, pc) for pc in config.passthrough]
         register_passthrough_metrics(self.metrics.registry, self.passthrough)
+        register_h2_metrics(self.metrics.registry)
         self.tls_port = 0
         self._tls_listener: asyncio.Server | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -228,6 +234,13 @@ class Edge:
     ) -> Coroutine[Any, Any, None] | None:
         """Frame and write a reply; a body that must be streamed comes back as a coroutine."""
         conn = request.conn
+        if type(conn) is H2Stream:
+            # An HTTP/2 stream frames its reply itself (edge/front/h2stream.py); the rest is shared.
+            return conn.respond(
+                reply,
+                route.extra_headers if route else (),
+                lambda: self._done(request, route, ex, reply, True),
+            )
         keep_alive = (
             request.head.keep_alive
             and not reply.close_connection
@@ -382,11 +395,13 @@ class Edge:
                 await start()
         c = self.config.edge
         loop = asyncio.get_running_loop()
+        # [http2] h2c: the plain listener also takes HTTP/2 with prior knowledge (RFC 9113 3.3).
+        plain = H2cSniffingConnection if self.config.http2.h2c else ClientConnection
         if sock is not None:
-            self._listener = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+            self._listener = await loop.create_server(lambda: plain(self), sock=sock, backlog=4096)
         else:
             self._listener = await loop.create_server(
-                lambda: ClientConnection(self),
+                lambda: plain(self),
                 c.host,
                 c.port,
                 reuse_address=True,

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Each configured certificate gets its own ``ssl.SSLContext``, all with the
-same settings: TLS 1.2 or newer, forward-secret AEAD ciphers for TLS 1.2, ALPN
-``http/1.1``, no compression, no renegotiation. The listener's context carries
+same settings: TLS 1.2 or newer, forward-secret AEAD ciphers for TLS 1.2 (what
+RFC 9113 9.2 asks of HTTP/2 too), ALPN ``h2`` then ``http/1.1`` (``http/1.1`` only
+with ``[http2] enabled = false``), no compression, no renegotiation. The listener's context carries
 an ``sni_callback`` that looks the client's server name up in a table built
 once (exact names, then ``*.example.test`` wildcards one label deep, then the
 default: the first certificate) and switches the connection to that context
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from edge.front.connection import ClientConnection, ConnectionHost
+from edge.front.h2accept import start_h2
 
 if TYPE_CHECKING:
     from edge.core.config import TlsConfig
@@ -118,8 +120,9 @@ class SniTable:
 class CertificateStore:
     """The HTTPS listener's certificates, switchable by SNI and reloadable in place."""
 
-    def __init__(self, config: TlsConfig) -> None:
+    def __init__(self, config: TlsConfig, *, h2: bool = False) -> None:
         self.config = config
+        self.alpn = ["h2", "http/1.1"] if h2 else ["http/1.1"]
         self.table = self._build()  # raises ValueError: the edge refuses to start
         self.context = self._new_context()
         first = config.certificate[0]
@@ -135,7 +138,7 @@ class CertificateStore:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if c.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(c.ciphers)
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(self.alpn)
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         return ctx
 
@@ -221,6 +224,13 @@ class TlsClientConnection(ClientConnection):
 
     __slots__ = ()
     scheme = "https"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            start_h2(self.edge, transport, "https")  # the handshake chose HTTP/2
+            return
+        super().connection_made(transport)
 
 
 async def start_https(edge: ConnectionHost, store: CertificateStore) -> asyncio.Server:

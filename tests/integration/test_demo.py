@@ -95,6 +95,15 @@ def test_demo_prints_commands_that_work(tmp_path: Path, monkeypatch: pytest.Monk
             timeout=10,
         )
         assert static.stdout.startswith("200 image/svg+xml"), static
+        # HTTP/2 by ALPN on the HTTPS listener, as printed (the demo's CA file trusts it).
+        h2 = next(c for c in commands if c.startswith("curl --http2"))
+        got = subprocess.run(
+            [*shlex.split(h2), "-s", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert got.stdout == "2 200", got
 
         # status and drain, as printed: no flag, the state file points at the demo's etcd; a flag wins.
         status_cmd = next(c for c in commands if c.split()[-1:] == ["status"])

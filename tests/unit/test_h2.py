@@ -1,0 +1,148 @@
+"""edge/http/h2.py without I/O: RFC 9113 section 8 request rules, response fields, flood meters,
+and the h2 server connection's limits (header list size, header block bytes)."""
+
+from __future__ import annotations
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.exceptions import DenialOfServiceError
+from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+from edge.core.routing import parse_host
+from edge.http.h2 import FloodMeter, Malformed, new_connection, request_head, response_fields
+from edge.http.http1 import ParseError, normalize_path
+
+BASE = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"Example.TEST:8443"),
+    (b":path", b"/a"),
+]
+
+
+def test_a_request_becomes_the_same_head_as_http1() -> None:
+    head = request_head([*BASE, (b"accept", b"*/*"), (b"cookie", b"a=1; b=2")], 100)
+    assert head.method == "GET" and head.raw_path == "/a" and head.version == "HTTP/2"
+    assert head.headers["Host"] == "Example.TEST:8443"  # :authority stands in for Host
+    assert parse_host(head.headers["Host"]) == "example.test"  # and normalises the same way
+    assert head.headers["Accept"] == "*/*" and head.keep_alive
+
+
+@pytest.mark.parametrize("path", ["/a/./b/../c", "/a//b", "/%7euser/%2e%2e/x", "/x?q=%2F"])
+def test_paths_are_normalised_as_http1_does(path: str) -> None:
+    fields = [*BASE[:3], (b":path", path.encode())]
+    bare, sep, query = path.partition("?")
+    assert request_head(fields, 100).raw_path == normalize_path(bare) + sep + query
+
+
+@pytest.mark.parametrize("path", ["/a/%2f/b", "/../etc/passwd", "/a\\b", "/a#frag"])
+def test_unsafe_paths_are_a_400_as_in_http1(path: str) -> None:
+    with pytest.raises(ParseError):
+        request_head([*BASE[:3], (b":path", path.encode())], 100)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [*BASE, (b"Accept", b"x")],
+        [*BASE, (b"connection", b"keep-alive")],
+        [*BASE, (b"keep-alive", b"5")],
+        [*BASE, (b"proxy-connection", b"x")],
+        [*BASE, (b"transfer-encoding", b"chunked")],
+        [*BASE, (b"upgrade", b"h2c")],
+        [*BASE, (b"te", b"gzip")],
+        [BASE[0], (b"x", b"1"), *BASE[1:]],
+        [*BASE, (b":method", b"POST")],
+        [*BASE, (b":status", b"200")],
+        [*BASE, (b":protocol", b"websocket")],
+        BASE[1:],
+        [BASE[0], BASE[2], BASE[3]],
+        BASE[:3],
+        [*BASE[:3], (b":path", b"a")],
+        [*BASE, (b"x", b"a\nb")],
+        [*BASE, (b"x", b"a\x00")],
+        [*BASE, (b"x", b"a ")],
+        [*BASE, (b"bad name", b"x")],
+        [*BASE, (b"host", b"other.test")],
+        [*BASE, (b"content-length", b"1, 2")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:443"), (b":path", b"/")],
+    ],
+)
+def test_rfc9113_section8_malformed_requests(fields: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(Malformed):
+        request_head(fields, 100)
+
+
+def test_te_trailers_and_a_matching_host_are_allowed() -> None:
+    head = request_head([*BASE, (b"te", b"trailers"), (b"host", b"example.test:8443")], 100)
+    assert head.headers.getall("Host") == ["Example.TEST:8443"]
+
+
+def test_too_many_fields_is_a_431() -> None:
+    with pytest.raises(ParseError) as err:
+        request_head(BASE + [(b"x-%d" % i, b"1") for i in range(11)], 10)
+    assert err.value.status == 431
+
+
+def test_response_fields_drop_connection_specific_ones_and_refuse_crlf() -> None:
+    out = response_fields(
+        200,
+        [
+            ("Content-Type", "text/plain"),
+            ("Connection", "close"),
+            ("Transfer-Encoding", "chunked"),
+            ("Server", "x"),
+        ],
+        [("X-Route", "1")],
+        "carousel",
+        "Sun, 06 Dec 2026 00:00:00 GMT",
+        5,
+    )
+    assert out == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"x-route", b"1"),
+        (b"server", b"carousel"),
+        (b"date", b"Sun, 06 Dec 2026 00:00:00 GMT"),
+        (b"content-length", b"5"),
+    ]
+    assert (b"content-length", b"0") not in response_fields(304, [], (), "", "d", 0)
+    with pytest.raises(ValueError):
+        response_fields(200, [("X", "a\r\nSet-Cookie: x")], (), "", "d", None)
+
+
+def test_flood_meter_counts_per_window() -> None:
+    meter = FloodMeter(3, 10.0)
+    assert not any(meter.hit(1.0) for _ in range(3))
+    assert meter.hit(2.0)
+    assert not meter.hit(12.0)  # a new window
+    assert not meter.hit(12.0, n=5, allowance=10)
+
+
+def _client() -> H2Connection:
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    return client
+
+
+def test_the_server_enforces_its_header_list_size_from_the_first_frame() -> None:
+    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
+    server.initiate_connection()
+    client = _client()
+    client.send_headers(1, [*BASE, (b"x-big", b"a" * 5000)], end_stream=True)
+    with pytest.raises(DenialOfServiceError):
+        server.receive_data(client.data_to_send())
+
+
+def test_a_header_block_is_bounded_in_bytes_before_it_ends() -> None:
+    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
+    server.initiate_connection()
+    client = _client()
+    server.receive_data(client.data_to_send())
+    data = HeadersFrame(1, b"\x82").serialize()
+    with pytest.raises(DenialOfServiceError):
+        for _ in range(10):  # 10 x 1 KiB, no END_HEADERS: over 2 x 4 KiB
+            data += ContinuationFrame(1, b"\x00" * 1024).serialize()
+            server.receive_data(data)
+            data = b""
