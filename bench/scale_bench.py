@@ -4,6 +4,8 @@
     python bench/scale_bench.py                       # everything (about 10 minutes)
     python bench/scale_bench.py --sizes 3,1000 --churn-sizes 1000 --agents 0
     python bench/scale_bench.py --json after.json     # also write the figures as JSON
+    python bench/scale_bench.py --no-build --sizes 10000 --churn-sizes 10000 --agents 0 --workers 2
+                                                      # churn with a supervisor and 2 workers
 
 What it measures, per number of edges N registered under one name:
 
@@ -78,17 +80,37 @@ def record(i: int, state: str = "up", weight: int = 1) -> ServiceRecord:
     return ServiceRecord("edge", f"edge{i:05d}", 80, ipv4=(address(i),), weight=weight, state=state)  # type: ignore[arg-type]
 
 
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (dnsd's workers with ``--workers``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system time of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system time of a process (all its threads) and of its live descendants."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024 if total else float("nan")
 
 
 def pct(data: list[float], p: float) -> float:
@@ -196,11 +218,12 @@ def measure_algorithms(n: int) -> dict[str, float]:
 # --- 2-4. a real dnsd -----------------------------------------------------------------
 
 
-def dnsd_config(port: int, endpoint: str, prefix: str) -> str:
+def dnsd_config(port: int, endpoint: str, prefix: str, workers: int = 1) -> str:
     return f"""
 [dns]
 listen = ["127.0.0.1:{port}"]
 max_answer_records = {CAP}
+workers = {workers}
 
 [dns.rrl]
 enabled = false
@@ -368,7 +391,7 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
     revision = asyncio.run(register(etcd.endpoint, prefix, n))
     port = free_port()
     cfg = work / f"dnsd-{n}.toml"
-    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix))
+    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix, args.workers))
     out: dict[str, Any] = {"n": n}
     log = open(work / f"dnsd-{n}.log", "wb")
     started = time.monotonic()
@@ -591,6 +614,7 @@ def main() -> int:
     p.add_argument("--catch-up", type=float, default=60.0, help="wait at most this long after the churn")
     p.add_argument("--agents", type=int, default=200)
     p.add_argument("--agent-seconds", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=1, help="dnsd's [dns] workers (all on the server core)")
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1)
     p.add_argument("--json", type=Path)
