@@ -43,10 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import multiprocessing.connection
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +86,34 @@ RESTART_DELAY = 1.0
 STOP_GRACE = 5.0
 
 
+def _receive(conn: Any, handle: Callable[[Any], None], name: str) -> None:
+    """Receive the messages of a pipe in a thread and hand each to ``handle`` on the loop.
+
+    ``None`` is handed over once the pipe is closed. Reading from the event loop
+    (``add_reader``) failed at 10,000 edges: uvloop makes a watched descriptor
+    non-blocking, so ``recv`` of a message bigger than the pipe buffer (the whole
+    registry, about 2 MB) hit EAGAIN half-way, and the worker took that for a closed
+    pipe and exited, over and over. Here ``recv`` blocks in its own thread, and the
+    other side's blocking ``send`` always has a reader, so neither can deadlock.
+    """
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            try:
+                loop.call_soon_threadsafe(handle, msg)
+            except RuntimeError:  # the loop is closed: the process is stopping
+                return
+            if msg is None:
+                return
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+
+
 # --- worker process ----------------------------------------------------------------------
 
 
@@ -117,10 +148,8 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
         with contextlib.suppress(OSError, BrokenPipeError):
             conn.send(("applied", revision, synced))
 
-    def on_message() -> None:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
+    def on_message(msg: Any) -> None:
+        if msg is None:
             stop.set()  # the supervisor is gone
             return
         if msg[0] == "table":
@@ -146,7 +175,7 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
         elif msg[0] == "stop":
             stop.set()
 
-    loop.add_reader(conn.fileno(), on_message)
+    _receive(conn, on_message, "supervisor-pipe")
     conn.send(("ready", [lst.address for lst in listeners]))
 
     async def push_stats() -> None:
@@ -160,7 +189,6 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
     await stop.wait()
     pusher.cancel()
     renewer.cancel()
-    loop.remove_reader(conn.fileno())
     await server.stop()
     with contextlib.suppress(OSError, BrokenPipeError):
         conn.send(("stats", server.snapshot()))
@@ -224,7 +252,7 @@ class Supervisor:
         child.close()
         worker = Worker(index, process, parent)
         self.workers[index] = worker
-        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message, worker)
+        _receive(parent, functools.partial(self._on_message, worker), f"worker-{index}-pipe")
         self._send(worker, self._message(self.feed.table))
         cookies = self.feed.builder.cookies
         if cookies is not None:
@@ -250,12 +278,9 @@ class Supervisor:
         for worker in self.workers.values():
             self._send(worker, msg)
 
-    def _on_message(self, worker: Worker) -> None:
-        try:
-            msg = worker.conn.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-            return
+    def _on_message(self, worker: Worker, msg: Any) -> None:
+        if msg is None or self.workers.get(worker.index) is not worker:
+            return  # its pipe closed (the exit watcher restarts it), or a replaced worker's last words
         if msg[0] == "ready":
             worker.ready = True
             log.info("worker ready", worker=worker.index, pid=worker.process.pid, listen=msg[1])
@@ -288,8 +313,6 @@ class Supervisor:
 
     def _forget(self, worker: Worker) -> None:
         self.retired.add(worker.stats)
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
 
     async def wait_ready(self, within: float) -> bool:

@@ -74,7 +74,7 @@ def waves(dnsd: Dnsd, count: int, sockets: int = 64, wait: float = 2.0) -> tuple
                         if msg.flags & dns.flags.TC:
                             truncated += 1
                         else:
-                            answers.append([rr.address for rr in msg.answer[0]])
+                            answers.append([rr.address for rrset in msg.answer for rr in rrset])
     finally:
         sel.close()
         for s in socks:
@@ -157,3 +157,29 @@ async def test_rrl_limits_a_client_once_per_node_not_once_per_worker(
     assert rate <= len(answers) <= 2 * rate
     busy = await answered_by(dnsd)
     assert sum(1 for n in busy if n) >= 2, busy
+
+
+async def test_a_registry_bigger_than_the_pipe_buffer_reaches_every_worker(
+    etcd_cfg: EtcdConfig, procs: ProcessGroup
+) -> None:
+    # 2,000 registrations pickle to far more than a pipe's 64 KiB buffer: the whole state
+    # a starting worker gets, and each worker's statistics, must cross the pipe whole.
+    reg = Registry(etcd_cfg, ttl=600)  # registering 2,000 takes a while on a loaded machine
+    try:
+        await reg.put_all([edge(i, v6=False) for i in range(1, 2001)])
+        revision = await reg.put(edge(2001, v6=False))
+        dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg, dns={"workers": 2}), timeout=START)
+        answers, _ = waves(dnsd, 2_000)  # every address first once: big statistics snapshots
+        await asyncio.sleep(2.5)  # two statistics reports, and time for a restart loop to show
+        status = dnsd.status()
+        latest = await reg.put(edge(5, v6=False, state="draining"))  # a delta after the whole state
+        await asyncio.sleep(0.5)
+        after = dnsd.status()
+    finally:
+        await reg.close()
+    assert len(answers) == 2_000 and all(len(a) == 8 for a in answers)
+    assert status["worker_restarts"] == 0, dnsd.daemon.output()[-2000:]
+    assert status["worker_revisions"] == [revision, revision], status
+    assert sum(status["worker_answers"]) == 2_000
+    assert after["worker_revisions"] == [latest, latest], after
+    assert "worker exited" not in dnsd.daemon.output()
