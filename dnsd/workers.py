@@ -46,8 +46,10 @@ import contextlib
 import functools
 import multiprocessing
 import multiprocessing.connection
+import os
+import pickle
 import signal
-import threading
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,32 +88,66 @@ RESTART_DELAY = 1.0
 STOP_GRACE = 5.0
 
 
-def _receive(conn: Any, handle: Callable[[Any], None], name: str) -> None:
-    """Receive the messages of a pipe in a thread and hand each to ``handle`` on the loop.
+class Channel:
+    """Pickled messages over one end of the supervisor <-> worker socket pair, on the event loop.
 
-    ``None`` is handed over once the pipe is closed. Reading from the event loop
-    (``add_reader``) failed at 10,000 edges: uvloop makes a watched descriptor
-    non-blocking, so ``recv`` of a message bigger than the pipe buffer (the whole
-    registry, about 2 MB) hit EAGAIN half-way, and the worker took that for a closed
-    pipe and exited, over and over. Here ``recv`` blocks in its own thread, and the
-    other side's blocking ``send`` always has a reader, so neither can deadlock.
+    Each message is an 8-byte length and a pickle. ``send`` never blocks (the
+    transport buffers), and ``recv`` waits for a whole message however large.
+    Before, the pipe was read with ``Connection.recv`` from ``add_reader``:
+    uvloop makes a watched descriptor non-blocking, so a message bigger than
+    the 64 KiB socket buffer (the whole registry, about 2 MB at 10,000 edges)
+    raised EAGAIN half-way, and the worker took that for a closed pipe and
+    exited, over and over. Reading in a thread instead (measured) left the
+    reader waiting for the GIL behind a saturated UDP thread, and the
+    supervisor blocked in ``send``: answers fell seconds behind under load.
     """
-    loop = asyncio.get_running_loop()
 
-    def run() -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, conn: Any) -> Channel:
+        """Take over a multiprocessing Connection's socket (closing the Connection)."""
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """Queue a message (dropped once the other end is gone: the exit watcher handles that)."""
+        if not self.writer.is_closing():
+            data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+            self.writer.write(len(data).to_bytes(8, "big") + data)
+
+    async def recv(self) -> Any:
+        """The next message; None once the other end is gone."""
+        try:
+            head = await self.reader.readexactly(8)
+            return pickle.loads(await self.reader.readexactly(int.from_bytes(head, "big")))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return None
+
+    async def flush(self, within: float) -> None:
+        """Wait (a while) until queued messages are written."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.drain(), within)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _receive(channel: Channel, handle: Callable[[Any], None]) -> asyncio.Task[None]:
+    """Hand each message to ``handle`` as it arrives, then None when the channel closes."""
+
+    async def run() -> None:
         while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            try:
-                loop.call_soon_threadsafe(handle, msg)
-            except RuntimeError:  # the loop is closed: the process is stopping
-                return
+            msg = await channel.recv()
+            handle(msg)
             if msg is None:
                 return
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    return asyncio.create_task(run())
 
 
 # --- worker process ----------------------------------------------------------------------
@@ -126,8 +162,9 @@ def worker_main(
     run_loop(_worker(config, index, listen, conn, NodeShared(spec, lock)))
 
 
-async def _worker(config: Config, index: int, listen: list[str], conn: Any, shared: NodeShared) -> int:
+async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shared: NodeShared) -> int:
     loop = asyncio.get_running_loop()
+    conn = await Channel.open(pipe)
     builder = make_builder(config)
     builder.shared = shared
     try:
@@ -145,8 +182,7 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
         server.set_table(builder.update([], table.revision, synced=table.synced, previous=table))
 
     def applied(revision: int, synced: bool) -> None:
-        with contextlib.suppress(OSError, BrokenPipeError):
-            conn.send(("applied", revision, synced))
+        conn.send(("applied", revision, synced))
 
     def on_message(msg: Any) -> None:
         if msg is None:
@@ -165,8 +201,7 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
                 table = builder.update(changes, revision, synced=synced, previous=server.table)
             except Exception:  # keep answering from the last table; ask for the whole state
                 log.exception("worker could not apply a registry change; asking for a whole table")
-                with contextlib.suppress(OSError, BrokenPipeError):
-                    conn.send(("resync",))
+                conn.send(("resync",))
                 return
             server.set_table(table)
             applied(revision, synced)
@@ -175,14 +210,13 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
         elif msg[0] == "stop":
             stop.set()
 
-    _receive(conn, on_message, "supervisor-pipe")
+    receiver = _receive(conn, on_message)
     conn.send(("ready", [lst.address for lst in listeners]))
 
     async def push_stats() -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(("stats", server.snapshot()))
+            conn.send(("stats", server.snapshot()))
 
     pusher = asyncio.create_task(push_stats())
     renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
@@ -190,8 +224,10 @@ async def _worker(config: Config, index: int, listen: list[str], conn: Any, shar
     pusher.cancel()
     renewer.cancel()
     await server.stop()
-    with contextlib.suppress(OSError, BrokenPipeError):
-        conn.send(("stats", server.snapshot()))
+    conn.send(("stats", server.snapshot()))
+    await conn.flush(2.0)
+    receiver.cancel()
+    conn.close()
     return 0
 
 
@@ -204,7 +240,7 @@ class Worker:
 
     index: int
     process: Any
-    conn: Any
+    conn: Channel
     ready: bool = False
     synced: bool = False  # has applied a table built from a registry snapshot
     revision: int = 0
@@ -240,7 +276,7 @@ class Supervisor:
         last_healthy = dict(self.feed.builder.last_healthy)
         return ("table", records, table.revision, table.synced, last_healthy, slots)
 
-    def start_worker(self, index: int) -> None:
+    async def start_worker(self, index: int) -> None:
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(
             target=worker_main,
@@ -250,9 +286,9 @@ class Supervisor:
         )
         process.start()
         child.close()
-        worker = Worker(index, process, parent)
+        worker = Worker(index, process, await Channel.open(parent))
         self.workers[index] = worker
-        _receive(parent, functools.partial(self._on_message, worker), f"worker-{index}-pipe")
+        _receive(worker.conn, functools.partial(self._on_message, worker))
         self._send(worker, self._message(self.feed.table))
         cookies = self.feed.builder.cookies
         if cookies is not None:
@@ -264,10 +300,7 @@ class Supervisor:
             self._send(worker, ("cookies", secrets))
 
     def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
-        try:
-            worker.conn.send(msg)
-        except (OSError, BrokenPipeError):
-            pass  # the exit watcher restarts it
+        worker.conn.send(msg)  # a dead worker's is dropped; the exit watcher restarts it
 
     def publish(self, table: AnswerTable) -> None:
         """Send what changed behind a new table (or the whole state) to every worker."""
@@ -309,7 +342,7 @@ class Supervisor:
                 await asyncio.sleep(RESTART_DELAY)
                 if not self.stopping:
                     self.restarts += 1
-                    self.start_worker(index)
+                    await self.start_worker(index)
 
     def _forget(self, worker: Worker) -> None:
         self.retired.add(worker.stats)
@@ -426,7 +459,7 @@ async def _supervise(config: Config) -> int:
     try:
         admin_port = await admin.start()
         for index in range(config.dns.workers):
-            supervisor.start_worker(index)
+            await supervisor.start_worker(index)
         ready = await supervisor.wait_ready(within=30)
         for lst in held:  # the workers hold the ports now
             lst.udp.close()
