@@ -44,6 +44,7 @@ import struct
 from dnsd import wire
 from dnsd.cookies import cookie_option, find_cookie, find_option, packed_address, well_formed
 from dnsd.query import Query, options_ok, parse_query  # parse_query: re-exported for callers
+from dnsd.shared import LOCK_WAIT
 from dnsd.sites import ECS, EcsError, address_of, cap, parse_ecs
 from dnsd.table import AnswerTable, Entry
 
@@ -103,11 +104,13 @@ class Answerer:
             shared = entry.shared
             if shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
                 lock = entry.shared_lock
-                if lock.acquire(False):
+                if lock.acquire(True, LOCK_WAIT):
                     n = shared[0]
                     shared[0] = n + 1
                     lock.release()
-                else:  # taken: this worker's own step, never a wait (dnsd/shared.py)
+                else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
+                    n = entry.fallback
+                    entry.fallback = n + 1
                     n %= entry.period
                     entry.missed[n] = entry.missed.get(n, 0) + 1
             return query[:2] + full[edns * 18 + (query[2] & 1) + (query[3] & 0x10)][
@@ -118,11 +121,13 @@ class Answerer:
         shared = entry.shared
         if shared is not None:
             lock = entry.shared_lock
-            if lock.acquire(False):
+            if lock.acquire(True, LOCK_WAIT):
                 n = shared[0]
                 shared[0] = n + 1
                 lock.release()
-            else:  # taken: this worker's own step, never a wait (dnsd/shared.py)
+            else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
+                n = entry.fallback
+                entry.fallback = n + 1
                 n %= entry.period
                 entry.missed[n] = entry.missed.get(n, 0) + 1
         if udp and qend > entry.fit_plain:
@@ -186,11 +191,13 @@ class Answerer:
         shared = entry.shared
         if shared is not None:
             lock = entry.shared_lock
-            if lock.acquire(False):
+            if lock.acquire(True, LOCK_WAIT):
                 n = shared[0]
                 shared[0] = n + 1
                 lock.release()
-            else:  # taken: this worker's own step, never a wait (dnsd/shared.py)
+            else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
+                n = entry.fallback
+                entry.fallback = n + 1
                 n %= entry.period
                 entry.missed[n] = entry.missed.get(n, 0) + 1
         rdcd = (query[2] & 1) | (query[3] & 0x10)
@@ -321,11 +328,13 @@ class Answerer:
             shared = entry.shared
             if shared is not None:
                 lock = entry.shared_lock
-                if lock.acquire(False):
+                if lock.acquire(True, LOCK_WAIT):
                     n = shared[0]
                     shared[0] = n + 1
                     lock.release()
-                else:  # taken: this worker's own step, never a wait (dnsd/shared.py)
+                else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
+                    n = entry.fallback
+                    entry.fallback = n + 1
                     n %= entry.period
                     entry.missed[n] = entry.missed.get(n, 0) + 1
             if not entry.qtype:

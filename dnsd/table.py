@@ -87,6 +87,7 @@ class Entry:
         "do_heads",
         "do_rcode",
         "do_schedule",
+        "fallback",
         "fit_plain",
         "full",
         "heads",
@@ -148,6 +149,7 @@ class Entry:
         # Schedule steps answered without the lock (step -> times), from this worker's
         # ``served``: counted by this worker's statistics, as the node counter did not.
         self.missed: dict[int, int] = {}
+        self.fallback = 0  # this worker's own rotation, for the steps taken without the lock
         self.shared_start = 0
         self.shared_end: int | None = None  # set when a successor took over the counter
         # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
@@ -196,6 +198,7 @@ class Entry:
     def carry_from(self, old: Entry) -> None:
         """Continue the rotation (and the statistics window) where ``old`` stopped."""
         self.served = old.served
+        self.fallback = old.fallback
         if self.rotation is not None and self.rotation is old.rotation:
             # The same rotation: keep counting in one window, so the old entry
             # need not be folded into the statistics (O(n) at 10,000 edges).

@@ -450,6 +450,9 @@ async def _supervise(config: Config) -> int:
     tasks: set[asyncio.Task[None]] = set()
     code = 0
     stop = asyncio.Event()
+    # From here on, so a stop during start-up still runs the clean-up below (which removes
+    # the shared memory file: a process killed by the default SIGTERM action leaves it behind).
+    install_stop_handlers(stop)
 
     def credentials_refused() -> None:
         nonlocal code
@@ -488,7 +491,6 @@ async def _supervise(config: Config) -> int:
             udp_engine=config.dns.udp_engine,
             rrl=config.dns.rrl.enabled,
         )
-        install_stop_handlers(stop)
         await stop.wait()
         log.info("dnsd stopping")
     except OSError as exc:
