@@ -51,6 +51,7 @@ from dnsd.table import (
     NxDenial,
     Plan,
     ServiceState,
+    SharedCounters,
     render,
 )
 from dnsd.wire import MessageWriter, RData
@@ -217,6 +218,8 @@ class TableBuilder:
         # Zone origin -> its signer, for the zones served with DNSSEC.
         self.signers = signers or {}
         self.cookies: ServerCookies | None = None  # handed to every table (DNS Cookies on)
+        # workers = N: answer key -> the node's rotation counter for it (dnsd/shared.py).
+        self.shared: SharedCounters | None = None
         # Site-aware answers: site -> its fallback order (itself first); {} when off.
         self.site_orders: dict[str, list[str]] = {}
         self.site_map: SiteMap | None = None
@@ -531,7 +534,7 @@ class TableBuilder:
                             plan = Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, aset))
                         key = type_key(qtype)
                         rrl_key = name + key + b"@" + site.encode()
-                        entry = render(name, qtype, plan, self.cap, rrl_key, signer=sign)
+                        entry = render(name, qtype, plan, self.cap, rrl_key, signer=sign, shared=self.shared)
                         entry.prepare_full(question, table.opt)
                         table.by_site.setdefault(site, {})[question] = entry
 
@@ -587,7 +590,9 @@ class TableBuilder:
             key = type_key(qtype)
             previous = self._rotations.get((name, key))
             plan = self.plan(name, qtype)
-            entry = render(name, qtype, plan, self.cap, name + key, previous=previous, signer=sign)
+            entry = render(
+                name, qtype, plan, self.cap, name + key, previous=previous, signer=sign, shared=self.shared
+            )
             node[key] = entry
             if entry.answer is not None:
                 rotations[name, key] = entry.answer

@@ -50,6 +50,9 @@ class RegistryFeed:
         self.builds = 0
         self.last_build_seconds = 0.0
         self._whole = True  # the next build reads every record (start, or a failed update)
+        # What the last build applied: None for a build from every record, else the
+        # (before, after) changes (the worker supervisor forwards them, see workers.py).
+        self.last_changes: list[tuple[ServiceRecord | None, ServiceRecord | None]] | None = None
         self._modes = {s: st.mode for s, st in self.table.services.items()}
 
     def _parse(self, key: str, raw: bytes) -> ServiceRecord:
@@ -74,10 +77,12 @@ class RegistryFeed:
             table = self.builder.build(
                 self.mirror.items.values(), self.mirror.revision, synced=synced, previous=self.table
             )
+            self.last_changes = None
         else:
             assert changes is not None
+            self.last_changes = list(changes.values())
             table = self.builder.update(
-                changes.values(), self.mirror.revision, synced=synced, previous=self.table
+                self.last_changes, self.mirror.revision, synced=synced, previous=self.table
             )
         self._whole = False
         self.table = table

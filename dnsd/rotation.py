@@ -171,12 +171,23 @@ class Rotation:
             b = a + rest
             part: Iterable[int] = seq[a:b] if b <= period else chain(seq[a:], seq[: b - period])
             first = list(map(operator.add, first, self._firsts(part)))
-        # Address i is shown by the answers that start at i and the shown-1 before it.
+        return self._included(first), first
+
+    def counts_of(self, steps: Mapping[int, int]) -> tuple[list[int], list[int]]:
+        """(times included, times first) per address for schedule step -> times answered."""
+        seq = self.slot_start
+        first = [0] * len(self.addresses)
+        for step, times in list(steps.items()):
+            first[seq[step]] += times
+        return self._included(first), first
+
+    def _included(self, first: list[int]) -> list[int]:
+        """Address i is shown by the answers that start at i and the shown-1 before it."""
+        n = len(first)
         k = self.shown
         ext = first[n - (k - 1) :] + first if k > 1 else first
         sums = list(accumulate(ext, initial=0))
-        incl = list(map(operator.sub, sums[k:], sums[: len(sums) - k]))
-        return incl, first
+        return list(map(operator.sub, sums[k:], sums[: len(sums) - k]))
 
 
 @dataclass(frozen=True, eq=False)

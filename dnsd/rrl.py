@@ -18,6 +18,7 @@ Only UDP is limited; TCP cannot be spoofed.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 import time
@@ -126,3 +127,81 @@ class RateLimiter:
         if len(limited) >= self.max_accounts:
             limited.clear()  # a spoofed flood across prefixes: nothing is worth keeping
         self.accounts = limited
+
+
+class SharedRateLimiter(RateLimiter):
+    """The same accounting, with the accounts in the node's shared memory (``workers = N``).
+
+    Every worker of a node checks the same accounts, so a client whose queries
+    SO_REUSEPORT spreads over N workers gets the node's rate, not N times it.
+    An account is a bucket of four 64-bit fields (fingerprint, second, balance,
+    slip count) at a keyed hash of (client prefix, response key); a bucket
+    found holding another fingerprint is taken over with full credit, as an
+    idle account forgotten by ``RateLimiter`` would be. There are at least
+    twice ``max_accounts`` buckets (dnsd/shared.py) and the hash is keyed with
+    a secret, so a client cannot aim its accounts at another's. Loads and
+    stores are not atomic across processes: two workers charging one account
+    in the same instant may charge it once.
+    """
+
+    def __init__(
+        self,
+        config: RRLConfig,
+        buckets: memoryview,
+        salt: bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(config, clock)
+        self.buckets = buckets
+        self.mask = len(buckets) // 4 - 1
+        self.salt = salt
+        self._where: dict[tuple[str, bytes], tuple[int, int]] = {}
+
+    def _locate(self, host: str, key: bytes) -> tuple[int, int]:
+        """(index of the bucket's first field, fingerprint) of an account."""
+        digest = hashlib.blake2b(
+            repr(self.prefix(host)).encode() + b"\x00" + key, digest_size=16, key=self.salt
+        ).digest()
+        bucket = int.from_bytes(digest[:8], "big") & self.mask
+        fingerprint = int.from_bytes(digest[8:], "big") >> 1 or 1  # a positive int64; 0 = empty
+        return bucket * 4, fingerprint
+
+    def check(self, host: str, key: bytes) -> int:
+        """SEND, DROP or SLIP, as ``RateLimiter.check``, charged to the node's account."""
+        if not key or (self.exempt and self._is_exempt(host)):
+            return SEND
+        where = self._where.get((host, key))
+        if where is None:
+            if len(self._where) >= _CACHE_MAX:
+                self._where.clear()
+            where = self._where[(host, key)] = self._locate(host, key)
+        i, fingerprint = where
+        b = self.buckets
+        now = self.now
+        if b[i] != fingerprint:  # a new account, or a bucket another account held
+            b[i], b[i + 1], b[i + 2], b[i + 3] = fingerprint, now, self.rate - 1, 0
+            return SEND
+        elapsed = now - b[i + 1]
+        if elapsed <= 0:  # this second (or a worker whose clock tick is a moment behind)
+            balance = b[i + 2] - 1
+        else:
+            balance = b[i + 2] + elapsed * self.rate
+            if balance > self.rate:
+                balance = self.rate
+            balance -= 1
+            b[i + 1] = now
+        if balance >= 0:
+            b[i + 2] = balance
+            return SEND
+        if balance < self.floor:
+            balance = self.floor
+        b[i + 2] = balance
+        if self.slip:
+            slipped = b[i + 3] + 1
+            if slipped >= self.slip:
+                b[i + 3] = 0
+                self.slipped += 1
+                return SLIP
+            b[i + 3] = slipped
+        self.dropped += 1
+        return DROP

@@ -40,7 +40,8 @@ from dnsd import mmsg
 from dnsd import rrl as rrl_mod
 from dnsd.config import DnsConfig, split_hostport
 from dnsd.respond import NEEDS_PEER, Answerer
-from dnsd.stats import Counters, Snapshot
+from dnsd.shared import NodeShared
+from dnsd.stats import ALL, OWN, Counters, Snapshot
 from dnsd.table import AnswerTable
 
 log = structlog.get_logger("dnsd.server")
@@ -315,10 +316,13 @@ class DnsTcpProtocol(asyncio.Protocol):
 class DnsServer:
     """UDP and TCP listeners answering from the current AnswerTable."""
 
-    def __init__(self, config: DnsConfig, table: AnswerTable) -> None:
+    def __init__(self, config: DnsConfig, table: AnswerTable, shared: NodeShared | None = None) -> None:
         self.config = config
         self.table = table
-        self.counters = Counters()
+        # A worker of a node (workers = N): RRL accounts in the node's shared memory, and
+        # the exposure of node-rotated answers counted by the supervisor (stats.OWN).
+        self.shared = shared
+        self.counters = Counters(OWN if shared is not None else ALL)
         self.listeners: list[Listener] = []
         self.udp_threads: list[UdpThread | mmsg.MmsgThread] = []
         self.udp_protocols: list[DnsUdpProtocol] = []
@@ -346,7 +350,11 @@ class DnsServer:
     def new_rate_limiter(self) -> rrl_mod.RateLimiter | None:
         if not self.config.rrl.enabled:
             return None
-        limiter = rrl_mod.RateLimiter(self.config.rrl)
+        limiter: rrl_mod.RateLimiter
+        if self.shared is not None:
+            limiter = rrl_mod.SharedRateLimiter(self.config.rrl, self.shared.buckets, self.shared.spec.salt)
+        else:
+            limiter = rrl_mod.RateLimiter(self.config.rrl)
         self._rrls.append(limiter)
         return limiter
 

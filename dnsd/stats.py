@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dnsd import wire
+from dnsd.rotation import Rotation
 from dnsd.table import AnswerTable, Entry
 
 
@@ -75,40 +76,64 @@ def _bump(d: dict[tuple[str, str], int], key: tuple[str, str], n: int) -> None:
         d[key] = d.get(key, 0) + n
 
 
-def _fold_entry(snap: Snapshot, entry: Entry, served: int) -> None:
-    if entry.qtype:  # entries shared by many types (qtype 0) are counted by the answerer
+# What a process folds (see workers.py): everything (one process), or with workers = N,
+# a worker's own query counts plus the exposure of answers it rotates alone ("own"), and
+# the supervisor's share: the exposure of answers rotated by node-wide counters ("shared").
+ALL, OWN, SHARED = "all", "own", "shared"
+
+
+def _fold_entry(snap: Snapshot, entry: Entry, served: int, part: str = ALL) -> None:
+    if entry.qtype and part != SHARED:  # entries shared by many types (qtype 0) are counted by the answerer
         _bump(snap.queries, (qtype_label(entry.qtype), rcode_label(entry.rcode)), served - entry.start)
     rot = entry.rotation
-    if rot is not None and served > entry.start:
-        incl, first = rot.counts_between(entry.start, served)
-        addresses, name = rot.addresses, rot.name
-        # Only the addresses that were served (a short window at 10,000 edges touches
-        # few), inlined: this runs on every rebuild under churn, ~2 bumps per query.
-        for counts, into in ((incl, snap.included), (first, snap.first)):
-            get = into.get
-            for i in compress(range(len(counts)), counts):
-                key = (name, addresses[i])
-                into[key] = get(key, 0) + counts[i]
+    if rot is None:
+        return
+    counter = entry.shared
+    if counter is None:
+        if part == SHARED:
+            return
+        start, end = entry.start, served
+    else:
+        if part == OWN:  # the node's counter is the supervisor's to count, once
+            if entry.missed:  # answers this worker gave from its own steps
+                _bump_exposure(snap, rot, *rot.counts_of(entry.missed))
+            return
+        start = entry.shared_start
+        end = entry.shared_end if entry.shared_end is not None else counter[0]
+    if end > start:
+        _bump_exposure(snap, rot, *rot.counts_between(start, end))
+
+
+def _bump_exposure(snap: Snapshot, rot: Rotation, incl: list[int], first: list[int]) -> None:
+    addresses, name = rot.addresses, rot.name
+    # Only the addresses that were served (a short window at 10,000 edges touches
+    # few), inlined: this runs on every rebuild under churn, ~2 bumps per query.
+    for counts, into in ((incl, snap.included), (first, snap.first)):
+        get = into.get
+        for i in compress(range(len(counts)), counts):
+            key = (name, addresses[i])
+            into[key] = get(key, 0) + counts[i]
 
 
 class Counters:
     """The running totals of one process: retired tables plus what the live one served."""
 
-    def __init__(self) -> None:
+    def __init__(self, part: str = ALL) -> None:
         self.retired = Snapshot()
+        self.part = part
 
     def retire(self, table: AnswerTable) -> None:
         """Fold a table that is being replaced into the running totals."""
         for entry in table.entries():
             if not entry.continued:  # else its successor counts the same window
-                _fold_entry(self.retired, entry, entry.served)
+                _fold_entry(self.retired, entry, entry.served, self.part)
 
     def snapshot(self, table: AnswerTable, answer_counts: Iterable[dict[tuple[int, int], int]]) -> Snapshot:
         """Totals so far: retired tables, the live table, and answers built outside tables."""
         snap = Snapshot()
         snap.add(self.retired)
         for entry in table.entries():
-            _fold_entry(snap, entry, entry.served)
+            _fold_entry(snap, entry, entry.served, self.part)
         for counts in answer_counts:
             for (qtype, rcode), n in counts.items():
                 _bump(snap.queries, (qtype_label(qtype), rcode_label(rcode)), n)

@@ -33,12 +33,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.rotation import AddressSet, RotatingAnswer, Rotation, weighted_order
 from dnsd.wire import MessageWriter, RData
+
+
+class SharedCounters(Protocol):
+    """The node's rotation counters (dnsd.shared.NodeShared): one per answer key, and their lock."""
+
+    lock: Any
+
+    def counter(self, key: bytes) -> memoryview | None: ...
+
 
 if TYPE_CHECKING:
     from dnsd.cookies import ServerCookies
@@ -78,10 +87,12 @@ class Entry:
         "do_heads",
         "do_rcode",
         "do_schedule",
+        "fallback",
         "fit_plain",
         "full",
         "heads",
         "heads_edns",
+        "missed",
         "period",
         "qtype",
         "rcode",
@@ -89,6 +100,10 @@ class Entry:
         "rrl_key",
         "schedule",
         "served",
+        "shared",
+        "shared_end",
+        "shared_lock",
+        "shared_start",
         "start",
     )
 
@@ -125,6 +140,18 @@ class Entry:
         self.rrl_key = rrl_key
         self.served = 0
         self.start = 0
+        # With workers = N (dnsd/shared.py): the node's rotation counter for this answer
+        # (a one-item 'Q' view), stepped under ``shared_lock``, which picks the schedule
+        # step instead of ``served``; ``served`` still counts this process's answers for
+        # its statistics. ``shared_start``: the counter where this entry's window began.
+        self.shared: memoryview | None = None
+        self.shared_lock: Any = None
+        # Schedule steps answered without the lock (step -> times), from this worker's
+        # ``served``: counted by this worker's statistics, as the node counter did not.
+        self.missed: dict[int, int] = {}
+        self.fallback = 0  # this worker's own rotation, for the steps taken without the lock
+        self.shared_start = 0
+        self.shared_end: int | None = None  # set when a successor took over the counter
         # Whole responses minus the ID, for a question spelled exactly as ours (see prepare_full).
         self.full: list[list[bytes]] | None = None
         # What a query with the DO bit gets: the same unless the zone is signed (see add_signed).
@@ -162,16 +189,29 @@ class Entry:
             full[36 + rdcd] = [head + question + body + opts[1] for body in self.do_schedule]
         self.full = full
 
+    def share(self, counter: memoryview | None, lock: Any) -> None:
+        """Take rotation steps from the node's counter for this answer, under ``lock``."""
+        if counter is not None:
+            self.shared, self.shared_lock = counter, lock
+            self.shared_start = counter[0]
+
     def carry_from(self, old: Entry) -> None:
         """Continue the rotation (and the statistics window) where ``old`` stopped."""
         self.served = old.served
+        self.fallback = old.fallback
         if self.rotation is not None and self.rotation is old.rotation:
             # The same rotation: keep counting in one window, so the old entry
             # need not be folded into the statistics (O(n) at 10,000 edges).
             self.start = old.start
+            if self.shared is not None and old.shared is not None:
+                self.shared_start = old.shared_start
+                self.missed = old.missed
             old.continued = True
         else:
             self.start = old.served
+            if self.shared is not None and old.shared is not None:
+                # One reading closes the old window and opens this one: no query counted twice.
+                self.shared_start = old.shared_end = self.shared[0]
 
 
 def _swrr(weights: list[int]) -> list[int]:
@@ -297,6 +337,7 @@ def render(
     aa: bool = True,
     previous: RotatingAnswer | None = None,
     signer: RRsetSigner | None = None,
+    shared: SharedCounters | None = None,
 ) -> Entry:
     """Turn a plan into an entry: one body per rotation start, scheduled by weight.
 
@@ -305,6 +346,8 @@ def render(
     ``previous`` is this entry's rotating answer in the last table: re-used
     when its address set is the same, patched when the set derives from it.
     With a ``signer``, the entry also gets its DNSSEC variant (``Entry.add_signed``).
+    ``shared`` gives a rotating answer its node-wide rotation counter by ``rrl_key``
+    (``workers = N``, see dnsd/shared.py).
     """
     base = 12 + len(qname) + 4 if qname is not None else 0
     compress = qname is not None
@@ -351,6 +394,8 @@ def render(
         answer = RotatingAnswer(wire.to_text(qname), aset, shown, parts, (owner, rtype, ttl), previous)
     counts = (sections[0] + shown, sections[1], sections[2])
     entry = Entry(qtype, plan.rcode, aa, counts, answer.schedule, answer.rotation, rrl_key, answer)
+    if shared is not None:
+        entry.share(shared.counter(rrl_key), shared.lock)
     if signer is not None:
         # One signed body per window (rotation start); the schedule follows the unsigned one.
         # Not patched like the unsigned bodies: signed zones re-render their rotating

@@ -7,12 +7,26 @@ spreads clients over them, and answer from their own AnswerTable.
 
 Messages over one pipe per worker (pickled):
 
-* supervisor -> worker: ``("table", records, revision, synced, last_healthy)``
-  whenever the registry changes; the worker rebuilds its table with the same
-  builder settings, so all workers answer alike (rotation is per worker);
+* supervisor -> worker: ``("table", records, revision, synced, last_healthy, slots)``
+  when a worker starts and after a build from every record (a snapshot), and
+  ``("delta", changes, revision, synced, slots)`` after a batch of watch events:
+  only the (before, after) registrations that changed, which the worker applies
+  with ``TableBuilder.update`` as the supervisor did, so a change costs both
+  sides in proportion to what changed, not to the number of edges (pickling
+  10,000 records for every worker on every 50 ms batch was the largest cost of
+  churn at 10,000 edges with several workers). All workers answer alike;
   ``("stop",)`` to shut down;
-* worker -> supervisor: ``("ready", addresses)`` once bound, then
-  ``("stats", Snapshot)`` every second.
+* worker -> supervisor: ``("ready", addresses)`` once bound, ``("applied",
+  revision, synced)`` after each table, ``("resync",)`` if a delta failed to
+  apply (the supervisor answers with a whole table), and ``("stats",
+  Snapshot)`` every second.
+
+Rotation and RRL are per node (dnsd/shared.py): ``slots`` maps each rotating
+answer to its counter in the node's shared memory, which every worker steps,
+and the RRL accounts live there too. The exposure statistics of those answers
+(first places and inclusions per address) are derived by the supervisor from
+the shared counters when /metrics is read, so they are the node's and current;
+query counts still come from the workers' snapshots (at most a second old).
 
 Metrics: prometheus_client's multiprocess mode would cost a locked mmap
 write per counted query, which the answer path cannot afford. Instead each
@@ -29,10 +43,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import multiprocessing.connection
+import os
+import pickle
 import signal
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +77,8 @@ from dnsd.daemon import (
 from dnsd.dnssec.setup import renew_signatures
 from dnsd.feed import RegistryFeed
 from dnsd.server import DnsServer, Listener, bind_listener
-from dnsd.stats import DnsCollector, Snapshot
+from dnsd.shared import NodeShared, SharedSpec, rrl_buckets
+from dnsd.stats import SHARED, Counters, DnsCollector, Snapshot
 from dnsd.table import AnswerTable
 
 log = structlog.get_logger("dnsd.workers")
@@ -68,71 +88,146 @@ RESTART_DELAY = 1.0
 STOP_GRACE = 5.0
 
 
+class Channel:
+    """Pickled messages over one end of the supervisor <-> worker socket pair, on the event loop.
+
+    Each message is an 8-byte length and a pickle. ``send`` never blocks (the
+    transport buffers), and ``recv`` waits for a whole message however large.
+    Before, the pipe was read with ``Connection.recv`` from ``add_reader``:
+    uvloop makes a watched descriptor non-blocking, so a message bigger than
+    the 64 KiB socket buffer (the whole registry, about 2 MB at 10,000 edges)
+    raised EAGAIN half-way, and the worker took that for a closed pipe and
+    exited, over and over. Reading in a thread instead (measured) left the
+    reader waiting for the GIL behind a saturated UDP thread, and the
+    supervisor blocked in ``send``: answers fell seconds behind under load.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, conn: Any) -> Channel:
+        """Take over a multiprocessing Connection's socket (closing the Connection)."""
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """Queue a message (dropped once the other end is gone: the exit watcher handles that)."""
+        if not self.writer.is_closing():
+            data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+            self.writer.write(len(data).to_bytes(8, "big") + data)
+
+    async def recv(self) -> Any:
+        """The next message; None once the other end is gone."""
+        try:
+            head = await self.reader.readexactly(8)
+            return pickle.loads(await self.reader.readexactly(int.from_bytes(head, "big")))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return None
+
+    async def flush(self, within: float) -> None:
+        """Wait (a while) until queued messages are written."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.drain(), within)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _receive(channel: Channel, handle: Callable[[Any], None]) -> asyncio.Task[None]:
+    """Hand each message to ``handle`` as it arrives, then None when the channel closes."""
+
+    async def run() -> None:
+        while True:
+            msg = await channel.recv()
+            handle(msg)
+            if msg is None:
+                return
+
+    return asyncio.create_task(run())
+
+
 # --- worker process ----------------------------------------------------------------------
 
 
-def worker_main(config: Config, index: int, listen: list[str], conn: Any) -> None:
+def worker_main(
+    config: Config, index: int, listen: list[str], conn: Any, spec: SharedSpec, lock: Any
+) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     setup_logging(config.log, daemon=f"dnsd-worker-{index}")
-    run_loop(_worker(config, index, listen, conn))
+    run_loop(_worker(config, index, listen, conn, NodeShared(spec, lock)))
 
 
-async def _worker(config: Config, index: int, listen: list[str], conn: Any) -> int:
+async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shared: NodeShared) -> int:
     loop = asyncio.get_running_loop()
+    conn = await Channel.open(pipe)
     builder = make_builder(config)
+    builder.shared = shared
     try:
         listeners = [bind_listener(a, reuse_port=True) for a in listen]
     except OSError as exc:
         log.error("worker cannot listen", worker=index, error=exc.strerror or str(exc))
         return 1
-    server = DnsServer(config.dns, builder.build([], 0, synced=False))
+    server = DnsServer(config.dns, builder.build([], 0, synced=False), shared)
     await server.start(listeners)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    last_state: list[tuple[Any, int, bool]] = [([], 0, False)]  # for the DNSSEC renewal rebuild
+    def rebuild() -> None:  # the DNSSEC renewal: the same registry state, fresh signatures
+        table = server.table
+        server.set_table(builder.update([], table.revision, synced=table.synced, previous=table))
 
-    def rebuild() -> None:
-        records, revision, synced = last_state[0]
-        server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+    def applied(revision: int, synced: bool) -> None:
+        conn.send(("applied", revision, synced))
 
-    def on_message() -> None:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
+    def on_message(msg: Any) -> None:
+        if msg is None:
             stop.set()  # the supervisor is gone
             return
         if msg[0] == "table":
-            _, records, revision, synced, last_healthy = msg
+            _, records, revision, synced, last_healthy, slots = msg
+            shared.slots = slots
             builder.last_healthy = last_healthy
-            last_state[0] = (records, revision, synced)
-            rebuild()
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(("applied", revision, synced))
+            server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
+            applied(revision, synced)
+        elif msg[0] == "delta":
+            _, changes, revision, synced, slots = msg
+            shared.slots = slots
+            try:
+                table = builder.update(changes, revision, synced=synced, previous=server.table)
+            except Exception:  # keep answering from the last table; ask for the whole state
+                log.exception("worker could not apply a registry change; asking for a whole table")
+                conn.send(("resync",))
+                return
+            server.set_table(table)
+            applied(revision, synced)
         elif msg[0] == "cookies" and builder.cookies is not None:
             builder.cookies.secrets = msg[1]  # the cluster's DNS Cookie secret, from the supervisor
         elif msg[0] == "stop":
             stop.set()
 
-    loop.add_reader(conn.fileno(), on_message)
+    receiver = _receive(conn, on_message)
     conn.send(("ready", [lst.address for lst in listeners]))
 
     async def push_stats() -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(("stats", server.snapshot()))
+            conn.send(("stats", server.snapshot()))
 
     pusher = asyncio.create_task(push_stats())
     renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
     await stop.wait()
     pusher.cancel()
     renewer.cancel()
-    loop.remove_reader(conn.fileno())
     await server.stop()
-    with contextlib.suppress(OSError, BrokenPipeError):
-        conn.send(("stats", server.snapshot()))
+    conn.send(("stats", server.snapshot()))
+    await conn.flush(2.0)
+    receiver.cancel()
+    conn.close()
     return 0
 
 
@@ -145,7 +240,7 @@ class Worker:
 
     index: int
     process: Any
-    conn: Any
+    conn: Channel
     ready: bool = False
     synced: bool = False  # has applied a table built from a registry snapshot
     revision: int = 0
@@ -156,33 +251,44 @@ class Worker:
 class Supervisor:
     """Starts, feeds, watches and stops the worker processes."""
 
-    def __init__(self, config: Config, feed: RegistryFeed, listen: list[str]) -> None:
+    def __init__(self, config: Config, feed: RegistryFeed, listen: list[str], shared: NodeShared) -> None:
         self.config = config
         self.feed = feed
         self.listen = listen
+        # The node's rotation counters and RRL accounts; the supervisor's builder hands out
+        # the counter slots, and folds the exposure they count (stats.SHARED).
+        self.shared = shared
+        feed.builder.shared = shared
+        self.counters = Counters(SHARED)
+        self.table = feed.table
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, Worker] = {}
         self.retired = Snapshot()  # counts of workers that died or were restarted
         self.restarts = 0
         self.stopping = False
 
-    def _message(self, table: AnswerTable) -> tuple[Any, ...]:
+    def _message(self, table: AnswerTable, whole: bool = True) -> tuple[Any, ...]:
+        slots = dict(self.shared.slots)
+        changes = self.feed.last_changes
+        if not whole and changes is not None:
+            return ("delta", changes, table.revision, table.synced, slots)
         records: list[ServiceRecord] = list(self.feed.mirror.items.values())
-        return ("table", records, table.revision, table.synced, dict(self.feed.builder.last_healthy))
+        last_healthy = dict(self.feed.builder.last_healthy)
+        return ("table", records, table.revision, table.synced, last_healthy, slots)
 
-    def start_worker(self, index: int) -> None:
+    async def start_worker(self, index: int) -> None:
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(
             target=worker_main,
-            args=(self.config, index, self.listen, child),
+            args=(self.config, index, self.listen, child, self.shared.spec, self.shared.lock),
             name=f"dnsd-worker-{index}",
             daemon=True,
         )
         process.start()
         child.close()
-        worker = Worker(index, process, parent)
+        worker = Worker(index, process, await Channel.open(parent))
         self.workers[index] = worker
-        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_message, worker)
+        _receive(worker.conn, functools.partial(self._on_message, worker))
         self._send(worker, self._message(self.feed.table))
         cookies = self.feed.builder.cookies
         if cookies is not None:
@@ -194,23 +300,20 @@ class Supervisor:
             self._send(worker, ("cookies", secrets))
 
     def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
-        try:
-            worker.conn.send(msg)
-        except (OSError, BrokenPipeError):
-            pass  # the exit watcher restarts it
+        worker.conn.send(msg)  # a dead worker's is dropped; the exit watcher restarts it
 
     def publish(self, table: AnswerTable) -> None:
-        """Send the registry state behind a new table to every worker."""
-        msg = self._message(table)
+        """Send what changed behind a new table (or the whole state) to every worker."""
+        old, self.table = self.table, table
+        if old is not table:
+            self.counters.retire(old)
+        msg = self._message(table, whole=False)
         for worker in self.workers.values():
             self._send(worker, msg)
 
-    def _on_message(self, worker: Worker) -> None:
-        try:
-            msg = worker.conn.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-            return
+    def _on_message(self, worker: Worker, msg: Any) -> None:
+        if msg is None or self.workers.get(worker.index) is not worker:
+            return  # its pipe closed (the exit watcher restarts it), or a replaced worker's last words
         if msg[0] == "ready":
             worker.ready = True
             log.info("worker ready", worker=worker.index, pid=worker.process.pid, listen=msg[1])
@@ -219,6 +322,8 @@ class Supervisor:
             worker.synced = worker.synced or msg[2]
         elif msg[0] == "stats":
             worker.stats = msg[1]
+        elif msg[0] == "resync":
+            self._send(worker, self._message(self.feed.table))
 
     async def watch(self) -> None:
         """Restart workers that exit while we are not stopping."""
@@ -237,12 +342,10 @@ class Supervisor:
                 await asyncio.sleep(RESTART_DELAY)
                 if not self.stopping:
                     self.restarts += 1
-                    self.start_worker(index)
+                    await self.start_worker(index)
 
     def _forget(self, worker: Worker) -> None:
         self.retired.add(worker.stats)
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
 
     async def wait_ready(self, within: float) -> bool:
@@ -262,7 +365,8 @@ class Supervisor:
         return bool(live) and all(w.synced for w in live)
 
     def snapshot(self) -> Snapshot:
-        total = Snapshot()
+        """The node's counters: every worker's (and retired ones'), plus node-rotated exposure."""
+        total = self.counters.snapshot(self.table, ())
         total.add(self.retired)
         for worker in self.workers.values():
             total.add(worker.stats)
@@ -314,7 +418,10 @@ async def _supervise(config: Config) -> int:
             lst.udp.close()
             lst.tcp.close()
         return 1
-    supervisor = Supervisor(config, feed, listen)
+    shared = NodeShared.create(
+        rrl_buckets(config.dns.rrl.max_accounts), multiprocessing.get_context("spawn").Lock()
+    )
+    supervisor = Supervisor(config, feed, listen, shared)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
     prometheus_client.REGISTRY.register(collector)
@@ -343,6 +450,9 @@ async def _supervise(config: Config) -> int:
     tasks: set[asyncio.Task[None]] = set()
     code = 0
     stop = asyncio.Event()
+    # From here on, so a stop during start-up still runs the clean-up below (which removes
+    # the shared memory file: a process killed by the default SIGTERM action leaves it behind).
+    install_stop_handlers(stop)
 
     def credentials_refused() -> None:
         nonlocal code
@@ -352,7 +462,7 @@ async def _supervise(config: Config) -> int:
     try:
         admin_port = await admin.start()
         for index in range(config.dns.workers):
-            supervisor.start_worker(index)
+            await supervisor.start_worker(index)
         ready = await supervisor.wait_ready(within=30)
         for lst in held:  # the workers hold the ports now
             lst.udp.close()
@@ -381,7 +491,6 @@ async def _supervise(config: Config) -> int:
             udp_engine=config.dns.udp_engine,
             rrl=config.dns.rrl.enabled,
         )
-        install_stop_handlers(stop)
         await stop.wait()
         log.info("dnsd stopping")
     except OSError as exc:
@@ -400,5 +509,6 @@ async def _supervise(config: Config) -> int:
             await asyncio.wait_for(feed.close(), 2.0)
         await admin.stop()
         prometheus_client.REGISTRY.unregister(collector)
+        shared.unlink()
     log.info("dnsd stopped")
     return code

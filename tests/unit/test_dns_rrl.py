@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from dnsd.config import RRLConfig
-from dnsd.rrl import DROP, SEND, SLIP, RateLimiter
+from dnsd.rrl import DROP, SEND, SLIP, RateLimiter, SharedRateLimiter
+from dnsd.shared import rrl_buckets
 
 
 class Clock:
@@ -103,3 +104,32 @@ def test_account_table_stays_bounded_and_keeps_the_limited() -> None:
         rrl.check(f"10.{i // 256}.{i % 256}.1", b"www")
     assert len(rrl.accounts) <= 50
     assert burst(rrl, 1, host="10.9.9.9")[SEND] == 0  # still remembered as limited
+
+
+def shared_pair(clock: Clock, **kw: object) -> tuple[SharedRateLimiter, SharedRateLimiter]:
+    """Two limiters over one bucket array: two workers of one node."""
+    cfg = RRLConfig(**{"responses_per_second": 10, "window": 3, "slip": 2, **kw})  # type: ignore[arg-type]
+    buckets = memoryview(bytearray(rrl_buckets(cfg.max_accounts) * 4 * 8)).cast("q")
+    salt = b"s" * 16
+    return SharedRateLimiter(cfg, buckets, salt, clock), SharedRateLimiter(cfg, buckets, salt, clock)
+
+
+def test_workers_sharing_accounts_limit_a_client_once() -> None:
+    clock = Clock()
+    a, b = shared_pair(clock)
+    got = Counter(rrl.check("192.0.2.1", b"www") for rrl in [a, b] * 55)
+    assert got == {SEND: 10, SLIP: 50, DROP: 50}  # what one limiter gives for 110 responses
+    assert a.dropped + b.dropped == 50 and a.slipped + b.slipped == 50
+    clock.t += 1  # one second later: `rate` more credit, whichever worker spends it
+    assert Counter(b.check("192.0.2.1", b"www") for _ in range(15))[SEND] == 0  # still in debt
+    clock.t += 10
+    a.tick(), b.tick()
+    assert Counter(a.check("192.0.2.7", b"www") for _ in range(10)) == {SEND: 10}  # same /24
+
+
+def test_shared_accounts_keep_prefixes_and_keys_apart() -> None:
+    a, b = shared_pair(Clock(), slip=0)
+    assert Counter(a.check("192.0.2.1", b"www") for _ in range(20)) == {SEND: 10, DROP: 10}
+    assert Counter(b.check("198.51.100.1", b"www") for _ in range(10)) == {SEND: 10}
+    assert Counter(b.check("192.0.2.1", b"mail") for _ in range(10)) == {SEND: 10}
+    assert b.check("192.0.2.1", b"") == SEND  # a valid server cookie: never limited
