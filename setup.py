@@ -18,17 +18,16 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The proxied request's path, from the client's bytes to the member's response and back
-# (the profile in edge/README.md, "Performance").
+# The synchronous parsers and field rules of the proxied request's path (the profile in
+# edge/README.md, "Performance"). Modules with coroutines on that path (connection, proxy,
+# pipeline, headers) stay interpreted: compiled, their coroutines are Cython's, which asyncio
+# drives through its slow path, and the edge spent 10-19 % more CPU per request with them
+# (bench/proxy_bench.py --pure, same run).
 HOT_MODULES = [
     "edge/http/http1.py",
     "edge/http/request.py",
-    "edge/core/pipeline.py",
     "edge/core/fields.py",
-    "edge/features/headers.py",
     "edge/upstream/client.py",
-    "edge/upstream/proxy.py",
-    "edge/front/connection.py",
 ]
 
 
