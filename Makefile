@@ -4,10 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-browser lint typecheck conformance bench-dns bench-edge fuzz soak clean \
+.PHONY: demo test test-pure test-browser lint typecheck conformance bench-dns bench-edge fuzz soak clean \
 	vm-deps vm-box vm-lab vm-lab-down vm-failover
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -24,8 +24,20 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest tests/unit tests/integration tests/vm
+	$(PURE) $(BIN)/pytest tests/unit $(EDGE_TESTS)
 	$(BIN)/pytest tests/browser
 	$(BIN)/pytest tests/e2e
+
+# The edge's hot modules run compiled when `pip install` found a C compiler (setup.py); the
+# same tests again on the pure-Python sources, which stay the fallback. `make test` runs the
+# unit tests and the edge's integration tests both ways; `make test-pure` runs everything pure.
+PURE       := CAROUSEL_PURE_PYTHON=1
+EDGE_TESTS := $(wildcard tests/integration/test_edge_*.py tests/integration/test_cache_*.py \
+	tests/integration/test_compress.py tests/integration/test_slowloris.py \
+	tests/integration/test_forward_*.py tests/integration/test_tls_termination.py)
+test-pure: $(STAMP)
+	$(PURE) $(BIN)/pytest tests/unit tests/integration
+	$(PURE) $(BIN)/pytest tests/e2e
 
 # The cache-tests.fyi suite (npm http-cache-tests) against the edge's cache; needs node and npm.
 conformance: $(STAMP)

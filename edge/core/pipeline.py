@@ -125,24 +125,55 @@ class FileBody(Body):
             yield data
 
     async def write_to(self, out: BodyWriter) -> None:
-        # The asyncio loop has a real sendfile(); uvloop does not, and there
-        # page-cache reads of 256 KiB with the transport's flow control are
-        # what the client's pace allows anyway.
         transport = out.transport
+        if transport is None or not self.length:
+            return await super().write_to(out)
         loop = asyncio.get_running_loop()
-        if transport is not None and self.length and isinstance(loop, asyncio.BaseEventLoop):
+        if isinstance(loop, asyncio.BaseEventLoop):  # the stdlib loop's own sendfile() waits well
             try:
                 with os.fdopen(os.dup(self.fd), "rb") as f:
                     await loop.sendfile(transport, f, self.offset, self.length)
-                return
-            except NotImplementedError:
-                pass
-        await super().write_to(out)
+                return None
+            except NotImplementedError:  # TLS, or a transport that is not a socket
+                return await super().write_to(out)
+        # uvloop has no loop.sendfile(): the kernel copies page cache to the socket itself
+        # (sendfile(2)) for as much as the socket takes now, once what was written before
+        # (the head) has left the transport; the rest, if the socket filled, is read and
+        # written with the transport's flow control.
+        sent = _sendfile_now(transport, self.fd, self.offset, self.length)
+        if sent < self.length:
+            rest = FileBody(self.fd, self.offset + sent, self.length - sent, owned=False)
+            async for chunk in rest.chunks():
+                await out.write(chunk)
+        return None
 
     def close(self) -> None:
         if self.owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, length: int) -> int:
+    """Bytes of the file slice sent with sendfile(2) without waiting (0 when it cannot be used:
+    TLS, not a socket, or bytes still queued in the transport, which must go first)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return 0
+    if transport.get_write_buffer_size():
+        return 0
+    out = sock.fileno()
+    sent = 0
+    while sent < length:
+        try:
+            n = os.sendfile(out, fd, offset + sent, length - sent)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break  # the chunked path below meets the same error and reports it
+        if n == 0:
+            raise OSError("file shrank while being sent")
+        sent += n
+    return sent
 
 
 class StreamBody(Body):
@@ -377,8 +408,10 @@ def chain(features: list[Feature], terminal: Handler) -> Handler:
 
 
 def _link(feature: Feature, call_next: Handler) -> Handler:
-    async def step(ex: Exchange) -> Reply:
-        return await feature(ex, call_next)
+    # A plain function handing back the feature's own coroutine: an `async def` wrapper would
+    # add a coroutine object and a frame per feature to every request on the async chain.
+    def step(ex: Exchange) -> Awaitable[Reply]:
+        return feature(ex, call_next)
 
     return step
 

@@ -21,6 +21,7 @@ response end it there and close the connection (``excess``).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -50,6 +51,11 @@ class ReadTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """A broken response or a connection lost before the response was complete."""
+
+
+class NotSent(ConnectFailed, UpstreamProtocolError):
+    """The connection was reset or closed before a byte of the request went out: as safe
+    to retry as a refused connect, whatever the method."""
 
 
 class ResponseParser:
@@ -134,37 +140,31 @@ class ResponseParser:
             raise UpstreamProtocolError("connection closed before the response was complete")
 
     def _parse_head(self, head: bytes) -> None:
-        text = head.decode("latin-1")
-        crlf = text.count("\r\n")
-        if text.count("\n") != crlf or text.count("\r") != crlf or "\x00" in text:
-            raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
-        lines = text.split("\r\n")
-        parts = lines[0].split(" ", 2)
-        # RFC 9112 4: status-code = 3DIGIT. str.isdigit() alone also takes "²" (latin-1 0xB2),
-        # which int() then refuses with a ValueError the caller does not expect.
-        code = parts[1] if len(parts) > 1 else ""
-        if not parts[0].startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
-            raise UpstreamProtocolError("bad status line")
-        status = int(parts[1])
-        if len(lines) > MAX_HEADERS + 1:
-            raise UpstreamProtocolError("too many response headers")
-        pairs = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name[-1] in " \t" or " " in name:
-                raise UpstreamProtocolError("bad header line")
-            pairs.append((name, value.strip(" \t")))
+        text = head.decode("latin-1") + "\r\n"
+        # Most heads are checked whole by two regular expressions (token names, values
+        # without CR, LF or NUL: a subset of what the line-by-line parser takes), which
+        # costs a third of the loop below; the rest take the loop, which names the fault.
+        line = _STATUS_LINE.match(text)
+        if line is not None and _RESPONSE_FIELDS.fullmatch(text, line.end()) is not None:
+            version, code, reason = line.groups()
+            status = int(code)
+            fields = text[line.end() : -2].split("\r\n") if len(text) > line.end() else []
+            if len(fields) > MAX_HEADERS:
+                raise UpstreamProtocolError("too many response headers")
+            pairs = [(name, value.strip(" \t")) for name, _, value in (f.partition(":") for f in fields)]
+        else:
+            version, status, reason, pairs = _parse_head_lines(text[:-2])
         if 100 <= status < 200 and status != 101:
             # An interim response (RFC 9110 15.2): kept for the proxy to forward, never
             # part of the final response; the real one follows.
-            self.interim.append((status, parts[2] if len(parts) > 2 else "", pairs))
+            self.interim.append((status, reason, pairs))
             return
         headers: CIMultiDict[str] = CIMultiDict(pairs)
         self.status = status
-        self.reason = parts[2] if len(parts) > 2 else ""
+        self.reason = reason
         self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        self.keep_alive = parts[0] == "HTTP/1.1" and "close" not in connection
+        connection = headers.get("Connection")
+        self.keep_alive = version == "HTTP/1.1" and (connection is None or "close" not in connection.lower())
         te = headers.get("Transfer-Encoding")
         lengths = headers.getall("Content-Length", [])
         if self.head_request or status in (204, 304) or status == 101:
@@ -249,6 +249,34 @@ class ResponseParser:
         return b""
 
 
+_FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^\r\n\x00]*))?\r\n")
+_RESPONSE_FIELDS = re.compile(rf"(?:{_FIELD_NAME}:[^\r\n\x00]*\r\n)*")
+
+
+def _parse_head_lines(text: str) -> tuple[str, int, str, list[tuple[str, str]]]:
+    """A response head line by line: (version, status, reason, fields); names the fault."""
+    crlf = text.count("\r\n")
+    if text.count("\n") != crlf or text.count("\r") != crlf or "\x00" in text:
+        raise UpstreamProtocolError("bare CR/LF or NUL in the response head")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ", 2)
+    # RFC 9112 4: status-code = 3DIGIT. str.isdigit() alone also takes "²" (latin-1 0xB2),
+    # which int() then refuses with a ValueError the caller does not expect.
+    code = parts[1] if len(parts) > 1 else ""
+    if not parts[0].startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
+        raise UpstreamProtocolError("bad status line")
+    if len(lines) > MAX_HEADERS + 1:
+        raise UpstreamProtocolError("too many response headers")
+    pairs = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name[-1] in " \t" or " " in name:
+            raise UpstreamProtocolError("bad header line")
+        pairs.append((name, value.strip(" \t")))
+    return parts[0], int(code), parts[2] if len(parts) > 2 else "", pairs
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a member; a request/response at a time."""
 
@@ -296,10 +324,9 @@ class UpstreamConnection(asyncio.Protocol):
             if self.on_interim is not None:
                 for status, reason, fields in interim:
                     self.on_interim(status, reason, fields)
-        if parser.state != "head":
-            head = self.head_ready
-            if head is not None and not head.done():
-                head.set_result(None)
+        head = self.head_ready
+        if head is not None and parser.state != "head" and not head.done():
+            head.set_result(None)
         sink = self.sink
         if sink is not None:
             try:
@@ -340,21 +367,36 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- request cycle ------------------------------------------------------------------
 
-    def start(self, request: bytes, head_request: bool, read_timeout: float) -> None:
-        """Send a serialised request and begin parsing its response."""
-        assert self.transport is not None
+    def start(
+        self, request: bytes, head_request: bool, read_timeout: float, *, want_head: bool = False
+    ) -> None:
+        """Send a serialised request (head and body in one write) and begin parsing its
+        response; ``done`` resolves when it is complete, ``head_ready`` (``want_head``, for
+        streaming) when its head is in."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise NotSent("connection closed before the request was sent")
+        loop = self.loop
         self.parser = ResponseParser(head_request)
-        self.head_ready = self.loop.create_future()
-        self.done = self.loop.create_future()
+        self.head_ready = loop.create_future() if want_head else None
+        self.done = loop.create_future()
         self.read_timeout = read_timeout
-        self.last_data = self.loop.time()
-        self._timer = self.loop.call_at(self.last_data + read_timeout, self._check_timeout)
-        self.transport.write(request)
+        self.last_data = now = loop.time()
+        # One read timer per connection, moved lazily: a timer still armed from an earlier
+        # request fires, finds a later last_data and re-arms itself, so a pooled connection
+        # costs no timer churn per request.
+        if self._timer is None:
+            self._timer = loop.call_at(now + read_timeout, self._check_timeout)
+        transport.write(request)
+        if transport.is_closing():
+            # The first write failed outright (reset, broken pipe): the transport only goes
+            # on after a partial write, so not one byte of the request left.
+            raise NotSent("connection reset before the request was sent")
 
     def _check_timeout(self) -> None:
         self._timer = None
         if self.done is None or self.done.done():
-            return
+            return  # between requests: the next start() arms a timer again
         due = self.last_data + self.read_timeout
         if self.loop.time() < due:
             self._timer = self.loop.call_at(due, self._check_timeout)
@@ -371,12 +413,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.abort()
 
     def _finish(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for fut in (self.head_ready, self.done):
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        # The read timer stays (see start): it finds the request done when it fires.
+        head, done = self.head_ready, self.done
+        if head is not None and not head.done():
+            head.set_result(None)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def pause(self) -> None:
         """Stop reading (streaming consumer is behind)."""
@@ -431,16 +473,29 @@ class MemberConnections:
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
 
-    async def get(self, connect_timeout: float, fresh: bool) -> UpstreamConnection:
-        """An idle connection if one is alive (and ``fresh`` is not asked), else a new one."""
-        while self.idle and not fresh:
-            conn = self.idle.pop()  # most recently used: least likely closed by the member
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection that is still open, or None (no waiting)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()  # most recently used: least likely closed by the member
             if conn.idle_handle is not None:
                 conn.idle_handle.cancel()
                 conn.idle_handle = None
             if not conn.closed:
                 conn.reused = True
                 return conn
+        return None
+
+    async def get(self, connect_timeout: float, fresh: bool) -> UpstreamConnection:
+        """An idle connection if one is alive (and ``fresh`` is not asked), else a new one."""
+        if not fresh:
+            conn = self.take()
+            if conn is not None:
+                return conn
+        return await self.connect(connect_timeout)
+
+    async def connect(self, connect_timeout: float) -> UpstreamConnection:
+        """A new connection; ConnectFailed when it cannot be made (nothing was sent)."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):

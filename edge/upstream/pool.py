@@ -70,6 +70,7 @@ class Member:
 
     __slots__ = (
         "active",
+        "authority",
         "conns",
         "ejected_until",
         "fail_streak",
@@ -113,6 +114,7 @@ class Member:
         self.host, self.port = host, port
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
+        self.authority = f"{host}:{port}"  # the Host sent upstream unless preserve_host
         self.conns.close()
         self.conns = MemberConnections(host, port, keepalive, idle)
 
@@ -264,31 +266,38 @@ class UpstreamPool:
 
     # --- admission ----------------------------------------------------------------------
 
-    async def acquire(self, key: str | None, tried: set[Member]) -> Member:
-        """A member with a slot taken for the caller; waits in the queue when all are full."""
+    def acquire_now(self, key: str | None, tried: set[Member]) -> Member | None:
+        """A member with a slot taken for the caller, or None when all are full (then
+        ``acquire`` queues); NoMember when nobody is eligible. No waiting."""
         now = time.monotonic()
         cap = self._max
-        want: Member | None = None
         if self.is_hash:
             m = self._pick(lambda m: m not in tried and self.eligible(m, now), key)
             if m is None:
                 raise NoMember()
-            if not cap or m.active < cap:
-                m.active += 1
-                m.requests += 1
-                return m
-            want = m
+            if cap and m.active >= cap:
+                return None
         else:
             m = self._pick(
                 lambda m: (not cap or m.active < cap) and m not in tried and self.eligible(m, now),
                 key,
             )
-            if m is not None:
-                m.active += 1
-                m.requests += 1
-                return m
-            if not any(m not in tried and self.eligible(m, now) for m in self.members.values()):
-                raise NoMember()
+            if m is None:
+                if not any(m not in tried and self.eligible(m, now) for m in self.members.values()):
+                    raise NoMember()
+                return None
+        m.active += 1
+        m.requests += 1
+        return m
+
+    async def acquire(self, key: str | None, tried: set[Member]) -> Member:
+        """A member with a slot taken for the caller; waits in the queue when all are full."""
+        m = self.acquire_now(key, tried)
+        if m is not None:
+            return m
+        want: Member | None = None
+        if self.is_hash:
+            want = self._pick(lambda m: m not in tried and self.eligible(m, time.monotonic()), key)
         c = self.config
         if len(self.queue) >= c.max_queue or c.queue_timeout <= 0:
             raise QueueFull()

@@ -123,16 +123,19 @@ class ProxyHandler:
         idempotent = method in IDEMPOTENT
         c = pool.config
         path = self._upstream_path(ex)
-        key = self._hash_key(ex, pool)
+        key = self._hash_key(ex, pool) if pool.is_hash else None
         buffering = ex.route.config.buffering
         close = c.keepalive == "off"
-        deadline = time.monotonic() + c.retry_budget
+        waited = time.monotonic()
+        deadline = waited + c.retry_budget
         tried: set[Member] = set()
         failure_status = 502
+        on_interim = _interim_forwarder(ex)
         while True:
-            waited = time.monotonic()
             try:
-                member = await pool.acquire(key, tried)
+                member = pool.acquire_now(key, tried)
+                if member is None:
+                    member = await pool.acquire(key, tried)
             except NoMember:
                 # Nobody left: 503 if nobody was eligible, else the last failure.
                 return error_reply(503 if not tried else failure_status, retry_after=1)
@@ -144,17 +147,22 @@ class ProxyHandler:
             ex.member = member.name
             tried.add(member)
             if not c.preserve_host or "Host" not in headers:
-                headers["Host"] = f"{member.host}:{member.port}"
+                headers["Host"] = member.authority
             request = serialize_request(method, path, headers, body, close)
             conn: UpstreamConnection | None = None
             spool: SpoolBuffer | None = None
             handed_over = False
             stale = False
+            not_sent = False
             try:
                 # A request that must not be replayed never rides a reused connection
                 # (the member may have closed it just as we write).
-                conn = await member.conns.get(c.connect_timeout, fresh=not idempotent)
-                if method == "HEAD":
+                if idempotent:
+                    conn = member.conns.take()
+                if conn is None:
+                    conn = await member.conns.connect(c.connect_timeout)
+                head_request = method == "HEAD"
+                if head_request:
                     relay = None
                 elif buffering:
                     spool = SpoolBuffer(self.memory_limit, self.temp_dir, self.max_response)
@@ -162,10 +170,14 @@ class ProxyHandler:
                     relay = None
                 else:
                     relay = StreamRelay(conn)
-                conn.on_interim = _interim_forwarder(ex)
-                conn.start(request, method == "HEAD", c.read_timeout)
-                assert conn.head_ready is not None and conn.done is not None
-                await conn.head_ready
+                conn.on_interim = on_interim
+                conn.start(request, head_request, c.read_timeout, want_head=relay is not None)
+                if relay is not None:
+                    assert conn.head_ready is not None
+                    await conn.head_ready
+                else:
+                    assert conn.done is not None
+                    await conn.done
                 parser = conn.parser
                 assert parser is not None
                 if parser.status < 200:
@@ -175,7 +187,6 @@ class ProxyHandler:
                     handed_over = True
                     reply_body: Body = self._stream(pool, member, conn, relay, parser)
                 else:
-                    await conn.done
                     if parser.excess:
                         log.warning("member sent more than its framing", pool=pool.name, member=member.name)
                     if spool is None:
@@ -185,14 +196,21 @@ class ProxyHandler:
                         spool = None
                     member.conns.put(conn)  # the member is free the moment we have it all
                     conn = None
-                self.clean(parser.headers)  # before any feature (the cache) sees them
-                _hide_member_in_locations(parser.headers, member, ex)
+                headers_in = parser.headers
+                self.clean(headers_in)  # before any feature (the cache) sees them
+                if "Location" in headers_in or "Content-Location" in headers_in:
+                    _hide_member_in_locations(headers_in, member, ex)
                 elapsed = time.monotonic() - started
                 ex.upstream_seconds += elapsed
                 self.metrics.observe_upstream(pool.name, elapsed)
-                return Reply(parser.status, parser.headers, reply_body, parser.reason or None)
+                return Reply(parser.status, headers_in, reply_body, parser.reason or None)
             except ConnectFailed:
+                # Refused, unreachable, timed out, or reset before the request was written:
+                # nothing reached the member, so any method may go to the next one (as
+                # nginx and HAProxy retry connection failures).
                 failure_status = 502
+                not_sent = True
+                stale = conn is not None and conn.reused  # a pooled one the member had closed
             except ReadTimeout:
                 failure_status = 504
             except (UpstreamProtocolError, OSError):
@@ -209,12 +227,13 @@ class ProxyHandler:
                         spool.discard()
                     pool.release(member)
             # Only failures reach this point.
-            if stale and time.monotonic() < deadline:
+            waited = time.monotonic()
+            if stale and waited < deadline:
                 tried.discard(member)
                 continue
             pool.report_failure(member)
             self.metrics.upstream_failure(pool.name, member.name)
-            if not idempotent or len(tried) >= c.max_tries or time.monotonic() >= deadline:
+            if not (idempotent or not_sent) or len(tried) >= c.max_tries or waited >= deadline:
                 return error_reply(failure_status)
 
     def _stream(
@@ -253,10 +272,9 @@ def _interim_forwarder(ex: Exchange) -> Callable[[int, str, list[tuple[str, str]
     write = ex.send_interim
     if write is None:
         return None
-    asked_continue = ex.request.headers.get("Expect", "").lower() == "100-continue"
 
     def forward(status: int, reason: str, fields: list[tuple[str, str]]) -> None:
-        if status == 100 and not asked_continue:
+        if status == 100 and ex.request.headers.get("Expect", "").lower() != "100-continue":
             return
         drop = HOP_BY_HOP | FRAMING
         listed = [v for k, v in fields if k.lower() == "connection"]
