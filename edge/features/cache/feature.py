@@ -115,6 +115,7 @@ class CacheFeature:
         self.admission = Admission(config, self.store, self.disk)
         self.admission.shared = self.fills is not None
         self.purges = Purges(config, self.store, self.disk)
+        self.purges.shared = self.fills is not None
         self.purgers = TrustedProxies(c.purge_from)
         self.clean = ResponseCleaner(config)
         self.honor_client = c.honor_client_cache_control
