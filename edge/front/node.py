@@ -139,7 +139,7 @@ class NodeWorker:
         if self.dos is not None:
             self.dos.on_ban.append(self._ban_made)
         if self.cache is not None:
-            self._wrap_purge_request(self.cache.purges)
+            self.cache.purges.observer = self._purged
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -212,12 +212,7 @@ class NodeWorker:
             self.publish(answer=int(m["n"]))
             return
         if kind == "purge" and self.cache is not None:
-            purges = self.cache.purges
-            for what, target in m["calls"]:
-                if what == "key":
-                    purges.key(target)
-                else:
-                    purges.apply(what, target)
+            self.cache.purges.replay(str(m["kind"]), str(m["target"]))
         elif kind == "ban" and self.dos is not None:
             self.dos.apply_ban(m["key"], float(m["until"]))
         elif kind == "unban" and self.dos is not None:
@@ -244,102 +239,11 @@ class NodeWorker:
     def _ban_made(self, key: str, until: float) -> None:
         self.send("ban", key=key, until=until)
 
-    def _wrap_purge_request(self, purges: Any) -> None:
-        """PURGE by method: what the cache's ``Purges.from_request`` removed here (through its
-        ``key`` and ``apply`` entry points) is sent to the other workers, who call the same."""
-        original = purges.from_request
-        node = self
-
-        def from_request(ex: Any, rule: Any) -> Any:
-            done: list[tuple[str, str]] = []
-            key, apply = purges.key, purges.apply
-            depth = [0]
-
-            def record_key(k: str) -> int:
-                if not depth[0]:
-                    done.append(("key", k))
-                depth[0] += 1
-                try:
-                    return int(key(k))
-                finally:
-                    depth[0] -= 1
-
-            def record_apply(kind: str, target: str) -> int:
-                if not depth[0]:
-                    done.append((kind, target))
-                depth[0] += 1
-                try:
-                    return int(apply(kind, target))
-                finally:
-                    depth[0] -= 1
-
-            purges.key, purges.apply = record_key, record_apply
-            try:
-                return original(ex, rule)
-            finally:
-                del purges.key, purges.apply  # back to the class's methods
-                if done:
-                    node.send("purge", calls=done)
-
-        purges.from_request = from_request
+    def _purged(self, kind: str, target: str) -> None:
+        """The cache's purge observer: a removal made here (PURGE, invalidation, admin API)."""
+        self.send("purge", kind=kind, target=target)
 
     # --- admin (worker 0) ---------------------------------------------------------------
-
-    def admin_routes(self) -> list[tuple[str, str, Any]]:
-        """Node-wide admin routes: bans, unbans, reload."""
-        return [
-            ("POST", "/dos/ban", self._admin_ban),
-            ("DELETE", "/dos/ban", self._admin_unban),
-            ("POST", "/reload", self._admin_reload),
-        ]
-
-    def wrap_admin(self, method: str, path: str, handler: Any) -> Any:
-        """A feature's admin route, sent on to every worker when it changes state (the purge API)."""
-        if (method, path) != ("POST", "/cache/purge"):
-            return handler
-
-        async def purge(request: web.Request) -> web.StreamResponse:
-            response = await handler(request)
-            if response.status == 200:
-                for kind in ("url", "prefix", "tag"):
-                    if kind in request.query:
-                        self.send("purge", calls=[(kind, request.query[kind])])
-                        break
-            return response
-
-        return purge
-
-    async def _admin_ban(self, request: web.Request) -> web.Response:
-        if self.dos is None:
-            return web.json_response({"error": "[dos] is not enabled"}, status=404)
-        key = _client_key(self.dos, request.query.get("address", ""))
-        if key is None:
-            return web.json_response({"error": _NOT_ONE_CLIENT}, status=400)
-        try:
-            seconds = float(request.query.get("seconds", "0") or 0)
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds <= MAX_BAN_SECONDS:  # NaN fails this too
-            problem = f"seconds= must be a number from 1 to {MAX_BAN_SECONDS} (0: ban_seconds)"
-            return web.json_response({"error": problem}, status=400)
-        banned = self.dos.ban(key, "operator (admin API)", seconds)
-        return web.json_response({"address": key, "banned": banned})
-
-    async def _admin_unban(self, request: web.Request) -> web.Response:
-        if self.dos is None:
-            return web.json_response({"error": "[dos] is not enabled"}, status=404)
-        key = _client_key(self.dos, request.query.get("address", ""))
-        if key is None:
-            return web.json_response({"error": _NOT_ONE_CLIENT}, status=400)
-        lifted = self.dos.unban(key)
-        self.send("unban", key=key)
-        await self.dos.unpublish(key)
-        return web.json_response({"address": key, "lifted": lifted})
-
-    async def _admin_reload(self, request: web.Request) -> web.Response:
-        self.edge.reload_certificates("admin API")
-        self.send("reload")
-        return web.json_response({"reloaded": True, "workers": self.node.workers})
 
     async def refresh(self) -> None:
         """Before /metrics or /status: every live worker publishes a fresh snapshot."""
@@ -406,6 +310,60 @@ class NodeWorker:
             for (sample, labels), value in samples.items():
                 metric.add_sample(sample, dict(labels), value)
             yield metric
+
+
+class AdminActions:
+    """Bans, unbans and reloads on the admin listener: this edge's, and with workers > 1 sent
+    on to every worker (a ban through the detector's ban hook, the others here)."""
+
+    def __init__(self, edge: Edge, node: NodeWorker | None) -> None:
+        self.edge = edge
+        self.node = node
+        self.dos = next((f for f in edge.features if isinstance(f, DosDetector)), None)
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        """The admin routes: ``POST /dos/ban``, ``DELETE /dos/ban``, ``POST /reload``."""
+        return [
+            ("POST", "/dos/ban", self._ban),
+            ("DELETE", "/dos/ban", self._unban),
+            ("POST", "/reload", self._reload),
+        ]
+
+    async def _ban(self, request: web.Request) -> web.Response:
+        if self.dos is None:
+            return web.json_response({"error": "[dos] is not enabled"}, status=404)
+        key = _client_key(self.dos, request.query.get("address", ""))
+        if key is None:
+            return web.json_response({"error": _NOT_ONE_CLIENT}, status=400)
+        try:
+            seconds = float(request.query.get("seconds", "0") or 0)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= MAX_BAN_SECONDS:  # NaN fails this too
+            problem = f"seconds= must be a number from 1 to {MAX_BAN_SECONDS} (0: ban_seconds)"
+            return web.json_response({"error": problem}, status=400)
+        banned = self.dos.ban(key, "operator (admin API)", seconds)
+        return web.json_response({"address": key, "banned": banned})
+
+    async def _unban(self, request: web.Request) -> web.Response:
+        if self.dos is None:
+            return web.json_response({"error": "[dos] is not enabled"}, status=404)
+        key = _client_key(self.dos, request.query.get("address", ""))
+        if key is None:
+            return web.json_response({"error": _NOT_ONE_CLIENT}, status=400)
+        lifted = self.dos.unban(key)
+        if self.node is not None:
+            self.node.send("unban", key=key)
+        await self.dos.unpublish(key)
+        return web.json_response({"address": key, "lifted": lifted})
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        self.edge.reload_certificates("admin API")
+        workers = 1
+        if self.node is not None:
+            self.node.send("reload")
+            workers = self.node.node.workers
+        return web.json_response({"reloaded": True, "workers": workers})
 
 
 class _NodeCollector(Collector):

@@ -47,7 +47,7 @@ from edge.front.forward.auth import check_stored
 from edge.front.h2accept import H2cSniffingConnection
 from edge.front.h2stream import H2Stream
 from edge.front.h2stream import register_metrics as register_h2_metrics
-from edge.front.node import NodeWorker, cut_banned
+from edge.front.node import AdminActions, NodeWorker, cut_banned
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, check_certificate, start_https
@@ -428,16 +428,13 @@ class Edge:
                 registry=self.metrics.registry if nw is None else nw.registry,
                 refresh=None if nw is None else nw.refresh,
             )
-            # Features may serve admin routes of their own (the cache's purge API); with
-            # workers > 1 the node sends what they change on to every worker.
+            # Features may serve admin routes of their own (the cache's purge API); bans,
+            # unbans and reloads exist with any number of workers (edge/front/node.py).
             for feature in self.features:
                 for method, path, handler in getattr(feature, "admin_routes", list)():
-                    if nw is not None:
-                        handler = nw.wrap_admin(method, path, handler)
                     self._admin.add_route(method, path, handler)
-            if nw is not None:
-                for method, path, handler in nw.admin_routes():
-                    self._admin.add_route(method, path, handler)
+            for method, path, handler in AdminActions(self, nw).routes():
+                self._admin.add_route(method, path, handler)
             self.admin_port = await self._admin.start()
         log.info(
             "edge listening",

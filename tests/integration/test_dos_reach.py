@@ -195,7 +195,7 @@ async def test_a_cluster_purge_reaches_the_forward_cache(origin: int, etcd_cfg: 
             url = f"http://origin.test:{origin}/cacheable?max_age=60"
             await curl(port, url)
             assert "hit" in (await curl(port, url)).headers["cache-status"]
-            # By path prefix on every host: a URL purge names no port, and this origin's has one.
+            # By path prefix on every host (a purge by URL with the port: the next test).
             await write_purge(etcd, etcd_cfg, "prefix", "/cacheable")
             for _ in range(200):
                 if "hit" not in (await curl(port, url)).headers["cache-status"]:
@@ -203,6 +203,38 @@ async def test_a_cluster_purge_reaches_the_forward_cache(origin: int, etcd_cfg: 
                 await asyncio.sleep(0.02)
             else:
                 pytest.fail("the forward cache still answers a purged URL from its store")
+    finally:
+        await etcd.close()
+
+
+async def test_a_cluster_url_purge_with_the_origins_port_reaches_the_forward_cache(
+    origin: int, etcd_cfg: EtcdConfig
+) -> None:
+    # The forward proxy keys an origin as host:port unless the port is 80; a URL purge that
+    # names the port removes exactly that origin's entry, not one of the same path elsewhere.
+    cfg = {
+        **forward(),
+        "cache": {"enabled": True, "cluster_purge": True},
+        "etcd": {"endpoints": etcd_cfg.endpoints, "prefix": etcd_cfg.prefix},
+    }
+    etcd = Etcd(etcd_cfg)
+    try:
+        async with running_edge(cfg) as edge:
+            assert edge.forward is not None
+            port = edge.forward.port
+            url = f"http://origin.test:{origin}/cacheable?max_age=60&p=1"
+            other = f"http://origin.test:{origin}/cacheable?max_age=60&p=2"
+            for u in (url, other):
+                await curl(port, u)
+                assert "hit" in (await curl(port, u)).headers["cache-status"]
+            await write_purge(etcd, etcd_cfg, "url", url.replace("origin.test", "Origin.Test"))
+            for _ in range(200):
+                if "hit" not in (await curl(port, url)).headers["cache-status"]:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the forward cache still answers a URL purged with its port")
+            assert "hit" in (await curl(port, other)).headers["cache-status"]
     finally:
         await etcd.close()
 

@@ -18,13 +18,16 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
 from carousel.etcdserver import free_port
 from carousel.ops import write_purge
+from edge.features.cache.shared import shm_base
 from edge.testing import read_response
+from edge.testing.cache import ScriptedOrigin
 from sampleapp.main import start_app
 from tests.integration.test_dos import refused
 from tests.procs import Daemon, ProcessGroup, wait_for
@@ -443,3 +446,156 @@ async def test_a_clients_rate_and_connections_are_counted_once_per_node(procs: P
     finally:
         d.signal(signal.SIGTERM)
         assert await asyncio.to_thread(d.wait, 15) == 0
+
+
+CACHED_ORIGIN = """
+[cache]
+enabled = true
+cluster_purge = false
+[pool.origin]
+members = [{{ address = "127.0.0.1:{origin}" }}]
+max_tries = 1
+[[route]]
+name = "origin"
+path = "/"
+pool = "origin"
+"""
+
+
+async def bodies(port: int, path: str, n: int) -> list[tuple[int, str, bytes]]:
+    """``n`` GETs, each on a connection of its own (spread over the workers by the kernel)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as s:
+
+        async def one() -> tuple[int, str, bytes]:
+            async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+                return r.status, r.headers.get("Cache-Status", ""), await r.read()
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_an_unsafe_methods_invalidation_reaches_every_workers_memory_tier(procs: ProcessGroup) -> None:
+    # RFC 9111 4.4: a POST that succeeded invalidates its target URI and its Location; on a node
+    # that means every worker's own memory tier, not only the shared tier and the one worker's.
+    origin = ScriptedOrigin()
+    await origin.start()
+    d, port, admin = await start(procs, "edge-node-invalidate", CACHED_ORIGIN.format(origin=origin.port))
+    try:
+        origin.reply("/doc", "v1", cache_control="max-age=300")
+        origin.reply("/form", "v1", cache_control="max-age=300")
+
+        async def everywhere() -> bool:
+            await bodies(port, "/doc", 8)
+            await bodies(port, "/form", 8)
+            return all(w["cache"]["objects"] >= 2 for w in (await status(admin))["per_worker"])
+
+        await until(everywhere, 10, 0.05)  # every worker holds both in its memory tier
+        origin.reply("/doc", "v2", cache_control="max-age=300")
+        origin.reply("/form", "v2", status=201, cache_control="max-age=300", location="/doc")
+        before = [int(w["node_events"]["purge"]["count"]) for w in (await status(admin))["per_worker"]]
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/form", data=b"x") as r:
+            assert r.status == 201
+
+        async def gone() -> bool:
+            workers = (await status(admin))["per_worker"]
+            return all(w["cache"]["objects"] == 0 for w in workers)
+
+        took = await until(gone, 5)
+        after = (await status(admin))["per_worker"]
+        grew = [
+            w["node_events"]["purge"]
+            for w, b in zip(after, before, strict=True)
+            if w["node_events"]["purge"]["count"] > b
+        ]
+        assert len(grew) == WORKERS - 1, grew
+        print(f"invalidation on {WORKERS} workers: every memory tier clear within {took * 1000:.1f} ms")
+        assert max(e["last_ms"] for e in grew) < 100
+        # Every worker now fetches the new version of both URIs.
+        for path in ("/doc", "/form"):
+            answers = await bodies(port, path, 24)
+            assert {b for _, _, b in answers} == {b"v2"}, (path, answers)
+    finally:
+        d.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(d.wait, 15) == 0
+        await origin.stop()
+
+
+async def test_ban_unban_and_reload_are_on_the_admin_api_with_one_worker(
+    procs: ProcessGroup, ap: int
+) -> None:
+    extra = """
+[dos]
+enabled = true
+cluster = false
+allowlist = []
+soft_rate = 100000
+hard_rate = 100000
+"""
+    d, port, admin = await start(procs, "edge-one-admin", app_toml(ap, extra), workers=1)
+    source = "127.0.0.31"
+    try:
+        assert await get(port, source=source) == 200
+        code, body = await asyncio.to_thread(
+            _http, f"http://127.0.0.1:{admin}/dos/ban?address={source}&seconds=60", "POST"
+        )
+        assert code == 200, body
+        assert json.loads(body) == {"address": source, "banned": True}
+        assert all([await refused(port, source) for _ in range(8)])
+        assert source in (await status(admin))["security"]["dos"]["bans"]
+        code, body = await asyncio.to_thread(
+            _http, f"http://127.0.0.1:{admin}/dos/ban?address={source}", "DELETE"
+        )
+        assert code == 200 and json.loads(body) == {"address": source, "lifted": True}, body
+        assert await get(port, source=source) == 200
+        code, body = await asyncio.to_thread(
+            _http, f"http://127.0.0.1:{admin}/dos/ban?address=nonsense", "POST"
+        )
+        assert code == 400 and b"error" in body
+        code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{admin}/reload", "POST")
+        assert code == 200 and json.loads(body) == {"reloaded": True, "workers": 1}, body
+    finally:
+        d.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(d.wait, 15) == 0
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+async def test_reload_keeps_the_shared_tier_and_stop_leaves_nothing_in_shm(procs: ProcessGroup) -> None:
+    origin = ScriptedOrigin()
+    await origin.start()
+    d, port, admin = await start(procs, "edge-node-reload-cache", CACHED_ORIGIN.format(origin=origin.port))
+    tier = os.path.join(shm_base(), f"carousel-edge-cache-{os.getuid()}-{d.pid}-{port}")
+    try:
+        assert _is_dir(tier)
+        paths = [f"/obj{i}" for i in range(40)]
+        for path in paths:
+            origin.reply(path, path.encode() * 50, cache_control="max-age=300")
+        for path in paths:
+            assert {(s, b) for s, _, b in await bodies(port, path, 1)} == {(200, path.encode() * 50)}
+        fetched = sum(len(origin.seen(p)) for p in paths)
+        assert fetched == len(paths)
+        # A reload by signal and one by the admin API, as an operator would.
+        d.signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return all(e["count"] >= 1 for e in _events(await status(admin), "reload"))
+
+        await until(reloaded, 5)
+        code, _ = await asyncio.to_thread(_http, f"http://127.0.0.1:{admin}/reload", "POST")
+        assert code == 200
+        assert _is_dir(tier)
+        # Every object is still a hit on every worker: none of the 40 went upstream again, and
+        # the workers that never stored one in memory found it in the shared tier.
+        for path in paths:
+            answers = await bodies(port, path, 6)
+            assert all(s == 200 and b == path.encode() * 50 and "hit" in c for s, c, b in answers), answers
+        assert sum(len(origin.seen(p)) for p in paths) == fetched
+    finally:
+        d.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(d.wait, 15) == 0
+        await origin.stop()
+    assert not _is_dir(tier)
+    leftovers = [n for n in os.listdir(shm_base()) if n.endswith(f"-{d.pid}-{port}")]
+    assert leftovers == []

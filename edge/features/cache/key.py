@@ -25,6 +25,7 @@ from edge.core.routing import normalize_host
 if TYPE_CHECKING:
     from edge.core.config import RouteConfig
     from edge.core.pipeline import Exchange
+    from edge.core.routing import Route
     from edge.features.cache.fields import Headers
 
 
@@ -84,6 +85,18 @@ class KeyRule:
             cookies = ex.request.cookies
             parts += [f"cookie:{name}={cookies.get(name, '')}" for name in self.cookies]
         return "\n".join(parts)
+
+
+class RouteRules:
+    """A route's cache options, compiled once."""
+
+    __slots__ = ("key", "plain", "set_cookie")
+
+    def __init__(self, route: Route) -> None:
+        self.key = KeyRule(route.config)
+        # WebSocket routes take the slower path, which lets Upgrade requests through.
+        self.plain = self.key.plain and not self.key.has_extra and not route.config.websocket
+        self.set_cookie = route.config.cache_set_cookie
 
 
 def url_key(url: str, rule: KeyRule | None = None) -> tuple[str, str] | None:

@@ -52,23 +52,38 @@ log = structlog.get_logger("carousel.edge.cache")
 
 
 class Purges:
-    """Removes entries by key, URL, prefix or tag from the memory and disk tiers."""
+    """Removes entries by key, URL, prefix or tag from the memory and disk tiers.
+
+    ``observer``, when set, is called with (kind, target) for every removal made for
+    a local request (PURGE, an unsafe method's invalidation) or an admin call, kind
+    being ``key``, ``url``, ``prefix`` or ``tag``: the node sends each to its other
+    workers, which ``replay`` it. Cluster events are not observed: every worker
+    follows etcd itself.
+    """
 
     def __init__(self, config: Config, store: MemoryStore, disk: DiskStore | None) -> None:
         self.store = store
         self.disk = disk
         self.routes = RouteTable(config.route)  # a URL's route decides how its key is normalised
         self.count = 0
+        self.observer: Callable[[str, str], None] | None = None
+        # True when the disk tier is the node's shared tier: a replayed removal then
+        # leaves it alone (the worker that made it did it, and a later fill must stay).
+        self.shared = False
 
-    def key(self, key: str) -> int:
+    def _observed(self, kind: str, target: str) -> None:
+        if self.observer is not None:
+            self.observer(kind, target)
+
+    def key(self, key: str, disk: bool = True) -> int:
         """Every variant of one primary key."""
         n = self.store.remove_key(key)
-        if self.disk is not None:
+        if disk and self.disk is not None:
             self.disk.remove_key(key)
         return n
 
-    def url(self, url: str) -> int:
-        """A URL, over http and https alike."""
+    def url(self, url: str, disk: bool = True) -> int:
+        """A URL, over http and https alike (with its port too when it names one: forward keys)."""
         parsed = url_key(url)
         if parsed is None:
             return 0
@@ -76,33 +91,43 @@ class Purges:
         route = self.routes.find(host, target.partition("?")[0], "GET")
         if route is not None:
             target = url_key(url, KeyRule(route.config))[1]  # type: ignore[index]
-        return sum(self.key(f"{scheme}://{host}{target}") for scheme in ("http", "https"))
+        hosts = url_hosts(url, host)
+        return sum(self.key(f"{scheme}://{h}{target}", disk) for scheme in ("http", "https") for h in hosts)
 
-    def prefix(self, prefix: str, before: float | None = None) -> int:
+    def prefix(self, prefix: str, before: float | None = None, disk: bool = True) -> int:
         """Every URL starting with ``prefix``; with ``before``, only disk entries stored earlier."""
         match = prefix_matcher(prefix)
         if match is None:
             return 0
         n = 0 if before is not None else self.store.remove_where(match)
-        if self.disk is not None:
+        if disk and self.disk is not None:
             self.disk.ban(lambda key, tags: match(key), before or time.time())
         return n
 
-    def tag(self, tag: str, before: float | None = None) -> int:
+    def tag(self, tag: str, before: float | None = None, disk: bool = True) -> int:
         """Every entry tagged ``tag``; with ``before``, only disk entries stored earlier."""
         n = 0 if before is not None else self.store.remove_tag(tag)
-        if self.disk is not None:
+        if disk and self.disk is not None:
             self.disk.ban(lambda key, tags: tag in tags, before or time.time())
         return n
 
-    def apply(self, kind: str, target: str) -> int:
+    def apply(self, kind: str, target: str, disk: bool = True) -> int:
         """One purge (url, prefix or tag); returns the memory entries removed."""
         self.count += 1
         if kind == "url":
-            return self.url(target)
+            return self.url(target, disk)
         if kind == "prefix":
-            return self.prefix(target)
-        return self.tag(target)
+            return self.prefix(target, disk=disk)
+        return self.tag(target, disk=disk)
+
+    def replay(self, kind: str, target: str) -> int:
+        """A removal another worker of the node made (what its observer was told)."""
+        disk = not self.shared
+        if kind == "key":
+            return self.key(target, disk)
+        if kind in ("url", "prefix", "tag"):
+            return self.apply(kind, target, disk)
+        return 0
 
     def disk_before(self, kind: str, target: str, before: float) -> None:
         """An event older than this worker: only disk entries stored before it can concern it."""
@@ -112,7 +137,8 @@ class Purges:
             parsed = url_key(target)
             if parsed is not None:
                 host, path = parsed
-                self.disk.ban(lambda key, tags: key.partition("://")[2] == host + path, before)
+                wanted = {h + path for h in url_hosts(target, host)}
+                self.disk.ban(lambda key, tags: key.partition("://")[2] in wanted, before)
         elif kind == "prefix":
             self.prefix(target, before)
         else:
@@ -120,7 +146,7 @@ class Purges:
 
     def invalidate(self, ex: Exchange, reply: Reply, rule: KeyRule) -> None:
         """After an unsafe method succeeded: its URL and same-origin Location/Content-Location."""
-        self.key(f"{ex.scheme}://{ex.host}{rule.target(ex.request.raw_path)}")
+        keys = [f"{ex.scheme}://{ex.host}{rule.target(ex.request.raw_path)}"]
         # The host the edge routed and keyed by (normalised), never the raw Host field.
         request_url = f"{ex.scheme}://{ex.host}{ex.request.raw_path}"
         for name in ("Location", "Content-Location"):
@@ -130,7 +156,10 @@ class Purges:
             target = url_key(urljoin(request_url, value.strip()))
             scheme = value.partition("://")[0].lower() if "://" in value else ex.scheme
             if target is not None and target[0] == ex.host and scheme == ex.scheme:
-                self.key(f"{scheme}://{target[0]}{target[1]}")
+                keys.append(f"{scheme}://{target[0]}{target[1]}")
+        for key in keys:
+            self.key(key)
+            self._observed("key", key)
 
     def from_request(self, ex: Exchange, rule: KeyRule) -> Reply:
         """PURGE /path (one URL), PURGE /path* (a prefix) or PURGE with Surrogate-Key: tags."""
@@ -138,13 +167,22 @@ class Purges:
         tags = ex.request.headers.get("Surrogate-Key", "").split()
         path = raw.partition("?")[0]
         if tags:
-            purged = sum(self.apply("tag", t) for t in tags)
+            purged = 0
+            for t in tags:
+                purged += self.apply("tag", t)
+                self._observed("tag", t)
         elif path.endswith("*"):
-            purged = self.apply("prefix", f"{ex.scheme}://{ex.host}{path[:-1]}")
+            prefix = f"{ex.scheme}://{ex.host}{path[:-1]}"
+            purged = self.apply("prefix", prefix)
+            self._observed("prefix", prefix)
         else:
             self.count += 1
             target = rule.target(raw)
-            purged = sum(self.key(f"{scheme}://{ex.host}{target}") for scheme in ("http", "https"))
+            purged = 0
+            for scheme in ("http", "https"):
+                key = f"{scheme}://{ex.host}{target}"
+                purged += self.key(key)
+                self._observed("key", key)
         body = json.dumps({"purged": purged}).encode() + b"\n"
         return Reply(200, CIMultiDict({"Content-Type": "application/json"}), BytesBody(body))
 
@@ -156,10 +194,28 @@ class Purges:
             for kind in ("url", "prefix", "tag"):
                 if kind in q:
                     purged = self.apply(kind, q[kind])
+                    self._observed(kind, q[kind])
                     return web.json_response({"kind": kind, "target": q[kind], "purged": purged})
             return web.json_response({"error": "give url=, prefix= or tag="}, status=400)
 
         return [("POST", "/cache/purge", purge)]
+
+
+def url_hosts(url: str, host: str) -> tuple[str, ...]:
+    """The key hosts a purge URL names: ``host`` as the reverse side keys it (no port), plus
+    ``host:port`` when the URL gives a port other than its scheme's default, as the forward
+    proxy keys origins (edge/front/forward/policy.py format_authority)."""
+    authority = url.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    authority = authority.rpartition("@")[2]
+    port = authority.rpartition("]")[2] if authority.startswith("[") else authority
+    _, sep, digits = port.rpartition(":")
+    if not sep or not digits.isdigit():
+        return (host,)
+    default = 443 if url[:6].lower() == "https:" else 80
+    number = int(digits)
+    return (host,) if number == default else (host, f"{host}:{number}")
 
 
 def prefix_matcher(prefix: str) -> Callable[[str], bool] | None:
@@ -178,13 +234,14 @@ def prefix_matcher(prefix: str) -> Callable[[str], bool] | None:
     host, path = parsed
     if "/" not in prefix.partition("://")[2]:
         path = ""  # "http://host" alone: everything on the host
+    hosts = url_hosts(prefix, host)
 
     def on_host(key: str) -> bool:
         rest = key.partition("://")[2]
         slash = rest.find("/")
         if slash < 0:
             return False
-        return rest[:slash] == host and rest[slash:].startswith(path)
+        return rest[:slash] in hosts and rest[slash:].startswith(path)
 
     return on_host
 
