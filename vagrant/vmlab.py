@@ -133,6 +133,11 @@ def lab_env() -> dict[str, str]:
         PIP_NO_INDEX="1",
         PIP_FIND_LINKS=str(WHEELHOUSE),
         ANSIBLE_HOST_KEY_CHECKING="False",
+        # Under TCG every module start on a VM costs seconds: one SSH command per task
+        # (pipelining; Debian's sudo does not require a tty), and facts gathered once
+        # per host for the whole playbook instead of once per play.
+        ANSIBLE_PIPELINING="True",
+        ANSIBLE_GATHERING="smart",
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_STDOUT_CALLBACK="default",
         PYTHONUNBUFFERED="1",
@@ -390,8 +395,14 @@ def leftover_problems() -> list[str]:
 # ---------------------------------------------------------------- vagrant and ansible
 
 
-def stream(argv: list[str], what: str, env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """Run argv in the lab, echoing the lines that show progress; return (rc, output, seconds)."""
+def stream(
+    argv: list[str], what: str, logfile: Path, env: dict[str, str] | None = None
+) -> tuple[int, str, float]:
+    """Run argv in the lab, echoing the lines that show progress; return (rc, output, seconds).
+
+    Every line goes to logfile as it comes (with the seconds since the start), so a
+    slow step under TCG can be followed with `tail -f` while it runs.
+    """
     started = time.monotonic()
     proc = subprocess.Popen(
         in_netns(argv),
@@ -407,10 +418,13 @@ def stream(argv: list[str], what: str, env: dict[str, str] | None = None) -> tup
         r"^(==> \w+: (Creating|Starting|Waiting|Machine booted|Setting hostname|Configuring)"
         r"|PLAY |PLAY RECAP|\S+\s+: ok=)"
     )
-    for line in proc.stdout:
-        lines.append(line)
-        if progress.search(line) or "ERROR" in line or "fatal:" in line:
-            log(f"{what}: {line.rstrip()}")
+    with open(logfile, "w") as sink:
+        for line in proc.stdout:
+            lines.append(line)
+            sink.write(f"[{time.monotonic() - started:7.1f}s] {line}")
+            sink.flush()
+            if progress.search(line) or "ERROR" in line or "fatal:" in line:
+                log(f"{what}: {line.rstrip()}")
     rc = proc.wait()
     return rc, "".join(lines), time.monotonic() - started
 
@@ -430,16 +444,18 @@ def up(provision_twice: bool = True) -> None:
     build_box()
     netns_up()
     check_isolation("before the first VM boots")
-    rc, out, seconds = stream(["vagrant", "up", "--provider=libvirt", "--no-provision"], "up")
-    (RUN / "vagrant-up.log").write_text(out)
+    rc, out, seconds = stream(
+        ["vagrant", "up", "--provider=libvirt", "--no-provision"], "up", RUN / "vagrant-up.log"
+    )
     if rc != 0:
         raise SystemExit(f"vmlab: vagrant up failed ({rc}); log in {RUN / 'vagrant-up.log'}")
     log(f"all VMs booted in {seconds:.0f} s")
     check_isolation("with the VMs running")
     runs = 2 if provision_twice else 1
     for attempt in range(1, runs + 1):
-        rc, out, seconds = stream(["vagrant", "provision"], f"provision {attempt}")
-        (RUN / f"provision-{attempt}.log").write_text(out)
+        rc, out, seconds = stream(
+            ["vagrant", "provision"], f"provision {attempt}", RUN / f"provision-{attempt}.log"
+        )
         counts = recap(out)
         changed = {h: c.get("changed", 0) for h, c in counts.items()}
         log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
