@@ -96,7 +96,7 @@ def run(argv: list[str], check: bool = True, **kwargs: object) -> subprocess.Com
     out = subprocess.run(argv, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
     if check and out.returncode != 0:
         raise SystemExit(f"vmlab: {' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def in_netns(argv: list[str]) -> list[str]:
@@ -111,9 +111,19 @@ def netns_exists(name: str = NETNS) -> bool:
     return name in names
 
 
+# lab.rb's layout variables: `up` records them, so every later command (exec, ansible,
+# down) sees the machines the lab was made with, whatever its own environment says.
+LAYOUT_VARS = ("CAROUSEL_NS", "CAROUSEL_EDGES", "CAROUSEL_APPS", "CAROUSEL_ETCD", "CAROUSEL_SUBNET")
+LAYOUT = RUN / "layout.json"
+
+
 def lab_env() -> dict[str, str]:
     """Environment for vagrant and ansible inside the lab."""
     env = dict(os.environ)
+    if LAYOUT.exists():
+        for key in LAYOUT_VARS:
+            env.pop(key, None)
+        env.update(json.loads(LAYOUT.read_text()))
     env.update(
         VAGRANT_HOME=str(STATE / "vagrant.d"),
         VAGRANT_DOTFILE_PATH=str(RUN / "dotvagrant"),
@@ -443,6 +453,7 @@ def up(provision_twice: bool = True) -> None:
     build_wheelhouse()
     build_box()
     netns_up()
+    LAYOUT.write_text(json.dumps({k: os.environ[k] for k in LAYOUT_VARS if os.environ.get(k)}))
     check_isolation("before the first VM boots")
     rc, out, seconds = stream(
         ["vagrant", "up", "--provider=libvirt", "--no-provision"], "up", RUN / "vagrant-up.log"
