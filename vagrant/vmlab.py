@@ -20,6 +20,7 @@ from a wheelhouse built here, on the host, before the namespace exists.
 Commands (as root):
   vmlab.py box           build or reuse the box (vagrant/box/build.sh)
   vmlab.py up            namespace, libvirtd, isolation check, `vagrant up`, provision twice
+  vmlab.py provision [--runs N]  site.yml again over the running lab (logs provision-K.log)
   vmlab.py exec CMD...   run a command inside the lab (vagrant, dig, curl, failover.sh)
   vmlab.py ansible PLAYBOOK [ARGS]  a playbook of deploy/ansible against the lab (upgrade.yml)
   vmlab.py check         the isolation check alone, on the running lab
@@ -148,6 +149,8 @@ def lab_env() -> dict[str, str]:
         # per host for the whole playbook instead of once per play.
         ANSIBLE_PIPELINING="True",
         ANSIBLE_GATHERING="smart",
+        # Each task's wall time in the provisioning logs, and the slowest at the end.
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_STDOUT_CALLBACK="default",
         PYTHONUNBUFFERED="1",
@@ -455,23 +458,14 @@ def up(provision_twice: bool = True) -> None:
     netns_up()
     LAYOUT.write_text(json.dumps({k: os.environ[k] for k in LAYOUT_VARS if os.environ.get(k)}))
     check_isolation("before the first VM boots")
-    rc, out, seconds = stream(
+    rc, _out, seconds = stream(
         ["vagrant", "up", "--provider=libvirt", "--no-provision"], "up", RUN / "vagrant-up.log"
     )
     if rc != 0:
         raise SystemExit(f"vmlab: vagrant up failed ({rc}); log in {RUN / 'vagrant-up.log'}")
     log(f"all VMs booted in {seconds:.0f} s")
     check_isolation("with the VMs running")
-    runs = 2 if provision_twice else 1
-    for attempt in range(1, runs + 1):
-        rc, out, seconds = stream(
-            ["vagrant", "provision"], f"provision {attempt}", RUN / f"provision-{attempt}.log"
-        )
-        counts = recap(out)
-        changed = {h: c.get("changed", 0) for h, c in counts.items()}
-        log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
-        if rc != 0:
-            raise SystemExit(f"vmlab: provisioning failed; log in {RUN / f'provision-{attempt}.log'}")
+    provision(2 if provision_twice else 1)
     log(f"lab up in {time.monotonic() - total:.0f} s")
     print(
         "\nThe lab runs inside the network namespace " + NETNS + ". Try:\n"
@@ -481,6 +475,19 @@ def up(provision_twice: bool = True) -> None:
         "  vagrant/vmlab.py exec ./failover.sh\n"
         "  make vm-lab-down\n"
     )
+
+
+def provision(runs: int) -> None:
+    """Run site.yml over the lab `runs` times (Vagrant's provisioner); stop at a failed run."""
+    done = len(list(RUN.glob("provision-*.log")))
+    for attempt in range(done + 1, done + runs + 1):
+        logfile = RUN / f"provision-{attempt}.log"
+        rc, out, seconds = stream(["vagrant", "provision"], f"provision {attempt}", logfile)
+        counts = recap(out)
+        changed = {h: c.get("changed", 0) for h, c in counts.items()}
+        log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
+        if rc != 0:
+            raise SystemExit(f"vmlab: provisioning failed; log in {logfile}")
 
 
 def ansible(playbook: str, extra: list[str]) -> int:
@@ -518,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("wheelhouse")
     p_up = sub.add_parser("up")
     p_up.add_argument("--once", action="store_true", help="provision once, not twice")
+    p_prov = sub.add_parser("provision", help="site.yml again over the running lab")
+    p_prov.add_argument("--runs", type=int, default=1)
     sub.add_parser("netns-up")
     sub.add_parser("check")
     sub.add_parser("down")
@@ -538,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         netns_up()
     elif args.command == "up":
         up(provision_twice=not args.once)
+    elif args.command == "provision":
+        provision(args.runs)
     elif args.command == "check":
         check_isolation("on request")
     elif args.command == "down":
