@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.timeout(5400),
     pytest.mark.skipif(
         os.environ.get("CAROUSEL_VM_LAB") != "1",
-        reason="boots VMs (20-60 min under TCG): set CAROUSEL_VM_LAB=1, as root, to run it",
+        reason="boots and provisions four VMs (over 40 min under TCG): set CAROUSEL_VM_LAB=1, as root",
     ),
 ]
 
