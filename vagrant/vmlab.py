@@ -20,6 +20,7 @@ from a wheelhouse built here, on the host, before the namespace exists.
 Commands (as root):
   vmlab.py box           build or reuse the box (vagrant/box/build.sh)
   vmlab.py up            namespace, libvirtd, isolation check, `vagrant up`, provision twice
+  vmlab.py provision [--runs N]  site.yml again over the running lab (logs provision-K.log)
   vmlab.py exec CMD...   run a command inside the lab (vagrant, dig, curl, failover.sh)
   vmlab.py ansible PLAYBOOK [ARGS]  a playbook of deploy/ansible against the lab (upgrade.yml)
   vmlab.py check         the isolation check alone, on the running lab
@@ -96,7 +97,7 @@ def run(argv: list[str], check: bool = True, **kwargs: object) -> subprocess.Com
     out = subprocess.run(argv, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
     if check and out.returncode != 0:
         raise SystemExit(f"vmlab: {' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def in_netns(argv: list[str]) -> list[str]:
@@ -111,9 +112,19 @@ def netns_exists(name: str = NETNS) -> bool:
     return name in names
 
 
+# lab.rb's layout variables: `up` records them, so every later command (exec, ansible,
+# down) sees the machines the lab was made with, whatever its own environment says.
+LAYOUT_VARS = ("CAROUSEL_NS", "CAROUSEL_EDGES", "CAROUSEL_APPS", "CAROUSEL_ETCD", "CAROUSEL_SUBNET")
+LAYOUT = RUN / "layout.json"
+
+
 def lab_env() -> dict[str, str]:
     """Environment for vagrant and ansible inside the lab."""
     env = dict(os.environ)
+    if LAYOUT.exists():
+        for key in LAYOUT_VARS:
+            env.pop(key, None)
+        env.update(json.loads(LAYOUT.read_text()))
     env.update(
         VAGRANT_HOME=str(STATE / "vagrant.d"),
         VAGRANT_DOTFILE_PATH=str(RUN / "dotvagrant"),
@@ -133,6 +144,13 @@ def lab_env() -> dict[str, str]:
         PIP_NO_INDEX="1",
         PIP_FIND_LINKS=str(WHEELHOUSE),
         ANSIBLE_HOST_KEY_CHECKING="False",
+        # Under TCG every module start on a VM costs seconds: one SSH command per task
+        # (pipelining; Debian's sudo does not require a tty), and facts gathered once
+        # per host for the whole playbook instead of once per play.
+        ANSIBLE_PIPELINING="True",
+        ANSIBLE_GATHERING="smart",
+        # Each task's wall time in the provisioning logs, and the slowest at the end.
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_STDOUT_CALLBACK="default",
         PYTHONUNBUFFERED="1",
@@ -390,8 +408,14 @@ def leftover_problems() -> list[str]:
 # ---------------------------------------------------------------- vagrant and ansible
 
 
-def stream(argv: list[str], what: str, env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """Run argv in the lab, echoing the lines that show progress; return (rc, output, seconds)."""
+def stream(
+    argv: list[str], what: str, logfile: Path, env: dict[str, str] | None = None
+) -> tuple[int, str, float]:
+    """Run argv in the lab, echoing the lines that show progress; return (rc, output, seconds).
+
+    Every line goes to logfile as it comes (with the seconds since the start), so a
+    slow step under TCG can be followed with `tail -f` while it runs.
+    """
     started = time.monotonic()
     proc = subprocess.Popen(
         in_netns(argv),
@@ -407,10 +431,13 @@ def stream(argv: list[str], what: str, env: dict[str, str] | None = None) -> tup
         r"^(==> \w+: (Creating|Starting|Waiting|Machine booted|Setting hostname|Configuring)"
         r"|PLAY |PLAY RECAP|\S+\s+: ok=)"
     )
-    for line in proc.stdout:
-        lines.append(line)
-        if progress.search(line) or "ERROR" in line or "fatal:" in line:
-            log(f"{what}: {line.rstrip()}")
+    with open(logfile, "w") as sink:
+        for line in proc.stdout:
+            lines.append(line)
+            sink.write(f"[{time.monotonic() - started:7.1f}s] {line}")
+            sink.flush()
+            if progress.search(line) or "ERROR" in line or "fatal:" in line:
+                log(f"{what}: {line.rstrip()}")
     rc = proc.wait()
     return rc, "".join(lines), time.monotonic() - started
 
@@ -429,22 +456,16 @@ def up(provision_twice: bool = True) -> None:
     build_wheelhouse()
     build_box()
     netns_up()
+    LAYOUT.write_text(json.dumps({k: os.environ[k] for k in LAYOUT_VARS if os.environ.get(k)}))
     check_isolation("before the first VM boots")
-    rc, out, seconds = stream(["vagrant", "up", "--provider=libvirt", "--no-provision"], "up")
-    (RUN / "vagrant-up.log").write_text(out)
+    rc, _out, seconds = stream(
+        ["vagrant", "up", "--provider=libvirt", "--no-provision"], "up", RUN / "vagrant-up.log"
+    )
     if rc != 0:
         raise SystemExit(f"vmlab: vagrant up failed ({rc}); log in {RUN / 'vagrant-up.log'}")
     log(f"all VMs booted in {seconds:.0f} s")
     check_isolation("with the VMs running")
-    runs = 2 if provision_twice else 1
-    for attempt in range(1, runs + 1):
-        rc, out, seconds = stream(["vagrant", "provision"], f"provision {attempt}")
-        (RUN / f"provision-{attempt}.log").write_text(out)
-        counts = recap(out)
-        changed = {h: c.get("changed", 0) for h, c in counts.items()}
-        log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
-        if rc != 0:
-            raise SystemExit(f"vmlab: provisioning failed; log in {RUN / f'provision-{attempt}.log'}")
+    provision(2 if provision_twice else 1)
     log(f"lab up in {time.monotonic() - total:.0f} s")
     print(
         "\nThe lab runs inside the network namespace " + NETNS + ". Try:\n"
@@ -454,6 +475,19 @@ def up(provision_twice: bool = True) -> None:
         "  vagrant/vmlab.py exec ./failover.sh\n"
         "  make vm-lab-down\n"
     )
+
+
+def provision(runs: int) -> None:
+    """Run site.yml over the lab `runs` times (Vagrant's provisioner); stop at a failed run."""
+    done = len(list(RUN.glob("provision-*.log")))
+    for attempt in range(done + 1, done + runs + 1):
+        logfile = RUN / f"provision-{attempt}.log"
+        rc, out, seconds = stream(["vagrant", "provision"], f"provision {attempt}", logfile)
+        counts = recap(out)
+        changed = {h: c.get("changed", 0) for h, c in counts.items()}
+        log(f"provision run {attempt}: {seconds:.0f} s, exit {rc}, changed per host {changed}")
+        if rc != 0:
+            raise SystemExit(f"vmlab: provisioning failed; log in {logfile}")
 
 
 def ansible(playbook: str, extra: list[str]) -> int:
@@ -491,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("wheelhouse")
     p_up = sub.add_parser("up")
     p_up.add_argument("--once", action="store_true", help="provision once, not twice")
+    p_prov = sub.add_parser("provision", help="site.yml again over the running lab")
+    p_prov.add_argument("--runs", type=int, default=1)
     sub.add_parser("netns-up")
     sub.add_parser("check")
     sub.add_parser("down")
@@ -511,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         netns_up()
     elif args.command == "up":
         up(provision_twice=not args.once)
+    elif args.command == "provision":
+        provision(args.runs)
     elif args.command == "check":
         check_isolation("on request")
     elif args.command == "down":

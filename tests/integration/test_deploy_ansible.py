@@ -197,6 +197,20 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
     assert etcd["election-timeout"] == 1000
 
 
+def test_dnsd_and_edge_keep_their_registry_snapshot_in_a_writable_directory(example_render: Path) -> None:
+    # A daemon restarted while etcd is down serves the snapshot only if it could write one:
+    # the directory is in the config, exists, is the daemon's alone, and is the unit's
+    # one writable path under ProtectSystem=strict.
+    for host, kind in (("ns1", "dnsd"), ("edge2", "edge")):
+        config = tomllib.loads((example_render / host / f"etc/carousel/{kind}.toml").read_text())
+        directory = Path(config["snapshot"]["directory"])
+        assert directory == example_render / host / "var/lib/carousel" / kind
+        assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
+        assert config["snapshot"]["past_max_age"] == "refuse"
+        unit = (example_render / host / f"etc/systemd/system/carousel-{kind}.service").read_text()
+        assert f"\nReadWritePaths={directory}\n" in unit
+
+
 def test_units_are_hardened(example_render: Path) -> None:
     units = sorted(example_render.rglob("*.service"))
     for unit in units:
