@@ -81,6 +81,11 @@ class ServiceConfig:
         return self.ipv4[0] if self.ipv4 else self.ipv6[0]
 
 
+def _election_timeout(v: float) -> str | None:
+    """Validator: an etcd election timeout in seconds (etcd refuses more than 50,000 ms)."""
+    return None if 0 < v <= 50 else f"must be > 0 and at most 50 seconds (etcd's limit), found {v}"
+
+
 @dataclass(frozen=True)
 class AgentSection:
     """The `[agent]` table."""
@@ -92,7 +97,7 @@ class AgentSection:
     drain_delay: float = field(default=6.0, metadata={"check": non_negative})
     # The etcd cluster's --election-timeout; etcd raises any lease TTL below
     # 1.5 x this, so a lower ttl here would silently not mean what it says.
-    etcd_election_timeout: float = field(default=1.0, metadata={"check": positive})
+    etcd_election_timeout: float = field(default=1.0, metadata={"check": _election_timeout})
     # The site (or region) this node stands in, written into its registrations; dnsd's
     # site-aware answers (its `[dns.sites]`) prefer edges of the client's site. "": none.
     site: str = ""

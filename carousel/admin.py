@@ -1,10 +1,16 @@
 """The admin listener every daemon runs: /healthz, /metrics (Prometheus), /status (JSON).
 
-Loopback by default. When a token is configured every request must carry
-``Authorization: Bearer <token>``; config validation refuses a token shorter
+Loopback by default. When a token is configured every request but ``GET /healthz``
+must carry ``Authorization: Bearer <token>``; config validation refuses a token shorter
 than 16 characters, and a listener without one unless its host is a literal
 loopback IP address (``127.0.0.1``, ``::1``; a name may resolve anywhere).
 Features may mount routes of their own (the edge's cache: ``POST /cache/purge``).
+
+``/healthz`` stays open, as HAProxy's ``monitor-uri``, Vault's ``/v1/sys/health``
+and Prometheus' ``/-/healthy`` are: a load balancer, Consul or the node agent
+must reach it without a secret, and it tells only "ok", "starting" or
+"draining". The token guards what tells more (``/metrics``, ``/status``) or
+changes something (purge, bans).
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ class AdminServer:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         token = self.config.token
-        if token:
+        if token and not (request.path == "/healthz" and request.method in ("GET", "HEAD")):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "unauthorized"}, status=401)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import struct
 
+import dnslib
+
 from dnsd import wire
 from dnsd.cookies import cookie_option, find_cookie, find_option, packed_address, well_formed
 from dnsd.query import Query, options_ok, parse_query  # parse_query: re-exported for callers
@@ -58,6 +60,8 @@ ERROR_KEY = b"error"  # RRL account of every error response of a client prefix
 NEEDS_PEER = b"\x00peer"
 _OPTS_MAX = 64
 VALIDATED = b""  # RRL key of an answer to a client with a valid server cookie: never limited
+_NSEC, _RRSIG = 47, 46
+_ANY = b"\x00\xff"
 
 
 class Answerer:
@@ -156,8 +160,11 @@ class Answerer:
             return self._slow(query, table, udp)
         entry = node.get(query[end + 1 : end + 3])
         if entry is None:
+            qtype = (query[end + 1] << 8) | query[end + 2]
+            if qtype in (_NSEC, _RRSIG) and table.denial:
+                return self._slow(query, table, udp)  # see _signed_meta
             entry = node[b""]  # shared by every type without an entry: count by the asked type
-            self._count((query[end + 1] << 8) | query[end + 2], entry.rcode)
+            self._count(qtype, entry.rcode)
         return self._with_extra(query, table, udp, entry, False, qend)
 
     def _with_extra(
@@ -322,6 +329,10 @@ class Answerer:
         if q.qclass != wire.CLASS_IN:
             return self._error(q, wire.REFUSED, table)
         entry = chosen or table.lookup(q.qname, q.qtype) or table.meta.get(struct.pack("!H", q.qtype))
+        if entry is not None and not entry.qtype and q.qtype in (_NSEC, _RRSIG) and table.denial:
+            meta = self._signed_meta(q, table, entry, query, udp)
+            if meta is not None:
+                return meta
         if entry is not None:
             n = entry.served
             entry.served = n + 1
@@ -383,6 +394,60 @@ class Answerer:
             assert q.edns is not None
             if len(response) > min(max(q.edns.payload, 512), table.payload_size):
                 return self._truncated(query, 12 + len(q.question), entry, opt), entry.rrl_key
+        return response, entry.rrl_key
+
+    def _signed_meta(
+        self, q: Query, table: AnswerTable, entry: Entry, query: bytes, udp: bool
+    ) -> tuple[bytes | None, bytes] | None:
+        """qtype NSEC or RRSIG at a name we hold, in a signed zone, DO set: the records themselves.
+
+        The name's NODATA carries an NSEC whose bitmap lists NSEC and RRSIG (they exist
+        there, RFC 4034 §4.1.2), so a NODATA for either type would deny what its own proof
+        asserts (RFC 4035 §3.1.3.1 is for types the name lacks). As BIND and Knot do for
+        a name with an NSEC, qtype NSEC gets the name's NSEC and its RRSIG; qtype RRSIG
+        gets every RRSIG at the name (the RRsets' as served now, and the NSEC's). Rare
+        types: parsed from the prepared answers, off the fast path. None: not this case.
+        """
+        origin = table.zone_of(q.qname)
+        if q.edns is None or not q.edns.do or origin is None or origin not in table.denial:
+            return None
+        node = table.names.get(q.qname)
+        if node is None:
+            return None
+        records: list[dnslib.RR] = []
+        for key, typed in sorted(node.items()):
+            if (key and q.qtype == _NSEC) or key == _ANY:
+                continue  # the NSEC is in the name's default entry; ANY's HINFO is synthesized
+            head = typed.do_heads[0]  # its ARCOUNT counts the OPT that follows the body
+            arcount = max(0, struct.unpack("!H", head[8:10])[0] - 1)
+            body = head[:8] + struct.pack("!H", arcount) + q.question + typed.do_schedule[0]
+            msg = dnslib.DNSRecord.parse(b"\x00\x00" + body)
+            owner = msg.q.qname
+            for rr in (*msg.rr, *msg.auth):
+                if rr.rname != owner or rr in records:
+                    continue
+                if q.qtype == _NSEC and (
+                    rr.rtype == _NSEC or (rr.rtype == _RRSIG and rr.rdata.covered == _NSEC)
+                ):
+                    records.append(rr)
+                elif q.qtype == _RRSIG and rr.rtype == _RRSIG:
+                    records.append(rr)
+        if not records:
+            return None
+        self._count(q.qtype, wire.NOERROR)
+        header = dnslib.DNSHeader(id=0, qr=1, aa=1, rd=q.flags1 & wire.RD)
+        reply = dnslib.DNSRecord(header, q=dnslib.DNSQuestion(records[0].rname, q.qtype))
+        for rr in records:
+            reply.add_answer(rr)
+        packed = reply.pack()
+        qend = 12 + len(q.question)
+        opt = table.opt[1]
+        lo = (q.flags2 & wire.CD) | wire.NOERROR
+        response = (
+            q.id + bytes((packed[2], lo)) + packed[4:10] + b"\x00\x01" + q.question + packed[qend:] + opt
+        )
+        if udp and len(response) > min(max(q.edns.payload, 512), table.payload_size):
+            return self._truncated(query, qend, entry, opt), entry.rrl_key
         return response, entry.rrl_key
 
     # --- answers that depend on the client's address ----------------------------------

@@ -180,8 +180,9 @@ class Collector:
                 self.changed()
                 await asyncio.sleep(max(0.05, d.scrape_interval - (time.monotonic() - started)))
         finally:
-            # Cancel the mirrors and give them a deadline: a gRPC watch cancelled while it is
-            # being set up has been seen never to finish cancelling (grpc.aio request iterator).
+            # Cancel the mirrors and give them a deadline: the etcd adapter ends a cancelled
+            # watch within its grace (carousel/etcd.py, _bounded); the deadline keeps the
+            # dashboard's exit bounded whatever a future client library does.
             for t in list(self._tasks):
                 t.cancel()
             if self._tasks:

@@ -48,6 +48,36 @@ class Route:
         return path == p or path.startswith(p + "/")
 
 
+def strip_prefix(raw_path: str, prefix: str) -> str:
+    """``raw_path`` (as forwarded: percent-encoded, query kept) without the route's ``prefix``.
+
+    The router matched the decoded path against the decoded prefix, so the
+    prefix is consumed here escape by escape ("/a%20b/x" under "/a b" is "/x").
+    Only a whole segment goes: "%2F" is data inside a segment, not a boundary.
+    """
+    prefix = prefix.rstrip("/")
+    want = prefix.encode("utf-8", "surrogateescape")
+    got = bytearray()
+    i, n = 0, len(raw_path)
+    while len(got) < len(want) and i < n and raw_path[i] != "?":
+        c = raw_path[i]
+        if c == "%" and i + 3 <= n:
+            try:
+                got.append(int(raw_path[i + 1 : i + 3], 16))
+            except ValueError:
+                return raw_path
+            i += 3
+        else:
+            got += c.encode("utf-8", "surrogateescape")
+            i += 1
+    if got != want:
+        return raw_path
+    rest = raw_path[i:]
+    if not rest or rest[0] == "?":
+        return "/" + rest
+    return rest if rest[0] == "/" else raw_path
+
+
 def compile_route(cfg: RouteConfig, index: int) -> Route:
     """Turn one `[[route]]` table into a Route."""
     if cfg.pool:

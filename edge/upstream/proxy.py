@@ -29,6 +29,7 @@ from edge.core.errors import error_reply
 from edge.core.fields import FRAMING, HOP_BY_HOP, ResponseCleaner
 from edge.core.metrics import Metrics
 from edge.core.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
+from edge.core.routing import strip_prefix
 from edge.core.spool import SpoolBuffer
 from edge.upstream.client import (
     ConnectFailed,
@@ -105,11 +106,7 @@ class ProxyHandler:
     def _upstream_path(self, ex: Exchange) -> str:
         raw = ex.request.raw_path
         if ex.route.config.strip_prefix:
-            prefix = ex.route.prefix.rstrip("/")
-            if raw.startswith(prefix):
-                raw = raw[len(prefix) :]
-                if not raw.startswith("/"):
-                    raw = "/" + raw
+            raw = strip_prefix(raw, ex.route.prefix)
         return raw
 
     async def _forward(

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.dnssec
 import dns.exception
@@ -142,6 +143,48 @@ def test_dnspython_validates_answers_and_denials(signed: tuple[Dnsd, Path, EtcdC
         assert data and len(sigs) == len(data), (name, rdtype)
         for rrset in data:
             dns.dnssec.validate(rrset, sigs[(rrset.name, rrset.rdtype)], keyring)
+
+
+@pytest.mark.parametrize("name", [WWW, "mail.example.test", "example.test"])
+def test_nsec_and_rrsig_queries_at_an_existing_name_get_the_records_not_a_nodata(
+    signed: tuple[Dnsd, Path, EtcdConfig], name: str
+) -> None:
+    # The name's NSEC lists NSEC and RRSIG among its types (RFC 4034 §4.1.2): a NODATA for
+    # either contradicts its own proof. Answered as BIND and Knot answer a name with an NSEC.
+    d, _, _ = signed
+    keys_msg = d.query("example.test", "DNSKEY", use_edns=0, want_dnssec=True)
+    keyring = {
+        ZONE_NAME: keys_msg.find_rrset(keys_msg.answer, ZONE_NAME, dns.rdataclass.IN, dns.rdatatype.DNSKEY)
+    }
+    owner = dns.name.from_text(name)
+    for tcp in (False, True):
+        r = d.query(name, "NSEC", use_edns=0, want_dnssec=True, tcp=tcp)
+        assert r.rcode() == dns.rcode.NOERROR and r.flags & dns.flags.AA and not r.authority, r
+        nsec = r.find_rrset(r.answer, owner, dns.rdataclass.IN, dns.rdatatype.NSEC)
+        sig = r.find_rrset(r.answer, owner, dns.rdataclass.IN, dns.rdatatype.RRSIG, dns.rdatatype.NSEC)
+        dns.dnssec.validate(nsec, sig, keyring)
+        types = set(_bitmap_types(nsec[0]))
+        assert {dns.rdatatype.NSEC, dns.rdatatype.RRSIG} <= types
+        assert {rr.rdtype for rr in r.answer} == {dns.rdatatype.NSEC, dns.rdatatype.RRSIG}
+
+        r = d.query(name, "RRSIG", use_edns=0, want_dnssec=True, tcp=tcp)
+        assert r.rcode() == dns.rcode.NOERROR and r.answer and not r.authority, r
+        assert all(rr.rdtype == dns.rdatatype.RRSIG and rr.name == owner for rr in r.answer)
+        covered = {rr.covers for rr in r.answer}
+        # Every type the NSEC says the name has is signed, and each of those RRSIGs is served.
+        assert covered == types - {dns.rdatatype.RRSIG}, (covered, types)
+    # Plain DNS (no DO) is unchanged: no NSEC or RRSIG records exist outside DNSSEC answers.
+    assert not d.query(name, "NSEC", use_edns=0).answer
+
+
+def _bitmap_types(nsec: Any) -> list[int]:
+    out = []
+    for window, bitmap in nsec.windows:
+        for i, byte in enumerate(bitmap):
+            for bit in range(8):
+                if byte & (0x80 >> bit):
+                    out.append(window * 256 + i * 8 + bit)
+    return out
 
 
 # --- a validating resolver ----------------------------------------------------------------

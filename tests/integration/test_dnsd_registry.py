@@ -79,25 +79,41 @@ async def test_expired_lease_is_gone_within_100ms(
     etcd_cfg: EtcdConfig, registry: Registry, procs: ProcessGroup
 ) -> None:
     await registry.put_all([edge(1), edge(3)])
-    await registry.put(edge(2), ttl=2)  # nobody keeps this lease alive: it expires
     dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
-    assert addr(2) in dnsd.addresses()
-    # Watch etcd ourselves to learn when the expiry deletes the key.
+    # The lease is granted only now, and kept alive until dnsd answers with edge 2 and our
+    # own watch is open: granted before dnsd started, its 2 s could run out while a loaded
+    # machine was still starting dnsd (load average 10-17), and the test measured nothing.
     etcd = Etcd(etcd_cfg)
     key = Keys(etcd_cfg.prefix).service("edge", "edge2")
+    events: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+
     start = (await etcd.get_prefix(etcd_cfg.prefix)).revision
 
-    async def expired() -> float:
+    async def follow() -> None:
         async for ev in etcd.watch_prefix(key, start + 1):
-            if ev.kind == "delete":
-                return time.monotonic()
-        raise AssertionError("watch ended")
+            events.put_nowait((ev.kind, time.monotonic()))
 
+    async def next_event(kind: str) -> float:
+        while True:
+            got, at = await asyncio.wait_for(events.get(), 15)
+            if got == kind:
+                return at
+
+    watcher = asyncio.create_task(follow())
     try:
-        deleted_at = await asyncio.wait_for(expired(), 10)
+        await registry.put(edge(2), ttl=2)  # nobody but the loop below refreshes this lease
+        lease = registry.leases[key]
+        await next_event("put")  # our watch is open (it replays from before the put)
+        while addr(2) not in await asyncio.to_thread(dnsd.addresses):
+            assert await registry.etcd.keepalive(lease) > 0, "the lease ran out before dnsd saw edge 2"
+            await asyncio.sleep(0.05)
+        await registry.etcd.keepalive(lease)  # the last refresh: etcd deletes the key ~2 s from here
+        deleted_at = await next_event("delete")
         await poll(lambda: addr(2) not in dnsd.addresses(), within=5.0)
         ms = (time.monotonic() - deleted_at) * 1000
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await etcd.close()
     print(f"removal after lease expiry: {ms:.1f} ms")
     assert ms < 100

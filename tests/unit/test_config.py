@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
+import agent.config
 from carousel.config import ConfigError, EtcdConfig, from_dict, load_config
 
 GOOD_AGENT = """
@@ -133,3 +135,14 @@ def test_good_config_passes_check(tmp_path: Path):
     out = _cli("check-config", str(path))
     assert out.returncode == 0, out.stderr
     assert "valid agent config" in out.stdout
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1.1984620899082105e308, 50.5, 0.0, float("nan")])
+def test_an_election_timeout_etcd_cannot_have_is_refused_naming_the_key(value: float) -> None:
+    # The config fuzzer found 1.2e308 here: 1.5 x it overflowed to inf and math.ceil raised
+    # OverflowError out of the loader instead of a ConfigError (exit status 1, not 2).
+    data = tomllib.loads(GOOD_AGENT)
+    data["agent"]["etcd_election_timeout"] = value
+    with pytest.raises(ConfigError) as info:
+        from_dict(agent.config.Config, data, "agent.toml")
+    assert "agent.etcd_election_timeout" in str(info.value), str(info.value)
