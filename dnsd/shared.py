@@ -69,6 +69,37 @@ class SharedSpec:
     salt: bytes  # keys the RRL account hash, so a client cannot aim collisions
 
 
+PREFIX = "carousel-dnsd-"
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Remove this user's blocks whose supervisor is gone; the paths removed."""
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            pid = entry.name[len(PREFIX) :].partition("-")[0]
+            if not entry.name.startswith(PREFIX) or not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    if removed:
+        log.info("removed shared blocks of dnsd supervisors that are gone", paths=removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class NodeShared:
     """The shared block of one node, mapped into this process."""
 
@@ -95,9 +126,14 @@ class NodeShared:
 
     @classmethod
     def create(cls, buckets: int, lock: Any) -> NodeShared:
-        """A new block (the supervisor's), in /dev/shm when there is one."""
+        """A new block (the supervisor's), in /dev/shm when there is one.
+
+        The file is named after the supervisor's pid, so the blocks of supervisors that
+        died without stopping (SIGKILL, OOM) are found and removed here, by the next start.
+        """
         where = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, path = tempfile.mkstemp(prefix="carousel-dnsd-", dir=where)
+        remove_orphans(where or tempfile.gettempdir())
+        fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=where)
         os.close(fd)
         os.unlink(path)  # re-created exclusively below, so nobody else holds it
         return cls(SharedSpec(path, buckets, os.urandom(16)), lock, create=True)

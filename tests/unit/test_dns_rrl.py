@@ -133,3 +133,31 @@ def test_shared_accounts_keep_prefixes_and_keys_apart() -> None:
     assert Counter(b.check("198.51.100.1", b"www") for _ in range(10)) == {SEND: 10}
     assert Counter(b.check("192.0.2.1", b"mail") for _ in range(10)) == {SEND: 10}
     assert b.check("192.0.2.1", b"") == SEND  # a valid server cookie: never limited
+
+
+def test_blocks_of_supervisors_that_are_gone_are_removed_at_the_next_start(tmp_path):
+    """A SIGKILLed supervisor cannot unlink its block; the next dnsd to start removes it."""
+    import multiprocessing
+    import os
+    import subprocess
+    import sys
+
+    from dnsd import shared
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"{shared.PREFIX}{gone.pid}-abc123"
+    orphan.write_bytes(b"x")
+    alive = tmp_path / f"{shared.PREFIX}{os.getpid()}-def456"
+    alive.write_bytes(b"x")
+    other = tmp_path / "carousel-dnsd-notapid"
+    other.write_bytes(b"x")
+    assert shared.remove_orphans(str(tmp_path)) == [str(orphan)]
+    assert not orphan.exists() and alive.exists() and other.exists()
+
+    block = shared.NodeShared.create(64, multiprocessing.get_context("spawn").Lock())
+    try:
+        assert os.path.basename(block.spec.path).startswith(f"{shared.PREFIX}{os.getpid()}-")
+    finally:
+        block.close()
+        block.unlink()
