@@ -46,7 +46,6 @@ import dnslib
 from dnsd import wire
 from dnsd.cookies import cookie_option, find_cookie, find_option, packed_address, well_formed
 from dnsd.query import Query, options_ok, parse_query  # parse_query: re-exported for callers
-from dnsd.shared import LOCK_WAIT
 from dnsd.sites import ECS, EcsError, address_of, cap, parse_ecs
 from dnsd.table import AnswerTable, Entry
 
@@ -105,35 +104,15 @@ class Answerer:
                     return self._with_extra(query, table, udp, entry, True, qend)  # it truncates
             n = entry.served
             entry.served = n + 1
-            shared = entry.shared
-            if shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
-                lock = entry.shared_lock
-                if lock.acquire(True, LOCK_WAIT):
-                    n = shared[0]
-                    shared[0] = n + 1
-                    lock.release()
-                else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
-                    n = entry.fallback
-                    entry.fallback = n + 1
-                    n %= entry.period
-                    entry.missed[n] = entry.missed.get(n, 0) + 1
+            if entry.shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
+                n = entry.node_step()
             return query[:2] + full[edns * 18 + (query[2] & 1) + (query[3] & 0x10)][
                 n % entry.period
             ], entry.rrl_key
         n = entry.served
         entry.served = n + 1
-        shared = entry.shared
-        if shared is not None:
-            lock = entry.shared_lock
-            if lock.acquire(True, LOCK_WAIT):
-                n = shared[0]
-                shared[0] = n + 1
-                lock.release()
-            else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
-                n = entry.fallback
-                entry.fallback = n + 1
-                n %= entry.period
-                entry.missed[n] = entry.missed.get(n, 0) + 1
+        if entry.shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
+            n = entry.node_step()
         if udp and qend > entry.fit_plain:
             return self._truncated(query, qend, entry, None), entry.rrl_key
         full = entry.full
@@ -195,18 +174,8 @@ class Answerer:
                 self._opts[query[qend:]] = (edns, max(512, (query[qend + 3] << 8) | query[qend + 4]))
         n = entry.served
         entry.served = n + 1
-        shared = entry.shared
-        if shared is not None:
-            lock = entry.shared_lock
-            if lock.acquire(True, LOCK_WAIT):
-                n = shared[0]
-                shared[0] = n + 1
-                lock.release()
-            else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
-                n = entry.fallback
-                entry.fallback = n + 1
-                n %= entry.period
-                entry.missed[n] = entry.missed.get(n, 0) + 1
+        if entry.shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
+            n = entry.node_step()
         rdcd = (query[2] & 1) | (query[3] & 0x10)
         if not edns:
             if udp and qend > entry.fit_plain:
@@ -336,18 +305,8 @@ class Answerer:
         if entry is not None:
             n = entry.served
             entry.served = n + 1
-            shared = entry.shared
-            if shared is not None:
-                lock = entry.shared_lock
-                if lock.acquire(True, LOCK_WAIT):
-                    n = shared[0]
-                    shared[0] = n + 1
-                    lock.release()
-                else:  # its holder is stalled: a step of this worker's own (dnsd/shared.py)
-                    n = entry.fallback
-                    entry.fallback = n + 1
-                    n %= entry.period
-                    entry.missed[n] = entry.missed.get(n, 0) + 1
+            if entry.shared is not None:  # workers = N: the node's next step (dnsd/shared.py)
+                n = entry.node_step()
             if not entry.qtype:
                 self._count(q.qtype, entry.rcode)  # a name's default entry: see _by_name
         else:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.rotation import AddressSet, RotatingAnswer, Rotation, weighted_order
+from dnsd.shared import LOCK_WAIT
 from dnsd.wire import MessageWriter, RData
 
 
@@ -159,6 +160,24 @@ class Entry:
         self.do_schedule = schedule
         self.do_body_len = self.body_len
         self.do_rcode = rcode
+
+    def node_step(self) -> int:
+        """The node's next schedule step with workers = N (``shared`` is set; dnsd/shared.py).
+
+        A worker that cannot take the lock within LOCK_WAIT (its holder is stalled)
+        takes a step of its own rotation instead, counted in ``missed`` for its statistics.
+        """
+        lock = self.shared_lock
+        if lock.acquire(True, LOCK_WAIT):
+            shared: Any = self.shared
+            n: int = shared[0]
+            shared[0] = n + 1
+            lock.release()
+            return n
+        n = self.fallback % self.period
+        self.fallback += 1
+        self.missed[n] = self.missed.get(n, 0) + 1
+        return n
 
     def add_signed(self, rcode: int, counts: tuple[int, int, int], schedule: list[bytes]) -> None:
         """The DNSSEC variant, served when the query has the DO bit: bodies with RRSIGs (and NSEC).
