@@ -130,9 +130,17 @@ class H2Stream:
         status = reply.status
         bodiless = method == "HEAD" or status in (204, 304) or status < 200
         try:
-            fields = response_fields(
-                status, reply.headers.items(), extra, conn.server, http_date(), body.length
-            )
+            unmerged = reply.unmerged()
+            if unmerged is not None:
+                # A cache hit nobody looked into: its stored fields go as stored (converted once).
+                wire, added = unmerged
+                fields = response_fields(
+                    status, added.items(), extra, conn.server, http_date(), body.length, wire.data
+                )
+            else:
+                fields = response_fields(
+                    status, reply.headers.items(), extra, conn.server, http_date(), body.length
+                )
         except ValueError:
             log.warning("response with a forbidden header value", path=self.head.path)
             status, body = 502, BytesBody(PAGES[502])

@@ -8,7 +8,9 @@ server with the edge's limits (RFC 9113 6.5.2 settings) and a frame buffer
 that also bounds the bytes of one header block (HEADERS + CONTINUATION), so a
 CONTINUATION flood is a connection error after ``max_header_list_size`` bytes,
 never an unbounded buffer. HPACK bombs stop in the decoder at the same size
-(h2 turns that into ENHANCE_YOUR_CALM).
+(h2 turns that into ENHANCE_YOUR_CALM). The same buffer answers a SETTINGS ACK
+that carries a payload with FRAME_SIZE_ERROR, as RFC 9113 6.5 says (h2 alone
+answers PROTOCOL_ERROR).
 
 ``h2``'s own inbound header validation is off: it makes every malformed request
 a connection error, where RFC 9113 8.1.1 asks for a stream error. ``request_head``
@@ -28,17 +30,19 @@ in fixed windows; the connection closes with ENHANCE_YOUR_CALM past a budget
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.exceptions import DenialOfServiceError
+from h2.exceptions import DenialOfServiceError, FrameTooLargeError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.http.http1 import FIELD_VALUE, TOKEN, Head, ParseError, normalize_path
+from edge.http.h2hpack import ResponseEncoder
+from edge.http.http1 import TOKEN, Head, ParseError, normalize_path
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -75,6 +79,14 @@ class _BoundedFrameBuffer(FrameBuffer):
             self.block = 0
         return super()._update_header_buffer(f)
 
+    def __next__(self) -> Frame:
+        data = self._data
+        if len(data) >= 9 and data[3] == 0x4 and data[4] & 0x1 and (data[0] or data[1] or data[2]):
+            # RFC 9113 6.5: a SETTINGS ACK with a payload is a FRAME_SIZE_ERROR (h2 calls it a
+            # PROTOCOL_ERROR); checked on the frame header, before h2 parses it.
+            raise FrameTooLargeError("SETTINGS with ACK and a payload")
+        return super().__next__()
+
     @property
     def in_header_block(self) -> bool:
         """Is a header block waiting for its CONTINUATION frames?"""
@@ -97,6 +109,7 @@ def new_connection(
         normalize_outbound_headers=False,
     )
     conn = H2Connection(config=config)
+    conn.encoder = ResponseEncoder()  # type: ignore[assignment]  # edge/http/h2hpack.py: no dynamic table
     conn.local_settings = Settings(
         client=False,
         initial_values={
@@ -113,28 +126,35 @@ def new_connection(
     return conn
 
 
+# RFC 9113 8.2.1: a field name is a lower-case token; checked in one match per field.
+_LOWER_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# RFC 9113 8.2.1 and RFC 9110 5.5: no CR, LF, NUL or other controls, and no SP/HTAB at either end.
+_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
+
+
 def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head:
     """The request an HTTP/2 header list carries, as the HTTP/1.1 parser would give it.
 
     Raises ``Malformed`` for what RFC 9113 section 8 forbids (a stream error) and
     ``ParseError`` for what HTTP/1.1 would answer 400/431 (a bad path, too many fields).
+    Host (from ``:authority``) is the first field, where an HTTP/1.1 client puts it
+    (RFC 9112 3.2), so the member sees the same request either way.
     """
     method = scheme = path = authority = None
-    headers: CIMultiDict[str] = CIMultiDict()
+    fields: list[tuple[str, str]] = []
+    hosts: list[str] = []
+    length_fields: list[str] = []
     regular = False
     for name, value in pairs:
-        if not name:
-            raise Malformed("empty field name")
-        if value and (value[0] in b" \t" or value[-1] in b" \t"):
-            raise Malformed("whitespace around a field value")  # RFC 9113 8.2.1
-        text = value.decode("latin-1")
-        if not FIELD_VALUE.match(text):
+        if _VALUE.fullmatch(value) is None:
+            # Empty values are fine; a control character or edge whitespace is not.
+            if value and (value[0] in b" \t" or value[-1] in b" \t"):
+                raise Malformed("whitespace around a field value")  # RFC 9113 8.2.1
             raise Malformed("control character in a field value")
-        if name[0] == 58:  # ":"
+        text = value.decode("latin-1")
+        if name[:1] == b":":
             if regular:
                 raise Malformed("pseudo-header after a regular field")  # RFC 9113 8.3
-            if name not in _REQUEST_PSEUDO:
-                raise Malformed("unknown or response pseudo-header")
             if name == b":method":
                 if method is not None:
                     raise Malformed("repeated :method")
@@ -147,25 +167,35 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
                 if path is not None:
                     raise Malformed("repeated :path")
                 path = text
-            else:
+            elif name == b":authority":
                 if authority is not None:
                     raise Malformed("repeated :authority")
                 authority = text
+            else:
+                raise Malformed("unknown or response pseudo-header")
             continue
         regular = True
-        field = name.decode("latin-1")
-        if field.lower() != field:
-            raise Malformed("upper-case field name")  # RFC 9113 8.2.1
-        if not TOKEN.match(field):
+        if _LOWER_TOKEN.fullmatch(name) is None:
+            if not name:
+                raise Malformed("empty field name")
+            if name.lower() != name:
+                raise Malformed("upper-case field name")  # RFC 9113 8.2.1
             raise Malformed("field name is not a token")
         if name in CONNECTION_SPECIFIC:
             raise Malformed("connection-specific field")  # RFC 9113 8.2.2
-        if name == b"te" and text != "trailers":
-            raise Malformed("te other than trailers")
-        headers.add(field, text)
+        field = name.decode("latin-1")
+        if name == b"te":
+            if text != "trailers":
+                raise Malformed("te other than trailers")
+        elif name == b"host":
+            hosts.append(text)
+            continue  # placed first below
+        elif name == b"content-length":
+            length_fields.append(text)
+        fields.append((field, text))
     if method is None:
         raise Malformed("no :method")
-    if not TOKEN.match(method):
+    if TOKEN.match(method) is None:
         raise Malformed("bad :method")
     if method == "CONNECT":
         # RFC 9113 8.5: :authority only. Extended CONNECT (RFC 8441) is not offered.
@@ -174,7 +204,7 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
         path = "/"
     elif scheme is None or not path:
         raise Malformed("no :scheme or empty :path")  # RFC 9113 8.3.1
-    if len(headers) > max_headers:
+    if len(fields) + len(hosts) > max_headers:
         raise ParseError("too many headers", 431)
     if path == "*":
         if method != "OPTIONS":
@@ -188,24 +218,23 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
         normal = normalize_path(bare)  # the same rules as HTTP/1.1: one path everywhere
         if normal is not bare:
             path = normal + sep + query
-    hosts = headers.getall("host", ())
     if len(hosts) > 1:
         raise Malformed("repeated host")
     if authority is not None:
         # RFC 9113 8.3.1: a Host naming another entity than :authority is malformed.
         if hosts and hosts[0].lower() != authority.lower():
             raise Malformed("host differs from :authority")
-        headers.popall("host", None)
-        headers["Host"] = authority
+        fields.insert(0, ("Host", authority))
+    elif hosts:
+        fields.insert(0, ("host", hosts[0]))
     length = 0
-    cl = headers.getall("content-length", ())
-    if cl:
-        values = {v.strip() for v in ",".join(cl).split(",")}
+    if length_fields:
+        values = {v.strip() for v in ",".join(length_fields).split(",")}
         digits = values.pop() if len(values) == 1 else ""
         if not digits.isdigit() or not digits.isascii() or len(digits) > 18:
             raise Malformed("bad content-length")
         length = int(digits)
-    return Head(method, path, "HTTP/2", CIMultiDictProxy(headers), length, False, True, False)
+    return Head(method, path, "HTTP/2", CIMultiDictProxy(CIMultiDict(fields)), length, False, True, False)
 
 
 def response_fields(
@@ -215,21 +244,32 @@ def response_fields(
     server: str,
     date: str,
     length: int | None,
+    stored: bytes = b"",
 ) -> list[tuple[bytes, bytes]]:
     """An HTTP/2 response header list: lower-case names, no connection-specific fields
-    (RFC 9113 8.2.2), the edge's Server and Date. ValueError when a value holds CR, LF or NUL."""
-    out = [(b":status", str(status).encode())]
+    (RFC 9113 8.2.2), the edge's Server and Date. ValueError when a value holds CR, LF or NUL.
+
+    ``stored``: a cache hit's stored fields as they would go out over HTTP/1.1 ("Name:
+    value\r\n" each, ``Wire.data``), placed before ``pairs``; their conversion is kept per
+    distinct block, so a repeated hit converts only the fields it adds (Age, Cache-Status).
+    """
+    out = [_STATUS.get(status) or (b":status", str(status).encode())]
     dated = False
-    for source in (pairs, extra):
-        for name, value in source:
-            lower = name.lower()
-            if lower in _DROP_RESPONSE or lower == "content-length" or (server and lower == "server"):
-                continue
-            if lower == "date":
-                dated = True
-            if "\r" in value or "\n" in value or "\0" in value or "\r" in name or "\n" in name:
-                raise ValueError("CR, LF or NUL in a response field")
-            out.append((lower.encode("latin-1"), value.encode("latin-1", "replace")))
+    if stored:
+        converted = _stored_fields.get((stored, bool(server)))
+        if converted is None:
+            fields: list[tuple[bytes, bytes]] = []
+            pieces = stored.decode("latin-1").split("\r\n")
+            stored_dated = _convert([p.partition(": ")[::2] for p in pieces if p], server, fields)
+            converted = (fields, stored_dated)
+            if len(_stored_fields) >= STORED_BLOCKS:
+                _stored_fields.clear()
+            _stored_fields[(stored, bool(server))] = converted
+        out += converted[0]
+        dated = converted[1]
+    dated = _convert(pairs, server, out) or dated
+    if extra:
+        dated = _convert(extra, server, out) or dated
     if server:
         out.append((b"server", server.encode("latin-1")))
     if not dated:
@@ -237,6 +277,26 @@ def response_fields(
     if length is not None and status not in _NO_BODY_STATUS and status >= 200:
         out.append((b"content-length", str(length).encode()))
     return out
+
+
+_STATUS = {code: (b":status", str(code).encode()) for code in range(100, 600)}
+STORED_BLOCKS = 1024  # distinct stored field blocks kept converted (a bounded dict, refilled when full)
+_stored_fields: dict[tuple[bytes, bool], tuple[list[tuple[bytes, bytes]], bool]] = {}
+
+
+def _convert(pairs: Iterable[tuple[str, str]], server: str, out: list[tuple[bytes, bytes]]) -> bool:
+    """Append ``pairs`` as HTTP/2 fields to ``out``; True when a Date was among them."""
+    dated = False
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _DROP_RESPONSE or lower == "content-length" or (server and lower == "server"):
+            continue
+        if lower == "date":
+            dated = True
+        if "\r" in value or "\n" in value or "\0" in value or "\r" in name or "\n" in name:
+            raise ValueError("CR, LF or NUL in a response field")
+        out.append((lower.encode("latin-1"), value.encode("latin-1", "replace")))
+    return dated
 
 
 class FloodMeter:

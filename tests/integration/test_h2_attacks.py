@@ -204,6 +204,10 @@ async def goaway(client: RawH2) -> GoAwayFrame | None:
         (lambda c: [WindowUpdateFrame(0, window_increment=0)], ErrorCodes.PROTOCOL_ERROR),
         # SETTINGS_ENABLE_PUSH other than 0 or 1 (6.5.2).
         (lambda c: [SettingsFrame(0, settings={SettingCodes.ENABLE_PUSH: 2})], ErrorCodes.PROTOCOL_ERROR),
+        # SETTINGS with ACK and a payload (6.5): FRAME_SIZE_ERROR, not h2's PROTOCOL_ERROR.
+        (lambda c: [raw_frame(0x4, 0x1, 0, b"\0" * 6)], ErrorCodes.FRAME_SIZE_ERROR),
+        # SETTINGS whose length is not a multiple of 6 (6.5).
+        (lambda c: [raw_frame(0x4, 0x0, 0, b"\0" * 5)], ErrorCodes.FRAME_SIZE_ERROR),
     ],
     ids=[
         "data-on-stream-0",
@@ -213,6 +217,8 @@ async def goaway(client: RawH2) -> GoAwayFrame | None:
         "even-stream-id",
         "window-update-zero",
         "enable-push-2",
+        "settings-ack-with-payload",
+        "settings-length-not-6n",
     ],
 )
 async def test_forbidden_frame_orders_get_the_rfc_connection_error(edge: Any, frames: Any, code: int) -> None:

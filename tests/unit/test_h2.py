@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.exceptions import DenialOfServiceError
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, ProtocolError
+from hpack import Decoder
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from edge.core.routing import parse_host
 from edge.http.h2 import FloodMeter, Malformed, new_connection, request_head, response_fields
+from edge.http.h2hpack import ResponseEncoder
 from edge.http.http1 import ParseError, normalize_path
 
 BASE = [
@@ -72,6 +75,11 @@ def test_unsafe_paths_are_a_400_as_in_http1(path: str) -> None:
 def test_rfc9113_section8_malformed_requests(fields: list[tuple[bytes, bytes]]) -> None:
     with pytest.raises(Malformed):
         request_head(fields, 100)
+
+
+def test_host_from_the_authority_is_the_first_field_as_in_http1() -> None:
+    head = request_head([*BASE, (b"accept", b"*/*"), (b"host", b"example.test:8443"), (b"x-a", b"1")], 100)
+    assert list(head.headers.items()) == [("Host", "Example.TEST:8443"), ("accept", "*/*"), ("x-a", "1")]
 
 
 def test_te_trailers_and_a_matching_host_are_allowed() -> None:
@@ -146,3 +154,78 @@ def test_a_header_block_is_bounded_in_bytes_before_it_ends() -> None:
             data += ContinuationFrame(1, b"\x00" * 1024).serialize()
             server.receive_data(data)
             data = b""
+
+
+def test_a_settings_ack_with_a_payload_is_a_frame_size_error() -> None:
+    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
+    server.initiate_connection()
+    client = _client()
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    ack = SettingsFrame(0, flags=["ACK"]).serialize()
+    bad = (6).to_bytes(3, "big") + ack[3:] + b"\0" * 6  # RFC 9113 6.5: an ACK carries nothing
+    with pytest.raises(ProtocolError) as err:
+        server.receive_data(bad)
+    assert err.value.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    goaway = GoAwayFrame(0)
+    goaway.parse_body(memoryview(server.data_to_send()[9:]))
+    assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    # An empty ACK is fine.
+    fresh = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
+    fresh.initiate_connection()
+    fresh.receive_data(_client().data_to_send() + ack)
+
+
+RESPONSES = [
+    [(b":status", b"200"), (b"content-type", b"text/plain"), (b"server", b"carousel")],
+    [
+        (b":status", b"404"),
+        (b"x-custom", b"v\xe9"),
+        (b"set-cookie", b"a=1"),
+        (b"cache-status", b"carousel; hit"),
+    ],
+    [(b":status", b"304"), (b"date", b"Sun, 06 Dec 2026 00:00:00 GMT"), (b"content-length", b"0")],
+]
+
+
+def test_response_blocks_decode_to_their_fields_without_the_dynamic_table() -> None:
+    encoder, decoder = ResponseEncoder(), Decoder()
+    first = encoder.encode(RESPONSES[0])
+    assert first[:1] == b"\x20"  # RFC 7541 6.3: size 0 announced in the first block
+    assert decoder.decode(first, raw=True) == RESPONSES[0]
+    for fields in RESPONSES[1:] + RESPONSES:
+        block = encoder.encode(fields)
+        assert block[:1] != b"\x20"
+        assert decoder.decode(block, raw=True) == fields
+        assert len(decoder.header_table.dynamic_entries) == 0  # nothing indexed, ever
+    assert encoder.encode([(b":status", b"200")]) == b"\x88"  # a static table entry: one byte
+    set_cookie = encoder.encode([(b"set-cookie", b"a=1")])
+    assert set_cookie[0] & 0xF0 == 0x10  # never indexed (RFC 7541 7.1.3)
+
+
+def test_a_table_size_change_is_acknowledged_in_the_next_block() -> None:
+    encoder, decoder = ResponseEncoder(), Decoder()
+    decoder.decode(encoder.encode(RESPONSES[0]), raw=True)
+    encoder.header_table_size = 0  # the client's SETTINGS_HEADER_TABLE_SIZE
+    decoder.max_allowed_table_size = 0
+    block = encoder.encode(RESPONSES[1])
+    assert block[:1] == b"\x20"  # RFC 7541 4.2: at the start of the first block after the change
+    assert decoder.decode(block, raw=True) == RESPONSES[1]
+    assert encoder.encode(RESPONSES[1])[:1] != b"\x20"
+
+
+def test_a_repeated_cache_hit_converts_its_stored_fields_once() -> None:
+    stored = b"Content-Type: text/plain\r\nConnection: x\r\nServer: member\r\nDate: d1\r\n"
+    args = (200, [("Age", "3")], (), "carousel", "d2", 5, stored)
+    out = response_fields(*args)
+    assert out == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"date", b"d1"),
+        (b"age", b"3"),
+        (b"server", b"carousel"),
+        (b"content-length", b"5"),
+    ]
+    assert response_fields(*args) == out
+    with pytest.raises(ValueError):
+        response_fields(200, [], (), "", "d", None, b"X: a\x00b\r\n")
