@@ -23,6 +23,7 @@ import structlog
 from carousel.admin import AdminServer
 from carousel.config import ConfigError
 from carousel.logs import setup_logging
+from carousel.tasks import stop_tasks
 from dnsd.config import Config, load
 from dnsd.daemon import (
     check_credentials,
@@ -116,9 +117,7 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, Any]], None] | 
         # Shutdown, in order: stop answering (listeners, then TCP clients), stop
         # following the registry, close etcd, then the admin listener.
         await server.stop()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks, what="dnsd task")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(feed.close(), 2.0)
         await admin.stop()
