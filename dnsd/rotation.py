@@ -118,11 +118,10 @@ class WeightClasses:
         self.total = total
 
     @classmethod
-    def of(cls, aset: AddressSet) -> WeightClasses | None:
-        """The classes of ``aset``; None when its weights are equal or the period would be capped."""
-        found = weight_classes(aset.weights)
+    def of(cls, aset: AddressSet, found: tuple[dict[int, list[int]], list[int]]) -> WeightClasses | None:
+        """The classes of ``aset`` from its ``weight_classes``; None when the period would be capped."""
         total = sum(aset.weights)
-        if found is None or total > MAX_SCHEDULE:
+        if total > MAX_SCHEDULE:
             return None
         classes, _ = found
         keys = aset.keys
@@ -488,13 +487,13 @@ class RotatingAnswer:
             self.schedule = self.classes.schedule(self.class_bodies)
             self.rotation = Rotation(name, aset.texts, partial(self.classes.order, aset), shown)
             return
-        self.classes = WeightClasses.of(aset)
+        found = weight_classes(aset.weights)
+        self.classes = None if found is None else WeightClasses.of(aset, found)
         if self.classes is not None:
             self.class_bodies = self.classes.spread(aset, self.bodies)
             self.schedule = self.classes.schedule(self.class_bodies)
             self.rotation = Rotation(name, aset.texts, partial(self.classes.order, aset), shown)
             return
-        found = weight_classes(aset.weights)
         if found is None:
             self.schedule = self.bodies
             self.rotation = Rotation(name, aset.texts, range(n), shown)
