@@ -55,7 +55,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import prometheus_client
 import structlog
 
 from carousel.admin import AdminServer
@@ -424,6 +423,8 @@ async def _supervise(config: Config) -> int:
     supervisor = Supervisor(config, feed, listen, shared)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
+    import prometheus_client  # here, not at import: the workers never need it
+
     prometheus_client.REGISTRY.register(collector)
 
     def worker_status() -> dict[str, Any]:
