@@ -135,7 +135,11 @@ class AdminServer:
 
         self.bind()
         assert self._sock is not None
-        self.app = web.Application(middlewares=[web.middleware(self._auth)])
+        @web.middleware
+        async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._auth(request, handler)
+
+        self.app = web.Application(middlewares=[auth])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/status", self._status_json)
