@@ -135,6 +135,7 @@ class AdminServer:
 
         self.bind()
         assert self._sock is not None
+
         @web.middleware
         async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             return await self._auth(request, handler)

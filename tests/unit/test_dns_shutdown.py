@@ -60,9 +60,11 @@ def test_stop_tasks_returns_at_once_when_every_task_ends() -> None:
 
 
 def test_run_loop_exits_within_the_deadline_when_main_leaves_a_stuck_task_behind() -> None:
+    kept: list[asyncio.Task[None]] = []
+
     async def main() -> int:
         started = asyncio.Event()
-        asyncio.create_task(_stubborn(started), name="left-behind")
+        kept.append(asyncio.create_task(_stubborn(started), name="left-behind"))
         await started.wait()
         return 7
 
