@@ -37,6 +37,7 @@ from carousel.etcd import Etcd, EtcdAuthError, EtcdError
 from carousel.logs import setup_logging
 from carousel.mirror import PrefixMirror
 from carousel.registry import Keys, MaintenanceFlag, SchemaError, ServiceRecord
+from carousel.tasks import run_loop, stop_tasks
 
 log = structlog.get_logger("agent")
 
@@ -316,9 +317,7 @@ class Agent:
             log.error("etcd refused the agent's credentials", error=str(exc))
             return 1
         finally:
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_tasks(self._tasks, what="agent task")
             await session.close()
             await admin.stop()
             await self.etcd.close()
@@ -355,10 +354,4 @@ def load_config(path: str) -> Config:
 def run(config: Config, config_path: str | None = None) -> int:
     """Entry point for `carousel agent --config FILE`."""
     setup_logging(config.log, daemon="agent")
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(Agent(config).run())
+    return int(run_loop(Agent(config).run()))

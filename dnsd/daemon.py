@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from carousel import tasks
 from carousel.etcd import EtcdAuthError, EtcdError
 from carousel.registry import Keys
 from dnsd import wire
@@ -158,9 +159,5 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
 
 
 def run_loop(main: Any) -> int:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return int(asyncio.run(main))
-    return int(uvloop.run(main))
+    """Run a coroutine on uvloop when it is installed, else on asyncio's loop; teardown bounded."""
+    return int(tasks.run_loop(main))

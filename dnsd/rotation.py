@@ -93,6 +93,140 @@ def _concat(classes: dict[int, list[int]], events: list[int]) -> list[int]:
     return list(chain.from_iterable(classes[w] for w in events))
 
 
+def _events(weights: Iterable[int]) -> list[int]:
+    """One event per (class, round j) at virtual time (j + 1/2) / w; heavier classes first on ties."""
+    return [-negw for _, negw in sorted(((2 * j + 1) / (2 * w), -w) for w in weights for j in range(w))]
+
+
+class WeightClasses:
+    """The addresses of a weighted set grouped by weight, kept across derived sets.
+
+    ``keys[w]`` lists the packed addresses of weight ``w`` in cyclic order and
+    ``events`` the classes' turns (raw weights) in one period, as
+    ``weight_classes`` orders them. A derived set moves only the changed
+    addresses between classes, so a change costs O(changes x log n) plus
+    copying the classes it touches, instead of sorting n addresses by weight
+    again (measured at 10,000 edges with weights 1-10: the sort and the
+    per-address maps were about 3 ms of a 5.3 ms change).
+    """
+
+    __slots__ = ("events", "keys", "total")
+
+    def __init__(self, keys: dict[int, list[bytes]], events: list[int], total: int) -> None:
+        self.keys = keys
+        self.events = events
+        self.total = total
+
+    @classmethod
+    def of(cls, aset: AddressSet, found: tuple[dict[int, list[int]], list[int]]) -> WeightClasses | None:
+        """The classes of ``aset`` from its ``weight_classes``; None when the period would be capped."""
+        total = sum(aset.weights)
+        if total > MAX_SCHEDULE:
+            return None
+        classes, _ = found
+        keys = aset.keys
+        by_raw = {}
+        for idx in classes.values():
+            first = idx[0]
+            by_raw[aset.weights[first]] = list(map(keys.__getitem__, idx))
+        return cls(by_raw, cls._order(by_raw), total)
+
+    @staticmethod
+    def _order(keys: Mapping[int, list[bytes]]) -> list[int]:
+        g = math.gcd(*keys)
+        scaled = _events(w // g for w in keys)
+        return [w * g for w in scaled]
+
+    def derive(
+        self, old: AddressSet, new: AddressSet
+    ) -> tuple[WeightClasses, list[tuple[int, int, bool]]] | None:
+        """The classes of ``new`` (derived from ``old``) and the edits: (weight, position, inserted)."""
+        keys = dict(self.keys)
+        copied: set[int] = set()
+        edits: list[tuple[int, int, bool]] = []
+        total = self.total
+        for key in sorted(new.changed):
+            p = bisect_left(old.keys, key)
+            if p < len(old.keys) and old.keys[p] == key:
+                w = old.weights[p]
+                if w not in copied:
+                    keys[w] = list(keys[w])
+                    copied.add(w)
+                at = bisect_left(keys[w], key)
+                del keys[w][at]
+                edits.append((w, at, False))
+                total -= w
+                if not keys[w]:
+                    del keys[w]
+            p = bisect_left(new.keys, key)
+            if p < len(new.keys) and new.keys[p] == key:
+                w = new.weights[p]
+                if w not in copied:
+                    keys[w] = list(keys.get(w, ()))
+                    copied.add(w)
+                at = bisect_left(keys[w], key)
+                keys[w].insert(at, key)
+                edits.append((w, at, True))
+                total += w
+        if len(keys) < 2 or total > MAX_SCHEDULE:
+            return None  # equal weights, or a capped period: the caller starts afresh
+        events = self.events if keys.keys() == self.keys.keys() else self._order(keys)
+        return WeightClasses(keys, events, total), edits
+
+    def spread(self, aset: AddressSet, per_address: Sequence[bytes]) -> dict[int, list[bytes]]:
+        """``per_address`` (parallel to ``aset.keys``) grouped like the classes."""
+        index = dict(zip(aset.keys, per_address, strict=True))
+        return {w: list(map(index.__getitem__, ks)) for w, ks in self.keys.items()}
+
+    def patch(
+        self,
+        previous: dict[int, list[bytes]],
+        edits: list[tuple[int, int, bool]],
+        aset: AddressSet,
+        per_address: Sequence[bytes],
+        dirty: Iterable[int],
+    ) -> dict[int, list[bytes]]:
+        """``previous`` grouped items after ``edits``, with the items at ``dirty`` addresses renewed."""
+        items = dict(previous)
+        copied: set[int] = set()
+
+        def own(w: int) -> list[bytes]:
+            if w not in copied:
+                items[w] = list(items.get(w, ()))
+                copied.add(w)
+            return items[w]
+
+        for w, at, inserted in edits:
+            lst = own(w)
+            if inserted:
+                lst.insert(at, b"")
+            else:
+                del lst[at]
+                if not lst:
+                    del items[w]
+                    copied.discard(w)
+        for s in dirty:
+            key, w = aset.keys[s], aset.weights[s]
+            own(w)[bisect_left(self.keys[w], key)] = per_address[s]
+        return items
+
+    def schedule(self, items: Mapping[int, list[bytes]]) -> list[bytes]:
+        """One period: each class's items at each of its turns (list extends: C copies)."""
+        out: list[bytes] = []
+        for w in self.events:
+            out += items[w]
+        return out
+
+    def order(self, aset: AddressSet) -> list[int]:
+        """One period of address indexes (``Rotation.slot_start``), computed when first asked."""
+        index = {k: i for i, k in enumerate(aset.keys)}
+        by_class = {w: list(map(index.__getitem__, ks)) for w, ks in self.keys.items()}
+        out: list[int] = []
+        for w in self.events:
+            out += by_class[w]
+        return out
+
+
 def _contains(keys: Sequence[bytes], key: bytes) -> bool:
     p = bisect_left(keys, key)
     return p < len(keys) and keys[p] == key
@@ -288,6 +422,9 @@ class RotatingAnswer:
     __slots__ = (
         "bodies",
         "body_len",
+        "class_bodies",
+        "classes",
+        "dirty",
         "head",
         "owner",
         "rotation",
@@ -315,6 +452,10 @@ class RotatingAnswer:
         self.owner, self.rtype, self.ttl = rr
         n = len(aset.keys)
         self.body_len = len(self.head) + shown * (len(self.rr_prefix) + len(aset.keys[0])) + len(self.tail)
+        self.rotation: Rotation
+        self.schedule: Sequence[bytes]
+        # None: every body was rendered afresh; else the addresses whose bodies were.
+        self.dirty: set[int] | None = None
         if (
             previous is not None
             and previous.shown == shown
@@ -325,11 +466,38 @@ class RotatingAnswer:
             self.bodies: Sequence[bytes] = self._patched(previous)
         else:
             self.bodies = self._rendered()
+        self.classes: WeightClasses | None = None
+        self.class_bodies: dict[int, list[bytes]] = {}
+        derived = None
+        if self.dirty is not None and previous is not None and previous.classes is not None:
+            derived = previous.classes.derive(previous.set, aset)
+        if derived is not None and previous is not None:
+            # The weighted path in proportion to the change: move the changed addresses
+            # between classes, renew the touched bodies, and lay the period out again
+            # with list extends (a C copy of one reference per unit of weight).
+            self.classes, edits = derived
+            # Renewed: the re-rendered windows, and every changed address still here (a
+            # re-weighted one moved class with an unchanged body).
+            dirty = set(self.dirty or ())
+            for key in aset.changed:
+                p = bisect_left(aset.keys, key)
+                if p < n and aset.keys[p] == key:
+                    dirty.add(p)
+            self.class_bodies = self.classes.patch(previous.class_bodies, edits, aset, self.bodies, dirty)
+            self.schedule = self.classes.schedule(self.class_bodies)
+            self.rotation = Rotation(name, aset.texts, partial(self.classes.order, aset), shown)
+            return
         found = weight_classes(aset.weights)
+        self.classes = None if found is None else WeightClasses.of(aset, found)
+        if self.classes is not None:
+            self.class_bodies = self.classes.spread(aset, self.bodies)
+            self.schedule = self.classes.schedule(self.class_bodies)
+            self.rotation = Rotation(name, aset.texts, partial(self.classes.order, aset), shown)
+            return
         if found is None:
-            self.schedule: Sequence[bytes] = self.bodies
+            self.schedule = self.bodies
             self.rotation = Rotation(name, aset.texts, range(n), shown)
-        else:
+        else:  # a period over MAX_SCHEDULE: the weights are scaled down, classes may merge
             classes, events = found
             bodies = self.bodies
             class_bodies = {w: list(map(bodies.__getitem__, idx)) for w, idx in classes.items()}
@@ -356,6 +524,7 @@ class RotatingAnswer:
     def _patched(self, previous: RotatingAnswer) -> Sequence[bytes]:
         """Bodies from ``previous``: only windows that cover a changed address are rendered."""
         if self.set.reweighted_only:
+            self.dirty = set()
             return previous.bodies  # the same windows; only the order of first places moves
         keys = list(previous.set.keys)
         bodies = list(previous.bodies)
@@ -376,6 +545,7 @@ class RotatingAnswer:
             dirty.update((p - j) % n for j in range(self.shown))
         for s in dirty:
             bodies[s] = self._body(keys, s)
+        self.dirty = dirty
         return bodies
 
     def rrset(self, slot: int) -> RRsetRef:

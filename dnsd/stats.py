@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from dnsd import wire
 from dnsd.rotation import Rotation
 from dnsd.table import AnswerTable, Entry
+
+if TYPE_CHECKING:  # prometheus_client is imported when first scraped, not at start-up
+    from prometheus_client.core import Metric
 
 
 def qtype_label(qtype: int) -> str:
@@ -151,8 +152,8 @@ class RegistryView:
     services: dict[str, tuple[str, int]]  # service -> (mode, addresses served)
 
 
-class DnsCollector(Collector):
-    """Prometheus collector reading a snapshot function at scrape time."""
+class DnsCollector:
+    """Prometheus collector reading a snapshot function at scrape time (prometheus_client's protocol)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], registry: Callable[[], RegistryView]) -> None:
         self._snapshot = snapshot
@@ -162,6 +163,9 @@ class DnsCollector(Collector):
         return []  # collected lazily; no fixed description needed
 
     def collect(self) -> Iterator[Metric]:
+        """The metrics of this scrape."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         snap = self._snapshot()
         reg = self._registry()
         q = CounterMetricFamily(

@@ -55,12 +55,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import prometheus_client
 import structlog
 
 from carousel.admin import AdminServer
 from carousel.logs import setup_logging
 from carousel.registry import ServiceRecord
+from carousel.tasks import stop_tasks
 from dnsd.config import Config
 from dnsd.cookies import Secrets
 from dnsd.daemon import (
@@ -221,12 +221,11 @@ async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shar
     pusher = asyncio.create_task(push_stats())
     renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
     await stop.wait()
-    pusher.cancel()
-    renewer.cancel()
+    await stop_tasks((pusher, renewer), what="dnsd worker task")
     await server.stop()
     conn.send(("stats", server.snapshot()))
     await conn.flush(2.0)
-    receiver.cancel()
+    await stop_tasks((receiver,), what="dnsd worker task")
     conn.close()
     return 0
 
@@ -424,6 +423,8 @@ async def _supervise(config: Config) -> int:
     supervisor = Supervisor(config, feed, listen, shared)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
+    import prometheus_client  # here, not at import: the workers never need it
+
     prometheus_client.REGISTRY.register(collector)
 
     def worker_status() -> dict[str, Any]:
@@ -499,9 +500,7 @@ async def _supervise(config: Config) -> int:
     finally:
         # Workers first (they answer), then the registry feed, etcd, the admin listener.
         await supervisor.stop()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks, what="dnsd task")
         for lst in held:
             lst.udp.close()
             lst.tcp.close()

@@ -188,3 +188,32 @@ def test_statistics_count_every_answer_once_across_rebuilds() -> None:
     name = "www.example.test."
     assert {a: n for (nm, a), n in snap.first.items() if nm == name and n} == dict(first)
     assert {a: n for (nm, a), n in snap.included.items() if nm == name and n} == dict(included)
+
+
+def test_one_weighted_change_at_10000_edges_costs_what_changed() -> None:
+    rng = random.Random(10)
+    records = [ServiceRecord("edge", f"e{i:05d}", 80, ipv4=(f"10.1.{i // 250}.{i % 250 + 1}",),
+                             weight=rng.randint(1, 10)) for i in range(10_000)]  # fmt: skip
+    builder = TableBuilder(ZONES)
+    started = time.process_time()
+    table = builder.build(records, 1)
+    full = time.process_time() - started
+    costs = []
+    for k in range(21):
+        old = records[k * 97]
+        if k % 3 == 2:  # a re-weighted edge changes class, not its windows
+            new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, weight=old.weight % 10 + 1)
+        else:
+            new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, weight=old.weight, state="draining")
+        records[k * 97] = new
+        started = time.process_time()
+        table = builder.update([(old, new)], 2 + k, previous=table)
+        costs.append(time.process_time() - started)
+    entry = table.lookup(WWW, 1)
+    up = [r for r in records if r.state == "up"]
+    assert entry is not None and entry.period == sum(r.weight for r in up)
+    assert sorted(entry.schedule) == sorted(TableBuilder(ZONES).build(records, 99).lookup(WWW, 1).schedule)  # type: ignore[union-attr]
+    # Moving one address between weight classes and laying the period out again with
+    # list copies: measured ~2.5 ms against a ~100 ms full build (loaded machine); sorting
+    # the 10,000 addresses by weight on every change, as before, cost 7-11 ms.
+    assert sorted(costs)[10] < full / 15, (costs, full)
