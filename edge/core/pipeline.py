@@ -37,19 +37,7 @@ must leave nothing done that ``__call__`` would do again: request-side work
 it did anyway (the DoS verdict) goes into ``ex.notes`` for ``__call__`` to
 reuse. The chain stops (None) at the first feature without ``now``; user
 features without one simply keep every request on the async path. Terminal
-``now``s are pure (a fixed response, a redirect, or None), except one:
-
-DEFERRED REPLIES. When every feature of the chain says it can take one
-(``defers = True``: SyncFeature does, from its ``after``), the upstream
-terminal's ``now`` starts the member request at once and returns a
-``Deferred``: a reply that comes later, through a callback, with no task and
-no second pass over the chain. Each feature's ``now`` registers its response
-side on it (``deferred.then(after, ex)``, innermost first, as the async chain
-would unwind) and passes it out; the connection writes the reply when the
-member's response is in. A feature that leaves ``defers`` unset keeps every
-proxied request on the async chain, as before. Measured: the task, the second
-pass and the coroutine frames of the async chain were about a fifth of a
-proxied request's interpreted CPU (bench/hotpath_bench.py).
+``now``s are pure (a fixed response, a redirect, or None).
 """
 
 from __future__ import annotations
@@ -62,10 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
-import structlog
 from multidict import CIMultiDict
-
-log = structlog.get_logger("carousel.edge.pipeline")
 
 if TYPE_CHECKING:
     from edge.core.config import Config
@@ -330,59 +315,6 @@ class Exchange:
     send_interim: Callable[[bytes], None] | None = None
     # Free-form space for features (e.g. a cache key).
     notes: dict[str, Any] = field(default_factory=dict)
-    # Set by the headers feature on the synchronous chain: builds ``upstream_headers`` when
-    # the request does go upstream (a cache hit never pays for it).
-    make_upstream_headers: Callable[[Exchange], CIMultiDict[str]] | None = None
-
-
-class Deferred(Reply):
-    """A reply the terminal handler gives later, by callback (see DEFERRED REPLIES above).
-
-    A placeholder, not a reply: it has no status, fields or body (reading them raises), and
-    only chains whose every feature declares ``defers`` ever carry one, so features that
-    never heard of it keep their ``Reply | None`` signatures and never meet it.
-    """
-
-    __slots__ = ("_reply", "_sink", "_steps")
-
-    def __init__(self) -> None:  # no super().__init__: nothing of a Reply is known yet
-        self._steps: list[tuple[Callable[[Exchange, Reply], Reply], Exchange]] = []
-        self._reply: Reply | None = None
-        self._sink: Callable[[Reply | None], None] | None = None
-
-    def then(self, step: Callable[[Exchange, Reply], Reply], ex: Exchange) -> Deferred:
-        """Add a response-side step; steps run in the order added (innermost feature first)."""
-        self._steps.append((step, ex))
-        return self
-
-    @property
-    def ready(self) -> bool:
-        """Resolved already (a failure the terminal answered at once): ``result()`` it now."""
-        return self._reply is not None
-
-    def resolve(self, reply: Reply) -> None:
-        """The terminal's reply is in: the steps run, then the sink gets it (once one waits)."""
-        self._reply = reply
-        if self._sink is not None:
-            sink, self._sink = self._sink, None
-            sink(self.result())
-
-    def wait(self, sink: Callable[[Reply | None], None]) -> None:
-        """Hand the final reply to ``sink`` when it comes: None when a response-side step
-        failed (logged here; the sink answers 500). Called once, while not ``ready``."""
-        self._sink = sink
-
-    def result(self) -> Reply | None:
-        """The reply after every step (None: a step failed, and was logged)."""
-        reply = self._reply
-        assert reply is not None
-        try:
-            for step, ex in self._steps:
-                reply = step(ex, reply)
-        except Exception:
-            log.exception("request failed on the response side")
-            return None
-        return reply
 
 
 Handler = Callable[[Exchange], Awaitable[Reply]]
@@ -409,8 +341,6 @@ class SyncFeature:
     """
 
     __slots__ = ()
-    #: Its synchronous chain takes a Deferred from further in (see DEFERRED REPLIES).
-    defers = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -432,11 +362,7 @@ class SyncFeature:
         if reply is not None:
             return reply
         reply = call_next(ex)
-        if reply is None:
-            return None
-        if type(reply) is Deferred:
-            return reply.then(self.after, ex)
-        return self.after(ex, reply)
+        return None if reply is None else self.after(ex, reply)
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
         """The async chain, derived from the same two steps."""
@@ -492,11 +418,6 @@ def _link(feature: Feature, call_next: Handler) -> Handler:
 
 def _never(ex: Exchange) -> Reply | None:
     return None
-
-
-def chain_defers(features: list[Feature]) -> bool:
-    """Does every feature's synchronous chain take a Deferred (see DEFERRED REPLIES)?"""
-    return all(getattr(f, "now", None) is not None and getattr(f, "defers", False) for f in features)
 
 
 def chain_now(features: list[Feature], terminal: NowHandler) -> NowHandler:

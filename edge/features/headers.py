@@ -63,10 +63,6 @@ class HeaderHygiene:
         extra |= {p.hash_key[7:].lower() for p in config.pool.values() if p.hash_key.startswith("header:")}
         self.protected = PROTECTED | frozenset(extra)
         self.cache_on = config.cache.enabled
-        self._make_upstream_headers = self.upstream_headers  # bound once, set on each pool request
-
-    #: Its synchronous chain passes a Deferred reply on untouched (no response side).
-    defers = True
 
     def _honoured(self, ex: Exchange, incoming: CIMultiDictProxy[str]) -> frozenset[str]:
         """HOP_BY_HOP plus the Connection options this request may have removed."""
@@ -120,11 +116,10 @@ class HeaderHygiene:
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
-        """A cache hit needs the client address, not the upstream headers: those are built
-        only if the request does go upstream (by the proxy's ``now``, or by __call__)."""
+        """Only a cache hit answers a pool route at once: it needs the client address, not the
+        upstream headers (built by __call__ when the request does go upstream)."""
         if ex.route.kind == "pool":
             self._set_client(ex)
-            ex.make_upstream_headers = self._make_upstream_headers
         return call_next(ex)
 
     def _set_client(self, ex: Exchange) -> None:

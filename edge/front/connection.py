@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from edge.core.pipeline import Body, BytesBody, Deferred
+from edge.core.pipeline import Body, BytesBody
 from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, RequestParser, field_lines
 from edge.http.request import Request
 
@@ -85,7 +85,7 @@ class ConnectionHost(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
-    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | Deferred | None: ...
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None: ...
 
 
 def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:
@@ -255,10 +255,10 @@ class ClientConnection(asyncio.Protocol):
             self._due = 0.0
             self.handling = True
             rest = self._answer(Request(head, self, None))
-            if rest is None:
-                self._served()
-            elif not isinstance(rest, Deferred):  # a Deferred calls resume_after when written
+            if rest is not None:
                 self.edge.spawn(self._run(rest))
+            else:
+                self._served()
             return
         reject = 0
         for ev in events:
@@ -336,18 +336,9 @@ class ClientConnection(asyncio.Protocol):
                 return
             rest = self._answer(self._next_request())
             if rest is not None:
-                if not isinstance(rest, Deferred):  # a Deferred calls resume_after when written
-                    self.edge.spawn(self._run(rest))
+                self.edge.spawn(self._run(rest))
                 return
         self._served()
-
-    def resume_after(self, rest: Coroutine[Any, Any, None] | None) -> None:
-        """A Deferred reply was written (front/server.py): its streamed body, if any, then
-        the requests queued behind it."""
-        if rest is not None:
-            self.edge.spawn(self._run(rest))
-        else:
-            self._serve()
 
     def _next_request(self) -> Request:
         assert self.queue
@@ -356,7 +347,7 @@ class ClientConnection(asyncio.Protocol):
             self._resume_reading()
         return request
 
-    def _answer(self, request: Request) -> Coroutine[Any, Any, None] | Deferred | None:
+    def _answer(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer one request at once where the pipeline can; what is left to await, if any.
         A failure here is the edge's own: logged, and the connection is dropped."""
         self.requests += 1
@@ -376,11 +367,9 @@ class ClientConnection(asyncio.Protocol):
                 await rest
             while self.queue and not self.closing and self.tunnel is None:
                 await self.drain()
-                later = self._answer(self._next_request())
-                if isinstance(later, Deferred):
-                    return  # resume_after goes on with the queue once it is written
-                if later is not None:
-                    await later
+                rest = self._answer(self._next_request())
+                if rest is not None:
+                    await rest
         except ConnectionError:
             self.close()
         except Exception:

@@ -60,7 +60,6 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError
 from hyperframe.frame import GoAwayFrame
 
-from edge.core.pipeline import Deferred
 from edge.features.dos import DosDetector
 from edge.front.connection import ConnectionHost, http_date
 from edge.front.h2stream import PAGES, H2Stream, Stats, StreamGone
@@ -333,7 +332,6 @@ class H2ClientConnection(asyncio.Protocol):
             self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
             return
         if rest is not None:
-            assert not isinstance(rest, Deferred)  # the edge defers only HTTP/1.1 requests
             self.edge.spawn(self._run(stream, rest))
 
     async def _run(self, stream: H2Stream, rest: Coroutine[Any, Any, None]) -> None:

@@ -29,13 +29,11 @@ from edge.core.metrics import Metrics, access_log
 from edge.core.node import Node
 from edge.core.pipeline import (
     BytesBody,
-    Deferred,
     Exchange,
     Handler,
     NowHandler,
     Reply,
     chain,
-    chain_defers,
     chain_now,
     load_factory,
 )
@@ -115,14 +113,6 @@ class Edge:
         self.features = build_features(config, self)
         self.handle: Handler = chain(self.features, self._terminal)
         self.handle_now: NowHandler = chain_now(self.features, self._terminal_now)
-        # The same chain, whose pool routes answer by callback (a Deferred: no task, one pass
-        # over the chain), when every feature takes that (edge/core/pipeline.py).
-        self.handle_deferred: NowHandler | None = None
-        if chain_defers(self.features):
-            self.handle_deferred = chain_now(self.features, self._terminal_deferred)
-        self.proxy.spawn = lambda coro: self.spawn(coro)  # tracked here: shutdown waits for them
-        self._in_flight = 0  # deferred replies not yet written (shutdown waits for them)
-        self._all_written: asyncio.Event | None = None  # set by shutdown while it waits
         # TLS termination (edge/front/tls.py) and passthrough (edge/front/passthrough.py) listeners.
         self.certificates = (
             CertificateStore(config.tls, h2=config.http2.enabled) if config.tls.certificate else None
@@ -182,12 +172,6 @@ class Edge:
             BytesBody(cfg.body.encode()),
         )
 
-    def _terminal_deferred(self, ex: Exchange) -> Reply | None:
-        """As _terminal_now, but a pool route starts its request and answers later (a Deferred)."""
-        if ex.route.kind == "pool":
-            return self.proxy.now(ex)
-        return self._terminal_now(ex)
-
     async def _terminal(self, ex: Exchange) -> Reply:
         kind = ex.route.kind
         if kind == "pool":
@@ -198,15 +182,12 @@ class Edge:
         assert reply is not None
         return reply
 
-    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | Deferred | None:
+    def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer a complete request; None when done, or what is left to await.
 
         Called from the connection's data_received: when the pipeline can answer
         without waiting (``now``, see edge/core/pipeline.py) the reply is written here,
-        with no task. A proxied request on an HTTP/1.1 connection comes back as a
-        Deferred: the reply is written when the member's response is in, and the
-        connection is told (``resume_after``). Otherwise the rest becomes a coroutine
-        for the connection.
+        with no task; otherwise the rest becomes a coroutine for the connection.
         """
         head = request.head
         raw_host = head.headers.get("Host", "")
@@ -226,43 +207,15 @@ class Edge:
             # Counted by the DoS detector too: a flood of unknown hosts is still a flood.
             refused = self._dos.unrouted(request) if self._dos is not None else None
             return self._send(request, None, None, refused or not_found())
-        conn = request.conn
-        ex = Exchange(request, route, host, request.remote, conn.scheme)
+        ex = Exchange(request, route, host, request.remote, request.conn.scheme)
         try:
-            if route.kind == "pool" and self.handle_deferred is not None and type(conn) is not H2Stream:
-                if request.version == "HTTP/1.1":  # HTTP/1.0 has no 1xx (RFC 9110 15.2)
-                    ex.send_interim = request.send_interim
-                reply = self.handle_deferred(ex)
-            else:
-                reply = self.handle_now(ex)
+            reply = self.handle_now(ex)
         except Exception:
             log.exception("request failed", route=route.name, path=request.path)
             reply = error_reply(500)
         if reply is None:
             return self._answer_later(request, route, ex)
-        if type(reply) is Deferred:
-            if not reply.ready:
-                self._in_flight += 1
-                reply.wait(lambda final: self._deferred_reply(request, route, ex, final))
-                return reply
-            reply = reply.result() or error_reply(500)  # answered at once (a failure)
         return self._send(request, route, ex, reply)
-
-    def _deferred_reply(self, request: Request, route: Route, ex: Exchange, reply: Reply | None) -> None:
-        """A Deferred's reply is in: write it, then the connection goes on with its queue."""
-        self._in_flight -= 1
-        if not self._in_flight and self._all_written is not None:
-            self._all_written.set()
-        conn = request.conn
-        try:
-            rest = self._send(request, route, ex, reply or error_reply(500))
-        except Exception:
-            log.exception("connection failed while answering")
-            conn.closing = True
-            if conn.transport is not None:
-                conn.transport.abort()
-            rest = None
-        conn.resume_after(rest)
 
     async def _answer_later(self, request: Request, route: Route, ex: Exchange) -> None:
         if request.version == "HTTP/1.1":  # HTTP/1.0 has no 1xx (RFC 9110 15.2)
@@ -541,19 +494,9 @@ class Edge:
         for conn in list(self.connections):
             conn.close_if_idle()
         # 4. Wait for in-flight requests up to the deadline, then cancel what is
-        #    left and drop those connections. Proxied requests answered by callback
-        #    (no task) are counted in _in_flight.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.edge.shutdown_timeout
-        if self._in_flight:
-            self._all_written = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._all_written.wait(), self.config.edge.shutdown_timeout)
-            except TimeoutError:
-                log.warning("proxied requests cut off at the shutdown deadline", count=self._in_flight)
+        #    left and drop those connections.
         if self._tasks:
-            timeout = max(0.0, deadline - loop.time())
-            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.config.edge.shutdown_timeout)
             for task in late:
                 task.cancel()
             if late:

@@ -288,9 +288,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: Callable[[bytes], None] | None = None
         self.head_ready: asyncio.Future[None] | None = None
         self.done: asyncio.Future[None] | None = None
-        # Instead of ``done``: called at once with None (complete) or the failure, from
-        # data_received or connection_lost, so the reply is written in the same loop turn.
-        self.on_done: Callable[[Exception | None], None] | None = None
         self.read_timeout = 30.0
         self.last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -371,25 +368,18 @@ class UpstreamConnection(asyncio.Protocol):
     # --- request cycle ------------------------------------------------------------------
 
     def start(
-        self,
-        request: bytes,
-        head_request: bool,
-        read_timeout: float,
-        *,
-        want_head: bool = False,
-        on_done: Callable[[Exception | None], None] | None = None,
+        self, request: bytes, head_request: bool, read_timeout: float, *, want_head: bool = False
     ) -> None:
         """Send a serialised request (head and body in one write) and begin parsing its
-        response; ``done`` resolves when it is complete (or ``on_done`` is called, when
-        given: no future), ``head_ready`` (``want_head``, for streaming) when its head is in."""
+        response; ``done`` resolves when it is complete, ``head_ready`` (``want_head``, for
+        streaming) when its head is in."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent("connection closed before the request was sent")
         loop = self.loop
         self.parser = ResponseParser(head_request)
         self.head_ready = loop.create_future() if want_head else None
-        self.on_done = on_done
-        self.done = loop.create_future() if on_done is None else None
+        self.done = loop.create_future()
         self.read_timeout = read_timeout
         self.last_data = now = loop.time()
         # One read timer per connection, moved lazily: a timer still armed from an earlier
@@ -405,7 +395,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
-        if self.on_done is None and (self.done is None or self.done.done()):
+        if self.done is None or self.done.done():
             return  # between requests: the next start() arms a timer again
         due = self.last_data + self.read_timeout
         if self.loop.time() < due:
@@ -421,10 +411,6 @@ class UpstreamConnection(asyncio.Protocol):
                 # other is never read, which is fine: do not log it as lost.
                 fut.exception()
         self.abort()
-        on_done = self.on_done
-        if on_done is not None:
-            self.on_done = None
-            on_done(exc)
 
     def _finish(self) -> None:
         # The read timer stays (see start): it finds the request done when it fires.
@@ -433,10 +419,6 @@ class UpstreamConnection(asyncio.Protocol):
             head.set_result(None)
         if done is not None and not done.done():
             done.set_result(None)
-        on_done = self.on_done
-        if on_done is not None:
-            self.on_done = None
-            on_done(None)
 
     def pause(self) -> None:
         """Stop reading (streaming consumer is behind)."""
@@ -467,7 +449,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_interim = None
         self.head_ready = None
         self.done = None
-        self.on_done = None
         self.resume()
 
     def abort(self) -> None:

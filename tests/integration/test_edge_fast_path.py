@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from edge.core.pipeline import Exchange, Handler, NowHandler, Reply, SyncFeature
+from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
 from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
 from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
@@ -195,101 +192,3 @@ async def test_a_client_that_does_not_read_is_not_answered_into_an_unbounded_buf
             resp = await asyncio.wait_for(read_response(reader), 10)
             assert resp.status == 200 and len(resp.body) == len(body)
         writer.close()
-
-
-class Tag(SyncFeature):
-    """A user feature with a response side: tags every answer."""
-
-    def after(self, ex: Exchange, reply: Reply) -> Reply:
-        reply.headers["X-Tag"] = "tagged"
-        return reply
-
-
-def tag_feature(config: object, ctx: object) -> Tag:
-    return Tag()
-
-
-@asynccontextmanager
-async def pooled_origin_and_edge(feature: str) -> AsyncIterator[tuple[ScriptedOrigin, Edge]]:
-    """An origin behind an edge that keeps its connections to it (keepalive = "pool"), with
-    the cache on but off for this route, and one user feature."""
-    origin = ScriptedOrigin()
-    port = await origin.start()
-    try:
-        config = edge_config(port)
-        config["route"][0]["cache"] = False
-        config["pool"]["origin"]["keepalive"] = "pool"
-        config["edge"] = {"features": [f"{__name__}:{feature}"]}
-        async with running_edge(config) as edge:
-            yield origin, edge
-    finally:
-        await origin.stop()
-
-
-@pytest.mark.parametrize(
-    ("feature", "tasks"),
-    [
-        # Every feature takes a Deferred: once a pooled connection exists (the first request
-        # makes it, in a task), proxied keep-alive requests are answered by callback.
-        ("tag_feature", 1),
-        # A user feature with a `now` of its own but no `defers`: the async chain, a task each.
-        ("sync_fields", 30),
-    ],
-)
-async def test_proxied_keep_alive_requests_take_no_task_when_every_feature_defers(
-    feature: str, tasks: int
-) -> None:
-    async with pooled_origin_and_edge(feature) as (origin, edge):
-        origin.reply("/dyn", "dynamic", x_drop="member's", etag='"e1"')
-        spawned = count_tasks(edge)
-        answers = await keep_alive_gets(edge.port, "/dyn", 30)
-        assert [s for s, _ in answers] == [200] * 30
-        assert spawned[0] == tasks
-        seen = origin.seen("/dyn")
-        assert len(seen) == 30
-        # The upstream fields were built for every request, on either path.
-        assert all(r.headers.get("X-Forwarded-For") == "127.0.0.1" for r in seen)
-        if feature == "tag_feature":
-            assert all(h.get("x-tag") == "tagged" for _, h in answers)
-        else:
-            assert all(h.get("x-seen-etag") == '"e1"' and "x-drop" not in h for _, h in answers)
-
-
-async def test_pipelined_proxied_requests_are_answered_in_order_by_callback() -> None:
-    async with pooled_origin_and_edge("tag_feature") as (origin, edge):
-        for name in ("a", "b", "c", "d"):
-            origin.reply(f"/{name}", f"body-{name}")
-        await keep_alive_gets(edge.port, "/a", 1)  # the pooled connection
-        spawned = count_tasks(edge)
-        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
-        try:
-            writer.write(b"".join(f"GET /{n} HTTP/1.1\r\nHost: fast.test\r\n\r\n".encode() for n in "abcd"))
-            bodies = [(await asyncio.wait_for(read_response(reader), 5)).body for _ in range(4)]
-        finally:
-            writer.close()
-        assert bodies == [b"body-a", b"body-b", b"body-c", b"body-d"]
-        assert spawned[0] == 0
-
-
-async def test_a_deferred_proxied_request_is_written_before_a_graceful_stop_ends() -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.5)
-        return web.Response(text="late but whole")
-
-    async with pooled_origin_and_edge("tag_feature") as (origin, edge):
-        origin.on("/slow", slow)
-        origin.reply("/warm", "warm")
-        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
-        try:
-            writer.write(b"GET /warm HTTP/1.1\r\nHost: fast.test\r\n\r\n")
-            assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
-            writer.write(b"GET /slow HTTP/1.1\r\nHost: fast.test\r\n\r\n")
-            await asyncio.sleep(0.1)
-            assert edge._in_flight == 1  # answered by callback, not by a task
-            stopping = asyncio.create_task(edge.stop())
-            resp = await asyncio.wait_for(read_response(reader), 5)
-            await stopping
-        finally:
-            writer.close()
-        assert resp.status == 200 and resp.body == b"late but whole"
-        assert resp.header("Connection") == "close"  # draining: the edge says so

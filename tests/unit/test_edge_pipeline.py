@@ -7,16 +7,7 @@ from types import SimpleNamespace
 import pytest
 from multidict import CIMultiDict
 
-from edge.core.pipeline import (
-    BytesBody,
-    Deferred,
-    Exchange,
-    Reply,
-    SyncFeature,
-    chain,
-    chain_defers,
-    chain_now,
-)
+from edge.core.pipeline import BytesBody, Exchange, Reply, SyncFeature, chain, chain_now
 from edge.features.https import HttpsPolicy
 from edge.http.http1 import Head, RequestParser
 from edge.http.request import Request
@@ -118,76 +109,3 @@ async def test_the_tls_feature_answers_alike_on_both_chains() -> None:
         {"Strict-Transport-Security": "max-age=600"},
     )
     assert chain_now([policy], _must_wait)(_exchange("/a", "https")) is None
-
-
-class Order(SyncFeature):
-    """Appends its name to X-Order on the response side (shows which after ran first)."""
-
-    def __init__(self, name: str, fail: bool = False) -> None:
-        self.name = name
-        self.fail = fail
-
-    def after(self, ex: Exchange, reply: Reply) -> Reply:
-        if self.fail:
-            raise RuntimeError("a broken response side")
-        reply.headers["X-Order"] = reply.headers.get("X-Order", "") + self.name
-        return reply
-
-
-def test_a_deferred_reply_runs_every_response_side_once_innermost_first() -> None:
-    pending: list[Deferred] = []
-
-    def terminal(ex: Exchange) -> Reply | None:
-        pending.append(Deferred())
-        return pending[-1]
-
-    outer, inner = Order("o"), Order("i")
-    run = chain_now([outer, inner], terminal)
-    answer = run(_exchange())
-    assert isinstance(answer, Deferred) and answer is pending[0] and not answer.ready
-    got: list[Reply | None] = []
-    answer.wait(got.append)
-    assert got == []  # nothing before the terminal's reply is in
-    answer.resolve(Reply(200, CIMultiDict(), BytesBody(b"ok")))
-    assert len(got) == 1 and got[0] is not None
-    assert got[0].status == 200 and got[0].headers["X-Order"] == "io"  # as the async chain unwinds
-
-
-def test_a_deferred_resolved_before_anyone_waits_is_taken_at_once() -> None:
-    def terminal(ex: Exchange) -> Reply | None:
-        deferred = Deferred()
-        deferred.resolve(Reply(502, CIMultiDict()))  # a failure answered while starting
-        return deferred
-
-    answer = chain_now([Order("o")], terminal)(_exchange())
-    assert isinstance(answer, Deferred) and answer.ready
-    final = answer.result()
-    assert final is not None and final.status == 502 and final.headers["X-Order"] == "o"
-
-
-def test_a_failing_response_side_step_hands_none_to_the_sink() -> None:
-    deferred = Deferred()
-    answer = chain_now([Order("o"), Order("x", fail=True)], lambda ex: deferred)(_exchange())
-    got: list[Reply | None] = []
-    assert answer is deferred
-    deferred.wait(got.append)
-    deferred.resolve(Reply(200, CIMultiDict()))
-    assert got == [None]  # the edge answers 500, as the async chain does for an exception
-
-
-def test_deferring_needs_every_feature_to_say_so() -> None:
-    class Plain:
-        def now(self, ex: Exchange, call_next: object) -> Reply | None:
-            return None
-
-        async def __call__(self, ex: Exchange, call_next: object) -> Reply:
-            raise AssertionError
-
-    assert chain_defers([Order("a"), Order("b")])
-    assert chain_defers([])
-    assert not chain_defers([Order("a"), Plain()])  # type: ignore[list-item]
-
-
-def test_a_deferred_is_no_reply_until_it_is_resolved() -> None:
-    with pytest.raises(AttributeError):
-        _ = Deferred().status  # a feature that never heard of it fails loudly, not silently

@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 
 from edge.core.errors import error_reply
 from edge.core.fields import ResponseCleaner, TrustedProxies
-from edge.core.pipeline import BytesBody, Deferred, EdgeContext, Exchange, Handler, NowHandler, Reply
+from edge.core.pipeline import BytesBody, EdgeContext, Exchange, Handler, NowHandler, Reply
 from edge.features.cache.admit import WRITE_NOTE, Admission
 from edge.features.cache.coalesce import Coalescer, HitForMiss
 from edge.features.cache.disk import DiskStore
@@ -68,10 +68,6 @@ _OFF = object()
 
 class CacheFeature(Upstream):
     """The cache, one per worker: a memory tier, an optional shared disk tier, coalescing, purges."""
-
-    #: Its synchronous chain takes a Deferred: uncached routes pass it on, unsafe methods
-    #: invalidate when it resolves; a miss on a cached route never gets that far (None).
-    defers = True
 
     def __init__(self, config: Config, ctx: EdgeContext) -> None:
         c = config.cache
@@ -210,15 +206,8 @@ class CacheFeature(Upstream):
         if method == "PURGE":
             return self._purge_request(ex, rules)
         reply = call_next(ex)
-        if type(reply) is Deferred:  # an unsafe method proxied by callback: invalidate once it is in
-            return reply.then(self._after_other_step, ex)
         if reply is not None:
             self._after_other(ex, reply, rules)
-        return reply
-
-    def _after_other_step(self, ex: Exchange, reply: Reply) -> Reply:
-        """_after_other as a Deferred's response-side step."""
-        self._after_other(ex, reply, self._rules_for(ex))
         return reply
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
