@@ -1,7 +1,8 @@
 """The edge against its peers on every route, in one run: req/s and server CPU per request.
 
-    python bench/proxy_bench.py [--duration 5] [--rounds 3] [--routes ka,nk,static,fixed,...]
-                                [--peers nginx,haproxy,aiohttp,uvicorn] [--pure]
+    python bench/proxy_bench.py [--duration 5] [--rounds 3] [--routes ka,nk,static,fixed,hit,...]
+                                [--peers nginx,nginx-ofc,haproxy,varnish,aiohttp,proxypy,uvicorn]
+                                [--pure] [--before TREE] [--workers 2] [--memory]
 
 * one AP: nginx (Debian's) serving 1 KiB and 100 KiB files, pinned to core 1, with wrk;
 * the servers under test, each pinned to core 0, each one process (one worker):
@@ -14,9 +15,20 @@
     force-close one for ``/nk/``, ``add_static``), the floor a Python proxy should beat;
   - ``uvicorn``: uvicorn + httptools (+ uvloop) answering a fixed 1 KiB response, the
     ceiling of a Python HTTP server (``fixed`` route only; skipped if not installed);
+  - ``proxypy``: proxy.py (``pip install proxy.py``) in reverse-proxy mode, one acceptor,
+    threadless: a Python reverse proxy people pick (``ka``/``ka100k`` routes, whatever it does
+    towards the AP; skipped if not installed);
+  - ``nginx`` also caches ``/c/`` (``proxy_cache``, stock), ``nginx-ofc`` the same with
+    ``open_file_cache`` (the cached file's descriptor kept open), ``varnish`` (if installed,
+    ``-s malloc``): the ``hit`` route, a 1 KiB object the AP marks ``max-age=3600``;
 * routes: ``ka`` proxied with keep-alive to the AP (1 KiB), ``nk`` proxied with a new AP
   connection per request, ``ka100k`` (100 KiB through the proxy), ``static`` (1 KiB file),
-  ``static100k``, ``fixed`` (a fixed 1 KiB answer: the edge's ``respond`` route);
+  ``static100k``, ``fixed`` (a fixed 1 KiB answer: the edge's ``respond`` route), ``hit``
+  (a cache hit of 1 KiB: the edge's ``[cache]`` is on, and only ``/c/`` is cached);
+* ``--workers 2``: the edge with ``workers = 2``, nginx ``worker_processes 2``, HAProxy
+  ``nbthread 2``, Varnish as it is, nothing pinned (servers, AP and wrk share both cores);
+* ``--memory``: after the runs, RSS per idle keep-alive client connection (10,000 of them;
+  edge and nginx) and per cached 1 KiB object (the edge: 20,000 distinct URLs);
 * wrk -t1 -c50 on core 1, every (route, server) cell once per round, the server order
   reversed every round; each run reads the server's CPU time (utime + stime of its process
   tree) around it, so CPU per request = CPU seconds / requests.
@@ -30,6 +42,7 @@ Needs nginx, wrk, taskset; everything else is optional. Exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -37,10 +50,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_bench import free_port, nginx_conf, stop, wait_http
+from edge_bench import free_port, idle_rss_per_connection, nginx_conf, rss_kib, stop, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = {
@@ -50,6 +65,7 @@ ROUTES = {
     "static": "/static/f1k.txt",
     "static100k": "/static/f100k.bin",
     "fixed": "/fixed",
+    "hit": "/c/f1k.txt",
 }
 # Which server answers which route.
 SERVES = {
@@ -57,8 +73,11 @@ SERVES = {
     "edge-pure": set(ROUTES),
     "edge-before": set(ROUTES),
     "nginx": set(ROUTES) - {"fixed"},
+    "nginx-ofc": {"hit"},
     "haproxy": {"ka", "nk", "ka100k"},
+    "varnish": {"hit"},
     "aiohttp": {"ka", "nk", "ka100k", "static", "static100k"},
+    "proxypy": {"ka", "ka100k"},
     "uvicorn": {"fixed"},
 }
 PAYLOAD = (b"carousel benchmark payload 0123456789abcdef\n" * 24)[:1024]
@@ -68,12 +87,15 @@ EDGE_TOML = """
 [edge]
 host = "127.0.0.1"
 port = {port}
+workers = {workers}
 access_log = false
 max_requests_per_connection = 1000000
 [admin]
 port = {admin}
 [log]
 level = "warning"
+[cache]
+enabled = true
 [pool.ka]
 members = [{{ address = "127.0.0.1:{ap}" }}]
 keepalive = "pool"
@@ -83,9 +105,14 @@ keepalive = "off"
 [[route]]
 path = "/ka/"
 pool = "ka"
+cache = false
 [[route]]
 path = "/nk/"
 pool = "nk"
+cache = false
+[[route]]
+path = "/c/"
+pool = "ka"
 [[route]]
 path = "/static/"
 static = "{www}/static"
@@ -98,7 +125,7 @@ body = "{fixed}"
 HAPROXY_CFG = """
 global
   maxconn 4000
-  nbthread 1
+  nbthread {threads}
 defaults
   mode http
   timeout connect 5s
@@ -145,6 +172,23 @@ async def main():
 uvloop.run(main())
 """
 
+PROXYPY_PLUGIN = """
+from proxy.http.server import ReverseProxyBasePlugin
+
+AP = "http://127.0.0.1:{ap}"
+
+
+class BenchRoutes(ReverseProxyBasePlugin):
+    def routes(self):
+        return [(r"/ka/f1k.txt$", [(AP + "/ka/f1k.txt").encode()]),
+                (r"/ka/f100k.bin$", [(AP + "/ka/f100k.bin").encode()])]
+"""
+
+VARNISH_VCL = """
+vcl 4.1;
+backend ap {{ .host = "127.0.0.1"; .port = "{ap}"; }}
+"""
+
 UVICORN_FIXED = """
 import sys
 import uvicorn
@@ -164,7 +208,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="h
 
 
 def start(
-    argv: list[str], log: Path, core: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+    argv: list[str], log: Path, core: int | str, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -195,11 +239,15 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def wrk(url: str, duration: int, connections: int, pid: int) -> tuple[float, float]:
-    """(requests/s, server CPU microseconds per request)."""
+def wrk(
+    url: str, duration: int, connections: int, pid: int, cores: str = "1", close: bool = False
+) -> tuple[float, float]:
+    """(requests/s, server CPU microseconds per request); ``close``: a new client connection
+    per request (wrk sends Connection: close)."""
     before = tree_cpu(pid)
+    extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
+        ["taskset", "-c", cores, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", *extra, url],
         capture_output=True,
         text=True,
         check=True,
@@ -218,7 +266,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--routes", default=",".join(ROUTES))
-    parser.add_argument("--peers", default="nginx,haproxy,aiohttp,uvicorn")
+    parser.add_argument("--peers", default="nginx,nginx-ofc,haproxy,varnish,aiohttp,proxypy,uvicorn")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes/threads of every server")
+    parser.add_argument("--memory", action="store_true", help="also memory per idle connection and object")
     parser.add_argument("--pure", action="store_true", help="also an edge on the pure-Python modules")
     parser.add_argument("--before", help="also an edge run from this source tree (edge-before)")
     args = parser.parse_args()
@@ -242,11 +292,26 @@ def main() -> int:
         if "uvicorn" in servers:
             print("proxy_bench: uvicorn not installed, skipped (pip install uvicorn httptools)")
             servers.remove("uvicorn")
+    try:
+        import proxy  # noqa: F401
+    except ImportError:
+        if "proxypy" in servers:
+            print("proxy_bench: proxy.py not installed, skipped (pip install proxy.py)")
+            servers.remove("proxypy")
+    varnishd = shutil.which("varnishd") or "/usr/sbin/varnishd"
+    if "varnish" in servers and not Path(varnishd).exists():
+        print("proxy_bench: varnishd not installed, skipped (apt-get install varnish)")
+        servers.remove("varnish")
+    # One process (or thread) per server pinned to core 0, the AP and wrk on core 1; with
+    # several workers nothing is pinned: every process may use both cores.
+    workers = args.workers
+    server_core = "0" if workers == 1 else "0,1"
+    other_core = "1" if workers == 1 else "0,1"
 
     work = Path(tempfile.mkdtemp(prefix="carousel-peers-"))
     work.chmod(0o755)
     www = work / "www"
-    for sub in ("ka", "nk", "static"):
+    for sub in ("ka", "nk", "static", "c"):
         (www / sub).mkdir(parents=True)
         (www / sub / "f1k.txt").write_bytes(PAYLOAD)
         (www / sub / "f100k.bin").write_bytes(os.urandom(100 * 1024))
@@ -256,8 +321,13 @@ def main() -> int:
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         ap = free_port()
-        ap_conf = nginx_conf(work, "ap", f"server {{ listen 127.0.0.1:{ap}; root {www}; }}")
-        procs.append(start([nginx, "-c", str(ap_conf), "-p", str(work)], work / "ap.log", 1))
+        ap_conf = nginx_conf(
+            work,
+            "ap",
+            f"server {{ listen 127.0.0.1:{ap}; root {www};\n"
+            f'    location /c/ {{ add_header Cache-Control "max-age=3600"; }} }}',
+        )
+        procs.append(start([nginx, "-c", str(ap_conf), "-p", str(work)], work / "ap.log", other_core))
         wait_http(f"http://127.0.0.1:{ap}/ka/f1k.txt")
         for server in servers:
             port = ports[server] = free_port()
@@ -265,29 +335,80 @@ def main() -> int:
             if server.startswith("edge"):
                 conf = work / f"{server}.toml"
                 conf.write_text(
-                    EDGE_TOML.format(port=port, admin=free_port(), ap=ap, www=www, fixed=FIXED_BODY)
+                    EDGE_TOML.format(
+                        port=port, admin=free_port(), ap=ap, www=www, fixed=FIXED_BODY, workers=workers
+                    )
                 )
                 if server == "edge-pure":
                     env = {**os.environ, "CAROUSEL_PURE_PYTHON": "1"}
                 elif server == "edge-before":
                     env = {**os.environ, "PYTHONPATH": str(Path(args.before).resolve())}
                 argv = [sys.executable, "-m", "carousel.cli", "edge", "--config", str(conf)]
-            elif server == "nginx":
+            elif server in ("nginx", "nginx-ofc"):
+                # Stock proxy_cache: keys in shared memory, the object in a file (page cache);
+                # nginx-ofc keeps the cached files' descriptors open (open_file_cache).
+                ofc = "open_file_cache max=1000 inactive=60s;\n  " if server == "nginx-ofc" else ""
                 conf = nginx_conf(
                     work,
-                    "proxy",
-                    f"upstream ka {{ server 127.0.0.1:{ap}; keepalive 16; }}\n"
+                    server,
+                    f"proxy_cache_path {work}/{server}-cache keys_zone={server.replace('-', '_')}:10m;\n"
+                    f"  {ofc}upstream ka {{ server 127.0.0.1:{ap}; keepalive 16; }}\n"
                     f"  upstream nk {{ server 127.0.0.1:{ap}; }}\n"
                     f"  server {{ listen 127.0.0.1:{port};\n"
                     f"    location /static/ {{ alias {www}/static/; }}\n"
+                    f"    location /c/ {{ proxy_pass http://ka; proxy_http_version 1.1;\n"
+                    f'      proxy_set_header Connection ""; proxy_cache {server.replace("-", "_")}; }}\n'
                     f"    location /ka/ {{ proxy_pass http://ka; proxy_http_version 1.1;\n"
                     f'      proxy_set_header Connection ""; }}\n'
                     f"    location /nk/ {{ proxy_pass http://nk; }} }}",
                 )
+                if workers > 1:
+                    conf.write_text(
+                        conf.read_text().replace("worker_processes 1;", f"worker_processes {workers};")
+                    )
                 argv = [nginx, "-c", str(conf), "-p", str(work)]
+            elif server == "varnish":
+                vcl = work / "bench.vcl"
+                vcl.write_text(VARNISH_VCL.format(ap=ap))
+                argv = [
+                    varnishd,
+                    "-F",
+                    "-n",
+                    str(work / "varnish"),
+                    "-a",
+                    f"127.0.0.1:{port}",
+                    "-f",
+                    str(vcl),
+                    "-s",
+                    "malloc,256m",
+                    "-T",
+                    "none",
+                ]
+            elif server == "proxypy":
+                (work / "bench_proxypy.py").write_text(PROXYPY_PLUGIN.format(ap=ap))
+                env = {**os.environ, "PYTHONPATH": str(work)}
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "--hostname",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--enable-reverse-proxy",
+                    "--plugins",
+                    "bench_proxypy.BenchRoutes",
+                    "--num-acceptors",
+                    str(workers),
+                    "--threadless",
+                    "--log-level",
+                    "WARNING",
+                    "--port-file",
+                    str(work / "proxypy.port"),
+                ]
             elif server == "haproxy":
                 conf = work / "haproxy.cfg"
-                conf.write_text(HAPROXY_CFG.format(port=port, ap=ap))
+                conf.write_text(HAPROXY_CFG.format(port=port, ap=ap, threads=workers))
                 argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(conf)]
             elif server == "aiohttp":
                 script = work / "aiohttp_proxy.py"
@@ -298,17 +419,24 @@ def main() -> int:
                 script.write_text(UVICORN_FIXED)
                 argv = [sys.executable, str(script), str(port)]
             cwd = Path(args.before).resolve() if server == "edge-before" else ROOT
-            proc = start(argv, work / f"{server}.log", 0, env, cwd)
+            proc = start(argv, work / f"{server}.log", server_core, env, cwd)
             procs.append(proc)
             pids[server] = proc.pid
-            probe = next(r for r in ("ka", "fixed") if r in SERVES[server])
+            probe = next(r for r in ("ka", "fixed", "hit") if r in SERVES[server])
             try:
                 wait_http(f"http://127.0.0.1:{port}{ROUTES[probe]}", timeout=60)
             except RuntimeError:
                 print((work / f"{server}.log").read_text()[-2000:], file=sys.stderr)
                 raise
+            if "hit" in SERVES[server]:
+                check_hit(server, f"http://127.0.0.1:{port}{ROUTES['hit']}")
+        where = (
+            "servers on core 0, AP and wrk on core 1"
+            if workers == 1
+            else f"{workers} workers per server, nothing pinned"
+        )
         print(
-            f"servers on core 0, AP and wrk on core 1; {args.rounds} rounds of {args.duration}s per cell, "
+            f"{where}; {args.rounds} rounds of {args.duration}s per cell, "
             f"server order reversed every round; load average {os.getloadavg()[0]:.1f} at start"
         )
         for r in range(args.rounds):
@@ -317,9 +445,20 @@ def main() -> int:
                 for server in order if r % 2 == 0 else reversed(order):
                     url = f"http://127.0.0.1:{ports[server]}{ROUTES[route]}"
                     runs.setdefault((route, server), []).append(
-                        wrk(url, args.duration, args.connections, pids[server])
+                        # proxy.py 2.4 leaves the second request of a client connection
+                        # unanswered: it gets a connection per request (marked in the table).
+                        wrk(
+                            url,
+                            args.duration,
+                            args.connections,
+                            pids[server],
+                            other_core,
+                            server == "proxypy",
+                        )
                     )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        if args.memory:
+            memory = measure_memory(servers, pids, ports, work)
     finally:
         for p in procs:
             stop(p)
@@ -342,7 +481,78 @@ def main() -> int:
                     f"{statistics.median(e[1] / m[1] for e, m in zip(edge_runs, mine, strict=True)):.2f}x"
                 )
             print(f"{route:11} {server:10} {rps:8.0f} {cpu:11.1f} {ratio:>18} {cpu_ratio:>7}")
+    if "proxypy" in servers:
+        print("(proxypy: a new client connection per request, as it answers only the first of each)")
+    if args.memory:
+        print()
+        for line in memory:
+            print(line)
     return 0
+
+
+def check_hit(server: str, url: str) -> None:
+    """Warm the cache with the object and make sure the next answer is a hit."""
+    for _ in range(3):
+        with urllib.request.urlopen(url, timeout=5) as r:
+            r.read()
+            headers = r.headers
+    status = " ".join(
+        headers.get(h, "") for h in ("Cache-Status", "X-Cache-Status", "Age", "X-Varnish") if h in headers
+    )
+    if server.startswith("edge") and "hit" not in headers.get("Cache-Status", ""):
+        print(f"  warning: {server} does not answer {url} from its cache ({status!r})", file=sys.stderr)
+    if server == "varnish" and len(headers.get("X-Varnish", "").split()) < 2:
+        print(f"  warning: varnish does not answer {url} from its cache ({status!r})", file=sys.stderr)
+
+
+def measure_memory(
+    servers: list[str], pids: dict[str, int], ports: dict[str, int], work: Path, idle: int = 10000
+) -> list[str]:
+    """RSS per idle keep-alive connection (edge, nginx) and per cached 1 KiB object (edge)."""
+    lines = []
+    for server in servers:
+        if server.startswith("edge") or server == "nginx":
+            per = idle_rss_per_connection(pids[server], ports[server], idle)
+            lines.append(
+                f"memory     {server:10} {per:8.2f} KiB of RSS per idle keep-alive connection ({idle})"
+            )
+    for server in servers:
+        if server.startswith("edge"):
+            per, count = rss_per_cached_object(pids[server], ports[server])
+            lines.append(f"memory     {server:10} {per:8.2f} KiB of RSS per cached 1 KiB object ({count})")
+    return lines
+
+
+def rss_per_cached_object(pid: int, port: int, count: int = 20000) -> tuple[float, int]:
+    """RSS growth of a running edge per distinct cached 1 KiB object (query strings differ)."""
+
+    async def fill(first: int, last: int) -> None:
+        queue = iter(range(first, last))
+
+        async def worker() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                for i in queue:
+                    writer.write(f"GET /c/f1k.txt?o={i} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = re.search(rb"Content-Length: (\d+)", head, re.I)
+                    await reader.readexactly(int(length.group(1)) if length else 0)
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(worker() for _ in range(20)))
+
+    asyncio.run(fill(0, 200))  # the first objects allocate what is not per object
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    asyncio.run(fill(200, 200 + count))
+    time.sleep(1.0)
+    after = rss_kib(pid)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/c/f1k.txt?o={199 + count}", timeout=5) as r:
+        r.read()
+        if "hit" not in r.headers.get("Cache-Status", ""):
+            print("  warning: the last object is not a hit: the memory budget is too small", file=sys.stderr)
+    return (after - before) / count, count
 
 
 if __name__ == "__main__":
