@@ -94,15 +94,6 @@ def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def example_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every template rendered for every host of the example inventory."""
-    tmp = tmp_path_factory.mktemp("render-example")
-    out = render(tmp, EXAMPLE_INVENTORY)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    return tmp / "rendered"
-
-
 def test_ansible_lint_production_profile_is_clean(tmp_path: Path) -> None:
     lint = _tool("ansible-lint")
     out = subprocess.run(

@@ -30,7 +30,6 @@ from tests.integration.test_deploy_ansible import (
     EXAMPLE_INVENTORY,
     _ansible_env,
     _tool,
-    render,
 )
 
 ROLES = ANSIBLE_DIR / "roles"
@@ -237,10 +236,8 @@ def test_insecure_only_when_asked_for_explicitly(tmp_path: Path) -> None:
     assert opted.returncode == 0, opted.stdout[-3000:]
 
 
-def test_rendered_daemons_use_tls_and_their_own_identity(tmp_path: Path) -> None:
-    out = render(tmp_path, EXAMPLE_INVENTORY, "--limit", "edge1,ns1,app1")
-    assert out.returncode == 0, out.stdout[-4000:]
-    root = tmp_path / "rendered"
+def test_rendered_daemons_use_tls_and_their_own_identity(example_render: Path) -> None:
+    root = example_render
     wanted = {
         ("ns1", "dnsd.toml"): "carousel-dnsd",
         ("edge1", "edge.toml"): "carousel-edge",
@@ -259,10 +256,8 @@ def test_rendered_daemons_use_tls_and_their_own_identity(tmp_path: Path) -> None
     assert member["listen-client-urls"].startswith("https://")
 
 
-def test_edge_template_denies_admin_paths_for_every_host(tmp_path: Path) -> None:
-    out = render(tmp_path, EXAMPLE_INVENTORY, "--limit", "edge1")
-    assert out.returncode == 0, out.stdout[-4000:]
-    config = tomllib.loads((tmp_path / "rendered" / "edge1" / "etc/carousel/edge.toml").read_text())
+def test_edge_template_denies_admin_paths_for_every_host(example_render: Path) -> None:
+    config = tomllib.loads((example_render / "edge1" / "etc/carousel/edge.toml").read_text())
     routes = [RouteConfig(**r) for r in config["route"]]
     table = RouteTable(routes)
     for host in ("www.example.test", "example.test", "unknown.example"):
