@@ -32,7 +32,10 @@ test: $(STAMP)
 # module fixtures and order as in one process). The suite mostly waits on daemons, timers
 # and etcd: one process kept one core ~30 % busy, so two share the CI machine's two cores.
 # e2e and the browser test stay in one process: they measure failover against the clock.
-XDIST ?= -n 2 --dist loadfile
+# --no-loadscope-reorder keeps tests/conftest.py's order (the longest files first) instead of
+# xdist's (the files with the most tests first), which handed out the few-test Ansible files
+# last and left one worker idle for minutes at the end.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 # The edge's hot modules run compiled when `pip install` found a C compiler (setup.py); the
 # same tests again on the pure-Python sources, which stay the fallback. `make test` runs the
