@@ -23,10 +23,19 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest tests/unit tests/integration tests/vm
-	$(PURE) $(BIN)/pytest tests/unit $(EDGE_TESTS)
+	$(BIN)/pytest $(XDIST) tests/unit tests/integration tests/vm
+	$(PURE) $(BIN)/pytest $(XDIST) tests/unit $(EDGE_TESTS)
 	$(BIN)/pytest tests/browser
 	$(BIN)/pytest tests/e2e
+
+# Two pytest workers (pytest-xdist), each file's tests kept together in one worker (their
+# module fixtures and order as in one process). The suite mostly waits on daemons, timers
+# and etcd: one process kept one core ~30 % busy, so two share the CI machine's two cores.
+# e2e and the browser test stay in one process: they measure failover against the clock.
+# --no-loadscope-reorder keeps tests/conftest.py's order (the longest files first) instead of
+# xdist's (the files with the most tests first), which handed out the few-test Ansible files
+# last and left one worker idle for minutes at the end.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 # The edge's hot modules run compiled when `pip install` found a C compiler (setup.py); the
 # same tests again on the pure-Python sources, which stay the fallback. `make test` runs the
@@ -36,7 +45,7 @@ EDGE_TESTS := $(wildcard tests/integration/test_edge_*.py tests/integration/test
 	tests/integration/test_compress.py tests/integration/test_slowloris.py \
 	tests/integration/test_forward_*.py tests/integration/test_tls_termination.py)
 test-pure: $(STAMP)
-	$(PURE) $(BIN)/pytest tests/unit tests/integration
+	$(PURE) $(BIN)/pytest $(XDIST) tests/unit tests/integration
 	$(PURE) $(BIN)/pytest tests/e2e
 
 # The cache-tests.fyi suite (npm http-cache-tests) against the edge's cache; needs node and npm.

@@ -87,6 +87,22 @@ class LeaseKeeper:
                     self._healthy = False
                 await asyncio.sleep(RETRY)
 
+    async def refresh(self) -> None:
+        """Keep the lease alive once more now; errors are logged, not raised.
+
+        A handover calls it last, so the keys live a full TTL from the old agent's exit
+        rather than from its last periodic keepalive (up to TTL/3 earlier, plus the exit).
+        """
+        if self.lease_id is None:
+            return
+        try:
+            ttl = await self.etcd.keepalive(self.lease_id, budget=self.period)
+        except EtcdError as exc:
+            log.warning("final keepalive failed; the lease runs out on its last one", error=str(exc))
+            return
+        if ttl > 0:
+            log.info("lease refreshed for the successor", lease=f"{self.lease_id:x}", ttl=ttl)
+
     async def revoke(self) -> None:
         """Revoke the lease (deleting every key on it); errors are logged, not raised."""
         if self.lease_id is None:

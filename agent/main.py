@@ -320,6 +320,11 @@ class Agent:
             await stop_tasks(self._tasks, what="agent task")
             await session.close()
             await admin.stop()
+            if handoff.is_set():
+                # Last, after everything else has stopped: the successor gets the full TTL
+                # from this moment to start and adopt the keys, not whatever was left of it
+                # since the last periodic keepalive.
+                await self.lease.refresh()
             await self.etcd.close()
 
     async def _drain_and_exit(self) -> None:

@@ -21,7 +21,30 @@ E2E_ALONE = (
 )
 
 
+# The longest files of the suite (pytest --durations, `make test`'s two workers at load 9-22:
+# 100-900 s each, a third of the pass). Collected first, they start first: `--dist loadfile`
+# hands out files in collection order, and one of them picked up last left the other worker
+# idle for minutes. Order does not matter otherwise: every test file stands alone.
+LONGEST_FIRST = (
+    "tests/integration/test_deploy_ansible.py",
+    "tests/unit/test_dns_fuzz.py",
+    "tests/integration/test_deploy_etcd_security.py",
+    "tests/integration/test_dnsd_workers_node.py",
+    "tests/integration/test_tls_ansible.py",
+    "tests/unit/test_edge_http1.py",
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    path = Path(str(item.fspath)).as_posix()
+    for rank, name in enumerate(LONGEST_FIRST):
+        if path.endswith(name):
+            return rank
+    return len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_longest_first)  # stable: the rest keep their order
     e2e = [i for i in items if f"{os.sep}e2e{os.sep}" in str(i.fspath)]
     for item in items:
         path = str(item.fspath)

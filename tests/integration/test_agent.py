@@ -214,6 +214,28 @@ async def test_agent_restart_does_not_flap(procs, etcd_cfg, etcd, how):
         await asyncio.sleep(0.02)
 
 
+async def test_handoff_leaves_the_successor_a_full_ttl(procs, etcd_cfg, etcd):
+    # A long TTL makes the keepalive period (TTL/3 = 4 s) long enough to hand over well
+    # after the last periodic keepalive: the lease then has at most TTL - 3 s left, and
+    # only a keepalive at the handover itself brings it back above that.
+    ttl = 12
+    _, port = start_app(procs, "ap1")
+    agent = procs.daemon("agent", "agent1", agent_toml(etcd_cfg, "n1", port, ttl=ttl))
+    await wait_state(etcd, etcd_cfg, "n1", "up", limit=15)
+    kv = await etcd.get(Keys(etcd_cfg.prefix).service("app", "n1"))
+    assert kv is not None and kv.lease
+    deadline = time.monotonic() + ttl
+    while (left := await etcd.time_to_live(kv.lease)) > ttl - 3:
+        assert time.monotonic() < deadline, f"lease stays at {left}s"
+        await asyncio.sleep(0.05)
+    agent.signal(signal.SIGUSR2)
+    assert agent.wait(10) == 0
+    left = await etcd.time_to_live(kv.lease)
+    assert left >= ttl - 2, f"the successor has {left}s of the {ttl}s TTL"
+    rec = await read_record(etcd, etcd_cfg, "n1")
+    assert rec is not None and rec.state == "up"
+
+
 def _live_nodes(mirror: PrefixMirror[ServiceRecord]) -> set[str]:
     return {r.node for r in mirror.items.values()}
 

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from edge.core.config import RouteConfig
+from edge.core.routing import RouteTable
+
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "deploy" / "ansible"
 EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example" / "hosts.yml"
@@ -96,7 +99,11 @@ def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def example_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every template rendered for every host of the example inventory."""
+    """Every template rendered for every host of the example inventory.
+
+    One ansible-playbook run over the nine hosts (about 70 s of CPU): every test of this
+    file that only reads the tree shares it, and `make test`'s workers keep a file together.
+    """
     tmp = tmp_path_factory.mktemp("render-example")
     out = render(tmp, EXAMPLE_INVENTORY)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
@@ -238,6 +245,44 @@ def test_units_pass_systemd_analyze_verify(example_render: Path) -> None:
         )
         # Warnings (unknown keys, bad values) go to stderr with status 0: they fail the test too.
         assert out.returncode == 0 and not out.stderr.strip(), f"{unit}: {out.stderr}"
+
+
+# The etcd-security defaults as the example inventory renders them (the roles' checks and the
+# PKI are in test_deploy_etcd_security.py); here to share this file's render.
+
+
+def test_rendered_daemons_use_tls_and_their_own_identity(example_render: Path) -> None:
+    root = example_render
+    wanted = {
+        ("ns1", "dnsd.toml"): "carousel-dnsd",
+        ("edge1", "edge.toml"): "carousel-edge",
+        ("edge1", "agent.toml"): "carousel-agent-edge1",
+        ("app1", "agent.toml"): "carousel-agent-app1",
+    }
+    for (host, name), identity in wanted.items():
+        etcd = tomllib.loads((root / host / "etc/carousel" / name).read_text())["etcd"]
+        assert etcd["cert_file"].endswith(f"/pki/{identity}.pem"), (host, name)
+        assert etcd["key_file"].endswith(f"/pki/{identity}-key.pem")
+        assert etcd["ca_file"].endswith("/pki/ca.pem")
+        assert all(ep.startswith("https://") for ep in etcd["endpoints"])
+    member = json.loads((root / "ns1" / "etc/etcd/carousel.conf.yml").read_text())
+    assert member["client-transport-security"]["client-cert-auth"] is True
+    assert member["peer-transport-security"]["client-cert-auth"] is True
+    assert member["listen-client-urls"].startswith("https://")
+
+
+def test_edge_template_denies_admin_paths_for_every_host(example_render: Path) -> None:
+    config = tomllib.loads((example_render / "edge1" / "etc/carousel/edge.toml").read_text())
+    routes = [RouteConfig(**r) for r in config["route"]]
+    table = RouteTable(routes)
+    for host in ("www.example.test", "example.test", "unknown.example"):
+        for method in ("GET", "POST", "HEAD"):
+            for path in ("/admin", "/admin/", "/admin/health"):
+                route = table.find(host, path, method)
+                assert route is not None and route.config.respond == 403, (host, method, path)
+        # The rest still goes to the AP pool.
+        route = table.find(host, "/administrators-page", "GET")
+        assert route is not None and route.config.pool == "app"
 
 
 def test_tls_and_auth_render_and_validate(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,11 @@ import pytest
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd, EtcdError
 from carousel.etcdserver import EtcdProcess, etcd_binary
-from edge.core.config import RouteConfig
-from edge.core.routing import RouteTable
 from tests.integration.test_deploy_ansible import (
     ANSIBLE_DIR,
     EXAMPLE_INVENTORY,
     _ansible_env,
     _tool,
-    render,
 )
 
 ROLES = ANSIBLE_DIR / "roles"
@@ -235,41 +231,3 @@ def test_insecure_only_when_asked_for_explicitly(tmp_path: Path) -> None:
         | {"etcd_allow_insecure": True, "common_etcd_allow_insecure": True},
     )
     assert opted.returncode == 0, opted.stdout[-3000:]
-
-
-def test_rendered_daemons_use_tls_and_their_own_identity(tmp_path: Path) -> None:
-    out = render(tmp_path, EXAMPLE_INVENTORY, "--limit", "edge1,ns1,app1")
-    assert out.returncode == 0, out.stdout[-4000:]
-    root = tmp_path / "rendered"
-    wanted = {
-        ("ns1", "dnsd.toml"): "carousel-dnsd",
-        ("edge1", "edge.toml"): "carousel-edge",
-        ("edge1", "agent.toml"): "carousel-agent-edge1",
-        ("app1", "agent.toml"): "carousel-agent-app1",
-    }
-    for (host, name), identity in wanted.items():
-        etcd = tomllib.loads((root / host / "etc/carousel" / name).read_text())["etcd"]
-        assert etcd["cert_file"].endswith(f"/pki/{identity}.pem"), (host, name)
-        assert etcd["key_file"].endswith(f"/pki/{identity}-key.pem")
-        assert etcd["ca_file"].endswith("/pki/ca.pem")
-        assert all(ep.startswith("https://") for ep in etcd["endpoints"])
-    member = json.loads((root / "ns1" / "etc/etcd/carousel.conf.yml").read_text())
-    assert member["client-transport-security"]["client-cert-auth"] is True
-    assert member["peer-transport-security"]["client-cert-auth"] is True
-    assert member["listen-client-urls"].startswith("https://")
-
-
-def test_edge_template_denies_admin_paths_for_every_host(tmp_path: Path) -> None:
-    out = render(tmp_path, EXAMPLE_INVENTORY, "--limit", "edge1")
-    assert out.returncode == 0, out.stdout[-4000:]
-    config = tomllib.loads((tmp_path / "rendered" / "edge1" / "etc/carousel/edge.toml").read_text())
-    routes = [RouteConfig(**r) for r in config["route"]]
-    table = RouteTable(routes)
-    for host in ("www.example.test", "example.test", "unknown.example"):
-        for method in ("GET", "POST", "HEAD"):
-            for path in ("/admin", "/admin/", "/admin/health"):
-                route = table.find(host, path, method)
-                assert route is not None and route.config.respond == 403, (host, method, path)
-        # The rest still goes to the AP pool.
-        route = table.find(host, "/administrators-page", "GET")
-        assert route is not None and route.config.pool == "app"
