@@ -14,19 +14,23 @@ bind-mounted over /etc/libvirt, /var/lib/libvirt, /run/libvirt, /var/log/libvirt
 reaches it through its socket (`qemu:///system?socket=...`).
 
 The VMs reach no package registry: the box carries every Debian package the roles need,
-and the roles run in their offline mode, installing carousel and its Python dependencies
-from a wheelhouse built here, on the host, before the namespace exists.
+and the roles run in their offline mode: carousel's Python dependencies arrive as one tar
+of a ready virtualenv built here, on the host, before the namespace exists (pip under TCG
+took minutes per VM), and pip adds carousel's own wheel.
 
 Commands (as root):
   vmlab.py box           build or reuse the box (vagrant/box/build.sh)
+  vmlab.py venv          build or reuse the wheelhouse and the virtualenv archive
   vmlab.py up            namespace, libvirtd, isolation check, `vagrant up`, provision twice
+                         (--once: provision once; --no-provision: boot only)
   vmlab.py provision [--runs N]  site.yml again over the running lab (logs provision-K.log)
   vmlab.py exec CMD...   run a command inside the lab (vagrant, dig, curl, failover.sh)
   vmlab.py ansible PLAYBOOK [ARGS]  a playbook of deploy/ansible against the lab (upgrade.yml)
   vmlab.py check         the isolation check alone, on the running lab
   vmlab.py down          destroy the VMs, networks, libvirtd and namespace; verify nothing is left
 Machine counts come from lab.rb's variables (CAROUSEL_NS, CAROUSEL_EDGES, CAROUSEL_APPS,
-CAROUSEL_ETCD); CAROUSEL_VMLAB_DIR moves the state directory.
+CAROUSEL_ETCD); CAROUSEL_VMLAB_DIR moves the state directory; CAROUSEL_MEMORY (MiB, 1024),
+CAROUSEL_ETCD_TIMEOUT (10 s under TCG) and CAROUSEL_VM_NICE (-5 under TCG) tune the VMs.
 """
 
 from __future__ import annotations
