@@ -56,6 +56,7 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_timeout_ms": 5000,
     "grpc.keepalive_permit_without_calls": 0,
     # Reconnect within a second of etcd coming back, not after minutes.
+    # (min_reconnect_backoff_ms is the connect timeout: channel_options sets it.)
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
@@ -63,6 +64,20 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     # backoff of a subchannel shared through gRPC's global pool.
     "grpc.use_local_subchannel_pool": 1,
 }
+
+
+def channel_options(timeout: float) -> dict[str, Any]:
+    """The gRPC channel options for a client whose requests may take `timeout` seconds.
+
+    gRPC gives each connection attempt (TCP and TLS handshake) max(backoff,
+    min_reconnect_backoff) to finish (its MIN_CONNECT_TIMEOUT, connection-backoff.md).
+    At 100 ms that cut every handshake short where TLS takes seconds (measured on
+    TCG-emulated VMs: 3-8 s), and the client redialled for ever: etcd's accept queue
+    filled with abandoned connections (126 in CLOSE-WAIT) and nothing ever connected. An
+    attempt now gets the request timeout; the retry pace after a refused connection
+    stays 100 ms growing to 1 s, so a restarted etcd is still found within a second.
+    """
+    return {**_CHANNEL_OPTIONS, "grpc.min_reconnect_backoff_ms": max(100, int(timeout * 1000))}
 
 
 class EtcdError(Exception):
@@ -213,7 +228,7 @@ class _Client(aetcd.Client):
             username=username,
             password=password,
             timeout=timeout,
-            options=_CHANNEL_OPTIONS,
+            options=channel_options(timeout),
             connect_wait_timeout=int(timeout) + 1,
         )
         self._credentials = credentials

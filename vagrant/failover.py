@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,7 +88,11 @@ class Cluster(Protocol):
 
     def resolve(self) -> list[str]: ...
 
+    def resolve_any(self, servers: list[str]) -> list[str]: ...
+
     def request(self, address: str) -> bool: ...
+
+    def run(self, command: str) -> Action: ...
 
     def stop(self, edge: str, address: str, crash: bool) -> Action: ...
 
@@ -329,7 +334,7 @@ class ClientCount:
             self.failed += 1
 
 
-def wait_for(clock: Clock, predicate, timeout: float, poll: float) -> float | None:  # type: ignore[no-untyped-def]
+def wait_for(clock: Clock, predicate: Callable[[], object], timeout: float, poll: float) -> float | None:
     """Seconds until predicate() holds, or None after timeout."""
     start = clock.now()
     while clock.now() - start <= timeout:
@@ -572,7 +577,8 @@ def run_experiment(
     action = cluster.run(args.upgrade_cmd)
     started = clock.now()
     count = traffic_window(cluster, clock, args.timeout, args.interval, set(), until=action)
-    ok = getattr(action, "proc", None) is None or action.proc.returncode == 0  # type: ignore[attr-defined]
+    proc = getattr(action, "proc", None)
+    ok = proc is None or proc.returncode == 0
     print(
         f"  upgrade took {clock.now() - started:.0f} s ({'ok' if ok else 'FAILED'});"
         f" {count.requests} requests,"

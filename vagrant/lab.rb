@@ -35,6 +35,13 @@ module CarouselLab
     "CAROUSEL_SSH_KEY" => "",
     "CAROUSEL_LIBVIRT_NETWORKS" => "nat",
     "CAROUSEL_OFFLINE_WHEELHOUSE" => "",
+    # A tar of the ready virtualenv (built by vagrant/vmlab.py on the controller, same
+    # Debian release, Python and path): unpacked on each VM instead of pip installing
+    # the wheels there. Empty: pip installs them.
+    "CAROUSEL_VENV_ARCHIVE" => "",
+    # Seconds the daemons allow an etcd request (TLS handshake included). Empty: the
+    # role's default; vagrant/vmlab.py raises it under TCG emulation.
+    "CAROUSEL_ETCD_TIMEOUT" => "",
     # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
     # a stock Debian kernel (a PVM host; see vagrant/README.md).
     "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
@@ -65,9 +72,20 @@ module CarouselLab
 
   # Variables for site.yml: the offline mode when the lab supplies a wheelhouse.
   def self.extra_vars(env)
+    vars = {}
     wheelhouse = setting(env, "CAROUSEL_OFFLINE_WHEELHOUSE")
-    return {} if wheelhouse.empty?
-    { "common_offline" => true, "common_wheelhouse" => wheelhouse, "etcd_offline" => true }
+    unless wheelhouse.empty?
+      vars.update("common_offline" => true, "common_wheelhouse" => wheelhouse, "etcd_offline" => true)
+    end
+    venv = setting(env, "CAROUSEL_VENV_ARCHIVE")
+    vars["common_venv_archive"] = venv unless venv.empty?
+    timeout = setting(env, "CAROUSEL_ETCD_TIMEOUT")
+    unless timeout.empty?
+      seconds = Float(timeout, exception: false)
+      raise Error, "CAROUSEL_ETCD_TIMEOUT=#{timeout}: expected seconds above 0" unless seconds&.positive?
+      vars["common_etcd_timeout"] = seconds
+    end
+    vars
   end
 
   # The machines, their addresses and Ansible groups, from the environment.

@@ -55,7 +55,7 @@ def lab(vmlab: ModuleType) -> Iterator[ModuleType]:
     try:
         if vmlab.netns_exists():
             vmlab.down()
-        vmlab.up(provision_twice=True)
+        vmlab.up(runs=2)
         yield vmlab
     finally:
         try:
