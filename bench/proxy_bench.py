@@ -46,6 +46,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,9 @@ def main() -> int:
     parser.add_argument("--pure", action="store_true", help="also an edge on the pure-Python modules")
     parser.add_argument("--before", help="also an edge run from this source tree (edge-before)")
     args = parser.parse_args()
+    # SIGTERM (a `kill` of the bench) unwinds like ^C, so the servers it started are stopped
+    # by the cleanup below instead of being left running with the bench gone.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             print(f"proxy_bench: {tool} not found (apt-get install wrk util-linux)")
