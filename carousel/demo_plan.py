@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carousel.tasks import pid_alive
+
 ZONE = "example.test"
 DRAIN_DELAY = 2.0  # short, so Ctrl-C is quick; still shows the drain
 DNS_TTL = 1
@@ -369,10 +371,6 @@ def read_state() -> dict[str, Any] | None:
         return None
     if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return None  # a demo that was killed left it behind
-    except PermissionError:
-        pass
     return dict(data)

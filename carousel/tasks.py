@@ -1,5 +1,7 @@
 """Bounded shutdown: stop a daemon's tasks within a deadline, and run its loop so that exit is bounded too.
 
+Also whether a process still exists (`pid_alive`), for what a dead process left behind.
+
 Shutdown in the daemons goes: stop accepting, cancel the background tasks,
 wait for them *with a deadline*, then close what is left (as uvicorn's
 server does). A task that does not end within the deadline after its
@@ -12,6 +14,7 @@ it without a word.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -83,3 +86,14 @@ async def _bounded(aw: Coroutine[Any, Any, None], deadline: float, what: str) ->
     if not done:
         task.cancel()
         log.warning(f"{what} did not finish within the shutdown deadline", deadline=deadline)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

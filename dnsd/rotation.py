@@ -47,8 +47,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, chain
+from typing import TypeVar
 
 MAX_SCHEDULE = 1 << 16
+_T = TypeVar("_T")
 _versions = itertools.count(1)
 
 
@@ -75,9 +77,7 @@ def weight_classes(weights: Sequence[int]) -> tuple[dict[int, list[int]], list[i
     classes = {}
     for w in set(sorted_weights):
         classes[w] = by_weight[bisect_left(sorted_weights, w) : bisect_right(sorted_weights, w)]
-    # One event per (class, round j) at virtual time (j + 1/2) / w; heavier classes first on ties.
-    events = [-negw for _, negw in sorted(((2 * j + 1) / (2 * w), -w) for w in classes for j in range(w))]
-    return classes, events
+    return classes, _events(classes)
 
 
 def weighted_order(weights: Sequence[int]) -> Sequence[int]:
@@ -86,11 +86,15 @@ def weighted_order(weights: Sequence[int]) -> Sequence[int]:
     if found is None:
         return range(len(weights))
     classes, events = found
-    return list(chain.from_iterable(classes[w] for w in events))
+    return _concat(classes, events)
 
 
-def _concat(classes: dict[int, list[int]], events: list[int]) -> list[int]:
-    return list(chain.from_iterable(classes[w] for w in events))
+def _concat(classes: Mapping[int, list[_T]], events: Iterable[int]) -> list[_T]:
+    """One period: each class's items at each of its turns (list extends: C copies)."""
+    out: list[_T] = []
+    for w in events:
+        out += classes[w]
+    return out
 
 
 def _events(weights: Iterable[int]) -> list[int]:
@@ -146,8 +150,8 @@ class WeightClasses:
         edits: list[tuple[int, int, bool]] = []
         total = self.total
         for key in sorted(new.changed):
-            p = bisect_left(old.keys, key)
-            if p < len(old.keys) and old.keys[p] == key:
+            p, present = _find(old.keys, key)
+            if present:
                 w = old.weights[p]
                 if w not in copied:
                     keys[w] = list(keys[w])
@@ -158,8 +162,8 @@ class WeightClasses:
                 total -= w
                 if not keys[w]:
                     del keys[w]
-            p = bisect_left(new.keys, key)
-            if p < len(new.keys) and new.keys[p] == key:
+            p, present = _find(new.keys, key)
+            if present:
                 w = new.weights[p]
                 if w not in copied:
                     keys[w] = list(keys.get(w, ()))
@@ -211,25 +215,23 @@ class WeightClasses:
         return items
 
     def schedule(self, items: Mapping[int, list[bytes]]) -> list[bytes]:
-        """One period: each class's items at each of its turns (list extends: C copies)."""
-        out: list[bytes] = []
-        for w in self.events:
-            out += items[w]
-        return out
+        """One period of ``items`` grouped like the classes."""
+        return _concat(items, self.events)
 
     def order(self, aset: AddressSet) -> list[int]:
         """One period of address indexes (``Rotation.slot_start``), computed when first asked."""
         index = {k: i for i, k in enumerate(aset.keys)}
-        by_class = {w: list(map(index.__getitem__, ks)) for w, ks in self.keys.items()}
-        out: list[int] = []
-        for w in self.events:
-            out += by_class[w]
-        return out
+        return _concat({w: list(map(index.__getitem__, ks)) for w, ks in self.keys.items()}, self.events)
+
+
+def _find(keys: Sequence[bytes], key: bytes) -> tuple[int, bool]:
+    """Where ``key`` is, or would go, in the sorted ``keys``, and whether it is there."""
+    p = bisect_left(keys, key)
+    return p, p < len(keys) and keys[p] == key
 
 
 def _contains(keys: Sequence[bytes], key: bytes) -> bool:
-    p = bisect_left(keys, key)
-    return p < len(keys) and keys[p] == key
+    return _find(keys, key)[1]
 
 
 class Members(Sequence[tuple[int, ...]]):
@@ -368,8 +370,7 @@ class AddressSet:
         changed = set()
         moved = False
         for key, new in changes.items():
-            p = bisect_left(keys, key)
-            present = p < len(keys) and keys[p] == key
+            p, present = _find(keys, key)
             if new is None:
                 if present:
                     del keys[p], texts[p], weights[p]
@@ -480,8 +481,8 @@ class RotatingAnswer:
             # re-weighted one moved class with an unchanged body).
             dirty = set(self.dirty or ())
             for key in aset.changed:
-                p = bisect_left(aset.keys, key)
-                if p < n and aset.keys[p] == key:
+                p, present = _find(aset.keys, key)
+                if present:
                     dirty.add(p)
             self.class_bodies = self.classes.patch(previous.class_bodies, edits, aset, self.bodies, dirty)
             self.schedule = self.classes.schedule(self.class_bodies)
@@ -501,7 +502,7 @@ class RotatingAnswer:
             classes, events = found
             bodies = self.bodies
             class_bodies = {w: list(map(bodies.__getitem__, idx)) for w, idx in classes.items()}
-            self.schedule = list(chain.from_iterable(class_bodies[w] for w in events))
+            self.schedule = _concat(class_bodies, events)
             order = partial(_concat, classes, events)
             self.rotation = Rotation(name, aset.texts, order, shown)
 
@@ -531,8 +532,7 @@ class RotatingAnswer:
         changed = self.set.changed
         final = {k for k in changed if _contains(self.set.keys, k)}
         for key in sorted(changed):
-            p = bisect_left(keys, key)
-            present = p < len(keys) and keys[p] == key
+            p, present = _find(keys, key)
             if present and key not in final:
                 del keys[p], bodies[p]
             elif not present and key in final:

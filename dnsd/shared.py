@@ -43,6 +43,8 @@ from typing import Any
 
 import structlog
 
+from carousel.tasks import pid_alive
+
 log = structlog.get_logger("dnsd.shared")
 
 ROTATION_SLOTS = 4096
@@ -78,7 +80,7 @@ def remove_orphans(directory: str) -> list[str]:
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
             pid = entry.name[len(PREFIX) :].partition("-")[0]
-            if not entry.name.startswith(PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            if not entry.name.startswith(PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid != os.getuid():
@@ -88,16 +90,6 @@ def remove_orphans(directory: str) -> list[str]:
     if removed:
         log.info("removed shared blocks of dnsd supervisors that are gone", paths=removed)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class NodeShared:

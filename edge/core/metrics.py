@@ -80,7 +80,7 @@ class _LatencyCollector(Collector):
         for pool, counts in list(self.latency.items()):
             cumulative = 0.0
             buckets = []
-            for bound, count in zip(bounds, counts, strict=False):
+            for bound, count in zip(bounds, counts[:-1], strict=True):  # the last one is the sum
                 cumulative += count
                 buckets.append((bound, cumulative))
             family.add_metric([pool], buckets, sum_value=counts[-1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
@@ -42,15 +43,8 @@ _UNCACHED = frozenset({b"set-cookie"})
 
 def integer(value: int, prefix_bits: int, flags: int) -> bytes:
     """An HPACK integer (RFC 7541 5.1) with ``flags`` in the bits above its prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((flags | value,))
-    out = bytearray((flags | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
+    out = encode_integer(value, prefix_bits)
+    out[0] |= flags
     return bytes(out)
 
 

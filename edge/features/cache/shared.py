@@ -39,6 +39,8 @@ import time
 
 import structlog
 
+from carousel.tasks import pid_alive
+
 log = structlog.get_logger("carousel.edge.cache")
 
 SLOTS = 1 << 16
@@ -168,16 +170,6 @@ def shm_base() -> str:
     return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else "/tmp"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class NodeDirectory:
     """The tmpfs directory of one node's shared tier, held (shared flock) while a worker runs."""
 
@@ -188,7 +180,7 @@ class NodeDirectory:
         for name in _listdir(base):
             # Left by a node killed outright (its supervisor is gone): memory nobody frees otherwise.
             pid = name[len(stem) :].partition("-")[0] if name.startswith(stem) else ""
-            if pid.isdigit() and int(pid) != owner and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != owner and not pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         # The supervisor's pid and the node's port: two nodes never share a tier.
         self.path = os.path.join(base, f"{stem}{owner}-{port}")
