@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from agent.config import CheckConfig, ServiceConfig
+
+if TYPE_CHECKING:  # aiohttp (0.4 s of CPU) loads after a restarted agent has kept its lease alive
+    import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class HealthCheck:
 
     async def probe(self) -> CheckResult:
         """Run one check within its timeout; never raises."""
+        import aiohttp  # loaded by the session's creator already: a dictionary lookup
+
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.cfg.timeout):

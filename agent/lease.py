@@ -87,6 +87,29 @@ class LeaseKeeper:
                     self._healthy = False
                 await asyncio.sleep(RETRY)
 
+    async def adopt(self, lease_id: int) -> bool:
+        """Take over the lease a previous agent of this node left its keys on, if still alive.
+
+        One keepalive right away gives the keys a full TTL from now, instead of whatever was
+        left since the old agent's last keepalive, so a restart (or a crash, whose last
+        keepalive was up to TTL/3 ago) never lets them expire while this agent starts. A
+        lease of another TTL than the configured one is not taken: a new one is granted.
+        """
+        if self.lease_id is not None:
+            return False
+        try:
+            ttl = await self.etcd.keepalive(lease_id, budget=self.period)
+        except EtcdError as exc:
+            log.warning("could not keep the previous agent's lease alive", error=str(exc))
+            return False
+        if ttl != self.ttl:
+            return False
+        self.lease_id = lease_id
+        self.ready.set()
+        RENEWALS.inc()
+        log.info("adopted the previous agent's lease", lease=f"{lease_id:x}", ttl=ttl)
+        return True
+
     async def refresh(self) -> None:
         """Keep the lease alive once more now; errors are logged, not raised.
 

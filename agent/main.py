@@ -25,7 +25,6 @@ import signal
 import time
 from typing import Any
 
-import aiohttp
 import structlog
 from prometheus_client import Counter, Gauge
 
@@ -222,6 +221,8 @@ class Agent:
         if prev.state == "up":
             st.verdict.healthy = True
             log.info("adopting registration left by a previous agent", service=st.cfg.name)
+            if kv.lease:
+                await self.lease.adopt(kv.lease)
 
     async def check_forever(self, st: ServiceState, check: HealthCheck) -> None:
         """Probe at the configured interval and feed the rise/fall verdict."""
@@ -275,16 +276,21 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGUSR2, handoff.set)
 
+        # Registry first: a restarted agent keeps its predecessor's lease alive before it
+        # loads aiohttp or binds the admin port (under load, that start-up took longer than
+        # a short TTL and the node left DNS for a moment).
+        for svc in self.config.service:
+            st = ServiceState(svc, RiseFall(svc.check.rise, svc.check.fall))
+            self.services[svc.name] = st
+            await self._adopt(st)
+        lease_task = self._spawn(self.lease.run())
+        import aiohttp
+
         admin = AdminServer(self.config.admin, status=self.status)
-        await admin.start()
         timeout = aiohttp.ClientTimeout(total=None)
         session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
         try:
-            for svc in self.config.service:
-                st = ServiceState(svc, RiseFall(svc.check.rise, svc.check.fall))
-                self.services[svc.name] = st
-                await self._adopt(st)
-            lease_task = self._spawn(self.lease.run())
+            await admin.start()
             reconcile_task = self._spawn(self.reconcile_forever())
             self._spawn(self.maintenance_view.run())
             for st in self.services.values():

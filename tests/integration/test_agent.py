@@ -18,7 +18,7 @@ from carousel.etcd import Etcd
 from carousel.etcdserver import EtcdProcess, free_port
 from carousel.mirror import PrefixMirror
 from carousel.registry import Keys, ServiceRecord
-from tests.procs import Daemon, ProcessGroup
+from tests.procs import Daemon, ProcessGroup, wait_for
 
 INTERVAL = 0.2
 TIMEOUT = 0.3
@@ -234,6 +234,26 @@ async def test_handoff_leaves_the_successor_a_full_ttl(procs, etcd_cfg, etcd):
     assert left >= ttl - 2, f"the successor has {left}s of the {ttl}s TTL"
     rec = await read_record(etcd, etcd_cfg, "n1")
     assert rec is not None and rec.state == "up"
+
+
+async def test_restarted_agent_adopts_its_predecessors_lease(procs, etcd_cfg, etcd):
+    # After a crash the old lease has whatever was left since its last keepalive (as little
+    # as 2 s of a 3 s TTL); the successor's first registry call keeps that same lease alive,
+    # so the keys never depend on how fast the new process starts.
+    _, port = start_app(procs, "ap1")
+    agent = procs.daemon("agent", "agent1", agent_toml(etcd_cfg, "n1", port))
+    await wait_state(etcd, etcd_cfg, "n1", "up", limit=15)
+    key = Keys(etcd_cfg.prefix).service("app", "n1")
+    before = await etcd.get(key)
+    assert before is not None and before.lease
+    agent.signal(signal.SIGKILL)
+    agent.wait(10)
+    successor = procs.daemon("agent", "agent2", agent_toml(etcd_cfg, "n1", port))
+    await asyncio.to_thread(wait_for, lambda: "adopted the previous agent" in successor.output(), 15)
+    assert await etcd.time_to_live(before.lease) >= TTL - 1
+    after = await etcd.get(key)
+    assert after is not None and after.lease == before.lease
+    assert ServiceRecord.decode(after.value).state == "up"
 
 
 def _live_nodes(mirror: PrefixMirror[ServiceRecord]) -> set[str]:

@@ -21,7 +21,7 @@ import pytest
 
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd, EtcdError
-from carousel.etcdserver import EtcdProcess, etcd_binary
+from carousel.etcdserver import EtcdProcess, die_with_parent, etcd_binary
 from tests.integration.test_deploy_ansible import (
     ANSIBLE_DIR,
     EXAMPLE_INVENTORY,
@@ -90,7 +90,9 @@ def secured(tmp_path: Path):
     cmd[cmd.index("--advertise-client-urls") + 1] = url
     proc.data_dir.mkdir(parents=True, exist_ok=True)
     with open(proc.log_file, "ab") as log:
-        proc.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.proc = subprocess.Popen(
+            die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     etcdctl_dir = str(Path(etcd_binary()).parent)
     env = dict(os.environ)
     env.update(

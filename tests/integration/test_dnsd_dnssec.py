@@ -29,7 +29,7 @@ import dns.rrset
 import pytest
 
 from carousel.config import EtcdConfig
-from carousel.etcdserver import EtcdProcess
+from carousel.etcdserver import EtcdProcess, die_with_parent
 from tests.integration.test_dnsd_helpers import (
     WWW,
     Dnsd,
@@ -254,7 +254,7 @@ def test_unbound_keeps_ad_while_edges_join_and_leave(
     check = subprocess.run([UNBOUND + "-checkconf", str(conf)], capture_output=True, text=True, timeout=20)
     assert check.returncode == 0, check.stdout + check.stderr
     proc = subprocess.Popen(
-        [UNBOUND, "-d", "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        die_with_parent([UNBOUND, "-d", "-c", str(conf)]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
 

@@ -10,7 +10,7 @@ import trustme
 
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd, EtcdAuthError, EtcdError, EtcdUnavailable
-from carousel.etcdserver import EtcdProcess, etcd_binary
+from carousel.etcdserver import EtcdProcess, die_with_parent, etcd_binary
 
 PASSWORD = "s3cret-pass"
 
@@ -44,7 +44,9 @@ def secure_etcd(tmp_path: Path):
     cmd[cmd.index("--advertise-client-urls") + 1] = url
     log = open(proc.log_file, "ab")
     proc.data_dir.mkdir(parents=True, exist_ok=True)
-    proc.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.proc = subprocess.Popen(
+        die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     log.close()
     etcdctl = str(Path(etcd_binary()).with_name("etcdctl"))
     base = [
