@@ -374,3 +374,20 @@ def test_request_windows_are_handed_back_as_they_are_used() -> None:
     p.send(raw(0x0, 0, 1, b"x" * 16384), raw(0x0, 0, 1, b"x" * 16384))
     updates = {sid: int.from_bytes(pl, "big") for k, _, sid, pl in frames(p.server.out) if k == 0x8}
     assert updates == {1: 32768, 0: 32768}  # half of each window used: handed back
+
+
+def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changed() -> None:
+    p = Peer()
+    mirror = Decoder()  # what any decoder makes of the same bytes, in the same order
+    first = p.block([*REQUEST, (b"x-a", b"1")])  # literals with indexing: the table changes
+    repeat = p.block([*REQUEST, (b"x-a", b"1")])  # all indexed now
+    p.send(raw(0x1, 0x5, 1, first), raw(0x1, 0x5, 3, repeat), raw(0x1, 0x5, 5, repeat))
+    for block in (first, repeat, repeat):
+        assert p.handler.calls.pop(0)[2] == mirror.decode(block, raw=True)
+    assert list(p.server._decoded) == [repeat]
+    # A new entry shifts every dynamic index: the same bytes now mean other fields.
+    changed = p.block([*REQUEST, (b"x-b", b"2")])
+    p.send(raw(0x1, 0x5, 7, changed), raw(0x1, 0x5, 9, repeat))
+    for block in (changed, repeat):
+        assert p.handler.calls.pop(0)[2] == mirror.decode(block, raw=True)
+    assert p.server._decoded == {repeat: mirror.decode(repeat, raw=True)}
