@@ -188,7 +188,10 @@ class ServerWire:
         self.local_initial = initial_window_size
         # Until the client acknowledges our SETTINGS it may still count on the default.
         self._recv_initial = max(initial_window_size, DEFAULT_WINDOW)
-        self.recv_window = DEFAULT_WINDOW  # the connection's, for what the client sends
+        # The connection's window for what the client sends starts at the default (6.9.2);
+        # start() raises it to the stream window when that is larger.
+        self._conn_target = max(initial_window_size, DEFAULT_WINDOW)
+        self.recv_window = DEFAULT_WINDOW
         self.send_window = DEFAULT_WINDOW  # the connection's, for what the edge sends
         self.remote_initial = DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self.frame_size = DEFAULT_FRAME_SIZE  # the client's SETTINGS_MAX_FRAME_SIZE
@@ -226,6 +229,9 @@ class ServerWire:
     def start(self) -> None:
         """The server preface (3.4): our SETTINGS."""
         self.out += frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in self._settings))
+        if self._conn_target > DEFAULT_WINDOW:
+            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_target - DEFAULT_WINDOW))
+            self.recv_window = self._conn_target
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -313,9 +319,9 @@ class ServerWire:
 
     def _refill(self, flow: int) -> None:
         """The connection's window handed back once half used (callers bound what they hold)."""
-        if self.recv_window <= DEFAULT_WINDOW >> 1:
-            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(DEFAULT_WINDOW - self.recv_window))
-            self.recv_window = DEFAULT_WINDOW
+        if self.recv_window <= self._conn_target >> 1:
+            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_target - self.recv_window))
+            self.recv_window = self._conn_target
 
     def _late(self, sid: int, kind: str) -> None:
         """A frame on a stream not open: idle, or closed in one of three ways (5.1)."""

@@ -391,3 +391,13 @@ def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changed() ->
     for block in (changed, repeat):
         assert p.handler.calls.pop(0)[2] == mirror.decode(block, raw=True)
     assert p.server._decoded == {repeat: mirror.decode(repeat, raw=True)}
+
+
+def test_a_stream_window_over_the_default_raises_the_connection_window_too() -> None:
+    wire = ServerWire(
+        Recorder(), max_concurrent_streams=1, max_header_list_size=4096, initial_window_size=1 << 20
+    )
+    wire.start()
+    sent = frames(wire.out)
+    assert sent[1] == (0x8, 0, 0, U32((1 << 20) - DEFAULT_WINDOW))  # 6.9.2: only WINDOW_UPDATE can
+    assert wire.recv_window == 1 << 20
