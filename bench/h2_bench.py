@@ -57,9 +57,14 @@ def h2load(url: str, duration: int, h1: bool) -> tuple[float, int]:
     # No --warm-up-time: h2load 1.52 with --h1 can hang in it; the first round warms up instead.
     argv = ["taskset", "-c", "1", "h2load", "-c", "50", "-t", "1", "-D", str(duration)]
     argv += ["--h1", "-m", "1"] if h1 else ["-m", "10"]
-    out = subprocess.run(
-        [*argv, url], capture_output=True, text=True, check=True, timeout=duration + 60
-    ).stdout
+    try:
+        out = subprocess.run(
+            [*argv, url], capture_output=True, text=True, check=True, timeout=duration + 60
+        ).stdout
+    except subprocess.TimeoutExpired:
+        # h2load 1.52 --h1 now and then never finishes a run; the cell keeps its other rounds.
+        print(f"  warning: h2load hung against {url}; this round of the cell is left out", file=sys.stderr)
+        return 0.0, 0
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
     assert done is not None, out
     if int(done.group(3)):
@@ -190,8 +195,9 @@ pool = "ap"
     ok = True
     for route in ("cache-hit", "static"):
         n2, e2, e1 = best[("nginx", "h2", route)], best[("edge", "h2", route)], best[("edge", "h1", route)]
-        print(f"{route:10} {n2:10.0f} {e2:10.0f} {e2 / n2:10.2f} {e1:10.0f} {e2 / e1:10.2f}")
-        ok &= e2 / e1 >= H2_TARGET
+        ratio = e2 / e1 if e1 else 0.0  # 0: every round of the cell hung (see the warnings)
+        print(f"{route:10} {n2:10.0f} {e2:10.0f} {e2 / n2 if n2 else 0.0:10.2f} {e1:10.0f} {ratio:10.2f}")
+        ok &= ratio >= H2_TARGET
     print(
         f"(nginx h1 for reference: cache-hit {best[('nginx', 'h1', 'cache-hit')]:.0f}, "
         f"static {best[('nginx', 'h1', 'static')]:.0f} req/s)"
