@@ -41,79 +41,51 @@ the stream's and the connection's windows, which ``send_data`` spends.
 
 from __future__ import annotations
 
-import struct
-from enum import IntEnum
 from typing import Protocol, cast
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
+from edge.http.h2frames import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    GOAWAY_FIELDS,
+    HEAD,
+    HEADER_TABLE_SIZE,
+    HEADERS,
+    MAX_FRAME_SIZE,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    U32,
+    WINDOW_UPDATE,
+    ErrorCodes,
+    H2Error,
+    Setting,
+    StreamClosed,
+    frame,
+    unpad,
+)
 from edge.http.h2hpack import ResponseEncoder
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+__all__ = ["PREFACE", "ErrorCodes", "H2Error", "ServerWire", "StreamClosed", "WireHandler"]
 
-# Frame types (RFC 9113 6) and flags.
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    range(10)
-)
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-
-MAX_WINDOW = 2**31 - 1  # 6.9.1
-DEFAULT_WINDOW = 65535  # 6.9.2
-DEFAULT_FRAME_SIZE = 16384  # 4.2
-MAX_FRAME_SIZE = 2**24 - 1
-HEADER_TABLE_SIZE = 4096  # the decoder's table: the protocol's default, never advertised larger
 DECODED_BLOCKS = 16  # decoded header blocks kept per connection while the table is unchanged
 CLOSED_REMEMBERED = 1024  # closed streams whose fate is remembered (a bounded dict)
 
 # How a closed stream ended: what a late frame on it means (5.1).
 WE_RESET, THEY_RESET, THEY_ENDED = 1, 2, 3
-
-
-class ErrorCodes(IntEnum):
-    """RFC 9113 7."""
-
-    NO_ERROR = 0x0
-    PROTOCOL_ERROR = 0x1
-    INTERNAL_ERROR = 0x2
-    FLOW_CONTROL_ERROR = 0x3
-    SETTINGS_TIMEOUT = 0x4
-    STREAM_CLOSED = 0x5
-    FRAME_SIZE_ERROR = 0x6
-    REFUSED_STREAM = 0x7
-    CANCEL = 0x8
-    COMPRESSION_ERROR = 0x9
-    CONNECT_ERROR = 0xA
-    ENHANCE_YOUR_CALM = 0xB
-    INADEQUATE_SECURITY = 0xC
-    HTTP_1_1_REQUIRED = 0xD
-
-
-class Setting(IntEnum):
-    """RFC 9113 6.5.2, and RFC 8441 3."""
-
-    HEADER_TABLE_SIZE = 0x1
-    ENABLE_PUSH = 0x2
-    MAX_CONCURRENT_STREAMS = 0x3
-    INITIAL_WINDOW_SIZE = 0x4
-    MAX_FRAME_SIZE = 0x5
-    MAX_HEADER_LIST_SIZE = 0x6
-    ENABLE_CONNECT_PROTOCOL = 0x8
-
-
-class H2Error(Exception):
-    """A connection error (RFC 9113 5.4.1): GOAWAY with ``code``, then close."""
-
-    def __init__(self, code: ErrorCodes, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class StreamClosed(Exception):
-    """The edge wrote on a stream that is no longer open for sending."""
 
 
 class WireHandler(Protocol):
@@ -132,20 +104,6 @@ class WireHandler(Protocol):
     def on_control(self, kind: str) -> None: ...
 
     def on_goaway(self, code: int) -> None: ...
-
-
-# Length (24 bits as 16 + 8), type, flags, stream identifier (its reserved bit masked off).
-_HEAD = struct.Struct(">HBBBL")
-_U32 = struct.Struct(">L")
-_SETTING = struct.Struct(">HL")
-_GOAWAY = struct.Struct(">LL")
-_PRIORITY_FIELDS = struct.Struct(">LB")
-
-
-def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    """One frame's bytes (4.1)."""
-    n = len(payload)
-    return _HEAD.pack(n >> 8, n & 0xFF, kind, flags, sid) + payload
 
 
 class WireStream:
@@ -228,9 +186,9 @@ class ServerWire:
 
     def start(self) -> None:
         """The server preface (3.4): our SETTINGS."""
-        self.out += frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in self._settings))
+        self.out += frame(SETTINGS, 0, 0, b"".join(SETTING.pack(k, v) for k, v in self._settings))
         if self._conn_target > DEFAULT_WINDOW:
-            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_target - DEFAULT_WINDOW))
+            self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._conn_target - DEFAULT_WINDOW))
             self.recv_window = self._conn_target
 
     # --- receiving ----------------------------------------------------------------------
@@ -251,7 +209,7 @@ class ServerWire:
             data = data[len(PREFACE) :]
         n = len(data)
         pos = 0
-        unpack = _HEAD.unpack_from
+        unpack = HEAD.unpack_from
         dispatch = self._dispatch
         while n - pos >= 9:
             hi, lo, kind, flags, sid = unpack(data, pos)
@@ -290,7 +248,7 @@ class ServerWire:
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")  # 6.1
         flow = len(payload)
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         if flow > self.recv_window:
             raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")  # 6.9.1
         self.recv_window -= flow  # counted even on a closed stream (6.9)
@@ -311,7 +269,7 @@ class ServerWire:
         if ended:
             st.recv_open = False
         elif st.recv_window <= self.local_initial >> 1:
-            self.out += frame(WINDOW_UPDATE, 0, sid, _U32.pack(self.local_initial - st.recv_window))
+            self.out += frame(WINDOW_UPDATE, 0, sid, U32.pack(self.local_initial - st.recv_window))
             st.recv_window = self.local_initial
         if flow:
             self._refill(flow)
@@ -320,7 +278,7 @@ class ServerWire:
     def _refill(self, flow: int) -> None:
         """The connection's window handed back once half used (callers bound what they hold)."""
         if self.recv_window <= self._conn_target >> 1:
-            self.out += frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._conn_target - self.recv_window))
+            self.out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._conn_target - self.recv_window))
             self.recv_window = self._conn_target
 
     def _late(self, sid: int, kind: str) -> None:
@@ -333,7 +291,7 @@ class ServerWire:
         if how == THEY_RESET:
             # After the client's own RST_STREAM; once: later frames are ignored as after ours.
             self.closed[sid] = WE_RESET
-            self.out += frame(RST_STREAM, 0, sid, _U32.pack(ErrorCodes.STREAM_CLOSED))
+            self.out += frame(RST_STREAM, 0, sid, U32.pack(ErrorCodes.STREAM_CLOSED))
             self.handler.on_control("closed_stream")
             return
         raise H2Error(ErrorCodes.STREAM_CLOSED, f"{kind} on a closed stream")
@@ -344,12 +302,12 @@ class ServerWire:
         if not sid & 1:
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, "a client stream with an even identifier")  # 5.1.1
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         bad = False
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
                 raise H2Error(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
-            bad = _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid  # 5.3.1: depends on itself
+            bad = U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid  # 5.3.1: depends on itself
             payload = payload[5:]
         new = sid > self.highest
         if new:
@@ -442,7 +400,7 @@ class ServerWire:
         self.handler.on_control("priority")
         if len(payload) != 5:
             self._stream_error(sid, ErrorCodes.FRAME_SIZE_ERROR)  # 6.3
-        elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+        elif U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
             self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR)  # 5.3.1
         # Otherwise ignored: RFC 9113 deprecates the priority scheme (5.3.2).
 
@@ -472,7 +430,7 @@ class ServerWire:
         if self.stopped:
             return
         for i in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, i)
+            key, value = SETTING.unpack_from(payload, i)
             if key == Setting.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1")
@@ -513,7 +471,7 @@ class ServerWire:
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, "GOAWAY on a stream")  # 6.8
         if len(payload) < 8:
             raise H2Error(ErrorCodes.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
-        self.handler.on_goaway(_GOAWAY.unpack_from(payload)[1])
+        self.handler.on_goaway(GOAWAY_FIELDS.unpack_from(payload)[1])
 
     def _window_update(self, flags: int, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -521,7 +479,7 @@ class ServerWire:
         self.handler.on_control("window_update")
         if self.stopped:
             return
-        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
         if sid == 0:
             if increment == 0:
                 raise H2Error(ErrorCodes.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
@@ -568,7 +526,7 @@ class ServerWire:
         size = self.frame_size
         n = len(block)
         if n <= size:
-            self.out += _HEAD.pack(n >> 8, n & 0xFF, HEADERS, flags | END_HEADERS, sid)
+            self.out += HEAD.pack(n >> 8, n & 0xFF, HEADERS, flags | END_HEADERS, sid)
             self.out += block
         else:
             self.out += frame(HEADERS, flags, sid, block[:size])
@@ -587,7 +545,7 @@ class ServerWire:
         st.send_window -= n
         self.send_window -= n
         out = self.out
-        out += _HEAD.pack(n >> 8, n & 0xFF, DATA, END_STREAM if end else 0, sid)
+        out += HEAD.pack(n >> 8, n & 0xFF, DATA, END_STREAM if end else 0, sid)
         out += data
         if end:
             self._sent_end(sid, st)
@@ -603,24 +561,17 @@ class ServerWire:
         if self.streams.pop(sid, None) is None and sid in self.closed:
             return
         self._remember(sid, WE_RESET)
-        self.out += frame(RST_STREAM, 0, sid, _U32.pack(code))
+        self.out += frame(RST_STREAM, 0, sid, U32.pack(code))
 
     def goaway(self, code: ErrorCodes, last_sid: int) -> None:
         """GOAWAY (6.8) naming the last stream the edge acted on."""
-        self.out += frame(GOAWAY, 0, 0, _GOAWAY.pack(last_sid, code))
+        self.out += frame(GOAWAY, 0, 0, GOAWAY_FIELDS.pack(last_sid, code))
 
     def _remember(self, sid: int, how: int) -> None:
         closed = self.closed
         if len(closed) >= CLOSED_REMEMBERED:
             del closed[next(iter(closed))]
         closed[sid] = how
-
-
-def _unpad(payload: bytes) -> bytes:
-    """The payload of a PADDED frame without its padding (6.1, 6.2)."""
-    if not payload or payload[0] >= len(payload):
-        raise H2Error(ErrorCodes.PROTOCOL_ERROR, "padding as long as the frame")
-    return payload[1 : len(payload) - payload[0]]
 
 
 def _trailers_ok(fields: list[tuple[bytes, bytes]]) -> bool:
