@@ -91,19 +91,26 @@ WE_RESET, THEY_RESET, THEY_ENDED = 1, 2, 3
 class WireHandler(Protocol):
     """What the connection does with what ``ServerWire.receive`` found."""
 
-    def on_request(self, sid: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None: ...
+    def on_request(self, sid: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """A new stream's decoded header list (``ended``: no body follows)."""
 
-    def on_data(self, sid: int, data: bytes, ended: bool) -> None: ...
+    def on_data(self, sid: int, data: bytes, ended: bool) -> None:
+        """Body bytes; ``ended`` with the last (or with trailers, whose fields are dropped)."""
 
-    def on_reset(self, sid: int) -> None: ...
+    def on_reset(self, sid: int) -> None:
+        """The client reset an open stream."""
 
-    def on_stream_error(self, sid: int) -> None: ...
+    def on_stream_error(self, sid: int) -> None:
+        """The wire reset a stream for a rule the client broke (RST_STREAM is queued)."""
 
-    def on_window(self, sid: int) -> None: ...
+    def on_window(self, sid: int) -> None:
+        """A send window grew: the stream's, or (0) the connection's or every stream's."""
 
-    def on_control(self, kind: str) -> None: ...
+    def on_control(self, kind: str) -> None:
+        """A frame that costs work and answers no request (to be metered)."""
 
-    def on_goaway(self, code: int) -> None: ...
+    def on_goaway(self, code: int) -> None:
+        """The client sent GOAWAY with ``code``."""
 
 
 class WireStream:
