@@ -6,8 +6,9 @@ A connection arrives by ALPN ``h2`` on the HTTPS listener (edge/front/tls.py
 hands the transport over after the handshake) or, where ``[http2] h2c`` is on,
 as cleartext prior knowledge on the plain listener (``H2cSniffingConnection``,
 edge/front/h2accept.py,
-sees the client preface and hands over). Framing, HPACK and the stream state
-machine are the ``h2`` package's, configured in edge/http/h2.py.
+sees the client preface and hands over). Framing, the stream states and flow
+control are the edge's own ``ServerWire`` (edge/http/h2wire.py, HPACK decoding by
+the ``hpack`` package), which calls this connection back as its ``WireHandler``.
 
 A request is handed to the pipeline only once it is complete, body included,
 as for HTTP/1.1: ``request_head`` turns the header list into the same
@@ -41,35 +42,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import structlog
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingAckReceived,
-    PingReceived,
-    PriorityUpdated,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import DenialOfServiceError, ProtocolError
-from hyperframe.frame import GoAwayFrame
 
 from edge.features.dos import DosDetector
 from edge.front.connection import ConnectionHost, http_date
 from edge.front.h2stream import PAGES, H2Stream, Stats, StreamGone
-from edge.http.h2 import FloodMeter, Malformed, new_connection, request_head, response_fields
+from edge.http.h2 import FloodMeter, Malformed, request_head, response_fields
+from edge.http.h2wire import ErrorCodes, H2Error, ServerWire, StreamClosed
 from edge.http.http1 import ParseError
 from edge.http.request import Request
-
-if TYPE_CHECKING:
-    from h2.connection import H2Connection
-
 
 log = structlog.get_logger("carousel.edge.h2")
 
@@ -95,7 +78,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.max_body = config.edge.max_body_size
         self.max_headers = config.edge.max_headers
         self.server = config.edge.server_header
-        self.h2: H2Connection = new_connection(
+        self.wire = ServerWire(
+            self,
             max_concurrent_streams=c.max_concurrent_streams,
             max_header_list_size=c.max_header_list_size,
             initial_window_size=c.initial_window_size,
@@ -136,7 +120,7 @@ class H2ClientConnection(asyncio.Protocol):
         # One set for both protocols: its users need only peer, transport and close_if_idle.
         cast("set[Any]", self.edge.connections).add(self)
         Stats.connections += 1
-        self.h2.initiate_connection()
+        self.wire.start()
         self.flush()
         self._deadline(self.edge.config.edge.header_timeout)  # the preface and a first request
 
@@ -180,63 +164,90 @@ class H2ClientConnection(asyncio.Protocol):
             self._rearm()
 
     def _received(self, data: bytes) -> None:
-        h2 = self.h2
         try:
-            events = h2.receive_data(data)
-        except DenialOfServiceError as exc:
-            # An HPACK bomb, an oversized header list, a CONTINUATION flood: h2 queued
-            # GOAWAY ENHANCE_YOUR_CALM.
-            self._abuse("protocol", str(exc))
-            return
-        except ProtocolError as exc:
-            self.flush()  # h2 queued GOAWAY with the RFC's error code
+            self.wire.receive(data)
+        except H2Error as exc:
+            self.wire.goaway(exc.code, self.wire.highest)
+            if exc.code == ErrorCodes.ENHANCE_YOUR_CALM:
+                # An HPACK bomb, an oversized header list, a CONTINUATION flood.
+                self._abuse("protocol", str(exc))
+                return
+            self.flush()
             log.info("HTTP/2 protocol error", client=self.peer, error=str(exc))
             Stats.close("protocol_error")
             self.close()
+
+    # --- what the wire found (edge/http/h2wire.py WireHandler) ---------------------------
+
+    def on_request(self, sid: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """A request's header list."""
+        self._request(sid, fields, ended)
+
+    def on_data(self, sid: int, data: bytes, ended: bool) -> None:
+        """Request body bytes (or the end of the request, with its trailers dropped)."""
+        if not data and not ended and self.control.hit(asyncio.get_running_loop().time()):
+            self._flood("empty_data")  # CVE-2019-9518
             return
-        now = asyncio.get_running_loop().time()
-        for ev in events:
-            if type(ev) is RequestReceived:
-                self._request(ev.stream_id or 0, ev.headers or [], ev.stream_ended is not None)
-            elif type(ev) is DataReceived:
-                self._data(ev, now)
-            elif type(ev) is StreamEnded:
-                stream = self.streams.get(ev.stream_id or 0)
-                if stream is not None:
-                    self._complete(stream)
-            elif type(ev) is WindowUpdated:
-                if self.updates.hit(now, allowance=2 * self.data_frames):
-                    self._flood("window_update")
-                elif ev.stream_id:
-                    self._wake(ev.stream_id)
-                else:
-                    self._wake_all()
-            elif type(ev) is StreamReset:
-                self._reset_by_client(ev.stream_id or 0, now)
-            elif type(ev) is PingReceived or type(ev) is PingAckReceived or type(ev) is PriorityUpdated:
-                if self.control.hit(now):
-                    self._flood(type(ev).__name__)
-            elif type(ev) is RemoteSettingsChanged:
-                if self.control.hit(now):
-                    self._flood("settings")
-                else:
-                    self._wake_all()  # SETTINGS_INITIAL_WINDOW_SIZE may have opened windows
-            elif type(ev) is ConnectionTerminated:
-                self.flush()
-                self.close()
-            if self.closed:
+        stream = self.streams.get(sid)
+        if stream is None or stream.body is None:
+            return
+        if data:
+            stream.size += len(data)
+            self.buffered += len(data)
+            # Per request max_body_size, as HTTP/1.1; per connection four of them, so
+            # max_concurrent_streams uploads in parallel cannot hold a hundred bodies.
+            if stream.size > self.max_body or self.buffered > 4 * self.max_body:
+                self._drop(stream)
+                self._answer_error(sid, 413, False)
                 return
+            stream.body.append(data)
+        if ended:
+            self._complete(stream)
+
+    def on_reset(self, sid: int) -> None:
+        """The client reset a stream."""
+        self._reset_by_client(sid, asyncio.get_running_loop().time())
+
+    def on_stream_error(self, sid: int) -> None:
+        """The wire reset a stream for a rule the client broke: metered like a client reset."""
+        self._reset_by_client(sid, asyncio.get_running_loop().time())
+
+    def on_window(self, sid: int) -> None:
+        """A window opened (0: the connection's, or the client's SETTINGS)."""
+        if sid:
+            self._wake(sid)
+        else:
+            self._wake_all()
+
+    def on_control(self, kind: str) -> None:
+        """A frame that costs work and answers no request: metered."""
+        now = asyncio.get_running_loop().time()
+        if kind == "window_update":
+            if self.updates.hit(now, allowance=2 * self.data_frames):
+                self._flood("window_update")
+        elif kind == "reset":
+            if self.resets.hit(now):
+                self._flood("rapid_reset")
+        elif self.control.hit(now):
+            self._flood(kind)
+
+    def on_goaway(self, code: int) -> None:
+        """The client is leaving: open streams finish (NO_ERROR), or everything stops."""
+        if code == ErrorCodes.NO_ERROR:
+            self.close_if_idle()
+        else:
+            self.close()
 
     # --- requests -----------------------------------------------------------------------
 
     def _request(self, sid: int, pairs: list[tuple[bytes, bytes]], ended: bool) -> None:
         if self.draining and sid > self.last_stream:
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after GOAWAY: safe to retry
+            self.wire.reset(sid, ErrorCodes.REFUSED_STREAM)  # after GOAWAY: safe to retry
             return
         loop_now = asyncio.get_running_loop().time()
         if len(self.active) + len(self.streams) >= self.c.max_concurrent_streams:
             # Reset streams whose handlers still run count: work in flight stays bounded.
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.wire.reset(sid, ErrorCodes.REFUSED_STREAM)
             if self.resets.hit(loop_now):
                 self._flood("rapid_reset")
             return
@@ -245,7 +256,7 @@ class H2ClientConnection(asyncio.Protocol):
             head = request_head(pairs, self.max_headers)
         except Malformed as exc:
             log.info("malformed HTTP/2 request", client=self.peer, error=str(exc))
-            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
+            self.wire.reset(sid, ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
             self.edge.metrics.count_request("-", 400)
             if self.resets.hit(loop_now):
                 self._flood("malformed")
@@ -270,30 +281,6 @@ class H2ClientConnection(asyncio.Protocol):
         stream.body_timer = asyncio.get_running_loop().call_later(
             self.edge.config.edge.body_timeout, self._body_late, stream
         )
-
-    def _data(self, ev: DataReceived, now: float) -> None:
-        sid = ev.stream_id
-        data = ev.data or b""
-        if not data and not ev.stream_ended and self.control.hit(now):
-            self._flood("empty_data")  # CVE-2019-9518
-            return
-        try:
-            # The window is handed back at once: the size caps below bound what is held.
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
-        except ProtocolError:
-            pass  # a stream already closed: h2 has answered it
-        stream = self.streams.get(sid)
-        if stream is None or stream.body is None:
-            return
-        stream.size += len(data)
-        self.buffered += len(data)
-        # Per request max_body_size, as HTTP/1.1; per connection four of them, so
-        # max_concurrent_streams uploads in parallel cannot hold a hundred bodies.
-        if stream.size > self.max_body or self.buffered > 4 * self.max_body:
-            self._drop(stream)
-            self._answer_error(sid, 413, False)
-            return
-        stream.body.append(data)
 
     def _complete(self, stream: H2Stream) -> None:
         self._drop(stream)
@@ -351,17 +338,17 @@ class H2ClientConnection(asyncio.Protocol):
         fields = response_fields(
             status, [("content-type", "text/html; charset=utf-8")], (), self.server, http_date(), len(page)
         )
+        wire = self.wire
         try:
-            self.h2.send_headers(sid, fields)
-            window = self.h2.local_flow_control_window(sid)
-            if window >= len(page) and len(page) <= self.h2.max_outbound_frame_size:
-                self.h2.send_data(sid, page, end_stream=True)
+            wire.send_headers(sid, fields)
+            if wire.window(sid) >= len(page) and len(page) <= wire.frame_size:
+                wire.send_data(sid, page, True)
             else:
-                self.h2.end_stream(sid)
+                wire.send_data(sid, b"", True)
             if not ended:
                 # The rest of the request is not wanted (RFC 9113 8.1).
-                self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
-        except ProtocolError:
+                wire.reset(sid, ErrorCodes.NO_ERROR)
+        except StreamClosed:
             pass
         self.edge.metrics.count_request("-", status)
 
@@ -381,33 +368,30 @@ class H2ClientConnection(asyncio.Protocol):
     def push(self, stream: H2Stream, data: bytes, pos: int, end: bool) -> int:
         """Send what the windows allow from ``pos``; the new position, or len(data) + 1 once
         everything (and END_STREAM, if ``end``) went out."""
-        h2 = self.h2
+        wire = self.wire
         sid = stream.sid
         total = len(data)
-        while True:
-            if stream.closing:
-                raise StreamGone("stream reset")
-            left = total - pos
-            if left == 0:
-                if end:
-                    try:
-                        h2.send_data(sid, b"", end_stream=True)
-                    except ProtocolError:
-                        raise StreamGone("stream closed") from None
-                return total + 1
-            window = h2.local_flow_control_window(sid)
-            if window <= 0:
-                return pos
-            size = min(left, window, h2.max_outbound_frame_size)
-            last = end and size == left
-            try:
-                h2.send_data(sid, data if size == total else data[pos : pos + size], end_stream=last)
-            except ProtocolError:
-                raise StreamGone("stream closed") from None
-            self.data_frames += 1
-            pos += size
-            if last:
-                return total + 1
+        try:
+            while True:
+                if stream.closing:
+                    raise StreamGone("stream reset")
+                left = total - pos
+                if left == 0:
+                    if end:
+                        wire.send_data(sid, b"", True)
+                    return total + 1
+                window = wire.window(sid)
+                if window <= 0:
+                    return pos
+                size = min(left, window, wire.frame_size)
+                last = end and size == left
+                wire.send_data(sid, data if size == total else data[pos : pos + size], last)
+                self.data_frames += 1
+                pos += size
+                if last:
+                    return total + 1
+        except StreamClosed:
+            raise StreamGone("stream closed") from None
 
     async def send(self, stream: H2Stream, data: bytes, end: bool, pos: int = 0) -> None:
         """Write body bytes from ``pos`` under the stream and connection windows, waiting at
@@ -462,10 +446,7 @@ class H2ClientConnection(asyncio.Protocol):
         """Reset one stream (the others go on)."""
         self._gone(stream)
         if self.transport is not None and not self.closed:
-            try:
-                self.h2.reset_stream(stream.sid, code)
-            except ProtocolError:
-                pass  # already closed on both sides
+            self.wire.reset(stream.sid, code)  # nothing when already closed on both sides
             self.flush()
 
     def finished(self, stream: H2Stream) -> None:
@@ -489,10 +470,13 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
-        """Write what h2 has queued."""
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Write what the wire has queued (a new buffer each time: TLS may keep the old one)."""
+        wire = self.wire
+        data = wire.out
+        if data:
+            wire.out = bytearray()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
 
     # --- closing ------------------------------------------------------------------------
 
@@ -501,13 +485,10 @@ class H2ClientConnection(asyncio.Protocol):
         if self.draining or self.closed:
             return
         self.draining = True
-        self.last_stream = self.h2.highest_inbound_stream_id
+        self.last_stream = self.wire.highest
+        # The streams in flight are still answered (RFC 9113 6.8).
+        self.wire.goaway(ErrorCodes.NO_ERROR, self.last_stream)
         self.flush()
-        # Written by hand: h2's close_connection also closes its state machine, and the
-        # streams in flight must still be answered (RFC 9113 6.8).
-        frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_stream, error_code=0)
-        if self.transport is not None:
-            self.transport.write(frame.serialize())
         Stats.close("no_error")
 
     def close_if_idle(self) -> bool:
@@ -526,6 +507,7 @@ class H2ClientConnection(asyncio.Protocol):
             return
         self.flush()  # replies queued for the end of this loop iteration go first
         self.closed = True
+        self.wire.stopped = True  # nothing more is parsed
         transport = self.transport
         if transport is not None:
             try:
@@ -541,10 +523,7 @@ class H2ClientConnection(asyncio.Protocol):
             self._gone(stream)
 
     def _goaway(self, code: ErrorCodes, reason: str) -> None:
-        try:
-            self.h2.close_connection(code, last_stream_id=self.last_seen)
-        except ProtocolError:
-            pass
+        self.wire.goaway(code, self.last_seen)
         self.flush()
         Stats.close(reason)
 
@@ -554,7 +533,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.close()
 
     def _abuse(self, kind: str, detail: str) -> None:
-        self.flush()  # h2 queued GOAWAY ENHANCE_YOUR_CALM
+        self.flush()  # GOAWAY ENHANCE_YOUR_CALM is queued
         Stats.close("flood")
         self._report_abuse(f"HTTP/2 {kind}: {detail}")
         self.close()
@@ -575,12 +554,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.active or self.streams:
             self._due = 0.0
             return
-        buffer = self.h2.incoming_buffer
-        seconds = (
-            self.edge.config.edge.header_timeout
-            if getattr(buffer, "in_header_block", False)
-            else self.c.idle_timeout
-        )
+        seconds = self.edge.config.edge.header_timeout if self.wire.in_header_block else self.c.idle_timeout
         self._deadline(seconds)
 
     def _deadline(self, seconds: float) -> None:

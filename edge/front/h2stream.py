@@ -14,16 +14,13 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
 
 from edge.core.pipeline import BytesBody
 from edge.front.connection import http_date
 from edge.http.h2 import response_fields
+from edge.http.h2wire import ErrorCodes, ServerWire, StreamClosed
 
 if TYPE_CHECKING:
-    from h2.connection import H2Connection
-
     from edge.core.pipeline import Reply
 
 log = structlog.get_logger("carousel.edge.h2")
@@ -41,7 +38,7 @@ class StreamHost(Protocol):
     def transport(self) -> asyncio.Transport | None: ...
 
     @property
-    def h2(self) -> H2Connection: ...
+    def wire(self) -> ServerWire: ...
 
     def push(self, stream: H2Stream, data: bytes, pos: int, end: bool) -> int: ...
 
@@ -149,8 +146,8 @@ class H2Stream:
             )
             bodiless = method == "HEAD"
         try:
-            conn.h2.send_headers(self.sid, fields, end_stream=bodiless)
-        except ProtocolError:  # the client reset the stream or sent GOAWAY in the meantime
+            conn.wire.send_headers(self.sid, fields, bodiless)
+        except StreamClosed:  # the client reset the stream or sent GOAWAY in the meantime
             conn.finished(self)
             done()
             return None

@@ -1,26 +1,19 @@
-"""HTTP/2 without I/O: the server side of an ``h2`` connection, and requests made into ``Head``s.
+"""HTTP/2 requests made into ``Head``s, responses into field lists, and the flood meter.
 
 Theory of operation
 -------------------
-The ``h2`` package (python-hyper) does the framing, HPACK, the stream state
-machine and flow-control accounting; ``new_connection`` configures it as a
-server with the edge's limits (RFC 9113 6.5.2 settings) and a frame buffer
-that also bounds the bytes of one header block (HEADERS + CONTINUATION), so a
-CONTINUATION flood is a connection error after ``max_header_list_size`` bytes,
-never an unbounded buffer. HPACK bombs stop in the decoder at the same size
-(h2 turns that into ENHANCE_YOUR_CALM). The same buffer answers a SETTINGS ACK
-that carries a payload with FRAME_SIZE_ERROR, as RFC 9113 6.5 says (h2 alone
-answers PROTOCOL_ERROR).
+The framing, the stream states and flow control are the edge's own
+(edge/http/h2wire.py); this module is what HTTP/2 means for a request and a
+response (RFC 9113 section 8).
 
-``h2``'s own inbound header validation is off: it makes every malformed request
-a connection error, where RFC 9113 8.1.1 asks for a stream error. ``request_head``
-applies the section 8 rules instead (pseudo-header set and order, lower-case
-names, no connection-specific fields, ``te: trailers`` only, no CR/LF/NUL,
-no leading or trailing whitespace) and raises ``Malformed`` (answered with
-RST_STREAM PROTOCOL_ERROR); then the same path normalisation as HTTP/1.1
-(``normalize_path``), whose ``ParseError`` is a 400 answer. ``:authority``
-stands in for Host (RFC 9113 8.3.1), so the front calls the same
-``parse_host`` on it.
+``request_head`` applies the section 8 rules to a decoded header list
+(pseudo-header set and order, lower-case names, no connection-specific fields,
+``te: trailers`` only, no CR/LF/NUL, no leading or trailing whitespace) and
+raises ``Malformed`` (answered with RST_STREAM PROTOCOL_ERROR, a stream error as
+8.1.1 says); then the same path normalisation as HTTP/1.1 (``normalize_path``),
+whose ``ParseError`` is a 400 answer. ``:authority`` stands in for Host (RFC 9113
+8.3.1), so the front calls the same ``parse_host`` on it; cookie crumbs are
+joined into one field (8.2.3).
 
 ``FloodMeter`` counts the frames that cost the server work but answer no
 request (SETTINGS, PING, PRIORITY, empty DATA, WINDOW_UPDATE, client resets)
@@ -33,18 +26,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.exceptions import DenialOfServiceError, FrameTooLargeError
-from h2.frame_buffer import FrameBuffer
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edge.http.h2hpack import ResponseEncoder
+from edge.http.h2wire import PREFACE
 from edge.http.http1 import TOKEN, Head, ParseError, normalize_path
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+__all__ = ["PREFACE", "FloodMeter", "Malformed", "request_head", "response_fields"]
 
 # RFC 9113 8.2.2: fields that only mean something to one HTTP/1.1 connection.
 CONNECTION_SPECIFIC = frozenset(
@@ -58,72 +45,6 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 class Malformed(Exception):
     """A request RFC 9113 8.1.1 calls malformed: a stream error of type PROTOCOL_ERROR."""
-
-
-class _BoundedFrameBuffer(FrameBuffer):
-    """h2's frame buffer, with the bytes of one header block in progress bounded."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(server=True)
-        self.limit = limit
-        self.block = 0  # bytes of the header block being assembled
-
-    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
-        if isinstance(f, (HeadersFrame, ContinuationFrame)) and "END_HEADERS" not in f.flags:
-            self.block += len(f.data)
-            if self.block > self.limit:
-                # Checked before h2 appends it: a flood of CONTINUATION frames never
-                # ends its block and would otherwise be held until the frame cap.
-                raise DenialOfServiceError("header block over the header list size")
-        elif isinstance(f, (HeadersFrame, ContinuationFrame)):
-            self.block = 0
-        return super()._update_header_buffer(f)
-
-    def __next__(self) -> Frame:
-        data = self._data
-        if len(data) >= 9 and data[3] == 0x4 and data[4] & 0x1 and (data[0] or data[1] or data[2]):
-            # RFC 9113 6.5: a SETTINGS ACK with a payload is a FRAME_SIZE_ERROR (h2 calls it a
-            # PROTOCOL_ERROR); checked on the frame header, before h2 parses it.
-            raise FrameTooLargeError("SETTINGS with ACK and a payload")
-        return super().__next__()
-
-    @property
-    def in_header_block(self) -> bool:
-        """Is a header block waiting for its CONTINUATION frames?"""
-        return bool(self._headers_buffer)
-
-
-def new_connection(
-    *,
-    max_concurrent_streams: int,
-    max_header_list_size: int,
-    initial_window_size: int,
-) -> H2Connection:
-    """A server-side h2 connection with the edge's settings, its preface not yet sent."""
-    config = H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_inbound_headers=False,  # request_head does it, as stream errors
-        normalize_inbound_headers=True,  # joins cookie crumbs (RFC 9113 8.2.3)
-        validate_outbound_headers=False,  # response_fields builds them clean
-        normalize_outbound_headers=False,
-    )
-    conn = H2Connection(config=config)
-    conn.encoder = ResponseEncoder()  # type: ignore[assignment]  # edge/http/h2hpack.py: no dynamic table
-    conn.local_settings = Settings(
-        client=False,
-        initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-            SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size,
-            SettingCodes.ENABLE_PUSH: 0,
-        },
-    )
-    # The decoder obeys the advertised size from the first frame, not after the client's ACK.
-    conn.decoder.max_header_list_size = max_header_list_size
-    # Encoded bytes may exceed the decoded size a little (Huffman); twice is plenty.
-    conn.incoming_buffer = _BoundedFrameBuffer(2 * max_header_list_size)
-    return conn
 
 
 # RFC 9113 8.2.1: a field name is a lower-case token; checked in one match per field.
@@ -144,6 +65,7 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
     fields: list[tuple[str, str]] = []
     hosts: list[str] = []
     length_fields: list[str] = []
+    cookies: list[str] = []
     regular = False
     for name, value in pairs:
         if _VALUE.fullmatch(value) is None:
@@ -192,6 +114,12 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
             continue  # placed first below
         elif name == b"content-length":
             length_fields.append(text)
+        elif name == b"cookie":
+            # RFC 9113 8.2.3: crumbs joined with "; " into one field, where the first was.
+            if cookies:
+                cookies.append(text)
+                continue
+            cookies.append(text)
         fields.append((field, text))
     if method is None:
         raise Malformed("no :method")
@@ -204,6 +132,9 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
         path = "/"
     elif scheme is None or not path:
         raise Malformed("no :scheme or empty :path")  # RFC 9113 8.3.1
+    if len(cookies) > 1:
+        at = fields.index(("cookie", cookies[0]))
+        fields[at] = ("cookie", "; ".join(cookies))
     if len(fields) + len(hosts) > max_headers:
         raise ParseError("too many headers", 431)
     if path == "*":

@@ -217,6 +217,29 @@ async def test_request_body_across_data_frames_and_max_body(ap: int, tls: dict[s
             await client.close()
 
 
+async def test_a_padded_request_body_with_trailers_reaches_the_member(ap: int, tls: dict[str, str]) -> None:
+    """RFC 9113 8.1: trailers end the request (the member gets a Content-Length, not them)."""
+    async with running_edge(config(ap, tls)) as edge:
+        client = await RawH2.connect(edge.port)
+        try:
+            head = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/echo")]
+            client.send(HeadersFrame(1, client.block(head), flags=["END_HEADERS"]))
+            client.send(DataFrame(1, b"z" * 1000, flags=["PADDED"], pad_length=20))
+            trailers = client.block([(b"x-checksum", b"1")])
+            client.send(HeadersFrame(1, trailers, flags=["END_HEADERS", "END_STREAM"]))
+            status, body = await client.response(1)
+            assert status == 200 and json.loads(body)["body_length"] == 1000
+            # Trailers without END_STREAM are malformed: a stream error, the connection goes on.
+            client.send(HeadersFrame(3, client.block(head), flags=["END_HEADERS"]))
+            client.send(HeadersFrame(3, client.block([(b"x-checksum", b"1")]), flags=["END_HEADERS"]))
+            reset = await client.until(RstStreamFrame, stream=3)
+            assert reset is not None and reset.error_code == ErrorCodes.PROTOCOL_ERROR
+            client.request(5, b"/echo")
+            assert (await client.response(5))[0] == 200
+        finally:
+            await client.close()
+
+
 async def test_shutdown_sends_goaway_and_finishes_open_streams(ap: int, tls: dict[str, str]) -> None:
     async with running_edge(config(ap, tls)) as edge:
         client = await RawH2.connect(edge.port)

@@ -137,6 +137,13 @@ class RawH2:
                 raise ConnectionError(f"GOAWAY {frame.error_code}")
         raise TimeoutError
 
+    def get(self, sid: int, end: bool = True) -> HeadersFrame:
+        """A GET of /ok as one HEADERS frame (END_STREAM unless ``end`` is False)."""
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/ok")]
+        return HeadersFrame(
+            sid, self.block(fields), flags=["END_HEADERS", "END_STREAM"] if end else ["END_HEADERS"]
+        )
+
     def request(self, sid: int, path: bytes = b"/ok", extra: list[tuple[bytes, bytes]] | None = None) -> None:
         fields = [
             (b":method", b"GET"),
@@ -152,6 +159,10 @@ class RawH2:
             await self.writer.wait_closed()
         except OSError:
             pass
+
+
+class Pause:
+    """In a frame sequence: wait for stream 1's response before sending the rest."""
 
 
 def base_config(**http2: Any) -> dict[str, Any]:
@@ -208,6 +219,31 @@ async def goaway(client: RawH2) -> GoAwayFrame | None:
         (lambda c: [raw_frame(0x4, 0x1, 0, b"\0" * 6)], ErrorCodes.FRAME_SIZE_ERROR),
         # SETTINGS whose length is not a multiple of 6 (6.5).
         (lambda c: [raw_frame(0x4, 0x0, 0, b"\0" * 5)], ErrorCodes.FRAME_SIZE_ERROR),
+        # A frame larger than SETTINGS_MAX_FRAME_SIZE (4.2), refused on its header.
+        (lambda c: [raw_frame(0x0, 0x0, 1, b"x" * 16385)[:100]], ErrorCodes.FRAME_SIZE_ERROR),
+        # A stream identifier lower than one already used (5.1.1).
+        (lambda c: [c.get(5), c.get(3)], ErrorCodes.PROTOCOL_ERROR),
+        # DATA on a stream both sides have ended (5.1, closed).
+        (lambda c: [c.get(1), Pause(), DataFrame(1, b"x")], ErrorCodes.STREAM_CLOSED),
+        # HEADERS on a stream the client reset (5.1, closed).
+        (
+            lambda c: [c.get(1, end=False), RstStreamFrame(1, error_code=8), c.get(1)],
+            ErrorCodes.STREAM_CLOSED,
+        ),
+        # WINDOW_UPDATE taking the connection window past 2^31-1 (6.9.1).
+        (lambda c: [WindowUpdateFrame(0, window_increment=2**31 - 1)], ErrorCodes.FLOW_CONTROL_ERROR),
+        # SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1, SETTINGS_MAX_FRAME_SIZE under 2^14 (6.5.2).
+        (lambda c: [raw_frame(0x4, 0, 0, b"\0\x04\x80\0\0\0")], ErrorCodes.FLOW_CONTROL_ERROR),
+        (lambda c: [raw_frame(0x4, 0, 0, b"\0\x05\0\0\x3f\xff")], ErrorCodes.PROTOCOL_ERROR),
+        # PUSH_PROMISE from a client (8.4).
+        (lambda c: [raw_frame(0x5, 0x4, 1, b"\0\0\0\x02\x82")], ErrorCodes.PROTOCOL_ERROR),
+        # An HPACK block that does not decode (4.3).
+        (lambda c: [raw_frame(0x1, 0x5, 1, b"\xff\xff")], ErrorCodes.COMPRESSION_ERROR),
+        # PING on a stream, and of a length other than 8 (6.7).
+        (lambda c: [raw_frame(0x6, 0, 1, b"\0" * 8)], ErrorCodes.PROTOCOL_ERROR),
+        (lambda c: [raw_frame(0x6, 0, 0, b"\0" * 4)], ErrorCodes.FRAME_SIZE_ERROR),
+        # WINDOW_UPDATE on an idle stream (5.1).
+        (lambda c: [WindowUpdateFrame(9, window_increment=1)], ErrorCodes.PROTOCOL_ERROR),
     ],
     ids=[
         "data-on-stream-0",
@@ -219,12 +255,28 @@ async def goaway(client: RawH2) -> GoAwayFrame | None:
         "enable-push-2",
         "settings-ack-with-payload",
         "settings-length-not-6n",
+        "frame-over-max-frame-size",
+        "stream-id-backwards",
+        "data-after-both-ended",
+        "headers-after-client-reset",
+        "window-update-overflow",
+        "initial-window-over-2^31-1",
+        "max-frame-size-under-2^14",
+        "push-promise-from-client",
+        "hpack-undecodable",
+        "ping-on-a-stream",
+        "ping-length-not-8",
+        "window-update-on-idle-stream",
     ],
 )
 async def test_forbidden_frame_orders_get_the_rfc_connection_error(edge: Any, frames: Any, code: int) -> None:
     client = await RawH2.connect(edge.port)
     try:
-        client.send(*frames(client))
+        for item in frames(client):
+            if isinstance(item, Pause):
+                assert await client.response(1) == (200, b"ok\n")  # the stream is answered: closed
+            else:
+                client.send(item)
         frame = await goaway(client)
         assert frame is not None, "no GOAWAY"
         assert frame.error_code == code

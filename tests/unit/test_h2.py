@@ -1,5 +1,5 @@
 """edge/http/h2.py without I/O: RFC 9113 section 8 request rules, response fields, flood meters,
-and the h2 server connection's limits (header list size, header block bytes)."""
+and the server connection's limits (header list size, header block bytes): edge/http/h2wire.py."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import DenialOfServiceError, ProtocolError
 from hpack import Decoder
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 
 from edge.core.routing import parse_host
 from edge.http import h2 as h2_module
-from edge.http.h2 import FloodMeter, Malformed, new_connection, request_head, response_fields
+from edge.http.h2 import FloodMeter, Malformed, request_head, response_fields
 from edge.http.h2hpack import ResponseEncoder
+from edge.http.h2wire import H2Error, ServerWire
 from edge.http.http1 import ParseError, normalize_path
+from tests.unit.test_h2wire import Recorder
 
 BASE = [
     (b":method", b"GET"),
@@ -135,46 +136,50 @@ def _client() -> H2Connection:
     return client
 
 
+def new_server(max_header_list_size: int = 4096) -> ServerWire:
+    server = ServerWire(
+        Recorder(),
+        max_concurrent_streams=10,
+        max_header_list_size=max_header_list_size,
+        initial_window_size=65535,
+    )
+    server.start()
+    return server
+
+
 def test_the_server_enforces_its_header_list_size_from_the_first_frame() -> None:
-    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
-    server.initiate_connection()
+    server = new_server()
     client = _client()
     client.send_headers(1, [*BASE, (b"x-big", b"a" * 5000)], end_stream=True)
-    with pytest.raises(DenialOfServiceError):
-        server.receive_data(client.data_to_send())
+    with pytest.raises(H2Error) as err:
+        server.receive(client.data_to_send())
+    assert err.value.code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_a_header_block_is_bounded_in_bytes_before_it_ends() -> None:
-    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
-    server.initiate_connection()
+    server = new_server()
     client = _client()
-    server.receive_data(client.data_to_send())
+    server.receive(client.data_to_send())
     data = HeadersFrame(1, b"\x82").serialize()
-    with pytest.raises(DenialOfServiceError):
+    with pytest.raises(H2Error) as err:
         for _ in range(10):  # 10 x 1 KiB, no END_HEADERS: over 2 x 4 KiB
             data += ContinuationFrame(1, b"\x00" * 1024).serialize()
-            server.receive_data(data)
+            server.receive(data)
             data = b""
+    assert err.value.code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_a_settings_ack_with_a_payload_is_a_frame_size_error() -> None:
-    server = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
-    server.initiate_connection()
+    server = new_server()
     client = _client()
-    server.receive_data(client.data_to_send())
-    server.data_to_send()
+    server.receive(client.data_to_send())
     ack = SettingsFrame(0, flags=["ACK"]).serialize()
     bad = (6).to_bytes(3, "big") + ack[3:] + b"\0" * 6  # RFC 9113 6.5: an ACK carries nothing
-    with pytest.raises(ProtocolError) as err:
-        server.receive_data(bad)
-    assert err.value.error_code == ErrorCodes.FRAME_SIZE_ERROR
-    goaway = GoAwayFrame(0)
-    goaway.parse_body(memoryview(server.data_to_send()[9:]))
-    assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    with pytest.raises(H2Error) as err:
+        server.receive(bad)
+    assert err.value.code == ErrorCodes.FRAME_SIZE_ERROR
     # An empty ACK is fine.
-    fresh = new_connection(max_concurrent_streams=10, max_header_list_size=4096, initial_window_size=65535)
-    fresh.initiate_connection()
-    fresh.receive_data(_client().data_to_send() + ack)
+    new_server().receive(_client().data_to_send() + ack)
 
 
 RESPONSES = [
