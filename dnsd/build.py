@@ -266,6 +266,29 @@ class TableBuilder:
         due += [a.signed.due for a in self._rotations.values() if a.signed is not None]  # type: ignore[attr-defined]
         return min(due, default=None)
 
+    def rotating_keys(self) -> list[bytes]:
+        """The answer keys (``rrl_key``) of every answer that can rotate, from the zones alone.
+
+        With ``workers = N`` the supervisor gives each its node-wide rotation counter
+        before any table is built, so it need not build tables to hand out counters
+        (workers.py): service names, names with several static addresses, and CNAMEs
+        (a chain can end at either), for A and AAAA, and per site for service names.
+        """
+        keys = []
+        for origin, zone in self.zones.items():
+            for name in sorted(self._names[origin]):
+                if self._zone_of(name) is not zone:
+                    continue
+                static = zone.static.get(name, {})
+                for qtype in ADDRESS_TYPES:
+                    rrset = static.get(qtype)
+                    if name in zone.services or wire.CNAME in static or (rrset and len(rrset.rdatas) > 1):
+                        key = name + type_key(qtype)
+                        keys.append(key)
+                        if name in zone.services:
+                            keys += [key + b"@" + site.encode() for site in self.site_orders]
+        return keys
+
     # --- registry -> per-service answer sets ------------------------------------------
 
     def _choose(self, view: ServiceView, synced: bool) -> None:
