@@ -95,9 +95,9 @@ class RegistryFeed:
             assert changes is not None
             self.last_changes = list(changes.values())
             if self.forward is not None:
-                self._whole = False
                 self._behind += self.last_changes
                 self.forward(self.last_changes, self.mirror.revision, synced)
+                self._whole = False
                 if self._catch_up is None:
                     loop = asyncio.get_running_loop()
                     self._catch_up = loop.call_later(self.catch_up_interval, self.catch_up)
