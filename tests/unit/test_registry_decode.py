@@ -1,5 +1,6 @@
 """ServiceRecord.decode: the plain-typed fast path (dnsd's start-up at 10,000 records) reads
-every value as the field-by-field path does, and rejects the same bad values."""
+every value as the field-by-field path does, and rejects the same bad values, with orjson
+and with the standard library's JSON (the fallback when orjson is missing)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import json
 
 import pytest
 
+from carousel import registry
 from carousel.registry import SchemaError, ServiceRecord
 
 BASE = {"v": 1, "service": "edge", "node": "n1", "port": 80, "ipv4": ["192.0.2.1"]}
+
+
+@pytest.fixture(autouse=True, params=["orjson", "standard library"])
+def json_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "orjson":
+        orjson = pytest.importorskip("orjson")
+        monkeypatch.setattr(registry, "_loads", orjson.loads)
+    else:
+        monkeypatch.setattr(registry, "_loads", registry._pure_loads)
 
 
 def value(**fields: object) -> bytes:
@@ -61,3 +72,9 @@ def test_the_fast_path_rejects_what_the_general_path_rejects(fields: dict[str, o
 def test_values_must_be_utf8() -> None:
     with pytest.raises(SchemaError, match="not JSON"):
         ServiceRecord.decode(value().decode().encode("utf-16"))
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b"", b'{"v": 1, "service": "edge"', b"[1]"])
+def test_malformed_json_is_a_schema_error_with_either_decoder(raw: bytes) -> None:
+    with pytest.raises(SchemaError):
+        ServiceRecord.decode(raw)
