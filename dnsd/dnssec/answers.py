@@ -41,7 +41,7 @@ RRsetSigner = Callable[[bytes, int, int, list[bytes]], tuple[list[bytes], float]
 class SignedWindows:
     """The signed bodies of one rotating answer, by window start address, with their renewal times."""
 
-    __slots__ = ("body_of", "counts", "due", "refresh")
+    __slots__ = ("body_of", "counts", "due", "refresh", "schedule")
 
     def __init__(
         self, body_of: dict[bytes, bytes], refresh: dict[bytes, float], counts: tuple[int, int, int]
@@ -50,6 +50,7 @@ class SignedWindows:
         self.refresh = refresh  # packed start address -> when its earliest signature is due
         self.counts = counts  # section counts of a signed body (the same for every window)
         self.due = min(refresh.values(), default=float("inf"))
+        self.schedule: list[bytes] | None = None  # the DO schedule, once laid out
 
 
 def signed_rcode(plan: Plan) -> int:
@@ -96,7 +97,13 @@ def add_signed(
         body, counts, _ = signed_body(qname, plan, [], sign)
         entry.add_signed(signed_rcode(plan), counts, [body])
         return
-    windows = _windows(answer, qname, plan, sign, previous, clock())
+    now = clock()
+    kept = answer.signed
+    if isinstance(kept, SignedWindows) and kept.schedule is not None and kept.due > now:
+        # The previous table's answer, re-used unchanged, and no signature due: nothing to do.
+        entry.add_signed(signed_rcode(plan), kept.counts, kept.schedule)
+        return
+    windows = _windows(answer, qname, plan, sign, previous, now)
     answer.signed = windows
     body_of = windows.body_of
     bodies = list(map(body_of.__getitem__, answer.set.keys))  # C loops: no Python per window
@@ -104,6 +111,7 @@ def add_signed(
         schedule = bodies  # equal weights: slot s starts at address s
     else:
         schedule = list(map(bodies.__getitem__, answer.rotation.slot_start))
+    windows.schedule = schedule
     entry.add_signed(signed_rcode(plan), windows.counts, schedule)
 
 
