@@ -6,6 +6,8 @@
     python bench/scale_bench.py --json after.json     # also write the figures as JSON
     python bench/scale_bench.py --no-build --sizes 10000 --churn-sizes 10000 --agents 0 --workers 2
                                                       # churn with a supervisor and 2 workers
+    python bench/scale_bench.py --no-build --sizes 10000 --start-rounds 5 --compare-repo ../old
+                                                      # start-up CPU, this checkout and another alternating
 
 What it measures, per number of edges N registered under one name:
 
@@ -446,6 +448,75 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
     return out
 
 
+def start_cost(
+    work: Path, etcd: EtcdProcess, n: int, repo: Path, args: argparse.Namespace
+) -> tuple[float, float]:
+    """(wall s, CPU s) from exec of a dnsd from checkout ``repo`` to its first full answer over N records.
+
+    The CPU is read the moment the prober sees the registry revision in the SOA serial
+    (every 2 ms): the interpreter, the imports, the etcd read, decoding and the first build.
+    """
+    prefix = f"/bench{n}/"
+    revision = asyncio.run(_revision(etcd.endpoint))
+    port = free_port()
+    cfg = work / f"dnsd-start-{n}.toml"
+    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix, args.workers))
+    with open(work / f"dnsd-start-{n}.log", "wb") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli", "dnsd",
+             "--config", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True,
+        )  # fmt: skip
+    prober = Prober(port, 0.002)
+    prober.start()
+    try:
+        deadline = started + 300
+        while time.monotonic() < deadline and prober.first_at_or_after(revision) is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsd exited: see {work}/dnsd-start-{n}.log")
+            time.sleep(0.001)
+        cpu = cpu_seconds(proc.pid)
+        at = prober.first_at_or_after(revision)
+        wall = (at - started) if at is not None else float("nan")
+    finally:
+        prober.stop.set()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        prober.join()
+    return wall, cpu
+
+
+async def _revision(endpoint: str) -> int:
+    etcd = Etcd(EtcdConfig(endpoints=[endpoint]))
+    try:
+        return await etcd.revision()
+    finally:
+        await etcd.close()
+
+
+def run_start(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start-up to the first full answer, this checkout and ``--compare-repo`` alternating."""
+    asyncio.run(register(etcd.endpoint, f"/bench{n}/", n))
+    repos = {"this": REPO, **({"compare": args.compare_repo} if args.compare_repo else {})}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in repos}
+    for rnd in range(args.start_rounds):
+        for label, repo in list(repos.items()) if rnd % 2 == 0 else list(repos.items())[::-1]:
+            runs[label].append(start_cost(work, etcd, n, repo, args))
+            wall, cpu = runs[label][-1]
+            print(f"  start N={n} {label:8s} round {rnd + 1}: {wall:.3f} s wall, {cpu:.3f} s CPU", flush=True)
+    out: dict[str, Any] = {"n": n}
+    for label, values in runs.items():
+        out[f"{label}_start_s"] = statistics.median(w for w, _ in values)
+        out[f"{label}_start_cpu_s"] = statistics.median(c for _, c in values)
+        out[f"{label}_start_cpu_min_s"] = min(c for _, c in values)
+    return out
+
+
 def _delays(prober: Prober, done: list[tuple[float, int]], delivered: dict[int, float]) -> dict[str, float]:
     """Change-to-answer delays (and etcd's share) from the prober's serials, in ms."""
     delays, etcd_delays, unseen = [], [], 0
@@ -625,6 +696,17 @@ def main() -> int:
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--start-rounds",
+        type=int,
+        default=0,
+        help="only start-up: exec to first full answer at each of --sizes, this many times",
+    )
+    p.add_argument(
+        "--compare-repo",
+        type=Path,
+        help="with --start-rounds: a checkout of other code, run alternately with this one",
+    )
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     args.churn = {int(s) for s in args.churn_sizes.split(",") if s}
@@ -653,11 +735,15 @@ def main() -> int:
         etcd = EtcdProcess(work / "etcd", extra_args=["--quota-backend-bytes", str(4 << 30)])
         etcd.start()
         try:
-            for n in sizes:
+            for n in sizes if args.start_rounds else ():
+                r = run_start(work, etcd, n, args)
+                report["dnsd"][n] = r
+                print(f"start N={n} (medians): " + _figures(r), flush=True)
+            for n in () if args.start_rounds else sizes:
                 r = run_dnsd(work, etcd, n, args)
                 report["dnsd"][n] = r
                 print(f"dnsd N={n}: " + _figures(r), flush=True)
-            if args.agents:
+            if args.agents and not args.start_rounds:
                 report["agents"] = run_agents(etcd, args.agents, args.agent_seconds)
                 print("agents: " + _figures(report["agents"]), flush=True)
         finally:

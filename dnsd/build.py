@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ import dnslib
 from carousel.registry import ServiceRecord
 from dnsd import wire
 from dnsd.config import AllDownPolicy
+from dnsd.dnssec.answers import add_signed
 from dnsd.dnssec.keys import DNSKEY, NSEC, RRSIG
 from dnsd.dnssec.sign import NXNAME, ZoneSigner
 from dnsd.rotation import AddressSet, RotatingAnswer
@@ -255,8 +257,37 @@ class TableBuilder:
         self._last_healthy = dict(value)
 
     def next_refresh(self) -> float | None:
-        """When the first DNSSEC signature in use is due for renewal (None: nothing signed)."""
-        return min((t for s in self.signers.values() if (t := s.next_refresh()) is not None), default=None)
+        """When the first DNSSEC signature in use is due for renewal (None: nothing signed).
+
+        The signers know what the last build asked them for; the rotating answers'
+        windows that a build kept carry their own renewal times (dnsd/dnssec/answers.py).
+        """
+        due = [t for s in self.signers.values() if (t := s.next_refresh()) is not None]
+        due += [a.signed.due for a in self._rotations.values() if a.signed is not None]  # type: ignore[attr-defined]
+        return min(due, default=None)
+
+    def rotating_keys(self) -> list[bytes]:
+        """The answer keys (``rrl_key``) of every answer that can rotate, from the zones alone.
+
+        With ``workers = N`` the supervisor gives each its node-wide rotation counter
+        before any table is built, so it need not build tables to hand out counters
+        (workers.py): service names, names with several static addresses, and CNAMEs
+        (a chain can end at either), for A and AAAA, and per site for service names.
+        """
+        keys = []
+        for origin, zone in self.zones.items():
+            for name in sorted(self._names[origin]):
+                if self._zone_of(name) is not zone:
+                    continue
+                static = zone.static.get(name, {})
+                for qtype in ADDRESS_TYPES:
+                    rrset = static.get(qtype)
+                    if name in zone.services or wire.CNAME in static or (rrset and len(rrset.rdatas) > 1):
+                        key = name + type_key(qtype)
+                        keys.append(key)
+                        if name in zone.services:
+                            keys += [key + b"@" + site.encode() for site in self.site_orders]
+        return keys
 
     # --- registry -> per-service answer sets ------------------------------------------
 
@@ -379,11 +410,17 @@ class TableBuilder:
                 types.add(DNSKEY)
         return types
 
-    def _sign(self, owner: bytes, rtype: int, ttl: int, rdatas: list[bytes]) -> list[bytes]:
-        """RRSIGs of an RRset by the signer of the zone that holds its owner ([] if unsigned)."""
+    def _clock(self) -> float:
+        """The signers' time (one clock for every zone: tests give the signers a fake one)."""
+        for signer in self.signers.values():
+            return signer.clock()
+        return time.time()
+
+    def _sign(self, owner: bytes, rtype: int, ttl: int, rdatas: list[bytes]) -> tuple[list[bytes], float]:
+        """RRSIGs of an RRset by the signer of the zone that holds its owner, and when they are due."""
         zone = self._zone_of(owner)
         signer = self.signers.get(zone.origin) if zone is not None else None
-        return signer.rrsigs(owner, rtype, ttl, rdatas) if signer is not None else []
+        return signer.signed(owner, rtype, ttl, rdatas) if signer is not None else ([], float("inf"))
 
     def _data(self, zone: Zone, name: bytes, qtype: int) -> Plan:
         """The answer for a name that exists in ``zone`` and is not a CNAME."""
@@ -534,7 +571,9 @@ class TableBuilder:
                             plan = Plan(rotating=(name, qtype, zone.service_ttl if ttl < 0 else ttl, aset))
                         key = type_key(qtype)
                         rrl_key = name + key + b"@" + site.encode()
-                        entry = render(name, qtype, plan, self.cap, rrl_key, signer=sign, shared=self.shared)
+                        entry = render(name, qtype, plan, self.cap, rrl_key, shared=self.shared)
+                        if sign is not None:
+                            add_signed(entry, name, plan, sign)
                         entry.prepare_full(question, table.opt)
                         table.by_site.setdefault(site, {})[question] = entry
 
@@ -590,14 +629,17 @@ class TableBuilder:
             key = type_key(qtype)
             previous = self._rotations.get((name, key))
             plan = self.plan(name, qtype)
-            entry = render(
-                name, qtype, plan, self.cap, name + key, previous=previous, signer=sign, shared=self.shared
-            )
+            entry = render(name, qtype, plan, self.cap, name + key, previous=previous, shared=self.shared)
+            if sign is not None:
+                add_signed(entry, name, plan, sign, previous, self._clock)
             node[key] = entry
             if entry.answer is not None:
                 rotations[name, key] = entry.answer
         # Any other type: the same answer as a type the name surely lacks.
-        node[b""] = render(name, 0, self.plan(name, 0), self.cap, name + b"/other", signer=sign)
+        plan = self.plan(name, 0)
+        node[b""] = other = render(name, 0, plan, self.cap, name + b"/other")
+        if sign is not None:
+            add_signed(other, name, plan, sign)
         return node
 
 

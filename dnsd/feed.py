@@ -12,6 +12,7 @@ Nothing here is on the query path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,10 @@ from dnsd.build import TableBuilder
 from dnsd.table import AnswerTable
 
 log = structlog.get_logger("dnsd.feed")
+
+Change = tuple[ServiceRecord | None, ServiceRecord | None]
+# (changes, registry revision, synced): a batch of watch events, before any table is built.
+Forward = Callable[[list[Change], int, bool], None]
 
 
 class RegistryFeed:
@@ -52,8 +57,15 @@ class RegistryFeed:
         self._whole = True  # the next build reads every record (start, or a failed update)
         # What the last build applied: None for a build from every record, else the
         # (before, after) changes (the worker supervisor forwards them, see workers.py).
-        self.last_changes: list[tuple[ServiceRecord | None, ServiceRecord | None]] | None = None
+        self.last_changes: list[Change] | None = None
         self._modes = {s: st.mode for s, st in self.table.services.items()}
+        # The worker supervisor (workers.py) answers no query: it hands each batch of
+        # changes to ``forward`` as it arrives and brings its own table (for /metrics and
+        # /status) up to date at most once per ``catch_up_interval``.
+        self.forward: Forward | None = None
+        self.catch_up_interval = 1.0
+        self._behind: list[Change] = []
+        self._catch_up: asyncio.TimerHandle | None = None
 
     def _parse(self, key: str, raw: bytes) -> ServiceRecord:
         record = ServiceRecord.decode(raw)
@@ -74,6 +86,7 @@ class RegistryFeed:
         # record, so an error costs one rebuild, never a stale answer.
         whole, self._whole = self._whole or changes is None, True
         if whole:  # a snapshot: build from every record
+            self._behind.clear()
             table = self.builder.build(
                 self.mirror.items.values(), self.mirror.revision, synced=synced, previous=self.table
             )
@@ -81,10 +94,44 @@ class RegistryFeed:
         else:
             assert changes is not None
             self.last_changes = list(changes.values())
+            if self.forward is not None:
+                self._behind += self.last_changes
+                self.forward(self.last_changes, self.mirror.revision, synced)
+                self._whole = False
+                if self._catch_up is None:
+                    loop = asyncio.get_running_loop()
+                    self._catch_up = loop.call_later(self.catch_up_interval, self.catch_up)
+                return
             table = self.builder.update(
                 self.last_changes, self.mirror.revision, synced=synced, previous=self.table
             )
         self._whole = False
+        self.table = table
+        self.builds += 1
+        self.last_build_seconds = time.perf_counter() - started
+        if self.publish is not None:
+            self.publish(table)
+        self._log_modes(table)
+
+    def catch_up(self) -> None:
+        """Apply the changes forwarded since the last build to our own table (see ``forward``)."""
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+            self._catch_up = None
+        if not self._behind:
+            return
+        started = time.perf_counter()
+        changes, self._behind = self._behind, []
+        try:
+            table = self.builder.update(
+                changes, self.mirror.revision, synced=self.mirror.synced.is_set(), previous=self.table
+            )
+        except Exception:  # the workers have the changes already; our copy starts afresh
+            log.exception("could not apply registry changes to the supervisor's table; rebuilding it")
+            table = self.builder.build(
+                self.mirror.items.values(), self.mirror.revision, synced=self.mirror.synced.is_set(),
+                previous=self.table,
+            )  # fmt: skip
         self.table = table
         self.builds += 1
         self.last_build_seconds = time.perf_counter() - started
@@ -108,7 +155,12 @@ class RegistryFeed:
 
     async def run(self) -> None:
         """Follow the registry until cancelled."""
-        await follow(self.mirror, self.snapshot)
+        try:
+            await follow(self.mirror, self.snapshot)
+        finally:
+            if self._catch_up is not None:
+                self._catch_up.cancel()
+                self._catch_up = None
 
     async def close(self) -> None:
         await self.etcd.close()

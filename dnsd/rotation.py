@@ -434,6 +434,7 @@ class RotatingAnswer:
         "schedule",
         "set",
         "shown",
+        "signed",
         "tail",
         "ttl",
     )  # fmt: skip
@@ -451,6 +452,8 @@ class RotatingAnswer:
         self.shown = shown
         self.head, self.rr_prefix, self.tail = parts
         self.owner, self.rtype, self.ttl = rr
+        # A signed zone's windows with their RRSIGs (dnsd.dnssec.answers), kept for the next build.
+        self.signed: object | None = None
         n = len(aset.keys)
         self.body_len = len(self.head) + shown * (len(self.rr_prefix) + len(aset.keys[0])) + len(self.tail)
         self.rotation: Rotation

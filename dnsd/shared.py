@@ -10,12 +10,12 @@ every worker) holds
 * the RRL accounts (``rrl.SharedRateLimiter``), so a client spread over
   the workers by SO_REUSEPORT gets the node's limit once, not once per worker.
 
-Slots are handed out by the supervisor, which builds the same tables as its
-workers: ``assign`` gives a new answer key the next free slot, and the
-workers receive the key -> slot map with every table (``slots``). A slot is
-never reused, and the keys come from the configuration (names x types x
-sites), so ``ROTATION_SLOTS`` is plenty; past it an answer rotates per
-process, with one log line.
+Slots are handed out by the supervisor: ``assign`` gives an answer key the
+next free slot, for every answer that can rotate as soon as the supervisor
+starts (``TableBuilder.rotating_keys``: the keys come from the configuration,
+names x types x sites), and the workers receive the key -> slot map with
+every message (``slots``). A slot is never reused, so ``ROTATION_SLOTS`` is
+plenty; past it an answer rotates per process, with one log line.
 
 Python has no atomic read-modify-write on shared memory, so a step is
 taken under one node-wide lock (a POSIX semaphore; uncontended, a

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -254,10 +254,6 @@ class Plan:
     signed_rcode: int | None = None
 
 
-# Signs an RRset: (owner, type, TTL, canonical RDATAs) -> RRSIG RDATAs; [] when its zone is unsigned.
-RRsetSigner = Callable[[bytes, int, int, list[bytes]], list[bytes]]
-
-
 class NxSigner(Protocol):
     """What answers a nonexistent name in a signed zone (dnsd.dnssec.sign.ZoneSigner)."""
 
@@ -355,7 +351,6 @@ def render(
     rrl_key: bytes,
     aa: bool = True,
     previous: RotatingAnswer | None = None,
-    signer: RRsetSigner | None = None,
     shared: SharedCounters | None = None,
 ) -> Entry:
     """Turn a plan into an entry: one body per rotation start, scheduled by weight.
@@ -364,7 +359,7 @@ def render(
     any name of a zone): the body is then written without compression.
     ``previous`` is this entry's rotating answer in the last table: re-used
     when its address set is the same, patched when the set derives from it.
-    With a ``signer``, the entry also gets its DNSSEC variant (``Entry.add_signed``).
+    A signed zone's DNSSEC variant is added by dnsd.dnssec.answers (``Entry.add_signed``).
     ``shared`` gives a rotating answer its node-wide rotation counter by ``rrl_key``
     (``workers = N``, see dnsd/shared.py).
     """
@@ -377,11 +372,7 @@ def render(
     if plan.rotating is None or not plan.rotating[3].keys:
         for owner, rtype, ttl, rdata in (*plan.fixed, *plan.authority, *plan.additional):
             w.rr(owner, rtype, ttl, rdata, compress=compress)
-        entry = Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
-        if signer is not None:
-            body, counts = _signed_body(qname, plan, [], signer)
-            entry.add_signed(_signed_rcode(plan), counts, [body])
-        return entry
+        return Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
     owner, rtype, ttl, aset = plan.rotating
     if qname is None:
         raise ValueError("a rotating answer needs a known question name")
@@ -415,42 +406,4 @@ def render(
     entry = Entry(qtype, plan.rcode, aa, counts, answer.schedule, answer.rotation, rrl_key, answer)
     if shared is not None:
         entry.share(shared.counter(rrl_key), shared.lock)
-    if signer is not None:
-        # One signed body per window (rotation start); the schedule follows the unsigned one.
-        # Not patched like the unsigned bodies: signed zones re-render their rotating
-        # answers on a change (signatures come from the signer's cache).
-        keys, n = aset.keys, len(aset.keys)
-        windows = []
-        for start in range(n):
-            first: list[RR] = [(owner, rtype, ttl, [keys[(start + j) % n]]) for j in range(shown)]
-            windows.append(_signed_body(qname, plan, first, signer))
-        starts = answer.rotation.slot_start
-        schedule = [windows[starts[slot]][0] for slot in range(len(answer.schedule))]
-        entry.add_signed(_signed_rcode(plan), windows[0][1], schedule)
     return entry
-
-
-def _signed_rcode(plan: Plan) -> int:
-    return plan.rcode if plan.signed_rcode is None else plan.signed_rcode
-
-
-def _signed_body(
-    qname: bytes | None, plan: Plan, first: list[RR], sign: RRsetSigner
-) -> tuple[bytes, tuple[int, int, int]]:
-    """The DNSSEC variant of a body: every RRset followed by its RRSIGs, denial NSEC in authority."""
-    w = MessageWriter(qname, 12 + len(qname) + 4 if qname is not None else 0)
-    compress = qname is not None
-    answer = [*plan.prefix, *first, *plan.fixed]
-    counts = []
-    for section in (answer, [*plan.authority, *plan.denial], plan.additional):
-        n = 0
-        for i, (owner, rtype, ttl, rdata) in enumerate(section):
-            w.rr(owner, rtype, ttl, rdata, compress=compress)
-            n += 1
-            if i + 1 == len(section) or section[i + 1][:2] != (owner, rtype):  # the end of an RRset
-                rrset = [b"".join(r[3]) for r in section if r[0] == owner and r[1] == rtype]
-                for sig in sign(owner, rtype, ttl, rrset):
-                    w.rr(owner, RRSIG, ttl, [sig], compress=compress)
-                    n += 1
-        counts.append(n)
-    return w.getvalue(), (counts[0], counts[1], counts[2])

@@ -9,23 +9,29 @@ Messages over one pipe per worker (pickled):
 
 * supervisor -> worker: ``("table", records, revision, synced, last_healthy, slots)``
   when a worker starts and after a build from every record (a snapshot), and
-  ``("delta", changes, revision, synced, slots)`` after a batch of watch events:
-  only the (before, after) registrations that changed, which the worker applies
-  with ``TableBuilder.update`` as the supervisor did, so a change costs both
-  sides in proportion to what changed, not to the number of edges (pickling
-  10,000 records for every worker on every 50 ms batch was the largest cost of
-  churn at 10,000 edges with several workers). All workers answer alike;
-  ``("stop",)`` to shut down;
+  ``("delta", changes, revision, synced, slots)`` for each batch of watch events,
+  sent as the batch arrives, before the supervisor builds anything: only the
+  (before, after) registrations that changed, which the worker applies with
+  ``TableBuilder.update``, so a change costs in proportion to what changed, not
+  to the number of edges (pickling 10,000 records for every worker on every
+  50 ms batch was the largest cost of churn at 10,000 edges with several
+  workers). Deltas a worker receives together are applied as one update. The
+  supervisor answers no query, so its own table (for /metrics and /status)
+  follows at most a second later (``RegistryFeed.catch_up``): building it on
+  every batch, on the core the workers rebuild on, left its etcd watch seconds
+  behind under churn. All workers answer alike; ``("stop",)`` to shut down;
 * worker -> supervisor: ``("ready", addresses)`` once bound, ``("applied",
   revision, synced)`` after each table, ``("resync",)`` if a delta failed to
   apply (the supervisor answers with a whole table), and ``("stats",
   Snapshot)`` every second.
 
 Rotation and RRL are per node (dnsd/shared.py): ``slots`` maps each rotating
-answer to its counter in the node's shared memory, which every worker steps,
+answer to its counter in the node's shared memory (handed out at start from
+the zones, ``TableBuilder.rotating_keys``), which every worker steps,
 and the RRL accounts live there too. The exposure statistics of those answers
 (first places and inclusions per address) are derived by the supervisor from
-the shared counters when /metrics is read, so they are the node's and current;
+the shared counters when /metrics is read, so they are the node's (read
+through the supervisor's table: under churn, up to a second behind the workers');
 query counts still come from the workers' snapshots (at most a second old).
 
 Metrics: prometheus_client's multiprocess mode would cost a locked mmap
@@ -184,12 +190,33 @@ async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shar
     def applied(revision: int, synced: bool) -> None:
         conn.send(("applied", revision, synced))
 
+    # Deltas that arrived together are applied as one update: a worker that got less CPU
+    # than the registry's pace (its core shared with busier processes) catches up with
+    # one build, not one per batch it missed.
+    pending: list[tuple[Any, int, bool]] = []
+
+    def apply_pending() -> None:
+        if not pending:
+            return
+        changes = [c for batch, _, _ in pending for c in batch]
+        _, revision, synced = pending[-1]
+        pending.clear()
+        try:
+            table = builder.update(changes, revision, synced=synced, previous=server.table)
+        except Exception:  # keep answering from the last table; ask for the whole state
+            log.exception("worker could not apply a registry change; asking for a whole table")
+            conn.send(("resync",))
+            return
+        server.set_table(table)
+        applied(revision, synced)
+
     def on_message(msg: Any) -> None:
         if msg is None:
             stop.set()  # the supervisor is gone
             return
         if msg[0] == "table":
             _, records, revision, synced, last_healthy, slots = msg
+            pending.clear()  # the whole state includes every delta sent before it
             shared.slots = slots
             builder.last_healthy = last_healthy
             server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
@@ -197,14 +224,9 @@ async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shar
         elif msg[0] == "delta":
             _, changes, revision, synced, slots = msg
             shared.slots = slots
-            try:
-                table = builder.update(changes, revision, synced=synced, previous=server.table)
-            except Exception:  # keep answering from the last table; ask for the whole state
-                log.exception("worker could not apply a registry change; asking for a whole table")
-                conn.send(("resync",))
-                return
-            server.set_table(table)
-            applied(revision, synced)
+            if not pending:
+                loop.call_soon(apply_pending)  # after every message already received
+            pending.append((changes, revision, synced))
         elif msg[0] == "cookies" and builder.cookies is not None:
             builder.cookies.secrets = msg[1]  # the cluster's DNS Cookie secret, from the supervisor
         elif msg[0] == "stop":
@@ -258,6 +280,12 @@ class Supervisor:
         # the counter slots, and folds the exposure they count (stats.SHARED).
         self.shared = shared
         feed.builder.shared = shared
+        # Every answer that can rotate gets its counter now, from the zones: deltas go to the
+        # workers before the supervisor builds a table (RegistryFeed.forward), so a counter
+        # handed out by that build would come too late for the workers' tables.
+        for key in feed.builder.rotating_keys():
+            shared.assign(key)
+        feed.forward = self.forward
         self.counters = Counters(SHARED)
         self.table = feed.table
         self.ctx = multiprocessing.get_context("spawn")
@@ -266,11 +294,11 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
 
-    def _message(self, table: AnswerTable, whole: bool = True) -> tuple[Any, ...]:
+    def _message(self) -> tuple[Any, ...]:
+        """The whole registry state, for a starting worker or one that asked for it."""
+        self.feed.catch_up()  # the table and the last healthy sets must include every forwarded change
+        table = self.feed.table
         slots = dict(self.shared.slots)
-        changes = self.feed.last_changes
-        if not whole and changes is not None:
-            return ("delta", changes, table.revision, table.synced, slots)
         records: list[ServiceRecord] = list(self.feed.mirror.items.values())
         last_healthy = dict(self.feed.builder.last_healthy)
         return ("table", records, table.revision, table.synced, last_healthy, slots)
@@ -288,7 +316,7 @@ class Supervisor:
         worker = Worker(index, process, await Channel.open(parent))
         self.workers[index] = worker
         _receive(worker.conn, functools.partial(self._on_message, worker))
-        self._send(worker, self._message(self.feed.table))
+        self._send(worker, self._message())
         cookies = self.feed.builder.cookies
         if cookies is not None:
             self._send(worker, ("cookies", cookies.secrets))
@@ -301,14 +329,26 @@ class Supervisor:
     def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         worker.conn.send(msg)  # a dead worker's is dropped; the exit watcher restarts it
 
+    def forward(self, changes: list[Any], revision: int, synced: bool) -> None:
+        """Send a batch of registry changes to every worker, before the supervisor builds anything.
+
+        The supervisor answers no query: its own table (for /metrics and /status) follows
+        at most a second later (RegistryFeed.catch_up). Building it on every batch, on
+        the core the workers rebuild on, delayed the supervisor's etcd watch by seconds.
+        """
+        msg = ("delta", changes, revision, synced, dict(self.shared.slots))
+        for worker in self.workers.values():
+            self._send(worker, msg)
+
     def publish(self, table: AnswerTable) -> None:
-        """Send what changed behind a new table (or the whole state) to every worker."""
+        """A new supervisor table: the whole state goes to every worker after a snapshot."""
         old, self.table = self.table, table
         if old is not table:
             self.counters.retire(old)
-        msg = self._message(table, whole=False)
-        for worker in self.workers.values():
-            self._send(worker, msg)
+        if self.feed.last_changes is None:  # built from every record: the workers do the same
+            msg = self._message()
+            for worker in self.workers.values():
+                self._send(worker, msg)
 
     def _on_message(self, worker: Worker, msg: Any) -> None:
         if msg is None or self.workers.get(worker.index) is not worker:
@@ -322,7 +362,7 @@ class Supervisor:
         elif msg[0] == "stats":
             worker.stats = msg[1]
         elif msg[0] == "resync":
-            self._send(worker, self._message(self.feed.table))
+            self._send(worker, self._message())
 
     async def watch(self) -> None:
         """Restart workers that exit while we are not stopping."""

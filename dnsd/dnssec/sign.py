@@ -9,7 +9,11 @@ signature, and the cache key is the RRset's content: (owner, type, TTL,
 sorted RDATAs). A table build asks for the signature of every RRset it
 renders; a cached one that is not due for renewal is reused, anything else
 is signed then. When answers are capped to a subset of the set, each subset
-is a distinct RRset with its own cached signature.
+is a distinct RRset with its own cached signature. A change renders again
+only the windows of a rotating answer that it touched (dnsd/dnssec/answers.py):
+the kept windows carry their signatures and their renewal times, so the
+cache holds what the last build asked for, and the builder's
+``next_refresh`` adds the kept windows' times to ours.
 
 Timing (RFC 6781 §4.4.2): inception is ``inception_offset`` in the past,
 for validators with slow clocks; expiration is ``validity`` ahead, less a
@@ -140,6 +144,12 @@ class ZoneSigner:
 
     def rrsigs(self, owner: bytes, rtype: int, ttl: int, rdatas: Iterable[bytes]) -> list[bytes]:
         """RRSIG RDATAs covering the RRset (one per signing key); cached by the set's content."""
+        return self.signed(owner, rtype, ttl, rdatas)[0]
+
+    def signed(
+        self, owner: bytes, rtype: int, ttl: int, rdatas: Iterable[bytes]
+    ) -> tuple[list[bytes], float]:
+        """The RRSIG RDATAs of the RRset (as ``rrsigs``) and when they are due for renewal."""
         canonical = tuple(sorted(set(rdatas)))
         cache_key = (owner, rtype, ttl, canonical)
         hit = self._cache.get(cache_key)
@@ -147,12 +157,12 @@ class ZoneSigner:
         if hit is not None and now < hit[1]:
             if hit[2] != self.generation:
                 self._cache[cache_key] = (hit[0], hit[1], self.generation)
-            return hit[0]
+            return hit[0], hit[1]
         inception, expiration, refresh_at = self._times(now)
         signers = self.key_signers if rtype == DNSKEY else self.zone_signers
         sigs = [self._rrsig(k, owner, rtype, ttl, canonical, inception, expiration) for k in signers]
         self._cache[cache_key] = (sigs, refresh_at, self.generation)
-        return sigs
+        return sigs, refresh_at
 
     # --- builds and renewal ------------------------------------------------------------
 
