@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
+from edge.front.connection import DEADLINE_SLOT, _wheels
 from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
 from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
@@ -280,3 +281,32 @@ async def test_a_user_feature_sees_the_fields_of_a_static_file_and_a_fixed_answe
             assert static.header("x-seen-etag") == static.header("etag") != "none"
             assert (static.body, fixed.body) == (b"text", b"fixed")
             assert fixed.header("content-type") == "text/x-fixed" and fixed.header("x-seen-etag") == "none"
+
+
+async def test_idle_connections_share_one_deadline_timer_and_leave_it_when_closed() -> None:
+    cfg = {"route": [{"path": "/", "respond": 200, "body": "ok"}], "edge": {"keepalive_timeout": 0.6}}
+    async with running_edge(cfg) as edge:
+        clients = []
+        for _ in range(60):
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(read_response(reader), 3)).status == 200
+            clients.append((reader, writer))
+        served = time.monotonic()
+        wheel = _wheels[asyncio.get_running_loop()]
+        filed = [conn for members in wheel.slots.values() for conn in members]
+        assert set(filed) == edge.connections and len(filed) == 60  # each filed once, no timers
+        # Ten clients leave first: their connections leave the wheel at once (nothing held).
+        for _, writer in clients[:10]:
+            writer.close()
+        await asyncio.sleep(0.1)
+        filed = [conn for members in wheel.slots.values() for conn in members]
+        assert len(filed) == len(edge.connections) == 50
+        # The other fifty are closed by the edge at the idle timeout, 0.6 s plus one slot at most.
+        for reader, _ in clients[10:]:
+            assert await asyncio.wait_for(reader.read(1), 3) == b""
+        assert 0.55 < time.monotonic() - served < 0.6 + DEADLINE_SLOT + 0.4
+        for _, writer in clients[10:]:
+            writer.close()
+        await asyncio.sleep(0.3)
+        assert not edge.connections and not any(wheel.slots.values())
