@@ -304,7 +304,9 @@ class Edge:
         self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply, keep_alive: bool
     ) -> None:
         """After the reply went out (or failed): free its body, count it, log it."""
-        reply.body.close()
+        body = reply.body
+        if type(body) is not BytesBody:  # bytes in memory hold nothing to free
+            body.close()
         if not keep_alive and reply.tunnel is None:
             request.conn.close()
         route_name = route.name if route is not None else "-"
