@@ -256,12 +256,15 @@ def main() -> int:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
     (Path(STATIC_DIR.name) / "f1k.txt").write_bytes(BODY)
-    if args.loop == "uvloop":
-        import uvloop
+    try:
+        if args.loop == "uvloop":
+            import uvloop
 
-        results = uvloop.run(run(args))
-    else:
-        results = asyncio.run(run(args))
+            results = uvloop.run(run(args))
+        else:
+            results = asyncio.run(run(args))
+    finally:
+        STATIC_DIR.cleanup()
     # A tree from before the compiled modules has no compiled_modules(): all pure.
     mods = edge.compiled_modules() if hasattr(edge, "compiled_modules") else []
     print(
