@@ -1,6 +1,7 @@
 """The edge's own CPU per proxied request, without sockets: what interpreted code costs.
 
-    python bench/hotpath_bench.py [--requests 20000] [--connections 8] [--route proxied|fixed]
+    python bench/hotpath_bench.py [--requests 20000] [--connections 8]
+                                  [--route proxied|fixed|static|hit]
 
 One Edge runs in this process with in-memory transports on both sides: each
 client connection gets a request as soon as its previous response is complete
@@ -12,6 +13,9 @@ client, the response head, the loop's callbacks. It is steady on a loaded
 machine (process CPU time, not wall time), which the wrk figures are not, and
 it is what the compiled modules and the hot-path work change; the system
 calls a real run adds come on top (``bench/proxy_bench.py`` measures both).
+``--route static`` serves a 1 KiB file from a temporary directory (one stat per
+request, as on a real run), ``--route hit`` a 1 KiB object from the edge's cache
+(the member marks it ``max-age=3600``; the first request fills the cache).
 
 ``CAROUSEL_PURE_PYTHON=1`` runs the pure-Python modules (edge/_build.py).
 Prints microseconds per request (median of ``--repeat`` runs) and exits 0.
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,14 @@ RESPONSE = (
     b"Last-Modified: Sun, 06 Dec 2026 16:47:35 GMT\r\nConnection: keep-alive\r\n"
     b'ETag: "6b1591a7-400"\r\nAccept-Ranges: bytes\r\n\r\n' + BODY
 )
+# Fresh for an hour from now: no Date (the edge's receipt time stands in, RFC 9111 4.2.3).
+HIT_RESPONSE = RESPONSE.replace(
+    b"Accept-Ranges: bytes\r\n", b"Accept-Ranges: bytes\r\nCache-Control: max-age=3600\r\n"
+).replace(b"Date: Sun, 06 Dec 2026 16:47:37 GMT\r\n", b"")
 REQUEST = b"GET /f1k.txt HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+
+
+STATIC_DIR = tempfile.TemporaryDirectory(prefix="carousel-hotpath-")
 
 
 class MemberTransport(asyncio.Transport):
@@ -52,10 +64,11 @@ class MemberTransport(asyncio.Transport):
         super().__init__()
         self.loop = loop
         self.conn: UpstreamConnection | None = None
+        self.hit = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.conn is not None
-        self.loop.call_soon(self.conn.data_received, RESPONSE)
+        self.loop.call_soon(self.conn.data_received, HIT_RESPONSE if self.hit else RESPONSE)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
@@ -138,6 +151,8 @@ class Bench:
         routes: list[dict[str, Any]]
         if route == "fixed":
             routes = [{"path": "/", "respond": 200, "body": BODY.decode()}]
+        elif route == "static":
+            routes = [{"path": "/", "static": STATIC_DIR.name}]
         else:
             routes = [{"path": "/", "pool": "ap"}]
         config = from_dict(
@@ -157,6 +172,7 @@ class Bench:
                     }
                 },
                 "route": routes,
+                "cache": {"enabled": route == "hit", "cluster_purge": False},
             },
             "<bench>",
         )
@@ -166,6 +182,7 @@ class Bench:
             conn = UpstreamConnection(loop)
             transport = MemberTransport(loop)
             transport.conn = conn
+            transport.hit = route == "hit"
             conn.connection_made(transport)
             conn.parser = None
             member.conns.idle.append(conn)
@@ -200,29 +217,31 @@ def _first(self: ClientTransport) -> None:
 ClientTransport._next_first = _first  # type: ignore[attr-defined]
 
 
-async def response_size(route: str) -> int:
-    """One response's size on the wire, measured through the same edge."""
-    loop = asyncio.get_running_loop()
-    bench = Bench(loop, route, 1)
-    got = bytearray()
+async def response_size(bench: Bench) -> int:
+    """One response's size on the wire, through the bench's own edge (for ``hit``, the first
+    hit: the cache admits an object on its second miss)."""
     ct = bench.clients[0]
-    ct.write = got.extend  # type: ignore[assignment,method-assign]
-    assert ct.conn is not None
-    ct.conn.data_received(REQUEST)
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if got.endswith(BODY):
+    for _ in range(5):
+        got = bytearray()
+        ct.write = got.extend  # type: ignore[assignment,method-assign]
+        assert ct.conn is not None
+        ct.conn.data_received(REQUEST)
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if got.endswith(BODY):
+                break
+        if not bench.edge.config.cache.enabled or b"; hit" in got:
             break
+    del ct.write  # back to the class's write
     return len(got)
 
 
 async def run(args: argparse.Namespace) -> list[float]:
-    size = await response_size(args.route)
     loop = asyncio.get_running_loop()
     results = []
     for _ in range(args.repeat):
         bench = Bench(loop, args.route, args.connections)
-        bench.response_size = size
+        bench.response_size = await response_size(bench)
         await bench.measure(min(2000, args.requests))  # warm up
         results.append(await bench.measure(args.requests))
     return results
@@ -233,15 +252,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--route", choices=("proxied", "fixed"), default="proxied")
+    parser.add_argument("--route", choices=("proxied", "fixed", "static", "hit"), default="proxied")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
-    if args.loop == "uvloop":
-        import uvloop
+    (Path(STATIC_DIR.name) / "f1k.txt").write_bytes(BODY)
+    try:
+        if args.loop == "uvloop":
+            import uvloop
 
-        results = uvloop.run(run(args))
-    else:
-        results = asyncio.run(run(args))
+            results = uvloop.run(run(args))
+        else:
+            results = asyncio.run(run(args))
+    finally:
+        STATIC_DIR.cleanup()
     # A tree from before the compiled modules has no compiled_modules(): all pure.
     mods = edge.compiled_modules() if hasattr(edge, "compiled_modules") else []
     print(

@@ -97,6 +97,7 @@ port = {admin}
 level = "warning"
 [cache]
 enabled = true
+cluster_purge = false
 [pool.ka]
 members = [{{ address = "127.0.0.1:{ap}" }}]
 keepalive = "pool"

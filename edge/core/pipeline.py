@@ -37,7 +37,9 @@ must leave nothing done that ``__call__`` would do again: request-side work
 it did anyway (the DoS verdict) goes into ``ex.notes`` for ``__call__`` to
 reuse. The chain stops (None) at the first feature without ``now``; user
 features without one simply keep every request on the async path. Terminal
-``now``s are pure (a fixed response, a redirect, or None).
+``now``s are pure or idempotent (a fixed response, a redirect, a static file's
+answer after a stat, or None) and hold nothing a dropped Reply would leak (a static
+file sent from disk is opened when written: ``FileBody.of_path``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from multidict import CIMultiDict
+
+from edge.http.http1 import field_lines
 
 if TYPE_CHECKING:
     from edge.core.config import Config
@@ -106,16 +110,30 @@ class BytesBody(Body):
 class FileBody(Body):
     """A slice of an open file: a static file or a response spilled to disk."""
 
-    __slots__ = ("chunk_size", "fd", "length", "offset", "owned")
+    __slots__ = ("chunk_size", "fd", "length", "offset", "owned", "path")
 
-    def __init__(self, fd: int, offset: int, length: int, *, owned: bool = True) -> None:
+    def __init__(self, fd: int, offset: int, length: int, *, owned: bool = True, path: str = "") -> None:
         self.fd = fd
         self.offset = offset
         self.length = length
         self.owned = owned
         self.chunk_size = 256 * 1024
+        # Opened when the body is written (fd -1 until then): a reply built on the synchronous
+        # chain and dropped when a feature gives up on it holds no descriptor.
+        self.path = path
+
+    @classmethod
+    def of_path(cls, path: str, offset: int, length: int) -> FileBody:
+        """A slice of the file at ``path``, opened only when it is written."""
+        return cls(-1, offset, length, path=path)
+
+    def _open(self) -> None:
+        if self.fd < 0 and self.path:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.owned = True
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        self._open()
         pos, end = self.offset, self.offset + (self.length or 0)
         while pos < end:
             data = os.pread(self.fd, min(self.chunk_size, end - pos), pos)
@@ -128,6 +146,7 @@ class FileBody(Body):
         transport = out.transport
         if transport is None or not self.length:
             return await super().write_to(out)
+        self._open()
         loop = asyncio.get_running_loop()
         if isinstance(loop, asyncio.BaseEventLoop):  # the stdlib loop's own sendfile() waits well
             try:
@@ -290,6 +309,17 @@ class StoredFields(Protocol):
 
     @property
     def wire(self) -> Wire: ...
+
+
+class FixedFields:
+    """Header fields fixed at start-up (a ``respond`` route's), serialised once: StoredFields."""
+
+    __slots__ = ("fields", "wire")
+
+    def __init__(self, fields: tuple[tuple[str, str], ...]) -> None:
+        self.fields = fields
+        names = {name.lower() for name, _ in fields}
+        self.wire = Wire(field_lines(fields).encode("latin-1"), "date" in names, "server" in names)
 
 
 @dataclass(slots=True)

@@ -163,8 +163,8 @@ class Compression:
         return reply
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
-        # Innermost feature: what call_next runs is a terminal's pure `now`, so giving up
-        # (None) after it answered leaves nothing done twice.
+        # Innermost feature: what call_next runs is a terminal's pure (or idempotent) `now`,
+        # so giving up (None) after it answered leaves nothing done twice.
         method = ex.request.method
         if (method != "GET" and method != "HEAD") or not ex.route.config.compress:
             return call_next(ex)

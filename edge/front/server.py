@@ -30,6 +30,7 @@ from edge.core.node import Node
 from edge.core.pipeline import (
     BytesBody,
     Exchange,
+    FixedFields,
     Handler,
     NowHandler,
     Reply,
@@ -139,6 +140,7 @@ class Edge:
         self._server = field_lines([("Server", config.edge.server_header)])
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
+        self._fixed: dict[int, tuple[BytesBody, FixedFields]] = {}  # respond routes, by id
         # The forward proxy (edge/front/forward/): a listener of its own with its own chain.
         self.forward = ForwardProxy(self) if config.forward.enabled else None
         # --- one node, one view (edge/front/node.py) ---
@@ -156,21 +158,28 @@ class Edge:
     # --- serving ------------------------------------------------------------------------
 
     def _terminal_now(self, ex: Exchange) -> Reply | None:
-        """Fixed responses and redirects need no waiting; pools and static files do (None)."""
+        """Fixed responses, redirects and static answers from memory need no waiting; pools
+        and static files sent from a descriptor do (None)."""
         kind = ex.route.kind
-        if kind == "pool" or kind == "static":
+        if kind == "pool":
             return None
+        if kind == "static":
+            return self.static.now(ex)
         cfg = ex.route.config
         if kind == "redirect":
             assert cfg.redirect is not None
             location = cfg.redirect.replace("{host}", ex.host).replace("{path}", ex.request.raw_path)
             return Reply(cfg.redirect_status, CIMultiDict({"Location": location}))
         assert cfg.respond is not None
-        return Reply(
-            cfg.respond,
-            CIMultiDict({"Content-Type": cfg.content_type}),
-            BytesBody(cfg.body.encode()),
-        )
+        fixed = self._fixed.get(id(ex.route))
+        if fixed is None:
+            fixed = self._fixed[id(ex.route)] = (
+                BytesBody(cfg.body.encode()),
+                FixedFields((("Content-Type", cfg.content_type),)),
+            )
+        # The body and the serialised Content-Type are made once per route: nothing per request
+        # but the Reply (a feature that reads its headers gets them merged, as for a cache hit).
+        return Reply(cfg.respond, CIMultiDict(), fixed[0], stored=fixed[1])
 
     async def _terminal(self, ex: Exchange) -> Reply:
         kind = ex.route.kind
@@ -295,7 +304,9 @@ class Edge:
         self, request: Request, route: Route | None, ex: Exchange | None, reply: Reply, keep_alive: bool
     ) -> None:
         """After the reply went out (or failed): free its body, count it, log it."""
-        reply.body.close()
+        body = reply.body
+        if type(body) is not BytesBody:  # bytes in memory hold nothing to free
+            body.close()
         if not keep_alive and reply.tunnel is None:
             request.conn.close()
         route_name = route.name if route is not None else "-"

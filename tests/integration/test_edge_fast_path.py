@@ -11,6 +11,7 @@ lazily moved keep-alive timer still closes idle connections on time.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
+from edge.front.connection import DEADLINE_SLOT, _wheels
 from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
 from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
@@ -192,3 +194,119 @@ async def test_a_client_that_does_not_read_is_not_answered_into_an_unbounded_buf
             resp = await asyncio.wait_for(read_response(reader), 10)
             assert resp.status == 200 and len(resp.body) == len(body)
         writer.close()
+
+
+async def exchange(port: int, requests: list[tuple[str, str, dict[str, str]]]) -> list[Any]:
+    """(method, path, extra fields) requests on one keep-alive connection: the responses."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    try:
+        for method, path, fields in requests:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: files.test\r\n{extra}\r\n".encode())
+            out.append(await asyncio.wait_for(read_response(reader, head=method == "HEAD"), 5))
+    finally:
+        writer.close()
+    return out
+
+
+async def test_static_files_from_memory_take_no_task_and_follow_the_file_on_disk(tmp_path: Path) -> None:
+    small = tmp_path / "a.css"
+    small.write_bytes(b"body { color: red }\n")
+    big = os.urandom(200 * 1024)  # past the in-memory limit: opened when written, sendfile
+    (tmp_path / "big.bin").write_bytes(big)
+    cfg = {"route": [{"path": "/s/", "static": str(tmp_path)}]}
+    async with running_edge(cfg) as edge:
+        spawned = count_tasks(edge)
+        first, second, head = await exchange(
+            edge.port, [("GET", "/s/a.css", {}), ("GET", "/s/a.css", {}), ("HEAD", "/s/a.css", {})]
+        )
+        for resp in (first, second, head):
+            assert resp.status == 200
+            assert resp.header("content-type") == "text/css; charset=utf-8"
+            assert resp.header("content-length") == "20" and resp.header("accept-ranges") == "bytes"
+            assert resp.header("etag") and resp.header("last-modified") and resp.header("date")
+            assert [k for k, _ in resp.headers].count("content-type") == 1
+        assert first.body == second.body == b"body { color: red }\n" and head.body == b""
+        etag, modified = first.header("etag"), first.header("last-modified")
+        assert etag is not None and modified is not None
+        not_modified, since, part, beyond = await exchange(
+            edge.port,
+            [
+                ("GET", "/s/a.css", {"If-None-Match": etag}),
+                ("GET", "/s/a.css", {"If-Modified-Since": modified}),
+                ("GET", "/s/a.css", {"Range": "bytes=0-3"}),
+                ("GET", "/s/a.css", {"Range": "bytes=50-"}),
+            ],
+        )
+        assert (not_modified.status, since.status, not_modified.body) == (304, 304, b"")
+        assert (part.status, part.body, part.header("content-range")) == (206, b"body", "bytes 0-3/20")
+        assert (beyond.status, beyond.header("content-range")) == (416, "bytes */20")
+        assert spawned[0] == 0  # every answer above came from memory inside data_received
+        # The file changes on disk (same size, a later mtime): the next answer is the new file.
+        small.write_bytes(b"body { color: blue}\n")
+        later = os.stat(small).st_mtime_ns + 2_000_000_000
+        os.utime(small, ns=(later, later))
+        changed, stale = await exchange(
+            edge.port, [("GET", "/s/a.css", {}), ("GET", "/s/a.css", {"If-None-Match": etag})]
+        )
+        assert changed.body == b"body { color: blue}\n" and changed.header("etag") != etag
+        assert stale.status == 200 and stale.body == changed.body
+        # A big file goes out from the disk, whole and in part; a removed file is 404.
+        whole, tail = await exchange(
+            edge.port, [("GET", "/s/big.bin", {}), ("GET", "/s/big.bin", {"Range": "bytes=1000-"})]
+        )
+        assert whole.body == big and (tail.status, tail.body) == (206, big[1000:])
+        assert spawned[0] == 2  # one task per answer sent from a descriptor
+        small.unlink()
+        (gone,) = await exchange(edge.port, [("GET", "/s/a.css", {})])
+        assert gone.status == 404
+
+
+@pytest.mark.parametrize("factory", ["async_fields", "sync_fields"])
+async def test_a_user_feature_sees_the_fields_of_a_static_file_and_a_fixed_answer(
+    factory: str, tmp_path: Path
+) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    cfg = {
+        "edge": {"features": [f"tests.integration.test_edge_fast_path:{factory}"]},
+        "route": [
+            {"path": "/s/", "static": str(tmp_path)},
+            {"path": "/fixed", "respond": 200, "body": "fixed", "content_type": "text/x-fixed"},
+        ],
+    }
+    async with running_edge(cfg) as edge:
+        for _ in range(2):
+            static, fixed = await exchange(edge.port, [("GET", "/s/a.txt", {}), ("GET", "/fixed", {})])
+            assert static.header("x-seen-etag") == static.header("etag") != "none"
+            assert (static.body, fixed.body) == (b"text", b"fixed")
+            assert fixed.header("content-type") == "text/x-fixed" and fixed.header("x-seen-etag") == "none"
+
+
+async def test_idle_connections_share_one_deadline_timer_and_leave_it_when_closed() -> None:
+    cfg = {"route": [{"path": "/", "respond": 200, "body": "ok"}], "edge": {"keepalive_timeout": 0.6}}
+    async with running_edge(cfg) as edge:
+        clients = []
+        for _ in range(60):
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(read_response(reader), 3)).status == 200
+            clients.append((reader, writer))
+        served = time.monotonic()
+        wheel = _wheels[asyncio.get_running_loop()]
+        filed = [conn for members in wheel.slots.values() for conn in members]
+        assert set(filed) == edge.connections and len(filed) == 60  # each filed once, no timers
+        # Ten clients leave first: their connections leave the wheel at once (nothing held).
+        for _, writer in clients[:10]:
+            writer.close()
+        await asyncio.sleep(0.1)
+        filed = [conn for members in wheel.slots.values() for conn in members]
+        assert len(filed) == len(edge.connections) == 50
+        # The other fifty are closed by the edge at the idle timeout, 0.6 s plus one slot at most.
+        for reader, _ in clients[10:]:
+            assert await asyncio.wait_for(reader.read(1), 3) == b""
+        assert 0.55 < time.monotonic() - served < 0.6 + DEADLINE_SLOT + 0.4
+        for _, writer in clients[10:]:
+            writer.close()
+        await asyncio.sleep(0.3)
+        assert not edge.connections and not any(wheel.slots.values())
