@@ -140,6 +140,7 @@ def netns_exists(name: str = NETNS) -> bool:
 # down) sees the machines the lab was made with, whatever its own environment says.
 LAYOUT_VARS = ("CAROUSEL_NS", "CAROUSEL_EDGES", "CAROUSEL_APPS", "CAROUSEL_ETCD", "CAROUSEL_SUBNET")
 LAYOUT = RUN / "layout.json"
+DESTROY_LOG = STATE / "vagrant-destroy.log"
 
 
 def lab_env() -> dict[str, str]:
@@ -512,6 +513,11 @@ def down() -> None:
             timeout=600,
         )
         log(f"vagrant destroy: exit {out.returncode}")
+        # Kept outside RUN (which goes below), so a failed destroy can be read afterwards.
+        DESTROY_LOG.write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            tail = (out.stdout + out.stderr).strip().splitlines()[-8:]
+            log("vagrant destroy failed; its last lines:\n  " + "\n  ".join(tail))
         for name in virsh(["list", "--all", "--name"], check=False).stdout.split():
             virsh(["destroy", name], check=False)
             virsh(["undefine", name, "--remove-all-storage"], check=False)
