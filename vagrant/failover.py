@@ -350,8 +350,11 @@ def measure_outage(
     """Stop an edge, time its address leaving DNS; start it, time its return."""
     if address not in cluster.resolve():
         print(f"  warning: {address} is not in the answers before the test", flush=True)
-    cluster.stop(edge, address, crash)
+    stopping = cluster.stop(edge, address, crash)
     gone = wait_for(clock, lambda: address not in cluster.resolve(), timeout, poll)
+    # The address can leave DNS before the stop command returns (`vagrant halt` holds a
+    # lock on the machine that `vagrant up` then refuses: seen on the VM lab).
+    wait_action(clock, stopping, timeout)
     cluster.start(edge, address)
     back = wait_for(clock, lambda: address in cluster.resolve(), timeout, poll)
     return Outage(edge, address, crash, gone, back)
