@@ -166,3 +166,19 @@ def test_the_edge_is_started_only_after_its_stop_command_returned() -> None:
     assert out.gone_after is not None and out.gone_after < 2.0
     assert started_at and started_at[0] >= 20.0
     assert out.back_after is not None
+
+
+def test_a_failed_dig_is_not_counted_as_the_edge_leaving() -> None:
+    # Under TCG a dig got no answer within its 1 s now and then: an empty result is no
+    # evidence that the edge left, and must not end the measurement early.
+    clock, cluster = _cluster(lease_ttl=5.0, boot_seconds=20.0, register_seconds=2.0)
+    resolve = cluster.resolve
+    calls = [0]
+
+    def flaky() -> list[str]:
+        calls[0] += 1
+        return [] if calls[0] in (3, 4, 5) else resolve()
+
+    cluster.resolve = flaky  # type: ignore[attr-defined]
+    out = failover.measure_outage(cluster, clock, "edge2", EDGES["edge2"], True, timeout=60, poll=0.1)
+    assert out.gone_after is not None and 5.0 <= out.gone_after <= 5.1 + 1e-9
