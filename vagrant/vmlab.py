@@ -503,6 +503,22 @@ def lab_pids() -> list[int]:
 def down() -> None:
     """Destroy the VMs, networks, libvirtd and namespace, then verify nothing is left."""
     started = time.monotonic()
+    # A `vagrant provision` or `vagrant up` still running holds its machine's lock, and
+    # `vagrant destroy` then refuses that machine ("another process is already executing
+    # an action on the machine", seen on this lab with failover.sh): stop the drivers
+    # first, leaving libvirtd, its dnsmasq and the VMs to the destroy.
+    keep = ("qemu-system", "libvirtd", "dnsmasq")
+    drivers = []
+    for pid in lab_pids():
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if not comm.startswith(keep):
+            drivers.append(pid)
+    if drivers:
+        log(f"stopping {len(drivers)} process(es) still driving the lab (vagrant, ansible, ssh)")
+        _terminate(drivers)
     if SOCKET.exists() and netns_exists():
         out = subprocess.run(
             in_netns(["vagrant", "destroy", "--force"]),
