@@ -42,6 +42,14 @@ module CarouselLab
     # Seconds the daemons allow an etcd request (TLS handshake included). Empty: the
     # role's default; vagrant/vmlab.py raises it under TCG emulation.
     "CAROUSEL_ETCD_TIMEOUT" => "",
+    # "1": that archive holds carousel itself too, so the roles run no pip on the VMs
+    # and site.yml builds no wheel (vagrant/vmlab.py builds it on the host).
+    "CAROUSEL_VENV_HAS_CAROUSEL" => "",
+    # The agents' lease TTL and health check timeout in seconds. Empty: the roles'
+    # defaults (5 and 1); vagrant/vmlab.py raises both under TCG emulation, where a
+    # single etcd member let 5 s leases run out between keepalives.
+    "CAROUSEL_AGENT_TTL" => "",
+    "CAROUSEL_CHECK_TIMEOUT" => "",
     # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
     # a stock Debian kernel (a PVM host; see vagrant/README.md).
     "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
@@ -79,13 +87,23 @@ module CarouselLab
     end
     venv = setting(env, "CAROUSEL_VENV_ARCHIVE")
     vars["common_venv_archive"] = venv unless venv.empty?
-    timeout = setting(env, "CAROUSEL_ETCD_TIMEOUT")
-    unless timeout.empty?
-      seconds = Float(timeout, exception: false)
-      raise Error, "CAROUSEL_ETCD_TIMEOUT=#{timeout}: expected seconds above 0" unless seconds&.positive?
-      vars["common_etcd_timeout"] = seconds
+    vars["common_venv_archive_has_carousel"] = true if !venv.empty? && setting(env, "CAROUSEL_VENV_HAS_CAROUSEL") == "1"
+    seconds(env, "CAROUSEL_ETCD_TIMEOUT") { |s| vars["common_etcd_timeout"] = s }
+    seconds(env, "CAROUSEL_AGENT_TTL") do |s|
+      raise Error, "CAROUSEL_AGENT_TTL=#{s}: expected whole seconds" unless s == s.to_i
+      vars["agent_ttl"] = s.to_i
     end
+    seconds(env, "CAROUSEL_CHECK_TIMEOUT") { |s| vars["agent_check_timeout"] = s }
     vars
+  end
+
+  # A positive number of seconds from the environment, given to the block when set.
+  def self.seconds(env, key)
+    raw = setting(env, key)
+    return if raw.empty?
+    value = Float(raw, exception: false)
+    raise Error, "#{key}=#{raw}: expected seconds above 0" unless value&.positive?
+    yield value
   end
 
   # The machines, their addresses and Ansible groups, from the environment.

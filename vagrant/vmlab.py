@@ -60,6 +60,9 @@ SSH_KEY = BOX_DIR / "vagrant_ed25519"
 WHEELHOUSE = STATE / "wheelhouse"
 # The virtualenv of carousel's dependencies, built here and unpacked on every VM.
 VENV_ARCHIVE = STATE / "venv" / "carousel-venv.tar"
+# carousel's own wheel, built here and installed into that archive too: pip installing
+# it on each VM took 360-539 s under TCG (measured), so in the lab pip never runs there.
+CAROUSEL_WHEEL_DIR = STATE / "carousel-wheel"
 # The roles' common_venv_dir: the archive is built at that very path (its scripts and
 # pyvenv.cfg name it), so it runs unchanged on the VMs.
 VENV_DIR = "/opt/carousel/venv"
@@ -80,6 +83,14 @@ LIBVIRTD_PID = RUN / "libvirtd.pid"
 PVM_HOST = Path("/sys/module/kvm_pvm").exists()
 # The daemons' etcd request timeout under TCG, in seconds (the roles' default is 2).
 ETCD_TIMEOUT_TCG = "10"
+# The agents' lease TTL under TCG, in seconds (the roles' default is 5): a single etcd
+# member on a TCG VM answered "request timed out, waiting for the applied index took too
+# long" and 5 s leases ran out between keepalives (measured, vagrant/README.md). Every
+# failover figure measured on such a lab is taken with this TTL.
+AGENT_TTL_TCG = "15"
+# The agents' health check timeout under TCG (the roles' default is 1 s, with 1 s between
+# checks): a check answered by a daemon on an emulated CPU may take longer.
+CHECK_TIMEOUT_TCG = "3"
 # The only networks a lab interface may carry: the lab's private /21 (lab.rb), the
 # libvirt management network and loopback.
 ALLOWED_NETWORKS = [
@@ -129,6 +140,7 @@ def netns_exists(name: str = NETNS) -> bool:
 # down) sees the machines the lab was made with, whatever its own environment says.
 LAYOUT_VARS = ("CAROUSEL_NS", "CAROUSEL_EDGES", "CAROUSEL_APPS", "CAROUSEL_ETCD", "CAROUSEL_SUBNET")
 LAYOUT = RUN / "layout.json"
+DESTROY_LOG = STATE / "vagrant-destroy.log"
 
 
 def lab_env() -> dict[str, str]:
@@ -151,6 +163,10 @@ def lab_env() -> dict[str, str]:
         # Under TCG a TLS handshake with etcd on the VMs took longer than the roles'
         # 2 s default (dnsd answered SERVFAIL): see vagrant/README.md for the figure.
         CAROUSEL_ETCD_TIMEOUT=env.get("CAROUSEL_ETCD_TIMEOUT", ETCD_TIMEOUT_TCG if PVM_HOST else ""),
+        CAROUSEL_AGENT_TTL=env.get("CAROUSEL_AGENT_TTL", AGENT_TTL_TCG if PVM_HOST else ""),
+        CAROUSEL_CHECK_TIMEOUT=env.get("CAROUSEL_CHECK_TIMEOUT", CHECK_TIMEOUT_TCG if PVM_HOST else ""),
+        # The lab's archive holds carousel itself (build_venv): the roles run no pip.
+        CAROUSEL_VENV_HAS_CAROUSEL=env.get("CAROUSEL_VENV_HAS_CAROUSEL", "1"),
         CAROUSEL_MEMORY=env.get("CAROUSEL_MEMORY", "1024"),
         CAROUSEL_LIBVIRT_NETWORKS="isolated",
         CAROUSEL_LIBVIRT_DRIVER=env.get("CAROUSEL_LIBVIRT_DRIVER", "qemu" if PVM_HOST else "kvm"),
@@ -293,8 +309,62 @@ def build_wheelhouse() -> None:
     )
 
 
-def build_venv() -> None:
+def source_digest() -> str:
+    """A hash of carousel's source tree: every file git tracks or would track, by content."""
+    names = run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    ).stdout.split("\0")
+    digest = hashlib.sha256()
+    for name in sorted(n for n in names if n):
+        path = REPO / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def build_carousel_wheel() -> Path:
+    """carousel's own wheel, built here from the source tree; rebuilt only when it changed.
+
+    The build requirements (setuptools, wheel, Cython) come from the wheelhouse; fixed
+    timestamps (SOURCE_DATE_EPOCH) as in site.yml's build.
+    """
+    started = time.monotonic()
+    CAROUSEL_WHEEL_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = CAROUSEL_WHEEL_DIR / ".source.sha256"
+    digest = source_digest()
+    wheels = sorted(CAROUSEL_WHEEL_DIR.glob("carousel-*.whl"))
+    if len(wheels) == 1 and stamp.exists() and stamp.read_text() == digest:
+        log(f"carousel wheel up to date ({wheels[0].name})")
+        return wheels[0]
+    for old in wheels:
+        old.unlink()
+    run(
+        [
+            "/usr/bin/python3",
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            str(WHEELHOUSE),
+            "--wheel-dir",
+            str(CAROUSEL_WHEEL_DIR),
+            str(REPO),
+        ],
+        env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},
+    )
+    (wheel,) = CAROUSEL_WHEEL_DIR.glob("carousel-*.whl")
+    stamp.write_text(digest)
+    log(f"carousel wheel built ({wheel.name}) in {time.monotonic() - started:.0f} s")
+    return wheel
+
+
+def build_venv(extra_wheels: list[Path] | None = None) -> None:
     """The dependencies' virtualenv as one tar, built at the VMs' path, cached by content.
+
+    extra_wheels (carousel's own, in the lab) are installed into it as well.
 
     Under TCG, pip installing the 27 wheels took about 8 minutes per VM (measured); the
     VMs run the same Debian 12 python3 as this host, so the virtualenv built here at the
@@ -306,6 +376,7 @@ def build_venv() -> None:
     """
     started = time.monotonic()
     wheels = [WHEELHOUSE / name for name in RUNTIME_WHEELS.read_text().split()]
+    wheels += extra_wheels or []
     python = run(["/usr/bin/python3", "-c", "import sys; print(sys.version)"]).stdout
     digest = run(["sha256sum", *map(str, wheels)]).stdout + python
     stamp = VENV_ARCHIVE.with_suffix(".inputs")
@@ -432,6 +503,22 @@ def lab_pids() -> list[int]:
 def down() -> None:
     """Destroy the VMs, networks, libvirtd and namespace, then verify nothing is left."""
     started = time.monotonic()
+    # A `vagrant provision` or `vagrant up` still running holds its machine's lock, and
+    # `vagrant destroy` then refuses that machine ("another process is already executing
+    # an action on the machine", seen on this lab with failover.sh): stop the drivers
+    # first, leaving libvirtd, its dnsmasq and the VMs to the destroy.
+    keep = ("qemu-system", "libvirtd", "dnsmasq")
+    drivers = []
+    for pid in lab_pids():
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if not comm.startswith(keep):
+            drivers.append(pid)
+    if drivers:
+        log(f"stopping {len(drivers)} process(es) still driving the lab (vagrant, ansible, ssh)")
+        _terminate(drivers)
     if SOCKET.exists() and netns_exists():
         out = subprocess.run(
             in_netns(["vagrant", "destroy", "--force"]),
@@ -442,6 +529,11 @@ def down() -> None:
             timeout=600,
         )
         log(f"vagrant destroy: exit {out.returncode}")
+        # Kept outside RUN (which goes below), so a failed destroy can be read afterwards.
+        DESTROY_LOG.write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            tail = (out.stdout + out.stderr).strip().splitlines()[-8:]
+            log("vagrant destroy failed; its last lines:\n  " + "\n  ".join(tail))
         for name in virsh(["list", "--all", "--name"], check=False).stdout.split():
             virsh(["destroy", name], check=False)
             virsh(["undefine", name, "--remove-all-storage"], check=False)
@@ -555,7 +647,7 @@ def up(runs: int = 2) -> None:
     """Bring the lab up from nothing and provision it `runs` times (0: boot only)."""
     total = time.monotonic()
     build_wheelhouse()
-    build_venv()
+    build_venv([build_carousel_wheel()])
     build_box()
     netns_up()
     LAYOUT.write_text(json.dumps({k: os.environ[k] for k in LAYOUT_VARS if os.environ.get(k)}))
@@ -599,15 +691,9 @@ def ansible(playbook: str, extra: list[str]) -> int:
     if not inventory.exists():
         raise SystemExit(f"vmlab: no inventory at {inventory}: run `vmlab.py up` first")
     env = lab_env()
-    extra_vars: dict[str, object] = {
-        "common_offline": True,
-        "common_wheelhouse": str(WHEELHOUSE),
-        "etcd_offline": True,
-    }
-    if env["CAROUSEL_VENV_ARCHIVE"]:
-        extra_vars["common_venv_archive"] = env["CAROUSEL_VENV_ARCHIVE"]
-    if env["CAROUSEL_ETCD_TIMEOUT"]:
-        extra_vars["common_etcd_timeout"] = float(env["CAROUSEL_ETCD_TIMEOUT"])
+    # The same variables as the Vagrantfile's provisioner: lab.rb computes them.
+    plan = run(["ruby", "-r", "./lab.rb", "-e", "puts CarouselLab.plan(ENV).to_json"], cwd=HERE, env=env)
+    extra_vars = json.loads(plan.stdout)["extra_vars"]
     argv = [
         "ansible-playbook",
         "-i",
@@ -659,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         build_wheelhouse()
     elif args.command == "venv":
         build_wheelhouse()
-        build_venv()
+        build_venv([build_carousel_wheel()])
     elif args.command == "netns-up":
         netns_up()
     elif args.command == "up":

@@ -255,6 +255,9 @@ def test_rendered_daemons_use_tls_and_their_own_identity(example_render: Path) -
     root = example_render
     wanted = {
         ("ns1", "dnsd.toml"): "carousel-dnsd",
+        # The dashboard too: without its TLS lines it dialled etcd's TLS port with no CA,
+        # and the failed handshakes piled up (328 connections on a VM lab's etcd).
+        ("ns1", "dashboard.toml"): "carousel-dashboard",
         ("edge1", "edge.toml"): "carousel-edge",
         ("edge1", "agent.toml"): "carousel-agent-edge1",
         ("app1", "agent.toml"): "carousel-agent-app1",

@@ -57,6 +57,12 @@ SPEC = {
             {"perm": "readwrite", "key": "/carousel/bans/", "prefix": True},
             {"perm": "readwrite", "key": "/carousel/purge/", "prefix": True},
         ],
+        "carousel-dashboard": [
+            {"perm": "read", "key": "/carousel/", "prefix": True},
+            {"perm": "readwrite", "key": "/carousel/maintenance/", "prefix": True},
+            {"perm": "readwrite", "key": "/carousel/bans/", "prefix": True},
+            {"perm": "readwrite", "key": "/carousel/purge/", "prefix": True},
+        ],
         "carousel-agent-edge1": [
             {"perm": "read", "key": "/carousel/", "prefix": True},
             {"perm": "readwrite", "key": "/carousel/services/edge/edge1", "prefix": False},
@@ -152,6 +158,7 @@ async def test_each_daemon_identity_writes_only_its_own_keys(secured) -> None:  
     agent = _client(url, pki, "carousel-agent-edge1")
     edge = _client(url, pki, "carousel-edge")
     dnsd = _client(url, pki, "carousel-dnsd")
+    dashboard = _client(url, pki, "carousel-dashboard")
     member = _client(url, pki, "member-m1")  # a CN that is no etcd user
     try:
         assert await _can_put(agent, "/carousel/services/edge/edge1")
@@ -169,6 +176,10 @@ async def test_each_daemon_identity_writes_only_its_own_keys(secured) -> None:  
             assert not await _can_put(edge, key), key
         for key in ("/carousel/services/edge/evil", "/carousel/bans/192.0.2.2", "/carousel/purge/x"):
             assert not await _can_put(dnsd, key), key
+        # The dashboard's actions: drain, lift a ban, purge; never a service record.
+        for key in ("/carousel/maintenance/edge1", "/carousel/bans/192.0.2.3", "/carousel/purge/event-2"):
+            assert await _can_put(dashboard, key), key
+        assert not await _can_put(dashboard, "/carousel/services/edge/evil")
         # Everyone with a role reads the whole registry (dnsd answers from it).
         snapshot = await dnsd.get_prefix("/carousel/")
         assert "/carousel/services/edge/edge1" in {kv.key for kv in snapshot.items}
@@ -176,7 +187,7 @@ async def test_each_daemon_identity_writes_only_its_own_keys(secured) -> None:  
             await member.get_prefix("/carousel/")
         assert not await _can_put(member, "/carousel/services/edge/evil")
     finally:
-        for client in (agent, edge, dnsd, member):
+        for client in (agent, edge, dnsd, dashboard, member):
             await client.close()
 
 

@@ -134,3 +134,51 @@ def test_unknown_experiment_and_victim_are_refused() -> None:
         [sys.executable, script, "--dry-run", "--victim", "edge9"], capture_output=True
     )
     assert bad_victim.returncode == 2
+
+
+def test_the_edge_is_started_only_after_its_stop_command_returned() -> None:
+    # On the VM lab the address left DNS while `vagrant halt` still held the machine's
+    # lock, and the `vagrant up` started then was refused.
+    clock, cluster = _cluster(lease_ttl=1.0, boot_seconds=5.0, register_seconds=1.0)
+
+    class SlowStop:
+        def __init__(self) -> None:
+            self.until = clock.now() + 20.0
+
+        def done(self) -> bool:
+            return clock.now() >= self.until
+
+    stop, start = cluster.stop, cluster.start
+    stopped: list[object] = []
+    started_at: list[float] = []
+
+    def slow_stop(edge: str, address: str, crash: bool) -> object:
+        stop(edge, address, crash)
+        stopped.append(SlowStop())
+        return stopped[-1]
+
+    def timed_start(edge: str, address: str) -> object:
+        started_at.append(clock.now())
+        return start(edge, address)
+
+    cluster.stop, cluster.start = slow_stop, timed_start  # type: ignore[attr-defined]
+    out = failover.measure_outage(cluster, clock, "edge2", EDGES["edge2"], True, timeout=60, poll=0.1)
+    assert out.gone_after is not None and out.gone_after < 2.0
+    assert started_at and started_at[0] >= 20.0
+    assert out.back_after is not None
+
+
+def test_a_failed_dig_is_not_counted_as_the_edge_leaving() -> None:
+    # Under TCG a dig got no answer within its 1 s now and then: an empty result is no
+    # evidence that the edge left, and must not end the measurement early.
+    clock, cluster = _cluster(lease_ttl=5.0, boot_seconds=20.0, register_seconds=2.0)
+    resolve = cluster.resolve
+    calls = [0]
+
+    def flaky() -> list[str]:
+        calls[0] += 1
+        return [] if calls[0] in (3, 4, 5) else resolve()
+
+    cluster.resolve = flaky  # type: ignore[attr-defined]
+    out = failover.measure_outage(cluster, clock, "edge2", EDGES["edge2"], True, timeout=60, poll=0.1)
+    assert out.gone_after is not None and 5.0 <= out.gone_after <= 5.1 + 1e-9

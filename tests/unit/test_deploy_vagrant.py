@@ -113,6 +113,9 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         CAROUSEL_LIBVIRT_DRIVER="qemu",
         CAROUSEL_VENV_ARCHIVE="/x/venv.tar",
         CAROUSEL_ETCD_TIMEOUT="10",
+        CAROUSEL_VENV_HAS_CAROUSEL="1",
+        CAROUSEL_AGENT_TTL="15",
+        CAROUSEL_CHECK_TIMEOUT="3",
     )
     assert plan["libvirt_uri"].endswith("/x/libvirt-sock") and plan["isolated"] and plan["driver"] == "qemu"
     assert plan["extra_vars"] == {
@@ -120,8 +123,27 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         "common_wheelhouse": "/x/wheelhouse",
         "etcd_offline": True,
         "common_venv_archive": "/x/venv.tar",
+        "common_venv_archive_has_carousel": True,
         "common_etcd_timeout": 10.0,
+        "agent_ttl": 15,
+        "agent_check_timeout": 3.0,
     }
+
+
+@needs_ruby
+def test_carousel_in_the_archive_needs_an_archive() -> None:
+    # Without an archive the nodes must get carousel from pip: the flag alone is ignored.
+    plan = _plan(CAROUSEL_VENV_HAS_CAROUSEL="1")
+    assert "common_venv_archive_has_carousel" not in plan["extra_vars"]
+
+
+@needs_ruby
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("CAROUSEL_AGENT_TTL", "7.5"), ("CAROUSEL_AGENT_TTL", "0"), ("CAROUSEL_CHECK_TIMEOUT", "x")],
+)
+def test_bad_lab_timings_are_refused(key: str, value: str) -> None:
+    assert f"{key}={value}" in _plan_error(**{key: value})
 
 
 @needs_ruby

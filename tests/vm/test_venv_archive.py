@@ -98,3 +98,18 @@ def test_an_unchanged_wheelhouse_reuses_the_archive(lab: ModuleType) -> None:
         runtime.write(_wheel(lab.WHEELHOUSE, "lab_probe_two").name + "\n")
     lab.build_venv()
     assert lab.VENV_ARCHIVE.stat().st_mtime_ns != stamp
+
+
+def test_carousel_wheel_goes_into_the_archive_and_changes_it(lab: ModuleType, tmp_path: Path) -> None:
+    # The lab installs carousel's own wheel into the archive as well, so pip never runs
+    # on the VMs: the wheel must be in it, and a different wheel must give other bytes.
+    lab.build_venv()
+    without = _sha256(lab.VENV_ARCHIVE)
+    extra = tmp_path / "own"
+    extra.mkdir()
+    lab.build_venv([_wheel(extra, "lab_own")])
+    with tarfile.open(lab.VENV_ARCHIVE) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("site-packages/lab_own.py") for n in names)
+    assert any(n.endswith("site-packages/lab_probe.py") for n in names)
+    assert _sha256(lab.VENV_ARCHIVE) != without
