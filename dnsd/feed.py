@@ -106,12 +106,7 @@ class RegistryFeed:
                 self.last_changes, self.mirror.revision, synced=synced, previous=self.table
             )
         self._whole = False
-        self.table = table
-        self.builds += 1
-        self.last_build_seconds = time.perf_counter() - started
-        if self.publish is not None:
-            self.publish(table)
-        self._log_modes(table)
+        self._install(table, started)
 
     def catch_up(self) -> None:
         """Apply the changes forwarded since the last build to our own table (see ``forward``)."""
@@ -132,6 +127,10 @@ class RegistryFeed:
                 self.mirror.items.values(), self.mirror.revision, synced=self.mirror.synced.is_set(),
                 previous=self.table,
             )  # fmt: skip
+        self._install(table, started)
+
+    def _install(self, table: AnswerTable, started: float) -> None:
+        """Make ``table`` the one served (and published), counted and timed from ``started``."""
         self.table = table
         self.builds += 1
         self.last_build_seconds = time.perf_counter() - started

@@ -8,9 +8,7 @@ rebuild on, left its etcd watch seconds behind (README, "Scale").
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import random
 import time
 
 import pytest
@@ -19,14 +17,7 @@ from carousel.config import EtcdConfig
 from carousel.etcd import Etcd
 from carousel.registry import Keys, ServiceRecord
 from tests.integration.test_dnsd_helpers import dnsd_toml, poll, start_dnsd
-from tests.integration.test_dnsd_scale import (
-    CHANGES_PER_TICK,
-    CHURN_SECONDS,
-    EDGES,
-    TICK,
-    edge,
-    serial_at_least,
-)
+from tests.integration.test_dnsd_scale import EDGES, churn, edge, register_all, serial_at_least
 from tests.integration.test_dnsd_workers import spread_queries
 from tests.procs import ProcessGroup
 
@@ -44,28 +35,14 @@ async def test_every_worker_reaches_the_last_revision_and_the_supervisor_builds_
         async def put(record: ServiceRecord) -> int:
             return await etcd.put(keys.service("edge", record.node), record.encode(), lease=lease)
 
-        revision = 0
-        for start in range(0, EDGES, 100):
-            revs = await asyncio.gather(*(put(edge(i)) for i in range(start, start + 100)))
-            revision = max(revision, *revs)
+        revision = await register_all(put)
         dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg, dns={"workers": 2}))
         await serial_at_least(dnsd, revision, within=20.0)
         await poll(lambda: min(dnsd.status()["worker_revisions"]) >= revision, within=10)
         builds_before = dnsd.status()["table_builds"]
 
         states = ["up"] * EDGES
-        rng = random.Random(25)
-        last_revision = 0
-        ticks = round(CHURN_SECONDS / TICK)
-        started = time.monotonic()
-        for tick in range(ticks):
-            batch = rng.sample(range(EDGES), CHANGES_PER_TICK)
-            for i in batch:
-                states[i] = "draining" if states[i] == "up" else "up"
-            revs = await asyncio.gather(*(put(edge(i, states[i])) for i in batch))
-            last_revision = max(last_revision, *revs)
-            await asyncio.sleep(max(0.0, started + (tick + 1) * TICK - time.monotonic()))
-        last_change = time.monotonic()
+        last_revision, started, last_change = await churn(put, states, seed=25)
 
         # Every worker (each reports the revision it applied) within a second of the last change.
         await poll(lambda: min(dnsd.status()["worker_revisions"]) >= last_revision, within=30, interval=0.02)

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -50,6 +51,36 @@ async def serial_at_least(dnsd: Dnsd, revision: int, within: float) -> float:
         await asyncio.sleep(0.005)
 
 
+Put = Callable[[ServiceRecord], Awaitable[int]]
+
+
+async def register_all(put: Put) -> int:
+    """Register the EDGES edges, 100 writes at a time; returns the last revision."""
+    revision = 0
+    for start in range(0, EDGES, 100):
+        revs = await asyncio.gather(*(put(edge(i)) for i in range(start, start + 100)))
+        revision = max(revision, *revs)
+    return revision
+
+
+async def churn(put: Put, states: list[str], seed: int) -> tuple[int, float, float]:
+    """CHANGES_PER_TICK edges flip state every TICK for CHURN_SECONDS (``states`` follows).
+
+    Returns the last revision written, when the churn started and when its last change was made.
+    """
+    rng = random.Random(seed)
+    last_revision = 0
+    started = time.monotonic()
+    for tick in range(round(CHURN_SECONDS / TICK)):
+        batch = rng.sample(range(EDGES), CHANGES_PER_TICK)
+        for i in batch:
+            states[i] = "draining" if states[i] == "up" else "up"
+        revs = await asyncio.gather(*(put(edge(i, states[i])) for i in batch))
+        last_revision = max(last_revision, *revs)
+        await asyncio.sleep(max(0.0, started + (tick + 1) * TICK - time.monotonic()))
+    return last_revision, started, time.monotonic()
+
+
 async def test_answers_reach_the_last_revision_within_a_second_of_churn(
     etcd_cfg: EtcdConfig, procs: ProcessGroup
 ) -> None:
@@ -61,28 +92,14 @@ async def test_answers_reach_the_last_revision_within_a_second_of_churn(
         async def put(record: ServiceRecord) -> int:
             return await etcd.put(keys.service("edge", record.node), record.encode(), lease=lease)
 
-        revision = 0
-        for start in range(0, EDGES, 100):
-            revs = await asyncio.gather(*(put(edge(i)) for i in range(start, start + 100)))
-            revision = max(revision, *revs)
+        revision = await register_all(put)
         dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
         await serial_at_least(dnsd, revision, within=10.0)
         builds_before = dnsd.status()["table_builds"]
 
         # 10 edges change state every 100 ms for 3 s: 300 changes, ~100 a second.
         states = ["up"] * EDGES
-        rng = random.Random(24)
-        last_revision = 0
-        ticks = round(CHURN_SECONDS / TICK)
-        started = time.monotonic()
-        for tick in range(ticks):
-            batch = rng.sample(range(EDGES), CHANGES_PER_TICK)
-            for i in batch:
-                states[i] = "draining" if states[i] == "up" else "up"
-            revs = await asyncio.gather(*(put(edge(i, states[i])) for i in batch))
-            last_revision = max(last_revision, *revs)
-            await asyncio.sleep(max(0.0, started + (tick + 1) * TICK - time.monotonic()))
-        last_change = time.monotonic()
+        last_revision, started, last_change = await churn(put, states, seed=24)
 
         await serial_at_least(dnsd, last_revision, within=30.0)
         lag = time.monotonic() - last_change
@@ -91,7 +108,7 @@ async def test_answers_reach_the_last_revision_within_a_second_of_churn(
         # Batched: at most one build per 50 ms batch interval (plus the burst allowance),
         # where one build per watch event would be about 300.
         builds = dnsd.status()["table_builds"] - builds_before
-        print(f"{builds} table builds for {ticks * CHANGES_PER_TICK} changes")
+        print(f"{builds} table builds for {round(CHURN_SECONDS / TICK) * CHANGES_PER_TICK} changes")
         assert builds <= (time.monotonic() - started) / 0.05 + 5
 
         # And they are right: only up edges, capped at 8, every query rotating.
