@@ -394,30 +394,45 @@ def dnsperf(port: int, queries: Path, seconds: float, core: int) -> tuple[float,
     return float(qps.group(1)), int(done.group(1))
 
 
+def _launch_dnsd(
+    work: Path, name: str, endpoint: str, prefix: str, repo: Path, args: argparse.Namespace
+) -> tuple[subprocess.Popen[bytes], int, float]:
+    """Start a dnsd from checkout ``repo`` on the server core: (process, port, monotonic start)."""
+    port = free_port()
+    cfg = work / f"{name}.toml"
+    cfg.write_text(dnsd_config(port, endpoint, prefix, args.workers))
+    with open(work / f"{name}.log", "wb") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli", "dnsd",
+             "--config", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True,
+        )  # fmt: skip
+    return proc, port, started
+
+
+def _wait_full_answer(
+    proc: subprocess.Popen[bytes], prober: Prober, revision: int, started: float, log: Path, poll: float
+) -> float | None:
+    """When the prober first saw ``revision`` in the SOA serial (None after 300 s)."""
+    deadline = started + 300
+    while time.monotonic() < deadline and prober.first_at_or_after(revision) is None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dnsd exited: see {log}")
+        time.sleep(poll)
+    return prober.first_at_or_after(revision)
+
+
 def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Start dnsd over N records; measure start-up, RSS, qps, CPU per query, and churn."""
     prefix = f"/bench{n}/"
     revision = asyncio.run(register(etcd.endpoint, prefix, n))
-    port = free_port()
-    cfg = work / f"dnsd-{n}.toml"
-    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix, args.workers))
     out: dict[str, Any] = {"n": n}
-    log = open(work / f"dnsd-{n}.log", "wb")
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli", "dnsd",
-         "--config", str(cfg)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-    )  # fmt: skip
+    proc, port, started = _launch_dnsd(work, f"dnsd-{n}", etcd.endpoint, prefix, REPO, args)
     prober = Prober(port, 0.002)
     prober.start()
     try:
-        deadline = started + 300
-        while time.monotonic() < deadline and prober.first_at_or_after(revision) is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"dnsd exited: see {work}/dnsd-{n}.log")
-            time.sleep(0.005)
-        at = prober.first_at_or_after(revision)
+        at = _wait_full_answer(proc, prober, revision, started, work / f"dnsd-{n}.log", 0.005)
         out["start_s"] = (at - started) if at is not None else float("nan")
         prober.stop.set()
         prober.join()
@@ -439,7 +454,6 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
     # dnsd logs at warning level here: anything it said (a lost watch, a re-list) explains outliers.
     text = (work / f"dnsd-{n}.log").read_text(errors="replace")
     said = [line for line in text.splitlines() if line.strip()]
@@ -458,26 +472,12 @@ def start_cost(
     """
     prefix = f"/bench{n}/"
     revision = asyncio.run(_revision(etcd.endpoint))
-    port = free_port()
-    cfg = work / f"dnsd-start-{n}.toml"
-    cfg.write_text(dnsd_config(port, etcd.endpoint, prefix, args.workers))
-    with open(work / f"dnsd-start-{n}.log", "wb") as log:
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli", "dnsd",
-             "--config", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True,
-        )  # fmt: skip
+    proc, port, started = _launch_dnsd(work, f"dnsd-start-{n}", etcd.endpoint, prefix, repo, args)
     prober = Prober(port, 0.002)
     prober.start()
     try:
-        deadline = started + 300
-        while time.monotonic() < deadline and prober.first_at_or_after(revision) is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"dnsd exited: see {work}/dnsd-start-{n}.log")
-            time.sleep(0.001)
+        at = _wait_full_answer(proc, prober, revision, started, work / f"dnsd-start-{n}.log", 0.001)
         cpu = cpu_seconds(proc.pid)
-        at = prober.first_at_or_after(revision)
         wall = (at - started) if at is not None else float("nan")
     finally:
         prober.stop.set()
