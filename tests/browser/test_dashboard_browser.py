@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from carousel.demo_plan import DRAIN_DELAY
-from carousel.etcdserver import free_port
+from tests.demo_ports import demo_ports
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -89,15 +89,7 @@ def test_dashboard_in_chromium(tmp_path: Path):
     _playwright()
     workdir = tmp_path / "demo"
     state = tmp_path / "demo-state.json"
-    ports = {
-        "--dns-port": free_port(),
-        "--edge-port": free_port("127.0.0.11"),
-        "--app-port": free_port("127.0.0.21"),
-        "--etcd-port": free_port(),
-        "--tls-port": free_port("127.0.0.11"),
-        "--forward-port": free_port("127.0.0.11"),
-        "--dashboard-port": free_port(),
-    }
+    ports = demo_ports()
     argv = [sys.executable, "-m", "carousel.cli", "demo", "--workdir", str(workdir), "--json-ready"]
     for flag, port in ports.items():
         argv += [flag, str(port)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from carousel.etcdserver import free_port
+from tests.demo_ports import demo_ports
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -34,15 +35,7 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.skipif(not shutil.which("dig") or not shutil.which("curl"), reason="needs dig and curl")
 def test_demo_prints_commands_that_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     workdir = tmp_path / "demo"
-    ports = {
-        "--dns-port": free_port(),
-        "--edge-port": free_port("127.0.0.11"),
-        "--app-port": free_port("127.0.0.21"),
-        "--etcd-port": free_port(),
-        "--tls-port": free_port("127.0.0.11"),
-        "--forward-port": free_port("127.0.0.11"),
-        "--dashboard-port": free_port(),
-    }
+    ports = demo_ports()
     argv = [sys.executable, "-m", "carousel.cli", "demo", "--workdir", str(workdir), "--json-ready"]
     for flag, port in ports.items():
         argv += [flag, str(port)]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from carousel.dashboard.scrape import parse_metrics
-from carousel.etcdserver import free_port
+from tests.demo_ports import demo_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "deploy" / "observability"
@@ -37,15 +37,7 @@ def queried_names() -> dict[str, set[str]]:
 
 
 def test_queries_use_only_names_the_demo_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    ports = {
-        "--dns-port": free_port(),
-        "--edge-port": free_port("127.0.0.11"),
-        "--app-port": free_port("127.0.0.21"),
-        "--etcd-port": free_port(),
-        "--tls-port": free_port("127.0.0.11"),
-        "--forward-port": free_port("127.0.0.11"),
-        "--dashboard-port": free_port(),
-    }
+    ports = demo_ports()
     monkeypatch.setenv("CAROUSEL_DEMO_STATE", str(tmp_path / "state.json"))
     argv = [sys.executable, "-m", "carousel.cli", "demo", "--workdir", str(tmp_path / "demo"), "--json-ready"]
     for flag, port in ports.items():
