@@ -394,10 +394,27 @@ def dnsperf(port: int, queries: Path, seconds: float, core: int) -> tuple[float,
     return float(qps.group(1)), int(done.group(1))
 
 
+_COMPILED: set[Path] = set()
+
+
+def _compile(repo: Path) -> None:
+    """Compile a checkout's bytecode once, as installing the package does.
+
+    Started from a checkout with PYTHONDONTWRITEBYTECODE set (this machine's
+    environment), dnsd compiled carousel/ and dnsd/ from source at every start:
+    about 0.13 s of CPU (0.54 against 0.41 s for the imports) that an installed
+    dnsd, whose bytecode pip compiles at install, never pays.
+    """
+    if repo not in _COMPILED:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "carousel", "dnsd"], cwd=repo, check=True)
+        _COMPILED.add(repo)
+
+
 def _launch_dnsd(
     work: Path, name: str, endpoint: str, prefix: str, repo: Path, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int, float]:
     """Start a dnsd from checkout ``repo`` on the server core: (process, port, monotonic start)."""
+    _compile(repo)
     port = free_port()
     cfg = work / f"{name}.toml"
     cfg.write_text(dnsd_config(port, endpoint, prefix, args.workers))
