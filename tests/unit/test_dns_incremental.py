@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
+import statistics
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +31,28 @@ ZONES = compile_zones(
 )
 WWW = b"\x03www\x07example\x04test\x00"
 ALIAS = b"\x05alias\x07example\x04test\x00"
+T = TypeVar("T")
+
+
+def cpu_of(operation: Callable[[], T]) -> tuple[T, float]:
+    """(result, CPU seconds) of one call, with the cyclic garbage collector paused.
+
+    With 10,000 records alive, a full collection costs as much as several updates and
+    falls on whichever call allocates at that moment: it times the collector's
+    schedule, not the operation (a ratio measured 1/14 against a bound of 1/15 once).
+    """
+    gc.disable()
+    try:
+        started = time.process_time()
+        result = operation()
+        return result, time.process_time() - started
+    finally:
+        gc.enable()
+
+
+def full_build_cpu(records: list[ServiceRecord]) -> float:
+    """CPU seconds of a whole table built from ``records`` by a fresh builder."""
+    return cpu_of(lambda: TableBuilder(ZONES).build(records, 1))[1]
 
 
 def rec(i: int, rng: random.Random, service: str = "edge") -> ServiceRecord:
@@ -91,21 +117,22 @@ def test_one_change_at_10000_edges_costs_what_changed() -> None:
     records = [ServiceRecord("edge", f"e{i:05d}", 80, ipv4=(f"10.1.{i // 250}.{i % 250 + 1}",))
                for i in range(10_000)]  # fmt: skip
     builder = TableBuilder(ZONES)
-    started = time.process_time()
     table = builder.build(records, 1)
-    full = time.process_time() - started
-    costs = []
-    for k in range(20):
+    costs, fulls = [], []
+    for k in range(21):
+        if k % 7 == 0:  # whole builds between the updates: both timed in the same conditions
+            fulls.append(full_build_cpu(records))
         old = records[k * 97]
         new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, state="draining")
-        started = time.process_time()
-        table = builder.update([(old, new)], 2 + k, previous=table)
-        costs.append(time.process_time() - started)
+        records[k * 97] = new
+        table, cost = cpu_of(lambda: builder.update([(old, new)], 2 + k, previous=table))  # noqa: B023
+        costs.append(cost)
     entry = table.lookup(WWW, 1)
-    assert entry is not None and entry.period == 10_000 - 20
+    assert entry is not None and entry.period == 10_000 - 21
     # An update touches the windows around one address, not the 10,000 bodies: it must
     # cost a small fraction of a full build (measured: ~2 ms against ~80 ms, loaded).
-    assert sorted(costs)[10] < full / 10, (costs, full)
+    full = statistics.median(fulls)
+    assert statistics.median(costs) < full / 10, (costs, fulls)
 
 
 def test_weighted_order_gives_each_item_its_weight_spread_out() -> None:
@@ -195,20 +222,19 @@ def test_one_weighted_change_at_10000_edges_costs_what_changed() -> None:
     records = [ServiceRecord("edge", f"e{i:05d}", 80, ipv4=(f"10.1.{i // 250}.{i % 250 + 1}",),
                              weight=rng.randint(1, 10)) for i in range(10_000)]  # fmt: skip
     builder = TableBuilder(ZONES)
-    started = time.process_time()
     table = builder.build(records, 1)
-    full = time.process_time() - started
-    costs = []
+    costs, fulls = [], []
     for k in range(21):
+        if k % 7 == 0:  # whole builds between the updates: both timed in the same conditions
+            fulls.append(full_build_cpu(records))
         old = records[k * 97]
         if k % 3 == 2:  # a re-weighted edge changes class, not its windows
             new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, weight=old.weight % 10 + 1)
         else:
             new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, weight=old.weight, state="draining")
         records[k * 97] = new
-        started = time.process_time()
-        table = builder.update([(old, new)], 2 + k, previous=table)
-        costs.append(time.process_time() - started)
+        table, cost = cpu_of(lambda: builder.update([(old, new)], 2 + k, previous=table))  # noqa: B023
+        costs.append(cost)
     entry = table.lookup(WWW, 1)
     up = [r for r in records if r.state == "up"]
     assert entry is not None and entry.period == sum(r.weight for r in up)
@@ -216,4 +242,5 @@ def test_one_weighted_change_at_10000_edges_costs_what_changed() -> None:
     # Moving one address between weight classes and laying the period out again with
     # list copies: measured ~2.5 ms against a ~100 ms full build (loaded machine); sorting
     # the 10,000 addresses by weight on every change, as before, cost 7-11 ms.
-    assert sorted(costs)[10] < full / 15, (costs, full)
+    full = statistics.median(fulls)
+    assert statistics.median(costs) < full / 15, (costs, fulls)
