@@ -159,11 +159,6 @@ class MmsgThread:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def native_id(self) -> int | None:
-        """The kernel's id of the receive thread, once started."""
-        return self._thread.native_id
-
     def stop(self) -> None:
         """Wake the blocked recvmmsg (shutdown makes it return) and wait for the thread."""
         self._stopping = True

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import os
 import socket
 import sys
 import threading
@@ -54,11 +53,6 @@ TCP_MAX_FRAME_BUFFER = 65535 + 2
 TCP_MAX_MESSAGE = 65535
 RRL_TICK = 0.1  # seconds between advances of the rate limiters' clock
 GIL_SWITCH_INTERVAL = 0.0005
-# Nice increment of the UDP answer threads over the event loop, which follows the
-# registry and applies its changes. When queries saturate the core, the registry path
-# (a few % of a core) runs first: at 10,000 edges under dnsperf with `workers = 2`,
-# the supervisor's watch events had waited up to 0.5 s for the core (README, "Scale").
-ANSWER_THREAD_NICE = 5
 
 
 T = TypeVar("T")
@@ -118,15 +112,6 @@ def bind_listener(address: str, *, reuse_port: bool = False, attempts: int = 20)
     raise OSError(errno.EADDRINUSE, f"cannot listen on {address}: no port free for UDP and TCP")
 
 
-def yield_to_registry(native_id: int | None) -> None:
-    """Lower one answer thread's CPU priority by ANSWER_THREAD_NICE (Linux: nice is per thread)."""
-    if native_id is None or not hasattr(os, "setpriority"):
-        return
-    with contextlib.suppress(OSError):  # the thread has exited already: nothing to do
-        current = os.getpriority(os.PRIO_PROCESS, native_id)
-        os.setpriority(os.PRIO_PROCESS, native_id, min(19, current + ANSWER_THREAD_NICE))
-
-
 class UdpThread:
     """A blocking receive/answer/send loop over one UDP socket, in its own thread."""
 
@@ -141,11 +126,6 @@ class UdpThread:
 
     def start(self) -> None:
         self._thread.start()
-
-    @property
-    def native_id(self) -> int | None:
-        """The kernel's id of the receive thread, once started."""
-        return self._thread.native_id
 
     def stop(self) -> None:
         """Wake the blocked recvfrom (shutdown makes it return) and wait for the thread."""
@@ -424,7 +404,6 @@ class DnsServer:
                 thread = kind(self, lst.udp, f"dnsd-udp-{lst.address}")
                 self.udp_threads.append(thread)
                 thread.start()
-                yield_to_registry(thread.native_id)
             else:
                 lst.udp.setblocking(False)
                 proto = DnsUdpProtocol(self)
