@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-pure test-browser lint typecheck conformance bench-dns bench-edge fuzz soak clean \
+.PHONY: demo test test-pure test-browser screenshots lint typecheck conformance bench-dns bench-edge fuzz soak clean \
 	vm-deps vm-box vm-lab vm-lab-down vm-failover
 
 $(STAMP): pyproject.toml setup.py
@@ -53,9 +53,12 @@ conformance: $(STAMP)
 	$(BIN)/python tests/conformance/cache_tests.py
 
 # The dashboard in Debian's chromium, driven by playwright-core from npm (skips without
-# chromium or node); regenerates docs/dashboard.png.
+# chromium or node). `make screenshots` runs it to regenerate docs/dashboard.png.
 test-browser: $(STAMP)
 	$(BIN)/pytest tests/browser -s
+
+screenshots: $(STAMP)
+	CAROUSEL_SCREENSHOTS=docs $(BIN)/pytest tests/browser -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
