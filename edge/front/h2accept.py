@@ -4,7 +4,6 @@ on a plain listener with ``[http2] h2c`` on (prior knowledge, RFC 9113 3.3)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
 
 from edge.front.connection import ClientConnection, ConnectionHost
 from edge.front.h2conn import H2ClientConnection
@@ -37,7 +36,7 @@ class H2cSniffingConnection(ClientConnection):
         if transport is None:
             return
         # The guard admitted this client already; the HTTP/2 connection takes its place.
-        cast("set[Any]", self.edge.connections).discard(self)
+        self.edge.connections.discard(self)
         self._cancel_deadline()
         self.closing = True
         self.transport = None

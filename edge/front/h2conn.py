@@ -49,6 +49,7 @@ import structlog
 from edge.features.dos import DosDetector
 from edge.front.connection import ConnectionHost, http_date
 from edge.front.h2stream import PAGES, H2Stream, Stats, StreamGone
+from edge.front.links import Linked
 from edge.http.h2 import FloodMeter, Malformed, request_head, response_fields
 from edge.http.h2wire import ErrorCodes, H2Error, ServerWire, StreamClosed
 from edge.http.http1 import ParseError
@@ -66,10 +67,11 @@ RESETS_PER_STREAM_LIMIT = 2  # resets budget: this many times max_concurrent_str
 LINGER = 2.0  # seconds a closed connection still reads and discards (nginx's lingering close)
 
 
-class H2ClientConnection(asyncio.Protocol):
+class H2ClientConnection(Linked, asyncio.Protocol):
     """One HTTP/2 client connection."""
 
     def __init__(self, edge: ConnectionHost, scheme: str) -> None:
+        super().__init__()
         self.edge = edge
         self.scheme = scheme
         config = edge.config
@@ -118,7 +120,7 @@ class H2ClientConnection(asyncio.Protocol):
                 transport.close()
                 return
         # One set for both protocols: its users need only peer, transport and close_if_idle.
-        cast("set[Any]", self.edge.connections).add(self)
+        self.edge.connections.add(self)
         Stats.connections += 1
         self.wire.start()
         self.flush()
@@ -127,7 +129,7 @@ class H2ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.closed = True
-        connections = cast("set[Any]", self.edge.connections)
+        connections = self.edge.connections
         if self in connections:
             connections.discard(self)
             self.edge.guard.release(self.peer)

@@ -42,6 +42,7 @@ from edge.features.dos import DosDetector
 if TYPE_CHECKING:
     from edge.core.metrics import Metrics
     from edge.front.connection import ClientConnection
+    from edge.front.links import ConnectionList
     from edge.front.passthrough import PassthroughListener
 
 
@@ -52,7 +53,7 @@ class Edge(Protocol):
     def features(self) -> list[Any]: ...
 
     @property
-    def connections(self) -> set[ClientConnection]: ...
+    def connections(self) -> ConnectionList[ClientConnection]: ...
 
     @property
     def passthrough(self) -> list[PassthroughListener]: ...

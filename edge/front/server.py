@@ -48,11 +48,12 @@ from edge.front.forward.auth import check_stored
 from edge.front.h2accept import H2cSniffingConnection
 from edge.front.h2stream import H2Stream
 from edge.front.h2stream import register_metrics as register_h2_metrics
+from edge.front.links import ConnectionList
 from edge.front.node import AdminActions, NodeWorker, cut_banned
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, check_certificate, start_https
-from edge.http.http1 import field_lines
+from edge.http.http1 import ParserPool, field_lines
 from edge.http.request import Request
 from edge.upstream.pool import UpstreamPool
 from edge.upstream.proxy import ProxyHandler
@@ -127,7 +128,8 @@ class Edge:
         # Set by main: called when the edge cannot go on (etcd refused its credentials).
         self.on_fatal: Any = None
         self.fatal: str | None = None
-        self.connections: set[ClientConnection] = set()
+        self.connections: ConnectionList[Any] = ConnectionList()  # HTTP/1.1 and HTTP/2
+        self.parsers = ParserPool(max_headers=config.edge.max_headers, max_field=config.edge.max_header_size)
         self.draining = False
         self.port = 0
         self.admin_port = 0

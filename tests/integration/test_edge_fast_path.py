@@ -294,13 +294,13 @@ async def test_idle_connections_share_one_deadline_timer_and_leave_it_when_close
             clients.append((reader, writer))
         served = time.monotonic()
         wheel = _wheels[asyncio.get_running_loop()]
-        filed = [conn for members in wheel.slots.values() for conn in members]
-        assert set(filed) == edge.connections and len(filed) == 60  # each filed once, no timers
+        filed = [conn for slot in wheel.slots.values() for conn in slot.members()]
+        assert set(filed) == set(edge.connections) and len(filed) == 60  # each filed once, no timers
         # Ten clients leave first: their connections leave the wheel at once (nothing held).
         for _, writer in clients[:10]:
             writer.close()
         await asyncio.sleep(0.1)
-        filed = [conn for members in wheel.slots.values() for conn in members]
+        filed = [conn for slot in wheel.slots.values() for conn in slot.members()]
         assert len(filed) == len(edge.connections) == 50
         # The other fifty are closed by the edge at the idle timeout, 0.6 s plus one slot at most.
         for reader, _ in clients[10:]:
@@ -309,4 +309,4 @@ async def test_idle_connections_share_one_deadline_timer_and_leave_it_when_close
         for _, writer in clients[10:]:
             writer.close()
         await asyncio.sleep(0.3)
-        assert not edge.connections and not any(wheel.slots.values())
+        assert not edge.connections and not any(slot.members() for slot in wheel.slots.values())

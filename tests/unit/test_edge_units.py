@@ -412,3 +412,45 @@ def test_serialized_request_is_framed_by_the_edge() -> None:
 
     raw = serialize_request("POST", "/a?b=1", CIMultiDict({"Host": "h"}), b"xyz", close=True)
     assert raw == (b"POST /a?b=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nxyz")
+
+
+class _IdleTransport(asyncio.Transport):
+    """Enough of a member connection's transport for the idle pool (no socket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_a_pooled_member_connection_closes_idle_timeout_after_its_last_use() -> None:
+    from edge.upstream.client import MemberConnections, ResponseParser, UpstreamConnection
+
+    loop = asyncio.get_running_loop()
+    conns = MemberConnections("127.0.0.1", 9, True, 0.3)
+    conn = UpstreamConnection(loop)
+    transport = _IdleTransport()
+    conn.transport = transport
+
+    def finished() -> None:
+        conn.parser = ResponseParser()
+        conn.parser.state = "done"
+        conn.parser.keep_alive = True
+
+    finished()
+    conns.put(conn)
+    await asyncio.sleep(0.2)
+    assert conns.take() is conn  # reused before its idle timeout
+    await asyncio.sleep(0.2)  # the first put's timer comes while it is in use: nothing closes
+    assert not transport.closed
+    finished()
+    conns.put(conn)  # idle again: 0.3 s from now, not from the first put
+    await asyncio.sleep(0.15)
+    assert not transport.closed and list(conns.idle) == [conn]
+    await asyncio.sleep(0.35)
+    assert transport.closed and not conns.idle and conn.closed

@@ -283,11 +283,16 @@ def http_date(value: str | None, now: float | None = None) -> float | None:
     """
     if not value:
         return None
+    known = _DATES.get(value)
+    if known is not None:
+        return known
     value = value.strip(_OWS)
     m = _IMF_FIXDATE.fullmatch(value) or _ASCTIME.fullmatch(value)
     if m is not None:
         year = int(m.group("year"))
+        fixed = True
     else:
+        fixed = False
         m = _RFC850.fullmatch(value)
         if m is None:
             return None
@@ -310,7 +315,19 @@ def http_date(value: str | None, now: float | None = None) -> float | None:
     second = int(m.group("second"))
     if second > 60:  # 60: a leap second (RFC 9110 5.6.7)
         return None
-    return stamp.timestamp() + second
+    result = stamp.timestamp() + second
+    if fixed:  # an RFC 850 date's century depends on ``now``: not remembered
+        if len(_DATES) >= _DATES_KEPT:
+            _DATES.clear()
+        _DATES[value] = result
+    return result
+
+
+# Dates parsed lately, by their text: a member's Date and Last-Modified repeat from one
+# response to the next (the same second, the same file), and every stored entry keeps
+# its Date as a float: one parse and one float object (24 bytes) for all of them.
+_DATES: dict[str, float] = {}
+_DATES_KEPT = 256
 
 
 def age_header(headers: Headers) -> float:

@@ -125,6 +125,20 @@ def _directives(
     return parse_directives(headers.getall("Cache-Control", ())), False
 
 
+# Lifetimes as floats, one object per distinct value: every entry keeps its lifetime, and
+# max-age values repeat (a site uses a handful); bounded, as the values come from members.
+_LIFETIMES: dict[int, float] = {}
+
+
+def _seconds(value: int) -> float:
+    seconds = _LIFETIMES.get(value)
+    if seconds is None:
+        seconds = float(value)
+        if len(_LIFETIMES) < 1024:
+            _LIFETIMES[value] = seconds
+    return seconds
+
+
 def analyze_response(
     status: int,
     headers: Headers,
@@ -176,7 +190,7 @@ def analyze_response(
     elif "max-age" in cc:
         explicit = True
         max_age = delta_seconds(cc.get("max-age"))
-        lifetime = float(max_age) if max_age is not None else 0.0
+        lifetime = _seconds(max_age) if max_age is not None else 0.0
     elif not from_targeted and "Expires" in headers:
         explicit = True
         expires_lines = headers.getall("Expires")
@@ -207,8 +221,9 @@ def analyze_response(
         initial_age=max(apparent_age, corrected_age),
         no_cache=no_cache,
         no_stale=no_stale,
-        stale_while_revalidate=float(delta_seconds(cc.get("stale-while-revalidate")) or 0),
-        stale_if_error=float(delta_seconds(cc.get("stale-if-error")) or 0),
+        # float(0) would be a new object (24 bytes) in every cached entry; the constant is shared.
+        stale_while_revalidate=float(delta_seconds(cc.get("stale-while-revalidate")) or 0) or 0.0,
+        stale_if_error=float(delta_seconds(cc.get("stale-if-error")) or 0) or 0.0,
         auth_ok=public or "s-maxage" in cc or must_revalidate,
         omit=omit,
         vary=vary,

@@ -36,15 +36,21 @@ _SMALL, _MAIN = 1, 2
 _NO_TAGS: frozenset[str] = frozenset()
 
 
-def stored_fields(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], int]:
-    """The fields an entry keeps, and their text size.
+def stored_fields(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, ...], int]:
+    """The fields an entry keeps, flat (name, value, name, value, ...), and their text size.
 
     Names and short values repeat across entries (Content-Type: text/html, ...):
-    interning them keeps one copy per process.
+    interning them keeps one copy per process. One flat tuple, not a tuple per field:
+    a field's pair was 56 bytes of every cached object (6 fields: 336 of its 1.7 KiB).
     """
     intern = sys.intern
-    fields = tuple((intern(str(k)), intern(str(v)) if len(v) <= 40 else str(v)) for k, v in pairs)
-    return fields, sum(len(k) + len(v) for k, v in fields)
+    flat: list[str] = []
+    size = 0
+    for k, v in pairs:
+        k, v = str(k), str(v)
+        flat += (intern(k), intern(v) if len(v) <= 40 else v)
+        size += len(k) + len(v)
+    return tuple(flat), size
 
 
 class Entry:
@@ -58,7 +64,7 @@ class Entry:
         "disk_path",
         "etag",
         "extra",
-        "fields",
+        "flat_fields",
         "freq",
         "head_size",
         "initial_age",
@@ -94,7 +100,7 @@ class Entry:
         self.vary_values: tuple[str, ...] = ()
         # The stored fields; their wire form is built on the first hit, so entries
         # never reused (most of a big cache) do not pay for it.
-        self.fields: tuple[tuple[str, str], ...] = ()
+        self.flat_fields: tuple[str, ...] = ()  # name, value, name, value, ... (stored_fields)
         self._wire: Wire | None = None
         self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
@@ -138,16 +144,23 @@ class Entry:
 
     def set_headers(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Keep these fields (already filtered for storage)."""
-        self.fields, self.head_size = stored_fields(pairs)
+        self.flat_fields, self.head_size = stored_fields(pairs)
         self._wire = None
+
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """The stored fields as (name, value) pairs, made for the caller (not on a hit's path)."""
+        flat = self.flat_fields
+        return tuple(zip(flat[::2], flat[1::2], strict=True))
 
     @property
     def wire(self) -> Wire:
         """The stored fields as they go out ("Name: value\\r\\n" each); ValueError for a CR or LF."""
         wire = self._wire
         if wire is None:
-            names = {name.lower() for name, _ in self.fields}
-            data = field_lines(self.fields).encode("latin-1", "replace")
+            fields = self.fields
+            names = {name.lower() for name, _ in fields}
+            data = field_lines(fields).encode("latin-1", "replace")
             wire = self._wire = Wire(data, "date" in names, "server" in names)
         return wire
 
@@ -197,7 +210,8 @@ class MemoryStore:
             return False  # would be evicted on arrival: objects enter the 10% small queue
         variants = self.index.get(entry.key)
         if variants is None:
-            variants = self.index[entry.key] = []
+            # A list made with its one entry holds one slot; [] then insert() allocated four.
+            variants = self.index[entry.key] = [entry]
         else:
             for old in list(variants):
                 if old.extra == entry.extra and (
@@ -207,7 +221,7 @@ class MemoryStore:
             while len(variants) >= self.max_variants:
                 self._unlink(variants[-1], variants)
             self.index[entry.key] = variants  # _unlink drops the key when the list empties
-        variants.insert(0, entry)
+            variants.insert(0, entry)
         for tag in entry.tags:
             self.tags.setdefault(tag, set()).add(entry)
         self.count += 1

@@ -45,7 +45,8 @@ from edge.front.forward.origin import OriginFetch
 from edge.front.forward.pages import bad_target, page
 from edge.front.forward.policy import BadTarget, DestinationPolicy, format_authority, parse_authority
 from edge.front.forward.tunnel import OriginTunnel, TunnelOpen
-from edge.http.http1 import RequestParser
+from edge.front.links import ConnectionList
+from edge.http.http1 import ParserPool
 from edge.http.request import Request
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class ForwardHost(Protocol):
     def guard(self) -> ConnectionGuard: ...
 
     @property
-    def connections(self) -> set[ClientConnection]: ...
+    def connections(self) -> ConnectionList[Any]: ...
 
     @property
     def metrics(self) -> Metrics: ...
@@ -104,8 +105,6 @@ class ForwardConnection(ClientConnection):
 
     def __init__(self, proxy: ForwardProxy) -> None:
         super().__init__(proxy)
-        c = proxy.config.edge
-        self.parser = RequestParser(max_headers=c.max_headers, max_field=c.max_header_size, proxy=True)
         self.origin: OriginTunnel | None = None
 
     def _complete(self) -> None:
@@ -116,6 +115,7 @@ class ForwardConnection(ClientConnection):
             # starting with what came in the same packet as the head (a client that does
             # not wait for the 200 before its TLS ClientHello).
             self._upgrading = True
+            assert self.parser is not None
             self._held += self.parser.rest
             self.parser.rest = b""
 
@@ -159,6 +159,9 @@ class ForwardProxy:
         self.config = dataclasses.replace(edge.config, edge=_limits(edge.config.edge, f))
         self.guard = edge.guard
         self.connections = edge.connections
+        # CONNECT's authority-form allowed, under the [forward] limits.
+        c = self.config.edge
+        self.parsers = ParserPool(max_headers=c.max_headers, max_field=c.max_header_size, proxy=True)
         self.policy = DestinationPolicy(f)
         self.tunnels: set[OriginTunnel] = set()
         self.tunnel_idle_timeout = f.tunnel_idle_timeout
