@@ -644,9 +644,12 @@ def stream(
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
-    """PLAY RECAP counts per host from ansible-playbook's output."""
+    """PLAY RECAP counts per host from ansible-playbook's output, or from a provisioning log.
+
+    stream() prefixes each line of the logs with its time ("[ 3239.9s] ").
+    """
     counts = {}
-    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.M):
+    for host, fields in re.findall(r"^(?:\[\s*[\d.]+s\] )?(\S+)\s+:\s+(ok=.*)$", output, re.M):
         counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
     return counts
 
