@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -130,6 +131,9 @@ class CommandCluster:
     restart_cmd: str
     request_timeout: float = 2.0
     commands: list[str] = field(default_factory=list)
+    # Why requests failed ("HTTP 503", "TimeoutError", ...): the etcd-lost runs on the VMs
+    # failed 17 of 18 requests, and a count alone did not say whether the edge answered.
+    failures: Counter[str] = field(default_factory=Counter)
 
     def resolve(self) -> list[str]:
         return self._dig(self.ns)
@@ -157,11 +161,16 @@ class CommandCluster:
         conn = http.client.HTTPConnection(address, self.http_port, timeout=self.request_timeout)
         try:
             conn.request("GET", "/", headers={"Host": self.name, "Connection": "close"})
-            return conn.getresponse().status < 500
-        except (OSError, http.client.HTTPException):
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            self.failures[type(exc).__name__] += 1
             return False
         finally:
             conn.close()
+        if status >= 500:
+            self.failures[f"HTTP {status}"] += 1
+            return False
+        return True
 
     def _run(self, template: str, edge: str, address: str) -> Action:
         cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
@@ -640,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(1, args.repeat + 1):
             tag = f"{experiment} [{attempt}/{args.repeat}]" if args.repeat > 1 else experiment
             ok, figure = run_experiment(experiment, tag, cluster, clock, args, edges, victim)
+            reasons = getattr(cluster, "failures", None)
+            if reasons:
+                causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
+                print(f"  failed requests by cause: {causes}")
+                reasons.clear()
             if not ok:
                 status = 1
             if figure is not None:

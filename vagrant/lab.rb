@@ -50,6 +50,10 @@ module CarouselLab
     # single etcd member let 5 s leases run out between keepalives.
     "CAROUSEL_AGENT_TTL" => "",
     "CAROUSEL_CHECK_TIMEOUT" => "",
+    # Ansible's connection and privilege-escalation timeout in seconds. Empty: the
+    # Vagrant provisioner's 30 s; vagrant/vmlab.py raises it under TCG emulation, where
+    # sudo on a loaded VM did not answer within 30 s (a restart handler failed on it).
+    "CAROUSEL_ANSIBLE_TIMEOUT" => "",
     # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
     # a stock Debian kernel (a PVM host; see vagrant/README.md).
     "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
@@ -95,6 +99,16 @@ module CarouselLab
     end
     seconds(env, "CAROUSEL_CHECK_TIMEOUT") { |s| vars["agent_check_timeout"] = s }
     vars
+  end
+
+  # Ansible's --timeout in whole seconds, or nil for the provisioner's own (30 s).
+  def self.ansible_timeout(env)
+    timeout = nil
+    seconds(env, "CAROUSEL_ANSIBLE_TIMEOUT") do |s|
+      raise Error, "CAROUSEL_ANSIBLE_TIMEOUT=#{s}: expected whole seconds" unless s == s.to_i
+      timeout = s.to_i
+    end
+    timeout
   end
 
   # A positive number of seconds from the environment, given to the block when set.
@@ -149,6 +163,7 @@ module CarouselLab
       "kernel" => setting(env, "CAROUSEL_KERNEL"),
       "initrd" => setting(env, "CAROUSEL_INITRD"),
       "extra_vars" => extra_vars(env),
+      "ansible_timeout" => ansible_timeout(env),
       # Relative to this directory, as Vagrant resolves the provisioner's playbook.
       "playbook" => "../deploy/ansible/site.yml",
     }

@@ -91,6 +91,11 @@ AGENT_TTL_TCG = "15"
 # The agents' health check timeout under TCG (the roles' default is 1 s, with 1 s between
 # checks): a check answered by a daemon on an emulated CPU may take longer.
 CHECK_TIMEOUT_TCG = "3"
+# Ansible's connection and privilege-escalation timeout under TCG, in seconds (Vagrant's
+# provisioner passes 30): with edge1 at a load average of 53, sudo did not answer within
+# 30 s and both edges' restart handlers failed ("Timeout (32s) waiting for privilege
+# escalation prompt", measured).
+ANSIBLE_TIMEOUT_TCG = "120"
 # The only networks a lab interface may carry: the lab's private /21 (lab.rb), the
 # libvirt management network and loopback.
 ALLOWED_NETWORKS = [
@@ -165,6 +170,7 @@ def lab_env() -> dict[str, str]:
         CAROUSEL_ETCD_TIMEOUT=env.get("CAROUSEL_ETCD_TIMEOUT", ETCD_TIMEOUT_TCG if PVM_HOST else ""),
         CAROUSEL_AGENT_TTL=env.get("CAROUSEL_AGENT_TTL", AGENT_TTL_TCG if PVM_HOST else ""),
         CAROUSEL_CHECK_TIMEOUT=env.get("CAROUSEL_CHECK_TIMEOUT", CHECK_TIMEOUT_TCG if PVM_HOST else ""),
+        CAROUSEL_ANSIBLE_TIMEOUT=env.get("CAROUSEL_ANSIBLE_TIMEOUT", ANSIBLE_TIMEOUT_TCG if PVM_HOST else ""),
         # The lab's archive holds carousel itself (build_venv): the roles run no pip.
         CAROUSEL_VENV_HAS_CAROUSEL=env.get("CAROUSEL_VENV_HAS_CAROUSEL", "1"),
         CAROUSEL_MEMORY=env.get("CAROUSEL_MEMORY", "1024"),
@@ -188,6 +194,8 @@ def lab_env() -> dict[str, str]:
         # run, not Ansible's 60 s (a new handshake costs 10-26 s under TCG, measured).
         # `vagrant provision` sets its own, with the same ControlPersist (Vagrantfile).
         ANSIBLE_SSH_ARGS="-o ControlMaster=auto -o ControlPersist=30m",
+        # The same timeout for playbooks run directly as the Vagrantfile gives its own.
+        ANSIBLE_TIMEOUT=env.get("CAROUSEL_ANSIBLE_TIMEOUT", ANSIBLE_TIMEOUT_TCG if PVM_HOST else "30"),
         # Each task's wall time in the provisioning logs, and the slowest at the end.
         ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
         ANSIBLE_FORCE_COLOR="0",
@@ -636,9 +644,12 @@ def stream(
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
-    """PLAY RECAP counts per host from ansible-playbook's output."""
+    """PLAY RECAP counts per host from ansible-playbook's output, or from a provisioning log.
+
+    stream() prefixes each line of the logs with its time ("[ 3239.9s] ").
+    """
     counts = {}
-    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.M):
+    for host, fields in re.findall(r"^(?:\[\s*[\d.]+s\] )?(\S+)\s+:\s+(ok=.*)$", output, re.M):
         counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
     return counts
 

@@ -116,7 +116,9 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         CAROUSEL_VENV_HAS_CAROUSEL="1",
         CAROUSEL_AGENT_TTL="15",
         CAROUSEL_CHECK_TIMEOUT="3",
+        CAROUSEL_ANSIBLE_TIMEOUT="120",
     )
+    assert plan["ansible_timeout"] == 120
     assert plan["libvirt_uri"].endswith("/x/libvirt-sock") and plan["isolated"] and plan["driver"] == "qemu"
     assert plan["extra_vars"] == {
         "common_offline": True,
@@ -131,6 +133,12 @@ def test_vm_lab_settings_reach_the_plan() -> None:
 
 
 @needs_ruby
+def test_ansible_timeout_is_the_provisioners_own_unless_set() -> None:
+    # nil: the Vagrantfile passes no --timeout of its own and Vagrant's 30 s applies.
+    assert _plan()["ansible_timeout"] is None
+
+
+@needs_ruby
 def test_carousel_in_the_archive_needs_an_archive() -> None:
     # Without an archive the nodes must get carousel from pip: the flag alone is ignored.
     plan = _plan(CAROUSEL_VENV_HAS_CAROUSEL="1")
@@ -140,7 +148,12 @@ def test_carousel_in_the_archive_needs_an_archive() -> None:
 @needs_ruby
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("CAROUSEL_AGENT_TTL", "7.5"), ("CAROUSEL_AGENT_TTL", "0"), ("CAROUSEL_CHECK_TIMEOUT", "x")],
+    [
+        ("CAROUSEL_AGENT_TTL", "7.5"),
+        ("CAROUSEL_AGENT_TTL", "0"),
+        ("CAROUSEL_CHECK_TIMEOUT", "x"),
+        ("CAROUSEL_ANSIBLE_TIMEOUT", "2.5"),
+    ],
 )
 def test_bad_lab_timings_are_refused(key: str, value: str) -> None:
     assert f"{key}={value}" in _plan_error(**{key: value})

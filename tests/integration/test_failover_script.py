@@ -1,0 +1,78 @@
+"""vagrant/failover.py's real client: a failed request is counted with its cause."""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("failover", VAGRANT_DIR / "failover.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["failover"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+failover = _load()
+
+
+class _Status(http.server.BaseHTTPRequestHandler):
+    """Answers each GET with the status set on the class."""
+
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[http.server.ThreadingHTTPServer]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Status)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def _cluster(port: int) -> Any:
+    return failover.CommandCluster(
+        ns="127.0.0.1", dns_port=53, name="www.example.test", http_port=port,
+        crash_cmd="", halt_cmd="", start_cmd="", restart_cmd="", request_timeout=2.0,
+    )  # fmt: skip
+
+
+def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPServer) -> None:
+    cluster = _cluster(server.server_address[1])
+    _Status.status = 200
+    assert cluster.request("127.0.0.1")
+    _Status.status = 503
+    assert not cluster.request("127.0.0.1")
+    assert not cluster.request("127.0.0.1")
+    with socket.socket() as s:  # a port nobody listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        refused = _cluster(s.getsockname()[1])
+        assert not refused.request("127.0.0.1")
+    assert dict(cluster.failures) == {"HTTP 503": 2}
+    assert dict(refused.failures) == {"ConnectionRefusedError": 1}

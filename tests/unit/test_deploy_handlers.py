@@ -1,0 +1,87 @@
+"""deploy/ansible: a daemon's restart handler restarts only a unit that ran before the run.
+
+On a first run a daemon role writes its files, notifies its handler, then starts the
+unit, which reads those very files: a restart at the end of the play would start the
+same daemon again minutes later (on TCG-emulated VMs such restarts took up to 525 s
+each, measured in vagrant/README.md). The common role notes (systemctl is-active) the carousel units that
+were running before the run changed anything; every handler that restarts or reloads
+a unit is skipped unless its unit is in that list. The condition is evaluated here with
+ansible-core's own templar, as Ansible evaluates it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with ansible-core (pip install -e '.[dev]')")
+templar_mod = pytest.importorskip("ansible.template", reason="ansible-core not installed")
+
+ROLES = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "roles"
+DAEMON_ROLES = {
+    "dnsd": "carousel-dnsd.service",
+    "dashboard": "carousel-dashboard.service",
+    "app": "carousel-app.service",
+    "edge": "carousel-edge.service",
+    "agent": "carousel-agent.service",
+}
+
+
+def _service_handlers(role: str) -> list[dict[str, Any]]:
+    handlers = yaml.safe_load((ROLES / role / "handlers" / "main.yml").read_text())
+    found = [h for h in handlers if "ansible.builtin.systemd_service" in h]
+    assert found, f"{role} has no service handler"
+    return found
+
+
+def _when(handler: dict[str, Any], variables: dict[str, Any]) -> bool:
+    from ansible.parsing.dataloader import DataLoader
+
+    # ansible-core 2.19 templates only text marked as trusted (a playbook's is).
+    trust = getattr(templar_mod, "trust_as_template", lambda text: text)
+    templar = templar_mod.Templar(loader=DataLoader(), variables=variables)
+    when = handler["when"]
+    conditions = when if isinstance(when, list) else [when]
+    return all(templar.template(trust("{{ " + c + " }}")) in (True, "True") for c in conditions)
+
+
+@pytest.mark.parametrize(("role", "unit"), sorted(DAEMON_ROLES.items()))
+def test_a_daemon_handler_runs_only_for_a_unit_that_was_running(role: str, unit: str) -> None:
+    for handler in _service_handlers(role):
+        assert handler["ansible.builtin.systemd_service"]["name"] == unit
+        running = {"common_manage_services": True, "common_services_running": [unit]}
+        started_now = {"common_manage_services": True, "common_services_running": ["carousel-other.service"]}
+        assert _when(handler, running), handler["name"]
+        assert not _when(handler, started_now), handler["name"]
+        assert not _when(handler, {"common_manage_services": False, "common_services_running": [unit]})
+        # The render test and the chroot run never note running units: nothing restarts.
+        assert not _when(handler, {"common_manage_services": True})
+
+
+def test_etcd_is_restarted_only_when_it_was_running() -> None:
+    (handler,) = _service_handlers("etcd")
+    assert _when(handler, {"etcd_manage_service": True, "etcd_was_running": True})
+    assert not _when(handler, {"etcd_manage_service": True, "etcd_was_running": False})
+    assert not _when(handler, {"etcd_manage_service": True})
+
+
+def test_the_running_units_are_noted_before_any_daemon_role_writes() -> None:
+    # The common role runs first in the play; its note must come before anything it
+    # changes itself, and the etcd role's before etcd's first start.
+    common = _tasks("common")
+    note = _setting("common_services_running", common)
+    assert "systemctl" in common[note - 1]["ansible.builtin.command"]["argv"]
+    assert note < [t["name"] for t in common].index("Install the Debian packages carousel needs.")
+    etcd = _tasks("etcd")
+    assert _setting("etcd_was_running", etcd) < [t["name"] for t in etcd].index("Enable and start etcd.")
+
+
+def _tasks(role: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load((ROLES / role / "tasks" / "main.yml").read_text()))
+
+
+def _setting(fact: str, tasks: list[dict[str, Any]]) -> int:
+    """Index of the set_fact task that sets `fact`."""
+    return next(i for i, t in enumerate(tasks) if fact in t.get("ansible.builtin.set_fact", {}))
