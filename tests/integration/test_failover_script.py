@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import socket
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
+from tests import vagrant_scripts
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("failover", VAGRANT_DIR / "failover.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["failover"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-failover = _load()
+failover = vagrant_scripts.load("failover")
 
 
 class _Status(http.server.BaseHTTPRequestHandler):

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
+from tests import vagrant_scripts
+
+VAGRANT_DIR = vagrant_scripts.VAGRANT_DIR
 EDGES = {"edge1": "192.168.56.21", "edge2": "192.168.56.22", "edge3": "192.168.56.23"}
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("failover", VAGRANT_DIR / "failover.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["failover"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-failover = _load()
+failover = vagrant_scripts.load("failover")
 
 
 def _cluster(**kw: object) -> tuple[object, object]:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import vagrant_scripts
 
 
 def load_vmlab() -> ModuleType:
     """vagrant/vmlab.py, which is a script, not a package module."""
-    spec = importlib.util.spec_from_file_location("vmlab", REPO / "vagrant" / "vmlab.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return vagrant_scripts.load("vmlab")
 
 
 @pytest.fixture(scope="session")
