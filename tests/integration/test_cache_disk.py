@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -131,6 +132,33 @@ async def test_purges_reach_the_disk_tier(origin: ScriptedOrigin, tmp_path: Path
         cache.purges.tag("t-p")
         # A ban hides matches at once, before its sweep has deleted them.
         assert cache.disk.lookup("http://127.0.0.1/p/1", "", {}) is None  # type: ignore[arg-type]
+
+
+async def test_a_ban_whose_sweep_ends_during_a_lookup_still_hides_its_match(
+    origin: ScriptedOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweep runs in the writer thread while the loop looks up: here it is made to finish
+    # (deleting the match and dropping its ban) between the lookup's read of the entry and
+    # its check against the bans. Checked against the list as it was then, the purged entry
+    # came back once (seen in CI).
+    origin.reply("/p/1", "/p/1", cache_control="max-age=300", surrogate_key="t-p")
+    async with running_edge(disk_config(origin, tmp_path)) as edge:
+        await get(edge, "/p/1")
+        disk = cache_of(edge).disk
+        assert disk is not None
+        await disk.flush()
+        read_meta = disk._read_meta
+
+        def read_then_let_the_sweep_finish(path: str, directory: str) -> object:
+            entry = read_meta(path, directory)
+            if threading.current_thread() is threading.main_thread():
+                disk.executor.submit(lambda: None).result()  # one writer thread: after the sweep
+            return entry
+
+        monkeypatch.setattr(disk, "_read_meta", read_then_let_the_sweep_finish)
+        cache_of(edge).purges.tag("t-p")
+        assert disk.lookup("http://127.0.0.1/p/1", "", {}) is None  # type: ignore[arg-type]
+        assert not disk.bans, "the sweep ran during the lookup"
 
 
 async def test_the_disk_tier_stays_within_its_budget(origin: ScriptedOrigin, tmp_path: Path) -> None:

@@ -174,6 +174,10 @@ class DiskStore:
 
     def lookup(self, key: str, extra: str, headers: Headers) -> Entry | None:
         """The newest stored variant matching the request, or None (a few small reads)."""
+        # The bans as they stand before the directory is read: a sweep (in the writer thread)
+        # deletes its matches before it drops its ban, so an entry read here is either
+        # already gone or still covered by this copy of the list.
+        bans = tuple(self.bans)
         directory = self.directory(key)
         try:
             names = os.listdir(directory)
@@ -188,7 +192,7 @@ class DiskStore:
                 continue
             if entry.vary and vary_values(entry.vary, headers) != entry.vary_values:
                 continue
-            if self._banned(entry):
+            if bans and _banned(entry, bans):
                 self.remove_entry(entry)
                 continue
             if best is None or entry.stored_at > best.stored_at:
@@ -370,9 +374,6 @@ class DiskStore:
         self.bans.append(ban)
         self._submit(self._apply_ban, ban)
 
-    def _banned(self, entry: Entry) -> bool:
-        return any(entry.stored_at < b.before and b.match(entry.key, entry.tags) for b in self.bans)
-
     def _apply_ban(self, ban: Ban) -> None:
         for directory, meta_name in self._walk():
             entry = self._read_meta(os.path.join(directory, meta_name), directory)
@@ -500,3 +501,7 @@ def _copy(src: int, offset: int, length: int, dst: int) -> None:
             n = os.write(dst, chunk)
         pos += n
         left -= n
+
+
+def _banned(entry: Entry, bans: tuple[Ban, ...]) -> bool:
+    return any(entry.stored_at < b.before and b.match(entry.key, entry.tags) for b in bans)
