@@ -333,9 +333,9 @@ class Etcd:
         self._lock = asyncio.Lock()
         self._credentials = self._load_credentials(config)
         self._password = config.resolved_password()
-        # While etcd is away (see PROBE_INTERVAL): why, the probe in flight, and until when
-        # the next probe waits.
-        self._away_reason = ""
+        # While etcd is away (see PROBE_INTERVAL): the last call's error, the probe in
+        # flight, and until when the next probe waits.
+        self._away: str = ""
         self._probe: asyncio.Future[None] | None = None
         self._away_until = 0.0
 
@@ -413,19 +413,19 @@ class Etcd:
         deadline = time.monotonic() + budget
         await self._wait_for_probe(deadline)
         probe: asyncio.Future[None] | None = None
-        if self._away_reason:  # etcd was away: this call is the probe, the others wait for it
+        if self._away:  # etcd was away: this call is the probe, the others wait for it
             probe = self._probe = asyncio.get_running_loop().create_future()
         try:
             result = await self._attempts(op, max(deadline - time.monotonic(), 0.05))
         except EtcdUnavailable as exc:
-            self._away_reason = str(exc).partition("): ")[2] or str(exc)
+            self._away = str(exc)
             self._away_until = time.monotonic() + PROBE_INTERVAL
             raise
         except EtcdError:
-            self._away_reason = ""  # etcd answered, if only to refuse
+            self._away = ""  # etcd answered, if only to refuse
             raise
         else:
-            self._away_reason = ""
+            self._away = ""
             return result
         finally:
             if probe is not None:
@@ -434,11 +434,10 @@ class Etcd:
 
     async def _wait_for_probe(self, deadline: float) -> None:
         """While etcd is known away, wait for the one probe in flight (or the next) until ``deadline``."""
-        while self._away_reason:
+        while self._away:
             now = time.monotonic()
             if now >= deadline:
-                endpoints = ", ".join(self.config.endpoints)
-                raise EtcdUnavailable(f"etcd unavailable ({endpoints}): {self._away_reason}")
+                raise EtcdUnavailable(self._away)
             if self._probe is not None:
                 await asyncio.wait({self._probe}, timeout=deadline - now)
             elif now < self._away_until:

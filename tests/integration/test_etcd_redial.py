@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 
 import grpc
@@ -13,6 +12,7 @@ import trustme
 import carousel.etcd as carousel_etcd
 from carousel.config import EtcdConfig
 from carousel.etcd import Etcd, EtcdUnavailable
+from carousel.etcdserver import EtcdProcess, free_port
 from carousel.mirror import PrefixMirror
 
 
@@ -60,10 +60,7 @@ async def test_failed_handshakes_are_paced_and_named(tmp_path) -> None:
 
 
 async def test_a_stopped_etcd_is_redialled_at_a_bounded_pace(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A port nobody listens on: every dial is refused at once, as with etcd stopped.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens: every dial is refused at once, as with etcd stopped
     channels = 0
     make = grpc.aio.insecure_channel
 
@@ -91,9 +88,7 @@ async def test_a_stopped_etcd_is_redialled_at_a_bounded_pace(monkeypatch: pytest
 async def test_callers_wait_for_one_probe_while_etcd_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
     # Eight callers (a daemon has mirrors, keepalives, registry writes, the DoS detector)
     # against a stopped etcd, each retrying 0.1 s after an error, as the daemons' loops do.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens
     attempts = 0
     real_get = carousel_etcd._Client.get
 
@@ -138,8 +133,6 @@ async def test_callers_wait_for_one_probe_while_etcd_is_away(monkeypatch: pytest
 
 
 async def test_a_returning_etcd_is_found_within_a_second_of_answering(tmp_path) -> None:
-    from carousel.etcdserver import EtcdProcess, free_port
-
     port = free_port()
     etcd = Etcd(EtcdConfig(endpoints=[f"127.0.0.1:{port}"], timeout=0.5))
     loop = asyncio.get_running_loop()
