@@ -42,9 +42,10 @@ from edge.core.routing import Route, RouteTable, parse_host
 from edge.features import build_features
 from edge.features.dos import DosDetector
 from edge.features.static import StaticFiles, not_found
-from edge.front.connection import ClientConnection, write_reply_body, write_whole
+from edge.front.connection import ClientConnection
 from edge.front.forward import ForwardProxy
 from edge.front.forward.auth import check_stored
+from edge.front.framing import write_reply_body, write_whole
 from edge.front.h2accept import H2cSniffingConnection
 from edge.front.h2stream import H2Stream
 from edge.front.h2stream import register_metrics as register_h2_metrics
