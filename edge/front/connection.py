@@ -41,7 +41,7 @@ import structlog
 from edge.front.deadlines import DEADLINE_SLOT, Filed, Slot, unlink, wheel
 from edge.front.framing import REASONS, http_date, response_head
 from edge.front.links import ConnectionList, Linked
-from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, ParserPool, RequestParser
+from edge.http.http1 import END, UPGRADE, BodyChunk, EndOfMessage, Head, ParserPool, RequestParser
 from edge.http.request import Request
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class ClientConnection(Linked, asyncio.Protocol):
             and not self.queue
             and not self._paused_writing  # a client slow to read waits (flow control): _serve
             and parser.error is None
-            and "Upgrade" not in head.headers
+            and UPGRADE not in head.headers
         ):
             # The usual case, one whole request with no body and nothing else in hand: what
             # _start, _complete and _serve would do for it, without the queue.
@@ -283,7 +283,7 @@ class ClientConnection(Linked, asyncio.Protocol):
         if self.queue is None:
             self.queue = deque()
         self.queue.append(Request(head, self, body))
-        if "Upgrade" in head.headers:
+        if UPGRADE in head.headers:
             # Whatever follows may be another protocol: hold it until this is answered.
             self._upgrading = True
 
@@ -391,7 +391,7 @@ class ClientConnection(Linked, asyncio.Protocol):
         length: int | None,
         keep_alive: bool,
         extra: tuple[tuple[str, str], ...],
-        server_line: str = "",
+        server_line: bytes = b"",
     ) -> bytes:
         """The serialised status line and headers for a reply (``response_head``).
 
