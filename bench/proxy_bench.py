@@ -2,7 +2,7 @@
 
     python bench/proxy_bench.py [--duration 5] [--rounds 3] [--routes ka,nk,static,fixed,hit,...]
                                 [--peers nginx,nginx-ofc,haproxy,varnish,aiohttp,proxypy,uvicorn]
-                                [--pure] [--before TREE] [--workers 2] [--memory]
+                                [--pure] [--before TREE] [--workers 2] [--scaling] [--memory]
 
 * one AP: nginx (Debian's) serving 1 KiB and 100 KiB files, pinned to core 1, with wrk;
 * the servers under test, each pinned to core 0, each one process (one worker):
@@ -27,6 +27,12 @@
   (a cache hit of 1 KiB: the edge's ``[cache]`` is on, and only ``/c/`` is cached);
 * ``--workers 2``: the edge with ``workers = 2``, nginx ``worker_processes 2``, HAProxy
   ``nbthread 2``, Varnish as it is, nothing pinned (servers, AP and wrk share both cores);
+* ``--scaling``: every server twice, with one worker and with two (``edge`` and ``edge-w2``,
+  ``nginx`` and ``nginx-w2``, ...; a ``-w2`` name in ``--peers`` does the same for one peer),
+  nothing pinned, and a table of what the second worker gives each: req/s and CPU per
+  request of the two-worker server over the one-worker one, median of per-round ratios.
+  On two cores shared with wrk and the AP, no server can reach 2x: the peers' figures say
+  what this machine allows (default route: ``hit``);
 * ``--memory``: after the runs, RSS per idle keep-alive client connection (10,000 of them;
   edge and nginx) and per cached 1 KiB object (the edge: 20,000 distinct URLs);
 * wrk -t1 -c50 on core 1, every (route, server) cell once per round, the server order
@@ -81,6 +87,7 @@ SERVES = {
     "proxypy": {"ka", "ka100k"},
     "uvicorn": {"fixed"},
 }
+TWIN = "-w2"  # a server's name with this suffix: the same server with two workers (--scaling)
 PAYLOAD = (b"carousel benchmark payload 0123456789abcdef\n" * 24)[:1024]
 FIXED_BODY = ("carousel benchmark payload 0123456789abcdef " * 24)[:1024]
 
@@ -270,6 +277,9 @@ def main() -> int:
     parser.add_argument("--routes", default=",".join(ROUTES))
     parser.add_argument("--peers", default="nginx,nginx-ofc,haproxy,varnish,aiohttp,proxypy,uvicorn")
     parser.add_argument("--workers", type=int, default=1, help="worker processes/threads of every server")
+    parser.add_argument(
+        "--scaling", action="store_true", help="every server with 1 and with 2 workers, unpinned (route: hit)"
+    )
     parser.add_argument("--memory", action="store_true", help="also memory per idle connection and object")
     parser.add_argument("--pure", action="store_true", help="also an edge on the pure-Python modules")
     parser.add_argument("--before", help="also an edge run from this source tree (edge-before)")
@@ -285,33 +295,39 @@ def main() -> int:
     if not Path(nginx).exists():
         print("proxy_bench: nginx not found (apt-get install nginx-light)")
         return 2
+    if args.scaling and args.routes == ",".join(ROUTES):
+        args.routes = "hit"
     routes = [r for r in args.routes.split(",") if r]
     servers = ["edge", *(["edge-pure"] if args.pure else []), *(["edge-before"] if args.before else [])]
     servers += [p for p in args.peers.split(",") if p]
-    if "haproxy" in servers and shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+    if args.scaling:
+        servers = [twin for s in servers for twin in ((s, s + TWIN) if not s.endswith(TWIN) else (s,))]
+        servers = [s for s in servers if set(routes) & SERVES[s.removesuffix(TWIN)]]
+    missing: set[str] = set()
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        missing.add("haproxy")
         print("proxy_bench: haproxy not installed, skipped (apt-get install haproxy)")
-        servers.remove("haproxy")
     try:
         import uvicorn  # noqa: F401
     except ImportError:
-        if "uvicorn" in servers:
-            print("proxy_bench: uvicorn not installed, skipped (pip install uvicorn httptools)")
-            servers.remove("uvicorn")
+        missing.add("uvicorn")
+        print("proxy_bench: uvicorn not installed, skipped (pip install uvicorn httptools)")
     try:
         import proxy  # noqa: F401
     except ImportError:
-        if "proxypy" in servers:
-            print("proxy_bench: proxy.py not installed, skipped (pip install proxy.py)")
-            servers.remove("proxypy")
+        missing.add("proxypy")
+        print("proxy_bench: proxy.py not installed, skipped (pip install proxy.py)")
     varnishd = shutil.which("varnishd") or "/usr/sbin/varnishd"
-    if "varnish" in servers and not Path(varnishd).exists():
+    if not Path(varnishd).exists():
+        missing.add("varnish")
         print("proxy_bench: varnishd not installed, skipped (apt-get install varnish)")
-        servers.remove("varnish")
+    servers = [s for s in servers if s.removesuffix(TWIN) not in missing]
     # One process (or thread) per server pinned to core 0, the AP and wrk on core 1; with
     # several workers nothing is pinned: every process may use both cores.
     workers = args.workers
-    server_core = "0" if workers == 1 else "0,1"
-    other_core = "1" if workers == 1 else "0,1"
+    pinned = workers == 1 and not args.scaling
+    server_core = "0" if pinned else "0,1"
+    other_core = "1" if pinned else "0,1"
 
     work = Path(tempfile.mkdtemp(prefix="carousel-peers-"))
     work.chmod(0o755)
@@ -337,22 +353,25 @@ def main() -> int:
         for server in servers:
             port = ports[server] = free_port()
             env = None
-            if server.startswith("edge"):
+            # A twin ("nginx-w2") is its server with two workers; everything else is the same.
+            name = server.removesuffix(TWIN)
+            count = 2 if server.endswith(TWIN) else workers
+            if name.startswith("edge"):
                 conf = work / f"{server}.toml"
                 conf.write_text(
                     EDGE_TOML.format(
-                        port=port, admin=free_port(), ap=ap, www=www, fixed=FIXED_BODY, workers=workers
+                        port=port, admin=free_port(), ap=ap, www=www, fixed=FIXED_BODY, workers=count
                     )
                 )
-                if server == "edge-pure":
+                if name == "edge-pure":
                     env = {**os.environ, "CAROUSEL_PURE_PYTHON": "1"}
-                elif server == "edge-before":
+                elif name == "edge-before":
                     env = {**os.environ, "PYTHONPATH": str(Path(args.before).resolve())}
                 argv = [sys.executable, "-m", "carousel.cli", "edge", "--config", str(conf)]
-            elif server in ("nginx", "nginx-ofc"):
+            elif name in ("nginx", "nginx-ofc"):
                 # Stock proxy_cache: keys in shared memory, the object in a file (page cache);
                 # nginx-ofc keeps the cached files' descriptors open (open_file_cache).
-                ofc = "open_file_cache max=1000 inactive=60s;\n  " if server == "nginx-ofc" else ""
+                ofc = "open_file_cache max=1000 inactive=60s;\n  " if name == "nginx-ofc" else ""
                 conf = nginx_conf(
                     work,
                     server,
@@ -367,19 +386,19 @@ def main() -> int:
                     f'      proxy_set_header Connection ""; }}\n'
                     f"    location /nk/ {{ proxy_pass http://nk; }} }}",
                 )
-                if workers > 1:
+                if count > 1:
                     conf.write_text(
-                        conf.read_text().replace("worker_processes 1;", f"worker_processes {workers};")
+                        conf.read_text().replace("worker_processes 1;", f"worker_processes {count};")
                     )
                 argv = [nginx, "-c", str(conf), "-p", str(work)]
-            elif server == "varnish":
+            elif name == "varnish":
                 vcl = work / "bench.vcl"
                 vcl.write_text(VARNISH_VCL.format(ap=ap))
                 argv = [
                     varnishd,
                     "-F",
                     "-n",
-                    str(work / "varnish"),
+                    str(work / server),
                     "-a",
                     f"127.0.0.1:{port}",
                     "-f",
@@ -389,7 +408,7 @@ def main() -> int:
                     "-T",
                     "none",
                 ]
-            elif server == "proxypy":
+            elif name == "proxypy":
                 (work / "bench_proxypy.py").write_text(PROXYPY_PLUGIN.format(ap=ap))
                 env = {**os.environ, "PYTHONPATH": str(work)}
                 argv = [
@@ -404,18 +423,18 @@ def main() -> int:
                     "--plugins",
                     "bench_proxypy.BenchRoutes",
                     "--num-acceptors",
-                    str(workers),
+                    str(count),
                     "--threadless",
                     "--log-level",
                     "WARNING",
                     "--port-file",
-                    str(work / "proxypy.port"),
+                    str(work / f"{server}.port"),
                 ]
-            elif server == "haproxy":
-                conf = work / "haproxy.cfg"
-                conf.write_text(HAPROXY_CFG.format(port=port, ap=ap, threads=workers))
+            elif name == "haproxy":
+                conf = work / f"{server}.cfg"
+                conf.write_text(HAPROXY_CFG.format(port=port, ap=ap, threads=count))
                 argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(conf)]
-            elif server == "aiohttp":
+            elif name == "aiohttp":
                 script = work / "aiohttp_proxy.py"
                 script.write_text(AIOHTTP_PROXY)
                 argv = [sys.executable, str(script), str(port), f"http://127.0.0.1:{ap}", str(www / "static")]
@@ -423,21 +442,23 @@ def main() -> int:
                 script = work / "uvicorn_fixed.py"
                 script.write_text(UVICORN_FIXED)
                 argv = [sys.executable, str(script), str(port)]
-            cwd = Path(args.before).resolve() if server == "edge-before" else ROOT
+            cwd = Path(args.before).resolve() if name == "edge-before" else ROOT
             proc = start(argv, work / f"{server}.log", server_core, env, cwd)
             procs.append(proc)
             pids[server] = proc.pid
-            probe = next(r for r in ("ka", "fixed", "hit") if r in SERVES[server])
+            probe = next(r for r in ("ka", "fixed", "hit") if r in SERVES[name])
             try:
                 wait_http(f"http://127.0.0.1:{port}{ROUTES[probe]}", timeout=60)
             except RuntimeError:
                 print((work / f"{server}.log").read_text()[-2000:], file=sys.stderr)
                 raise
-            if "hit" in SERVES[server]:
+            if "hit" in SERVES[name]:
                 check_hit(server, f"http://127.0.0.1:{port}{ROUTES['hit']}")
         where = (
             "servers on core 0, AP and wrk on core 1"
-            if workers == 1
+            if pinned
+            else "1 and 2 workers per server, nothing pinned"
+            if args.scaling
             else f"{workers} workers per server, nothing pinned"
         )
         print(
@@ -446,7 +467,7 @@ def main() -> int:
         )
         for r in range(args.rounds):
             for route in routes:
-                order = [s for s in servers if route in SERVES[s]]
+                order = [s for s in servers if route in SERVES[s.removesuffix(TWIN)]]
                 for server in order if r % 2 == 0 else reversed(order):
                     url = f"http://127.0.0.1:{ports[server]}{ROUTES[route]}"
                     runs.setdefault((route, server), []).append(
@@ -458,7 +479,7 @@ def main() -> int:
                             args.connections,
                             pids[server],
                             other_core,
-                            server == "proxypy",
+                            server.removesuffix(TWIN) == "proxypy",
                         )
                     )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
@@ -486,8 +507,19 @@ def main() -> int:
                     f"{statistics.median(e[1] / m[1] for e, m in zip(edge_runs, mine, strict=True)):.2f}x"
                 )
             print(f"{route:11} {server:10} {rps:8.0f} {cpu:11.1f} {ratio:>18} {cpu_ratio:>7}")
-    if "proxypy" in servers:
+    if any(s.removesuffix(TWIN) == "proxypy" for s in servers):
         print("(proxypy: a new client connection per request, as it answers only the first of each)")
+    if args.scaling:
+        print()
+        print(f"{'route':11} {'server':10} {'2 workers / 1: req/s':>21} {'CPU per request':>16}")
+        for route in routes:
+            for server in servers:
+                one, two = runs.get((route, server)), runs.get((route, server + TWIN))
+                if not one or not two:
+                    continue
+                gain = statistics.median(t[0] / o[0] for o, t in zip(one, two, strict=True))
+                cost = statistics.median(t[1] / o[1] for o, t in zip(one, two, strict=True))
+                print(f"{route:11} {server:10} {gain:20.2f}x {cost:15.2f}x")
     if args.memory:
         print()
         for line in memory:
@@ -497,7 +529,8 @@ def main() -> int:
 
 def check_hit(server: str, url: str) -> None:
     """Warm the cache with the object and make sure the next answer is a hit."""
-    for _ in range(3):
+    # Six: with two workers, each admits the object on its own second miss.
+    for _ in range(6):
         with urllib.request.urlopen(url, timeout=5) as r:
             r.read()
             headers = r.headers
@@ -506,7 +539,7 @@ def check_hit(server: str, url: str) -> None:
     )
     if server.startswith("edge") and "hit" not in headers.get("Cache-Status", ""):
         print(f"  warning: {server} does not answer {url} from its cache ({status!r})", file=sys.stderr)
-    if server == "varnish" and len(headers.get("X-Varnish", "").split()) < 2:
+    if server.startswith("varnish") and len(headers.get("X-Varnish", "").split()) < 2:
         print(f"  warning: varnish does not answer {url} from its cache ({status!r})", file=sys.stderr)
 
 

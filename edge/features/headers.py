@@ -27,13 +27,18 @@ from __future__ import annotations
 
 import re
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from edge.core.config import Config
 from edge.core.fields import FORWARDING, HOP_BY_HOP, PROTECTED, TrustedProxies, connection_tokens
 from edge.core.pipeline import EdgeContext, Exchange, Handler, NowHandler, Reply
+from edge.http.http1 import CONNECTION, HOST
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_XFF = istr("X-Forwarded-For")
+_XFP = istr("X-Forwarded-Proto")
+_XFH = istr("X-Forwarded-Host")
+_FORWARDED = istr("Forwarded")
 
 
 def forwarded_value(value: str, *, quote: bool = False) -> str:
@@ -78,7 +83,7 @@ class HeaderHygiene:
     def upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         """The request headers to send upstream; sets ``ex.client_ip``."""
         incoming = ex.request.headers
-        drop = self._honoured(ex, incoming) if "Connection" in incoming else HOP_BY_HOP
+        drop = self._honoured(ex, incoming) if CONNECTION in incoming else HOP_BY_HOP
         peer = ex.request.remote
         trusted = self.trusted.is_trusted(peer)
         if not trusted:
@@ -91,9 +96,9 @@ class HeaderHygiene:
         # The host the cache key and the routes saw, validated and normalised (edge/routing.py).
         host = ex.host
         if host:
-            out["Host"] = host
+            out[HOST] = host
         else:
-            out.popall("Host", None)
+            out.popall(HOST, None)
         fwd = f"for={_forwarded_node(peer)};proto={ex.scheme}"
         if trusted:
             previous = incoming.getall("X-Forwarded-For", [])
@@ -108,11 +113,12 @@ class HeaderHygiene:
             else:
                 out["Forwarded"] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
         else:
-            out["X-Forwarded-For"] = peer
-            out["X-Forwarded-Proto"] = ex.scheme
+            # Set on every proxied request: istr names, folded once (edge/http/http1.py).
+            out[_XFF] = peer
+            out[_XFP] = ex.scheme
             if host:
-                out["X-Forwarded-Host"] = host
-            out["Forwarded"] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
+                out[_XFH] = host
+            out[_FORWARDED] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:

@@ -17,34 +17,31 @@ entry): that is what lets an edge hold 10,000 keep-alive clients cheaply. The de
 keep-alive idle timeout between requests and the header deadline
 (``header_timeout``) from the moment a connection opens or a later head starts,
 so a client trickling a head byte by byte (slowloris) is closed at that deadline.
-The wheel (``_Deadlines``) is one loop timer for all connections, in 20 ms
+The wheel (``DeadlineWheel``, edge/front/deadlines.py) is one loop timer for all connections, in 20 ms
 slots: a timer per connection was 0.55 KiB of each idle connection's 1.7 KiB.
 Admission (bans, connection caps) happens in ``connection_made`` through the
 edge's ConnectionGuard (edge/core/limits.py).
 
-Responses are framed here: Content-Length when the body's length is known,
-chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
+Responses are framed by edge/front/framing.py: Content-Length when the body's length
+is known, chunked otherwise, nothing for HEAD/204/304. A 101 reply carrying a tunnel
 (WebSocket) turns the connection into a byte pipe to the member.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import math
 import sys
-import time
 from collections import deque
 from collections.abc import Coroutine
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from edge.core.pipeline import Body, BytesBody
+from edge.front.deadlines import DEADLINE_SLOT, Filed, Slot, unlink, wheel
+from edge.front.framing import REASONS, http_date, response_head
 from edge.front.links import ConnectionList, Linked
-from edge.http.http1 import END, BodyChunk, EndOfMessage, Head, ParserPool, RequestParser, field_lines
+from edge.http.http1 import END, UPGRADE, BodyChunk, EndOfMessage, Head, ParserPool, RequestParser
 from edge.http.request import Request
 
 if TYPE_CHECKING:
@@ -55,152 +52,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("carousel.edge.connection")
 
 MAX_PIPELINED = 16
-_FRAMING = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
-_STATUS_LINES: dict[tuple[int, str], bytes] = {}  # "HTTP/1.1 200 OK\r\n", ...: bounded, reasons vary
-_date_cache: list[Any] = [0, ""]
-
-
-def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True)
-    return str(_date_cache[1])
-
-
-# Seconds: how late a connection's deadline may be noticed, at most. Short enough that
-# connections opened together (500 slowloris clients) are not closed in bursts of hundreds
-# in one callback, which cost other clients' latency (test_slowloris.py: p99 over 0.1 s
-# with 0.1 s slots on a loaded machine); long enough that 10,000 idle connections opened
-# within seconds share a few hundred slots.
-DEADLINE_SLOT = 0.02
-
-
-class _Slot:
-    """One slot of the deadline wheel: a ring of connections linked through their
-    ``_wheel_next``/``_wheel_prev`` slots. A set per slot cost 40-70 bytes of each idle
-    connection (tables sized for growth); the links cost 16 and unlink in O(1)."""
-
-    __slots__ = ("_wheel_next", "_wheel_prev", "number")
-
-    def __init__(self, number: int) -> None:
-        # Every member keeps this int as its ``_slot``: one object, not one each (32 bytes).
-        self.number = number
-        self._wheel_next: _Slot | ClientConnection = self
-        self._wheel_prev: _Slot | ClientConnection = self
-
-    def link(self, conn: ClientConnection) -> None:
-        """Put ``conn`` at the end of this slot."""
-        last = self._wheel_prev
-        conn._wheel_prev = last
-        conn._wheel_next = self
-        last._wheel_next = conn
-        self._wheel_prev = conn
-
-    def members(self) -> list[ClientConnection]:
-        """The connections filed here, in order (left linked)."""
-        found = []
-        node = self._wheel_next
-        while node is not self:
-            assert isinstance(node, ClientConnection) and node._wheel_next is not None
-            found.append(node)
-            node = node._wheel_next
-        return found
-
-    def take_all(self) -> list[ClientConnection]:
-        """Unlink every member and return them, in the order they were filed."""
-        members = []
-        node = self._wheel_next
-        while node is not self:
-            assert isinstance(node, ClientConnection)
-            members.append(node)
-            after = node._wheel_next
-            node._wheel_next = node._wheel_prev = None
-            assert after is not None
-            node = after
-        self._wheel_next = self._wheel_prev = self
-        return members
-
-
-def _unlink_from_wheel(conn: ClientConnection) -> None:
-    after, before = conn._wheel_next, conn._wheel_prev
-    if after is None or before is None:
-        return
-    before._wheel_next = after
-    after._wheel_prev = before
-    conn._wheel_next = conn._wheel_prev = None
-
-
-class _Deadlines:
-    """Every client connection's deadline on one loop timer, in DEADLINE_SLOT slots.
-
-    A connection sits in the slot of its deadline (rounded up); when the slot's time
-    comes, each connection in it checks its own deadline, which may have moved later
-    meanwhile (a request came), and files itself again if so. The timer runs only
-    while some slot is filled; the wheel forgets its loop when it empties.
-    """
-
-    __slots__ = ("heap", "loop", "slots", "timer", "timer_slot")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.slots: dict[int, _Slot] = {}
-        self.heap: list[int] = []  # the filled slots' numbers
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_slot = 0
-
-    def add(self, conn: ClientConnection, due: float) -> int:
-        """File ``conn`` for ``due`` (loop time); returns its slot."""
-        slot = math.ceil(due / DEADLINE_SLOT)
-        members = self.slots.get(slot)
-        if members is None:
-            members = self.slots[slot] = _Slot(slot)
-            heapq.heappush(self.heap, slot)
-        _unlink_from_wheel(conn)
-        members.link(conn)
-        if self.timer is None or slot < self.timer_slot:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(slot * DEADLINE_SLOT, self._tick)
-            self.timer_slot = slot
-        return members.number
-
-    def _tick(self) -> None:
-        self.timer = None
-        now = self.loop.time()
-        heap, slots = self.heap, self.slots
-        due: list[ClientConnection] = []
-        while heap and heap[0] * DEADLINE_SLOT <= now:
-            members = slots.pop(heapq.heappop(heap), None)
-            if members is not None:
-                due.extend(members.take_all())
-        for conn in due:
-            conn._deadline_reached()
-        while heap and (heap[0] not in slots or slots[heap[0]]._wheel_next is slots[heap[0]]):
-            slots.pop(heapq.heappop(heap), None)  # slots emptied by discard
-        if heap:
-            if self.timer is None or heap[0] < self.timer_slot:
-                if self.timer is not None:
-                    self.timer.cancel()
-                self.timer = self.loop.call_at(heap[0] * DEADLINE_SLOT, self._tick)
-                self.timer_slot = heap[0]
-        elif self.timer is None and _wheels.get(self.loop) is self:
-            del _wheels[self.loop]
-
-
-_wheels: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
-
-
-def _wheel() -> _Deadlines:
-    loop = asyncio.get_running_loop()
-    wheel = _wheels.get(loop)
-    if wheel is None:
-        for old in [old for old in _wheels if old.is_closed()]:
-            del _wheels[old]  # a loop closed with connections still filed (tests)
-        wheel = _wheels[loop] = _Deadlines(loop)
-    return wheel
 
 
 class RequestCounter(Protocol):
@@ -231,43 +82,6 @@ class ConnectionHost(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
     def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None: ...
-
-
-def write_whole(transport: asyncio.Transport, head: bytes, data: bytes) -> None:
-    """A head and a body in memory: one write when small (no waiting: flow control is the
-    caller's, before its next write)."""
-    if len(data) < 16384:
-        transport.write(head + data)
-    else:
-        transport.writelines((head, data))
-
-
-async def write_reply_body(conn: ClientConnection, head: bytes, body: Body, **context: Any) -> None:
-    """Send a response head and its body: one write for small bodies, framed chunks when the
-    length is unknown. A body that fails after the head went out aborts the connection: the
-    only honest signal left to the client."""
-    transport = conn.transport
-    if transport is None:
-        return
-    if type(body) is BytesBody:
-        write_whole(transport, head, body.data)
-        await conn.drain()
-        return
-    await conn.write(head)
-    try:
-        if body.length is not None:
-            await body.write_to(conn)
-        else:
-            async for chunk in body.chunks():
-                if chunk:
-                    await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            await conn.write(b"0\r\n\r\n")
-    except ConnectionError:
-        raise
-    except Exception as exc:
-        log.warning("response aborted mid-body", error=str(exc), **context)
-        if conn.transport is not None:
-            conn.transport.abort()
 
 
 class ClientConnection(Linked, asyncio.Protocol):
@@ -323,8 +137,8 @@ class ClientConnection(Linked, asyncio.Protocol):
         self._body_timer: asyncio.TimerHandle | None = None
         # The keep-alive idle timeout or the header deadline (slowloris), whichever applies.
         self._slot = 0  # the deadline wheel's slot this connection is filed in (0: none)
-        self._wheel_next: _Slot | ClientConnection | None = None  # its neighbours there
-        self._wheel_prev: _Slot | ClientConnection | None = None
+        self._wheel_next: Slot | Filed | None = None  # its neighbours there
+        self._wheel_prev: Slot | Filed | None = None
         self._due = 0.0  # the deadline in force (loop time); 0: none (a request is in hand)
         self._head_deadline = False  # _due is the header deadline, not the idle timeout
         self._drain: asyncio.Future[None] | None = None
@@ -398,7 +212,7 @@ class ClientConnection(Linked, asyncio.Protocol):
             and not self.queue
             and not self._paused_writing  # a client slow to read waits (flow control): _serve
             and parser.error is None
-            and "Upgrade" not in head.headers
+            and UPGRADE not in head.headers
         ):
             # The usual case, one whole request with no body and nothing else in hand: what
             # _start, _complete and _serve would do for it, without the queue.
@@ -469,7 +283,7 @@ class ClientConnection(Linked, asyncio.Protocol):
         if self.queue is None:
             self.queue = deque()
         self.queue.append(Request(head, self, body))
-        if "Upgrade" in head.headers:
+        if UPGRADE in head.headers:
             # Whatever follows may be another protocol: hold it until this is answered.
             self._upgrading = True
 
@@ -577,64 +391,14 @@ class ClientConnection(Linked, asyncio.Protocol):
         length: int | None,
         keep_alive: bool,
         extra: tuple[tuple[str, str], ...],
-        server_line: str = "",
+        server_line: bytes = b"",
     ) -> bytes:
-        """The serialised status line and headers for a reply.
+        """The serialised status line and headers for a reply (``response_head``).
 
-        ``server_line`` ("Server: ...\\r\\n"): the edge's own, in place of any Server
-        field. Stored fields that nobody merged (a cache hit) go out as stored.
         Raises ValueError when a field would smuggle a line in (CR or LF).
         """
-        status = reply.status
-        unmerged = reply.unmerged()
-        if unmerged is not None and server_line and unmerged[0].server:
-            unmerged = None  # a stored Server field the edge replaces: merge, then drop it
-        if unmerged is None:
-            stored = b""
-            headers = reply.headers
-            if status != 101:
-                # The edge frames every response itself, whatever a feature left behind.
-                for name in _FRAMING:
-                    if name in headers:
-                        headers.popall(name)
-            if server_line and "Server" in headers:
-                headers.popall("Server")
-            dated = "Date" in headers
-        else:
-            wire, headers = unmerged
-            stored = wire.data
-            dated = wire.date or "Date" in headers
-        reason = reply.reason
-        if reason is None:
-            reason = _REASONS.get(status, "Unknown")
-        elif "\r" in reason or "\n" in reason:
-            raise ValueError("CR or LF inside a reason phrase")
-        # Fields from features or members are checked (field_lines); the edge's own below are not.
-        # A stored reply (a hit, a static file, a fixed answer) often adds none.
-        lines = [field_lines(headers.items())] if headers else []
-        if extra:
-            lines.append(field_lines(extra))
-        if server_line:
-            lines.append(server_line)
-        if not dated:
-            lines.append(f"Date: {http_date()}\r\n")
-        if status == 101 or status == 204 or status == 304 or 100 <= status < 200:
-            pass
-        elif length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
-        elif request.head.method != "HEAD":
-            lines.append("Transfer-Encoding: chunked\r\n")
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-        elif request.head.version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        text = "".join(lines)
-        first = _STATUS_LINES.get((status, reason))
-        if first is None:
-            first = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
-            if len(_STATUS_LINES) < 256:
-                _STATUS_LINES[(status, reason)] = first
-        return first + stored + text.encode("latin-1", "replace") + b"\r\n"
+        head = request.head
+        return response_head(reply, head.method, head.version, length, keep_alive, extra, server_line)
 
     def close(self) -> None:
         """Close after what has been written is flushed."""
@@ -651,10 +415,10 @@ class ClientConnection(Linked, asyncio.Protocol):
             self._pending_reject = status
             self._pause_reading()
             return
-        body = f"<html><body><h1>{status} {_REASONS.get(status, '')}</h1></body></html>\n"
+        body = f"<html><body><h1>{status} {REASONS.get(status, '')}</h1></body></html>\n"
         self.transport.write(
             (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\n"
+                f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
                 f"Date: {http_date()}\r\nServer: {self.edge.config.edge.server_header}\r\n"
                 f"Content-Type: text/html; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n" + body
@@ -689,12 +453,12 @@ class ClientConnection(Linked, asyncio.Protocol):
         self._head_deadline = head
         slot = self._slot
         if not slot or slot > math.ceil(due / DEADLINE_SLOT):
-            self._slot = _wheel().add(self, due)  # out of the later slot, into this one
+            self._slot = wheel().add(self, due)  # out of the later slot, into this one
 
     def _cancel_deadline(self) -> None:
         self._due = 0.0
         if self._slot:
-            _unlink_from_wheel(self)
+            unlink(self)
             self._slot = 0
 
     def _deadline_reached(self) -> None:
@@ -704,7 +468,7 @@ class ClientConnection(Linked, asyncio.Protocol):
             return  # a request came in the meantime
         loop = asyncio.get_running_loop()
         if loop.time() < due:
-            self._slot = _wheel().add(self, due)
+            self._slot = wheel().add(self, due)
             return
         self._due = 0.0
         if self._head_deadline:

@@ -47,7 +47,8 @@ from typing import Any, cast
 import structlog
 
 from edge.features.dos import DosDetector
-from edge.front.connection import ConnectionHost, http_date
+from edge.front.connection import ConnectionHost
+from edge.front.framing import http_date
 from edge.front.h2stream import PAGES, H2Stream, Stats, StreamGone
 from edge.front.links import Linked
 from edge.http.h2 import FloodMeter, Malformed, request_head, response_fields

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from edge.core.pipeline import BytesBody
-from edge.front.connection import http_date
+from edge.front.framing import http_date
 from edge.http.h2 import response_fields
 from edge.http.h2wire import ErrorCodes, ServerWire, StreamClosed
 

@@ -42,9 +42,10 @@ from edge.core.routing import Route, RouteTable, parse_host
 from edge.features import build_features
 from edge.features.dos import DosDetector
 from edge.features.static import StaticFiles, not_found
-from edge.front.connection import ClientConnection, write_reply_body, write_whole
+from edge.front.connection import ClientConnection
 from edge.front.forward import ForwardProxy
 from edge.front.forward.auth import check_stored
+from edge.front.framing import response_head, write_reply_body
 from edge.front.h2accept import H2cSniffingConnection
 from edge.front.h2stream import H2Stream
 from edge.front.h2stream import register_metrics as register_h2_metrics
@@ -53,7 +54,7 @@ from edge.front.node import AdminActions, NodeWorker, cut_banned
 from edge.front.passthrough import PassthroughListener
 from edge.front.passthrough import register_metrics as register_passthrough_metrics
 from edge.front.tls import CertificateStore, check_certificate, start_https
-from edge.http.http1 import ParserPool, field_lines
+from edge.http.http1 import HOST, ParserPool, field_lines
 from edge.http.request import Request
 from edge.upstream.pool import UpstreamPool
 from edge.upstream.proxy import ProxyHandler
@@ -139,7 +140,7 @@ class Edge:
         self._started = time.time()
         self._max_requests = config.edge.max_requests_per_connection
         # The Server line on every response (checked for CR/LF once, here).
-        self._server = field_lines([("Server", config.edge.server_header)])
+        self._server = field_lines([("Server", config.edge.server_header)]).encode("latin-1", "replace")
         self._access_log = config.edge.access_log
         self._hosts: dict[str, str] = {}
         self._fixed: dict[int, tuple[BytesBody, FixedFields]] = {}  # respond routes, by id
@@ -201,7 +202,7 @@ class Edge:
         with no task; otherwise the rest becomes a coroutine for the connection.
         """
         head = request.head
-        raw_host = head.headers.get("Host", "")
+        raw_host = head.headers.get(HOST, "")
         host = self._hosts.get(raw_host)
         if host is None:
             host = parse_host(raw_host)
@@ -261,10 +262,12 @@ class Edge:
         transport = conn.transport
         if transport is not None:
             body = reply.body
+            method = request.head.method
             try:
-                head = conn.send_head(
-                    request,
+                head = response_head(
                     reply,
+                    method,
+                    request.head.version,
                     body.length,
                     keep_alive,
                     route.extra_headers if route else (),
@@ -279,10 +282,15 @@ class Edge:
             else:
                 if reply.tunnel is not None:
                     conn.become_tunnel(reply.tunnel, head, reply.tunnel_head)
-                elif request.head.method == "HEAD" or reply.status in _NO_BODY_STATUS:
+                elif method == "HEAD" or reply.status in _NO_BODY_STATUS:
                     transport.write(head)
                 elif type(body) is BytesBody:
-                    write_whole(transport, head, body.data)
+                    data = body.data
+                    # One write when small (write_whole, inlined: the usual answer's path).
+                    if len(data) < 16384:
+                        transport.write(head + data)
+                    else:
+                        transport.writelines((head, data))
                 else:
                     return self._stream(request, route, ex, reply, head, keep_alive)
         self._done(request, route, ex, reply, keep_alive)

@@ -41,13 +41,23 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Visible ASCII, space, tab and obs-text; no CTL.
 FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
 TARGET = re.compile(r"^[\x21-\x7e\x80-\xff]+$")
 MAX_CHUNK_SIZE_DIGITS = 16
+# Field names looked up on every request, as multidict istr: a case-insensitive lookup folds
+# a str key on every call, an istr carries its folded form (multidict 7.2, measured on the
+# loaded machine: a test for an absent name 146 against 23 ns, getall of a present one 457
+# against 291 ns; a request head was looked up eight times this way).
+HOST = istr("Host")
+CONTENT_LENGTH = istr("Content-Length")
+TRANSFER_ENCODING = istr("Transfer-Encoding")
+CONNECTION = istr("Connection")
+EXPECT = istr("Expect")
+UPGRADE = istr("Upgrade")
 # RFC 3986 2.3: decoding these never changes what a URI means (6.2.2.2).
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -298,24 +308,25 @@ def _head(
     if absolute_host is not None:
         headers.popall("Host", None)
         headers["Host"] = absolute_host
-    hosts = headers.getall("Host", [])
+    hosts = headers.getall(HOST, [])
     if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
         raise ParseError("missing or repeated Host")
 
     chunked = False
     length = 0
-    te = headers.getall("Transfer-Encoding", [])
-    cl = headers.getall("Content-Length", [])
-    if te:
-        if cl:
+    # Tested before they are read: most requests carry neither (no list made for nothing).
+    if TRANSFER_ENCODING in headers:
+        if CONTENT_LENGTH in headers:
             raise ParseError("Content-Length with Transfer-Encoding")
+        te = headers.getall(TRANSFER_ENCODING)
         codings = [c.strip().lower() for c in ",".join(te).split(",")]
         if codings != ["chunked"]:
             raise ParseError("unsupported Transfer-Encoding")
         if version == "HTTP/1.0":
             raise ParseError("Transfer-Encoding in HTTP/1.0")
         chunked = True
-    elif cl:
+    elif CONTENT_LENGTH in headers:
+        cl = headers.getall(CONTENT_LENGTH)
         values = {v.strip() for v in ",".join(cl).split(",")}
         if len(values) != 1:
             raise ParseError("conflicting Content-Length")
@@ -323,7 +334,7 @@ def _head(
         if not value.isdigit() or not value.isascii() or len(value) > 18:
             raise ParseError("bad Content-Length")
         length = int(value)
-    connection = headers.get("Connection", "").lower()
+    connection = headers.get(CONNECTION, "").lower()
     if version == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
@@ -332,7 +343,7 @@ def _head(
         if chunked or length:
             raise ParseError("CONNECT with a body")  # those bytes would be the tunnel's
         keep_alive = True  # after a 2xx the connection is the tunnel, whatever the version
-    expect = headers.get("Expect", "").lower() == "100-continue"
+    expect = headers.get(EXPECT, "").lower() == "100-continue"
     return Head(
         method,
         target,

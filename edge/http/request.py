@@ -15,7 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 from multidict import CIMultiDictProxy
 
-from edge.http.http1 import Head
+from edge.http.http1 import HOST, Head
 
 
 class ClientSide(Protocol):
@@ -74,7 +74,7 @@ class Request(Generic[C]):
 
     @property
     def host(self) -> str:
-        return self.head.headers.get("Host", "")
+        return self.head.headers.get(HOST, "")
 
     @property
     def cookies(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from multidict import CIMultiDict
 
 from edge.core.spool import SpoolFull
-from edge.http.http1 import chunk_size
+from edge.http.http1 import CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, chunk_size
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -163,10 +163,10 @@ class ResponseParser:
         self.status = status
         self.reason = reason
         self.headers = headers
-        connection = headers.get("Connection")
+        connection = headers.get(CONNECTION)
         self.keep_alive = version == "HTTP/1.1" and (connection is None or "close" not in connection.lower())
-        te = headers.get("Transfer-Encoding")
-        lengths = headers.getall("Content-Length", [])
+        te = headers.get(TRANSFER_ENCODING)
+        lengths = headers.getall(CONTENT_LENGTH, [])
         if self.head_request or status in (204, 304) or status == 101:
             self._mode = "none"
         elif te is not None:
@@ -563,7 +563,17 @@ def serialize_request(
     if close:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    head = "".join(lines).encode("utf-8", "surrogateescape")
+    text = "".join(lines)
+    try:
+        # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
+        # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
+        # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
+        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9".
+        head = text.encode("latin-1")
+    except UnicodeEncodeError:
+        # A character no byte stands for: a configured value (TOML is Unicode), or a path
+        # percent-decoded with surrogateescape; sent as UTF-8, as before.
+        head = text.encode("utf-8", "surrogateescape")
     return head + body if body else head
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import structlog
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from edge.core.config import Config
 from edge.core.errors import error_reply
@@ -31,6 +31,7 @@ from edge.core.metrics import Metrics
 from edge.core.pipeline import Body, BodyWriter, Exchange, Reply, StreamBody
 from edge.core.routing import strip_prefix
 from edge.core.spool import SpoolBuffer
+from edge.http.http1 import CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING
 from edge.upstream.client import (
     ConnectFailed,
     ReadTimeout,
@@ -47,7 +48,10 @@ log = structlog.get_logger("carousel.edge.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
-_NOT_FORWARDED = ("Expect", "Content-Length")
+_NOT_FORWARDED = (EXPECT, CONTENT_LENGTH)
+# Looked up on every proxied request: istr, folded once (edge/http/http1.py has the figures).
+_LOCATION = istr("Location")
+_CONTENT_LOCATION = istr("Content-Location")
 
 
 class HeadBody(Body):
@@ -143,8 +147,8 @@ class ProxyHandler:
             ex.tries += 1
             ex.member = member.name
             tried.add(member)
-            if not c.preserve_host or "Host" not in headers:
-                headers["Host"] = member.authority
+            if not c.preserve_host or HOST not in headers:
+                headers[HOST] = member.authority
             request = serialize_request(method, path, headers, body, close)
             conn: UpstreamConnection | None = None
             spool: SpoolBuffer | None = None
@@ -195,7 +199,7 @@ class ProxyHandler:
                     conn = None
                 headers_in = parser.headers
                 self.clean(headers_in)  # before any feature (the cache) sees them
-                if "Location" in headers_in or "Content-Location" in headers_in:
+                if _LOCATION in headers_in or _CONTENT_LOCATION in headers_in:
                     _hide_member_in_locations(headers_in, member, ex)
                 elapsed = time.monotonic() - started
                 ex.upstream_seconds += elapsed
@@ -250,7 +254,7 @@ class ProxyHandler:
                 conn.abort()
             pool.release(member)
 
-        length = None if "Transfer-Encoding" in parser.headers else _content_length(parser.headers)
+        length = None if TRANSFER_ENCODING in parser.headers else _content_length(parser.headers)
         return StreamBody(relay.chunks(), length, on_close=done)
 
 
@@ -290,5 +294,5 @@ def _nothing_received(conn: UpstreamConnection) -> bool:
 
 
 def _content_length(headers: CIMultiDict[str]) -> int | None:
-    value = headers.get("Content-Length")
+    value = headers.get(CONTENT_LENGTH)
     return int(value) if value is not None and value.isdigit() else None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from edge.core.pipeline import Exchange, Handler, NowHandler, Reply
-from edge.front.connection import DEADLINE_SLOT, _wheels
+from edge.front.deadlines import DEADLINE_SLOT, WHEELS
 from edge.front.server import Edge
 from edge.testing import raw_request, read_response, running_edge
 from edge.testing.cache import ScriptedOrigin, edge_config, origin_and_edge
@@ -293,7 +293,7 @@ async def test_idle_connections_share_one_deadline_timer_and_leave_it_when_close
             assert (await asyncio.wait_for(read_response(reader), 3)).status == 200
             clients.append((reader, writer))
         served = time.monotonic()
-        wheel = _wheels[asyncio.get_running_loop()]
+        wheel = WHEELS[asyncio.get_running_loop()]
         filed = [conn for slot in wheel.slots.values() for conn in slot.members()]
         assert set(filed) == set(edge.connections) and len(filed) == 60  # each filed once, no timers
         # Ten clients leave first: their connections leave the wheel at once (nothing held).

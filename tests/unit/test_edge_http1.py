@@ -203,3 +203,26 @@ def test_fast_head_parser_agrees_with_line_parser(
     block = "\r\n".join(pieces).encode("latin-1")
     fast = _outcome(parse_head, block, max_headers, max_field, proxy)
     assert fast == _outcome(_parse_head_lines, block, max_headers, max_field, proxy)
+
+
+def test_framing_fields_are_found_in_any_letter_case() -> None:
+    """Field names are case-insensitive (RFC 9110 5.1): the framing rules see "content-length"
+    and "TRANSFER-ENCODING" as they see the usual spelling (the parser looks them up as istr)."""
+    for raw in (
+        b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHOST: h\r\nCONTENT-LENGTH: 3\r\nContent-length: 4\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nhOsT: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx: y\r\n\r\n",
+    ):
+        with pytest.raises(ParseError):
+            parse(raw)
+    ((h, body),) = requests(
+        parse(b"POST / HTTP/1.1\r\nhost: h\r\ntRaNsFeR-eNcOdInG: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    )
+    assert h.chunked and body == b"abc"
+    events = parse(b"POST / HTTP/1.1\r\nhost: h\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
+    assert isinstance(events[0], Head) and events[0].expect_continue and events[0].body_length == 3
+    ((h, _),) = requests(parse(b"GET / HTTP/1.1\r\nhost: h\r\nCONNECTION: Close\r\n\r\n"))
+    assert not h.keep_alive and h.headers["Host"] == "h"
+    ((h, _),) = requests(parse(b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"))
+    assert h.keep_alive

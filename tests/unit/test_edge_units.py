@@ -414,6 +414,26 @@ def test_serialized_request_is_framed_by_the_edge() -> None:
     assert raw == (b"POST /a?b=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nxyz")
 
 
+def test_a_forwarded_head_keeps_the_clients_bytes() -> None:
+    """obs-text (0x80-0xff) in a field value or the target reaches the member byte for byte:
+    the head is read as latin-1 and written back as latin-1, not as UTF-8 (which made each
+    such byte two, "caf\xc3\xa9" arriving as "caf\xc3\x83\xc2\xa9")."""
+    from multidict import CIMultiDict
+
+    from edge.http.http1 import RequestParser
+
+    sent = (
+        b"GET /a?q=\xee HTTP/1.1\r\nHost: h\r\n"
+        b'Content-Disposition: attachment; filename="caf\xc3\xa9"\r\n\r\n'
+    )
+    (head, _) = RequestParser().feed(sent)
+    raw = serialize_request(head.method, head.raw_path, CIMultiDict(head.headers), None, close=False)
+    assert raw == sent
+    # A character no byte stands for (a configured value) still goes out, as UTF-8.
+    raw = serialize_request("GET", "/", CIMultiDict({"Host": "h", "X-Note": "caf\u00e9 \u2713"}), None, False)
+    assert raw == b"GET / HTTP/1.1\r\nHost: h\r\nX-Note: caf\xc3\xa9 \xe2\x9c\x93\r\n\r\n"
+
+
 class _IdleTransport(asyncio.Transport):
     """Enough of a member connection's transport for the idle pool (no socket)."""
 

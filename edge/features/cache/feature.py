@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from edge.core.errors import error_reply
 from edge.core.fields import ResponseCleaner, TrustedProxies
@@ -64,6 +64,14 @@ log = structlog.get_logger("carousel.edge.cache")
 
 
 _OFF = object()
+# The request fields a hit is checked for (absent from most requests): istr, which a
+# case-insensitive lookup need not fold again (146 against 23 ns each, edge/http/http1.py).
+_CACHE_CONTROL = istr("Cache-Control")
+_PRAGMA = istr("Pragma")
+_AUTHORIZATION = istr("Authorization")
+_IF_NONE_MATCH = istr("If-None-Match")
+_IF_MODIFIED_SINCE = istr("If-Modified-Since")
+_RANGE = istr("Range")
 
 
 class CacheFeature(Upstream):
@@ -168,7 +176,7 @@ class CacheFeature(Upstream):
         sent as serialised when stored; no parsing. None for anything else (then _lookup_or_fetch)."""
         head = ex.request.head
         h = head.headers
-        if not rules.plain or "Cache-Control" in h or "Pragma" in h or "Authorization" in h:
+        if not rules.plain or _CACHE_CONTROL in h or _PRAGMA in h or _AUTHORIZATION in h:
             return None
         variants = self.store.index.get(f"{ex.scheme}://{ex.host}{head.raw_path}")
         if variants is None:
@@ -181,7 +189,7 @@ class CacheFeature(Upstream):
         ttl = entry.lifetime - age
         if ttl <= 0:
             return None
-        if "If-None-Match" in h or "If-Modified-Since" in h or "Range" in h:
+        if _IF_NONE_MATCH in h or _IF_MODIFIED_SINCE in h or _RANGE in h:
             return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
         if entry.freq < 3:
             entry.freq += 1

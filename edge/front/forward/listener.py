@@ -38,13 +38,14 @@ from edge.core.config import ForwardConfig, RouteConfig, ServerConfig
 from edge.core.pipeline import BytesBody, Exchange, Handler, Reply, chain
 from edge.core.routing import Route
 from edge.features.dos import DosDetector
-from edge.front.connection import ClientConnection, write_reply_body
+from edge.front.connection import ClientConnection
 from edge.front.forward.chain import build_chain
 from edge.front.forward.metrics import ForwardMetrics
 from edge.front.forward.origin import OriginFetch
 from edge.front.forward.pages import bad_target, page
 from edge.front.forward.policy import BadTarget, DestinationPolicy, format_authority, parse_authority
 from edge.front.forward.tunnel import OriginTunnel, TunnelOpen
+from edge.front.framing import write_reply_body
 from edge.front.links import ConnectionList
 from edge.http.http1 import ParserPool
 from edge.http.request import Request
