@@ -60,11 +60,20 @@ class Channel:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         return cls(reader, writer)
 
+    @staticmethod
+    def encode(msg: tuple[Any, ...]) -> bytes:
+        """A message as sent: its length and its pickle (one encoding for every worker)."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        return len(data).to_bytes(8, "big") + data
+
     def send(self, msg: tuple[Any, ...]) -> None:
         """Queue a message (dropped once the other end is gone: the exit watcher handles that)."""
+        self.send_encoded(self.encode(msg))
+
+    def send_encoded(self, data: bytes) -> None:
+        """Queue a message made by ``encode``."""
         if not self.writer.is_closing():
-            data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-            self.writer.write(len(data).to_bytes(8, "big") + data)
+            self.writer.write(data)
 
     async def recv(self) -> Any:
         """The next message; None once the other end is gone."""

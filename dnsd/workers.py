@@ -185,9 +185,14 @@ class Supervisor:
         at most a second later (RegistryFeed.catch_up). Building it on every batch, on
         the core the workers rebuild on, delayed the supervisor's etcd watch by seconds.
         """
-        msg = ("delta", changes, revision, synced, dict(self.shared.slots))
-        for worker in self.workers.values():
-            self._send(worker, msg)
+        self._broadcast(("delta", changes, revision, synced, dict(self.shared.slots)))
+
+    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+        """Send one message to every worker, pickled once (the whole registry: ~2 MB at 10,000 edges)."""
+        if self.workers:
+            data = Channel.encode(msg)
+            for worker in self.workers.values():
+                worker.conn.send_encoded(data)
 
     def publish(self, table: AnswerTable) -> None:
         """A new supervisor table: the whole state goes to every worker after a snapshot."""
@@ -195,9 +200,7 @@ class Supervisor:
         if old is not table:
             self.counters.retire(old)
         if self.feed.last_changes is None:  # built from every record: the workers do the same
-            msg = self._message()
-            for worker in self.workers.values():
-                self._send(worker, msg)
+            self._broadcast(self._message())
 
     def _on_message(self, worker: Worker, msg: Any) -> None:
         if msg is None or self.workers.get(worker.index) is not worker:
