@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -312,7 +312,9 @@ class ServiceState:
 
     service: str
     mode: str  # healthy, last-known, all-registered, nodata, unknown
-    records: Sequence[ServiceRecord]  # the instances answered with
+    # The instances answered with; while healthy, a live view of the builder's, which the
+    # next update moves on: read it (``addresses``) before the table is replaced.
+    records: Collection[ServiceRecord]
     ttl: int
 
     @cached_property

