@@ -93,6 +93,7 @@ from dnsd.worker import Channel, dispatch, worker_main
 log = structlog.get_logger("dnsd.workers")
 
 RESTART_DELAY = 1.0
+ADMIN_WAIT = 1.0  # seconds the admin listener waits for the workers to load the registry
 STOP_GRACE = 5.0
 
 
@@ -137,6 +138,7 @@ class Supervisor:
         self.retired = Snapshot()  # counts of workers that died or were restarted
         self.restarts = 0
         self.stopping = False
+        self.loaded = asyncio.Event()  # set once every worker has applied a registry snapshot
 
     def _message(self) -> tuple[Any, ...]:
         """The whole registry state, for a starting worker or one that asked for it."""
@@ -211,6 +213,8 @@ class Supervisor:
         elif msg[0] == "applied":
             worker.revision = msg[1]
             worker.synced = worker.synced or msg[2]
+            if worker.synced and not self.loaded.is_set() and self.all_synced():
+                self.loaded.set()
         elif msg[0] == "stats":
             worker.stats = msg[1]
         elif msg[0] == "resync":
@@ -279,6 +283,22 @@ class Supervisor:
                 worker.process.kill()
                 await asyncio.to_thread(worker.process.join, 2)
             self._forget(worker)
+
+
+async def _serve_admin(admin: AdminServer, supervisor: Supervisor, collector: DnsCollector) -> None:
+    """Serve the admin listener (bound already) once every worker has the registry, or after ADMIN_WAIT.
+
+    A health check that connects meanwhile waits in the listen backlog.
+    """
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(supervisor.loaded.wait(), ADMIN_WAIT)
+    import prometheus_client  # here, not at import: the workers never need it
+
+    prometheus_client.REGISTRY.register(collector)
+    try:
+        await admin.start()
+    except OSError as exc:
+        log.error("cannot start the admin listener", error=exc.strerror or str(exc))
 
 
 def _reserve(listen: list[str]) -> tuple[list[str], list[Listener]]:
@@ -363,9 +383,6 @@ async def _supervise(
     supervisor = Supervisor(config, feed, listen, shared)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
-    import prometheus_client  # here, not at import: the workers never need it
-
-    prometheus_client.REGISTRY.register(collector)
 
     def worker_status() -> dict[str, Any]:
         return {
@@ -411,7 +428,10 @@ async def _supervise(
         # starts after the snapshot gets it with its first message). Read after the workers
         # were ready, it added the etcd round trips and decoding to the start-up.
         track(feed.run(), "registry-feed")
-        admin_port = await admin.start()
+        # Bound now, served once the workers answer from the registry (_serve_admin):
+        # importing aiohttp and prometheus_client and setting the app up cost ~0.3 s of CPU,
+        # which had come before the workers were even sent the registry.
+        admin_port = admin.bind()
         for index, (process, parent) in enumerate(forked):
             await supervisor.adopt(index, process, parent)
         for index in range(len(forked), config.dns.workers):
@@ -427,6 +447,7 @@ async def _supervise(
         if keeper is not None:
             keeper.on_change = supervisor.publish_cookies
         for coro, name in (
+            (_serve_admin(admin, supervisor, collector), "admin-listener"),
             (supervisor.watch(), "worker-watch"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
             *(((keeper.run(), "cookie-secret"),) if keeper is not None else ()),
@@ -456,7 +477,10 @@ async def _supervise(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(feed.close(), 2.0)
         await admin.stop()
-        prometheus_client.REGISTRY.unregister(collector)
+        import prometheus_client
+
+        with contextlib.suppress(KeyError):  # registered when the admin listener started
+            prometheus_client.REGISTRY.unregister(collector)
         shared.unlink()
     log.info("dnsd stopped")
     return code
