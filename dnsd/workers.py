@@ -1,9 +1,17 @@
 """``workers = N``: N answering processes sharing the listen ports through SO_REUSEPORT.
 
 Layout: one supervisor process follows the registry (one etcd watch, not
-N) and runs the admin listener; N worker processes (multiprocessing
-"spawn") each bind every listen address with SO_REUSEPORT, so the kernel
-spreads clients over them, and answer from their own AnswerTable.
+N) and runs the admin listener; N worker processes (worker.py) each bind
+every listen address with SO_REUSEPORT, so the kernel spreads clients over
+them, and answer from their own AnswerTable.
+
+The first workers are forked before the supervisor starts its event loop or
+the etcd client (so before any thread exists): they start with the imports
+already done. Started with multiprocessing "spawn", each worker paid a fresh
+interpreter and its imports, about 0.4 s of CPU, on the core the supervisor
+was reading the registry on: 1.6 s from start to the first full answer at
+10,000 edges with two workers. A worker restarted later is spawned (the
+supervisor has threads by then: gRPC's, the event loop's helpers).
 
 Messages over one pipe per worker (pickled):
 
@@ -52,21 +60,17 @@ import contextlib
 import functools
 import multiprocessing
 import multiprocessing.connection
-import os
-import pickle
-import signal
-import socket
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from carousel.admin import AdminServer
-from carousel.logs import setup_logging
 from carousel.registry import ServiceRecord
 from carousel.tasks import stop_tasks
+from dnsd.builder import make_builder
 from dnsd.config import Config
 from dnsd.cookies import Secrets
 from dnsd.daemon import (
@@ -75,181 +79,22 @@ from dnsd.daemon import (
     create_feed,
     health,
     install_stop_handlers,
-    make_builder,
     registry_view,
     run_loop,
     status,
 )
-from dnsd.dnssec.setup import renew_signatures
 from dnsd.feed import RegistryFeed
-from dnsd.server import DnsServer, Listener, bind_listener
-from dnsd.shared import NodeShared, SharedSpec, rrl_buckets
+from dnsd.server import Listener, bind_listener
+from dnsd.shared import NodeShared, rrl_buckets
 from dnsd.stats import SHARED, Counters, DnsCollector, Snapshot
 from dnsd.table import AnswerTable
+from dnsd.worker import Channel, dispatch, worker_main
 
 log = structlog.get_logger("dnsd.workers")
 
-STATS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
+ADMIN_WAIT = 1.0  # seconds the admin listener waits for the workers to load the registry
 STOP_GRACE = 5.0
-
-
-class Channel:
-    """Pickled messages over one end of the supervisor <-> worker socket pair, on the event loop.
-
-    Each message is an 8-byte length and a pickle. ``send`` never blocks (the
-    transport buffers), and ``recv`` waits for a whole message however large.
-    Before, the pipe was read with ``Connection.recv`` from ``add_reader``:
-    uvloop makes a watched descriptor non-blocking, so a message bigger than
-    the 64 KiB socket buffer (the whole registry, about 2 MB at 10,000 edges)
-    raised EAGAIN half-way, and the worker took that for a closed pipe and
-    exited, over and over. Reading in a thread instead (measured) left the
-    reader waiting for the GIL behind a saturated UDP thread, and the
-    supervisor blocked in ``send``: answers fell seconds behind under load.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, conn: Any) -> Channel:
-        """Take over a multiprocessing Connection's socket (closing the Connection)."""
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        conn.close()
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        return cls(reader, writer)
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        """Queue a message (dropped once the other end is gone: the exit watcher handles that)."""
-        if not self.writer.is_closing():
-            data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-            self.writer.write(len(data).to_bytes(8, "big") + data)
-
-    async def recv(self) -> Any:
-        """The next message; None once the other end is gone."""
-        try:
-            head = await self.reader.readexactly(8)
-            return pickle.loads(await self.reader.readexactly(int.from_bytes(head, "big")))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            return None
-
-    async def flush(self, within: float) -> None:
-        """Wait (a while) until queued messages are written."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.drain(), within)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _receive(channel: Channel, handle: Callable[[Any], None]) -> asyncio.Task[None]:
-    """Hand each message to ``handle`` as it arrives, then None when the channel closes."""
-
-    async def run() -> None:
-        while True:
-            msg = await channel.recv()
-            handle(msg)
-            if msg is None:
-                return
-
-    return asyncio.create_task(run())
-
-
-# --- worker process ----------------------------------------------------------------------
-
-
-def worker_main(
-    config: Config, index: int, listen: list[str], conn: Any, spec: SharedSpec, lock: Any
-) -> None:
-    """Entry point of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    setup_logging(config.log, daemon=f"dnsd-worker-{index}")
-    run_loop(_worker(config, index, listen, conn, NodeShared(spec, lock)))
-
-
-async def _worker(config: Config, index: int, listen: list[str], pipe: Any, shared: NodeShared) -> int:
-    loop = asyncio.get_running_loop()
-    conn = await Channel.open(pipe)
-    builder = make_builder(config)
-    builder.shared = shared
-    try:
-        listeners = [bind_listener(a, reuse_port=True) for a in listen]
-    except OSError as exc:
-        log.error("worker cannot listen", worker=index, error=exc.strerror or str(exc))
-        return 1
-    server = DnsServer(config.dns, builder.build([], 0, synced=False), shared)
-    await server.start(listeners)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-
-    def rebuild() -> None:  # the DNSSEC renewal: the same registry state, fresh signatures
-        table = server.table
-        server.set_table(builder.update([], table.revision, synced=table.synced, previous=table))
-
-    def applied(revision: int, synced: bool) -> None:
-        conn.send(("applied", revision, synced))
-
-    # Deltas that arrived together are applied as one update: a worker that got less CPU
-    # than the registry's pace (its core shared with busier processes) catches up with
-    # one build, not one per batch it missed.
-    pending: list[tuple[Any, int, bool]] = []
-
-    def apply_pending() -> None:
-        if not pending:
-            return
-        changes = [c for batch, _, _ in pending for c in batch]
-        _, revision, synced = pending[-1]
-        pending.clear()
-        try:
-            table = builder.update(changes, revision, synced=synced, previous=server.table)
-        except Exception:  # keep answering from the last table; ask for the whole state
-            log.exception("worker could not apply a registry change; asking for a whole table")
-            conn.send(("resync",))
-            return
-        server.set_table(table)
-        applied(revision, synced)
-
-    def on_message(msg: Any) -> None:
-        if msg is None:
-            stop.set()  # the supervisor is gone
-            return
-        if msg[0] == "table":
-            _, records, revision, synced, last_healthy, slots = msg
-            pending.clear()  # the whole state includes every delta sent before it
-            shared.slots = slots
-            builder.last_healthy = last_healthy
-            server.set_table(builder.build(records, revision, synced=synced, previous=server.table))
-            applied(revision, synced)
-        elif msg[0] == "delta":
-            _, changes, revision, synced, slots = msg
-            shared.slots = slots
-            if not pending:
-                loop.call_soon(apply_pending)  # after every message already received
-            pending.append((changes, revision, synced))
-        elif msg[0] == "cookies" and builder.cookies is not None:
-            builder.cookies.secrets = msg[1]  # the cluster's DNS Cookie secret, from the supervisor
-        elif msg[0] == "stop":
-            stop.set()
-
-    receiver = _receive(conn, on_message)
-    conn.send(("ready", [lst.address for lst in listeners]))
-
-    async def push_stats() -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            conn.send(("stats", server.snapshot()))
-
-    pusher = asyncio.create_task(push_stats())
-    renewer = asyncio.create_task(renew_signatures(builder.next_refresh, rebuild))
-    await stop.wait()
-    await stop_tasks((pusher, renewer), what="dnsd worker task")
-    await server.stop()
-    conn.send(("stats", server.snapshot()))
-    await conn.flush(2.0)
-    await stop_tasks((receiver,), what="dnsd worker task")
-    conn.close()
-    return 0
 
 
 # --- supervisor --------------------------------------------------------------------------
@@ -293,6 +138,7 @@ class Supervisor:
         self.retired = Snapshot()  # counts of workers that died or were restarted
         self.restarts = 0
         self.stopping = False
+        self.loaded = asyncio.Event()  # set once every worker has applied a registry snapshot
 
     def _message(self) -> tuple[Any, ...]:
         """The whole registry state, for a starting worker or one that asked for it."""
@@ -304,6 +150,7 @@ class Supervisor:
         return ("table", records, table.revision, table.synced, last_healthy, slots)
 
     async def start_worker(self, index: int) -> None:
+        """Spawn worker ``index`` (a restart: the supervisor runs threads, so no fork)."""
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(
             target=worker_main,
@@ -313,9 +160,13 @@ class Supervisor:
         )
         process.start()
         child.close()
+        await self.adopt(index, process, parent)
+
+    async def adopt(self, index: int, process: Any, parent: Any) -> None:
+        """Take a started worker process (and our end of its pipe) into service: send it the state."""
         worker = Worker(index, process, await Channel.open(parent))
         self.workers[index] = worker
-        _receive(worker.conn, functools.partial(self._on_message, worker))
+        dispatch(worker.conn, functools.partial(self._on_message, worker))
         self._send(worker, self._message())
         cookies = self.feed.builder.cookies
         if cookies is not None:
@@ -336,9 +187,14 @@ class Supervisor:
         at most a second later (RegistryFeed.catch_up). Building it on every batch, on
         the core the workers rebuild on, delayed the supervisor's etcd watch by seconds.
         """
-        msg = ("delta", changes, revision, synced, dict(self.shared.slots))
-        for worker in self.workers.values():
-            self._send(worker, msg)
+        self._broadcast(("delta", changes, revision, synced, dict(self.shared.slots)))
+
+    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+        """Send one message to every worker, pickled once (the whole registry: ~2 MB at 10,000 edges)."""
+        if self.workers:
+            data = Channel.encode(msg)
+            for worker in self.workers.values():
+                worker.conn.send_encoded(data)
 
     def publish(self, table: AnswerTable) -> None:
         """A new supervisor table: the whole state goes to every worker after a snapshot."""
@@ -346,9 +202,7 @@ class Supervisor:
         if old is not table:
             self.counters.retire(old)
         if self.feed.last_changes is None:  # built from every record: the workers do the same
-            msg = self._message()
-            for worker in self.workers.values():
-                self._send(worker, msg)
+            self._broadcast(self._message())
 
     def _on_message(self, worker: Worker, msg: Any) -> None:
         if msg is None or self.workers.get(worker.index) is not worker:
@@ -359,6 +213,8 @@ class Supervisor:
         elif msg[0] == "applied":
             worker.revision = msg[1]
             worker.synced = worker.synced or msg[2]
+            if worker.synced and not self.loaded.is_set() and self.all_synced():
+                self.loaded.set()
         elif msg[0] == "stats":
             worker.stats = msg[1]
         elif msg[0] == "resync":
@@ -429,6 +285,22 @@ class Supervisor:
             self._forget(worker)
 
 
+async def _serve_admin(admin: AdminServer, supervisor: Supervisor, collector: DnsCollector) -> None:
+    """Serve the admin listener (bound already) once every worker has the registry, or after ADMIN_WAIT.
+
+    A health check that connects meanwhile waits in the listen backlog.
+    """
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(supervisor.loaded.wait(), ADMIN_WAIT)
+    import prometheus_client  # here, not at import: the workers never need it
+
+    prometheus_client.REGISTRY.register(collector)
+    try:
+        await admin.start()
+    except OSError as exc:
+        log.error("cannot start the admin listener", error=exc.strerror or str(exc))
+
+
 def _reserve(listen: list[str]) -> tuple[list[str], list[Listener]]:
     """Concrete addresses for every listen entry, held open until the workers bind."""
     concrete, held = [], []
@@ -439,33 +311,78 @@ def _reserve(listen: list[str]) -> tuple[list[str], list[Listener]]:
     return concrete, held
 
 
+Forked = list[tuple[Any, Any]]  # (process, our end of its pipe) per worker
+
+
+def _fork_workers(config: Config, listen: list[str], held: list[Listener], shared: NodeShared) -> Forked:
+    """Fork the workers (see the module's docstring); [] where fork is unsafe or unavailable."""
+    if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return []  # a thread's lock held at the fork would stay held in the child
+    ctx = multiprocessing.get_context("fork")
+    pipes = [ctx.Pipe() for _ in range(config.dns.workers)]
+    # A child inherits every descriptor: the held listen sockets (the kernel would hand
+    # them queries nobody reads) and the other ends of every pipe (a worker would not see
+    # the supervisor go). It closes them first thing.
+    inherited: list[Any] = [s for lst in held for s in (lst.udp, lst.tcp)] + [p for p, _ in pipes]
+    forked: Forked = []
+    for index, (parent, child) in enumerate(pipes):
+        others = inherited + [c for _, c in pipes if c is not child]
+        process = ctx.Process(
+            target=_forked_worker,
+            args=(others, config, index, listen, child, shared.spec, shared.lock),
+            name=f"dnsd-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        forked.append((process, parent))
+    for _, child in pipes:
+        child.close()
+    return forked
+
+
+def _forked_worker(inherited: list[Any], *args: Any) -> None:
+    """A forked worker: close what it inherited and does not own, then run as a spawned one would."""
+    for obj in inherited:
+        obj.close()
+    worker_main(*args)
+
+
 def run_supervisor(config: Config, config_path: str) -> int:
     """Run the supervisor and its workers until SIGTERM/SIGINT."""
-    return run_loop(_supervise(config))
-
-
-async def _supervise(config: Config) -> int:
     try:
         listen, held = _reserve(config.dns.listen)
     except OSError as exc:
         log.error("cannot start: a listen address is unavailable", error=exc.strerror or str(exc))
         return 1
+    shared = NodeShared.create(
+        rrl_buckets(config.dns.rrl.max_accounts), multiprocessing.get_context("spawn").Lock()
+    )
+    try:
+        forked = _fork_workers(config, listen, held, shared)
+    except BaseException:
+        shared.unlink()
+        raise
+    return run_loop(_supervise(config, listen, held, shared, forked))
+
+
+async def _supervise(
+    config: Config, listen: list[str], held: list[Listener], shared: NodeShared, forked: Forked
+) -> int:
     builder = make_builder(config)
     feed = create_feed(config, builder)
     if feed is None:
         for lst in held:
             lst.udp.close()
             lst.tcp.close()
+        for process, parent in forked:
+            parent.close()
+            process.terminate()
+            process.join(5)
+        shared.unlink()
         return 1
-    shared = NodeShared.create(
-        rrl_buckets(config.dns.rrl.max_accounts), multiprocessing.get_context("spawn").Lock()
-    )
     supervisor = Supervisor(config, feed, listen, shared)
     feed.publish = supervisor.publish
     collector = DnsCollector(supervisor.snapshot, lambda: registry_view(feed))
-    import prometheus_client  # here, not at import: the workers never need it
-
-    prometheus_client.REGISTRY.register(collector)
 
     def worker_status() -> dict[str, Any]:
         return {
@@ -500,9 +417,24 @@ async def _supervise(config: Config) -> int:
         code = 1
         stop.set()
 
+    def track(coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     try:
-        admin_port = await admin.start()
-        for index in range(config.dns.workers):
+        # The registry is read while the workers start: its snapshot waits on etcd, theirs
+        # on their imports, and whichever comes second finds the other done (a worker that
+        # starts after the snapshot gets it with its first message). Read after the workers
+        # were ready, it added the etcd round trips and decoding to the start-up.
+        track(feed.run(), "registry-feed")
+        # Bound now, served once the workers answer from the registry (_serve_admin):
+        # importing aiohttp and prometheus_client and setting the app up cost ~0.3 s of CPU,
+        # which had come before the workers were even sent the registry.
+        admin_port = admin.bind()
+        for index, (process, parent) in enumerate(forked):
+            await supervisor.adopt(index, process, parent)
+        for index in range(len(forked), config.dns.workers):
             await supervisor.start_worker(index)
         ready = await supervisor.wait_ready(within=30)
         for lst in held:  # the workers hold the ports now
@@ -515,14 +447,12 @@ async def _supervise(config: Config) -> int:
         if keeper is not None:
             keeper.on_change = supervisor.publish_cookies
         for coro, name in (
-            (feed.run(), "registry-feed"),
+            (_serve_admin(admin, supervisor, collector), "admin-listener"),
             (supervisor.watch(), "worker-watch"),
             (check_credentials(feed, credentials_refused), "etcd-credentials"),
             *(((keeper.run(), "cookie-secret"),) if keeper is not None else ()),
         ):
-            task = asyncio.create_task(coro, name=name)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            track(coro, name)
         log.info(
             "dnsd listening",
             listen=listen,
@@ -547,7 +477,10 @@ async def _supervise(config: Config) -> int:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(feed.close(), 2.0)
         await admin.stop()
-        prometheus_client.REGISTRY.unregister(collector)
+        import prometheus_client
+
+        with contextlib.suppress(KeyError):  # registered when the admin listener started
+            prometheus_client.REGISTRY.unregister(collector)
         shared.unlink()
     log.info("dnsd stopped")
     return code

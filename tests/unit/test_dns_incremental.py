@@ -244,3 +244,102 @@ def test_one_weighted_change_at_10000_edges_costs_what_changed() -> None:
     # the 10,000 addresses by weight on every change, as before, cost 7-11 ms.
     full = statistics.median(fulls)
     assert statistics.median(costs) < full / 15, (costs, fulls)
+
+
+def _soa_serials(table: AnswerTable) -> dict[str, int]:
+    """The SOA serial in each kind of answer that carries one (SOA, NXDOMAIN, NODATA), parsed."""
+    import dns.message
+    import dns.rdatatype
+
+    from dnsd.respond import Answerer
+
+    out = {}
+    questions = [("soa", "example.test", "SOA"), ("nxdomain", "nope.example.test", "A"),
+                 ("nodata", "www.example.test", "TXT"), ("alias", "alias.example.test", "MX")]  # fmt: skip
+    for label, qname, qtype in questions:
+        query = dns.message.make_query(qname, qtype)
+        response, _ = Answerer().respond(query.to_wire(), table, True)
+        assert response is not None
+        msg = dns.message.from_wire(response)
+        soa = [rr for rrs in msg.answer + msg.authority if rrs.rdtype == dns.rdatatype.SOA for rr in rrs]
+        assert len(soa) == 1, (label, msg)
+        assert (soa[0].mname.to_text(), soa[0].refresh) == ("ns1.example.test.", 3600), label
+        out[label] = soa[0].serial
+    return out
+
+
+def test_fixed_answers_carry_the_serial_of_every_update() -> None:
+    rng = random.Random(7)
+    builder = TableBuilder(ZONES)
+    records = [rec(i, rng) for i in range(20)]
+    table = builder.build(records, 5)
+    assert set(_soa_serials(table).values()) == {5}
+    for revision in (6, 7, 300, 2**32 + 9):  # the serial is the revision modulo 2^32
+        old = records[revision % 20]
+        new = rec(revision % 20, rng)
+        records[revision % 20] = new
+        table = builder.update([(old, new)], revision, previous=table)
+        assert set(_soa_serials(table).values()) == {revision & 0xFFFFFFFF}, revision
+
+
+def test_an_update_renders_only_the_answers_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed answers (SOA, NS, NODATA, NXDOMAIN) are copied with the new serial, not rendered again.
+
+    Rendering them on every update was about half its CPU at 10,000 edges.
+    """
+    import dnsd.build
+
+    rng = random.Random(8)
+    records = [rec(i, rng) for i in range(30)]
+    builder = TableBuilder(ZONES, all_down="nodata")
+    table = builder.build(records, 1)
+    rendered: list[str] = []
+    real = dnsd.build.render
+
+    def counting(qname, qtype, plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rendered.append("rotating" if plan.rotating is not None else f"fixed {qname!r} {qtype}")
+        return real(qname, qtype, plan, *args, **kwargs)
+
+    monkeypatch.setattr(dnsd.build, "render", counting)
+    old = next(r for r in records if r.state == "up" and r.ipv4)
+    new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, ipv6=old.ipv6, state="draining")
+    table = builder.update([(old, new)], 2, previous=table)
+    assert rendered and all(r == "rotating" for r in rendered), rendered
+    # A fixed answer whose content changes is rendered again: www's edges all down
+    # (all_down = "nodata") make its A answer a NODATA with the degraded TTL.
+    rendered.clear()
+    ups = [r for r in records if r.service == "edge" and r.state == "up" and r is not old]
+    downs = [(r, ServiceRecord(r.service, r.node, 80, ipv4=r.ipv4, state="draining")) for r in ups]
+    table = builder.update(downs, 3, previous=table)
+    assert any(r.startswith("fixed") for r in rendered), rendered
+
+
+def test_equal_weights_skip_the_weight_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal weights (the common case) are told apart without gcd and max over every weight.
+
+    Those two passes took 0.18 ms of each update at 10,000 edges, a fifth of its CPU.
+    """
+    import dnsd.rotation
+
+    calls: list[int] = []
+    real_gcd = dnsd.rotation.math.gcd
+
+    class CountingMath:
+        @staticmethod
+        def gcd(*args: int) -> int:
+            calls.append(len(args))
+            return real_gcd(*args)
+
+    records = [
+        ServiceRecord("edge", f"e{i:05d}", 80, ipv4=(f"10.1.{i // 250}.{i % 250 + 1}",)) for i in range(2000)
+    ]
+    builder = TableBuilder(ZONES)
+    table = builder.build(records, 1)
+    monkeypatch.setattr(dnsd.rotation, "math", CountingMath)
+    old = records[5]
+    new = ServiceRecord(old.service, old.node, 80, ipv4=old.ipv4, state="draining")
+    table = builder.update([(old, new)], 2, previous=table)
+    assert calls == [], calls
+    entry = table.lookup(WWW, 1)
+    assert entry is not None and entry.period == 1999  # one step per address: equal weights
+    assert dnsd.rotation.weight_classes([2, 4, 2]) is not None  # unequal ones still get classes
