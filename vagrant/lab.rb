@@ -50,6 +50,10 @@ module CarouselLab
     # single etcd member let 5 s leases run out between keepalives.
     "CAROUSEL_AGENT_TTL" => "",
     "CAROUSEL_CHECK_TIMEOUT" => "",
+    # Seconds between the dashboard's scrapes of every admin endpoint. Empty: the role's
+    # default (2); vagrant/vmlab.py raises it under TCG, where scraping every 2 s took a
+    # quarter of ns1's emulated CPU (measured) and slowed every Ansible run on it.
+    "CAROUSEL_DASHBOARD_INTERVAL" => "",
     # Ansible's connection and privilege-escalation timeout in seconds. Empty: the
     # Vagrant provisioner's 30 s; vagrant/vmlab.py raises it under TCG emulation, where
     # sudo on a loaded VM did not answer within 30 s (a restart handler failed on it).
@@ -98,6 +102,7 @@ module CarouselLab
       vars["agent_ttl"] = s.to_i
     end
     seconds(env, "CAROUSEL_CHECK_TIMEOUT") { |s| vars["agent_check_timeout"] = s }
+    seconds(env, "CAROUSEL_DASHBOARD_INTERVAL") { |s| vars["dashboard_scrape_interval"] = s }
     vars
   end
 
