@@ -130,6 +130,7 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         "common_etcd_timeout": 10.0,
         "agent_ttl": 15,
         "agent_check_timeout": 3.0,
+        "edge_pool_health_timeout": 3.0,
         "dashboard_scrape_interval": 10.0,
     }
 
