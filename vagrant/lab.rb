@@ -45,11 +45,16 @@ module CarouselLab
     # "1": that archive holds carousel itself too, so the roles run no pip on the VMs
     # and site.yml builds no wheel (vagrant/vmlab.py builds it on the host).
     "CAROUSEL_VENV_HAS_CAROUSEL" => "",
-    # The agents' lease TTL and health check timeout in seconds. Empty: the roles'
-    # defaults (5 and 1); vagrant/vmlab.py raises both under TCG emulation, where a
-    # single etcd member let 5 s leases run out between keepalives.
+    # The agents' lease TTL and the health check timeout (the agents' and the edges'
+    # checks of the APs) in seconds. Empty: the roles' defaults (5 and 1); vagrant/vmlab.py
+    # raises both under TCG emulation, where a single etcd member let 5 s leases run out
+    # between keepalives.
     "CAROUSEL_AGENT_TTL" => "",
     "CAROUSEL_CHECK_TIMEOUT" => "",
+    # Seconds between the dashboard's scrapes of every admin endpoint. Empty: the role's
+    # default (2); vagrant/vmlab.py raises it under TCG, where scraping every 2 s took a
+    # quarter of ns1's emulated CPU (measured) and slowed every Ansible run on it.
+    "CAROUSEL_DASHBOARD_INTERVAL" => "",
     # Ansible's connection and privilege-escalation timeout in seconds. Empty: the
     # Vagrant provisioner's 30 s; vagrant/vmlab.py raises it under TCG emulation, where
     # sudo on a loaded VM did not answer within 30 s (a restart handler failed on it).
@@ -97,7 +102,12 @@ module CarouselLab
       raise Error, "CAROUSEL_AGENT_TTL=#{s}: expected whole seconds" unless s == s.to_i
       vars["agent_ttl"] = s.to_i
     end
-    seconds(env, "CAROUSEL_CHECK_TIMEOUT") { |s| vars["agent_check_timeout"] = s }
+    # The agents' checks of their service and the edges' checks of the APs alike.
+    seconds(env, "CAROUSEL_CHECK_TIMEOUT") do |s|
+      vars["agent_check_timeout"] = s
+      vars["edge_pool_health_timeout"] = s
+    end
+    seconds(env, "CAROUSEL_DASHBOARD_INTERVAL") { |s| vars["dashboard_scrape_interval"] = s }
     vars
   end
 

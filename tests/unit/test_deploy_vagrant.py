@@ -117,6 +117,7 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         CAROUSEL_AGENT_TTL="15",
         CAROUSEL_CHECK_TIMEOUT="3",
         CAROUSEL_ANSIBLE_TIMEOUT="120",
+        CAROUSEL_DASHBOARD_INTERVAL="10",
     )
     assert plan["ansible_timeout"] == 120
     assert plan["libvirt_uri"].endswith("/x/libvirt-sock") and plan["isolated"] and plan["driver"] == "qemu"
@@ -129,6 +130,8 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         "common_etcd_timeout": 10.0,
         "agent_ttl": 15,
         "agent_check_timeout": 3.0,
+        "edge_pool_health_timeout": 3.0,
+        "dashboard_scrape_interval": 10.0,
     }
 
 
@@ -152,6 +155,7 @@ def test_carousel_in_the_archive_needs_an_archive() -> None:
         ("CAROUSEL_AGENT_TTL", "7.5"),
         ("CAROUSEL_AGENT_TTL", "0"),
         ("CAROUSEL_CHECK_TIMEOUT", "x"),
+        ("CAROUSEL_DASHBOARD_INTERVAL", "0"),
         ("CAROUSEL_ANSIBLE_TIMEOUT", "2.5"),
     ],
 )

@@ -124,8 +124,10 @@ def test_power_off_of_an_edge_leaves_dns_within_the_lease(lab: ModuleType) -> No
 
 
 def _ssh(lab: ModuleType, vm: str, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    # Plain ssh over a kept connection (vmlab.ssh_argv), not `vagrant ssh`: a new Vagrant
+    # process and SSH handshake per command cost tens of seconds on a loaded TCG VM.
     return subprocess.run(
-        lab.in_netns(["vagrant", "ssh", vm, "-c", command]),
+        lab.in_netns(lab.ssh_argv(vm, command)),
         cwd=lab.HERE, env=lab.lab_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
