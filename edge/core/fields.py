@@ -15,7 +15,9 @@ import ipaddress
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from edge.http.http1 import CONNECTION
 
 if TYPE_CHECKING:
     from edge.core.config import Config
@@ -77,14 +79,12 @@ PROTECTED = FORWARDING | frozenset(
 # The edge writes its own framing for every response.
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 BACKEND_IDENTITY = frozenset({"server", "x-powered-by"})
-# Looked up in every member response: istr, folded once (edge/http/http1.py has the figures).
-_CONNECTION = istr("Connection")
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     """Header names listed in Connection (lower-case)."""
     tokens: set[str] = set()
-    for value in headers.getall(_CONNECTION, ()):
+    for value in headers.getall(CONNECTION, ()):
         for token in value.split(","):
             token = token.strip().lower()
             if token:
@@ -162,7 +162,7 @@ class ResponseCleaner:
 
     def __call__(self, headers: CIMultiDict[str]) -> None:
         hidden = self.hidden
-        if _CONNECTION in headers:
+        if CONNECTION in headers:
             hidden = hidden | connection_tokens(headers)
         for name in [k for k in headers if k.lower() in hidden]:
             headers.popall(name, None)
