@@ -563,18 +563,28 @@ def serialize_request(
     if close:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    text = "".join(lines)
     try:
         # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
         # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
         # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
-        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9".
-        head = text.encode("latin-1")
+        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9". surrogateescape
+        # gives back the byte behind a path percent-decoded that way.
+        head = "".join(lines).encode("latin-1", "surrogateescape")
     except UnicodeEncodeError:
-        # A character no byte stands for: a configured value (TOML is Unicode), or a path
-        # percent-decoded with surrogateescape; sent as UTF-8, as before.
-        head = text.encode("utf-8", "surrogateescape")
+        head = b"".join(map(_encode_line, lines))
     return head + body if body else head
+
+
+def _encode_line(line: str) -> bytes:
+    """One line of a head holding a character no byte stands for: that line alone as UTF-8.
+
+    Such a character comes from a configured value (TOML is Unicode), so its field goes
+    out as UTF-8 while the client's own fields keep their bytes.
+    """
+    try:
+        return line.encode("latin-1", "surrogateescape")
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "surrogateescape")
 
 
 class StreamRelay:

@@ -432,6 +432,15 @@ def test_a_forwarded_head_keeps_the_clients_bytes() -> None:
     # A character no byte stands for (a configured value) still goes out, as UTF-8.
     raw = serialize_request("GET", "/", CIMultiDict({"Host": "h", "X-Note": "caf\u00e9 \u2713"}), None, False)
     assert raw == b"GET / HTTP/1.1\r\nHost: h\r\nX-Note: caf\xc3\xa9 \xe2\x9c\x93\r\n\r\n"
+    # Beside the client's own fields, only the configured one: the client's bytes are kept.
+    headers = CIMultiDict(head.headers)
+    headers["X-Note"] = "\u2713"
+    raw = serialize_request(head.method, head.raw_path, headers, None, close=False)
+    assert raw == sent[:-2] + b"X-Note: \xe2\x9c\x93\r\n\r\n"
+    # A path percent-decoded with surrogateescape gets its byte back.
+    headers = CIMultiDict({"Host": "h", "X-Note": "\u2713"})
+    raw = serialize_request("GET", "/caf\udcc3\udca9", headers, None, close=False)
+    assert raw == b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: h\r\nX-Note: \xe2\x9c\x93\r\n\r\n"
 
 
 class _IdleTransport(asyncio.Transport):
