@@ -148,7 +148,8 @@ def _core_busy(core: int) -> float:
 class Usage:
     """Who used the two cores during a phase: CPU s of each party and busy s of each core.
 
-    Parties: dnsd (its process tree; ``dnsd_loop`` its main threads), etcd, this bench
+    Parties: dnsd (its process tree; ``dnsd_loop`` its main threads, ``dnsd_threads`` the
+    others: the UDP answer threads and gRPC's), etcd, this bench
     process (the churn writer and the prober) and dnsperf (reaped children of this
     process, counted when dnsperf has exited).
     """
@@ -160,7 +161,7 @@ class Usage:
 
     def _read(self) -> dict[str, float]:
         out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        out["dnsd_loop"], _ = _thread_seconds(self.pids["dnsd"])
+        out["dnsd_loop"], out["dnsd_threads"] = _thread_seconds(self.pids["dnsd"])
         me = os.times()
         out["bench"] = me.user + me.system
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -329,18 +330,43 @@ def soa_query(qid: int) -> bytes:
     return struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0) + labels + struct.pack("!HH", 6, 1)
 
 
-def soa_serial(resp: bytes) -> int | None:
-    """The serial of the SOA in a response to soa_query (no compression surprises: we parse)."""
-    import dns.message
+_QUESTION_END = len(soa_query(0))
 
-    try:
-        msg = dns.message.from_wire(resp)
-    except Exception:
+
+def soa_serial(resp: bytes) -> int | None:
+    """The serial of the SOA in a response to soa_query.
+
+    Read in place (dnspython's parse was about a third of the bench process's CPU during
+    churn, on the client core beside dnsperf): the answer's owner is a pointer to the
+    question (2 bytes), then type, class, TTL, RDLENGTH; MNAME and RNAME are compressed
+    or not, so they are walked; the serial follows them.
+    """
+    if len(resp) < _QUESTION_END + 12 or resp[6:8] != b"\x00\x01":
         return None
-    for rrset in msg.answer:
-        for rr in rrset:
-            return int(rr.serial)
-    return None
+    at = _QUESTION_END
+    at = _skip_name(resp, at)
+    if at < 0 or resp[at : at + 2] != b"\x00\x06":
+        return None
+    at += 10  # type, class, TTL, RDLENGTH
+    for _ in range(2):  # MNAME, RNAME
+        at = _skip_name(resp, at)
+        if at < 0:
+            return None
+    if at + 4 > len(resp):
+        return None
+    return int.from_bytes(resp[at : at + 4], "big")
+
+
+def _skip_name(msg: bytes, at: int) -> int:
+    """The offset after the wire name at ``at`` (-1 if malformed)."""
+    while at < len(msg):
+        n = msg[at]
+        if n == 0:
+            return at + 1
+        if n & 0xC0 == 0xC0:
+            return at + 2
+        at += 1 + n
+    return -1
 
 
 class Prober(threading.Thread):
@@ -745,6 +771,15 @@ def run_churn(
         # client, is the limit (dnsperf and the churn share a loaded machine).
         out[f"{tag}capacity_ratio"] = (done / max(churn_use["dnsd"], 1e-9)) / (
             quiet_done / max(quiet["dnsd"], 1e-9)
+        )
+        # What the ratio would be where dnsd had its core to itself (a projection from CPU
+        # times, which move little with the machine's load, unlike queries per second): the
+        # core less what the event loops spent on the churn, at the answer threads' cost
+        # per query during churn against quiet.
+        per_query_quiet = quiet["dnsd_threads"] / max(quiet_done, 1)
+        per_query_churn = churn_use["dnsd_threads"] / max(done, 1)
+        out[f"{tag}dedicated_ratio"] = (
+            (1 - churn_use["dnsd_loop"] / 100) * per_query_quiet / max(per_query_churn, 1e-12)
         )
         out[f"{tag}quiet_use"], out[f"{tag}loaded_use"] = quiet, churn_use
         print(
