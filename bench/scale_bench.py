@@ -116,24 +116,27 @@ def rss_mib(pid: int) -> float:
     return total / 1024 if total else float("nan")
 
 
-def _thread_seconds(pid: int) -> tuple[float, float]:
-    """(CPU s of the main threads, CPU s of the other threads) of a process tree.
-
-    In dnsd the main thread runs the event loop (the etcd watch, table updates, the
-    garbage collector after them) and the others answer UDP (and poll gRPC).
-    """
-    main = other = 0
+def _threads(pid: int) -> dict[int, float]:
+    """CPU s of every thread of a process tree, by thread id (main threads have their process's id)."""
+    out: dict[int, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
     for p in _tree(pid):
         for task in Path(f"/proc/{p}/task").glob("*"):
             with contextlib.suppress(OSError, IndexError):
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                ticks = int(fields[11]) + int(fields[12])
-                if int(task.name) == p:
-                    main += ticks
-                else:
-                    other += ticks
-    hz = os.sysconf("SC_CLK_TCK")
-    return main / hz, other / hz
+                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def answer_threads(before: dict[int, float], after: dict[int, float], mains: set[int]) -> set[int]:
+    """The threads that answered a quiet dnsperf run: the UDP answer threads.
+
+    Told apart by what they did, since CPython 3.11 names no OS thread: each took at
+    least a fifth of the CPU that the threads other than the event loops used.
+    """
+    used = {t: after[t] - before.get(t, 0.0) for t in after if t not in mains}
+    total = sum(used.values())
+    return {t for t, v in used.items() if total > 0 and v >= total / 5}
 
 
 def _core_busy(core: int) -> float:
@@ -149,19 +152,27 @@ class Usage:
     """Who used the two cores during a phase: CPU s of each party and busy s of each core.
 
     Parties: dnsd (its process tree; ``dnsd_loop`` its main threads, ``dnsd_threads`` the
-    others: the UDP answer threads and gRPC's), etcd, this bench
+    others: the UDP answer threads and gRPC's; ``dnsd_answer`` the answer threads, once
+    ``answering`` names them), etcd, this bench
     process (the churn writer and the prober) and dnsperf (reaped children of this
     process, counted when dnsperf has exited).
     """
 
-    def __init__(self, dnsd: int, etcd: int, args: argparse.Namespace) -> None:
+    def __init__(
+        self, dnsd: int, etcd: int, args: argparse.Namespace, answering: set[int] | None = None
+    ) -> None:
         self.pids = {"dnsd": dnsd, "etcd": etcd}
+        self.answering = answering or set()
         self.cores = {"server_core": args.server_core, "client_core": args.client_core}
         self.start = self._read()
 
     def _read(self) -> dict[str, float]:
         out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        out["dnsd_loop"], out["dnsd_threads"] = _thread_seconds(self.pids["dnsd"])
+        self.threads = _threads(self.pids["dnsd"])
+        mains = set(_tree(self.pids["dnsd"]))
+        out["dnsd_loop"] = sum(v for t, v in self.threads.items() if t in mains)
+        out["dnsd_threads"] = sum(v for t, v in self.threads.items() if t not in mains)
+        out["dnsd_answer"] = sum(v for t, v in self.threads.items() if t in self.answering)
         me = os.times()
         out["bench"] = me.user + me.system
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -172,6 +183,7 @@ class Usage:
 
     def percent(self) -> dict[str, float]:
         """Each party's CPU and each core's busy time since construction, in % of the wall time."""
+        self.before = self.threads
         now = self._read()
         wall = now["wall"] - self.start["wall"]
         return {k: (now[k] - self.start[k]) / wall * 100 for k in now if k != "wall"}
@@ -688,6 +700,7 @@ def _churn_phase(
     args: argparse.Namespace,
     load: Path | None,
     etcd_pid: int,
+    answering: set[int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], int, float]:
     """One churn run: (delays, usage in %, queries answered, dnsperf's qps).
 
@@ -704,7 +717,7 @@ def _churn_phase(
 
         def run() -> None:
             time.sleep(LOAD_LEAD)
-            usage = Usage(pid, etcd_pid, args)
+            usage = Usage(pid, etcd_pid, args, answering)
             seconds = args.churn_seconds - 2 * LOAD_LEAD
             result["qps"], result["done"] = dnsperf(port, load, seconds, args.client_core)
             result["usage"] = usage.percent()
@@ -758,8 +771,10 @@ def run_churn(
         quiet_use = Usage(pid, etcd_pid, args)
         quiet_qps, quiet_done = dnsperf(port, queries, seconds, args.client_core)
         quiet = quiet_use.percent()
+        answering = answer_threads(quiet_use.before, quiet_use.threads, set(_tree(pid)))
+        quiet["dnsd_answer"] = quiet["dnsd_threads"]  # nothing else ran in the quiet phase
         loaded, churn_use, done, churn_qps = _churn_phase(
-            pid, port, endpoint, prefix, n, args, queries, etcd_pid
+            pid, port, endpoint, prefix, n, args, queries, etcd_pid, answering
         )
         tag = "" if layout == args.layouts[0] else f"{layout}_"
         for k in ("p50_ms", "p99_ms", "max_ms", "caught_up_s"):
@@ -774,13 +789,12 @@ def run_churn(
         )
         # What the ratio would be where dnsd had its core to itself (a projection from CPU
         # times, which move little with the machine's load, unlike queries per second): the
-        # core less what the event loops spent on the churn, at the answer threads' cost
-        # per query during churn against quiet.
-        per_query_quiet = quiet["dnsd_threads"] / max(quiet_done, 1)
-        per_query_churn = churn_use["dnsd_threads"] / max(done, 1)
-        out[f"{tag}dedicated_ratio"] = (
-            (1 - churn_use["dnsd_loop"] / 100) * per_query_quiet / max(per_query_churn, 1e-12)
-        )
+        # core less what dnsd spent on the churn (its event loops, gRPC's threads), at the
+        # answer threads' cost per query during churn against quiet.
+        per_query_quiet = quiet["dnsd_answer"] / max(quiet_done, 1)
+        per_query_churn = churn_use["dnsd_answer"] / max(done, 1)
+        churn_work = (churn_use["dnsd"] - churn_use["dnsd_answer"]) / 100
+        out[f"{tag}dedicated_ratio"] = (1 - churn_work) * per_query_quiet / max(per_query_churn, 1e-12)
         out[f"{tag}quiet_use"], out[f"{tag}loaded_use"] = quiet, churn_use
         print(
             f"  N={n} layout {layout}: quiet {quiet_qps:.0f} qps, % of a core: {_use_line(quiet)}", flush=True
