@@ -61,6 +61,7 @@ RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
 NAME_SIZE = 128  # sizeof(struct sockaddr_storage)
 SOCKADDR_IN, SOCKADDR_IN6 = 16, 28  # sizeof(struct sockaddr_in), sizeof(struct sockaddr_in6)
 MSG_WAITFORONE = 0x10000
+HOSTS_MAX = 4096  # senders' text addresses remembered by a compiled loop's rate limiting
 
 
 def _host(names: memoryview | bytes, off: int) -> str:
@@ -189,6 +190,7 @@ class MmsgThread:
         self.send_errors = 0
         self._stopping = False
         self._failures = 0
+        self._hosts: dict[bytes, str] = {}  # sender's sockaddr -> text address, for RRL
         self._names = (ctypes.c_char * (NAME_SIZE * BATCH))()
         self._names_view = memoryview(self._names).cast("B")
         names_addr = ctypes.addressof(self._names)
@@ -244,7 +246,12 @@ class MmsgThread:
     def _limit(self, data: bytes, name: bytes, key: bytes) -> int | bytes | None:
         """RRL for an answer the compiled loop made: 0 send it, 1 drop it, else the slip to send."""
         assert self.rrl is not None
-        verdict = self.rrl.check(_host(name, 0), key)
+        host = self._hosts.get(name)
+        if host is None:  # a resolver asks again and again: its text address is made once
+            if len(self._hosts) >= HOSTS_MAX:
+                self._hosts.clear()
+            host = self._hosts[name] = _host(name, 0)
+        verdict = self.rrl.check(host, key)
         if not verdict:
             return 0
         if verdict == rrl_mod.DROP:
