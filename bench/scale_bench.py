@@ -27,10 +27,15 @@ What it measures, per number of edges N registered under one name:
    put returning to the first answer carrying a serial at or past its
    revision (p50 / p99 / max); the bench's own watch on etcd gives etcd's
    share of it. Also dnsd's CPU during the churn (% of one core) and how long
-   after the last change the answers reached the last revision. Then a quiet
-   dnsperf run and the same churn under dnsperf: queries per second during
-   churn relative to quiet, the delays under load, and queries answered per
-   dnsd CPU-second during churn relative to quiet;
+   after the last change the answers reached the last revision. Then, per
+   layout (``--layouts``: ``split``, etcd, the churn writer and the prober on
+   the client core beside dnsperf; ``shared``, anywhere), a quiet dnsperf run
+   and the same churn under dnsperf: queries per second during churn relative
+   to quiet, the delays under load, queries answered per dnsd CPU-second
+   during churn relative to quiet, and ``dedicated_ratio``, the ratio projected
+   for a dnsd alone on its core from CPU times. Each phase prints who used the
+   cores (dnsd, its event loops and answer threads, etcd, this process,
+   dnsperf, and each core's busy time);
 5. agents: 200 lease keepers (each its own etcd connection and lease, TTL 3 s,
    keepalive every second as agent/lease.py does) in 4 processes on one etcd:
    etcd CPU, agent CPU, keepalive round-trip p50 / p99.
