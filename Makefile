@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest $(XDIST) tests/unit tests/integration tests/vm
-	$(PURE) $(BIN)/pytest $(XDIST) tests/unit $(EDGE_TESTS)
+	$(PURE) $(BIN)/pytest $(XDIST) tests/unit $(EDGE_TESTS) $(DNSD_LOOP_TESTS)
 	$(BIN)/pytest tests/browser
 	$(BIN)/pytest tests/e2e
 
@@ -40,10 +40,12 @@ XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 # The edge's hot modules run compiled when `pip install` found a C compiler (setup.py); the
 # same tests again on the pure-Python sources, which stay the fallback. `make test` runs the
 # unit tests and the edge's integration tests both ways; `make test-pure` runs everything pure.
+# dnsd's receive loop is compiled too (dnsd/_udploop.c): its batch test runs both ways.
 PURE       := CAROUSEL_PURE_PYTHON=1
 EDGE_TESTS := $(wildcard tests/integration/test_edge_*.py tests/integration/test_cache_*.py \
 	tests/integration/test_compress.py tests/integration/test_slowloris.py \
 	tests/integration/test_forward_*.py tests/integration/test_tls_termination.py)
+DNSD_LOOP_TESTS := tests/integration/test_dnsd_mmsg_batch.py
 test-pure: $(STAMP)
 	$(PURE) $(BIN)/pytest $(XDIST) tests/unit tests/integration
 	$(PURE) $(BIN)/pytest tests/e2e

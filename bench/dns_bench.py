@@ -254,6 +254,11 @@ def main() -> int:
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--compare-pure",
+        action="store_true",
+        help="also a dnsd with CAROUSEL_PURE_PYTHON=1 (the receive loop in Python), in the same rounds",
+    )
     args = parser.parse_args()
     nsd = need("nsd")
     need("dnsperf")
@@ -272,29 +277,38 @@ def main() -> int:
         prefix = "/bench/"
         asyncio.run(register(etcd.endpoint, prefix))
 
-        dnsd_port, nsd_port = free_port(), free_port()
-        cfg = workdir / "dnsd.toml"
-        cfg.write_text(dnsd_config(dnsd_port, etcd.endpoint, prefix, args.engine))
-        env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json"}
-        with open(workdir / "dnsd.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli",
-                 "dnsd", "--config", str(cfg)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
-            ))  # fmt: skip
+        dnsds = {"dnsd": {}, **({"dnsd-py": {"CAROUSEL_PURE_PYTHON": "1"}} if args.compare_pure else {})}
+        servers: dict[str, int] = {}
+        pids: dict[str, int] = {}
+        for name, extra in dnsds.items():
+            servers[name] = free_port()
+            cfg = workdir / f"{name}.toml"
+            cfg.write_text(dnsd_config(servers[name], etcd.endpoint, prefix, args.engine))
+            env = {**os.environ, "CAROUSEL_LOG_FORMAT": "json", **extra}
+            if not extra:
+                env.pop("CAROUSEL_PURE_PYTHON", None)
+            with open(workdir / f"{name}.log", "wb") as log:
+                procs.append(subprocess.Popen(
+                    ["taskset", "-c", str(args.server_core), sys.executable, "-m", "carousel.cli",
+                     "dnsd", "--config", str(cfg)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+                ))  # fmt: skip
+            pids[name] = procs[-1].pid
+        nsd_port = free_port()
         conf = nsd_files(workdir, nsd_port)
         with open(workdir / "nsd.out", "wb") as log:
             procs.append(subprocess.Popen(
                 ["taskset", "-c", str(args.server_core), nsd, "-d", "-c", str(conf)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))  # fmt: skip
-        wait_answering(dnsd_port)
+        for port in servers.values():
+            wait_answering(port)
         wait_answering(nsd_port)
+        servers["nsd"] = nsd_port
+        pids["nsd"] = procs[-1].pid
 
         queries = workdir / "queries.txt"
         queries.write_text(f"{NAME} A\n")
-        servers = {"dnsd": dnsd_port, "nsd": nsd_port}
-        pids = {"dnsd": procs[0].pid, "nsd": procs[1].pid}
         results = {name: Result(name) for name in servers}
         print(f"dnsperf -c {args.clients} -q {args.outstanding}, {args.seconds:g} s per run, "
               f"{args.rounds} rounds; servers on core {args.server_core}, dnsperf on core "
@@ -302,7 +316,10 @@ def main() -> int:
         for port in servers.values():  # warm-up
             dnsperf(port, queries, 1, args)
         for rnd in range(args.rounds):
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+            names = list(servers)
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]  # each first in turn
+            if rnd // len(names) % 2:
+                order.reverse()
             for name in order:
                 before = cpu_seconds(pids[name])
                 qps, lost, _, done = dnsperf(servers[name], queries, args.seconds, args)
@@ -321,7 +338,7 @@ def main() -> int:
         print()
         print(f"{'server':8s} {'median qps':>12s} {'min':>10s} {'max':>10s} {'q/CPU-s':>10s} "
               f"{'p50 ms':>8s} {'p99 ms':>8s}  (latency at {args.latency_qps} qps)")  # fmt: skip
-        for r in (d, n):
+        for r in results.values():
             print(f"{r.name:8s} {statistics.median(r.qps):12.0f} {min(r.qps):10.0f} "
                   f"{max(r.qps):10.0f} {statistics.median(r.per_cpu):10.0f} "
                   f"{r.percentile(50) * 1000:8.3f} {r.percentile(99) * 1000:8.3f}")  # fmt: skip
@@ -331,6 +348,18 @@ def main() -> int:
         print(
             f"per CPU-second: dnsd / NSD = {statistics.median(d.per_cpu) / statistics.median(n.per_cpu):.2f}"
         )
+        if "dnsd-py" in results:
+            p = results["dnsd-py"]
+            per_round = [a / b for a, b in zip(d.per_cpu, n.per_cpu, strict=True)]
+            per_round_py = [a / b for a, b in zip(p.per_cpu, n.per_cpu, strict=True)]
+            print(
+                f"per CPU-second: dnsd with the loop in Python / NSD = "
+                f"{statistics.median(p.per_cpu) / statistics.median(n.per_cpu):.2f}; "
+                f"compiled / Python = {statistics.median(d.per_cpu) / statistics.median(p.per_cpu):.2f}"
+            )
+            print("per-round ratios per CPU-second, compiled / NSD: "
+                  + " ".join(f"{x:.2f}" for x in per_round) + "; Python / NSD: "
+                  + " ".join(f"{x:.2f}" for x in per_round_py))  # fmt: skip
         return 0
     finally:
         for proc in procs:

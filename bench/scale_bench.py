@@ -27,10 +27,15 @@ What it measures, per number of edges N registered under one name:
    put returning to the first answer carrying a serial at or past its
    revision (p50 / p99 / max); the bench's own watch on etcd gives etcd's
    share of it. Also dnsd's CPU during the churn (% of one core) and how long
-   after the last change the answers reached the last revision. Then a quiet
-   dnsperf run and the same churn under dnsperf: queries per second during
-   churn relative to quiet, the delays under load, and queries answered per
-   dnsd CPU-second during churn relative to quiet;
+   after the last change the answers reached the last revision. Then, per
+   layout (``--layouts``: ``split``, etcd, the churn writer and the prober on
+   the client core beside dnsperf; ``shared``, anywhere), a quiet dnsperf run
+   and the same churn under dnsperf: queries per second during churn relative
+   to quiet, the delays under load, queries answered per dnsd CPU-second
+   during churn relative to quiet, and ``dedicated_ratio``, the ratio projected
+   for a dnsd alone on its core from CPU times. Each phase prints who used the
+   cores (dnsd, its event loops and answer threads, etcd, this process,
+   dnsperf, and each core's busy time);
 5. agents: 200 lease keepers (each its own etcd connection and lease, TTL 3 s,
    keepalive every second as agent/lease.py does) in 4 processes on one etcd:
    etcd CPU, agent CPU, keepalive round-trip p50 / p99.
@@ -49,6 +54,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -113,6 +119,87 @@ def rss_mib(pid: int) -> float:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total / 1024 if total else float("nan")
+
+
+def _threads(pid: int) -> dict[int, float]:
+    """CPU s of every thread of a process tree, by thread id (main threads have their process's id)."""
+    out: dict[int, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
+    for p in _tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError, IndexError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def answer_threads(before: dict[int, float], after: dict[int, float], mains: set[int]) -> set[int]:
+    """The threads that answered a quiet dnsperf run: the UDP answer threads.
+
+    Told apart by what they did, since CPython 3.11 names no OS thread: each took at
+    least a fifth of the CPU that the threads other than the event loops used.
+    """
+    used = {t: after[t] - before.get(t, 0.0) for t in after if t not in mains}
+    total = sum(used.values())
+    return {t for t, v in used.items() if total > 0 and v >= total / 5}
+
+
+def _core_busy(core: int) -> float:
+    """Seconds core ``core`` spent running anything (all but idle and iowait), since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            ticks = [int(v) for v in line.split()[1:]]
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return float("nan")
+
+
+class Usage:
+    """Who used the two cores during a phase: CPU s of each party and busy s of each core.
+
+    Parties: dnsd (its process tree; ``dnsd_loop`` its main threads, ``dnsd_threads`` the
+    others: the UDP answer threads and gRPC's; ``dnsd_answer`` the answer threads, once
+    ``answering`` names them), etcd, this bench
+    process (the churn writer and the prober) and dnsperf (reaped children of this
+    process, counted when dnsperf has exited).
+    """
+
+    def __init__(
+        self, dnsd: int, etcd: int, args: argparse.Namespace, answering: set[int] | None = None
+    ) -> None:
+        self.pids = {"dnsd": dnsd, "etcd": etcd}
+        self.answering = answering or set()
+        self.cores = {"server_core": args.server_core, "client_core": args.client_core}
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.threads = _threads(self.pids["dnsd"])
+        mains = set(_tree(self.pids["dnsd"]))
+        out["dnsd_loop"] = sum(v for t, v in self.threads.items() if t in mains)
+        out["dnsd_threads"] = sum(v for t, v in self.threads.items() if t not in mains)
+        out["dnsd_answer"] = sum(v for t, v in self.threads.items() if t in self.answering)
+        me = os.times()
+        out["bench"] = me.user + me.system
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["dnsperf"] = kids.ru_utime + kids.ru_stime
+        out.update({name: _core_busy(core) for name, core in self.cores.items()})
+        out["wall"] = time.monotonic()
+        return out
+
+    def percent(self) -> dict[str, float]:
+        """Each party's CPU and each core's busy time since construction, in % of the wall time."""
+        self.before = self.threads
+        now = self._read()
+        wall = now["wall"] - self.start["wall"]
+        return {k: (now[k] - self.start[k]) / wall * 100 for k in now if k != "wall"}
+
+
+def place(pid: int, cores: set[int] | None) -> None:
+    """Pin every thread of ``pid`` to ``cores`` (None: any core)."""
+    allowed = cores if cores is not None else set(range(os.cpu_count() or 1))
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), allowed)
 
 
 def pct(data: list[float], p: float) -> float:
@@ -260,18 +347,43 @@ def soa_query(qid: int) -> bytes:
     return struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0) + labels + struct.pack("!HH", 6, 1)
 
 
-def soa_serial(resp: bytes) -> int | None:
-    """The serial of the SOA in a response to soa_query (no compression surprises: we parse)."""
-    import dns.message
+_QUESTION_END = len(soa_query(0))
 
-    try:
-        msg = dns.message.from_wire(resp)
-    except Exception:
+
+def soa_serial(resp: bytes) -> int | None:
+    """The serial of the SOA in a response to soa_query.
+
+    Read in place (dnspython's parse was about a third of the bench process's CPU during
+    churn, on the client core beside dnsperf): the answer's owner is a pointer to the
+    question (2 bytes), then type, class, TTL, RDLENGTH; MNAME and RNAME are compressed
+    or not, so they are walked; the serial follows them.
+    """
+    if len(resp) < _QUESTION_END + 12 or resp[6:8] != b"\x00\x01":
         return None
-    for rrset in msg.answer:
-        for rr in rrset:
-            return int(rr.serial)
-    return None
+    at = _QUESTION_END
+    at = _skip_name(resp, at)
+    if at < 0 or resp[at : at + 2] != b"\x00\x06":
+        return None
+    at += 10  # type, class, TTL, RDLENGTH
+    for _ in range(2):  # MNAME, RNAME
+        at = _skip_name(resp, at)
+        if at < 0:
+            return None
+    if at + 4 > len(resp):
+        return None
+    return int.from_bytes(resp[at : at + 4], "big")
+
+
+def _skip_name(msg: bytes, at: int) -> int:
+    """The offset after the wire name at ``at`` (-1 if malformed)."""
+    while at < len(msg):
+        n = msg[at]
+        if n == 0:
+            return at + 1
+        if n & 0xC0 == 0xC0:
+            return at + 2
+        at += 1 + n
+    return -1
 
 
 class Prober(threading.Thread):
@@ -331,9 +443,14 @@ async def register(endpoint: str, prefix: str, n: int) -> int:
 
 
 async def churn(
-    endpoint: str, prefix: str, n: int, seconds: float, per_tick: int = 10
+    endpoint: str,
+    prefix: str,
+    n: int,
+    seconds: float,
+    loader: threading.Thread | None = None,
+    per_tick: int = 10,
 ) -> tuple[list[tuple[float, int]], dict[int, float]]:
-    """Toggle ``per_tick`` edges' state every 100 ms.
+    """Toggle ``per_tick`` edges' state every 100 ms; ``loader`` is started with the first change.
 
     Returns (time each put returned, its revision) and, per revision, when
     etcd's own watch delivered it to us: the part of the delay that is etcd's.
@@ -360,6 +477,8 @@ async def churn(
     watcher = asyncio.create_task(watch((await etcd.revision()) + 1))
     try:
         start = time.monotonic()
+        if loader is not None:
+            loader.start()
         tick = 0
         while time.monotonic() - start < seconds:
             await asyncio.gather(*(one(i) for i in rng.sample(range(n), per_tick)))
@@ -462,7 +581,8 @@ def run_dnsd(work: Path, etcd: EtcdProcess, n: int, args: argparse.Namespace) ->
         out["qps"] = qps
         out["us_per_query"] = (cpu_seconds(proc.pid) - cpu0) / max(done, 1) * 1e6
         if n in args.churn:
-            out.update(run_churn(proc.pid, port, etcd.endpoint, prefix, n, queries, args))
+            assert etcd.proc is not None
+            out.update(run_churn(proc.pid, port, etcd.endpoint, prefix, n, queries, args, etcd.proc.pid))
     finally:
         prober.stop.set()
         proc.terminate()
@@ -559,10 +679,41 @@ def _delays(prober: Prober, done: list[tuple[float, int]], delivered: dict[int, 
     }
 
 
+LAYOUTS = {
+    # etcd, the churn writer and the prober run where the scheduler puts them, the server
+    # core included: what dnsd gets of its core then depends on them (as it did before
+    # the layouts were told apart).
+    "shared": None,
+    # dnsd alone on the server core; etcd, the churn writer and the prober beside dnsperf
+    # on the client core: the ratio then says what dnsd's own churn work costs its queries.
+    "split": "client",
+}
+
+
+def _place_layout(layout: str, etcd_pid: int, args: argparse.Namespace) -> None:
+    cores = {args.client_core} if LAYOUTS[layout] == "client" else None
+    place(etcd_pid, cores)
+    place(os.getpid(), cores)  # the churn writer, its gRPC threads and the prober start from here
+
+
 def _churn_phase(
-    pid: int, port: int, endpoint: str, prefix: str, n: int, args: argparse.Namespace, load: Path | None
-) -> tuple[dict[str, float], float, float, int]:
-    """One churn run (with dnsperf when ``load``): (delays, dnsd CPU s, wall s, queries answered)."""
+    pid: int,
+    port: int,
+    endpoint: str,
+    prefix: str,
+    n: int,
+    args: argparse.Namespace,
+    load: Path | None,
+    etcd_pid: int,
+    answering: set[int] | None = None,
+) -> tuple[dict[str, Any], dict[str, float], int, float]:
+    """One churn run: (delays, usage in %, queries answered, dnsperf's qps).
+
+    With ``load``, dnsperf runs inside the churn: it starts ``LOAD_LEAD`` s after the
+    first change and stops as long before the last, so every query it counts was
+    answered while the registry changed, and the usage covers dnsperf's run exactly.
+    Without, the usage covers the churn.
+    """
     prober = Prober(port)
     prober.start()
     result: dict[str, Any] = {}
@@ -570,16 +721,19 @@ def _churn_phase(
     if load is not None:
 
         def run() -> None:
-            result["qps"], result["done"] = dnsperf(port, load, args.churn_seconds, args.client_core)
+            time.sleep(LOAD_LEAD)
+            usage = Usage(pid, etcd_pid, args, answering)
+            seconds = args.churn_seconds - 2 * LOAD_LEAD
+            result["qps"], result["done"] = dnsperf(port, load, seconds, args.client_core)
+            result["usage"] = usage.percent()
 
         loader = threading.Thread(target=run)
-        loader.start()
     try:
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        done, delivered = asyncio.run(churn(endpoint, prefix, n, args.churn_seconds))
+        usage = Usage(pid, etcd_pid, args)
+        done, delivered = asyncio.run(churn(endpoint, prefix, n, args.churn_seconds, loader))
         if loader is not None:
             loader.join()
-        cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
+        used = result.get("usage") or usage.percent()
         last_rev = max(r for _, r in done)
         deadline = time.monotonic() + args.catch_up
         while time.monotonic() < deadline and prober.first_at_or_after(last_rev) is None:
@@ -589,30 +743,70 @@ def _churn_phase(
         prober.join()
     out = _delays(prober, done, delivered)
     out["changes"] = len(done)
-    return out, cpu, wall, result.get("done", 0)
+    return out, used, result.get("done", 0), result.get("qps", 0.0)
+
+
+LOAD_LEAD = 0.5  # seconds between the churn's start and dnsperf's (and dnsperf's end and the churn's)
+
+
+def _use_line(used: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.1f}%" for k, v in used.items())
 
 
 def run_churn(
-    pid: int, port: int, endpoint: str, prefix: str, n: int, queries: Path, args: argparse.Namespace
+    pid: int,
+    port: int,
+    endpoint: str,
+    prefix: str,
+    n: int,
+    queries: Path,
+    args: argparse.Namespace,
+    etcd_pid: int,
 ) -> dict[str, Any]:
-    """Churn alone (delays, CPU), a quiet dnsperf run, then churn under dnsperf (throughput)."""
-    alone, cpu, wall, _ = _churn_phase(pid, port, endpoint, prefix, n, args, None)
+    """Churn alone (delays, CPU); then, per layout, a quiet dnsperf run and churn under dnsperf."""
+    _place_layout(args.layouts[0], etcd_pid, args)
+    alone, used, _, _ = _churn_phase(pid, port, endpoint, prefix, n, args, None, etcd_pid)
     out: dict[str, Any] = {f"churn_{k}": v for k, v in alone.items()}
-    out["churn_cpu_pct"] = cpu / wall * 100
-
-    cpu0 = cpu_seconds(pid)
-    quiet_qps, quiet_done = dnsperf(port, queries, args.churn_seconds, args.client_core)
-    quiet_cpu = cpu_seconds(pid) - cpu0
-    loaded, cpu, wall, done = _churn_phase(pid, port, endpoint, prefix, n, args, queries)
-    churn_qps = done / args.churn_seconds
-    for k in ("p50_ms", "p99_ms", "max_ms", "caught_up_s"):
-        out[f"loaded_{k}"] = loaded[k]
-    out["quiet_qps"] = quiet_qps
-    out["loaded_qps"] = churn_qps
-    out["qps_ratio"] = churn_qps / quiet_qps
-    # Queries answered per CPU-second of dnsd: what dnsd could serve where it, not the
-    # client, is the limit (dnsperf and the churn share a loaded machine).
-    out["capacity_ratio"] = (done / max(cpu, 1e-9)) / (quiet_done / max(quiet_cpu, 1e-9))
+    out["churn_cpu_pct"] = used["dnsd"]
+    out["churn_use"] = used
+    print(f"  N={n} churn alone, % of a core: {_use_line(used)}", flush=True)
+    seconds = args.churn_seconds - 2 * LOAD_LEAD
+    for layout in args.layouts:
+        _place_layout(layout, etcd_pid, args)
+        quiet_use = Usage(pid, etcd_pid, args)
+        quiet_qps, quiet_done = dnsperf(port, queries, seconds, args.client_core)
+        quiet = quiet_use.percent()
+        answering = answer_threads(quiet_use.before, quiet_use.threads, set(_tree(pid)))
+        quiet["dnsd_answer"] = quiet["dnsd_threads"]  # nothing else ran in the quiet phase
+        loaded, churn_use, done, churn_qps = _churn_phase(
+            pid, port, endpoint, prefix, n, args, queries, etcd_pid, answering
+        )
+        tag = "" if layout == args.layouts[0] else f"{layout}_"
+        for k in ("p50_ms", "p99_ms", "max_ms", "caught_up_s"):
+            out[f"{tag}loaded_{k}"] = loaded[k]
+        out[f"{tag}quiet_qps"] = quiet_qps
+        out[f"{tag}loaded_qps"] = churn_qps
+        out[f"{tag}qps_ratio"] = churn_qps / quiet_qps
+        # Queries answered per CPU-second of dnsd: what dnsd could serve where it, not the
+        # client, is the limit (dnsperf and the churn share a loaded machine).
+        out[f"{tag}capacity_ratio"] = (done / max(churn_use["dnsd"], 1e-9)) / (
+            quiet_done / max(quiet["dnsd"], 1e-9)
+        )
+        # What the ratio would be where dnsd had its core to itself (a projection from CPU
+        # times, which move little with the machine's load, unlike queries per second): the
+        # core less what dnsd spent on the churn (its event loops, gRPC's threads), at the
+        # answer threads' cost per query during churn against quiet.
+        per_query_quiet = quiet["dnsd_answer"] / max(quiet_done, 1)
+        per_query_churn = churn_use["dnsd_answer"] / max(done, 1)
+        churn_work = (churn_use["dnsd"] - churn_use["dnsd_answer"]) / 100
+        out[f"{tag}dedicated_ratio"] = (1 - churn_work) * per_query_quiet / max(per_query_churn, 1e-12)
+        out[f"{tag}quiet_use"], out[f"{tag}loaded_use"] = quiet, churn_use
+        print(
+            f"  N={n} layout {layout}: quiet {quiet_qps:.0f} qps, % of a core: {_use_line(quiet)}", flush=True
+        )
+        print(f"  N={n} layout {layout}: churn {churn_qps:.0f} qps ({churn_qps / quiet_qps:.3f}x), "
+              f"% of a core: {_use_line(churn_use)}", flush=True)  # fmt: skip
+    out["layout"] = args.layouts[0]
     return out
 
 
@@ -695,7 +889,11 @@ def run_agents(etcd: EtcdProcess, count: int, seconds: float, procs: int = 4) ->
 
 
 def _figures(r: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "n")
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in r.items()
+        if k != "n" and not isinstance(v, dict)  # the usage tables are printed as they are measured
+    )
 
 
 def main() -> int:
@@ -712,6 +910,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="dnsd's [dns] workers (all on the server core)")
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--client-core", type=int, default=1)
+    p.add_argument(
+        "--layouts",
+        default="split,shared",
+        help="churn under dnsperf in each layout, the first one reported without a prefix: "
+        "split (etcd, the churn writer and the prober on the client core) and shared (anywhere)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--start-rounds",
@@ -727,6 +931,9 @@ def main() -> int:
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     args.churn = {int(s) for s in args.churn_sizes.split(",") if s}
+    args.layouts = [s for s in args.layouts.split(",") if s]
+    if not args.layouts or any(s not in LAYOUTS for s in args.layouts):
+        p.error(f"--layouts: a comma-separated list of {', '.join(LAYOUTS)}")
     report: dict[str, Any] = {"build": {}, "dnsd": {}, "agents": None}
 
     print("build (in process, ms, wall / CPU): N, full build equal weights, one change, "

@@ -16,7 +16,7 @@ import structlog
 from carousel import tasks
 from carousel.etcd import EtcdAuthError, EtcdError
 from carousel.registry import Keys
-from dnsd import wire
+from dnsd import mmsg, wire
 from dnsd.build import TableBuilder
 from dnsd.config import Config
 from dnsd.cookie_keeper import SecretKeeper
@@ -80,6 +80,8 @@ def status(
             s: {"mode": st.mode, "addresses": st.addresses, "ttl": st.ttl} for s, st in table.services.items()
         },
         "names": sorted(wire.to_text(n) for n in table.names),
+        # Where the mmsg engine's receive loop runs: "compiled" (dnsd/_udploop.c) or "python".
+        "udp_loop": "compiled" if config.dns.udp_engine == "mmsg" and mmsg.compiled() else "python",
         **extra,
     }
 

@@ -13,12 +13,20 @@ once. Per batch the loop reads each datagram's length from the headers
 copies the answer into the send buffer, and points the send header at the
 client's address as received. ctypes releases the GIL around both calls, so
 the event loop runs while we wait.
+
+Where setup.py could compile it, the same loop runs in C (dnsd/_udploop.c):
+plain cached answers are made there and everything else comes back to
+``_answer_one``, the Python path below. CAROUSEL_PURE_PYTHON=1 at run time
+(or a C source newer than its build) keeps the loop in Python.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.machinery
+import importlib.util
+import os
 import socket
 import sys
 import threading
@@ -53,6 +61,15 @@ RECV_SIZE = 4096  # larger datagrams are cut, then answered FORMERR
 NAME_SIZE = 128  # sizeof(struct sockaddr_storage)
 SOCKADDR_IN, SOCKADDR_IN6 = 16, 28  # sizeof(struct sockaddr_in), sizeof(struct sockaddr_in6)
 MSG_WAITFORONE = 0x10000
+HOSTS_MAX = 4096  # senders' text addresses remembered by a compiled loop's rate limiting
+
+
+def _host(names: memoryview | bytes, off: int) -> str:
+    """The text address in the sockaddr at ``names[off:]``."""
+    family = int.from_bytes(names[off : off + 2], sys.byteorder)
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, names[off + 8 : off + 24])
+    return socket.inet_ntop(socket.AF_INET, names[off + 4 : off + 8])
 
 
 class _IOVec(ctypes.Structure):
@@ -101,6 +118,36 @@ def _libc_calls() -> tuple[Any, Any] | None:
 _CALLS = _libc_calls()
 
 
+def _compiled_loop() -> Any:
+    """dnsd._udploop when it is built, fresh and wanted; else None (the loop stays in Python)."""
+    if os.environ.get("CAROUSEL_PURE_PYTHON"):
+        return None
+    spec = importlib.util.find_spec("dnsd._udploop")
+    if spec is None or spec.origin is None:
+        return None  # not built: no C compiler at install, or CAROUSEL_PURE_PYTHON=1 then
+    source = os.path.join(os.path.dirname(__file__), "_udploop.c")
+    if os.path.exists(source) and os.path.getmtime(source) > os.path.getmtime(spec.origin):
+        log.warning("dnsd/_udploop.c is newer than its build: the UDP loop runs in Python "
+                    "(rebuild with `pip install -e .`)")  # fmt: skip
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)
+        assert isinstance(spec.loader, importlib.machinery.ExtensionFileLoader)
+        spec.loader.exec_module(module)
+    except (ImportError, AssertionError) as exc:
+        log.warning("the compiled UDP loop did not load; it runs in Python", error=str(exc))
+        return None
+    return module
+
+
+_LOOP = _compiled_loop() if _CALLS is not None else None
+
+
+def compiled() -> bool:
+    """True when the receive loop runs in C (dnsd/_udploop.c)."""
+    return _LOOP is not None
+
+
 def available() -> bool:
     """True where recvmmsg and sendmmsg can be called (Linux with glibc or musl)."""
     return _CALLS is not None
@@ -142,6 +189,8 @@ class MmsgThread:
         self.rrl = server.new_rate_limiter()
         self.send_errors = 0
         self._stopping = False
+        self._failures = 0
+        self._hosts: dict[bytes, str] = {}  # sender's sockaddr -> text address, for RRL
         self._names = (ctypes.c_char * (NAME_SIZE * BATCH))()
         self._names_view = memoryview(self._names).cast("B")
         names_addr = ctypes.addressof(self._names)
@@ -170,15 +219,61 @@ class MmsgThread:
 
     def _client(self, i: int) -> str:
         """The text address of datagram i's sender (for RRL, cookies and sites)."""
-        off = NAME_SIZE * i
-        names = self._names_view
-        family = int.from_bytes(names[off : off + 2], sys.byteorder)
-        if family == socket.AF_INET6:
-            return socket.inet_ntop(socket.AF_INET6, names[off + 8 : off + 24])
-        return socket.inet_ntop(socket.AF_INET, names[off + 4 : off + 8])
+        return _host(self._names_view, NAME_SIZE * i)
+
+    # --- what the compiled loop calls back (dnsd/_udploop.c) ------------------------------
+
+    def _answer_one(self, data: bytes, name: bytes) -> bytes | None:
+        """The answer to a datagram the compiled loop did not answer itself (None: silence)."""
+        try:
+            table = self.server.table
+            response, key = self.answerer.respond(data, table, True)
+            if response is None:
+                if key is not NEEDS_PEER:
+                    return None
+                response, key = self.answerer.respond_peer(data, table, True, _host(name, 0))
+                if response is None:
+                    return None
+            if self.rrl is not None:
+                verdict = self.rrl.check(_host(name, 0), key)
+                if verdict:
+                    return None if verdict == rrl_mod.DROP else self.answerer.truncate(data, table)
+        except Exception as exc:  # a bug must cost one answer, not the listener
+            self._failed(exc)
+            return None
+        return response
+
+    def _limit(self, data: bytes, name: bytes, key: bytes) -> int | bytes | None:
+        """RRL for an answer the compiled loop made: 0 send it, 1 drop it, else the slip to send."""
+        assert self.rrl is not None
+        host = self._hosts.get(name)
+        if host is None:  # a resolver asks again and again: its text address is made once
+            if len(self._hosts) >= HOSTS_MAX:
+                self._hosts.clear()
+            host = self._hosts[name] = _host(name, 0)
+        verdict = self.rrl.check(host, key)
+        if not verdict:
+            return 0
+        if verdict == rrl_mod.DROP:
+            return 1
+        return self.answerer.truncate(data, self.server.table) or 1
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures == 1 or self._failures % 10000 == 0:
+            log.error("answering a UDP query failed", failures=self._failures, exc_info=exc)
+
+    def _recv_failed(self, err: int) -> None:
+        log.warning("udp receive failed", error=errno.errorcode.get(err, str(err)))
+
+    def _count_send_errors(self, count: int) -> None:
+        self.send_errors += count
 
     def _run(self) -> None:
         assert _CALLS is not None
+        if _LOOP is not None:
+            _LOOP.serve(self.sock.fileno(), self, BATCH, RECV_SIZE, self._send.data_size)
+            return
         recvmmsg, sendmmsg = _CALLS
         fd = self.sock.fileno()
         server = self.server

@@ -78,6 +78,10 @@ def _heads(aa: bool, rcode: int, counts: tuple[int, int, int], tc: bool = False)
 class Entry:
     """A prepared answer for one (name, type): header variants and the body schedule."""
 
+    # dnsd/_udploop.c reads served, shared, period, full, heads, heads_edns, do_heads,
+    # schedule, do_schedule, fit_plain, body_len, do_body_len and rrl_key by name, calls
+    # node_step(), and AnswerTable's questions, opt and payload_size: a rename there is
+    # one here (tests/unit/test_dns_udploop.py fails otherwise).
     __slots__ = (
         "aa",
         "answer",

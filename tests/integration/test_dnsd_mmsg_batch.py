@@ -8,6 +8,8 @@ of the batch, so send header k no longer serves datagram k.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
 import socket
 
 import dns.message
@@ -69,4 +71,31 @@ async def test_answers_of_one_batch_reach_their_own_senders_around_silent_ones(
     finally:
         for s in senders:
             s.close()
+        await registry.close()
+
+
+async def test_the_receive_loop_runs_compiled_when_built_and_in_python_when_asked(
+    etcd_cfg: EtcdConfig, procs: ProcessGroup
+) -> None:
+    """The compiled loop (dnsd/_udploop.c) serves when it was built, unless CAROUSEL_PURE_PYTHON=1."""
+    registry = Registry(etcd_cfg)
+    await registry.put_all([edge(1), edge(2)])
+    try:
+        dnsd = start_dnsd(procs, "dnsd", dnsd_toml(etcd_cfg))
+        built = importlib.util.find_spec("dnsd._udploop") is not None
+        want = "compiled" if built and not os.environ.get("CAROUSEL_PURE_PYTHON") else "python"
+        assert dnsd.status()["udp_loop"] == want
+        port = dnsd.port_for("127.0.0.1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3.0)
+            firsts = []
+            for k in range(4):
+                query = dns.message.make_query(WWW.upper(), "A")  # 0x20-style case: echoed as sent
+                query.id = k
+                s.sendto(query.to_wire(), ("127.0.0.1", port))
+                msg = dns.message.from_wire(s.recv(4096))
+                assert msg.id == k and msg.question[0].name.to_text() == WWW.upper() + "."
+                firsts.append(msg.answer[0][0].address)
+        assert firsts in ([addr(1), addr(2)] * 2, [addr(2), addr(1)] * 2)  # every query rotates
+    finally:
         await registry.close()

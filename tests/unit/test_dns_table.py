@@ -196,3 +196,21 @@ def test_exposure_counts_match_a_brute_force_count_for_any_window() -> None:
                 incl[i] += 1
             first[rot.slot_start[k % period]] += 1
         assert rot.counts_between(start, end) == (incl, first)
+
+
+def test_with_serial_copies_every_field_an_entry_is_made_with() -> None:
+    """``Entry.with_serial`` copies an entry field by field (for speed): a field added to
+    ``__init__`` and forgotten there would be missing, or differ, in every fixed answer."""
+    from dnsd.table import Entry
+
+    body = b"\x00\x00\x06\x00\x01" + b"\x00\x00\x00\x00" * 2
+    fresh = Entry(6, 0, True, (1, 0, 0), [body], rrl_key=b"soa")
+    fresh.serial_at = (9,)
+    copy = fresh.with_serial(b"\x00\x00\x00\x2a")
+    for slot in Entry.__slots__:
+        assert hasattr(copy, slot), f"with_serial leaves {slot} unset"
+        if slot not in ("schedule", "do_schedule"):
+            assert getattr(copy, slot) == getattr(fresh, slot), slot
+    patched = body[:9] + b"\x00\x00\x00\x2a" + body[13:]
+    assert copy.schedule == copy.do_schedule == [patched]
+    assert fresh.schedule == [body]  # the rendered original is never changed
