@@ -112,8 +112,13 @@ vm-box: vm-deps
 vm-lab: vm-deps $(STAMP)
 	$(PYTHON) vagrant/vmlab.py up
 
+# etcd stopped and started over a kept SSH connection (vmlab.py ssh), not a `vagrant ssh`
+# per command; --timeout 400: a TCG VM took 225 s and more to boot back (vagrant/README.md).
 vm-failover:
-	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 crash halt rolling etcd-member etcd-quorum dnsd upgrade
+	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 --timeout 400 \
+		--etcd-stop-cmd './vmlab.py ssh {member} sudo systemctl stop etcd' \
+		--etcd-start-cmd './vmlab.py ssh {member} sudo systemctl start etcd' \
+		crash halt rolling etcd-member etcd-quorum dnsd upgrade
 
 vm-lab-down:
 	$(PYTHON) vagrant/vmlab.py down

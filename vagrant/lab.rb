@@ -59,6 +59,9 @@ module CarouselLab
     # Vagrant provisioner's 30 s; vagrant/vmlab.py raises it under TCG emulation, where
     # sudo on a loaded VM did not answer within 30 s (a restart handler failed on it).
     "CAROUSEL_ANSIBLE_TIMEOUT" => "",
+    # The strategy of site.yml's nodes' play. Empty: the playbook's own (free);
+    # vagrant/vmlab.py passes mitogen_free when it runs Ansible with Mitogen.
+    "CAROUSEL_NODES_STRATEGY" => "",
     # libvirt domain type: "kvm", or "qemu" (TCG emulation) where /dev/kvm cannot run
     # a stock Debian kernel (a PVM host; see vagrant/README.md).
     "CAROUSEL_LIBVIRT_DRIVER" => "kvm",
@@ -108,6 +111,8 @@ module CarouselLab
       vars["edge_pool_health_timeout"] = s
     end
     seconds(env, "CAROUSEL_DASHBOARD_INTERVAL") { |s| vars["dashboard_scrape_interval"] = s }
+    strategy = setting(env, "CAROUSEL_NODES_STRATEGY")
+    vars["site_nodes_strategy"] = strategy unless strategy.empty?
     vars
   end
 

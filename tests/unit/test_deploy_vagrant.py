@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = REPO / "vagrant"
@@ -118,6 +119,7 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         CAROUSEL_CHECK_TIMEOUT="3",
         CAROUSEL_ANSIBLE_TIMEOUT="120",
         CAROUSEL_DASHBOARD_INTERVAL="10",
+        CAROUSEL_NODES_STRATEGY="mitogen_free",
     )
     assert plan["ansible_timeout"] == 120
     assert plan["libvirt_uri"].endswith("/x/libvirt-sock") and plan["isolated"] and plan["driver"] == "qemu"
@@ -132,7 +134,16 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         "agent_check_timeout": 3.0,
         "edge_pool_health_timeout": 3.0,
         "dashboard_scrape_interval": 10.0,
+        "site_nodes_strategy": "mitogen_free",
     }
+
+
+def test_site_yml_nodes_play_takes_the_labs_strategy() -> None:
+    # With Mitogen the nodes' play must run mitogen_free: a play that names `free`
+    # itself bypasses Mitogen (each task then costs 15-47 s on seven TCG VMs, measured).
+    plays = yaml.safe_load((REPO / "deploy" / "ansible" / "site.yml").read_text())
+    (nodes,) = [p for p in plays if p["hosts"] == "dns:edge:app"]
+    assert nodes["strategy"] == "{{ site_nodes_strategy | default('free') }}"
 
 
 @needs_ruby
