@@ -303,6 +303,20 @@ class _Client(aetcd.Client):
         finally:
             self._is_connecting = False
 
+    async def close(self) -> None:
+        """Close the channel first, then the rest as aetcd does.
+
+        Closing the channel ends every call on it at once, the watch stream too.
+        aetcd shuts its watcher down first, under a lock that a watch set-up stuck
+        on a stalled member holds; the caller's time limit then cancelled the close
+        before the channel was, and its connection stayed open: an edge on a loaded
+        VM held 61 connections to a 3-member etcd, and a client here 2 after close.
+        """
+        channel = self.channel
+        if channel is not None:
+            await channel.close(grace=None)
+        await super().close()
+
 
 _TRANSIENT = (
     aexc.ConnectionFailedError,
