@@ -289,7 +289,6 @@ class MmsgThread:
         names_addr = ctypes.addressof(self._names)
         rdata, sdata = recv.bytes, send.bytes
         r32, s64, siov = recv.u32, send.u64, send.iov64
-        failures = 0
         while True:
             n = recvmmsg(fd, recv.address, BATCH, MSG_WAITFORONE, None)
             if self._stopping:
@@ -322,10 +321,8 @@ class MmsgThread:
                             response = self.answerer.truncate(data, table)
                             if response is None:
                                 continue
-                except Exception:  # a bug must cost one answer, not the listener
-                    failures += 1
-                    if failures == 1 or failures % 10000 == 0:
-                        log.exception("answering a UDP query failed", failures=failures)
+                except Exception as exc:  # a bug must cost one answer, not the listener
+                    self._failed(exc)
                     continue
                 length = len(response)
                 if length > ssize:  # cannot happen: answers are truncated to our UDP size
