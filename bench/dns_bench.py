@@ -255,6 +255,11 @@ def main() -> int:
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
+        "--qtypes",
+        default="A",
+        help="comma-separated query types, asked in turn (A,AAAA,HTTPS is what a browser's resolver asks)",
+    )
+    parser.add_argument(
         "--compare-pure",
         action="store_true",
         help="also a dnsd with CAROUSEL_PURE_PYTHON=1 (the receive loop in Python), in the same rounds",
@@ -308,11 +313,12 @@ def main() -> int:
         pids["nsd"] = procs[-1].pid
 
         queries = workdir / "queries.txt"
-        queries.write_text(f"{NAME} A\n")
+        queries.write_text("".join(f"{NAME} {qtype}\n" for qtype in args.qtypes.split(",")))
         results = {name: Result(name) for name in servers}
         print(f"dnsperf -c {args.clients} -q {args.outstanding}, {args.seconds:g} s per run, "
               f"{args.rounds} rounds; servers on core {args.server_core}, dnsperf on core "
-              f"{args.client_core}; dnsd udp_engine={args.engine}", flush=True)  # fmt: skip
+              f"{args.client_core}; dnsd udp_engine={args.engine}; query types {args.qtypes}",
+              flush=True)  # fmt: skip
         for port in servers.values():  # warm-up
             dnsperf(port, queries, 1, args)
         for rnd in range(args.rounds):

@@ -10,7 +10,7 @@
  *
  * Between them, a datagram that is a plain cached answer is answered here:
  * one question, class IN, no other record but an optional 11-byte OPT (EDNS
- * version 0, no options), a lowercase question found in table.questions,
+ * version 0, no options), a question (its name lowercased) found in table.questions,
  * flags clear of QR and opcode, and an answer that fits without truncation.
  * That is exactly Answerer.respond's fast path in dnsd/respond.py, with the
  * same entry fields read the same way: the entry's ``served`` counter steps
@@ -99,14 +99,17 @@ static Py_ssize_t fast_answer(PyObject *table, PyObject *questions, const unsign
     if (qend > len || qend - 12 > MAX_QUESTION) return 0;
     unsigned char low[MAX_QUESTION];
     int exact = 1;
-    for (Py_ssize_t i = 12; i < qend; i++) {
+    for (Py_ssize_t i = 12; i <= end; i++) {
         unsigned char c = q[i];
-        if (c >= 'A' && c <= 'Z') { /* bytes.lower(): ASCII letters only */
+        if (c >= 'A' && c <= 'Z') { /* bytes.lower() of the name: ASCII letters only */
             c += 32;
             exact = 0;
         }
         low[i - 12] = c;
     }
+    /* Type and class as sent: lowercased, HTTPS (65, 'A') would miss its entry
+       (build.py, _alias_free). */
+    memcpy(low + end + 1 - 12, q + end + 1, 4);
     PyObject *lkey = PyBytes_FromStringAndSize((const char *)low, qend - 12);
     if (lkey == NULL) return -1;
     PyObject *entry = PyDict_GetItemWithError(questions, lkey); /* borrowed */

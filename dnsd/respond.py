@@ -129,7 +129,7 @@ class Answerer:
     def _by_name(
         self, query: bytes, table: AnswerTable, udp: bool, end: int, qend: int
     ) -> tuple[bytes | None, bytes]:
-        """Types outside the question index (HTTPS, rare types) for names we hold."""
+        """Types respond() misses for names we hold: rare ones, and HTTPS (the compiled loop finds it)."""
         if table.site_questions and query[12:qend].lower() in table.site_questions:
             return None, NEEDS_PEER  # the answer depends on the client's site
         if end < 0 or query[2] & 0xF8 or query[end + 3 : qend] != _CLASS_IN:

@@ -19,6 +19,7 @@ import dnslib
 
 # Record types. Plain ints, as the query path compares them; their names come from dnslib.
 A, NS, CNAME, SOA, HINFO, MX, TXT, AAAA, OPT = 1, 2, 5, 6, 13, 15, 16, 28, 41
+HTTPS = 65
 IXFR, AXFR, MAILB, MAILA, ANY = 251, 252, 253, 254, 255
 TSIG = 250
 # dnslib has no names for MAILB/MAILA (obsolete, but we answer them NOTIMP and count them).

@@ -15,7 +15,7 @@ import pytest
 
 from carousel.registry import ServiceRecord
 from dnsd import wire
-from dnsd.build import TableBuilder
+from dnsd.build import TableBuilder, _alias_free
 from dnsd.config import NSConfig, RecordConfig, SOAConfig, ZoneConfig
 from dnsd.respond import Answerer, parse_query
 from dnsd.table import AnswerTable
@@ -377,11 +377,32 @@ def test_a_parent_zone_may_not_define_names_inside_a_child_zone() -> None:
 
 def test_other_types_share_the_default_answer_but_are_counted_by_type(table: AnswerTable) -> None:
     answerer = Answerer()
-    for rdtype in ("MX", "SRV", "HTTPS", "CAA"):
+    for rdtype in ("MX", "SRV", "SVCB", "CAA"):
         r = ask(table, query("www.example.test", rdtype), answerer=answerer)
         assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
     counted = {k[0] for k in answerer.counts}
-    assert counted == {15, 33, 65, 257}
+    assert counted == {15, 33, 64, 257}
+
+
+def test_https_has_its_own_entry_in_the_question_index(table: AnswerTable) -> None:
+    """Browsers' resolvers ask HTTPS beside A and AAAA: its NODATA is an entry of its own,
+    indexed by its exact type bytes (65 is 'A', which a whole-question lower() would change)."""
+    name = wire.to_wire("www.example.test")
+    entry = table.names[name][struct.pack("!H", wire.HTTPS)]
+    assert entry.qtype == wire.HTTPS
+    assert table.questions[name + b"\x00\x41\x00\x01"] is entry
+    assert name + b"\x00\x61\x00\x01" not in table.questions  # what lower() makes of it
+    before = entry.served
+    r = ask(table, query("www.example.test", "HTTPS"))
+    assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
+    assert r.question[0].rdtype == dns.rdatatype.HTTPS
+    assert entry.served == before + 1  # counted as HTTPS by the entry, not by the answerer
+
+
+def test_only_types_no_lowercased_question_can_alias_are_indexed() -> None:
+    # Answerer.respond lowers the whole question: type 67 ('C') would become 99 ('c', SPF).
+    assert _alias_free(wire.HTTPS) and _alias_free(wire.A) and _alias_free(wire.MX)
+    assert not _alias_free(99) and not _alias_free(0x7A00)
 
 
 def test_static_records_are_encoded_by_dnslib_with_names_left_to_our_compression(table: AnswerTable) -> None:

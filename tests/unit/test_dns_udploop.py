@@ -70,6 +70,8 @@ def test_plain_and_edns_queries_are_answered_in_c_as_in_python() -> None:
         wire("mail.example.test"),
         wire("example.test", "SOA", edns=0),
         wire("example.test", "NS"),
+        wire("www.example.test", "HTTPS"),  # 65 = 'A': its type bytes are not lowercased
+        wire("WWW.example.test", "HTTPS", edns=0, do=True),
     ]
     for rnd in range(30):  # past the 12-step rotation twice
         for query in cases:
@@ -110,11 +112,12 @@ def test_random_queries_match_the_python_path(n: int) -> None:
     ours, ref = twin_tables(n)
     a, b = Answerer(), Answerer()
     names = ["www", "WWW", "wWw", "mail", "alias", "v6", "@", "nothere", "big", "deep.leaf", "deep"]
+    types = ["A", "AAAA", "TXT", "SOA", "NS", "MX", "ANY", "CNAME", "HTTPS", "SPF", "TYPE67"]
     for _ in range(3000):
         name = rng.choice(names)
         fqdn = "example.test" if name == "@" else f"{name}.example.test"
         query = bytearray(wire(
-            fqdn, rng.choice(["A", "AAAA", "TXT", "SOA", "NS", "MX", "ANY", "CNAME"]),
+            fqdn, rng.choice(types),
             edns=rng.choice([-1, 0, 0, 1]), do=rng.random() < 0.5,
             payload=rng.choice([100, 512, 700, 1232, 4096]), rd=rng.random() < 0.5,
             cd=rng.random() < 0.3, qid=rng.randrange(65536),
