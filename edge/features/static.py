@@ -118,8 +118,9 @@ class StaticFiles:
         self._cache: dict[str, FileInfo] = {}
         self._cached_bytes = 0
         self._roots: dict[str, str] = {}
-        # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
-        self._paths: dict[tuple[str, bool, str], str | None] = {}
+        # (root, route prefix, dotfiles, raw path) -> (checked relative path, its path in the
+        # root): the safety checks and the join run once per URL.
+        self._paths: dict[tuple[str, str, bool, str], tuple[str | None, str]] = {}
 
     def _root(self, directory: str) -> str:
         root = self._roots.get(directory)
@@ -127,8 +128,9 @@ class StaticFiles:
             root = self._roots[directory] = os.path.realpath(directory)
         return root
 
-    def _info(self, root: str, rel: str) -> FileInfo | None:
-        full = os.path.join(root, rel) if rel else root
+    def _info(self, root: str, rel: str, full: str = "") -> FileInfo | None:
+        if not full:
+            full = os.path.join(root, rel) if rel else root
         try:
             st = os.stat(full)
         except (OSError, ValueError):
@@ -205,19 +207,23 @@ class StaticFiles:
         if request.method not in ("GET", "HEAD"):
             return Reply(405, CIMultiDict({"Allow": "GET, HEAD"}), BytesBody(b""))
         dotfiles = route.config.dotfiles
-        key = (route.prefix, dotfiles, request.raw_path)
+        directory = route.config.static
+        assert directory is not None
+        key = (directory, route.prefix, dotfiles, request.raw_path)
         try:
-            rel = self._paths[key]
+            rel, full = self._paths[key]
         except KeyError:
             rel = safe_relative_path(request.raw_path, route.prefix, dotfiles)
+            # The file's path in the root, joined once per URL as the checks are.
+            name = "" if rel is None else rel.rstrip("/")
+            full = os.path.join(self._root(directory), name) if name else self._root(directory)
             if len(self._paths) >= CACHE_ENTRIES:
                 self._paths.pop(next(iter(self._paths)))
-            self._paths[key] = rel
+            self._paths[key] = (rel, full)
         if rel is None:
             return not_found()
-        assert route.config.static is not None
-        root = self._root(route.config.static)
-        info = self._info(root, rel.rstrip("/"))
+        root = self._root(directory)
+        info = self._info(root, rel.rstrip("/"), full)
         if info is not None and info.content_type == "dir":
             if not rel.endswith("/") and rel:
                 location = request.raw_path.partition("?")[0] + "/"  # normalised, still encoded
