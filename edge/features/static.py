@@ -16,7 +16,9 @@ answered inside the connection's data_received (``now``, edge/core/pipeline.py),
 with no task: its validators and type are serialised once per file
 (``FileInfo.wire``, sent as they are, as a cache hit's stored fields are) and its
 body object is shared by every answer. Larger files are sent from a descriptor
-opened when the body is written (sendfile).
+opened when the body is written: the edge writes the head and sendfile(2)s what the
+socket takes at once from data_received too (edge/front/server.py ``_send``), and takes a
+task only for a rest that has to wait for the client.
 """
 
 from __future__ import annotations

@@ -134,6 +134,8 @@ class Edge:
         self.connections: ConnectionList[Any] = ConnectionList()  # HTTP/1.1 and HTTP/2
         self.parsers = ParserPool(max_headers=config.edge.max_headers, max_field=config.edge.max_header_size)
         self.draining = False
+        # Set by start(): asyncio.get_running_loop() is a getpid(2) per call (CPython 3.11).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
         self.admin_port = 0
         self._listener: asyncio.Server | None = None
@@ -156,7 +158,7 @@ class Edge:
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine as a tracked task (shutdown waits for these)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self.loop or asyncio.get_running_loop()).create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -418,6 +420,7 @@ class Edge:
 
     async def start(self, sock: socket.socket | None = None) -> int:
         """Start pools, features, the client listeners and the admin listener; returns the client port."""
+        self.loop = asyncio.get_running_loop()
         if self.etcd is not None:
             self._background_task(self._check_etcd_credentials())
         for pool in self.pools.values():
