@@ -166,6 +166,23 @@ class FileBody(Body):
                 await out.write(chunk)
         return None
 
+    def send_now(self, transport: asyncio.Transport) -> int:
+        """Bytes of the body sent with sendfile(2) as far as the socket takes them now, without
+        waiting (-1: the file cannot be opened). Called with the head already written: a head
+        the socket took whole leaves the transport empty, the one state sendfile may start in
+        (else nothing is sent here). ``rest`` is what is left, for ``write_to``."""
+        if not self.length:
+            return 0
+        try:
+            self._open()
+        except OSError:
+            return -1
+        return _sendfile_now(transport, self.fd, self.offset, self.length)
+
+    def rest(self, sent: int) -> FileBody:
+        """The part after the first ``sent`` bytes, on this body's descriptor (which it never closes)."""
+        return FileBody(self.fd, self.offset + sent, (self.length or 0) - sent, owned=False)
+
     def close(self) -> None:
         if self.owned and self.fd >= 0:
             os.close(self.fd)
@@ -228,13 +245,18 @@ class Reply:
 
     A reply built from a stored response (a cache hit) carries the stored fields
     already serialised (``stored``) ahead of ``headers``, which then holds only
-    what this answer adds (Age, Cache-Status): the edge writes those bytes as
-    they are. The first read of ``headers`` merges the stored fields in, so a
-    feature sees, and may change, every field as in any other reply; only a hit
-    that nobody looks into skips building and serialising its fields.
+    what this answer adds: the edge writes those bytes as they are. The edge's own
+    per-answer fields (a hit's Age and Cache-Status) may come serialised too
+    (``added``: "Name: value\\r\\n" lines the edge made, never Date, Server or a
+    framing field), so a hit builds no field object at all. The first read of
+    ``headers`` merges all of them in, so a feature sees, and may change, every field
+    as in any other reply; only a hit that nobody looks into skips building and
+    serialising its fields. ``headers`` may be passed as None: an empty set, made
+    only if someone reads it.
     """
 
     __slots__ = (
+        "_added",
         "_headers",
         "_stored",
         "body",
@@ -248,7 +270,7 @@ class Reply:
     def __init__(
         self,
         status: int,
-        headers: CIMultiDict[str],
+        headers: CIMultiDict[str] | None = None,
         body: Body = EMPTY,
         reason: str | None = None,
         *,
@@ -256,6 +278,7 @@ class Reply:
         tunnel_head: bytes = b"",
         close_connection: bool = False,
         stored: StoredFields | None = None,
+        added: bytes = b"",
     ) -> None:
         self.status = status
         self._headers = headers
@@ -268,29 +291,58 @@ class Reply:
         # Close the client connection after this response.
         self.close_connection = close_connection
         self._stored = stored
+        self._added = added
 
     @property
     def headers(self) -> CIMultiDict[str]:
         stored = self._stored
-        if stored is not None:
+        if stored is not None or self._added:
             self._stored = None
-            merged = CIMultiDict(stored.fields)
-            merged.extend(self._headers)
+            merged = CIMultiDict(stored.fields) if stored is not None else CIMultiDict()
+            if self._added:
+                merged.extend(added_pairs(self._added))
+                self._added = b""
+            if self._headers:
+                merged.extend(self._headers)
             self._headers = merged
+        elif self._headers is None:
+            self._headers = CIMultiDict()
         return self._headers
 
     @headers.setter
     def headers(self, value: CIMultiDict[str]) -> None:
         self._stored = None
+        self._added = b""
         self._headers = value
 
     def unmerged(self) -> tuple[Wire, CIMultiDict[str]] | None:
         """For the writer: (the stored fields' wire form, the fields added) while nobody merged them."""
         stored = self._stored
-        return None if stored is None else (stored.wire, self._headers)
+        if stored is None:
+            return None
+        added = CIMultiDict(added_pairs(self._added)) if self._added else CIMultiDict()
+        if self._headers:
+            added.extend(self._headers)
+        return stored.wire, added
+
+    def wire_parts(self) -> tuple[Wire, bytes, CIMultiDict[str] | None] | None:
+        """For the HTTP/1.1 writer: (the stored fields' wire form, the edge's added lines as
+        bytes, the other fields added or None) while nobody merged them."""
+        stored = self._stored
+        if stored is None:
+            return None
+        return stored.wire, self._added, self._headers
 
     def __repr__(self) -> str:
         return f"<Reply {self.status} {self.reason or ''}>"
+
+
+def added_pairs(lines: bytes) -> list[tuple[str, str]]:
+    """The (name, value) pairs of serialised "Name: value\\r\\n" lines the edge made."""
+    return [
+        (name, value.strip())
+        for name, _, value in (line.partition(":") for line in lines.decode("latin-1").split("\r\n") if line)
+    ]
 
 
 class Wire(NamedTuple):

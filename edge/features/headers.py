@@ -26,6 +26,7 @@ feature sees it: the cache stores it clean, and a hit has nothing to clean.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -48,11 +49,19 @@ def forwarded_value(value: str, *, quote: bool = False) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@lru_cache(maxsize=4096)
 def _forwarded_node(address: str) -> str:
     """The for= node of an address (RFC 7239 6): IPv6 in brackets, quoted; "unknown" if none."""
     if not address:
         return "unknown"
     return forwarded_value(f"[{address}]" if ":" in address else address)
+
+
+@lru_cache(maxsize=4096)
+def _host_param(host: str) -> str:
+    """``;host=`` of a Forwarded element: per validated host, made once (the hosts a route
+    table answers are few; the cache is bounded whatever clients send)."""
+    return f";host={forwarded_value(host, quote=True)}"
 
 
 class HeaderHygiene:
@@ -111,14 +120,14 @@ class HeaderHygiene:
             if "Forwarded" in out:
                 out["Forwarded"] = ", ".join([*incoming.getall("Forwarded"), fwd])
             else:
-                out["Forwarded"] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
+                out["Forwarded"] = fwd + _host_param(host) if host else fwd
         else:
             # Set on every proxied request: istr names, folded once (edge/http/http1.py).
             out[_XFF] = peer
             out[_XFP] = ex.scheme
             if host:
                 out[_XFH] = host
-            out[_FORWARDED] = fwd + (f";host={forwarded_value(host, quote=True)}" if host else "")
+            out[_FORWARDED] = fwd + _host_param(host) if host else fwd
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:

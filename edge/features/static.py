@@ -16,7 +16,9 @@ answered inside the connection's data_received (``now``, edge/core/pipeline.py),
 with no task: its validators and type are serialised once per file
 (``FileInfo.wire``, sent as they are, as a cache hit's stored fields are) and its
 body object is shared by every answer. Larger files are sent from a descriptor
-opened when the body is written (sendfile).
+opened when the body is written: the edge writes the head and sendfile(2)s what the
+socket takes at once from data_received too (edge/front/server.py ``_send``), and takes a
+task only for a rest that has to wait for the client.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import unquote
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from edge.core.fields import parse_range
 from edge.core.pipeline import BytesBody, Exchange, FileBody, Reply, Wire
@@ -41,6 +43,10 @@ CACHE_ENTRIES = 4096
 CACHE_BYTES = 64 * 1024 * 1024  # file contents kept in memory, at most
 _NO_WIRE = Wire(b"", False, False)  # a directory's FileInfo: never sent
 TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
+# Looked up on every answer, absent from most requests: istr, folded once (edge/http/http1.py).
+_IF_NONE_MATCH = istr("If-None-Match")
+_IF_MODIFIED_SINCE = istr("If-Modified-Since")
+_RANGE = istr("Range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +120,9 @@ class StaticFiles:
         self._cache: dict[str, FileInfo] = {}
         self._cached_bytes = 0
         self._roots: dict[str, str] = {}
-        # (route prefix, raw path) -> checked relative path: the safety checks run once per URL.
-        self._paths: dict[tuple[str, bool, str], str | None] = {}
+        # (root, route prefix, dotfiles, raw path) -> (checked relative path, its path in the
+        # root): the safety checks and the join run once per URL.
+        self._paths: dict[tuple[str, str, bool, str], tuple[str | None, str]] = {}
 
     def _root(self, directory: str) -> str:
         root = self._roots.get(directory)
@@ -123,8 +130,9 @@ class StaticFiles:
             root = self._roots[directory] = os.path.realpath(directory)
         return root
 
-    def _info(self, root: str, rel: str) -> FileInfo | None:
-        full = os.path.join(root, rel) if rel else root
+    def _info(self, root: str, rel: str, full: str = "") -> FileInfo | None:
+        if not full:
+            full = os.path.join(root, rel) if rel else root
         try:
             st = os.stat(full)
         except (OSError, ValueError):
@@ -201,19 +209,23 @@ class StaticFiles:
         if request.method not in ("GET", "HEAD"):
             return Reply(405, CIMultiDict({"Allow": "GET, HEAD"}), BytesBody(b""))
         dotfiles = route.config.dotfiles
-        key = (route.prefix, dotfiles, request.raw_path)
+        directory = route.config.static
+        assert directory is not None
+        key = (directory, route.prefix, dotfiles, request.raw_path)
         try:
-            rel = self._paths[key]
+            rel, full = self._paths[key]
         except KeyError:
             rel = safe_relative_path(request.raw_path, route.prefix, dotfiles)
+            # The file's path in the root, joined once per URL as the checks are.
+            name = "" if rel is None else rel.rstrip("/")
+            full = os.path.join(self._root(directory), name) if name else self._root(directory)
             if len(self._paths) >= CACHE_ENTRIES:
                 self._paths.pop(next(iter(self._paths)))
-            self._paths[key] = rel
+            self._paths[key] = (rel, full)
         if rel is None:
             return not_found()
-        assert route.config.static is not None
-        root = self._root(route.config.static)
-        info = self._info(root, rel.rstrip("/"))
+        root = self._root(directory)
+        info = self._info(root, rel.rstrip("/"), full)
         if info is not None and info.content_type == "dir":
             if not rel.endswith("/") and rel:
                 location = request.raw_path.partition("?")[0] + "/"  # normalised, still encoded
@@ -233,14 +245,10 @@ class StaticFiles:
     def respond(self, ex: Exchange, info: FileInfo, open_files: bool = True) -> Reply:
         """200, 206, 304 or 416 for one file (``open_files`` off: opened when written)."""
         h = ex.request.headers
-        if (
-            info.body is not None
-            and "If-None-Match" not in h
-            and "If-Modified-Since" not in h
-            and "Range" not in h
-        ):
+        plain = _IF_NONE_MATCH not in h and _IF_MODIFIED_SINCE not in h and _RANGE not in h
+        if info.body is not None and plain:
             # The usual answer: the stored fields as serialised, nothing built per request.
-            return Reply(200, CIMultiDict(), info.body, stored=info)
+            return Reply(200, None, info.body, stored=info)
         headers: CIMultiDict[str] = CIMultiDict(info.base_headers)
         inm = h.get("If-None-Match")
         if inm is not None:

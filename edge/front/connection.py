@@ -79,6 +79,12 @@ class ConnectionHost(Protocol):
     @property
     def metrics(self) -> RequestCounter: ...
 
+    #: The loop it serves on, once started (None before: connections then ask asyncio).
+    #: asyncio.get_running_loop() makes a getpid(2) system call on every call (CPython 3.11
+    #: checks for a fork), which was one system call per answered request.
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
     def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None: ...
@@ -447,7 +453,7 @@ class ClientConnection(Linked, asyncio.Protocol):
     def _set_deadline(self, seconds: float, head: bool) -> None:
         """Filed in the deadline wheel lazily: a later deadline keeps the slot, which files the
         connection again when it comes early; only an earlier one costs a new filing."""
-        loop = asyncio.get_running_loop()
+        loop = self.edge.loop or asyncio.get_running_loop()
         due = loop.time() + seconds
         self._due = due
         self._head_deadline = head
@@ -466,7 +472,7 @@ class ClientConnection(Linked, asyncio.Protocol):
         due = self._due
         if not due:
             return  # a request came in the meantime
-        loop = asyncio.get_running_loop()
+        loop = self.edge.loop or asyncio.get_running_loop()
         if loop.time() < due:
             self._slot = wheel().add(self, due)
             return

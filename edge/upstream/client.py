@@ -141,17 +141,17 @@ class ResponseParser:
 
     def _parse_head(self, head: bytes) -> None:
         text = head.decode("latin-1") + "\r\n"
-        # Most heads are checked whole by two regular expressions (token names, values
+        # Most heads are checked whole by one regular expression (token names, values
         # without CR, LF or NUL: a subset of what the line-by-line parser takes), which
         # costs a third of the loop below; the rest take the loop, which names the fault.
-        line = _STATUS_LINE.match(text)
-        if line is not None and _RESPONSE_FIELDS.fullmatch(text, line.end()) is not None:
-            version, code, reason = line.groups()
+        whole = _RESPONSE_HEAD.fullmatch(text)
+        if whole is not None:
+            version, code, reason = whole.groups()
             status = int(code)
-            fields = text[line.end() : -2].split("\r\n") if len(text) > line.end() else []
-            if len(fields) > MAX_HEADERS:
+            # One findall for the (name, value) pairs, OWS stripped (as http1.FIELD_PAIR).
+            pairs = _RESPONSE_PAIR.findall(text, text.index("\r\n") + 2)
+            if len(pairs) > MAX_HEADERS:
                 raise UpstreamProtocolError("too many response headers")
-            pairs = [(name, value.strip(" \t")) for name, _, value in (f.partition(":") for f in fields)]
         else:
             version, status, reason, pairs = _parse_head_lines(text[:-2])
         if 100 <= status < 200 and status != 101:
@@ -250,8 +250,11 @@ class ResponseParser:
 
 
 _FIELD_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^\r\n\x00]*))?\r\n")
-_RESPONSE_FIELDS = re.compile(rf"(?:{_FIELD_NAME}:[^\r\n\x00]*\r\n)*")
+# A whole head in one match (status line, then field lines), and its pairs in one findall.
+_RESPONSE_HEAD = re.compile(
+    rf"(HTTP/1\.[0-9]) ([0-9]{{3}})(?: ([^\r\n\x00]*))?\r\n(?:{_FIELD_NAME}:[^\r\n\x00]*\r\n)*"
+)
+_RESPONSE_PAIR = re.compile(rf"({_FIELD_NAME}):[ \t]*+((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r\n")
 
 
 def _parse_head_lines(text: str) -> tuple[str, int, str, list[tuple[str, str]]]:

@@ -257,7 +257,10 @@ async def test_static_files_from_memory_take_no_task_and_follow_the_file_on_disk
             edge.port, [("GET", "/s/big.bin", {}), ("GET", "/s/big.bin", {"Range": "bytes=1000-"})]
         )
         assert whole.body == big and (tail.status, tail.body) == (206, big[1000:])
-        assert spawned[0] == 2  # one task per answer sent from a descriptor
+        # Sent from a descriptor, from data_received too: the head and sendfile(2) for what the
+        # socket takes at once; a task only for a rest that waits for the client (at most one
+        # per answer; none when the socket took the file whole, the usual case on loopback).
+        assert spawned[0] <= 2
         small.unlink()
         (gone,) = await exchange(edge.port, [("GET", "/s/a.css", {})])
         assert gone.status == 404

@@ -162,3 +162,47 @@ def test_static_files_go_out_with_sendfile_on_uvloop(tmp_path: Path, monkeypatch
     assert calls, "sendfile(2) was never called"
     assert calls[0][0] == 0 and calls[0][1] > 0  # the 200 started with sendfile at offset 0
     assert any(offset == 1000 for offset, _ in calls)  # and so did the 206
+
+
+def test_a_file_the_socket_takes_at_once_is_answered_without_a_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A static file past the in-memory size goes out from data_received: the head, then
+    sendfile(2) for what the socket takes at once; a task only for a rest that must wait for
+    the client. Byte for byte either way."""
+    data = os.urandom(100 * 1024)
+    (tmp_path / "f100k.bin").write_bytes(data)
+    sent: list[int] = []
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    cfg = {"route": [{"path": "/files/", "static": str(tmp_path)}]}
+    tasks: list[object] = []
+
+    async def run() -> None:
+        async with running_edge(cfg) as edge:
+            spawn = edge.spawn
+
+            def counted(coro: object) -> None:
+                tasks.append(coro)
+                spawn(coro)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(edge, "spawn", counted)
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            for _ in range(3):
+                writer.write(b"GET /files/f100k.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = await read_response(reader)
+                assert response.status == 200 and response.body == data
+            writer.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+    whole = sum(1 for n in sent if n == len(data))
+    assert whole, f"the socket never took the whole file at once (sendfile sent {sent}): nothing shown"
+    # Every answer the socket took whole at once was written without a task.
+    assert len(tasks) <= 3 - whole, (sent, len(tasks))

@@ -64,6 +64,41 @@ def test_stored_fields_go_out_as_serialised_and_the_added_ones_after_them() -> N
     assert got[6:] == [b"Content-Length: 1"]  # the stored Date stands: no second one
 
 
+def test_the_edges_added_lines_go_out_as_made_and_merge_when_a_feature_reads_the_fields() -> None:
+    """A hit's Age and Cache-Status come as serialised lines (``added``): written after the
+    stored fields with no field object built; a feature that reads ``headers`` sees them as
+    fields (after the stored ones, before any it adds), and the head is the same either way."""
+    stored = FixedFields((("Content-Type", "text/html"), ("ETag", '"a"')))
+    added = b"Age: 7\r\nCache-Status: edge; hit; ttl=3593\r\n"
+
+    def reply() -> Reply:
+        return Reply(200, None, BytesBody(b"x"), stored=stored, added=added)
+
+    untouched = reply()
+    assert untouched.wire_parts() == (stored.wire, added, None)
+    head = response_head(untouched, "GET", "HTTP/1.1", 1, True, (), SERVER)
+    got = lines(head)
+    assert got[1:5] == [
+        b"Content-Type: text/html", b'ETag: "a"', b"Age: 7", b"Cache-Status: edge; hit; ttl=3593"
+    ]  # fmt: skip
+    read = reply()
+    assert list(read.headers.items()) == [
+        ("Content-Type", "text/html"), ("ETag", '"a"'), ("Age", "7"), ("Cache-Status", "edge; hit; ttl=3593"),
+    ]  # fmt: skip
+    assert read.wire_parts() is None
+    merged = response_head(read, "GET", "HTTP/1.1", 1, True, (), SERVER)
+    assert DATE.sub(b"", merged) == DATE.sub(b"", head)
+    # The HTTP/2 writer's view of an untouched reply carries them as fields too.
+    wire, fields = reply().unmerged()  # type: ignore[misc]
+    assert wire == stored.wire
+    assert list(fields.items()) == [("Age", "7"), ("Cache-Status", "edge; hit; ttl=3593")]
+    # No headers given: an empty set, made when read.
+    bare = Reply(204)
+    assert response_head(bare, "GET", "HTTP/1.1", 0, True, ()).startswith(b"HTTP/1.1 204 No Content\r\n")
+    bare.headers["X"] = "y"
+    assert b"X: y\r\n" in response_head(bare, "GET", "HTTP/1.1", 0, True, ())
+
+
 def test_a_line_smuggled_into_a_field_or_the_reason_is_refused() -> None:
     with pytest.raises(ValueError):
         response_head(Reply(200, CIMultiDict([("X", "a\r\nSet-Cookie: b")])), "GET", "HTTP/1.1", 0, True, ())

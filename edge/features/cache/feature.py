@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import istr
 
 from edge.core.errors import error_reply
 from edge.core.fields import ResponseCleaner, TrustedProxies
@@ -55,6 +55,7 @@ from edge.features.cache.respond import from_entry
 from edge.features.cache.shared import FillLocks, NodeDirectory
 from edge.features.cache.store import Entry, MemoryStore
 from edge.features.cache.upstream import Upstream
+from edge.http.http1 import field_lines
 
 if TYPE_CHECKING:
     from edge.core.config import Config
@@ -113,7 +114,10 @@ class CacheFeature(Upstream):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts: dict[str, int] = {}
         self.hits = 0  # plain hits, kept apart from `counts` to save the hit path a dict update
-        self._hit_status = f"{self.name}; hit; ttl=" if self.name else ""
+        # b"Cache-Status: name; hit; ttl=": the name is an RFC 9211 Token or String (no CR
+        # or LF; field_lines checks once, here), the ttl an integer appended per hit.
+        status_line = field_lines([("Cache-Status", f"{self.name}; hit; ttl=")]) if self.name else "\r\n"
+        self._hit_status_line = status_line.encode("latin-1")[:-2]
         # Edge Architecture 1.0: a surrogate that reads Surrogate-Control announces itself
         # upstream, so the origin can target directives at it.
         targeted = {n.lower() for n in c.targeted_fields}
@@ -193,13 +197,17 @@ class CacheFeature(Upstream):
             return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
         if entry.freq < 3:
             entry.freq += 1
-        added: CIMultiDict[str] = CIMultiDict([("Age", str(int(age)))])
-        if self._hit_status:
-            added.add("Cache-Status", f"{self._hit_status}{int(ttl)}")
+        # Age and Cache-Status as the bytes they go out as: no field object for a hit
+        # (Reply merges them into its headers if a feature reads them).
+        hit_status = self._hit_status_line
+        if hit_status:
+            added = b"Age: %d\r\n%b%d\r\n" % (age, hit_status, ttl)
+        else:
+            added = b"Age: %d\r\n" % age
         ex.cache_status = "HIT"
         self.hits += 1
         # The stored fields go out pre-serialised unless an outer feature reads them.
-        return Reply(entry.status, added, BytesBody(entry.body), entry.reason, stored=entry)
+        return Reply(entry.status, None, BytesBody(entry.body), entry.reason, stored=entry, added=added)
 
     def _rules_for(self, ex: Exchange) -> Any:
         rules = self._rules.get(id(ex.route))

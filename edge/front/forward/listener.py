@@ -188,6 +188,7 @@ class ForwardProxy:
             self.metrics.cache_counts = lambda: cache.counts
         self.handle: Handler = chain(self.features, self._terminal)
         self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start() (ConnectionHost)
         self._listener: asyncio.Server | None = None
         self._closed_at = 0.0  # when shutdown began (monotonic); 0 while serving
         self._no_tunnels = asyncio.Event()
@@ -357,6 +358,7 @@ class ForwardProxy:
 
     async def start(self) -> int:
         """Start the chain's background work and the listener; returns the bound port."""
+        self.loop = asyncio.get_running_loop()
         for feature in self.features:
             start = getattr(feature, "start", None)
             if start is not None:
