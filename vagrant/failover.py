@@ -11,7 +11,10 @@ Three experiments, each printing its figures:
   back) while a client resolves through ns1 before every request and sends
   requests continuously; count the failed requests (the goal is 0).
 
-Four more run on the VM lab, each a window of client traffic around a failure:
+Four more run on the VM lab, each a window of client traffic around a failure, and
+a baseline window with no failure at all (whatever fails there is not a failover's):
+
+- baseline: no fault; every request must succeed.
 
 - etcd-member: one etcd member stopped (DNS and proxying must not notice).
 - etcd-quorum: two of three members stopped: dnsd answers from its last-known
@@ -131,9 +134,12 @@ class CommandCluster:
     restart_cmd: str
     request_timeout: float = 2.0
     commands: list[str] = field(default_factory=list)
-    # Why requests failed ("HTTP 503", "TimeoutError", ...): the etcd-lost runs on the VMs
-    # failed 17 of 18 requests, and a count alone did not say whether the edge answered.
+    # Why requests failed ("HTTP 503", "TimeoutError", ...) and at which edge: the
+    # etcd-lost runs on the VMs failed 17 of 18 requests, and a count alone did not say
+    # whether the edge answered, nor which one did not.
     failures: Counter[str] = field(default_factory=Counter)
+    # Seconds each request took, failed or not, since the last report.
+    timings: list[float] = field(default_factory=list)
 
     def resolve(self) -> list[str]:
         return self._dig(self.ns)
@@ -159,16 +165,18 @@ class CommandCluster:
 
     def request(self, address: str) -> bool:
         conn = http.client.HTTPConnection(address, self.http_port, timeout=self.request_timeout)
+        started = time.monotonic()
         try:
             conn.request("GET", "/", headers={"Host": self.name, "Connection": "close"})
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            self.failures[type(exc).__name__] += 1
+            self.failures[f"{type(exc).__name__} at {address}"] += 1
             return False
         finally:
             conn.close()
+            self.timings.append(time.monotonic() - started)
         if status >= 500:
-            self.failures[f"HTTP {status}"] += 1
+            self.failures[f"HTTP {status} at {address}"] += 1
             return False
         return True
 
@@ -467,7 +475,7 @@ def parse_edges(text: str) -> dict[str, str]:
     return edges
 
 
-EXPERIMENTS = ("crash", "halt", "rolling", "etcd-member", "etcd-quorum", "dnsd", "upgrade")
+EXPERIMENTS = ("baseline", "crash", "halt", "rolling", "etcd-member", "etcd-quorum", "dnsd", "upgrade")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "experiments",
         nargs="*",
-        metavar="{crash,halt,rolling,etcd-member,etcd-quorum,dnsd,upgrade}",
+        metavar="{baseline,crash,halt,rolling,etcd-member,etcd-quorum,dnsd,upgrade}",
         help="what to run (default: crash, halt, rolling)",
     )
     p.add_argument(
@@ -505,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart one edge without losing requests: the agent drains before the edge stops",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of each experiment (min/median/max)")
-    p.add_argument("--window", type=float, default=20.0, help="seconds of traffic during an etcd failure")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=20.0,
+        help="seconds of traffic in the baseline and during an etcd failure",
+    )
     p.add_argument("--ns2", default="192.168.56.12", help="the second DNS server (dnsd experiment)")
     p.add_argument("--ns-vm", default="ns1", help="the VM of --ns (dnsd experiment)")
     p.add_argument("--etcd-members", default="app1,ns2", help="members the etcd experiments stop, in order")
@@ -522,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What each experiment's summary line is about.
 EXPERIMENT_FIGURE = {
+    "baseline": "failed requests",
     "crash": "seconds until out of DNS",
     "halt": "seconds until out of DNS",
     "rolling": "failed requests",
@@ -543,6 +557,11 @@ def run_experiment(
 ) -> tuple[bool, float | None]:
     """One run of one experiment: (passed, its figure for the summary)."""
     expected = set(edges.values())
+    if experiment == "baseline":
+        print(f"{tag}: no fault; {args.window:.0f} s of traffic", flush=True)
+        count = traffic_window(cluster, clock, args.window, args.interval, expected)
+        _print_window(count)
+        return count.failed == 0 and count.short_answers == 0, float(count.failed)
     if experiment in ("crash", "halt"):
         crash = experiment == "crash"
         how = "power off (crash)" if crash else "graceful halt"
@@ -572,11 +591,7 @@ def run_experiment(
             wait_action(
                 clock, cluster.run(args.etcd_start_cmd.format(member=shlex.quote(member))), args.timeout
             )
-        print(
-            f"  {count.requests} requests, {count.failed} failed,"
-            f" {count.short_answers} answers missing an edge,"
-            f" slowest resolution {count.slowest_resolve * 1000:.0f} ms"
-        )
+        _print_window(count)
         return count.failed == 0 and count.short_answers == 0, float(count.failed)
     if experiment == "dnsd":
         print(f"{tag}: power off {args.ns_vm} ({args.ns}); the client falls back to {args.ns2}", flush=True)
@@ -606,6 +621,14 @@ def run_experiment(
         f" {count.failed} failed, {count.unresolved} without any address"
     )
     return ok and count.failed == 0, float(count.failed)
+
+
+def _print_window(count: WindowCount) -> None:
+    print(
+        f"  {count.requests} requests, {count.failed} failed,"
+        f" {count.short_answers} answers missing an edge,"
+        f" slowest resolution {count.slowest_resolve * 1000:.0f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,6 +677,14 @@ def main(argv: list[str] | None = None) -> int:
                 causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                 print(f"  failed requests by cause: {causes}")
                 reasons.clear()
+            timings = getattr(cluster, "timings", None)
+            if timings:
+                ms = sorted(t * 1000 for t in timings)
+                print(
+                    f"  request time: median {statistics.median(ms):.0f} ms,"
+                    f" 90th {ms[int(0.9 * (len(ms) - 1))]:.0f} ms, max {ms[-1]:.0f} ms"
+                )
+                timings.clear()
             if not ok:
                 status = 1
             if figure is not None:

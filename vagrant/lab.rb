@@ -51,6 +51,13 @@ module CarouselLab
     # between keepalives.
     "CAROUSEL_AGENT_TTL" => "",
     "CAROUSEL_CHECK_TIMEOUT" => "",
+    # Seconds between health checks: the agents' of their service and the edges' of the
+    # APs. Empty: the roles' defaults (1 and 2); vagrant/vmlab.py raises both under TCG,
+    # where an idle daemon's checks took a share of an emulated vCPU.
+    "CAROUSEL_CHECK_INTERVAL" => "",
+    # etcd's Raft heartbeat in milliseconds; the election timeout is ten of them and the
+    # agents' agent_etcd_election_timeout follows. Empty: the role's 100 ms.
+    "CAROUSEL_ETCD_HEARTBEAT_MS" => "",
     # Seconds between the dashboard's scrapes of every admin endpoint. Empty: the role's
     # default (2); vagrant/vmlab.py raises it under TCG, where scraping every 2 s took a
     # quarter of ns1's emulated CPU (measured) and slowed every Ansible run on it.
@@ -105,12 +112,24 @@ module CarouselLab
       raise Error, "CAROUSEL_AGENT_TTL=#{s}: expected whole seconds" unless s == s.to_i
       vars["agent_ttl"] = s.to_i
     end
-    # The agents' checks of their service and the edges' checks of the APs alike.
+    # The agents' checks of their service, the edges' checks of the APs and the
+    # dashboard's scrapes of the admin listeners alike.
     seconds(env, "CAROUSEL_CHECK_TIMEOUT") do |s|
       vars["agent_check_timeout"] = s
       vars["edge_pool_health_timeout"] = s
+      vars["dashboard_scrape_timeout"] = s
     end
     seconds(env, "CAROUSEL_DASHBOARD_INTERVAL") { |s| vars["dashboard_scrape_interval"] = s }
+    seconds(env, "CAROUSEL_CHECK_INTERVAL") do |s|
+      vars["agent_check_interval"] = s
+      vars["edge_pool_health_interval"] = s
+    end
+    seconds(env, "CAROUSEL_ETCD_HEARTBEAT_MS") do |s|
+      raise Error, "CAROUSEL_ETCD_HEARTBEAT_MS=#{s}: expected whole milliseconds" unless s == s.to_i
+      vars["etcd_heartbeat_interval_ms"] = s.to_i
+      vars["etcd_election_timeout_ms"] = 10 * s.to_i
+      vars["agent_etcd_election_timeout"] = s.to_i / 100.0
+    end
     strategy = setting(env, "CAROUSEL_NODES_STRATEGY")
     vars["site_nodes_strategy"] = strategy unless strategy.empty?
     vars

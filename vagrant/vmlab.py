@@ -101,8 +101,18 @@ ANSIBLE_TIMEOUT_TCG = "120"
 # The dashboard's scrape interval under TCG, in seconds (the role's default is 2): on
 # the smoke lab's ns1 (one emulated vCPU, etcd beside it) the dashboard took 24 % of the
 # CPU scraping every 2 s, etcd 33 %, and the second site.yml run took longer than the
-# first (3,240 s against 1,745 s, measured).
-DASHBOARD_INTERVAL_TCG = "10"
+# first (3,240 s against 1,745 s, measured). At 10 s on the seven-VM lab, where each of
+# the two dashboards (ns1, ns2) scrapes every node's listeners, they took 29 % and 35 %.
+DASHBOARD_INTERVAL_TCG = "30"
+# Seconds between health checks under TCG, the agents' and the edges' (the roles' 1 s
+# and 2 s). Idle, on the seven-VM lab, each edge VM's agent took 13-15 % of its vCPU
+# and its edge 16-19 % (measured over 60 s, vagrant/README.md).
+CHECK_INTERVAL_TCG = "3"
+# etcd's Raft heartbeat under TCG in milliseconds (the role's 100; the election timeout
+# is ten of them): each idle member took 43-51 % of its emulated vCPU, and an RTT between
+# loaded TCG VMs reaches hundreds of milliseconds, where etcd's tuning guide sets the
+# heartbeat near the RTT and a 100 ms one invites needless elections.
+ETCD_HEARTBEAT_MS_TCG = "500"
 # The only networks a lab interface may carry: the lab's private /21 (lab.rb), the
 # libvirt management network and loopback.
 ALLOWED_NETWORKS = [
@@ -180,6 +190,10 @@ def lab_env() -> dict[str, str]:
         CAROUSEL_ANSIBLE_TIMEOUT=env.get("CAROUSEL_ANSIBLE_TIMEOUT", ANSIBLE_TIMEOUT_TCG if PVM_HOST else ""),
         CAROUSEL_DASHBOARD_INTERVAL=env.get(
             "CAROUSEL_DASHBOARD_INTERVAL", DASHBOARD_INTERVAL_TCG if PVM_HOST else ""
+        ),
+        CAROUSEL_CHECK_INTERVAL=env.get("CAROUSEL_CHECK_INTERVAL", CHECK_INTERVAL_TCG if PVM_HOST else ""),
+        CAROUSEL_ETCD_HEARTBEAT_MS=env.get(
+            "CAROUSEL_ETCD_HEARTBEAT_MS", ETCD_HEARTBEAT_MS_TCG if PVM_HOST else ""
         ),
         # The lab's archive holds carousel itself (build_venv): the roles run no pip.
         CAROUSEL_VENV_HAS_CAROUSEL=env.get("CAROUSEL_VENV_HAS_CAROUSEL", "1"),

@@ -190,7 +190,8 @@ def test_rendered_configs_carry_the_inventory(example_render: Path) -> None:
     (service,) = agent["service"]
     assert (service["name"], service["port"], service["ipv4"]) == ("edge", 80, ["192.168.56.23"])
     edge = tomllib.loads((example_render / "edge3" / "etc/carousel/edge.toml").read_text())
-    assert service["check"]["url"] == f"http://127.0.0.1:{edge['admin']['port']}/healthz"
+    # The edge's admin listener is on the node's address (see the admin token test below).
+    assert service["check"]["url"] == f"http://192.168.56.23:{edge['admin']['port']}/healthz"
 
     app_agent = tomllib.loads((example_render / "app2" / "etc/carousel/agent.toml").read_text())
     assert [s["name"] for s in app_agent["service"]] == ["app"]
@@ -374,3 +375,56 @@ def test_dashboard_scrapes_etcd_on_its_plain_metrics_listener(example_render: Pa
     dashboard = tomllib.loads((example_render / "ns1" / "etc/carousel/dashboard.toml").read_text())
     etcd_targets = sorted(t["url"] for t in dashboard["dashboard"]["target"] if t["role"] == "etcd")
     assert etcd_targets == sorted(members.values())
+
+
+def _admin_sections(root: Path) -> dict[tuple[str, str], dict[str, object]]:
+    """The [admin] table of every rendered dnsd, edge and agent config: (host, file) -> table."""
+    found = {}
+    for config in sorted(root.rglob("*.toml")):
+        if config.name in ("dnsd.toml", "edge.toml", "agent.toml"):
+            host = config.relative_to(root).parts[0]
+            found[(host, config.name)] = tomllib.loads(config.read_text())["admin"]
+    return found
+
+
+def test_admin_listeners_face_the_cluster_with_one_generated_token(example_render: Path) -> None:
+    # The dashboard on ns1 scrapes every node's admin listeners: on 127.0.0.1 they were
+    # out of its reach (every scrape of another node failed on the VM lab). They bind the
+    # node's address and ask for the cluster's admin token, which the controller made once.
+    token_file = example_render / "admin-token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 16 and token.isalnum()
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    inventory = {"ns1": "192.168.56.11", "ns2": "192.168.56.12", "edge1": "192.168.56.21"}
+    inventory |= {"edge2": "192.168.56.22", "edge3": "192.168.56.23"}
+    inventory |= {"app1": "192.168.56.31", "app2": "192.168.56.32"}
+    admin = _admin_sections(example_render)
+    assert len(admin) == 2 + 3 * 2 + 2  # dnsd x2, edge+agent x3, agent x2
+    for (host, name), table in admin.items():
+        assert table["host"] == inventory[host], (host, name)
+        assert table["token"] == token, (host, name)
+    dashboard = tomllib.loads((example_render / "ns1" / "etc/carousel/dashboard.toml").read_text())
+    assert dashboard["dashboard"]["token"] == token
+    dns_targets = sorted(t["url"] for t in dashboard["dashboard"]["target"] if t["role"] == "dns")
+    assert dns_targets == [f"http://{inventory[h]}:{admin[(h, 'dnsd.toml')]['port']}" for h in ("ns1", "ns2")]
+    # The edges and agents are found through their registry records: the agent publishes
+    # the URLs of the listeners it renders beside (meta "admin" and "agent").
+    for host in ("edge1", "app2"):
+        agent = tomllib.loads((example_render / host / "etc/carousel/agent.toml").read_text())
+        (service,) = agent["service"]
+        assert service["meta"]["agent"] == f"http://{inventory[host]}:{admin[(host, 'agent.toml')]['port']}"
+        if host.startswith("edge"):
+            edge_admin = f"http://{inventory[host]}:{admin[(host, 'edge.toml')]['port']}"
+            assert service["meta"]["admin"] == edge_admin
+            assert service["check"]["url"] == edge_admin + "/healthz"
+
+
+def test_an_existing_admin_token_is_kept(tmp_path: Path) -> None:
+    # A second run reads the token back: the listeners and the dashboard keep agreeing.
+    (tmp_path / "rendered").mkdir()
+    (tmp_path / "rendered" / "admin-token").write_text("kept0123456789abcdefKEPT\n")
+    out = render(tmp_path, EXAMPLE_INVENTORY, "--limit", "edge1")
+    assert out.returncode == 0, out.stdout[-4000:]
+    admin = _admin_sections(tmp_path / "rendered")
+    assert {name for _host, name in admin} == {"edge.toml", "agent.toml"}
+    assert all(table["token"] == "kept0123456789abcdefKEPT" for table in admin.values())

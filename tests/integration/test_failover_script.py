@@ -60,5 +60,7 @@ def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPS
         s.bind(("127.0.0.1", 0))
         refused = _cluster(s.getsockname()[1])
         assert not refused.request("127.0.0.1")
-    assert dict(cluster.failures) == {"HTTP 503": 2}
-    assert dict(refused.failures) == {"ConnectionRefusedError": 1}
+    assert dict(cluster.failures) == {"HTTP 503 at 127.0.0.1": 2}
+    assert dict(refused.failures) == {"ConnectionRefusedError at 127.0.0.1": 1}
+    # Every request's time is kept, the failed ones too.
+    assert len(cluster.timings) == 3 and len(refused.timings) == 1

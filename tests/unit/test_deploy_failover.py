@@ -172,3 +172,15 @@ def test_a_failed_dig_is_not_counted_as_the_edge_leaving() -> None:
     cluster.resolve = flaky  # type: ignore[attr-defined]
     out = failover.measure_outage(cluster, clock, "edge2", EDGES["edge2"], True, timeout=60, poll=0.1)
     assert out.gone_after is not None and 5.0 <= out.gone_after <= 5.1 + 1e-9
+
+
+def test_the_baseline_window_counts_failures_with_no_fault() -> None:
+    # With no fault every request must succeed; an edge that stopped serving (here: no
+    # drain, so DNS still lists it) is caught by the baseline's count as well.
+    clock, cluster = _cluster()
+    args = failover.build_parser().parse_args(["baseline"])
+    ok, failed = failover.run_experiment("baseline", "baseline", cluster, clock, args, dict(EDGES), "edge2")
+    assert ok and failed == 0.0 and clock.now() >= args.window
+    cluster.edges[EDGES["edge3"]].serving.append((clock.now(), False))
+    ok, failed = failover.run_experiment("baseline", "baseline", cluster, clock, args, dict(EDGES), "edge2")
+    assert not ok and failed is not None and failed > 0

@@ -119,6 +119,8 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         CAROUSEL_CHECK_TIMEOUT="3",
         CAROUSEL_ANSIBLE_TIMEOUT="120",
         CAROUSEL_DASHBOARD_INTERVAL="10",
+        CAROUSEL_CHECK_INTERVAL="4",
+        CAROUSEL_ETCD_HEARTBEAT_MS="250",
         CAROUSEL_NODES_STRATEGY="mitogen_free",
     )
     assert plan["ansible_timeout"] == 120
@@ -133,7 +135,15 @@ def test_vm_lab_settings_reach_the_plan() -> None:
         "agent_ttl": 15,
         "agent_check_timeout": 3.0,
         "edge_pool_health_timeout": 3.0,
+        "dashboard_scrape_timeout": 3.0,
         "dashboard_scrape_interval": 10.0,
+        "agent_check_interval": 4.0,
+        "edge_pool_health_interval": 4.0,
+        # The election timeout ten heartbeats, and the agents told (they refuse a TTL
+        # etcd would raise above 1.5 x the election timeout).
+        "etcd_heartbeat_interval_ms": 250,
+        "etcd_election_timeout_ms": 2500,
+        "agent_etcd_election_timeout": 2.5,
         "site_nodes_strategy": "mitogen_free",
     }
 
@@ -167,6 +177,8 @@ def test_carousel_in_the_archive_needs_an_archive() -> None:
         ("CAROUSEL_AGENT_TTL", "0"),
         ("CAROUSEL_CHECK_TIMEOUT", "x"),
         ("CAROUSEL_DASHBOARD_INTERVAL", "0"),
+        ("CAROUSEL_CHECK_INTERVAL", "-1"),
+        ("CAROUSEL_ETCD_HEARTBEAT_MS", "250.5"),
         ("CAROUSEL_ANSIBLE_TIMEOUT", "2.5"),
     ],
 )
