@@ -40,6 +40,8 @@ XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 # The edge's hot modules run compiled when `pip install` found a C compiler (setup.py); the
 # same tests again on the pure-Python sources, which stay the fallback. `make test` runs the
 # unit tests and the edge's integration tests both ways; `make test-pure` runs everything pure.
+# The pure pass leaves out the unit test files whose code reaches no compiled module and starts
+# no Python (tests/pure_scope.py, read from their imports): both passes would run them alike.
 # dnsd's receive loop is compiled too (dnsd/_udploop.c): its batch test runs both ways.
 PURE       := CAROUSEL_PURE_PYTHON=1
 EDGE_TESTS := $(wildcard tests/integration/test_edge_*.py tests/integration/test_cache_*.py \

@@ -13,6 +13,7 @@ import pytest
 from carousel.config import EtcdConfig
 from carousel.etcdserver import EtcdProcess
 from tests.procs import ProcessGroup
+from tests.pure_scope import runs_the_same_pure
 
 E2E_ALONE = (
     "e2e tests run in a pytest process of their own (`make test` does so; or `pytest tests/e2e`): "
@@ -41,6 +42,20 @@ def _longest_first(item: pytest.Item) -> int:
         if path.endswith(name):
             return rank
     return len(LONGEST_FIRST)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """In the pure-Python pass, leave out the unit test files it would run unchanged
+    (tests/pure_scope.py says which): `make test` has just run them."""
+    if (
+        os.environ.get("CAROUSEL_PURE_PYTHON")
+        and collection_path.suffix == ".py"
+        and collection_path.name.startswith("test_")
+        and collection_path.parent.name == "unit"
+        and runs_the_same_pure(collection_path)
+    ):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
