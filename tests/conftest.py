@@ -28,6 +28,7 @@ E2E_ALONE = (
 # idle for minutes. Order does not matter otherwise: every test file stands alone.
 LONGEST_FIRST = (
     "tests/integration/test_deploy_ansible.py",
+    "tests/vm/test_venv_archive.py",
     "tests/unit/test_dns_fuzz.py",
     "tests/integration/test_deploy_etcd_security.py",
     "tests/integration/test_dnsd_workers_node.py",
