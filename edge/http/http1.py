@@ -258,7 +258,7 @@ def _parse_head_fast(
     known = _NAMES
     for i in range(1, n + 1):
         name, sep, value = lines[i].partition(":")
-        lower = known.get(name)
+        lower = known[name] if name in known else None  # no method lookup (compiled)
         if lower is None:
             if not sep or _FIELD_NAME.fullmatch(name) is None:
                 return None
