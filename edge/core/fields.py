@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from edge.core.pipeline import Wire
 from edge.http.http1 import CONNECTION
 
 if TYPE_CHECKING:
@@ -152,6 +153,16 @@ def _is_port(port: str, colon: str) -> bool:
     return colon == ":" and 0 < len(port) <= 5 and port.isascii() and port.isdigit()
 
 
+class MemberFields:
+    """A member's response fields, cleaned and serialised: ``StoredFields`` for a ``Reply``."""
+
+    __slots__ = ("fields", "wire")
+
+    def __init__(self, fields: tuple[tuple[str, str], ...], wire: Wire) -> None:
+        self.fields = fields
+        self.wire = wire
+
+
 class ResponseCleaner:
     """Removes from a member's response what must not reach the client."""
 
@@ -163,9 +174,49 @@ class ResponseCleaner:
     def __call__(self, headers: CIMultiDict[str]) -> None:
         hidden = self.hidden
         if CONNECTION in headers:
-            hidden = hidden | connection_tokens(headers)
+            tokens = connection_tokens(headers)
+            if not tokens <= hidden:
+                hidden = hidden | tokens
         for name in [k for k in headers if k.lower() in hidden]:
             headers.popall(name, None)
+
+    def member_fields(self, pairs: list[tuple[str, str]], names: list[str]) -> MemberFields | None:
+        """What ``__call__`` leaves of a member's fields (``pairs``, their lower-case ``names``),
+        serialised once; None when a Location or Content-Location is among them (the proxy
+        rewrites those on the fields as a CIMultiDict).
+
+        A proxied response that no feature looks into goes out as these bytes (a cache hit's
+        way, edge/core/pipeline.py ``Reply``): no CIMultiDict built, cleaned and written again.
+        """
+        hidden = self.hidden
+        if "connection" in names:
+            tokens = {
+                token
+                for i, name in enumerate(names)
+                if name == "connection"
+                for t in pairs[i][1].split(",")
+                if (token := t.strip().lower())
+            }
+            if not tokens <= hidden:  # "keep-alive" or "close", as most members send: nothing new
+                hidden = hidden | tokens
+        kept: list[tuple[str, str]] = []
+        lines: list[str] = []
+        date = server = False
+        for i, name in enumerate(names):
+            if name in hidden:
+                continue
+            if name == "location" or name == "content-location":
+                return None
+            if name == "date":
+                date = True
+            elif name == "server":
+                server = True
+            pair = pairs[i]
+            kept.append(pair)
+            lines.append(f"{pair[0]}: {pair[1]}\r\n")
+        # The member's head was read as latin-1 and checked for CR, LF and NUL: every value
+        # encodes back to the bytes it came as.
+        return MemberFields(tuple(kept), Wire("".join(lines).encode("latin-1"), date, server))
 
     def fields(self, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
         """The same for stored pairs: the pairs to keep, or None when nothing goes."""

@@ -404,9 +404,13 @@ NowHandler = Callable[[Exchange], "Reply | None"]
 
 
 class Feature(Protocol):
-    """One pipeline feature: answer, or call the next handler and adjust its reply."""
+    """One pipeline feature: answer, or call the next handler and adjust its reply.
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
+    Usually an ``async def``; a feature with nothing to do on the way back may be a plain
+    function that returns ``call_next(ex)`` as it is (no coroutine of its own per request).
+    """
+
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[Reply]: ...
 
 
 class SyncFeature:

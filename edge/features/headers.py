@@ -26,6 +26,7 @@ feature sees it: the cache stores it clean, and a hit has nothing to clean.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from functools import lru_cache
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -77,6 +78,8 @@ class HeaderHygiene:
         extra |= {p.hash_key[7:].lower() for p in config.pool.values() if p.hash_key.startswith("header:")}
         self.protected = PROTECTED | frozenset(extra)
         self.cache_on = config.cache.enabled
+        # What an untrusted peer's request loses: made once, not a set union per request.
+        self._untrusted_drop = HOP_BY_HOP | FORWARDING
 
     def _honoured(self, ex: Exchange, incoming: CIMultiDictProxy[str]) -> frozenset[str]:
         """HOP_BY_HOP plus the Connection options this request may have removed."""
@@ -92,11 +95,14 @@ class HeaderHygiene:
     def upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         """The request headers to send upstream; sets ``ex.client_ip``."""
         incoming = ex.request.headers
-        drop = self._honoured(ex, incoming) if CONNECTION in incoming else HOP_BY_HOP
         peer = ex.request.remote
         trusted = self.trusted.is_trusted(peer)
-        if not trusted:
-            drop = drop | FORWARDING
+        if CONNECTION in incoming:
+            drop = self._honoured(ex, incoming)
+            if not trusted:
+                drop = drop | FORWARDING
+        else:
+            drop = HOP_BY_HOP if trusted else self._untrusted_drop
         out: CIMultiDict[str] = CIMultiDict()
         underscores = self.underscores
         for name, value in incoming.items():
@@ -122,12 +128,13 @@ class HeaderHygiene:
             else:
                 out["Forwarded"] = fwd + _host_param(host) if host else fwd
         else:
-            # Set on every proxied request: istr names, folded once (edge/http/http1.py).
-            out[_XFF] = peer
-            out[_XFP] = ex.scheme
+            # Set on every proxied request: istr names, folded once (edge/http/http1.py). The
+            # client's own values were all dropped above (FORWARDING): added, not replaced.
+            out.add(_XFF, peer)
+            out.add(_XFP, ex.scheme)
             if host:
-                out[_XFH] = host
-            out[_FORWARDED] = fwd + _host_param(host) if host else fwd
+                out.add(_XFH, host)
+            out.add(_FORWARDED, fwd + _host_param(host) if host else fwd)
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
@@ -143,10 +150,12 @@ class HeaderHygiene:
         if self.trusted.networks and self.trusted.is_trusted(peer):
             ex.client_ip = self.trusted.client_of(peer, ex.request.headers.getall("X-Forwarded-For", []))
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[Reply]:
+        # Nothing to do on the way back: the next handler's awaitable is handed back as it
+        # is, with no coroutine of this feature's own around it.
         if ex.route.kind == "pool":
             ex.upstream_headers = self.upstream_headers(ex)
-        return await call_next(ex)
+        return call_next(ex)
 
 
 def feature(config: Config, ctx: EdgeContext) -> HeaderHygiene:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import structlog
@@ -65,6 +65,12 @@ log = structlog.get_logger("carousel.edge")
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _PAGE_502 = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+
+async def _ready(reply: Reply | None) -> Reply:
+    """An answer made at once (a fixed one, a redirect), as the async chain's terminal gives it."""
+    assert reply is not None
+    return reply
 
 
 def check_config(config: Config, file: str = "<config>") -> Config:
@@ -188,15 +194,14 @@ class Edge:
         # but the Reply (a feature that reads its headers gets them merged, as for a cache hit).
         return Reply(cfg.respond, None, fixed[0], stored=fixed[1])
 
-    async def _terminal(self, ex: Exchange) -> Reply:
+    def _terminal(self, ex: Exchange) -> Awaitable[Reply]:
+        # The terminal's own awaitable, with no coroutine of the Edge's around it.
         kind = ex.route.kind
         if kind == "pool":
-            return await self.proxy(ex)
+            return self.proxy(ex)
         if kind == "static":
-            return await self.static(ex)
-        reply = self._terminal_now(ex)
-        assert reply is not None
-        return reply
+            return self.static(ex)
+        return _ready(self._terminal_now(ex))
 
     def answer_now(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer a complete request; None when done, or what is left to await.

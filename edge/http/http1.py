@@ -81,17 +81,7 @@ def _escape_table() -> dict[str, str]:
 # "2e" -> ".", "2f" -> "" (refused), "c3" -> "%C3": one lookup per escape (RFC 3986 6.2.2.1-2).
 _ESCAPES = _escape_table()
 _MULTI_SLASH = re.compile(r"//+")
-# The same grammar for a whole head at once: an origin-form request line, then field lines.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = rf"({_TOKEN}) (/[\x21-\x7e\x80-\xff]*) (HTTP/1\.[01])\r\n"
-_FIELD_LINES = rf"(?:{_TOKEN}:[\t\x20-\x7e\x80-\xff]*\r\n)*"
-# One match checks a whole head (request line and every field line), one findall takes its
-# (name, value) pairs with the value's OWS already stripped (RFC 9112 5): the line split,
-# partition and strip per field they replace were half of a short head's parse. The
-# possessive ``[ \t]*+`` keeps the value's match linear in its length (no backtracking into
-# the leading whitespace).
-_HEAD = re.compile(_REQUEST_LINE + _FIELD_LINES)
-FIELD_PAIR = re.compile(rf"({_TOKEN}):[ \t]*+((?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[ \t]*\r\n")
 
 
 class ParseError(Exception):
@@ -211,20 +201,75 @@ def normalize_path(path: str) -> str:
 def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = False) -> Head:
     """Parse everything before the empty line (CRLFs included, the empty line excluded).
 
-    Most heads are checked whole by one regular expression (same grammar as the
-    line-by-line parser below); a head they refuse, or one with an absolute or
+    Most heads are taken by ``_parse_head_fast`` (the same grammar as the line-by-line
+    parser below, for an origin-form target); a head it leaves, or one with an absolute or
     authority-form target, takes the line-by-line parser, which names the fault.
     """
-    text = block.decode("latin-1") + "\r\n"
-    if len(text) <= max_field:  # then no line is longer than max_field either
-        whole = _HEAD.fullmatch(text)
-        if whole is not None:
-            # Every line is now known to be token ":" value: the first colon ends the name.
-            method, target, version = whole.groups()
-            pairs = FIELD_PAIR.findall(text, whole.end(3) + 2)
-            if len(pairs) <= max_headers and not (proxy and method == "CONNECT"):
-                return _head(method, target, version, CIMultiDict(pairs), None, "", proxy)
+    text = block.decode("latin-1")
+    if len(text) + 2 <= max_field:  # then no line is longer than max_field either
+        fast = _parse_head_fast(text, max_headers, proxy)
+        if fast is not None:
+            method, target, version, pairs, names = fast
+            return _head(method, target, version, CIMultiDict(pairs), None, "", proxy, names)
     return _parse_head_lines(block, max_headers, max_field, proxy)
+
+
+# Field names seen in requests -> their lower case, each checked once as a token: clients
+# send the same few names on every request, so one dict lookup checks and folds a name (the
+# regular expression over the whole head, then a findall for its pairs, cost more than the
+# split, partition and lookup per line that replace them).
+_NAMES: dict[str, str] = {}
+_MAX_NAMES = 512  # bounded: names are the client's choice
+_METHOD = re.compile(_TOKEN)
+_FIELD_NAME = re.compile(_TOKEN)
+# Control characters but HTAB, CR and LF (those two are counted against the line breaks).
+_CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _parse_head_fast(
+    text: str, max_headers: int, proxy: bool
+) -> tuple[str, str, str, list[tuple[str, str]], list[str]] | None:
+    """A head (no final CRLF) in origin-form as (method, target, version, pairs, lower-case
+    names), or None when it is not plainly valid: the line-by-line parser then decides.
+
+    Takes exactly what ``token SP "/" *(VCHAR / obs-text) SP HTTP/1.[01] CRLF
+    *(token ":" field-value CRLF)`` takes, OWS stripped from each value: the grammar the
+    line-by-line parser applies, so both give the same head (a property test holds them to it).
+    """
+    lines = text.split("\r\n")
+    n = len(lines) - 1
+    # Every CR and LF is part of a line break, and no CTL but HTAB anywhere: one scan.
+    if n > max_headers or text.count("\r") != n or text.count("\n") != n or _CTL.search(text):
+        return None
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if (
+        (version != "HTTP/1.1" and version != "HTTP/1.0")
+        or not target.startswith("/")
+        or "\t" in target
+        or _METHOD.fullmatch(method) is None
+        or (proxy and method == "CONNECT")
+    ):
+        return None
+    pairs: list[tuple[str, str]] = []
+    names: list[str] = []
+    known = _NAMES
+    for i in range(1, n + 1):
+        name, sep, value = lines[i].partition(":")
+        lower = known[name] if name in known else None  # no method lookup (compiled)
+        if lower is None:
+            if not sep or _FIELD_NAME.fullmatch(name) is None:
+                return None
+            lower = name.lower()
+            if len(known) < _MAX_NAMES:
+                known[name] = lower
+        elif not sep:
+            return None
+        pairs.append((name, value.strip(" \t")))
+        names.append(lower)
+    return method, target, version, pairs, names
 
 
 def _parse_head_lines(block: bytes, max_headers: int, max_field: int, proxy: bool) -> Head:
@@ -286,7 +331,7 @@ def _parse_head_lines(block: bytes, max_headers: int, max_field: int, proxy: boo
         if not FIELD_VALUE.match(value):
             raise ParseError("control character in a header value")
         headers.add(name, value)
-    return _head(method, target, version, headers, absolute_host, scheme, proxy)
+    return _head(method, target, version, headers, absolute_host, scheme, proxy, None)
 
 
 def _head(
@@ -297,8 +342,13 @@ def _head(
     absolute_host: str | None,
     scheme: str,
     proxy: bool,
+    names: list[str] | None,
 ) -> Head:
-    """The framing rules on parsed fields (Host, Content-Length, Transfer-Encoding, Connection)."""
+    """The framing rules on parsed fields (Host, Content-Length, Transfer-Encoding, Connection).
+
+    ``names``: the fields' names in lower case, when the parser has them: a name absent
+    from it is not looked up in ``headers`` (most requests carry no framing field but Host).
+    """
     if (
         not proxy
         and target[0] == "/"
@@ -313,15 +363,25 @@ def _head(
     if absolute_host is not None:
         headers.popall("Host", None)
         headers["Host"] = absolute_host
-    hosts = headers.getall(HOST, [])
-    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+    if names is None:
+        hosts = len(headers.getall(HOST, []))
+        te_in = TRANSFER_ENCODING in headers
+        cl_in = CONTENT_LENGTH in headers
+        connection_in = expect_in = True
+    else:
+        hosts = names.count("host")
+        te_in = "transfer-encoding" in names
+        cl_in = "content-length" in names
+        connection_in = "connection" in names
+        expect_in = "expect" in names
+    if hosts > 1 or (version == "HTTP/1.1" and not hosts):
         raise ParseError("missing or repeated Host")
 
     chunked = False
     length = 0
     # Tested before they are read: most requests carry neither (no list made for nothing).
-    if TRANSFER_ENCODING in headers:
-        if CONTENT_LENGTH in headers:
+    if te_in:
+        if cl_in:
             raise ParseError("Content-Length with Transfer-Encoding")
         te = headers.getall(TRANSFER_ENCODING)
         codings = [c.strip().lower() for c in ",".join(te).split(",")]
@@ -330,7 +390,7 @@ def _head(
         if version == "HTTP/1.0":
             raise ParseError("Transfer-Encoding in HTTP/1.0")
         chunked = True
-    elif CONTENT_LENGTH in headers:
+    elif cl_in:
         cl = headers.getall(CONTENT_LENGTH)
         values = {v.strip() for v in ",".join(cl).split(",")}
         if len(values) != 1:
@@ -339,7 +399,7 @@ def _head(
         if not value.isdigit() or not value.isascii() or len(value) > 18:
             raise ParseError("bad Content-Length")
         length = int(value)
-    connection = headers.get(CONNECTION, "").lower()
+    connection = headers.get(CONNECTION, "").lower() if connection_in else ""
     if version == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
@@ -348,7 +408,7 @@ def _head(
         if chunked or length:
             raise ParseError("CONNECT with a body")  # those bytes would be the tunnel's
         keep_alive = True  # after a 2xx the connection is the tunnel, whatever the version
-    expect = headers.get(EXPECT, "").lower() == "100-continue"
+    expect = expect_in and headers.get(EXPECT, "").lower() == "100-continue"
     return Head(
         method,
         target,

@@ -19,10 +19,10 @@ replayed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict
 
 from edge.core.config import Config
 from edge.core.errors import error_reply
@@ -49,9 +49,6 @@ log = structlog.get_logger("carousel.edge.proxy")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request headers the edge settles itself before forwarding.
 _NOT_FORWARDED = (EXPECT, CONTENT_LENGTH)
-# Looked up on every proxied request: istr, folded once (edge/http/http1.py has the figures).
-_LOCATION = istr("Location")
-_CONTENT_LOCATION = istr("Content-Location")
 
 
 class HeadBody(Body):
@@ -86,16 +83,14 @@ class ProxyHandler:
             return ex.request.headers.get(name)
         return ex.request.cookies.get(name)
 
-    async def __call__(self, ex: Exchange) -> Reply:
+    def __call__(self, ex: Exchange) -> Awaitable[Reply]:
+        """The reply, as the coroutine that fetches it (no coroutine of its own around it)."""
         route = ex.route
         request = ex.request
         assert route.config.pool is not None
         pool = self.pools[route.config.pool]
         if route.config.websocket and request.method == "GET" and request.is_upgrade("websocket"):
-            reply = await bridge_websocket(ex, pool, self._upstream_path(ex))
-            if reply.tunnel is None:  # refused: a member response like any other; a 101 is filtered there
-                self.clean(reply.headers)
-            return reply
+            return self._websocket(ex, pool)
         # The connection has read the whole body already (edge/connection.py).
         body = request.body
         headers = ex.upstream_headers
@@ -105,7 +100,13 @@ class ProxyHandler:
                 headers["Host"] = ex.host  # what the cache key saw, never the raw value
         for name in _NOT_FORWARDED:
             headers.popall(name, None)
-        return await self._forward(ex, pool, body, headers)
+        return self._forward(ex, pool, body, headers)
+
+    async def _websocket(self, ex: Exchange, pool: UpstreamPool) -> Reply:
+        reply = await bridge_websocket(ex, pool, self._upstream_path(ex))
+        if reply.tunnel is None:  # refused: a member response like any other; a 101 is filtered there
+            self.clean(reply.headers)
+        return reply
 
     def _upstream_path(self, ex: Exchange) -> str:
         raw = ex.request.raw_path
@@ -197,14 +198,20 @@ class ProxyHandler:
                         spool = None
                     member.conns.put(conn)  # the member is free the moment we have it all
                     conn = None
-                headers_in = parser.headers
-                self.clean(headers_in)  # before any feature (the cache) sees them
-                if _LOCATION in headers_in or _CONTENT_LOCATION in headers_in:
+                # Cleaned before any feature (the cache) sees them; sent as serialised here
+                # unless a feature reads or changes them (Reply merges them then).
+                stored = self.clean.member_fields(parser.pairs, parser.names)
+                if stored is None:
+                    headers_in = parser.headers
+                    self.clean(headers_in)
                     _hide_member_in_locations(headers_in, member, ex)
+                    reply = Reply(parser.status, headers_in, reply_body, parser.reason or None)
+                else:
+                    reply = Reply(parser.status, None, reply_body, parser.reason or None, stored=stored)
                 elapsed = time.monotonic() - started
                 ex.upstream_seconds += elapsed
                 self.metrics.observe_upstream(pool.name, elapsed)
-                return Reply(parser.status, headers_in, reply_body, parser.reason or None)
+                return reply
             except ConnectFailed:
                 # Refused, unreachable, timed out, or reset before the request was written:
                 # nothing reached the member, so any method may go to the next one (as

@@ -136,3 +136,54 @@ async def test_the_wheel_calls_each_connection_when_its_slot_comes() -> None:
     assert late.reached == 1
     await asyncio.sleep(2 * DEADLINE_SLOT)
     assert loop not in WHEELS  # emptied: the wheel forgets its loop, its timer is gone
+
+
+def test_a_members_fields_go_out_cleaned_as_serialised_and_equal_to_the_field_path() -> None:
+    """A proxied response nobody looks into is written from the member's cleaned pairs as
+    serialised once (ResponseCleaner.member_fields): no CIMultiDict is built, and the head is
+    byte for byte the one the CIMultiDict path writes; a feature that reads the fields gets
+    them merged."""
+    from edge.core.config import from_dict
+    from edge.core.fields import ResponseCleaner
+    from edge.upstream.client import ResponseParser
+
+    config = from_dict(
+        {"edge": {"hide_headers": ["X-Secret"]}, "route": [{"path": "/", "respond": 200}]}, "<test>"
+    )
+    clean = ResponseCleaner(config)
+    member = ResponseParser()
+    member.feed(
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 07 Dec 2026 10:00:00 GMT\r\n"
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\nX-Secret: s\r\n"
+        b'x-keep:  v \t\r\nKeep-Alive: timeout=5\r\nETag: "e"\r\n\r\nok'
+    )
+    stored = clean.member_fields(member.pairs, member.names)
+    assert stored is not None
+    assert member._headers is None  # nothing asked for the parser's CIMultiDict
+    fields = CIMultiDict(member.pairs)
+    clean(fields)
+    assert (
+        stored.fields
+        == tuple(fields.items())
+        == (
+            ("Date", "Mon, 07 Dec 2026 10:00:00 GMT"),
+            ("x-keep", "v"),
+            ("ETag", '"e"'),
+        )
+    )
+    assert stored.wire.date and not stored.wire.server
+    extra = (("X-Route", "r"),)
+    as_stored = response_head(
+        Reply(200, None, BytesBody(b"ok"), stored=stored), "GET", "HTTP/1.1", 2, True, extra, b"Server: e\r\n"
+    )
+    as_fields = response_head(
+        Reply(200, fields, BytesBody(b"ok")), "GET", "HTTP/1.1", 2, True, extra, b"Server: e\r\n"
+    )
+    assert as_stored == as_fields
+    read = Reply(200, None, BytesBody(b"ok"), stored=stored)
+    read.headers["X-Added"] = "1"
+    assert list(read.headers.items()) == [*fields.items(), ("X-Added", "1")]
+    # A Location goes the CIMultiDict way: the proxy rewrites a member's own address there.
+    located = ResponseParser()
+    located.feed(b"HTTP/1.1 302 Found\r\nLocation: http://10.0.0.1:8080/x\r\nContent-Length: 0\r\n\r\n")
+    assert clean.member_fields(located.pairs, located.names) is None

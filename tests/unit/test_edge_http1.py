@@ -275,3 +275,23 @@ def test_fast_response_head_parser_agrees_with_line_parser(pieces: list[str]) ->
     if want != "error" and 100 <= want[0] < 200 and want[0] != 101:  # type: ignore[index]
         got = (want[0], fast.interim[0][1] or "", fast.interim[0][2])  # type: ignore[index]
     assert got == want
+
+
+def test_the_field_name_caches_stay_bounded_and_still_check_names() -> None:
+    """Both head parsers remember the field names they checked (a dict lookup per field, not
+    a regular expression); clients and members choose names, so the memory is bounded, and
+    a name past the bound is still checked and folded."""
+    from edge.http import http1
+    from edge.upstream import client
+
+    for i in range(http1._MAX_NAMES + 20):
+        ((h, _),) = requests(parse(f"GET / HTTP/1.1\r\nHost: h\r\nX-Name-{i}: v\r\n\r\n".encode()))
+        assert h.headers[f"x-name-{i}"] == "v"
+        member = ResponseParser()
+        member.feed(f"HTTP/1.1 204 No Content\r\nX-Name-{i}: v\r\n\r\n".encode())
+        assert member.headers[f"x-name-{i}"] == "v" and member.names == [f"x-name-{i}"]
+    assert len(http1._NAMES) <= http1._MAX_NAMES and len(client._NAMES) <= client._MAX_NAMES
+    with pytest.raises(ParseError):
+        parse(b"GET / HTTP/1.1\r\nHost: h\r\nX Bad: v\r\n\r\n")
+    with pytest.raises(UpstreamProtocolError):
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\nX Bad: v\r\n\r\n")

@@ -109,3 +109,34 @@ async def test_the_tls_feature_answers_alike_on_both_chains() -> None:
         {"Strict-Transport-Security": "max-age=600"},
     )
     assert chain_now([policy], _must_wait)(_exchange("/a", "https")) is None
+
+
+async def test_a_proxied_request_awaits_the_proxys_own_coroutine_and_no_wrapper() -> None:
+    """On the async chain, the headers feature, the cache on a route it is off for and the
+    Edge's terminal hand the proxy's coroutine through as it is: one coroutine for the whole
+    pipeline of a proxied request (each wrapper was a coroutine made, stepped twice and
+    finished per request)."""
+    from edge.core.config import from_dict
+    from edge.front.server import Edge
+    from edge.upstream.proxy import ProxyHandler
+
+    config = from_dict(
+        {
+            "edge": {"host": "127.0.0.1", "port": 0},
+            "admin": {"port": 0},
+            "cache": {"enabled": True, "cluster_purge": False},
+            "pool": {"ap": {"members": [{"address": "127.0.0.1:9"}]}},
+            "route": [{"path": "/", "pool": "ap", "cache": False}],
+        },
+        "<test>",
+    )
+    edge = Edge(config)
+    ex = _exchange()
+    route = edge.routes.find("www.example.test", "/", "GET")
+    assert route is not None
+    ex.route = route
+    pending = edge.handle(ex)
+    try:
+        assert pending.cr_code is ProxyHandler._forward.__code__  # type: ignore[attr-defined]
+    finally:
+        pending.close()  # type: ignore[attr-defined]

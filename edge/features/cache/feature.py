@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from math import floor
 from typing import TYPE_CHECKING, Any
 
@@ -226,9 +227,14 @@ class CacheFeature(Upstream):
             self._after_other(ex, reply, rules)
         return reply
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[Reply]:
         method = ex.request.head.method
         rules = self._rules_for(ex)
+        if rules is _OFF and (method == "GET" or method == "HEAD"):
+            return call_next(ex)  # a route the cache is off for: no coroutine of its own
+        return self._call(ex, call_next, method, rules)
+
+    async def _call(self, ex: Exchange, call_next: Handler, method: str, rules: Any) -> Reply:
         if method == "GET" or method == "HEAD":
             if rules is _OFF:
                 return await call_next(ex)
