@@ -101,10 +101,13 @@ VM_DEBS := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-ut
 	qemu-system-x86 mmdebstrap fdisk dnsmasq-base iptables ansible etcd-client \
 	bind9-dnsutils curl openssh-client iproute2 python3-pip
 
+# DPkg::Lock::Timeout: wait for another apt-get (on a fresh machine one often runs) instead
+# of failing at once on its lock.
 vm-deps:
 	@missing=$$(for p in $(VM_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends $$missing; fi
+	if [ -n "$$missing" ]; then apt-get -o DPkg::Lock::Timeout=1200 update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=1200 \
+		install -y -q --no-install-recommends $$missing; fi
 
 vm-box: vm-deps
 	$(PYTHON) vagrant/vmlab.py box

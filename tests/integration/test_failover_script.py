@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,3 +65,31 @@ def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPS
     assert dict(refused.failures) == {"ConnectionRefusedError at 127.0.0.1": 1}
     # Every request's time is kept, the failed ones too.
     assert len(cluster.timings) == 3 and len(refused.timings) == 1
+
+
+def test_each_command_output_goes_to_its_own_log(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # upgrade.yml failed on the VM lab with its output discarded: which task had failed
+    # could not be told afterwards.
+    cluster = _cluster(1)
+    cluster.log_dir = tmp_path / "logs"
+    ok = cluster.run("echo first line; echo 'to stderr' >&2")
+    bad = cluster.run("printf 'TASK [drain]\\nfatal: edge2 timed out\\n'; exit 3")
+    deadline = time.monotonic() + 30
+    while not (ok.done() and bad.done()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first, second = sorted((tmp_path / "logs").iterdir())
+    assert first.name == "001-echo-first-line-echo.log"
+    assert second.name.startswith("002-printf-")
+    text = first.read_text()
+    assert "first line\n" in text and "to stderr\n" in text
+    assert text.splitlines()[0] == "$ echo first line; echo 'to stderr' >&2"
+    assert text.splitlines()[-1].startswith("# exit 0 after ")
+    assert second.read_text().splitlines()[-1].startswith("# exit 3 after ")
+    out = capsys.readouterr().out
+    # The failed command says where its output is and shows its last lines; the other does not.
+    assert f"its output: {second}" in out and "  | fatal: edge2 timed out" in out
+    assert "  | first line" not in out
+    assert cluster.commands == [
+        "echo first line; echo 'to stderr' >&2",
+        "printf 'TASK [drain]\\nfatal: edge2 timed out\\n'; exit 3",
+    ]
