@@ -165,7 +165,7 @@ class Command:
 def log_name(seq: int, command: str) -> str:
     """A log file's name: its sequence number and the command's first words, file-safe."""
     words = re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(shlex.split(command)[:4]) if command else "")
-    return f"{seq:03d}-{words.strip('-')[:60] or 'command'}.log"
+    return f"{seq:03d}-{words.strip('-.')[:60] or 'command'}.log"
 
 
 @dataclass

@@ -93,3 +93,9 @@ def test_each_command_output_goes_to_its_own_log(tmp_path: Any, capsys: pytest.C
         "echo first line; echo 'to stderr' >&2",
         "printf 'TASK [drain]\\nfatal: edge2 timed out\\n'; exit 3",
     ]
+
+
+def test_log_names_carry_the_command() -> None:
+    assert failover.log_name(1, "./vmlab.py ansible upgrade.yml") == "001-vmlab.py-ansible-upgrade.yml.log"
+    assert failover.log_name(12, "vagrant halt --force edge2") == "012-vagrant-halt-force-edge2.log"
+    assert failover.log_name(3, "") == "003-command.log"
