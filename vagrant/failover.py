@@ -188,6 +188,8 @@ class CommandCluster:
     failures: Counter[str] = field(default_factory=Counter)
     # Seconds each request took, failed or not, since the last report.
     timings: list[float] = field(default_factory=list)
+    # Digs that gave no address, by cause and server (a timeout or an empty answer).
+    dns_misses: Counter[str] = field(default_factory=Counter)
     # Where each command's output goes (one file per command); None: discarded.
     log_dir: Path | None = None
 
@@ -199,8 +201,17 @@ class CommandCluster:
         try:
             out = subprocess.run([*argv, self.name, "A"], capture_output=True, text=True, timeout=5).stdout
         except subprocess.TimeoutExpired:
+            self.dns_misses[f"dig killed after 5 s at {server}"] += 1
             return []
-        return [line for line in out.split() if _is_ipv4(line)]
+        answers = [line for line in out.split() if _is_ipv4(line)]
+        if not answers:
+            # A server that did not answer within dig's 1 s, or one that answered with no
+            # address: the upgrade run's one unresolved request could not be told apart.
+            timed_out = "timed out" in out or "no servers could be reached" in out
+            self.dns_misses[
+                f"{'no answer within 1 s' if timed_out else 'an answer without an address'} at {server}"
+            ] += 1
+        return answers
 
     def resolve_any(self, servers: list[str]) -> list[str]:
         """Like a stub resolver with several nameservers: the next one after a 1 s timeout."""
@@ -678,7 +689,8 @@ def run_experiment(
     print(
         f"  upgrade took {clock.now() - started:.0f} s ({'ok' if ok else 'FAILED'});"
         f" {count.requests} requests,"
-        f" {count.failed} failed, {count.unresolved} without any address"
+        f" {count.failed} failed, {count.unresolved} without any address,"
+        f" slowest resolution {count.slowest_resolve * 1000:.0f} ms"
     )
     return ok and count.failed == 0, float(count.failed)
 
@@ -741,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
                 causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                 print(f"  failed requests by cause: {causes}")
                 reasons.clear()
+            misses = getattr(cluster, "dns_misses", None)
+            if misses:
+                print(f"  digs without an address: {', '.join(f'{k} {v}' for k, v in misses.most_common())}")
+                misses.clear()
             timings = getattr(cluster, "timings", None)
             if timings:
                 ms = sorted(t * 1000 for t in timings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
 import threading
 import time
@@ -99,3 +100,35 @@ def test_log_names_carry_the_command() -> None:
     assert failover.log_name(1, "./vmlab.py ansible upgrade.yml") == "001-vmlab.py-ansible-upgrade.yml.log"
     assert failover.log_name(12, "vagrant halt --force edge2") == "012-vagrant-halt-force-edge2.log"
     assert failover.log_name(3, "") == "003-command.log"
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt-get install bind9-dnsutils)")
+def test_digs_without_an_address_are_told_apart() -> None:
+    # The upgrade run on the VMs had one request without any address: a DNS server that
+    # did not answer in time and one that answered with no address must read differently.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    empty = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    empty.bind(("127.0.0.1", 0))
+
+    def answer_empty() -> None:
+        query, peer = empty.recvfrom(512)
+        # The query echoed back as a response (QR and RA set, NOERROR): no answer record.
+        empty.sendto(query[:2] + bytes([0x81, 0x80]) + query[4:], peer)
+
+    thread = threading.Thread(target=answer_empty, daemon=True)
+    thread.start()
+    try:
+        for sock in (silent, empty):
+            cluster = _cluster(1)
+            cluster.dns_port = sock.getsockname()[1]
+            assert cluster.resolve() == []
+            (cause,) = cluster.dns_misses
+            if sock is silent:
+                assert cause == "no answer within 1 s at 127.0.0.1"
+            else:
+                assert cause == "an answer without an address at 127.0.0.1"
+    finally:
+        thread.join(5)
+        silent.close()
+        empty.close()
