@@ -116,9 +116,10 @@ vm-lab: vm-deps $(STAMP)
 	$(PYTHON) vagrant/vmlab.py up
 
 # etcd stopped and started over a kept SSH connection (vmlab.py ssh), not a `vagrant ssh`
-# per command; --timeout 400: a TCG VM took 225 s and more to boot back (vagrant/README.md).
+# per command; --timeout 600: a TCG VM took 225-333 s to boot back (vagrant/README.md).
+# Each command's output goes to vagrant/failover-logs/<UTC time>/.
 vm-failover:
-	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 --timeout 400 \
+	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 --timeout 600 \
 		--etcd-stop-cmd './vmlab.py ssh {member} sudo systemctl stop etcd' \
 		--etcd-start-cmd './vmlab.py ssh {member} sudo systemctl start etcd' \
 		crash halt rolling etcd-member etcd-quorum dnsd upgrade
