@@ -457,4 +457,7 @@ def test_upgrade_registry_writes_outlast_a_tcg_tls_handshake() -> None:
     for task in etcdctl:
         assert task["environment"] == "{{ upgrade_etcdctl_env }}", task["name"]
         assert "until" in task and task["retries"], task["name"]
-        assert f"{task['register']}.rc == 0" in task["until"] or task["changed_when"] is False, task["name"]
+        # Every wait and write tries again after a failed etcdctl: its output is empty then,
+        # which alone satisfied "the record is gone" and ended that wait at its first
+        # attempt, failed (upgrade.yml on the VM lab: "context deadline exceeded").
+        assert task["until"].startswith(f"{task['register']}.rc == 0"), task["name"]
