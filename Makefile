@@ -103,10 +103,13 @@ VM_DEBS := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-ut
 	qemu-system-x86 mmdebstrap fdisk dnsmasq-base iptables ansible etcd-client \
 	bind9-dnsutils curl openssh-client iproute2 python3-pip
 
+# DPkg::Lock::Timeout: wait for another apt-get (on a fresh machine one often runs) instead
+# of failing at once on its lock.
 vm-deps:
 	@missing=$$(for p in $(VM_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends $$missing; fi
+	if [ -n "$$missing" ]; then apt-get -o DPkg::Lock::Timeout=1200 update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=1200 \
+		install -y -q --no-install-recommends $$missing; fi
 
 vm-box: vm-deps
 	$(PYTHON) vagrant/vmlab.py box
@@ -115,9 +118,10 @@ vm-lab: vm-deps $(STAMP)
 	$(PYTHON) vagrant/vmlab.py up
 
 # etcd stopped and started over a kept SSH connection (vmlab.py ssh), not a `vagrant ssh`
-# per command; --timeout 400: a TCG VM took 225 s and more to boot back (vagrant/README.md).
+# per command; --timeout 600: a TCG VM took 225-333 s to boot back (vagrant/README.md).
+# Each command's output goes to vagrant/failover-logs/<UTC time>/.
 vm-failover:
-	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 --timeout 400 \
+	$(PYTHON) vagrant/vmlab.py exec ./failover.sh --repeat 5 --timeout 600 \
 		--etcd-stop-cmd './vmlab.py ssh {member} sudo systemctl stop etcd' \
 		--etcd-start-cmd './vmlab.py ssh {member} sudo systemctl start etcd' \
 		crash halt rolling etcd-member etcd-quorum dnsd upgrade

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import ipaddress
+import re
 import shlex
 import statistics
 import subprocess
@@ -45,6 +46,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 DEFAULT_EDGES = "edge1=192.168.56.21,edge2=192.168.56.22,edge3=192.168.56.23"
@@ -109,15 +111,61 @@ class Cluster(Protocol):
 
 
 class Command:
-    """A shell command running in the background."""
+    """A shell command running in the background, its whole output kept in a log file.
 
-    def __init__(self, command: str, log: list[str]) -> None:
+    upgrade.yml failed on the VM lab after 249 s with its output thrown away, and which
+    task had failed could not be told afterwards: every command now writes its stdout and
+    stderr to its own file (`NNN-<first words>.log` in the run's log directory), with the
+    command line, its start time, exit status and duration; a command that fails prints
+    its log's path and last lines.
+    """
+
+    TAIL = 15
+
+    def __init__(self, command: str, log: list[str], logfile: Path | None = None) -> None:
         log.append(command)
-        print(f"  $ {command}", flush=True)
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.DEVNULL)
+        self.command = command
+        self.logfile = logfile
+        self.started = time.monotonic()
+        self.finished = False
+        print(f"  $ {command}" + (f"   (log {logfile})" if logfile else ""), flush=True)
+        if logfile is None:
+            self.sink = None
+            self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.DEVNULL)
+            return
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.sink = open(logfile, "w")  # closed in done(), when the command ends
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.sink.write(f"$ {command}\n# started {stamp}\n")
+        self.sink.flush()
+        self.proc = subprocess.Popen(
+            command, shell=True, stdout=self.sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def done(self) -> bool:
-        return self.proc.poll() is not None
+        rc = self.proc.poll()
+        if rc is None:
+            return False
+        if not self.finished:
+            self.finished = True
+            seconds = time.monotonic() - self.started
+            if self.sink is not None:
+                self.sink.write(f"# exit {rc} after {seconds:.1f} s\n")
+                self.sink.close()
+            if rc != 0:
+                print(f"  command exited {rc} after {seconds:.0f} s: {self.command}", flush=True)
+                if self.logfile is not None:
+                    lines = self.logfile.read_text(errors="replace").splitlines()[2:-1]
+                    print(f"  its output: {self.logfile}; last lines:", flush=True)
+                    for line in lines[-self.TAIL :]:
+                        print(f"  | {line}", flush=True)
+        return True
+
+
+def log_name(seq: int, command: str) -> str:
+    """A log file's name: its sequence number and the command's first words, file-safe."""
+    words = re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(shlex.split(command)[:4]) if command else "")
+    return f"{seq:03d}-{words.strip('-.')[:60] or 'command'}.log"
 
 
 @dataclass
@@ -140,6 +188,10 @@ class CommandCluster:
     failures: Counter[str] = field(default_factory=Counter)
     # Seconds each request took, failed or not, since the last report.
     timings: list[float] = field(default_factory=list)
+    # Digs that gave no address, by cause and server (a timeout or an empty answer).
+    dns_misses: Counter[str] = field(default_factory=Counter)
+    # Where each command's output goes (one file per command); None: discarded.
+    log_dir: Path | None = None
 
     def resolve(self) -> list[str]:
         return self._dig(self.ns)
@@ -149,8 +201,17 @@ class CommandCluster:
         try:
             out = subprocess.run([*argv, self.name, "A"], capture_output=True, text=True, timeout=5).stdout
         except subprocess.TimeoutExpired:
+            self.dns_misses[f"dig killed after 5 s at {server}"] += 1
             return []
-        return [line for line in out.split() if _is_ipv4(line)]
+        answers = [line for line in out.split() if _is_ipv4(line)]
+        if not answers:
+            # A server that did not answer within dig's 1 s, or one that answered with no
+            # address: the upgrade run's one unresolved request could not be told apart.
+            timed_out = "timed out" in out or "no servers could be reached" in out
+            self.dns_misses[
+                f"{'no answer within 1 s' if timed_out else 'an answer without an address'} at {server}"
+            ] += 1
+        return answers
 
     def resolve_any(self, servers: list[str]) -> list[str]:
         """Like a stub resolver with several nameservers: the next one after a 1 s timeout."""
@@ -161,7 +222,11 @@ class CommandCluster:
         return []
 
     def run(self, command: str) -> Action:
-        return Command(command, self.commands)
+        return self._command(command)
+
+    def _command(self, command: str) -> Command:
+        logfile = None if self.log_dir is None else self.log_dir / log_name(len(self.commands) + 1, command)
+        return Command(command, self.commands, logfile)
 
     def request(self, address: str) -> bool:
         conn = http.client.HTTPConnection(address, self.http_port, timeout=self.request_timeout)
@@ -182,7 +247,7 @@ class CommandCluster:
 
     def _run(self, template: str, edge: str, address: str) -> Action:
         cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
-        return Command(cmd, self.commands)
+        return self._command(cmd)
 
     def stop(self, edge: str, address: str, crash: bool) -> Action:
         return self._run(self.crash_cmd if crash else self.halt_cmd, edge, address)
@@ -514,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of each experiment (min/median/max)")
     p.add_argument(
+        "--log-dir",
+        default=None,
+        help="where each command's full output goes, one file per command"
+        " (default: failover-logs/<UTC date and time>; not with --dry-run)",
+    )
+    p.add_argument(
         "--window",
         type=float,
         default=20.0,
@@ -618,7 +689,8 @@ def run_experiment(
     print(
         f"  upgrade took {clock.now() - started:.0f} s ({'ok' if ok else 'FAILED'});"
         f" {count.requests} requests,"
-        f" {count.failed} failed, {count.unresolved} without any address"
+        f" {count.failed} failed, {count.unresolved} without any address,"
+        f" slowest resolution {count.slowest_resolve * 1000:.0f} ms"
     )
     return ok and count.failed == 0, float(count.failed)
 
@@ -658,6 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         start_cmd=args.start_cmd,
         restart_cmd=args.restart_cmd,
     )
+    if not args.dry_run:
+        real.log_dir = Path(args.log_dir or time.strftime("failover-logs/%Y%m%d-%H%M%S", time.gmtime()))
+        real.log_dir.mkdir(parents=True, exist_ok=True)
+        print(f"each command's output: {real.log_dir}/", flush=True)
     clock: Clock
     cluster: Cluster
     if args.dry_run:
@@ -677,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
                 causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                 print(f"  failed requests by cause: {causes}")
                 reasons.clear()
+            misses = getattr(cluster, "dns_misses", None)
+            if misses:
+                print(f"  digs without an address: {', '.join(f'{k} {v}' for k, v in misses.most_common())}")
+                misses.clear()
             timings = getattr(cluster, "timings", None)
             if timings:
                 ms = sorted(t * 1000 for t in timings)

@@ -4,7 +4,9 @@
 #   ./failover.sh                 all three experiments
 #   ./failover.sh crash           one of them
 #   ./failover.sh --dry-run       simulated cluster, commands printed, nothing touched
-# Options: ./failover.sh --help. Needs python3 and dig (bind9-dnsutils).
+# Each command's whole output (vagrant, ansible-playbook) goes to its own file under
+# failover-logs/<UTC date and time>/ (--log-dir DIR to choose), so a failed step can be
+# read afterwards. Options: ./failover.sh --help. Needs python3 and dig (bind9-dnsutils).
 set -euo pipefail
 cd "$(dirname "$0")"
 exec python3 failover.py "$@"

@@ -66,6 +66,11 @@ module CarouselLab
     # Vagrant provisioner's 30 s; vagrant/vmlab.py raises it under TCG emulation, where
     # sudo on a loaded VM did not answer within 30 s (a restart handler failed on it).
     "CAROUSEL_ANSIBLE_TIMEOUT" => "",
+    # Seconds Vagrant waits for a booting VM's SSH once it has an address
+    # (config.vm.boot_timeout). Empty: Vagrant's 300 s; vagrant/vmlab.py raises it under
+    # TCG, where edge2 booting again after a graceful halt, the host loaded, ended in
+    # Vagrant's VMBootTimeout (vagrant/README.md).
+    "CAROUSEL_BOOT_TIMEOUT" => "",
     # The strategy of site.yml's nodes' play. Empty: the playbook's own (free);
     # vagrant/vmlab.py passes mitogen_free when it runs Ansible with Mitogen.
     "CAROUSEL_NODES_STRATEGY" => "",
@@ -145,6 +150,16 @@ module CarouselLab
     timeout
   end
 
+  # Vagrant's boot timeout in whole seconds, or nil for Vagrant's own (300 s).
+  def self.boot_timeout(env)
+    timeout = nil
+    seconds(env, "CAROUSEL_BOOT_TIMEOUT") do |s|
+      raise Error, "CAROUSEL_BOOT_TIMEOUT=#{s}: expected whole seconds" unless s == s.to_i
+      timeout = s.to_i
+    end
+    timeout
+  end
+
   # A positive number of seconds from the environment, given to the block when set.
   def self.seconds(env, key)
     raw = setting(env, key)
@@ -198,6 +213,7 @@ module CarouselLab
       "initrd" => setting(env, "CAROUSEL_INITRD"),
       "extra_vars" => extra_vars(env),
       "ansible_timeout" => ansible_timeout(env),
+      "boot_timeout" => boot_timeout(env),
       # Relative to this directory, as Vagrant resolves the provisioner's playbook.
       "playbook" => "../deploy/ansible/site.yml",
     }

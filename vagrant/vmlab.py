@@ -98,6 +98,11 @@ CHECK_TIMEOUT_TCG = "3"
 # 30 s and both edges' restart handlers failed ("Timeout (32s) waiting for privilege
 # escalation prompt", measured).
 ANSIBLE_TIMEOUT_TCG = "120"
+# Vagrant's boot timeout under TCG, in seconds (Vagrant's own: 300 s for SSH to answer
+# once the VM has its address): `vagrant up --no-provision edge2` after a graceful halt
+# failed with VMBootTimeout, the host loaded by tests and an upgrade.yml run, while the
+# lab's first boot had needed 170-200 s between address and SSH (measured).
+BOOT_TIMEOUT_TCG = "900"
 # The dashboard's scrape interval under TCG, in seconds (the role's default is 2): on
 # the smoke lab's ns1 (one emulated vCPU, etcd beside it) the dashboard took 24 % of the
 # CPU scraping every 2 s, etcd 33 %, and the second site.yml run took longer than the
@@ -188,6 +193,7 @@ def lab_env() -> dict[str, str]:
         CAROUSEL_AGENT_TTL=env.get("CAROUSEL_AGENT_TTL", AGENT_TTL_TCG if PVM_HOST else ""),
         CAROUSEL_CHECK_TIMEOUT=env.get("CAROUSEL_CHECK_TIMEOUT", CHECK_TIMEOUT_TCG if PVM_HOST else ""),
         CAROUSEL_ANSIBLE_TIMEOUT=env.get("CAROUSEL_ANSIBLE_TIMEOUT", ANSIBLE_TIMEOUT_TCG if PVM_HOST else ""),
+        CAROUSEL_BOOT_TIMEOUT=env.get("CAROUSEL_BOOT_TIMEOUT", BOOT_TIMEOUT_TCG if PVM_HOST else ""),
         CAROUSEL_DASHBOARD_INTERVAL=env.get(
             "CAROUSEL_DASHBOARD_INTERVAL", DASHBOARD_INTERVAL_TCG if PVM_HOST else ""
         ),

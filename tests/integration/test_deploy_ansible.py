@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edge.core.config import RouteConfig
 from edge.core.routing import RouteTable
@@ -124,7 +125,7 @@ def test_ansible_lint_production_profile_is_clean(tmp_path: Path) -> None:
     assert "Profile 'production' was required, and it passed" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("playbook", ["site.yml", "tests/render.yml"])
+@pytest.mark.parametrize("playbook", ["site.yml", "upgrade.yml", "tests/render.yml"])
 def test_playbook_syntax_check(tmp_path: Path, playbook: str) -> None:
     out = subprocess.run(
         [_tool("ansible-playbook"), "-i", str(EXAMPLE_INVENTORY), "--syntax-check", playbook],
@@ -428,3 +429,35 @@ def test_an_existing_admin_token_is_kept(tmp_path: Path) -> None:
     admin = _admin_sections(tmp_path / "rendered")
     assert {name for _host, name in admin} == {"edge.toml", "agent.toml"}
     assert all(table["token"] == "kept0123456789abcdefKEPT" for table in admin.values())
+
+
+def _duration(text: str) -> float:
+    """etcdctl's duration flags ("30s", "2m") in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    raise ValueError(text)
+
+
+def test_upgrade_registry_writes_outlast_a_tcg_tls_handshake() -> None:
+    # A TLS handshake with etcd took 3.1-7.6 s on a TCG VM (vagrant/README.md), beyond
+    # etcdctl's defaults (2 s to connect, 5 s a command): upgrade.yml's writes of the
+    # maintenance flag must wait longer than that and try again, or one slow handshake
+    # leaves an edge drained with its flag set.
+    play = yaml.safe_load((ANSIBLE_DIR / "upgrade.yml").read_text())[0]
+    env = play["vars"]["upgrade_etcdctl_env"]
+    assert env["ETCDCTL_DIAL_TIMEOUT"] == "{{ upgrade_etcdctl_dial_timeout }}"
+    assert env["ETCDCTL_COMMAND_TIMEOUT"] == "{{ upgrade_etcdctl_command_timeout }}"
+    assert _duration(play["vars"]["upgrade_etcdctl_dial_timeout"]) >= 15
+    assert _duration(play["vars"]["upgrade_etcdctl_command_timeout"]) >= 15
+    tasks = play["pre_tasks"] + play["post_tasks"]
+    etcdctl = [t for t in tasks if t.get("ansible.builtin.command", {}).get("argv", [""])[0] == "etcdctl"]
+    assert len(etcdctl) == 4  # flag set, record gone, flag cleared, record back
+    for task in etcdctl:
+        assert task["environment"] == "{{ upgrade_etcdctl_env }}", task["name"]
+        assert "until" in task and task["retries"], task["name"]
+        # Every wait and write tries again after a failed etcdctl: its output is empty then,
+        # which alone satisfied "the record is gone" and ended that wait at its first
+        # attempt, failed (upgrade.yml on the VM lab: "context deadline exceeded").
+        assert task["until"].startswith(f"{task['register']}.rc == 0"), task["name"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,3 +66,69 @@ def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPS
     assert dict(refused.failures) == {"ConnectionRefusedError at 127.0.0.1": 1}
     # Every request's time is kept, the failed ones too.
     assert len(cluster.timings) == 3 and len(refused.timings) == 1
+
+
+def test_each_command_output_goes_to_its_own_log(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # upgrade.yml failed on the VM lab with its output discarded: which task had failed
+    # could not be told afterwards.
+    cluster = _cluster(1)
+    cluster.log_dir = tmp_path / "logs"
+    ok = cluster.run("echo first line; echo 'to stderr' >&2")
+    bad = cluster.run("printf 'TASK [drain]\\nfatal: edge2 timed out\\n'; exit 3")
+    deadline = time.monotonic() + 30
+    while not (ok.done() and bad.done()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first, second = sorted((tmp_path / "logs").iterdir())
+    assert first.name == "001-echo-first-line-echo.log"
+    assert second.name.startswith("002-printf-")
+    text = first.read_text()
+    assert "first line\n" in text and "to stderr\n" in text
+    assert text.splitlines()[0] == "$ echo first line; echo 'to stderr' >&2"
+    assert text.splitlines()[-1].startswith("# exit 0 after ")
+    assert second.read_text().splitlines()[-1].startswith("# exit 3 after ")
+    out = capsys.readouterr().out
+    # The failed command says where its output is and shows its last lines; the other does not.
+    assert f"its output: {second}" in out and "  | fatal: edge2 timed out" in out
+    assert "  | first line" not in out
+    assert cluster.commands == [
+        "echo first line; echo 'to stderr' >&2",
+        "printf 'TASK [drain]\\nfatal: edge2 timed out\\n'; exit 3",
+    ]
+
+
+def test_log_names_carry_the_command() -> None:
+    assert failover.log_name(1, "./vmlab.py ansible upgrade.yml") == "001-vmlab.py-ansible-upgrade.yml.log"
+    assert failover.log_name(12, "vagrant halt --force edge2") == "012-vagrant-halt-force-edge2.log"
+    assert failover.log_name(3, "") == "003-command.log"
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt-get install bind9-dnsutils)")
+def test_digs_without_an_address_are_told_apart() -> None:
+    # The upgrade run on the VMs had one request without any address: a DNS server that
+    # did not answer in time and one that answered with no address must read differently.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    empty = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    empty.bind(("127.0.0.1", 0))
+
+    def answer_empty() -> None:
+        query, peer = empty.recvfrom(512)
+        # The query echoed back as a response (QR and RA set, NOERROR): no answer record.
+        empty.sendto(query[:2] + bytes([0x81, 0x80]) + query[4:], peer)
+
+    thread = threading.Thread(target=answer_empty, daemon=True)
+    thread.start()
+    try:
+        for sock in (silent, empty):
+            cluster = _cluster(1)
+            cluster.dns_port = sock.getsockname()[1]
+            assert cluster.resolve() == []
+            (cause,) = cluster.dns_misses
+            if sock is silent:
+                assert cause == "no answer within 1 s at 127.0.0.1"
+            else:
+                assert cause == "an answer without an address at 127.0.0.1"
+    finally:
+        thread.join(5)
+        silent.close()
+        empty.close()

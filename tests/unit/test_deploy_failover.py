@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -184,3 +186,24 @@ def test_the_baseline_window_counts_failures_with_no_fault() -> None:
     cluster.edges[EDGES["edge3"]].serving.append((clock.now(), False))
     ok, failed = failover.run_experiment("baseline", "baseline", cluster, clock, args, dict(EDGES), "edge2")
     assert not ok and failed is not None and failed > 0
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed (apt-get install ruby)")
+def test_a_vm_booting_back_gets_the_labs_boot_timeout() -> None:
+    # After a graceful halt, `vagrant up --no-provision edge2` ended in Vagrant's
+    # VMBootTimeout (300 s for SSH) on a loaded TCG host: the lab sets its own.
+    def plan(**env: str) -> subprocess.CompletedProcess[str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CAROUSEL_")}
+        return subprocess.run(
+            ["ruby", "-r", "./lab.rb", "-e", "puts CarouselLab.plan(ENV)['boot_timeout'].inspect"],
+            cwd=VAGRANT_DIR, env={**base, **env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert plan().stdout.strip() == "nil"  # Vagrant's own
+    assert plan(CAROUSEL_BOOT_TIMEOUT="900").stdout.strip() == "900"
+    refused = plan(CAROUSEL_BOOT_TIMEOUT="90.5")
+    assert refused.returncode != 0 and "CAROUSEL_BOOT_TIMEOUT=90.5" in refused.stderr
+    vagrantfile = (VAGRANT_DIR / "Vagrantfile").read_text()
+    assert 'config.vm.boot_timeout = LAB["boot_timeout"] if LAB["boot_timeout"]' in vagrantfile
+    vmlab = vagrant_scripts.load("vmlab")
+    assert int(vmlab.BOOT_TIMEOUT_TCG) > 300
