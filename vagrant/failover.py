@@ -643,13 +643,13 @@ def run_experiment(
         return out.gone_after is not None and out.back_after is not None, out.gone_after
     if experiment == "rolling":
         print(f"{tag}: restarting {', '.join(edges)} one by one while a client loops", flush=True)
-        count = rolling_restart(cluster, clock, edges, args.timeout, args.interval)
-        share = 100.0 * count.failed / count.requests if count.requests else 0.0
+        rolled = rolling_restart(cluster, clock, edges, args.timeout, args.interval)
+        share = 100.0 * rolled.failed / rolled.requests if rolled.requests else 0.0
         print(
-            f"  {count.requests} requests, {count.failed} failed ({share:.2f} %),"
-            f" {count.unresolved} without any address"
+            f"  {rolled.requests} requests, {rolled.failed} failed ({share:.2f} %),"
+            f" {rolled.unresolved} without any address"
         )
-        return count.failed == 0, float(count.failed)
+        return rolled.failed == 0, float(rolled.failed)
     if experiment in ("etcd-member", "etcd-quorum"):
         members = [m for m in args.etcd_members.split(",") if m][: 1 if experiment == "etcd-member" else 2]
         print(f"{tag}: stopping etcd on {', '.join(members)}; {args.window:.0f} s of traffic", flush=True)
