@@ -142,22 +142,22 @@ module CarouselLab
 
   # Ansible's --timeout in whole seconds, or nil for the provisioner's own (30 s).
   def self.ansible_timeout(env)
-    timeout = nil
-    seconds(env, "CAROUSEL_ANSIBLE_TIMEOUT") do |s|
-      raise Error, "CAROUSEL_ANSIBLE_TIMEOUT=#{s}: expected whole seconds" unless s == s.to_i
-      timeout = s.to_i
-    end
-    timeout
+    whole_seconds(env, "CAROUSEL_ANSIBLE_TIMEOUT")
   end
 
   # Vagrant's boot timeout in whole seconds, or nil for Vagrant's own (300 s).
   def self.boot_timeout(env)
-    timeout = nil
-    seconds(env, "CAROUSEL_BOOT_TIMEOUT") do |s|
-      raise Error, "CAROUSEL_BOOT_TIMEOUT=#{s}: expected whole seconds" unless s == s.to_i
-      timeout = s.to_i
+    whole_seconds(env, "CAROUSEL_BOOT_TIMEOUT")
+  end
+
+  # A whole number of seconds from the environment, or nil when it is not set.
+  def self.whole_seconds(env, key)
+    value = nil
+    seconds(env, key) do |s|
+      raise Error, "#{key}=#{s}: expected whole seconds" unless s == s.to_i
+      value = s.to_i
     end
-    timeout
+    value
   end
 
   # A positive number of seconds from the environment, given to the block when set.

@@ -219,7 +219,8 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
 # regular expression over the whole head, then a findall for its pairs, cost more than the
 # split, partition and lookup per line that replace them).
 _NAMES: dict[str, str] = {}
-_MAX_NAMES = 512  # bounded: names are the client's choice
+MAX_FIELD_NAMES = 512  # names remembered per parser: names are the peer's choice
+_MAX_NAMES = MAX_FIELD_NAMES
 _METHOD = re.compile(_TOKEN)
 _FIELD_NAME = re.compile(_TOKEN)
 # Control characters but HTAB, CR and LF (those two are counted against the line breaks).
@@ -253,10 +254,20 @@ def _parse_head_fast(
         or (proxy and method == "CONNECT")
     ):
         return None
+    fields = split_fields(lines, _NAMES)
+    if fields is None:
+        return None
+    return method, target, version, fields[0], fields[1]
+
+
+def split_fields(lines: list[str], known: dict[str, str]) -> tuple[list[tuple[str, str]], list[str]] | None:
+    """The field lines of a head split at CRLF (``lines[0]`` is the start line) as
+    (name, value) pairs with each value's OWS stripped, and the names in lower case; None
+    when a line is not ``token ":" value``. ``known`` maps names already checked to their
+    lower case (the request and the member parsers keep one each, at most MAX_FIELD_NAMES)."""
     pairs: list[tuple[str, str]] = []
     names: list[str] = []
-    known = _NAMES
-    for i in range(1, n + 1):
+    for i in range(1, len(lines)):
         name, sep, value = lines[i].partition(":")
         lower = known[name] if name in known else None  # no method lookup (compiled)
         if lower is None:
@@ -269,7 +280,7 @@ def _parse_head_fast(
             return None
         pairs.append((name, value.strip(" \t")))
         names.append(lower)
-    return method, target, version, pairs, names
+    return pairs, names
 
 
 def _parse_head_lines(block: bytes, max_headers: int, max_field: int, proxy: bool) -> Head:
