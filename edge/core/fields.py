@@ -12,6 +12,7 @@ static) and the upstream side import them from here, never from each other.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -84,8 +85,13 @@ BACKEND_IDENTITY = frozenset({"server", "x-powered-by"})
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     """Header names listed in Connection (lower-case)."""
+    return _tokens(headers.getall(CONNECTION, ()))
+
+
+def _tokens(values: Iterable[str]) -> set[str]:
+    """The lower-case tokens of comma-separated field values (Connection's)."""
     tokens: set[str] = set()
-    for value in headers.getall(CONNECTION, ()):
+    for value in values:
         for token in value.split(","):
             token = token.strip().lower()
             if token:
@@ -190,13 +196,7 @@ class ResponseCleaner:
         """
         hidden = self.hidden
         if "connection" in names:
-            tokens = {
-                token
-                for i, name in enumerate(names)
-                if name == "connection"
-                for t in pairs[i][1].split(",")
-                if (token := t.strip().lower())
-            }
+            tokens = _tokens(pairs[i][1] for i, name in enumerate(names) if name == "connection")
             if not tokens <= hidden:  # "keep-alive" or "close", as most members send: nothing new
                 hidden = hidden | tokens
         kept: list[tuple[str, str]] = []
@@ -222,7 +222,7 @@ class ResponseCleaner:
         """The same for stored pairs: the pairs to keep, or None when nothing goes."""
         hidden = self.hidden
         if any(k.lower() == "connection" for k, _ in pairs):
-            hidden = hidden | connection_tokens(CIMultiDict(pairs))
+            hidden = hidden | _tokens(v for k, v in pairs if k.lower() == "connection")
         kept = tuple((k, v) for k, v in pairs if k.lower() not in hidden)
         return None if len(kept) == len(pairs) else kept
 

@@ -235,9 +235,7 @@ class CacheFeature(Upstream):
         return self._call(ex, call_next, method, rules)
 
     async def _call(self, ex: Exchange, call_next: Handler, method: str, rules: Any) -> Reply:
-        if method == "GET" or method == "HEAD":
-            if rules is _OFF:
-                return await call_next(ex)
+        if method == "GET" or method == "HEAD":  # the cache is on for the route (__call__)
             reply = self._fresh_hit(ex, rules)
             if reply is not None:
                 return reply
