@@ -130,9 +130,12 @@ class Dnsd:
         cmd = [DIG, f"@{host}", "-p", str(self.port_for(host)), "+tries=1", "+time=2", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
 
-    def http(self, path: str) -> tuple[int, str]:
+    def http(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        # The admin listener holds its first requests until the registry is loaded (at most
+        # dnsd's ADMIN_WAIT, 1 s) and a new dnsd imports aiohttp meanwhile: on a loaded CI
+        # machine that passed 2 s. The answer is what is checked, not how fast it comes.
         try:
-            with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=timeout) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
