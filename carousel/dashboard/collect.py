@@ -26,6 +26,9 @@ import structlog
 
 from carousel.dashboard.config import Config
 from carousel.dashboard.scrape import (
+    DNS_FAMILIES,
+    EDGE_FAMILIES,
+    ETCD_FAMILIES,
     ScrapeError,
     agent_checks,
     dns_figures,
@@ -130,13 +133,13 @@ class Collector:
             if kind == "agent":
                 self.view.record_scrape(key, agent_checks(json.loads(body)), None, at)
             elif kind == "edge":
-                fig = edge_figures(parse_metrics(body))
+                fig = edge_figures(parse_metrics(body, EDGE_FAMILIES))
                 self.view.record_scrape(key, fig, fig.counters(), at)
             elif kind == "dns":
-                dfig = dns_figures(parse_metrics(body))
+                dfig = dns_figures(parse_metrics(body, DNS_FAMILIES))
                 self.view.record_scrape(key, dfig, dfig.counters(), at)
             else:
-                self.view.record_scrape(key, etcd_figures(parse_metrics(body)), None, at)
+                self.view.record_scrape(key, etcd_figures(parse_metrics(body, ETCD_FAMILIES)), None, at)
         except (aiohttp.ClientError, TimeoutError, ScrapeError, ValueError, UnicodeDecodeError) as exc:
             error = str(exc) or type(exc).__name__
             self.view.scrape_failed(key, error, at)

@@ -13,7 +13,17 @@ import pytest
 
 from carousel.config import ConfigError, from_dict
 from carousel.dashboard.config import Config, DashboardSection
-from carousel.dashboard.scrape import ScrapeError, agent_checks, dns_figures, edge_figures, parse_metrics
+from carousel.dashboard.scrape import (
+    DNS_FAMILIES,
+    EDGE_FAMILIES,
+    ETCD_FAMILIES,
+    ScrapeError,
+    agent_checks,
+    dns_figures,
+    edge_figures,
+    etcd_figures,
+    parse_metrics,
+)
 from carousel.dashboard.server import _validate
 from carousel.dashboard.view import ClusterView
 from carousel.registry import BanRecord, MaintenanceFlag, ServiceRecord
@@ -75,6 +85,45 @@ def test_dns_figures_from_prometheus_text():
 def test_garbage_is_a_scrape_error(text: str):
     with pytest.raises(ScrapeError):
         parse_metrics(text)
+
+
+# What an etcd member or a busy daemon exposes beside the families the page reads.
+NOISE = "".join(
+    f"# HELP go_noise_{i} A family the page does not read.\n# TYPE go_noise_{i} histogram\n"
+    f'go_noise_{i}_bucket{{le="0.5"}} {i}\ngo_noise_{i}_bucket{{le="+Inf"}} {i}\n'
+    f"go_noise_{i}_sum 1.5e-05\ngo_noise_{i}_count {i} 1700000000000\n"
+    for i in range(200)
+)
+ETCD_TEXT = (
+    "# TYPE etcd_server_has_leader gauge\netcd_server_has_leader 1\n"
+    + NOISE
+    + ("# TYPE etcd_server_is_leader gauge\netcd_server_is_leader 0\n")
+)
+
+
+def test_only_the_families_read_are_parsed_and_the_figures_are_the_same():
+    edge = parse_metrics(NOISE + EDGE_TEXT + NOISE, EDGE_FAMILIES)
+    assert all(name.startswith(EDGE_FAMILIES) for name in edge)
+    assert edge_figures(edge) == edge_figures(parse_metrics(EDGE_TEXT))
+    dns = parse_metrics(DNS_TEXT + NOISE, DNS_FAMILIES)
+    assert set(dns) == set(parse_metrics(DNS_TEXT))
+    assert dns_figures(dns) == dns_figures(parse_metrics(DNS_TEXT))
+    etcd = parse_metrics(ETCD_TEXT, ETCD_FAMILIES)
+    assert set(etcd) == {"etcd_server_has_leader", "etcd_server_is_leader"}
+    assert etcd_figures(etcd) == {"has_leader": True, "is_leader": False}
+    assert etcd_figures(parse_metrics(ETCD_TEXT)) == etcd_figures(etcd)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    ["<html>oops</html>", "metric{unclosed 1", "x one", "go_gc 1 2 3", '  {a="b"} 1'],
+)
+def test_a_line_that_is_not_text_format_is_an_error_even_outside_the_families_read(junk: str):
+    with pytest.raises(ScrapeError):
+        parse_metrics(EDGE_TEXT + junk + "\n", EDGE_FAMILIES)
+    # Blank lines, comments of any kind, NaN, infinities, exponents and timestamps are text format.
+    odd = '\n# a free comment\nx NaN\ny -Inf\nz{a="}"} +Inf\nw 1e+06 -12\n   \n'
+    assert edge_figures(parse_metrics(EDGE_TEXT + odd, EDGE_FAMILIES)).requests == 100
 
 
 def test_agent_checks_from_status():
