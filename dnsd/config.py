@@ -232,10 +232,15 @@ class SOAConfig:
 
     mname: str = ""  # default: the first NS name
     rname: str = "hostmaster"  # the mailbox hostmaster@<origin>, written as a name
-    refresh: int = field(default=3600, metadata={"check": u32})
-    retry: int = field(default=600, metadata={"check": u32})
-    expire: int = field(default=86400, metadata={"check": u32})
-    # RFC 2308: the negative-caching TTL is min(SOA TTL, minimum).
+    # No secondary transfers the zone (every dnsd reads the registry), so the three timers
+    # below only inform; they take Zonemaster's recommended floors (ZONE02, ZONE04, ZONE05;
+    # RFC 1912 asks for an expire of 2-4 weeks), which its test against dnsd checks.
+    refresh: int = field(default=14400, metadata={"check": u32})
+    retry: int = field(default=3600, metadata={"check": u32})
+    expire: int = field(default=1209600, metadata={"check": u32})
+    # RFC 2308: the negative-caching TTL is min(SOA TTL, minimum). Short on purpose, below
+    # Zonemaster's 300 s (ZONE06, a notice): the first AAAA of a service, or a name added to
+    # the zone, reaches resolvers a minute after, not five.
     minimum: int = field(default=60, metadata={"check": ttl_value})
     ttl: int = field(default=3600, metadata={"check": ttl_value})
 

@@ -421,7 +421,7 @@ def test_static_records_are_encoded_by_dnslib_with_names_left_to_our_compression
     assert soa_response is not None
     (soa,) = dns.message.from_wire(soa_response).answer[0]
     assert soa.mname.to_text() == "ns1.example.test." and soa.rname.to_text() == "hostmaster.example.test."
-    assert (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum) == (42, 3600, 600, 86400, 60)
+    assert (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum) == (42, 14400, 3600, 1209600, 60)
 
 
 def test_rdata_leaves_names_as_pieces() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from carousel.registry import ServiceRecord
 from dnsd.build import TableBuilder
-from dnsd.config import AllDownPolicy, NSConfig, RecordConfig, ZoneConfig
+from dnsd.config import AllDownPolicy, NSConfig, RecordConfig, SOAConfig, ZoneConfig
 from dnsd.rotation import AddressSet, weighted_order
 from dnsd.table import AnswerTable
 from dnsd.zone import compile_zones
@@ -263,7 +263,7 @@ def _soa_serials(table: AnswerTable) -> dict[str, int]:
         msg = dns.message.from_wire(response)
         soa = [rr for rrs in msg.answer + msg.authority if rrs.rdtype == dns.rdatatype.SOA for rr in rrs]
         assert len(soa) == 1, (label, msg)
-        assert (soa[0].mname.to_text(), soa[0].refresh) == ("ns1.example.test.", 3600), label
+        assert (soa[0].mname.to_text(), soa[0].refresh) == ("ns1.example.test.", SOAConfig().refresh), label
         out[label] = soa[0].serial
     return out
 
