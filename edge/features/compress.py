@@ -122,16 +122,19 @@ class Compression:
 
     def candidate(self, reply: Reply) -> bool:
         """May this reply be compressed at all (for some client)?"""
-        headers = reply.headers
         if reply.status not in COMPRESSIBLE_STATUS or reply.tunnel is not None:
             return False
+        return self._eligible(reply.headers, reply.body.length)
+
+    def _eligible(self, headers: Any, length: int | None, part: bool = False) -> bool:
+        """Would a representation with these fields and this length be compressed for some client?
+        (``part``: the fields are a 206's, whose Content-Range describes the part sent.)"""
         if headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             return False
-        if "Content-Range" in headers:
+        if not part and "Content-Range" in headers:
             return False
         if not self._compressible_type(headers.get("Content-Type", "")):
             return False
-        length = reply.body.length
         if length is not None and length < self.min_size:
             return False
         return "no-transform" not in ",".join(headers.getall("Cache-Control", ())).lower()
@@ -140,12 +143,40 @@ class Compression:
         """The coding to apply to this reply for this request (None: send it as it is).
         Adds Vary: Accept-Encoding to every reply that could be compressed for someone."""
         if not self.candidate(reply):
+            if reply.status == 304 or reply.status == 206:
+                self._stands_for_200(ex, reply)
             return None
         _add_vary(reply.headers)
         request = ex.request
         if request.method == "HEAD" or "Range" in request.headers:
             return None
         return self.choose(request.headers.get("Accept-Encoding"))
+
+    def _stands_for_200(self, ex: Exchange, reply: Reply) -> None:
+        """A 304 or a 206 carries the Vary and ETag of the 200 that this request would get
+        (RFC 9110 15.4.5, 15.3.7): Vary: Accept-Encoding where that 200 could be compressed,
+        and, on a 304, the weak ETag of the compressed variant when this client would get one
+        (a Range request never gets one, so a 206's ETag stays). The representation's length
+        comes from a 206's Content-Range, or for a 304 from the terminal (the static files'
+        ``representation_length``): a member's 304 says nothing of it, and the cache answers
+        conditionals from its stored variants."""
+        headers = reply.headers
+        if reply.status == 206:
+            total = _complete_length(headers.get("Content-Range", ""))
+            if total is not None and self._eligible(headers, total, part=True):
+                _add_vary(headers)
+            return
+        length = ex.notes.get("representation_length")
+        if length is None or not self._eligible(headers, length):
+            return
+        _add_vary(headers)
+        request = ex.request
+        if request.method == "HEAD" or "Range" in request.headers:
+            return
+        if self.choose(request.headers.get("Accept-Encoding")) is not None:
+            etag = headers.get("ETag")
+            if etag is not None and not etag.startswith("W/"):
+                headers["ETag"] = "W/" + etag
 
     def _encoded(self, ex: Exchange, reply: Reply, coding: str, body: Body) -> Reply:
         """The reply with its new body and the fields that go with it."""
@@ -216,6 +247,13 @@ class Compression:
             return bytes(brotli.compress(data, quality=self.brotli_quality, mode=mode))
         c = _gzip_compressor(self.gzip_level)
         return bytes(c.compress(data) + c.flush())
+
+
+def _complete_length(content_range: str) -> int | None:
+    """N of "bytes first-last/N", or None ("*", several ranges, or not a byte range)."""
+    unit, _, rest = content_range.strip().partition(" ")
+    total = rest.rpartition("/")[2]
+    return int(total) if unit.lower() == "bytes" and total.isdigit() else None
 
 
 def _add_vary(headers: Any) -> None:

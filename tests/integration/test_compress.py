@@ -166,6 +166,40 @@ async def test_static_files_are_compressed_too(tmp_path: Path, raw_session: aioh
             assert gzip.decompress(await r.read()) == css
 
 
+async def test_a_static_304_or_206_carries_the_vary_and_etag_of_the_200_it_stands_for(
+    tmp_path: Path, raw_session: aiohttp.ClientSession
+) -> None:
+    # RFC 9110 15.4.5 and 15.3.7: a 304 or a 206 sends the Vary and ETag that a 200 would.
+    (tmp_path / "site.css").write_bytes(b"body { margin: 0 }\n" * 200)
+    (tmp_path / "tiny.css").write_bytes(b"body { margin: 0 }\n")  # under min_size: never compressed
+    config = {"route": [{"path": "/", "static": str(tmp_path)}], **COMPRESS}
+    async with running_edge(config) as edge:
+        base = f"http://127.0.0.1:{edge.port}"
+
+        async def get(path: str, **headers: str) -> tuple[int, aiohttp.typedefs.LooseHeaders]:
+            async with raw_session.get(base + path, headers=headers) as r:
+                await r.read()
+                return r.status, r.headers
+
+        for coding in ("gzip", "br", "identity"):
+            status, ok = await get("/site.css", **{"Accept-Encoding": coding})
+            assert status == 200 and ok["Vary"] == "Accept-Encoding"
+            for condition in ({"If-None-Match": ok["ETag"]}, {"If-Modified-Since": ok["Last-Modified"]}):
+                status, nm = await get("/site.css", **{"Accept-Encoding": coding}, **condition)
+                assert status == 304, (coding, condition)
+                assert (nm["ETag"], nm.get("Vary")) == (ok["ETag"], "Accept-Encoding"), (coding, condition)
+            assert ok["ETag"].startswith("W/") == (coding != "identity")
+            status, part = await get("/site.css", **{"Accept-Encoding": coding, "Range": "bytes=0-9"})
+            assert status == 206 and part["Content-Range"] == "bytes 0-9/3800"
+            # A Range request is never compressed: the part is of the identity body, strong ETag.
+            assert (part["ETag"], part["Vary"]) == (ok["ETag"].removeprefix("W/"), "Accept-Encoding")
+        status, ok = await get("/tiny.css", **{"Accept-Encoding": "gzip"})
+        status, nm = await get("/tiny.css", **{"Accept-Encoding": "gzip", "If-None-Match": ok["ETag"]})
+        assert status == 304 and "Vary" not in ok and "Vary" not in nm and nm["ETag"] == ok["ETag"]
+        status, part = await get("/tiny.css", **{"Accept-Encoding": "gzip", "Range": "bytes=0-1"})
+        assert status == 206 and "Vary" not in part
+
+
 async def test_route_can_turn_compression_off() -> None:
     origin = ScriptedOrigin()
     port = await origin.start()
