@@ -173,20 +173,7 @@ class ResponseParser:
         self.pairs = pairs
         self.names = names
         self._headers = None
-        # The framing fields, found by their lower-case names (first Connection and
-        # Transfer-Encoding value, every Content-Length, as the CIMultiDict lookups did).
-        connection: str | None = None
-        te: str | None = None
-        lengths: list[str] = []
-        if "connection" in names or "transfer-encoding" in names or "content-length" in names:
-            for i, name in enumerate(names):
-                if name == "content-length":
-                    lengths.append(pairs[i][1])
-                elif name == "connection":
-                    if connection is None:
-                        connection = pairs[i][1]
-                elif name == "transfer-encoding" and te is None:
-                    te = pairs[i][1]
+        connection, te, lengths = _framing_fields(pairs, names)
         self.keep_alive = version == "HTTP/1.1" and (connection is None or "close" not in connection.lower())
         if self.head_request or status in (204, 304) or status == 101:
             self._mode = "none"
@@ -276,7 +263,6 @@ class ResponseParser:
 # were two thirds of a member head's parse: 3.8 of 5.8 us for nginx's 8 fields).
 _NAMES: dict[str, str] = {}
 _MAX_NAMES = MAX_FIELD_NAMES  # bounded (http1.split_fields): names are the member's choice
-_DIGITS = frozenset("0123456789")
 
 
 def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], list[str]] | None:
@@ -284,7 +270,9 @@ def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], l
     or None when it is not plainly valid: the line-by-line parser then decides.
 
     Takes exactly what ``HTTP/1.[0-9] SP 3DIGIT [SP reason] CRLF *(token ":" value CRLF)``
-    takes, values free of CR, LF and NUL, with OWS stripped from each value.
+    takes, values free of CR, LF and NUL, with OWS stripped from each value. Typed for the
+    compiled build by edge/upstream/client.pxd (the status line's characters compared as C
+    characters; http1.split_fields says why).
     """
     lines = text.split("\r\n")
     n = len(lines) - 1
@@ -292,21 +280,47 @@ def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], l
     if text.count("\r") != n or text.count("\n") != n or "\x00" in text or n > MAX_HEADERS:
         return None
     first = lines[0]
+    if len(first) < 12 or not first.startswith("HTTP/1.") or first[8] != " ":
+        return None
+    minor = first[7]
+    d1 = first[9]
+    d2 = first[10]
+    d3 = first[11]
     if (
-        len(first) < 12
-        or not first.startswith("HTTP/1.")
-        or first[7] not in _DIGITS
-        or first[8] != " "
-        or first[9] not in _DIGITS
-        or first[10] not in _DIGITS
-        or first[11] not in _DIGITS
+        not ("0" <= minor <= "9")
+        or not ("0" <= d1 <= "9")
+        or not ("0" <= d2 <= "9")
+        or not ("0" <= d3 <= "9")
         or (len(first) > 12 and first[12] != " ")
     ):
         return None
     fields = split_fields(lines, _NAMES)
     if fields is None:
         return None
-    return first[:8], int(first[9:12]), first[13:], fields[0], fields[1]
+    status = (ord(d1) - 48) * 100 + (ord(d2) - 48) * 10 + (ord(d3) - 48)
+    return first[:8], status, first[13:], fields[0], fields[1]
+
+
+def _framing_fields(
+    pairs: list[tuple[str, str]], names: list[str]
+) -> tuple[str | None, str | None, list[str]]:
+    """The framing fields of a member's head, found by their lower-case names: the first
+    Connection and Transfer-Encoding values and every Content-Length (as the CIMultiDict
+    lookups they replace found them)."""
+    connection: str | None = None
+    te: str | None = None
+    lengths: list[str] = []
+    if "connection" in names or "transfer-encoding" in names or "content-length" in names:
+        for i in range(len(names)):
+            name = names[i]
+            if name == "content-length":
+                lengths.append(pairs[i][1])
+            elif name == "connection":
+                if connection is None:
+                    connection = pairs[i][1]
+            elif name == "transfer-encoding" and te is None:
+                te = pairs[i][1]
+    return connection, te, lengths
 
 
 def _parse_head_lines(text: str) -> tuple[str, int, str, list[tuple[str, str]]]:
@@ -610,6 +624,34 @@ def serialize_request(
     close: bool,
 ) -> bytes:
     """The request as bytes, framed by the edge (Content-Length, never chunked)."""
+    # The pieces joined once: an f-string per field formatted each piece on its own (three
+    # PyObject_Format calls of ~900 instructions a field, callgrind).
+    pieces = [method, " ", target, " HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        pieces += (name, ": ", value, "\r\n")
+    if body is not None:
+        pieces.append(f"Content-Length: {len(body)}\r\n")
+    if close:
+        pieces.append("Connection: close\r\n")
+    pieces.append("\r\n")
+    try:
+        # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
+        # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
+        # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
+        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9". surrogateescape
+        # gives back the byte behind a path percent-decoded that way.
+        head = "".join(pieces).encode("latin-1", "surrogateescape")
+    except (TypeError, UnicodeEncodeError):
+        # A value that is no str (a feature may set one), or a character no byte stands for:
+        # line by line, each line formatted and encoded on its own.
+        head = b"".join(map(_encode_line, _request_lines(method, target, headers, body, close)))
+    return head + body if body else head
+
+
+def _request_lines(
+    method: str, target: str, headers: CIMultiDict[str], body: bytes | None, close: bool
+) -> list[str]:
+    """The request head's lines, each formatted as a str."""
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     for name, value in headers.items():
         lines.append(f"{name}: {value}\r\n")
@@ -618,16 +660,7 @@ def serialize_request(
     if close:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    try:
-        # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
-        # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
-        # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
-        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9". surrogateescape
-        # gives back the byte behind a path percent-decoded that way.
-        head = "".join(lines).encode("latin-1", "surrogateescape")
-    except UnicodeEncodeError:
-        head = b"".join(map(_encode_line, lines))
-    return head + body if body else head
+    return lines
 
 
 def _encode_line(line: str) -> bytes:
