@@ -534,7 +534,7 @@ class UpstreamConnection(asyncio.Protocol):
 class MemberConnections:
     """Connections to one member: new ones, or reused idle ones (keepalive = "pool")."""
 
-    __slots__ = ("host", "idle", "idle_timeout", "keepalive", "port")
+    __slots__ = ("_loop", "host", "idle", "idle_timeout", "keepalive", "port")
 
     def __init__(self, host: str, port: int, keepalive: bool, idle_timeout: float) -> None:
         self.host = host
@@ -542,6 +542,8 @@ class MemberConnections:
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
+        # The loop its connections live on (their transports are that loop's), asked for once.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def take(self) -> UpstreamConnection | None:
         """An idle connection that is still open, or None (no waiting)."""
@@ -563,15 +565,36 @@ class MemberConnections:
         return await self.connect(connect_timeout)
 
     async def connect(self, connect_timeout: float) -> UpstreamConnection:
-        """A new connection; ConnectFailed when it cannot be made (nothing was sent)."""
-        loop = asyncio.get_running_loop()
+        """A new connection; ConnectFailed when it cannot be made (nothing was sent).
+
+        The deadline is ``asyncio.timeout``'s, written out: one timer that cancels this task,
+        and that cancellation (and only that one) turned into ConnectFailed. asyncio.timeout
+        asked for the running loop three times per connection (a getpid(2) each on CPython
+        3.11: strace counts 3 per use) and ran a dozen Python calls around one timer.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        cancelling = task.cancelling()
+        fired = [False]
+        timer = loop.call_at(loop.time() + connect_timeout, _time_out, task, fired)
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(loop), self.host, self.port)
-        except TimeoutError:
-            raise ConnectFailed("connect timeout") from None
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(loop), self.host, self.port)
+        except asyncio.CancelledError:
+            # Ours if the timer fired and no one else asked for a cancellation meanwhile.
+            if fired[0] and task.uncancel() <= cancelling:
+                raise ConnectFailed("connect timeout") from None
+            raise
         except OSError as exc:
+            if fired[0]:
+                task.uncancel()
             raise ConnectFailed(exc.strerror or str(exc)) from None
+        finally:
+            timer.cancel()
+        if fired[0]:
+            task.uncancel()  # connected as the timer fired: as asyncio.timeout, the count goes back
         return conn
 
     def put(self, conn: UpstreamConnection) -> None:
@@ -607,6 +630,12 @@ class MemberConnections:
     def close(self) -> None:
         while self.idle:
             _close(self.idle.pop())
+
+
+def _time_out(task: asyncio.Task[object], fired: list[bool]) -> None:
+    """A connect's deadline: mark it, then cancel the task waiting for the connection."""
+    fired[0] = True
+    task.cancel()
 
 
 def _close(conn: UpstreamConnection) -> None:
