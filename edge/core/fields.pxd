@@ -2,5 +2,7 @@
 # and the pure-Python fallback; this file only tells the compiler what the hot locals are).
 import cython
 
-@cython.locals(kept=list, lines=list, date=bint, server=bint, i=Py_ssize_t, name=str, pair=tuple)
+@cython.locals(
+    kept=list, lines=list, date=bint, server=bint, i=Py_ssize_t, name=str, pair=tuple, tokens=frozenset,
+)
 cpdef _member_fields(list pairs, list names, frozenset hidden)
