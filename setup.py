@@ -10,6 +10,13 @@ the edge runs pure Python. edge/__init__.py loads a source instead of its
 compiled module when CAROUSEL_PURE_PYTHON=1 is set at run time, or when the
 source is newer than the compiled module (an edit not rebuilt yet).
 
+Three of them have a .pxd beside them (Cython's "augmenting .pxd", read from the
+source tree when they are compiled): C types for the locals of the head parsers'
+loops and the field serialisers (``cpdef`` functions, ``Py_ssize_t`` indexes,
+``Py_UCS4`` characters, ``str``/``list``/``dict`` objects), so those loops run as C
+over the characters instead of generic method calls. The .py is unchanged by
+them and stays the fallback; a .pxd edited alone needs a rebuild too.
+
 dnsd's receive loop (dnsd/_udploop.c) is plain C against the Python C API, not
 Cython: the Python loop in dnsd/mmsg.py stays the fallback, chosen by the same
 rules (dnsd/mmsg.py, ``_compiled_loop``).

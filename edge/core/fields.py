@@ -194,29 +194,7 @@ class ResponseCleaner:
         A proxied response that no feature looks into goes out as these bytes (a cache hit's
         way, edge/core/pipeline.py ``Reply``): no CIMultiDict built, cleaned and written again.
         """
-        hidden = self.hidden
-        if "connection" in names:
-            tokens = _tokens(pairs[i][1] for i, name in enumerate(names) if name == "connection")
-            if not tokens <= hidden:  # "keep-alive" or "close", as most members send: nothing new
-                hidden = hidden | tokens
-        kept: list[tuple[str, str]] = []
-        lines: list[str] = []
-        date = server = False
-        for i, name in enumerate(names):
-            if name in hidden:
-                continue
-            if name == "location" or name == "content-location":
-                return None
-            if name == "date":
-                date = True
-            elif name == "server":
-                server = True
-            pair = pairs[i]
-            kept.append(pair)
-            lines.append(f"{pair[0]}: {pair[1]}\r\n")
-        # The member's head was read as latin-1 and checked for CR, LF and NUL: every value
-        # encodes back to the bytes it came as.
-        return MemberFields(tuple(kept), Wire("".join(lines).encode("latin-1"), date, server))
+        return _member_fields(pairs, names, self.hidden)
 
     def fields(self, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
         """The same for stored pairs: the pairs to keep, or None when nothing goes."""
@@ -225,6 +203,52 @@ class ResponseCleaner:
             hidden = hidden | _tokens(v for k, v in pairs if k.lower() == "connection")
         kept = tuple((k, v) for k, v in pairs if k.lower() not in hidden)
         return None if len(kept) == len(pairs) else kept
+
+
+# A member's Connection values -> their tokens (bounded: the values are the member's choice).
+_CONNECTION_TOKENS: dict[str, frozenset[str]] = {}
+_MAX_CONNECTION_VALUES = 64
+
+
+def _member_fields(
+    pairs: list[tuple[str, str]], names: list[str], hidden: frozenset[str]
+) -> MemberFields | None:
+    """``ResponseCleaner.member_fields``' loop, at module level so that edge/core/fields.pxd
+    can type it for the compiled build (list indexing and the set test as C-API calls)."""
+    if "connection" in names:
+        for i in range(len(names)):
+            if names[i] == "connection":
+                # Its tokens, remembered per value: members send the same one or two values
+                # ("keep-alive", "close") on every response (a generator and a set made per
+                # response cost 6k instructions, callgrind).
+                value = pairs[i][1]
+                tokens = _CONNECTION_TOKENS.get(value)
+                if tokens is None:
+                    tokens = frozenset(_tokens((value,)))
+                    if len(_CONNECTION_TOKENS) < _MAX_CONNECTION_VALUES:
+                        _CONNECTION_TOKENS[value] = tokens
+                if not tokens <= hidden:  # "keep-alive" or "close": nothing new
+                    hidden = hidden | tokens
+    kept: list[tuple[str, str]] = []
+    lines: list[str] = []
+    date = server = False
+    for i in range(len(names)):
+        name = names[i]
+        if name in hidden:
+            continue
+        if name == "location" or name == "content-location":
+            return None
+        if name == "date":
+            date = True
+        elif name == "server":
+            server = True
+        pair = pairs[i]
+        kept.append(pair)
+        lines.append(": ".join(pair))  # one C call; "+" and f-strings were three (callgrind)
+    # The member's head was read as latin-1 and checked for CR, LF and NUL: every value
+    # encodes back to the bytes it came as.
+    wire = "\r\n".join(lines) + "\r\n" if lines else ""
+    return MemberFields(tuple(kept), Wire(wire.encode("latin-1"), date, server))
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:

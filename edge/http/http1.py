@@ -206,7 +206,10 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
     authority-form target, takes the line-by-line parser, which names the fault.
     """
     text = block.decode("latin-1")
-    if len(text) + 2 <= max_field:  # then no line is longer than max_field either
+    # No line longer than max_field (the head itself is not), and no CTL but HTAB, CR and LF
+    # (CR and LF are counted against the line breaks): bytes.translate deletes them in one C
+    # loop, a third of a regular expression's search (1.09 against 0.32 us, measured).
+    if len(text) + 2 <= max_field and len(block.translate(None, _CTL_BYTES)) == len(block):
         fast = _parse_head_fast(text, max_headers, proxy)
         if fast is not None:
             method, target, version, pairs, names = fast
@@ -222,9 +225,12 @@ _NAMES: dict[str, str] = {}
 MAX_FIELD_NAMES = 512  # names remembered per parser: names are the peer's choice
 _MAX_NAMES = MAX_FIELD_NAMES
 _METHOD = re.compile(_TOKEN)
+# Methods seen -> True once checked as tokens (the few every client sends; bounded like names).
+_METHODS: dict[str, bool] = {}
+_MAX_METHODS = 64
 _FIELD_NAME = re.compile(_TOKEN)
 # Control characters but HTAB, CR and LF (those two are counted against the line breaks).
-_CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CTL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 def _parse_head_fast(
@@ -235,25 +241,33 @@ def _parse_head_fast(
 
     Takes exactly what ``token SP "/" *(VCHAR / obs-text) SP HTTP/1.[01] CRLF
     *(token ":" field-value CRLF)`` takes, OWS stripped from each value: the grammar the
-    line-by-line parser applies, so both give the same head (a property test holds them to it).
+    line-by-line parser applies, so both give the same head (a property test holds them to it),
+    for a ``text`` that ``parse_head`` found free of CTLs but HTAB, CR and LF. Typed for the
+    compiled build by edge/http/http1.pxd.
     """
     lines = text.split("\r\n")
     n = len(lines) - 1
-    # Every CR and LF is part of a line break, and no CTL but HTAB anywhere: one scan.
-    if n > max_headers or text.count("\r") != n or text.count("\n") != n or _CTL.search(text):
+    # Every CR and LF is part of a line break (parse_head has refused the other CTLs).
+    if n > max_headers or text.count("\r") != n or text.count("\n") != n:
         return None
     parts = lines[0].split(" ")
     if len(parts) != 3:
         return None
-    method, target, version = parts
+    method = parts[0]
+    target = parts[1]
+    version = parts[2]
     if (
         (version != "HTTP/1.1" and version != "HTTP/1.0")
         or not target.startswith("/")
         or "\t" in target
-        or _METHOD.fullmatch(method) is None
         or (proxy and method == "CONNECT")
     ):
         return None
+    if method not in _METHODS:
+        if _METHOD.fullmatch(method) is None:
+            return None
+        if len(_METHODS) < _MAX_METHODS:
+            _METHODS[method] = True
     fields = split_fields(lines, _NAMES)
     if fields is None:
         return None
@@ -264,21 +278,36 @@ def split_fields(lines: list[str], known: dict[str, str]) -> tuple[list[tuple[st
     """The field lines of a head split at CRLF (``lines[0]`` is the start line) as
     (name, value) pairs with each value's OWS stripped, and the names in lower case; None
     when a line is not ``token ":" value``. ``known`` maps names already checked to their
-    lower case (the request and the member parsers keep one each, at most MAX_FIELD_NAMES)."""
+    lower case (the request and the member parsers keep one each, at most MAX_FIELD_NAMES).
+
+    Written for both builds (edge/http/http1.pxd types it): compiled, the index loops over
+    the value's ends are C loops over the characters and ``find``, the slices and the dict
+    lookup are direct C-API calls, where ``partition`` and ``strip`` were generic method
+    calls of some 600 instructions each (callgrind); interpreted, it does what they did.
+    """
     pairs: list[tuple[str, str]] = []
     names: list[str] = []
     for i in range(1, len(lines)):
-        name, sep, value = lines[i].partition(":")
-        lower = known[name] if name in known else None  # no method lookup (compiled)
+        line = lines[i]
+        colon = line.find(":")
+        name = line[:colon] if colon >= 0 else line
+        lower = known.get(name)
         if lower is None:
-            if not sep or _FIELD_NAME.fullmatch(name) is None:
+            if colon < 0 or _FIELD_NAME.fullmatch(name) is None:
                 return None
             lower = name.lower()
             if len(known) < _MAX_NAMES:
                 known[name] = lower
-        elif not sep:
+        elif colon < 0:
             return None
-        pairs.append((name, value.strip(" \t")))
+        # The value with its OWS (SP and HTAB) stripped at both ends: value.strip(" \t").
+        start = colon + 1
+        end = len(line)
+        while start < end and (line[start] == " " or line[start] == "\t"):
+            start += 1
+        while end > start and (line[end - 1] == " " or line[end - 1] == "\t"):
+            end -= 1
+        pairs.append((name, line[start:end]))
         names.append(lower)
     return pairs, names
 

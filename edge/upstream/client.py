@@ -173,20 +173,7 @@ class ResponseParser:
         self.pairs = pairs
         self.names = names
         self._headers = None
-        # The framing fields, found by their lower-case names (first Connection and
-        # Transfer-Encoding value, every Content-Length, as the CIMultiDict lookups did).
-        connection: str | None = None
-        te: str | None = None
-        lengths: list[str] = []
-        if "connection" in names or "transfer-encoding" in names or "content-length" in names:
-            for i, name in enumerate(names):
-                if name == "content-length":
-                    lengths.append(pairs[i][1])
-                elif name == "connection":
-                    if connection is None:
-                        connection = pairs[i][1]
-                elif name == "transfer-encoding" and te is None:
-                    te = pairs[i][1]
+        connection, te, lengths = _framing_fields(pairs, names)
         self.keep_alive = version == "HTTP/1.1" and (connection is None or "close" not in connection.lower())
         if self.head_request or status in (204, 304) or status == 101:
             self._mode = "none"
@@ -276,7 +263,6 @@ class ResponseParser:
 # were two thirds of a member head's parse: 3.8 of 5.8 us for nginx's 8 fields).
 _NAMES: dict[str, str] = {}
 _MAX_NAMES = MAX_FIELD_NAMES  # bounded (http1.split_fields): names are the member's choice
-_DIGITS = frozenset("0123456789")
 
 
 def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], list[str]] | None:
@@ -284,7 +270,9 @@ def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], l
     or None when it is not plainly valid: the line-by-line parser then decides.
 
     Takes exactly what ``HTTP/1.[0-9] SP 3DIGIT [SP reason] CRLF *(token ":" value CRLF)``
-    takes, values free of CR, LF and NUL, with OWS stripped from each value.
+    takes, values free of CR, LF and NUL, with OWS stripped from each value. Typed for the
+    compiled build by edge/upstream/client.pxd (the status line's characters compared as C
+    characters; http1.split_fields says why).
     """
     lines = text.split("\r\n")
     n = len(lines) - 1
@@ -292,21 +280,47 @@ def _parse_head_fast(text: str) -> tuple[str, int, str, list[tuple[str, str]], l
     if text.count("\r") != n or text.count("\n") != n or "\x00" in text or n > MAX_HEADERS:
         return None
     first = lines[0]
+    if len(first) < 12 or not first.startswith("HTTP/1.") or first[8] != " ":
+        return None
+    minor = first[7]
+    d1 = first[9]
+    d2 = first[10]
+    d3 = first[11]
     if (
-        len(first) < 12
-        or not first.startswith("HTTP/1.")
-        or first[7] not in _DIGITS
-        or first[8] != " "
-        or first[9] not in _DIGITS
-        or first[10] not in _DIGITS
-        or first[11] not in _DIGITS
+        not ("0" <= minor <= "9")
+        or not ("0" <= d1 <= "9")
+        or not ("0" <= d2 <= "9")
+        or not ("0" <= d3 <= "9")
         or (len(first) > 12 and first[12] != " ")
     ):
         return None
     fields = split_fields(lines, _NAMES)
     if fields is None:
         return None
-    return first[:8], int(first[9:12]), first[13:], fields[0], fields[1]
+    status = (ord(d1) - 48) * 100 + (ord(d2) - 48) * 10 + (ord(d3) - 48)
+    return first[:8], status, first[13:], fields[0], fields[1]
+
+
+def _framing_fields(
+    pairs: list[tuple[str, str]], names: list[str]
+) -> tuple[str | None, str | None, list[str]]:
+    """The framing fields of a member's head, found by their lower-case names: the first
+    Connection and Transfer-Encoding values and every Content-Length (as the CIMultiDict
+    lookups they replace found them)."""
+    connection: str | None = None
+    te: str | None = None
+    lengths: list[str] = []
+    if "connection" in names or "transfer-encoding" in names or "content-length" in names:
+        for i in range(len(names)):
+            name = names[i]
+            if name == "content-length":
+                lengths.append(pairs[i][1])
+            elif name == "connection":
+                if connection is None:
+                    connection = pairs[i][1]
+            elif name == "transfer-encoding" and te is None:
+                te = pairs[i][1]
+    return connection, te, lengths
 
 
 def _parse_head_lines(text: str) -> tuple[str, int, str, list[tuple[str, str]]]:
@@ -520,7 +534,7 @@ class UpstreamConnection(asyncio.Protocol):
 class MemberConnections:
     """Connections to one member: new ones, or reused idle ones (keepalive = "pool")."""
 
-    __slots__ = ("host", "idle", "idle_timeout", "keepalive", "port")
+    __slots__ = ("_loop", "host", "idle", "idle_timeout", "keepalive", "port")
 
     def __init__(self, host: str, port: int, keepalive: bool, idle_timeout: float) -> None:
         self.host = host
@@ -528,6 +542,8 @@ class MemberConnections:
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
+        # The loop its connections live on (their transports are that loop's), asked for once.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def take(self) -> UpstreamConnection | None:
         """An idle connection that is still open, or None (no waiting)."""
@@ -549,15 +565,36 @@ class MemberConnections:
         return await self.connect(connect_timeout)
 
     async def connect(self, connect_timeout: float) -> UpstreamConnection:
-        """A new connection; ConnectFailed when it cannot be made (nothing was sent)."""
-        loop = asyncio.get_running_loop()
+        """A new connection; ConnectFailed when it cannot be made (nothing was sent).
+
+        The deadline is ``asyncio.timeout``'s, written out: one timer that cancels this task,
+        and that cancellation (and only that one) turned into ConnectFailed. asyncio.timeout
+        asked for the running loop three times per connection (a getpid(2) each on CPython
+        3.11: strace counts 3 per use) and ran a dozen Python calls around one timer.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        cancelling = task.cancelling()
+        fired = [False]
+        timer = loop.call_at(loop.time() + connect_timeout, _time_out, task, fired)
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(loop), self.host, self.port)
-        except TimeoutError:
-            raise ConnectFailed("connect timeout") from None
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(loop), self.host, self.port)
+        except asyncio.CancelledError:
+            # Ours if the timer fired and no one else asked for a cancellation meanwhile.
+            if fired[0] and task.uncancel() <= cancelling:
+                raise ConnectFailed("connect timeout") from None
+            raise
         except OSError as exc:
+            if fired[0]:
+                task.uncancel()
             raise ConnectFailed(exc.strerror or str(exc)) from None
+        finally:
+            timer.cancel()
+        if fired[0]:
+            task.uncancel()  # connected as the timer fired: as asyncio.timeout, the count goes back
         return conn
 
     def put(self, conn: UpstreamConnection) -> None:
@@ -595,6 +632,12 @@ class MemberConnections:
             _close(self.idle.pop())
 
 
+def _time_out(task: asyncio.Task[object], fired: list[bool]) -> None:
+    """A connect's deadline: mark it, then cancel the task waiting for the connection."""
+    fired[0] = True
+    task.cancel()
+
+
 def _close(conn: UpstreamConnection) -> None:
     if conn.transport is not None:
         conn.transport.close()
@@ -610,6 +653,34 @@ def serialize_request(
     close: bool,
 ) -> bytes:
     """The request as bytes, framed by the edge (Content-Length, never chunked)."""
+    # The pieces joined once: an f-string per field formatted each piece on its own (three
+    # PyObject_Format calls of ~900 instructions a field, callgrind).
+    pieces = [method, " ", target, " HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        pieces += (name, ": ", value, "\r\n")
+    if body is not None:
+        pieces.append(f"Content-Length: {len(body)}\r\n")
+    if close:
+        pieces.append("Connection: close\r\n")
+    pieces.append("\r\n")
+    try:
+        # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
+        # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
+        # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
+        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9". surrogateescape
+        # gives back the byte behind a path percent-decoded that way.
+        head = "".join(pieces).encode("latin-1", "surrogateescape")
+    except (TypeError, UnicodeEncodeError):
+        # A value that is no str (a feature may set one), or a character no byte stands for:
+        # line by line, each line formatted and encoded on its own.
+        head = b"".join(map(_encode_line, _request_lines(method, target, headers, body, close)))
+    return head + body if body else head
+
+
+def _request_lines(
+    method: str, target: str, headers: CIMultiDict[str], body: bytes | None, close: bool
+) -> list[str]:
+    """The request head's lines, each formatted as a str."""
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     for name, value in headers.items():
         lines.append(f"{name}: {value}\r\n")
@@ -618,16 +689,7 @@ def serialize_request(
     if close:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    try:
-        # The client's head was read as latin-1 (edge/http/http1.py): each byte one character,
-        # so encoding back as latin-1 forwards its obs-text bytes (0x80-0xff in a field value
-        # or the target) as they came. As UTF-8 each such byte became two: "caf\xc3\xa9" in a
-        # Content-Disposition reached the member as "caf\xc3\x83\xc2\xa9". surrogateescape
-        # gives back the byte behind a path percent-decoded that way.
-        head = "".join(lines).encode("latin-1", "surrogateescape")
-    except UnicodeEncodeError:
-        head = b"".join(map(_encode_line, lines))
-    return head + body if body else head
+    return lines
 
 
 def _encode_line(line: str) -> bytes:
