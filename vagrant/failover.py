@@ -192,6 +192,8 @@ class CommandCluster:
     dns_misses: Counter[str] = field(default_factory=Counter)
     # Each of those digs: its UTC time and cause, in order.
     dns_miss_times: list[str] = field(default_factory=list)
+    # Each failed request: when it was sent (UTC) and its cause, in order.
+    failure_times: list[str] = field(default_factory=list)
     # Where each command's output goes (one file per command); None: discarded.
     log_dir: Path | None = None
 
@@ -224,9 +226,7 @@ class CommandCluster:
     def _missed(self, cause: str) -> None:
         self.dns_misses[cause] += 1
         # When, to the millisecond (UTC): to be found in dnsd's journal and the playbook's log.
-        now = time.time()
-        stamp = time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
-        self.dns_miss_times.append(f"{stamp} {cause}")
+        self.dns_miss_times.append(f"{utc_stamp()} {cause}")
 
     def resolve_any(self, servers: list[str]) -> list[str]:
         """Like a stub resolver with several nameservers: the next one after a 1 s timeout."""
@@ -250,15 +250,21 @@ class CommandCluster:
             conn.request("GET", "/", headers={"Host": self.name, "Connection": "close"})
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            self.failures[f"{type(exc).__name__} at {address}"] += 1
+            self._failed(f"{type(exc).__name__} at {address}", started)
             return False
         finally:
             conn.close()
             self.timings.append(time.monotonic() - started)
         if status >= 500:
-            self.failures[f"HTTP {status} at {address}"] += 1
+            self._failed(f"HTTP {status} at {address}", started)
             return False
         return True
+
+    def _failed(self, cause: str, started: float) -> None:
+        self.failures[cause] += 1
+        # When it was sent (UTC, ms), to be found in the edge's access log and journal.
+        sent = time.time() - (time.monotonic() - started)
+        self.failure_times.append(f"{utc_stamp(sent)} {cause}")
 
     def _run(self, template: str, edge: str, address: str) -> Action:
         cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
@@ -272,6 +278,12 @@ class CommandCluster:
 
     def restart(self, edge: str, address: str) -> Action:
         return self._run(self.restart_cmd, edge, address)
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """HH:MM:SS.mmm in UTC, of `when` (time.time()) or now."""
+    now = time.time() if when is None else when
+    return time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
 
 def parse_dig(out: str) -> tuple[list[str], str | None]:
@@ -635,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# How many digs without an address are listed with their times, per run.
+# How many digs without an address (and failed requests) are listed with their times, per run.
 MISS_TIMES_SHOWN = 20
 
 # What each experiment's summary line is about.
@@ -729,6 +741,15 @@ def run_experiment(
     return ok and count.failed == 0, float(count.failed)
 
 
+def _print_times(what: str, times: list[str]) -> None:
+    """The first MISS_TIMES_SHOWN stamped events, then forget them all."""
+    shown = times[:MISS_TIMES_SHOWN]
+    more = f" (and {len(times) - len(shown)} more)" if len(times) > len(shown) else ""
+    if shown:
+        print(f"  {what}: {'; '.join(shown)}{more}")
+    times.clear()
+
+
 def _print_window(count: WindowCount) -> None:
     print(
         f"  {count.requests} requests, {count.failed} failed,"
@@ -787,15 +808,12 @@ def main(argv: list[str] | None = None) -> int:
                 causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                 print(f"  failed requests by cause: {causes}")
                 reasons.clear()
+                _print_times("failed requests' times (UTC, sent)", getattr(cluster, "failure_times", []))
             misses = getattr(cluster, "dns_misses", None)
             if misses:
                 print(f"  digs without an address: {', '.join(f'{k} {v}' for k, v in misses.most_common())}")
                 misses.clear()
-                times = getattr(cluster, "dns_miss_times", [])
-                shown = times[:MISS_TIMES_SHOWN]
-                more = f" (and {len(times) - len(shown)} more)" if len(times) > len(shown) else ""
-                print(f"  their times (UTC): {'; '.join(shown)}{more}")
-                times.clear()
+                _print_times("their times (UTC)", getattr(cluster, "dns_miss_times", []))
             timings = getattr(cluster, "timings", None)
             if timings:
                 ms = sorted(t * 1000 for t in timings)

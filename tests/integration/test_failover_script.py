@@ -67,6 +67,13 @@ def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPS
     assert dict(refused.failures) == {"ConnectionRefusedError at 127.0.0.1": 1}
     # Every request's time is kept, the failed ones too.
     assert len(cluster.timings) == 3 and len(refused.timings) == 1
+    # Each failure with the UTC time it was sent, to be found in the edges' logs.
+    stamp = r"\d\d:\d\d:\d\d\.\d{3} "
+    assert [re.fullmatch(stamp + "HTTP 503 at 127.0.0.1", t) is not None for t in cluster.failure_times] == [
+        True
+    ] * 2
+    (when,) = refused.failure_times
+    assert re.fullmatch(stamp + "ConnectionRefusedError at 127.0.0.1", when)
 
 
 def test_each_command_output_goes_to_its_own_log(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
