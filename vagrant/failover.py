@@ -190,6 +190,10 @@ class CommandCluster:
     timings: list[float] = field(default_factory=list)
     # Digs that gave no address, by cause and server (a timeout or an empty answer).
     dns_misses: Counter[str] = field(default_factory=Counter)
+    # Each of those digs: its UTC time and cause, in order.
+    dns_miss_times: list[str] = field(default_factory=list)
+    # Each failed request: when it was sent (UTC) and its cause, in order.
+    failure_times: list[str] = field(default_factory=list)
     # Where each command's output goes (one file per command); None: discarded.
     log_dir: Path | None = None
 
@@ -197,21 +201,32 @@ class CommandCluster:
         return self._dig(self.ns)
 
     def _dig(self, server: str) -> list[str]:
-        argv = ["dig", f"@{server}", "-p", str(self.dns_port), "+short", "+time=1", "+tries=1"]
+        # Not +short: its empty output was the same for a server that said SERVFAIL, one
+        # that answered NOERROR with no address, and (nearly) one that never answered.
+        argv = ["dig", f"@{server}", "-p", str(self.dns_port), "+time=1", "+tries=1", "+noall", "+answer"]
         try:
-            out = subprocess.run([*argv, self.name, "A"], capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run(
+                [*argv, "+comments", self.name, "A"], capture_output=True, text=True, timeout=5
+            ).stdout
         except subprocess.TimeoutExpired:
-            self.dns_misses[f"dig killed after 5 s at {server}"] += 1
+            self._missed(f"dig killed after 5 s at {server}")
             return []
-        answers = [line for line in out.split() if _is_ipv4(line)]
+        answers, status = parse_dig(out)
         if not answers:
             # A server that did not answer within dig's 1 s, or one that answered with no
-            # address: the upgrade run's one unresolved request could not be told apart.
-            timed_out = "timed out" in out or "no servers could be reached" in out
-            self.dns_misses[
-                f"{'no answer within 1 s' if timed_out else 'an answer without an address'} at {server}"
-            ] += 1
+            # address (and which rcode): the upgrade run's one unresolved request could not
+            # be told apart.
+            self._missed(
+                f"no answer within 1 s at {server}"
+                if status is None
+                else f"an answer without an address ({status}) at {server}"
+            )
         return answers
+
+    def _missed(self, cause: str) -> None:
+        self.dns_misses[cause] += 1
+        # When, to the millisecond (UTC): to be found in dnsd's journal and the playbook's log.
+        self.dns_miss_times.append(f"{utc_stamp()} {cause}")
 
     def resolve_any(self, servers: list[str]) -> list[str]:
         """Like a stub resolver with several nameservers: the next one after a 1 s timeout."""
@@ -235,15 +250,21 @@ class CommandCluster:
             conn.request("GET", "/", headers={"Host": self.name, "Connection": "close"})
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            self.failures[f"{type(exc).__name__} at {address}"] += 1
+            self._failed(f"{type(exc).__name__} at {address}", started)
             return False
         finally:
             conn.close()
             self.timings.append(time.monotonic() - started)
         if status >= 500:
-            self.failures[f"HTTP {status} at {address}"] += 1
+            self._failed(f"HTTP {status} at {address}", started)
             return False
         return True
+
+    def _failed(self, cause: str, started: float) -> None:
+        self.failures[cause] += 1
+        # When it was sent (UTC, ms), to be found in the edge's access log and journal.
+        sent = time.time() - (time.monotonic() - started)
+        self.failure_times.append(f"{utc_stamp(sent)} {cause}")
 
     def _run(self, template: str, edge: str, address: str) -> Action:
         cmd = template.format(edge=shlex.quote(edge), address=shlex.quote(address))
@@ -257,6 +278,28 @@ class CommandCluster:
 
     def restart(self, edge: str, address: str) -> Action:
         return self._run(self.restart_cmd, edge, address)
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """HH:MM:SS.mmm in UTC, of `when` (time.time()) or now."""
+    now = time.time() if when is None else when
+    return time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
+
+
+def parse_dig(out: str) -> tuple[list[str], str | None]:
+    """dig's `+noall +answer +comments` output: (the A records' addresses, the rcode or None).
+
+    None when no response came (dig's "timed out" / "no servers could be reached").
+    """
+    found = re.search(r"->>HEADER<<- opcode: \w+, status: (\w+)", out)
+    addresses = []
+    for line in out.splitlines():
+        fields = line.split()
+        if line.startswith(";") or len(fields) < 5 or fields[-2] != "A":
+            continue
+        if _is_ipv4(fields[-1]):
+            addresses.append(fields[-1])
+    return addresses, found.group(1) if found else None
 
 
 def _is_ipv4(text: str) -> bool:
@@ -604,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# How many digs without an address (and failed requests) are listed with their times, per run.
+MISS_TIMES_SHOWN = 20
+
 # What each experiment's summary line is about.
 EXPERIMENT_FIGURE = {
     "baseline": "failed requests",
@@ -695,6 +741,15 @@ def run_experiment(
     return ok and count.failed == 0, float(count.failed)
 
 
+def _print_times(what: str, times: list[str]) -> None:
+    """The first MISS_TIMES_SHOWN stamped events, then forget them all."""
+    shown = times[:MISS_TIMES_SHOWN]
+    more = f" (and {len(times) - len(shown)} more)" if len(times) > len(shown) else ""
+    if shown:
+        print(f"  {what}: {'; '.join(shown)}{more}")
+    times.clear()
+
+
 def _print_window(count: WindowCount) -> None:
     print(
         f"  {count.requests} requests, {count.failed} failed,"
@@ -753,10 +808,12 @@ def main(argv: list[str] | None = None) -> int:
                 causes = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                 print(f"  failed requests by cause: {causes}")
                 reasons.clear()
+                _print_times("failed requests' times (UTC, sent)", getattr(cluster, "failure_times", []))
             misses = getattr(cluster, "dns_misses", None)
             if misses:
                 print(f"  digs without an address: {', '.join(f'{k} {v}' for k, v in misses.most_common())}")
                 misses.clear()
+                _print_times("their times (UTC)", getattr(cluster, "dns_miss_times", []))
             timings = getattr(cluster, "timings", None)
             if timings:
                 ms = sorted(t * 1000 for t in timings)

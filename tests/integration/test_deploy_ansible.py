@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -440,6 +443,12 @@ def _duration(text: str) -> float:
     raise ValueError(text)
 
 
+def _upgrade_etcdctl_tasks(play: dict[str, Any]) -> list[dict[str, Any]]:
+    """upgrade.yml's etcdctl tasks, in order."""
+    tasks = play["pre_tasks"] + play["post_tasks"]
+    return [t for t in tasks if t.get("ansible.builtin.command", {}).get("argv", [""])[0] == "etcdctl"]
+
+
 def test_upgrade_registry_writes_outlast_a_tcg_tls_handshake() -> None:
     # A TLS handshake with etcd took 3.1-7.6 s on a TCG VM (vagrant/README.md), beyond
     # etcdctl's defaults (2 s to connect, 5 s a command): upgrade.yml's writes of the
@@ -447,17 +456,51 @@ def test_upgrade_registry_writes_outlast_a_tcg_tls_handshake() -> None:
     # leaves an edge drained with its flag set.
     play = yaml.safe_load((ANSIBLE_DIR / "upgrade.yml").read_text())[0]
     env = play["vars"]["upgrade_etcdctl_env"]
-    assert env["ETCDCTL_DIAL_TIMEOUT"] == "{{ upgrade_etcdctl_dial_timeout }}"
-    assert env["ETCDCTL_COMMAND_TIMEOUT"] == "{{ upgrade_etcdctl_command_timeout }}"
+    # Not in the environment: etcdctl 3.4 ignores ETCDCTL_COMMAND_TIMEOUT for get, put and
+    # del (test_upgrade_etcdctl_timeouts_are_the_ones_etcdctl_applies).
+    assert not {"ETCDCTL_DIAL_TIMEOUT", "ETCDCTL_COMMAND_TIMEOUT"} & set(env)
     assert _duration(play["vars"]["upgrade_etcdctl_dial_timeout"]) >= 15
     assert _duration(play["vars"]["upgrade_etcdctl_command_timeout"]) >= 15
-    tasks = play["pre_tasks"] + play["post_tasks"]
-    etcdctl = [t for t in tasks if t.get("ansible.builtin.command", {}).get("argv", [""])[0] == "etcdctl"]
+    etcdctl = _upgrade_etcdctl_tasks(play)
     assert len(etcdctl) == 4  # flag set, record gone, flag cleared, record back
     for task in etcdctl:
+        argv = task["ansible.builtin.command"]["argv"]
+        assert argv[1:3] == [
+            "--dial-timeout={{ upgrade_etcdctl_dial_timeout }}",
+            "--command-timeout={{ upgrade_etcdctl_command_timeout }}",
+        ], task["name"]
         assert task["environment"] == "{{ upgrade_etcdctl_env }}", task["name"]
         assert "until" in task and task["retries"], task["name"]
         # Every wait and write tries again after a failed etcdctl: its output is empty then,
         # which alone satisfied "the record is gone" and ended that wait at its first
         # attempt, failed (upgrade.yml on the VM lab: "context deadline exceeded").
         assert task["until"].startswith(f"{task['register']}.rc == 0"), task["name"]
+
+
+@pytest.mark.skipif(shutil.which("etcdctl") is None, reason="no etcdctl (apt-get install etcd-client)")
+def test_upgrade_etcdctl_timeouts_are_the_ones_etcdctl_applies() -> None:
+    # upgrade.yml set ETCDCTL_COMMAND_TIMEOUT=60s, and a wait on the VM lab still failed
+    # with "context deadline exceeded" after 5 s of etcdctl (its default): etcdctl 3.4 reads
+    # that timeout before it applies its environment. Here upgrade.yml's own get, with the
+    # command timeout set to 1 s, must give up after about 1 s at a silent TLS endpoint:
+    # with the timeout in the environment it took etcdctl's 5 s.
+    import jinja2
+
+    play = yaml.safe_load((ANSIBLE_DIR / "upgrade.yml").read_text())[0]
+    wait = next(t for t in _upgrade_etcdctl_tasks(play) if "removed the edge's record" in t["name"])
+    values = {
+        "upgrade_etcdctl_dial_timeout": "1s", "upgrade_etcdctl_command_timeout": "1s",
+        "upgrade_prefix": "/carousel/", "upgrade_node": "edge1",
+    }  # fmt: skip
+    argv = [jinja2.Template(a).render(values) for a in wait["ansible.builtin.command"]["argv"]]
+    with socket.socket() as silent:  # accepts the connection, never answers the handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+        env |= {"ETCDCTL_ENDPOINTS": f"https://127.0.0.1:{port}", "ETCDCTL_INSECURE_SKIP_TLS_VERIFY": "true"}
+        started = time.monotonic()
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - started
+    assert out.returncode != 0 and "deadline exceeded" in out.stderr, out.stderr
+    assert took < 3.5, f"etcdctl gave up after {took:.1f} s, not the task's 1 s"

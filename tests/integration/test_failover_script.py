@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import socket
 import threading
@@ -66,6 +67,13 @@ def test_failed_requests_are_counted_by_cause(server: http.server.ThreadingHTTPS
     assert dict(refused.failures) == {"ConnectionRefusedError at 127.0.0.1": 1}
     # Every request's time is kept, the failed ones too.
     assert len(cluster.timings) == 3 and len(refused.timings) == 1
+    # Each failure with the UTC time it was sent, to be found in the edges' logs.
+    stamp = r"\d\d:\d\d:\d\d\.\d{3} "
+    assert [re.fullmatch(stamp + "HTTP 503 at 127.0.0.1", t) is not None for t in cluster.failure_times] == [
+        True
+    ] * 2
+    (when,) = refused.failure_times
+    assert re.fullmatch(stamp + "ConnectionRefusedError at 127.0.0.1", when)
 
 
 def test_each_command_output_goes_to_its_own_log(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,30 +113,46 @@ def test_log_names_carry_the_command() -> None:
 @pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt-get install bind9-dnsutils)")
 def test_digs_without_an_address_are_told_apart() -> None:
     # The upgrade run on the VMs had one request without any address: a DNS server that
-    # did not answer in time and one that answered with no address must read differently.
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    empty = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    empty.bind(("127.0.0.1", 0))
+    # did not answer in time, one that answered NOERROR with no address and one that
+    # answered SERVFAIL must read differently, each with its time.
+    def server(flags: bytes | None) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        if flags is not None:
 
-    def answer_empty() -> None:
-        query, peer = empty.recvfrom(512)
-        # The query echoed back as a response (QR and RA set, NOERROR): no answer record.
-        empty.sendto(query[:2] + bytes([0x81, 0x80]) + query[4:], peer)
+            def answer() -> None:
+                query, peer = sock.recvfrom(512)
+                # The query echoed back as a response (QR and RA set): no answer record.
+                sock.sendto(query[:2] + flags + query[4:], peer)
 
-    thread = threading.Thread(target=answer_empty, daemon=True)
-    thread.start()
+            threading.Thread(target=answer, daemon=True).start()
+        return sock
+
+    cases = {
+        "no answer within 1 s at 127.0.0.1": server(None),
+        "an answer without an address (NOERROR) at 127.0.0.1": server(bytes([0x81, 0x80])),
+        "an answer without an address (SERVFAIL) at 127.0.0.1": server(bytes([0x81, 0x82])),
+    }
     try:
-        for sock in (silent, empty):
+        for expected, sock in cases.items():
             cluster = _cluster(1)
             cluster.dns_port = sock.getsockname()[1]
             assert cluster.resolve() == []
-            (cause,) = cluster.dns_misses
-            if sock is silent:
-                assert cause == "no answer within 1 s at 127.0.0.1"
-            else:
-                assert cause == "an answer without an address at 127.0.0.1"
+            assert list(cluster.dns_misses) == [expected]
+            (when,) = cluster.dns_miss_times
+            assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} " + re.escape(expected), when)
     finally:
-        thread.join(5)
-        silent.close()
-        empty.close()
+        for sock in cases.values():
+            sock.close()
+
+
+def test_dig_output_is_parsed_for_addresses_and_rcode() -> None:
+    answered = (
+        ";; Got answer:\n;; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 7\n"
+        ";; flags: qr aa; QUERY: 1, ANSWER: 2, AUTHORITY: 0, ADDITIONAL: 1\n\n"
+        "www.example.test.\t5\tIN\tA\t192.168.56.22\n"
+        "www.example.test.\t5\tIN\tA\t192.168.56.23\n"
+    )
+    assert failover.parse_dig(answered) == (["192.168.56.22", "192.168.56.23"], "NOERROR")
+    timed_out = ";; communications error to 192.168.56.11#53: timed out\n;; no servers could be reached\n"
+    assert failover.parse_dig(timed_out) == ([], None)

@@ -74,10 +74,11 @@ fi
 cp --sparse=always "$out/stage1.raw" "$work/disk.raw"
 
 echo "box: installing the boot loader from inside the VM ($accel)"
+# panic=-1: a kernel panic reboots at once, which -no-reboot turns into qemu exiting.
 timeout 900 unshare --net qemu-system-x86_64 -accel "$accel" -m 512 -smp 1 -nographic -no-reboot -nic none \
     -drive file="$work/disk.raw",format=raw,if=virtio \
     -kernel "$out/stage1.vmlinuz" -initrd "$out/stage1.initrd" \
-    -append "root=/dev/vda1 rw console=ttyS0 init=/usr/local/sbin/carousel-box-finish" \
+    -append "root=/dev/vda1 rw console=ttyS0 panic=-1 init=/usr/local/sbin/carousel-box-finish" \
     >"$work/finish.log" 2>&1 || true
 grep -q 'carousel-box-finish: ok' "$work/finish.log" || { tail -40 "$work/finish.log"; echo "box: boot loader step failed"; exit 1; }
 

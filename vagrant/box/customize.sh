@@ -57,6 +57,10 @@ if grub-install --target=i386-pc /dev/vda && update-grub; then ok=1; fi
 rm -f /usr/local/sbin/carousel-box-finish
 sync; mount -o remount,ro /
 [ -n "$ok" ] && echo "carousel-box-finish: ok"
+# The power-off runs from a kernel work queue: PID 1 must not exit meanwhile, or the
+# kernel panics ("Attempted to kill init") and, without panic=, waits for ever: the
+# build's qemu then hung until its 900 s timeout (a fresh machine, 2026-12-07).
 echo o >/proc/sysrq-trigger
+sleep 120
 SH
 chmod 0755 "$root/usr/local/sbin/carousel-box-finish"
