@@ -253,7 +253,8 @@ def _complete_length(content_range: str) -> int | None:
     """N of "bytes first-last/N", or None ("*", several ranges, or not a byte range)."""
     unit, _, rest = content_range.strip().partition(" ")
     total = rest.rpartition("/")[2]
-    return int(total) if unit.lower() == "bytes" and total.isdigit() else None
+    # isascii: a member's field is latin-1, where "\xb2" (superscript two) counts as a digit.
+    return int(total) if unit.lower() == "bytes" and total.isascii() and total.isdigit() else None
 
 
 def _add_vary(headers: Any) -> None:

@@ -10,7 +10,7 @@ from multidict import CIMultiDict
 
 from edge.core.config import from_dict
 from edge.core.pipeline import Body, BytesBody, Reply
-from edge.features.compress import CompressedStream, Compression, _add_vary
+from edge.features.compress import CompressedStream, Compression, _add_vary, _complete_length
 
 
 def compression(**options: object) -> Compression:
@@ -93,3 +93,11 @@ def test_whole_bodies_round_trip() -> None:
     data = b"<p>hello</p>\n" * 1000
     assert gzip.decompress(c.compress(data, "gzip", True)) == data
     assert brotli.decompress(c.compress(data, "br", True)) == data
+
+
+def test_complete_length_of_a_content_range() -> None:
+    assert _complete_length("bytes 0-9/3800") == 3800
+    assert _complete_length("BYTES 5-5/6") == 6
+    # Unknown length, another unit, garbage, and a latin-1 character that str.isdigit accepts.
+    for value in ("bytes 0-9/*", "items 1-2/5", "", "bytes", "bytes 0-9/\xb2", "bytes 0-9/-1"):
+        assert _complete_length(value) is None, value
