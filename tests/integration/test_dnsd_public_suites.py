@@ -24,8 +24,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,23 @@ def _soa_serial(server: str) -> int | None:
     return next((rr.serial for rrset in r.answer for rr in rrset), None)
 
 
+def _etcd_healthy() -> bool:
+    """Whether the namespace's etcd answers /health (it may take seconds on a loaded machine)."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:2379/health", timeout=2) as r:
+            return bool(json.loads(r.read()).get("health") == "true")
+    except (OSError, ValueError):
+        return False
+
+
+def _wait(ready: Callable[[], bool], within: float, what: str, ns: Namespace) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not come up within {within} s:\n{ns.log(what)}")
+        time.sleep(0.2)
+
+
 def _refers(server: str) -> bool:
     """Whether ``server`` (the root) answers a query for the zone with the delegation."""
     try:
@@ -264,7 +282,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
             "--listen-peer-urls", "http://127.0.0.1:2380", "--log-level", "warn",
         ])  # fmt: skip
         ns.start("nsd", ["nsd", "-d", "-c", str(workdir / "nsd.conf")])
-        inside = NetnsThread(ns.name)
+        inside = thread = NetnsThread(ns.name)
 
         async def register() -> None:
             registry = Registry(
@@ -275,6 +293,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
             finally:
                 await registry.etcd.close()
 
+        _wait(lambda: thread.call(_etcd_healthy, timeout=5), 60, "etcd", ns)
         inside.run(register(), timeout=60)
         ns.start(
             "dnsd", [sys.executable, "-m", "carousel.cli", "dnsd", "--config", str(workdir / "dnsd.toml")]
