@@ -17,6 +17,7 @@ same namespace holds three edges, and the suites start from root hints that name
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -36,10 +37,11 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from carousel.config import EtcdConfig
 from carousel.etcdserver import die_with_parent, etcd_binary
+from carousel.registry import Keys
 from lab.netns import NetnsThread, run_ip, unavailable_reason
-from tests.integration.test_dnsd_helpers import Registry, edge
+from tests.integration.test_dnsd_helpers import edge
+from tests.lab import etcd_call
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -243,6 +245,21 @@ def _etcd_healthy() -> bool:
         return False
 
 
+def _register_edges() -> None:
+    """Three edges in the namespace's etcd, through its JSON gateway. Not with the gRPC client:
+    gRPC's own threads live in the namespace of the first thread that used it in this process,
+    and under xdist that was an earlier test's, outside (connection refused in CI)."""
+    keys = Keys("/zonemaster/")
+    for i in (1, 2, 3):
+        record = edge(i)
+        put = {"key": keys.service(record.service, record.node), "value": record.encode()}
+        etcd_call("127.0.0.1:2379", "/v3/kv/put", {k: _b64(v) for k, v in put.items()}, timeout=5)
+
+
+def _b64(value: str | bytes) -> str:
+    return base64.b64encode(value.encode() if isinstance(value, str) else value).decode()
+
+
 def _wait(ready: Callable[[], bool], within: float, what: str, ns: Namespace) -> None:
     deadline = time.monotonic() + within
     while not ready():
@@ -284,17 +301,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
         ns.start("nsd", ["nsd", "-d", "-c", str(workdir / "nsd.conf")])
         inside = thread = NetnsThread(ns.name)
 
-        async def register() -> None:
-            registry = Registry(
-                EtcdConfig(endpoints=["127.0.0.1:2379"], prefix="/zonemaster/", timeout=2.0), ttl=600
-            )
-            try:
-                await registry.put_all([edge(i) for i in (1, 2, 3)])
-            finally:
-                await registry.etcd.close()
-
         _wait(lambda: thread.call(_etcd_healthy, timeout=5), 60, "etcd", ns)
-        inside.run(register(), timeout=60)
+        thread.call(_register_edges, timeout=30)
         ns.start(
             "dnsd", [sys.executable, "-m", "carousel.cli", "dnsd", "--config", str(workdir / "dnsd.toml")]
         )
