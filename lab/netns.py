@@ -187,6 +187,13 @@ def owner_alive(state: dict[str, Any] | None) -> bool:
 def destroy_run(run_id: str, namespaces: list[str] | None = None) -> list[str]:
     """Kill every process inside a run's namespaces and delete them; returns what was deleted."""
     names = sorted(set(namespaces or []) | set(lab_namespaces().get(run_id, [])))
+    delete_namespaces(names)
+    (STATE_DIR / f"{run_id}.json").unlink(missing_ok=True)
+    return names
+
+
+def delete_namespaces(names: list[str]) -> None:
+    """SIGKILL every process still inside these namespaces, then delete them."""
     for _ in range(3):
         pids = [int(p) for ns in names for p in run_ip("netns", "pids", ns, check=False).stdout.split()]
         if not pids:
@@ -199,8 +206,6 @@ def destroy_run(run_id: str, namespaces: list[str] | None = None) -> list[str]:
         time.sleep(0.2)
     for ns in names:
         run_ip("netns", "del", ns, check=False)
-    (STATE_DIR / f"{run_id}.json").unlink(missing_ok=True)
-    return names
 
 
 def cleanup_leftovers() -> list[str]:

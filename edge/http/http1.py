@@ -223,7 +223,6 @@ def parse_head(block: bytes, max_headers: int, max_field: int, proxy: bool = Fal
 # split, partition and lookup per line that replace them).
 _NAMES: dict[str, str] = {}
 MAX_FIELD_NAMES = 512  # names remembered per parser: names are the peer's choice
-_MAX_NAMES = MAX_FIELD_NAMES
 _METHOD = re.compile(_TOKEN)
 # Methods seen -> True once checked as tokens (the few every client sends; bounded like names).
 _METHODS: dict[str, bool] = {}
@@ -296,7 +295,7 @@ def split_fields(lines: list[str], known: dict[str, str]) -> tuple[list[tuple[st
             if colon < 0 or _FIELD_NAME.fullmatch(name) is None:
                 return None
             lower = name.lower()
-            if len(known) < _MAX_NAMES:
+            if len(known) < MAX_FIELD_NAMES:
                 known[name] = lower
         elif colon < 0:
             return None

@@ -21,7 +21,6 @@ import base64
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,11 +36,11 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from carousel.etcdserver import die_with_parent, etcd_binary
+from carousel.etcdserver import etcd_binary
 from carousel.registry import Keys
-from lab.netns import NetnsThread, run_ip, unavailable_reason
+from lab.netns import Host, NetnsThread, delete_namespaces, run_ip, unavailable_reason
 from tests.integration.test_dnsd_helpers import edge
-from tests.lab import etcd_call
+from tests.lab import LabProcess, etcd_call
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -93,9 +92,10 @@ class Namespace:
     """A network namespace with the lab's addresses on its loopback and the processes run in it."""
 
     def __init__(self, workdir: Path) -> None:
-        self.name = f"czm-{uuid.uuid4().hex[:8]}"
+        self.host = Host("zonemaster", f"czm-{uuid.uuid4().hex[:8]}", ROOT[0])
+        self.name = self.host.ns
         self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.procs: list[LabProcess] = []
         run_ip("netns", "add", self.name)
         run_ip("-n", self.name, "link", "set", "lo", "up")
         for v4, v6 in (ROOT, NS1, NS2):
@@ -103,42 +103,21 @@ class Namespace:
             run_ip("-n", self.name, "addr", "add", f"{v6}/128", "dev", "lo", "nodad")
 
     def argv(self, cmd: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
+        return self.host.argv(cmd)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(
-                die_with_parent(self.argv(cmd)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.procs.append((name, proc))
+    def start(self, name: str, cmd: list[str]) -> LabProcess:
+        proc = LabProcess(name, self.host, cmd, self.workdir / f"{name}.log").start()
+        self.procs.append(proc)
         return proc
 
     def log(self, name: str) -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        return next((p.tail(40) for p in self.procs if p.name == name), "")
 
     def destroy(self) -> None:
         """Stop every process started here (and any stray one inside), then delete the namespace."""
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        stray = run_ip("netns", "pids", self.name, check=False).stdout.split()
-        for pid in stray:
-            try:
-                subprocess.run(["kill", "-9", pid], check=False, timeout=5)
-            except subprocess.SubprocessError:
-                pass
-        run_ip("netns", "del", self.name, check=False)
+        for proc in self.procs:
+            proc.stop(5)
+        delete_namespaces([self.name])
 
 
 def _nsd_conf(workdir: Path) -> str:
@@ -374,7 +353,7 @@ def test_zonemaster_finds_nothing_wrong_with_dnsd(lab: Namespace) -> None:
              for m in messages if m["tag"] == "EXTERNAL_QUERY"}  # fmt: skip
     for server in (*NS1, *NS2):
         assert (server, 0) in asked and (server, 1) in asked, f"{server} not asked over UDP and TCP"
-    assert lab.procs and all(p.poll() is None for _, p in lab.procs), "a daemon of the lab exited"
+    assert lab.procs and all(p.running() for p in lab.procs), "a daemon of the lab exited"
 
 
 # DNSViz's codes for what the lab's addresses cause (10/8 and fd00::/8 for the name servers).

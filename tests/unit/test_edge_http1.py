@@ -284,13 +284,13 @@ def test_the_field_name_caches_stay_bounded_and_still_check_names() -> None:
     from edge.http import http1
     from edge.upstream import client
 
-    for i in range(http1._MAX_NAMES + 20):
+    for i in range(http1.MAX_FIELD_NAMES + 20):
         ((h, _),) = requests(parse(f"GET / HTTP/1.1\r\nHost: h\r\nX-Name-{i}: v\r\n\r\n".encode()))
         assert h.headers[f"x-name-{i}"] == "v"
         member = ResponseParser()
         member.feed(f"HTTP/1.1 204 No Content\r\nX-Name-{i}: v\r\n\r\n".encode())
         assert member.headers[f"x-name-{i}"] == "v" and member.names == [f"x-name-{i}"]
-    assert len(http1._NAMES) <= http1._MAX_NAMES and len(client._NAMES) <= client._MAX_NAMES
+    assert len(http1._NAMES) <= http1.MAX_FIELD_NAMES and len(client._NAMES) <= http1.MAX_FIELD_NAMES
     with pytest.raises(ParseError):
         parse(b"GET / HTTP/1.1\r\nHost: h\r\nX Bad: v\r\n\r\n")
     with pytest.raises(UpstreamProtocolError):
