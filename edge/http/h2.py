@@ -160,7 +160,7 @@ def request_head(pairs: Iterable[tuple[bytes, bytes]], max_headers: int) -> Head
         fields.insert(0, ("host", hosts[0]))
     length = 0
     if length_fields:
-        values = {v.strip() for v in ",".join(length_fields).split(",")}
+        values = {v.strip(" \t") for v in ",".join(length_fields).split(",")}
         digits = values.pop() if len(values) == 1 else ""
         if not digits.isdigit() or not digits.isascii() or len(digits) > 18:
             raise Malformed("bad content-length")

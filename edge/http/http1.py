@@ -423,7 +423,10 @@ def _head(
         if cl_in:
             raise ParseError("Content-Length with Transfer-Encoding")
         te = headers.getall(TRANSFER_ENCODING)
-        codings = [c.strip().lower() for c in ",".join(te).split(",")]
+        # OWS is SP and HTAB only (RFC 9110 5.6.3): str.strip() would also take NBSP and
+        # other Unicode spaces, so "chunked\xa0" would read as chunked here and as an
+        # unknown coding to a stricter parser in front.
+        codings = [c.strip(" \t").lower() for c in ",".join(te).split(",")]
         if codings != ["chunked"]:
             raise ParseError("unsupported Transfer-Encoding")
         if version == "HTTP/1.0":
@@ -431,7 +434,7 @@ def _head(
         chunked = True
     elif cl_in:
         cl = headers.getall(CONTENT_LENGTH)
-        values = {v.strip() for v in ",".join(cl).split(",")}
+        values = {v.strip(" \t") for v in ",".join(cl).split(",")}
         if len(values) != 1:
             raise ParseError("conflicting Content-Length")
         value = values.pop()

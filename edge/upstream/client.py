@@ -184,7 +184,7 @@ class ResponseParser:
             else:
                 self._mode = "chunked"
         elif lengths:
-            values = {v.strip() for v in ",".join(lengths).split(",")}
+            values = {v.strip(" \t") for v in ",".join(lengths).split(",")}
             value = next(iter(values))
             if len(values) != 1 or not (value.isascii() and value.isdigit()) or len(value) > 18:
                 raise UpstreamProtocolError("invalid Content-Length")

@@ -178,6 +178,24 @@ CORPUS = [
                     "Content-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED, True),
     ("TE twice", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                  "Transfer-Encoding: identity\r\n\r\n0\r\n\r\n" + SMUGGLED, True),
+    # Python's str.strip() takes NBSP (obs-text) as whitespace; RFC 9110's OWS is SP and
+    # HTAB only, so a parser in front reads "chunked\xa0" as an unknown coding.
+    ("TE NBSP", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xa0\r\n\r\n"
+                "0\r\n\r\n" + SMUGGLED, True),
+    ("CL NBSP", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\xa0\r\n\r\n" + SMUGGLED,
+     True),
+    ("HTTP/1.0 TE", "POST /echo HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    "0\r\n\r\n" + SMUGGLED, True),
+    ("chunk ext quoted CRLF", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              "2;a=\"\r\nxx\"\r\nab\r\n0\r\n\r\n" + SMUGGLED, True),
+    ("chunk line bare LF", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           "2\nab\r\n0\r\n\r\n" + SMUGGLED, True),
+    ("chunk data without CRLF", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                "2\r\nabXX0\r\n\r\n" + SMUGGLED, True),
+    ("trailer obs-fold", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         "0\r\nX: a\r\n b\r\n\r\n" + SMUGGLED, True),
+    ("Expect obs-fold", "POST /echo HTTP/1.1\r\nHost: x\r\nExpect:\r\n 100-continue\r\n"
+                        "Content-Length: 5\r\n\r\nabcde" + SMUGGLED, True),
     ("TE chunked,identity", "POST /echo HTTP/1.1\r\nHost: x\r\n"
                             "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n" + SMUGGLED,
      True),

@@ -78,6 +78,11 @@ BAD = [
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n chunked\r\n\r\n", 400),
+    # NBSP (obs-text) is not OWS: "chunked\xa0" is an unknown coding, "3\xa0" no length.
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\xa0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \xa0chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\xa0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \x853\r\n\r\n", 400),
     (b"GET / HTTP/1.1\nHost: h\n\n", 400),
     (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n", 400),
@@ -134,6 +139,8 @@ def test_chunk_sizes_are_plain_hex_on_both_sides() -> None:
     member = ResponseParser()
     with pytest.raises(UpstreamProtocolError, match="bad chunk size"):
         member.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n")
+    with pytest.raises(UpstreamProtocolError, match="invalid Content-Length"):
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\xa0\r\n\r\nab")
 
 
 # --- the whole-head fast path agrees with the line-by-line parser ---------------------------

@@ -71,6 +71,7 @@ def test_unsafe_paths_are_a_400_as_in_http1(path: str) -> None:
         [*BASE, (b"bad name", b"x")],
         [*BASE, (b"host", b"other.test")],
         [*BASE, (b"content-length", b"1, 2")],
+        [*BASE, (b"content-length", b"1\xa0")],
         [(b":method", b"CONNECT"), (b":authority", b"a:443"), (b":path", b"/")],
     ],
 )
