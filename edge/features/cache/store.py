@@ -34,6 +34,7 @@ _SMALL, _MAIN = 1, 2
 
 
 _NO_TAGS: frozenset[str] = frozenset()
+_ACCEPT_RANGES = ("Accept-Ranges", "bytes")
 
 
 def stored_fields(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, ...], int]:
@@ -149,9 +150,17 @@ class Entry:
 
     @property
     def fields(self) -> tuple[tuple[str, str], ...]:
-        """The stored fields as (name, value) pairs, made for the caller (not on a hit's path)."""
+        """The stored fields as (name, value) pairs, made for the caller (not on a hit's path).
+
+        A stored 200 the edge did not compress answers Range requests itself (respond.py
+        ``_ranged``), so it says ``Accept-Ranges: bytes`` (RFC 9110 14.3) in place of whatever
+        the origin said: added here, not stored, so every reply made from it (and its wire
+        form) carries it and a field merged back (a 304's, the disk tier's) is not doubled."""
         flat = self.flat_fields
-        return tuple(zip(flat[::2], flat[1::2], strict=True))
+        pairs = tuple(zip(flat[::2], flat[1::2], strict=True))
+        if self.status == 200 and not self.transformed:
+            pairs = (*(p for p in pairs if p[0].lower() != "accept-ranges"), _ACCEPT_RANGES)
+        return pairs
 
     @property
     def wire(self) -> Wire:
