@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from multidict import CIMultiDict
 
-from edge.core.pipeline import Wire
+from edge.core.pipeline import BytesBody, Wire
 from edge.features.cache.fields import Headers
 from edge.features.cache.key import vary_values
 from edge.http.http1 import field_lines
@@ -68,6 +68,7 @@ class Entry:
         "flat_fields",
         "freq",
         "head_size",
+        "hit_body",
         "initial_age",
         "key",
         "last_modified",
@@ -106,6 +107,9 @@ class Entry:
         self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
         self.body: bytes | None = None
+        # The body as a plain hit's reply holds it, made on the first hit (a BytesBody is never
+        # changed once made, as a static file's is shared): nothing built per hit.
+        self.hit_body: BytesBody | None = None
         self.disk_path: str | None = None
         self.length = 0
         self.size = 0
