@@ -19,6 +19,11 @@ request, as on a real run), ``--route hit`` a 1 KiB object from the edge's cache
 
 ``CAROUSEL_PURE_PYTHON=1`` runs the pure-Python modules (edge/_build.py).
 Prints microseconds per request (median of ``--repeat`` runs) and exits 0.
+
+Instructions per request, which no load on the machine moves: ``bench/callgrind_hotpath.py``
+runs this under ``valgrind --tool=callgrind`` with ``--callgrind``, which zeroes the counts
+just before the last measured run and dumps them just after it (Valgrind's client requests,
+from a ten-line C helper built with cc), so start-up and warm-up are not in the figure.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This tree's edge, unless one is imported already (bench/callgrind_hotpath.py --tree).
+if "edge" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import edge
 from edge.core.config import from_dict
@@ -242,14 +249,41 @@ async def response_size(bench: Bench) -> int:
     return len(got)
 
 
+CALLGRIND_HELPER = r"""
+#include <valgrind/callgrind.h>
+void carousel_zero(void) { CALLGRIND_ZERO_STATS; }
+void carousel_dump(void) { CALLGRIND_DUMP_STATS_AT("measured"); }
+"""
+
+
+def callgrind_marks() -> tuple[Any, Any]:
+    """(zero, dump): Valgrind client requests for the measured part (no-ops outside Valgrind)."""
+    import ctypes
+    import subprocess
+
+    source = Path(STATIC_DIR.name) / "marks.c"
+    library = Path(STATIC_DIR.name) / "marks.so"
+    source.write_text(CALLGRIND_HELPER)
+    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    marks = ctypes.CDLL(str(library))
+    return marks.carousel_zero, marks.carousel_dump
+
+
 async def run(args: argparse.Namespace) -> list[float]:
     loop = asyncio.get_running_loop()
+    zero = dump = None
+    if args.callgrind:
+        zero, dump = callgrind_marks()
     results = []
     for _ in range(args.repeat):
         bench = Bench(loop, args.route, args.connections)
         bench.response_size = await response_size(bench)
         await bench.measure(min(2000, args.requests))  # warm up
+        if zero is not None:
+            zero()
         results.append(await bench.measure(args.requests))
+        if dump is not None:
+            dump()
     return results
 
 
@@ -260,6 +294,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--route", choices=("proxied", "fixed", "static", "hit"), default="proxied")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="zero and dump Valgrind's counts around each measured run"
+    )
     args = parser.parse_args()
     (Path(STATIC_DIR.name) / "f1k.txt").write_bytes(BODY)
     try:

@@ -158,8 +158,10 @@ class Compression:
         and, on a 304, the weak ETag of the compressed variant when this client would get one
         (a Range request never gets one, so a 206's ETag stays). The representation's length
         comes from a 206's Content-Range, or for a 304 from the terminal (the static files'
-        ``representation_length``): a member's 304 says nothing of it, and the cache answers
-        conditionals from its stored variants."""
+        ``representation_length``). A member's own 304 (a conditional passed through; the cache
+        answers those it can from its stored variants) says nothing of the length, and rarely
+        of the type (RFC 9110 15.4.5 advises against it; nginx sends none): see
+        ``_member_304_compressible``."""
         headers = reply.headers
         if reply.status == 206:
             total = _complete_length(headers.get("Content-Range", ""))
@@ -167,7 +169,10 @@ class Compression:
                 _add_vary(headers)
             return
         length = ex.notes.get("representation_length")
-        if length is None or not self._eligible(headers, length):
+        if length is None:
+            if not self._member_304_compressible(ex, headers):
+                return
+        elif not self._eligible(headers, length):
             return
         _add_vary(headers)
         request = ex.request
@@ -177,6 +182,21 @@ class Compression:
             etag = headers.get("ETag")
             if etag is not None and not etag.startswith("W/"):
                 headers["ETag"] = "W/" + etag
+
+    def _member_304_compressible(self, ex: Exchange, headers: Any) -> bool:
+        """Could the 200 a member's 304 stands for be compressed (so it says Vary)? By the 304's
+        Content-Type when it names one (its length unknown); else only when the client's own
+        If-None-Match holds the weak form of the member's strong ETag, which this feature gave
+        to a compressed variant of it. Without either, the 304 goes as the member sent it."""
+        if "Content-Type" in headers:
+            return self._eligible(headers, None)
+        etag = headers.get("ETag")
+        if etag is None or etag.startswith("W/") or "Content-Encoding" in headers:
+            return False
+        weak = "W/" + etag
+        return any(
+            tag.strip() == weak for tag in ",".join(ex.request.headers.getall("If-None-Match", ())).split(",")
+        )
 
     def _encoded(self, ex: Exchange, reply: Reply, coding: str, body: Body) -> Reply:
         """The reply with its new body and the fields that go with it."""

@@ -80,6 +80,9 @@ class HeaderHygiene:
         self.cache_on = config.cache.enabled
         # What an untrusted peer's request loses: made once, not a set union per request.
         self._untrusted_drop = HOP_BY_HOP | FORWARDING
+        # With no trusted proxies, now() only calls the next handler (ex.client_ip is the
+        # peer already): the synchronous chain leaves this feature out (pipeline.chain_now).
+        self.now_passes_through = not self.trusted.networks
 
     def _honoured(self, ex: Exchange, incoming: CIMultiDictProxy[str]) -> frozenset[str]:
         """HOP_BY_HOP plus the Connection options this request may have removed."""

@@ -36,7 +36,7 @@ from multidict import CIMultiDict, istr
 from edge.core.fields import parse_range
 from edge.core.pipeline import BytesBody, Exchange, FileBody, Reply, Wire
 from edge.core.routing import Route
-from edge.http.http1 import field_lines
+from edge.http.http1 import SEEN_IF_MODIFIED_SINCE, SEEN_IF_NONE_MATCH, SEEN_RANGE, field_lines
 
 SMALL_FILE = 64 * 1024
 CACHE_ENTRIES = 4096
@@ -47,6 +47,7 @@ TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+
 _IF_NONE_MATCH = istr("If-None-Match")
 _IF_MODIFIED_SINCE = istr("If-Modified-Since")
 _RANGE = istr("Range")
+_CONDITIONS = SEEN_IF_NONE_MATCH | SEEN_IF_MODIFIED_SINCE | SEEN_RANGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +122,9 @@ class StaticFiles:
         self._cached_bytes = 0
         self._roots: dict[str, str] = {}
         # (root, route prefix, dotfiles, raw path) -> (checked relative path, its path in the
-        # root): the safety checks and the join run once per URL.
-        self._paths: dict[tuple[str, str, bool, str], tuple[str | None, str]] = {}
+        # root, the root, the relative path without its final slash): the safety checks, the
+        # join and the root's realpath run once per URL.
+        self._paths: dict[tuple[str, str, bool, str], tuple[str | None, str, str, str]] = {}
 
     def _root(self, directory: str) -> str:
         root = self._roots.get(directory)
@@ -212,20 +214,21 @@ class StaticFiles:
         directory = route.config.static
         assert directory is not None
         key = (directory, route.prefix, dotfiles, request.raw_path)
-        try:
-            rel, full = self._paths[key]
-        except KeyError:
+        known = self._paths.get(key)
+        if known is None:
             rel = safe_relative_path(request.raw_path, route.prefix, dotfiles)
             # The file's path in the root, joined once per URL as the checks are.
+            root = self._root(directory)
             name = "" if rel is None else rel.rstrip("/")
-            full = os.path.join(self._root(directory), name) if name else self._root(directory)
+            full = os.path.join(root, name) if name else root
             if len(self._paths) >= CACHE_ENTRIES:
                 self._paths.pop(next(iter(self._paths)))
-            self._paths[key] = (rel, full)
+            self._paths[key] = (rel, full, root, name)
+        else:
+            rel, full, root, name = known
         if rel is None:
             return not_found()
-        root = self._root(directory)
-        info = self._info(root, rel.rstrip("/"), full)
+        info = self._info(root, name, full)
         if info is not None and info.content_type == "dir":
             if not rel.endswith("/") and rel:
                 location = request.raw_path.partition("?")[0] + "/"  # normalised, still encoded
@@ -244,8 +247,12 @@ class StaticFiles:
 
     def respond(self, ex: Exchange, info: FileInfo, open_files: bool = True) -> Reply:
         """200, 206, 304 or 416 for one file (``open_files`` off: opened when written)."""
-        h = ex.request.headers
-        plain = _IF_NONE_MATCH not in h and _IF_MODIFIED_SINCE not in h and _RANGE not in h
+        head = ex.request.head
+        h = head.headers
+        # The parser's note of which fields may be there (http1.SEEN_*): most requests, none.
+        plain = not head.seen & _CONDITIONS or (
+            _IF_NONE_MATCH not in h and _IF_MODIFIED_SINCE not in h and _RANGE not in h
+        )
         if info.body is not None and plain:
             # The usual answer: the stored fields as serialised, nothing built per request.
             return Reply(200, None, info.body, stored=info)

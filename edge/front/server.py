@@ -177,7 +177,7 @@ class Edge:
         if kind == "pool":
             return None
         if kind == "static":
-            return self.static.now(ex)
+            return self.static.answer(ex, False)  # Static.now, without its call
         cfg = ex.route.config
         if kind == "redirect":
             assert cfg.redirect is not None
@@ -340,7 +340,10 @@ class Edge:
         if not keep_alive and reply.tunnel is None:
             request.conn.close()
         route_name = route.name if route is not None else "-"
-        self.metrics.count_request(route_name, reply.status)
+        # metrics.count_request, inlined: one call less per answer.
+        counts = self.metrics.request_counts
+        key = (route_name, reply.status)
+        counts[key] = counts.get(key, 0) + 1
         if self._access_log:
             self._log_access(request, reply, ex, route_name)
 

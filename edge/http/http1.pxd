@@ -8,7 +8,10 @@ import cython
 )
 cpdef split_fields(list lines, dict known)
 
-@cython.locals(lines=list, n=Py_ssize_t, parts=list, method=str, target=str, version=str, fields=tuple)
+@cython.locals(
+    lines=list, n=Py_ssize_t, parts=list, method=str, target=str, version=str, fields=tuple,
+    bits=dict, seen=long, bit=long, lower=str,
+)
 cpdef _parse_head_fast(str text, Py_ssize_t max_headers, bint proxy)
 
 @cython.locals(text=str, fast=tuple)
@@ -19,5 +22,5 @@ cpdef parse_head(block, Py_ssize_t max_headers, Py_ssize_t max_field, bint proxy
     keep_alive=bint, expect=bint, connection=str,
 )
 cpdef _head(
-    str method, str target, str version, headers, absolute_host, str scheme, bint proxy, list names
+    str method, str target, str version, headers, absolute_host, str scheme, bint proxy, long seen
 )

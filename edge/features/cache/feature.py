@@ -56,7 +56,15 @@ from edge.features.cache.respond import from_entry
 from edge.features.cache.shared import FillLocks, NodeDirectory
 from edge.features.cache.store import Entry, MemoryStore
 from edge.features.cache.upstream import Upstream
-from edge.http.http1 import field_lines
+from edge.http.http1 import (
+    SEEN_AUTHORIZATION,
+    SEEN_CACHE_CONTROL,
+    SEEN_IF_MODIFIED_SINCE,
+    SEEN_IF_NONE_MATCH,
+    SEEN_PRAGMA,
+    SEEN_RANGE,
+    field_lines,
+)
 
 if TYPE_CHECKING:
     from edge.core.config import Config
@@ -74,6 +82,8 @@ _AUTHORIZATION = istr("Authorization")
 _IF_NONE_MATCH = istr("If-None-Match")
 _IF_MODIFIED_SINCE = istr("If-Modified-Since")
 _RANGE = istr("Range")
+_DIRECTIVES = SEEN_CACHE_CONTROL | SEEN_PRAGMA | SEEN_AUTHORIZATION
+_CONDITIONS = SEEN_IF_NONE_MATCH | SEEN_IF_MODIFIED_SINCE | SEEN_RANGE
 
 
 class CacheFeature(Upstream):
@@ -119,6 +129,7 @@ class CacheFeature(Upstream):
         # or LF; field_lines checks once, here), the ttl an integer appended per hit.
         status_line = field_lines([("Cache-Status", f"{self.name}; hit; ttl=")]) if self.name else "\r\n"
         self._hit_status_line = status_line.encode("latin-1")[:-2]
+        self._hit_lines: dict[tuple[int, int], bytes] = {}
         # Edge Architecture 1.0: a surrogate that reads Surrogate-Control announces itself
         # upstream, so the origin can target directives at it.
         targeted = {n.lower() for n in c.targeted_fields}
@@ -181,7 +192,10 @@ class CacheFeature(Upstream):
         sent as serialised when stored; no parsing. None for anything else (then _lookup_or_fetch)."""
         head = ex.request.head
         h = head.headers
-        if not rules.plain or _CACHE_CONTROL in h or _PRAGMA in h or _AUTHORIZATION in h:
+        seen = head.seen  # the parser's note of which fields may be there (http1.SEEN_*)
+        if not rules.plain or (
+            seen & _DIRECTIVES and (_CACHE_CONTROL in h or _PRAGMA in h or _AUTHORIZATION in h)
+        ):
             return None
         variants = self.store.index.get(f"{ex.scheme}://{ex.host}{head.raw_path}")
         if variants is None:
@@ -194,21 +208,34 @@ class CacheFeature(Upstream):
         ttl = entry.lifetime - age
         if ttl <= 0:
             return None
-        if _IF_NONE_MATCH in h or _IF_MODIFIED_SINCE in h or _RANGE in h:
+        if seen & _CONDITIONS and (_IF_NONE_MATCH in h or _IF_MODIFIED_SINCE in h or _RANGE in h):
             return self._answer(ex, entry, age, f"hit; ttl={int(ttl)}", "HIT")
         if entry.freq < 3:
             entry.freq += 1
         # Age and Cache-Status as the bytes they go out as: no field object for a hit
-        # (Reply merges them into its headers if a feature reads them).
-        hit_status = self._hit_status_line
-        if hit_status:
-            added = b"Age: %d\r\n%b%d\r\n" % (age, hit_status, ttl)
-        else:
-            added = b"Age: %d\r\n" % age
+        # (Reply merges them into its headers if a feature reads them). Made once per pair of
+        # whole seconds: formatting them per hit was 3.7 % of its instructions (callgrind).
+        seconds = (int(age), int(ttl))
+        added = self._hit_lines.get(seconds)
+        if added is None:
+            added = self._hit_lines_for(seconds)
         ex.cache_status = "HIT"
         self.hits += 1
+        body = entry.hit_body
+        if body is None or body.data is not entry.body:
+            body = entry.hit_body = BytesBody(entry.body)
         # The stored fields go out pre-serialised unless an outer feature reads them.
-        return Reply(entry.status, None, BytesBody(entry.body), entry.reason, stored=entry, added=added)
+        return Reply(entry.status, None, body, entry.reason, stored=entry, added=added)
+
+    def _hit_lines_for(self, seconds: tuple[int, int]) -> bytes:
+        """A plain hit's Age and Cache-Status lines for (age, ttl) in whole seconds, remembered."""
+        age, ttl = seconds
+        hit_status = self._hit_status_line
+        added = b"Age: %d\r\n%b%d\r\n" % (age, hit_status, ttl) if hit_status else b"Age: %d\r\n" % age
+        if len(self._hit_lines) >= 4096:  # bounded: one per (age, ttl) pair in use
+            self._hit_lines.clear()
+        self._hit_lines[seconds] = added
+        return added
 
     def _rules_for(self, ex: Exchange) -> Any:
         rules = self._rules.get(id(ex.route))
@@ -217,7 +244,9 @@ class CacheFeature(Upstream):
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:
         """Answer fresh hits and purges at once; everything that may go upstream waits (None)."""
         method = ex.request.head.method
-        rules = self._rules_for(ex)
+        rules = self._rules.get(id(ex.route))  # _rules_for, inlined on the hit's path
+        if rules is None:
+            rules = self._compile(ex.route)
         if method == "GET" or method == "HEAD":
             return self._fresh_hit(ex, rules) if rules is not _OFF else call_next(ex)
         if method == "PURGE":

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from multidict import CIMultiDict
 
-from edge.core.pipeline import Wire
+from edge.core.pipeline import BytesBody, Wire
 from edge.features.cache.fields import Headers
 from edge.features.cache.key import vary_values
 from edge.http.http1 import field_lines
@@ -34,6 +34,7 @@ _SMALL, _MAIN = 1, 2
 
 
 _NO_TAGS: frozenset[str] = frozenset()
+_ACCEPT_RANGES = ("Accept-Ranges", "bytes")
 
 
 def stored_fields(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, ...], int]:
@@ -67,6 +68,7 @@ class Entry:
         "flat_fields",
         "freq",
         "head_size",
+        "hit_body",
         "initial_age",
         "key",
         "last_modified",
@@ -105,6 +107,9 @@ class Entry:
         self.head_size = 0
         # The body in memory, or None when it lives in a disk file (disk_path).
         self.body: bytes | None = None
+        # The body as a plain hit's reply holds it, made on the first hit (a BytesBody is never
+        # changed once made, as a static file's is shared): nothing built per hit.
+        self.hit_body: BytesBody | None = None
         self.disk_path: str | None = None
         self.length = 0
         self.size = 0
@@ -149,9 +154,17 @@ class Entry:
 
     @property
     def fields(self) -> tuple[tuple[str, str], ...]:
-        """The stored fields as (name, value) pairs, made for the caller (not on a hit's path)."""
+        """The stored fields as (name, value) pairs, made for the caller (not on a hit's path).
+
+        A stored 200 the edge did not compress answers Range requests itself (respond.py
+        ``_ranged``), so it says ``Accept-Ranges: bytes`` (RFC 9110 14.3) in place of whatever
+        the origin said: added here, not stored, so every reply made from it (and its wire
+        form) carries it and a field merged back (a 304's, the disk tier's) is not doubled."""
         flat = self.flat_fields
-        return tuple(zip(flat[::2], flat[1::2], strict=True))
+        pairs = tuple(zip(flat[::2], flat[1::2], strict=True))
+        if self.status == 200 and not self.transformed:
+            pairs = (*(p for p in pairs if p[0].lower() != "accept-ranges"), _ACCEPT_RANGES)
+        return pairs
 
     @property
     def wire(self) -> Wire:
