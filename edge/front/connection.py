@@ -233,16 +233,7 @@ class ClientConnection(Linked, asyncio.Protocol):
             # _start, _complete and _serve would do for it, without the queue.
             self._due = 0.0
             self.handling = True
-            # _answer, inlined (one call less per request).
-            self.requests += 1
-            try:
-                rest = self.edge.answer_now(Request(head, self, None))
-            except Exception:
-                log.exception("connection failed while answering")
-                self.closing = True
-                if self.transport is not None:
-                    self.transport.abort()
-                rest = None
+            rest = self._answer(Request(head, self, None))
             if rest is not None:
                 self.edge.spawn(self._run(rest))
             else:
