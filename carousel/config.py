@@ -235,6 +235,10 @@ class EtcdConfig:
     endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
     prefix: str = "/carousel/"
     timeout: float = field(default=2.0, metadata={"check": positive})
+    # Seconds a connection attempt (TCP, TLS and HTTP/2 handshakes) may take before the
+    # next endpoint is tried. A request's timeout does not cut a first handshake short: a
+    # loaded etcd that takes longer than `timeout` to shake hands is still reached.
+    dial_timeout: float = field(default=10.0, metadata={"check": positive})
     # Registry watchers apply changes at most once per this many seconds (a burst
     # of events costs one rebuild), and never lag etcd by more than this plus one
     # rebuild. 0: on every event loop turn.

@@ -57,7 +57,8 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_timeout_ms": 5000,
     "grpc.keepalive_permit_without_calls": 0,
     # Reconnect within a second of etcd coming back, not after minutes.
-    # (min_reconnect_backoff_ms is the connect timeout: channel_options sets it.)
+    # (min_reconnect_backoff_ms is the connection attempt's deadline: channel_options
+    # sets it to the dial timeout.)
     # A failed channel is kept (REDIAL_INTERVAL), so this cap is the redial pace while
     # etcd is away and the delay before a returning etcd is found: at 1 s (up to 1.2 s
     # with gRPC's jitter, then the next probe) dnsd's answers caught up with a healed
@@ -94,18 +95,33 @@ REDIAL_INTERVAL = 30.0
 PROBE_INTERVAL = 0.5
 
 
-def channel_options(timeout: float) -> dict[str, Any]:
-    """The gRPC channel options for a client whose requests may take `timeout` seconds.
+def channel_options(dial_timeout: float) -> dict[str, Any]:
+    """The gRPC channel options for a client whose connection attempts may take `dial_timeout` s.
 
-    gRPC gives each connection attempt (TCP and TLS handshake) max(backoff,
+    gRPC gives each connection attempt (TCP, TLS and HTTP/2 handshakes) max(backoff,
     min_reconnect_backoff) to finish (its MIN_CONNECT_TIMEOUT, connection-backoff.md).
     At 100 ms that cut every handshake short where TLS takes seconds (measured on
     TCG-emulated VMs: 3-8 s), and the client redialled for ever: etcd's accept queue
-    filled with abandoned connections (126 in CLOSE-WAIT) and nothing ever connected. An
-    attempt now gets the request timeout; the retry pace after a refused connection
-    stays 100 ms growing to 0.5 s, so a restarted etcd is still found within a second.
+    filled with abandoned connections (126 in CLOSE-WAIT) and nothing ever connected.
+    The request timeout was no better a deadline (see DIALLING). The retry pace after a
+    refused connection stays 100 ms growing to 0.5 s, so a restarted etcd is still found
+    within a second.
     """
-    return {**_CHANNEL_OPTIONS, "grpc.min_reconnect_backoff_ms": max(100, int(timeout * 1000))}
+    return {**_CHANNEL_OPTIONS, "grpc.min_reconnect_backoff_ms": max(100, int(dial_timeout * 1000))}
+
+
+# DIALLING: when a call times out on a channel whose first connection attempt is still under
+# way, the client moves on to the next endpoint as before, but that handshake is left to
+# finish, up to the dial timeout: the first of the channels to become ready is used and
+# the others are closed, and an endpoint with a handshake under way is not dialled again.
+# Closed at the call's timeout instead, a handshake slower than the request timeout never
+# completed: with every member 1.5 s from its first reply and a 1 s request timeout, a
+# client here dialled 28 connections in 12 s, 25 of them given up mid-handshake, and
+# never wrote a key. That is the overload seen on TCG VMs, where a loaded member took
+# 3-8 s per TLS handshake: every daemon redialled about twice a second, the members spent
+# their CPU on handshakes nobody waited for (4,156 "rejected connection" in 40 minutes on
+# one member), and the lab did not recover. Moving on at once still matters: a member that
+# is stalled rather than slow accepts the TCP connection and never answers.
 
 
 class EtcdError(Exception):
@@ -237,8 +253,15 @@ def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:
     return host.strip("[]"), int(port), scheme == "https"
 
 
+# A login that ran out of time or found no connection yet: the channel is kept, so a
+# handshake under way can finish (see DIALLING).
+_IN_TRANSIT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
 class _Client(aetcd.Client):
     """aetcd.Client with TLS credentials and extra request metadata."""
+
+    channel: grpc.aio.Channel | None
 
     def __init__(
         self,
@@ -249,6 +272,7 @@ class _Client(aetcd.Client):
         username: str | None,
         password: str | None,
         timeout: float,
+        dial_timeout: float,
     ) -> None:
         super().__init__(
             host=host,
@@ -256,13 +280,31 @@ class _Client(aetcd.Client):
             username=username,
             password=password,
             timeout=timeout,
-            options=channel_options(timeout),
+            options=channel_options(dial_timeout),
             connect_wait_timeout=int(timeout) + 1,
         )
         self._credentials = credentials
         self._is_connecting: bool = False
         self._closed = False
         self.created = time.monotonic()
+        self.dial_timeout = dial_timeout
+        self.answered = False  # a call on this channel has succeeded
+
+    def dialling(self) -> bool:
+        """The channel's first connection attempt is under way, within its dial timeout (see DIALLING)."""
+        channel = self.channel
+        return (
+            channel is not None
+            and not self.answered
+            and time.monotonic() - self.created < self.dial_timeout
+            and channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.CONNECTING
+        )
+
+    def ready(self) -> bool:
+        """The channel is connected."""
+        channel = self.channel
+        ready = grpc.ChannelConnectivity.READY
+        return channel is not None and channel.get_state(try_to_connect=False) == ready
 
     async def connect(self) -> None:
         """Open the channel (TLS when configured), authenticate, set up stubs."""
@@ -277,32 +319,36 @@ class _Client(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            target = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
-            opts = list(self._options.items())
-            if self._credentials is not None:
-                self.channel = grpc.aio.secure_channel(target, self._credentials, options=opts)
-            else:
-                self.channel = grpc.aio.insecure_channel(target, options=opts)
+            channel = self.channel
+            if channel is None:  # else a handshake left under way (see DIALLING) goes on
+                target = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
+                opts = list(self._options.items())
+                if self._credentials is not None:
+                    channel = grpc.aio.secure_channel(target, self._credentials, options=opts)
+                else:
+                    channel = grpc.aio.insecure_channel(target, options=opts)
+                self.channel = channel
             metadata: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
             if self._username is not None and self._password is not None:
-                self.auth_stub = arpc.AuthStub(self.channel)
+                self.auth_stub = arpc.AuthStub(channel)
                 try:
                     resp = await self.auth_stub.Authenticate(
                         arpc.AuthenticateRequest(name=self._username, password=self._password),
                         timeout=self._timeout,
                     )
                 except grpc.aio.AioRpcError as exc:
-                    await self.channel.close()
-                    self.channel = None
+                    if exc.code() not in _IN_TRANSIT:  # refused: a new login needs a new channel
+                        await channel.close()
+                        self.channel = None
                     aexc._handle_exception(exc)
                 metadata += (("token", resp.token),)
             self.metadata = metadata
-            self.kvstub = arpc.KVStub(self.channel)
-            self.clusterstub = arpc.ClusterStub(self.channel)
-            self.leasestub = arpc.LeaseStub(self.channel)
-            self.maintenancestub = arpc.MaintenanceStub(self.channel)
+            self.kvstub = arpc.KVStub(channel)
+            self.clusterstub = arpc.ClusterStub(channel)
+            self.leasestub = arpc.LeaseStub(channel)
+            self.maintenancestub = arpc.MaintenanceStub(channel)
             self._watcher = aetcd.watcher.Watcher(
-                arpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+                arpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata
             )
             self._connected.set()
         finally:
@@ -361,6 +407,9 @@ class Etcd:
         self._endpoints = [_split_endpoint(e) for e in config.endpoints]
         self._index = 0
         self._client: _Client | None = None
+        # Channels left behind by a failover with their first handshake under way, by
+        # endpoint index (see DIALLING).
+        self._dialling: dict[int, _Client] = {}
         self._lock = asyncio.Lock()
         self._credentials = self._load_credentials(config)
         self._password = config.resolved_password()
@@ -397,17 +446,53 @@ class Etcd:
         return f"{host}:{port}"
 
     async def _current(self) -> _Client:
-        if self._client is None:
-            host, port, _ = self._endpoints[self._index]
-            self._client = _Client(
-                host,
-                port,
-                credentials=self._credentials,
-                username=self.config.username,
-                password=self._password,
-                timeout=self.config.timeout,
-            )
-        return self._client
+        if self._dialling:
+            await self._settle()
+        client = self._client
+        if client is None:
+            spare = self._dialling.pop(self._index, None)
+            if spare is not None and spare.dialling():
+                client = spare  # its handshake is under way: not dialled again
+                spare = None
+            else:
+                host, port, _ = self._endpoints[self._index]
+                client = _Client(
+                    host,
+                    port,
+                    credentials=self._credentials,
+                    username=self.config.username,
+                    password=self._password,
+                    timeout=self.config.timeout,
+                    dial_timeout=self.config.dial_timeout,
+                )
+            self._client = client
+            if spare is not None:
+                await _close(spare)
+        return client
+
+    async def _settle(self) -> None:
+        """Use a left-behind channel that became ready first; close those no longer needed."""
+        async with self._lock:
+            current = self._client
+            done: list[_Client] = []
+            if current is not None and current.ready():
+                done = list(self._dialling.values())
+                self._dialling.clear()
+            else:
+                for index, spare in list(self._dialling.items()):
+                    if spare.ready():
+                        del self._dialling[index]
+                        if current is not None:
+                            done.append(current)
+                        self._client, self._index = spare, index
+                        done += self._dialling.values()
+                        self._dialling.clear()
+                        break
+                    if not spare.dialling():
+                        del self._dialling[index]
+                        done.append(spare)
+        for client in done:
+            await _close(client)
 
     async def _failover(self, failed: _Client | None) -> None:
         """Drop the failed client and move to the next endpoint."""
@@ -422,21 +507,20 @@ class Etcd:
                 return  # see REDIAL_INTERVAL
             old, self._client = self._client, None
             if len(self._endpoints) > 1:
+                if old is not None and old.dialling():
+                    self._dialling[self._index], old = old, None  # see DIALLING
                 self._index = (self._index + 1) % len(self._endpoints)
         if old is not None:
-            try:
-                await _bounded(old.close(), 1.0)
-            except Exception:  # closing a broken channel may fail in many ways
-                pass
+            await _close(old)
 
     async def close(self) -> None:
         """Close the connection; the object may be used again afterwards."""
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await _bounded(client.close(), 2.0)
-            except Exception:
-                pass
+        clients = [self._client, *self._dialling.values()]
+        self._client = None
+        self._dialling.clear()
+        for client in clients:
+            if client is not None:
+                await _close(client, 2.0)
 
     async def _call(self, op: Callable[[_Client], Awaitable[T]], *, budget: float | None = None) -> T:
         """Run ``op`` on the current endpoint, failing over and retrying within a budget."""
@@ -494,7 +578,9 @@ class Etcd:
                     client = await self._current()
                     failed[0] = client
                     try:
-                        return await _bounded(op(client), self.config.timeout)
+                        result = await _bounded(op(client), self.config.timeout)
+                        client.answered = True
+                        return result
                     except aexc.UnauthenticatedError as exc:
                         if "token" in str(exc):  # expired or unknown token: log in again
                             raise _Reconnect(str(exc)) from exc
@@ -666,6 +752,14 @@ class Etcd:
                 pass
         # The stream ended without an error (the client was closed under it).
         raise EtcdUnavailable("watch stream closed")
+
+
+async def _close(client: _Client, limit: float = 1.0) -> None:
+    """Close a client's channel within ``limit`` s; closing a broken channel may fail in many ways."""
+    try:
+        await _bounded(client.close(), limit)
+    except Exception:
+        pass
 
 
 def _cancel_watch(watch: Any) -> None:

@@ -14,7 +14,9 @@ from carousel import etcd
 
 
 async def test_a_closed_client_opens_no_channel_again() -> None:
-    client = etcd._Client("127.0.0.1", 1, credentials=None, username=None, password=None, timeout=1.0)
+    client = etcd._Client(
+        "127.0.0.1", 1, credentials=None, username=None, password=None, timeout=1.0, dial_timeout=1.0
+    )
     await client.connect()  # a channel connects lazily: nothing is sent yet
     assert client.channel is not None
     await client.close()
