@@ -4,5 +4,6 @@ import cython
 
 @cython.locals(
     kept=list, lines=list, date=bint, server=bint, i=Py_ssize_t, name=str, pair=tuple, tokens=frozenset,
+    noted=dict, note=long, data=bytes,
 )
 cpdef _member_fields(list pairs, list names, frozenset hidden)

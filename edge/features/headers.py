@@ -65,6 +65,14 @@ def _host_param(host: str) -> str:
     return f";host={forwarded_value(host, quote=True)}"
 
 
+@lru_cache(maxsize=4096)
+def _forwarded(peer: str, scheme: str, host: str) -> str:
+    """The edge's own Forwarded element for an untrusted peer (``for=``, ``proto=``, and
+    ``host=`` when there is one), made once per peer, scheme and host (bounded)."""
+    fwd = f"for={_forwarded_node(peer)};proto={scheme}"
+    return fwd + _host_param(host) if host else fwd
+
+
 class HeaderHygiene:
     """The `headers` feature (always on): the request side."""
 
@@ -117,27 +125,32 @@ class HeaderHygiene:
             out[HOST] = host
         else:
             out.popall(HOST, None)
-        fwd = f"for={_forwarded_node(peer)};proto={ex.scheme}"
-        if trusted:
-            previous = incoming.getall("X-Forwarded-For", [])
-            self._set_client(ex)
-            chain = ", ".join([*previous, peer]) if previous else peer
-            out["X-Forwarded-For"] = chain
-            out.setdefault("X-Forwarded-Proto", ex.scheme)
-            if host:
-                out.setdefault("X-Forwarded-Host", host)
-            if "Forwarded" in out:
-                out["Forwarded"] = ", ".join([*incoming.getall("Forwarded"), fwd])
-            else:
-                out["Forwarded"] = fwd + _host_param(host) if host else fwd
-        else:
+        if not trusted:
             # Set on every proxied request: istr names, folded once (edge/http/http1.py). The
             # client's own values were all dropped above (FORWARDING): added, not replaced.
+            # The Forwarded element is made once per peer, scheme and host. (One CIMultiDict
+            # made from a list and one extend, in place of the adds, cost 2.4k instructions
+            # more per request, callgrind: multidict's bulk path is the slower one here.)
+            scheme = ex.scheme
             out.add(_XFF, peer)
-            out.add(_XFP, ex.scheme)
+            out.add(_XFP, scheme)
             if host:
                 out.add(_XFH, host)
-            out.add(_FORWARDED, fwd + _host_param(host) if host else fwd)
+            out.add(_FORWARDED, _forwarded(peer, scheme, host))
+            return out
+        # A trusted proxy in front: its forwarding fields are kept and extended.
+        fwd = f"for={_forwarded_node(peer)};proto={ex.scheme}"
+        previous = incoming.getall("X-Forwarded-For", [])
+        self._set_client(ex)
+        chain = ", ".join([*previous, peer]) if previous else peer
+        out["X-Forwarded-For"] = chain
+        out.setdefault("X-Forwarded-Proto", ex.scheme)
+        if host:
+            out.setdefault("X-Forwarded-Host", host)
+        if "Forwarded" in out:
+            out["Forwarded"] = ", ".join([*incoming.getall("Forwarded"), fwd])
+        else:
+            out["Forwarded"] = fwd + _host_param(host) if host else fwd
         return out
 
     def now(self, ex: Exchange, call_next: NowHandler) -> Reply | None:

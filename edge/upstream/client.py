@@ -183,6 +183,11 @@ class ResponseParser:
                 self.keep_alive = False
             else:
                 self._mode = "chunked"
+        elif len(lengths) == 1 and len(value := lengths[0]) <= 18 and value.isdigit() and value.isascii():
+            # The usual case, one plain length (its OWS stripped by the parser): what the
+            # general rule below decides for it, without the join, split and set.
+            self._mode = "length"
+            self._length = int(value)
         elif lengths:
             values = {v.strip(" \t") for v in ",".join(lengths).split(",")}
             value = next(iter(values))

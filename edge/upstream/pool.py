@@ -165,6 +165,11 @@ class UpstreamPool:
         self.members: dict[str, Member] = {}
         self.balancer = make_balancer(config.balance)
         self.is_hash = isinstance(self.balancer, ConsistentHash)
+        # The balancer's pick as ``_pick`` types it, cast once here: ``acquire_now`` (once per
+        # proxied request) calls it without ``_pick``'s call and its two run-time ``cast`` calls.
+        self._pick_now: Callable[[Callable[[Member], bool], str | None], Member | None] = cast(
+            Any, self.balancer.pick
+        )
         self.queue: deque[_Waiter] = deque()
         self.queue_timeouts = 0
         self.mirror: PrefixMirror[ServiceRecord] | None = None
@@ -278,8 +283,16 @@ class UpstreamPool:
             if cap and m.active >= cap:
                 return None
         else:
-            m = self._pick(
-                lambda m: (not cap or m.active < cap) and m not in tried and self.eligible(m, now),
+            # self.eligible(m, now), inlined: acquire_now runs once per proxied request.
+            m = self._pick_now(
+                lambda m: (
+                    (not cap or m.active < cap)
+                    and m not in tried
+                    and not m.removed
+                    and m.state == "up"
+                    and m.healthy
+                    and m.ejected_until <= now
+                ),
                 key,
             )
             if m is None:

@@ -315,3 +315,58 @@ def test_the_field_name_caches_stay_bounded_and_still_check_names() -> None:
         parse(b"GET / HTTP/1.1\r\nHost: h\r\nX Bad: v\r\n\r\n")
     with pytest.raises(UpstreamProtocolError):
         ResponseParser().feed(b"HTTP/1.1 200 OK\r\nX Bad: v\r\n\r\n")
+
+
+def test_a_parsed_head_is_the_head_its_init_makes() -> None:
+    """parse_head sets a Head's attributes itself, with no call of Head.__init__ (a call less
+    per request): every slot holds what __init__ would have put there, the decoded path and
+    the query included."""
+    from edge.http.http1 import parse_head
+
+    for raw, scheme in (
+        (b"GET /a%20b/c?x=1&y=%20 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue", ""),
+        (b"GET /plain HTTP/1.0\r\nConnection: keep-alive", ""),
+        (b"GET http://h.example/p%41th?q HTTP/1.1\r\nHost: h.example", "http"),
+    ):
+        head = parse_head(raw, 100, 8190, proxy=bool(scheme))
+        made = Head(
+            head.method,
+            head.raw_path,
+            head.version,
+            head.headers,
+            head.body_length,
+            head.chunked,
+            head.keep_alive,
+            head.expect_continue,
+            head.scheme,
+            head.seen,
+        )
+        assert head.scheme == scheme
+        for slot in Head.__slots__:
+            assert getattr(head, slot) == getattr(made, slot), (raw, slot)
+
+
+def test_a_members_single_content_length_and_the_general_rule_agree() -> None:
+    """One plain Content-Length takes a short way through the member's framing rules; lists,
+    OWS and bad values take the general rule, with the same outcome as before."""
+    for length, want in (
+        ("5", 5),
+        ("0005", 5),
+        ("5, 5", 5),
+        ("5,5", 5),
+        ("9" * 18, int("9" * 18)),
+        ("9" * 19, None),
+        ("5, 6", None),
+        ("-5", None),
+        ("+5", None),
+        ("\xb2", None),
+        ("", None),
+    ):
+        parser = ResponseParser()
+        raw = f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n".encode("latin-1")
+        if want is None:
+            with pytest.raises(UpstreamProtocolError):
+                parser.feed(raw)
+        else:
+            parser.feed(raw)
+            assert parser._mode == "length" and parser._length == want, length
