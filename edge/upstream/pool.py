@@ -283,16 +283,8 @@ class UpstreamPool:
             if cap and m.active >= cap:
                 return None
         else:
-            # self.eligible(m, now), inlined: acquire_now runs once per proxied request.
             m = self._pick_now(
-                lambda m: (
-                    (not cap or m.active < cap)
-                    and m not in tried
-                    and not m.removed
-                    and m.state == "up"
-                    and m.healthy
-                    and m.ejected_until <= now
-                ),
+                lambda m: (not cap or m.active < cap) and m not in tried and self.eligible(m, now),
                 key,
             )
             if m is None:
